@@ -1,0 +1,183 @@
+//! A service for tests, driven by flags. It accepts the injected
+//! `--service NAME --log-level LEVEL` and then, in order of the flags:
+//!
+//!   --ready               print `READY pid=P pgid=G` on stdout
+//!   --pid-file PATH       append `PID\n` to PATH (counts spawns)
+//!   --print-args          print `ARG <each argv element>`
+//!   --print-env           print `ENV K=V` per environment variable
+//!   --print-cwd           print `CWD <dir>`
+//!   --print-fds           print `FD <n> <target>` per open descriptor
+//!   --lines N             print N numbered lines, alternating stdout/stderr
+//!   --flood N             print N numbered 100-byte lines on stdout, fast
+//!   --long-line N         print one line of N bytes `x`
+//!   --invalid-utf8        print a line holding bytes that are not UTF-8
+//!   --partial TEXT        print TEXT without a newline
+//!   --grandchild          start a child of our own that sleeps forever,
+//!                         and print `GRANDCHILD pid=P`
+//!   --ignore-term         ignore SIGTERM from now on
+//!   --sleep-ms N          sleep N ms
+//!   --sleep               sleep forever
+//!   --exit CODE           exit with CODE
+//!
+//! No flags after the injected ones: sleep forever.
+
+use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = std::io::stdout().lock();
+    let mut i = 0;
+    let mut acted = false;
+    let value = |i: usize| -> String {
+        args.get(i + 1)
+            .cloned()
+            .unwrap_or_else(|| panic!("{} needs a value", args[i]))
+    };
+    while i < args.len() {
+        let flag = args[i].as_str();
+        match flag {
+            "--service" | "--log-level" => {
+                i += 2;
+                continue;
+            }
+            _ => acted = true,
+        }
+        match flag {
+            "--ready" => {
+                let pid = std::process::id();
+                let pgid = std::fs::read_to_string("/proc/self/stat")
+                    .ok()
+                    .and_then(|stat| {
+                        let after = stat.rsplit_once(')')?.1.to_owned();
+                        after.split_whitespace().nth(2).map(str::to_owned)
+                    })
+                    .unwrap_or_default();
+                writeln!(out, "READY pid={pid} pgid={pgid}").unwrap();
+            }
+            "--pid-file" => {
+                let path = value(i);
+                i += 1;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                writeln!(file, "{}", std::process::id()).unwrap();
+            }
+            "--print-args" => {
+                for arg in std::env::args() {
+                    writeln!(out, "ARG {arg}").unwrap();
+                }
+            }
+            "--print-env" => {
+                for (key, val) in std::env::vars_os() {
+                    writeln!(out, "ENV {}={}", key.to_string_lossy(), val.to_string_lossy()).unwrap();
+                }
+            }
+            "--print-cwd" => {
+                let cwd = std::env::current_dir().unwrap();
+                writeln!(out, "CWD {}", cwd.display()).unwrap();
+            }
+            "--print-fds" => {
+                let mut fds: Vec<(i32, String)> = std::fs::read_dir("/proc/self/fd")
+                    .unwrap()
+                    .filter_map(|e| {
+                        let e = e.ok()?;
+                        let fd = e.file_name().to_str()?.parse().ok()?;
+                        let target = std::fs::read_link(e.path()).ok()?;
+                        Some((fd, target.display().to_string()))
+                    })
+                    .collect();
+                fds.sort();
+                for (fd, target) in fds {
+                    writeln!(out, "FD {fd} {target}").unwrap();
+                }
+            }
+            "--lines" => {
+                let n: u64 = value(i).parse().unwrap();
+                i += 1;
+                let mut err = std::io::stderr().lock();
+                for k in 0..n {
+                    if k % 2 == 0 {
+                        writeln!(out, "line {k} on stdout").unwrap();
+                    } else {
+                        writeln!(err, "line {k} on stderr").unwrap();
+                    }
+                }
+            }
+            "--flood" => {
+                let n: u64 = value(i).parse().unwrap();
+                i += 1;
+                let mut buf = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+                for k in 0..n {
+                    // 100 bytes with the newline.
+                    writeln!(buf, "flood {k:012} {}", "y".repeat(80)).unwrap();
+                }
+                buf.flush().unwrap();
+            }
+            "--long-line" => {
+                let n: usize = value(i).parse().unwrap();
+                i += 1;
+                out.write_all(&vec![b'x'; n]).unwrap();
+                out.write_all(b"\n").unwrap();
+            }
+            "--invalid-utf8" => {
+                out.write_all(b"bad \xff\xfe bytes\n").unwrap();
+            }
+            "--partial" => {
+                let text = value(i);
+                i += 1;
+                out.write_all(text.as_bytes()).unwrap();
+            }
+            "--grandchild" => {
+                let me = std::env::current_exe().unwrap();
+                let child = Command::new(me).arg("--sleep").spawn().unwrap();
+                writeln!(out, "GRANDCHILD pid={}", child.id()).unwrap();
+                // Dropping the handle leaves it running: that is the point.
+            }
+            "--ignore-term" => ignore_sigterm(),
+            "--sleep-ms" => {
+                let ms: u64 = value(i).parse().unwrap();
+                i += 1;
+                out.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            "--sleep" => sleep_forever(&mut out),
+            "--exit" => {
+                let code: i32 = value(i).parse().unwrap();
+                out.flush().unwrap();
+                std::process::exit(code);
+            }
+            other => panic!("fixture-service: unknown flag {other}"),
+        }
+        i += 1;
+    }
+    if !acted {
+        sleep_forever(&mut out);
+    }
+    out.flush().unwrap();
+}
+
+fn sleep_forever(out: &mut impl Write) -> ! {
+    out.flush().unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn ignore_sigterm() {
+    // The fixture has no dependencies; `trap '' TERM` through a shell would
+    // replace this process, so ask the kernel directly.
+    unsafe extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGTERM: i32 = 15;
+    const SIG_IGN: usize = 1;
+    // SAFETY: installing SIG_IGN for SIGTERM has no preconditions and
+    // touches no memory of ours.
+    unsafe {
+        signal(SIGTERM, SIG_IGN);
+    }
+}

@@ -1,0 +1,10 @@
+//! Configuration: the validated model, loading TOML with line numbers, and
+//! validation that reports every problem at once.
+
+mod error;
+mod load;
+mod model;
+
+pub use error::{ConfigErrors, ConfigProblem};
+pub use load::{load, parse};
+pub use model::*;

@@ -1,0 +1,159 @@
+//! The validated configuration, as the rest of the engine sees it: every path
+//! absolute, every default applied, every value already checked.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+/// A whole, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it came from; `None` for zero-config (no file at all).
+    pub source: Option<PathBuf>,
+    pub orchestrator: OrchestratorConfig,
+    /// `[services.NAME]` sections, by name. Names are already valid.
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrchestratorConfig {
+    /// Absolute. `services_dir/NAME/NAME` is service NAME's binary.
+    pub services_dir: PathBuf,
+    /// Absolute. State, logs and the control socket live here.
+    pub data_dir: PathBuf,
+    pub auto_restart: bool,
+    pub shutdown_timeout: Duration,
+    pub log_level: LogLevel,
+    pub log_format: LogFormat,
+    pub start_discovered: bool,
+    /// Rotate `data_dir/logs/NAME.log` when it would grow past this many bytes.
+    pub log_max_bytes: u64,
+    /// Rotated files kept beside the live one (`NAME.log.1` … `NAME.log.N`).
+    pub log_max_files: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub enabled: bool,
+    /// Absolute when set.
+    pub binary_path: Option<PathBuf>,
+    /// Exact argv (non-empty) instead of binary + injected flags + args.
+    pub command: Option<Vec<String>>,
+    pub args: Vec<String>,
+    /// Absolute when set.
+    pub data_dir: Option<PathBuf>,
+    pub environment: BTreeMap<String, String>,
+    /// MiB.
+    pub memory_limit: Option<u64>,
+    pub stop_signal: Signal,
+    /// `None`: the orchestrator's shutdown_timeout.
+    pub stop_timeout: Option<Duration>,
+    /// `None`: from auto_restart (true → always, false → never).
+    pub restart: Option<RestartPolicy>,
+    pub max_restarts: u32,
+    pub backoff: BackoffConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffConfig {
+    pub initial: Duration,
+    pub max: Duration,
+    pub reset_after: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_RESTARTS: u32 = 10;
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 50 * 1024 * 1024;
+pub const DEFAULT_LOG_MAX_FILES: u32 = 5;
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            enabled: true,
+            binary_path: None,
+            command: None,
+            args: Vec::new(),
+            data_dir: None,
+            environment: BTreeMap::new(),
+            memory_limit: None,
+            stop_signal: Signal::SIGTERM,
+            stop_timeout: None,
+            restart: None,
+            max_restarts: DEFAULT_MAX_RESTARTS,
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+impl OrchestratorConfig {
+    /// Defaults for a configuration file (or none) in `base_dir`.
+    pub fn defaults_in(base_dir: &std::path::Path) -> Self {
+        OrchestratorConfig {
+            services_dir: base_dir.join("services"),
+            data_dir: base_dir.join(".orchestrator"),
+            auto_restart: true,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
+            start_discovered: true,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            log_max_files: DEFAULT_LOG_MAX_FILES,
+        }
+    }
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}

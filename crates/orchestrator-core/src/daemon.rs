@@ -1,0 +1,137 @@
+//! The daemon's life: discover, plan, start everything, then wait on one
+//! funnel of events (signals, and later the API and file watcher) until it
+//! is told to shut down. The event source is a parameter, so tests drive a
+//! whole daemon in-process.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::discovery::discover;
+use crate::plan::{HostEnv, plan};
+use crate::process::Spawner;
+use crate::supervisor::{SupervisorHandle, spawn_supervisor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonEvent {
+    /// Stop every service gracefully, then return (SIGTERM, SIGINT).
+    Shutdown,
+    /// Kill every service now (a second SIGINT).
+    ForceShutdown,
+    /// Re-read the configuration (SIGHUP).
+    Reload,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create data_dir {dir}: {source}; check its parent's permissions or set [orchestrator] data_dir", dir = .dir.display())]
+    DataDir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Supervisor(#[from] crate::supervisor::SupervisorError),
+}
+
+/// Run until a Shutdown (or ForceShutdown) event, or until `events` closes.
+/// `ready` receives the supervisor's handle once every service was asked to
+/// start.
+pub async fn run(
+    config: Config,
+    spawner: Arc<dyn Spawner>,
+    host: HostEnv,
+    mut events: mpsc::Receiver<DaemonEvent>,
+    ready: Option<oneshot::Sender<SupervisorHandle>>,
+) -> Result<(), DaemonError> {
+    let orchestrator = &config.orchestrator;
+    create_private_dir(&orchestrator.data_dir)?;
+    let discovered = discover(&orchestrator.services_dir).unwrap_or_else(|error| {
+        warn!("{error}");
+        Vec::new()
+    });
+    let definitions = plan(&config, &discovered, &host);
+    let enabled = definitions.iter().filter(|d| d.enabled).count();
+    info!(
+        services = definitions.len(),
+        enabled,
+        services_dir = %orchestrator.services_dir.display(),
+        "starting"
+    );
+    let supervisor = spawn_supervisor(definitions, spawner);
+
+    let starter = supervisor.clone();
+    let mut starting = tokio::spawn(async move { starter.start_all().await });
+    let mut ready = ready;
+    let mut started = false;
+    loop {
+        tokio::select! {
+            joined = &mut starting, if !started => {
+                started = true;
+                if let Ok(Ok(failures)) = joined {
+                    let running = enabled - failures.len();
+                    info!(running, failed = failures.len(), "all services started");
+                }
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(supervisor.clone());
+                }
+            }
+            event = events.recv() => match event {
+                Some(DaemonEvent::Reload) => {
+                    warn!("reload is not supported yet by this version: restart the daemon to apply a new configuration");
+                }
+                Some(DaemonEvent::ForceShutdown) => {
+                    starting.abort();
+                    supervisor.kill_all().await?;
+                    break;
+                }
+                Some(DaemonEvent::Shutdown) | None => {
+                    starting.abort();
+                    info!("shutting down");
+                    shutdown(&supervisor, orchestrator.shutdown_timeout, &mut events).await?;
+                    break;
+                }
+            }
+        }
+    }
+    info!("all services stopped; exiting");
+    Ok(())
+}
+
+/// A graceful shutdown that a ForceShutdown event cuts short.
+async fn shutdown(
+    supervisor: &SupervisorHandle,
+    timeout: std::time::Duration,
+    events: &mut mpsc::Receiver<DaemonEvent>,
+) -> Result<(), DaemonError> {
+    let graceful = supervisor.shutdown(timeout);
+    tokio::pin!(graceful);
+    loop {
+        tokio::select! {
+            result = &mut graceful => return Ok(result?),
+            event = events.recv() => match event {
+                Some(DaemonEvent::ForceShutdown) => {
+                    warn!("second interrupt: killing every service now");
+                    return Ok(supervisor.kill_all().await?);
+                }
+                Some(_) => {}
+                // Nobody can send a ForceShutdown any more: just finish.
+                None => return Ok(graceful.await?),
+            }
+        }
+    }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| DaemonError::DataDir {
+            dir: dir.to_owned(),
+            source,
+        })
+}

@@ -1,0 +1,12 @@
+//! The supervising engine of orchestrator: configuration, discovery, process
+//! spawning, the per-service actors and the supervisor that owns them. No CLI,
+//! no sockets, no printing: the binary wires those around it.
+
+pub mod config;
+pub mod daemon;
+pub mod discovery;
+pub mod output;
+pub mod plan;
+pub mod process;
+pub mod service;
+pub mod supervisor;

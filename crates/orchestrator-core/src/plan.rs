@@ -1,0 +1,226 @@
+//! Turning a configuration and a services-directory scan into the concrete
+//! definitions the service actors run: argv, environment, paths, policy.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, RestartPolicy, ServiceConfig};
+use crate::discovery::Discovered;
+use crate::process::SpawnSpec;
+use crate::service::{Policy, ServiceDefinition};
+
+/// PATH for children when the daemon itself has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What the children inherit from the daemon's own environment: PATH and
+/// TMPDIR only, read once, so a test can pass its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEnv {
+    pub path: String,
+    pub tmpdir: String,
+}
+
+impl HostEnv {
+    pub fn from_process() -> Self {
+        HostEnv {
+            path: std::env::var("PATH")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| DEFAULT_PATH.to_owned()),
+            tmpdir: std::env::var("TMPDIR")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "/tmp".to_owned()),
+        }
+    }
+}
+
+/// Every service the daemon knows: configured sections and discovered
+/// binaries, by name. A discovered binary without a section runs with the
+/// defaults when `start_discovered` is set, and is listed (disabled)
+/// otherwise.
+pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<ServiceDefinition> {
+    let found: BTreeMap<&str, &Path> = discovered
+        .iter()
+        .map(|d| (d.name.as_str(), d.binary.as_path()))
+        .collect();
+    let mut definitions = Vec::new();
+    for (name, service) in &config.services {
+        definitions.push(define(config, name, service, true, service.enabled, host));
+    }
+    let defaults = ServiceConfig::default();
+    for name in found.keys() {
+        if !config.services.contains_key(*name) {
+            let enabled = config.orchestrator.start_discovered;
+            definitions.push(define(config, name, &defaults, false, enabled, host));
+        }
+    }
+    definitions.sort_by(|a, b| a.name.cmp(&b.name));
+    definitions
+}
+
+/// The binary a service runs when it has no `command`.
+pub fn binary_of(config: &Config, name: &str, service: &ServiceConfig) -> PathBuf {
+    service
+        .binary_path
+        .clone()
+        .unwrap_or_else(|| config.orchestrator.services_dir.join(name).join(name))
+}
+
+fn define(
+    config: &Config,
+    name: &str,
+    service: &ServiceConfig,
+    configured: bool,
+    enabled: bool,
+    host: &HostEnv,
+) -> ServiceDefinition {
+    let orchestrator = &config.orchestrator;
+    let (program, args) = match &service.command {
+        Some(command) => (
+            PathBuf::from(&command[0]),
+            command[1..].to_vec(),
+        ),
+        None => {
+            let mut args = vec![
+                "--service".to_owned(),
+                name.to_owned(),
+                "--log-level".to_owned(),
+                orchestrator.log_level.as_str().to_owned(),
+            ];
+            args.extend(service.args.iter().cloned());
+            (binary_of(config, name, service), args)
+        }
+    };
+    let cwd = service
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| orchestrator.services_dir.join(name).join("data"));
+    let cwd_text = cwd.to_string_lossy().into_owned();
+    // Later entries win: the service's own environment may override PATH
+    // or TMPDIR, and GOMEMLIMIT follows memory_limit whatever it says.
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), host.path.clone());
+    env.insert("HOME".into(), cwd_text);
+    for key in ["TMPDIR", "TEMP", "TMP"] {
+        env.insert(key.into(), host.tmpdir.clone());
+    }
+    env.extend(service.environment.clone());
+    if let Some(mib) = service.memory_limit {
+        env.insert("GOMEMLIMIT".into(), format!("{mib}MiB"));
+    }
+    let restart = service.restart.unwrap_or(if orchestrator.auto_restart {
+        RestartPolicy::Always
+    } else {
+        RestartPolicy::Never
+    });
+    ServiceDefinition {
+        name: name.to_owned(),
+        configured,
+        enabled,
+        spawn: SpawnSpec {
+            service: name.to_owned(),
+            program,
+            args,
+            env: env.into_iter().collect(),
+            cwd,
+        },
+        policy: Policy {
+            restart,
+            max_restarts: service.max_restarts,
+            backoff: service.backoff,
+            stop_signal: service.stop_signal,
+            stop_timeout: service.stop_timeout.unwrap_or(orchestrator.shutdown_timeout),
+        },
+        log_path: orchestrator.data_dir.join("logs").join(format!("{name}.log")),
+        log_max_bytes: orchestrator.log_max_bytes,
+        log_max_files: orchestrator.log_max_files,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OrchestratorConfig;
+
+    fn host() -> HostEnv {
+        HostEnv {
+            path: "/bin".into(),
+            tmpdir: "/tmp".into(),
+        }
+    }
+
+    fn config(services: BTreeMap<String, ServiceConfig>) -> Config {
+        Config {
+            source: None,
+            orchestrator: OrchestratorConfig::defaults_in(Path::new("/srv")),
+            services,
+        }
+    }
+
+    #[test]
+    fn injects_the_blackhole_flags_before_args() {
+        let mut services = BTreeMap::new();
+        services.insert(
+            "api".to_owned(),
+            ServiceConfig {
+                args: vec!["--port".into(), "8080".into()],
+                memory_limit: Some(256),
+                environment: BTreeMap::from([("MODE".into(), "prod".into())]),
+                ..ServiceConfig::default()
+            },
+        );
+        let defs = plan(&config(services), &[], &host());
+        let spawn = &defs[0].spawn;
+        assert_eq!(spawn.program, PathBuf::from("/srv/services/api/api"));
+        assert_eq!(
+            spawn.args,
+            ["--service", "api", "--log-level", "info", "--port", "8080"]
+        );
+        assert_eq!(spawn.cwd, PathBuf::from("/srv/services/api/data"));
+        let env: BTreeMap<_, _> = spawn.env.iter().cloned().collect();
+        assert_eq!(env["HOME"], "/srv/services/api/data");
+        assert_eq!(env["GOMEMLIMIT"], "256MiB");
+        assert_eq!(env["MODE"], "prod");
+        assert_eq!(env["PATH"], "/bin");
+        assert_eq!(env["TMPDIR"], "/tmp");
+        assert_eq!(env.len(), 7, "nothing else: {env:?}");
+        assert_eq!(
+            defs[0].log_path,
+            PathBuf::from("/srv/.orchestrator/logs/api.log")
+        );
+    }
+
+    #[test]
+    fn command_is_exact_argv() {
+        let mut services = BTreeMap::new();
+        services.insert(
+            "web".to_owned(),
+            ServiceConfig {
+                command: Some(vec!["python3".into(), "-m".into(), "http.server".into()]),
+                ..ServiceConfig::default()
+            },
+        );
+        let defs = plan(&config(services), &[], &host());
+        assert_eq!(defs[0].spawn.program, PathBuf::from("python3"));
+        assert_eq!(defs[0].spawn.args, ["-m", "http.server"]);
+    }
+
+    #[test]
+    fn discovered_binaries_follow_start_discovered() {
+        let found = [Discovered {
+            name: "extra".into(),
+            binary: PathBuf::from("/srv/services/extra/extra"),
+        }];
+        let mut cfg = config(BTreeMap::new());
+        let defs = plan(&cfg, &found, &host());
+        assert_eq!(defs.len(), 1);
+        assert!(defs[0].enabled && !defs[0].configured);
+        assert_eq!(defs[0].policy.restart, RestartPolicy::Always);
+        cfg.orchestrator.start_discovered = false;
+        cfg.orchestrator.auto_restart = false;
+        let defs = plan(&cfg, &found, &host());
+        assert!(!defs[0].enabled);
+        assert_eq!(defs[0].policy.restart, RestartPolicy::Never);
+    }
+}

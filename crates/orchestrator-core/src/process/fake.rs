@@ -1,0 +1,216 @@
+//! A spawner for tests: records every spec, fails on demand, and hands out
+//! children that the test ends, or that ignore the stop signal. It never
+//! touches a real process, so it runs under tokio's paused clock.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::sys::signal::Signal;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{ChildOutput, ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner, WaitFuture};
+
+#[derive(Clone, Default)]
+pub struct FakeSpawner {
+    inner: Arc<Mutex<FakeSpawnerState>>,
+    spawned: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct FakeSpawnerState {
+    specs: Vec<SpawnSpec>,
+    spawn_times: Vec<Instant>,
+    children: Vec<FakeChildControl>,
+    failures: VecDeque<String>,
+    fail_always: Option<String>,
+    ignore_stop_signal: bool,
+    next_pid: u32,
+}
+
+impl FakeSpawner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, FakeSpawnerState> {
+        self.inner.lock().expect("fake spawner lock poisoned")
+    }
+
+    /// The next spawn fails with `message`.
+    pub fn fail_next(&self, message: &str) {
+        self.state().failures.push_back(message.to_owned());
+    }
+
+    /// Every spawn fails with `message` (until `succeed` is called).
+    pub fn fail_always(&self, message: &str) {
+        self.state().fail_always = Some(message.to_owned());
+    }
+
+    pub fn succeed(&self) {
+        let mut state = self.state();
+        state.fail_always = None;
+        state.failures.clear();
+    }
+
+    /// Children spawned from now on ignore every signal but SIGKILL.
+    pub fn ignore_stop_signal(&self, ignore: bool) {
+        self.state().ignore_stop_signal = ignore;
+    }
+
+    /// Every spawn attempt, failed ones included.
+    pub fn specs(&self) -> Vec<SpawnSpec> {
+        self.state().specs.clone()
+    }
+
+    pub fn spawn_count(&self) -> usize {
+        self.state().specs.len()
+    }
+
+    pub fn spawn_times(&self) -> Vec<Instant> {
+        self.state().spawn_times.clone()
+    }
+
+    /// Controls of the children that did start, oldest first.
+    pub fn children(&self) -> Vec<FakeChildControl> {
+        self.state().children.clone()
+    }
+
+    pub fn last_child(&self) -> Option<FakeChildControl> {
+        self.state().children.last().cloned()
+    }
+
+    /// Wait until at least `count` spawn attempts were made.
+    pub async fn wait_for_spawns(&self, count: usize) {
+        loop {
+            let notified = self.spawned.notified();
+            if self.spawn_count() >= count {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Spawner for FakeSpawner {
+    fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
+        let result = {
+            let mut state = self.state();
+            state.specs.push(spec.clone());
+            state.spawn_times.push(Instant::now());
+            let failure = state
+                .failures
+                .pop_front()
+                .or_else(|| state.fail_always.clone());
+            match failure {
+                Some(message) => Err(SpawnError::Injected(message)),
+                None => {
+                    state.next_pid += 1;
+                    let control = FakeChildControl {
+                        pid: 1000 + state.next_pid,
+                        inner: Arc::new(Mutex::new(FakeChildState {
+                            ignore_stop_signal: state.ignore_stop_signal,
+                            ..FakeChildState::default()
+                        })),
+                        exited: Arc::new(Notify::new()),
+                    };
+                    state.children.push(control.clone());
+                    Ok(Box::new(FakeChild { control }) as Box<dyn ChildProcess>)
+                }
+            }
+        };
+        self.spawned.notify_waiters();
+        result
+    }
+}
+
+/// The test's side of a fake child.
+#[derive(Clone)]
+pub struct FakeChildControl {
+    pid: u32,
+    inner: Arc<Mutex<FakeChildState>>,
+    exited: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct FakeChildState {
+    exit: Option<ExitReason>,
+    reaped: bool,
+    ignore_stop_signal: bool,
+    signals: Vec<(Instant, Signal)>,
+}
+
+impl FakeChildControl {
+    fn state(&self) -> MutexGuard<'_, FakeChildState> {
+        self.inner.lock().expect("fake child lock poisoned")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// End the child as if it exited or was killed on its own.
+    pub fn exit(&self, reason: ExitReason) {
+        let mut state = self.state();
+        if state.exit.is_none() {
+            state.exit = Some(reason);
+        }
+        drop(state);
+        self.exited.notify_one();
+    }
+
+    /// Every signal sent to its group, with when it was sent.
+    pub fn signals(&self) -> Vec<(Instant, Signal)> {
+        self.state().signals.clone()
+    }
+
+    pub fn is_reaped(&self) -> bool {
+        self.state().reaped
+    }
+}
+
+struct FakeChild {
+    control: FakeChildControl,
+}
+
+impl ChildProcess for FakeChild {
+    fn pid(&self) -> u32 {
+        self.control.pid
+    }
+
+    fn take_output(&mut self) -> Option<ChildOutput> {
+        None
+    }
+
+    fn wait(&mut self) -> WaitFuture<'_> {
+        Box::pin(async move {
+            loop {
+                let notified = self.control.exited.notified();
+                {
+                    let mut state = self.control.state();
+                    if let Some(reason) = state.exit {
+                        state.reaped = true;
+                        return Ok(reason);
+                    }
+                }
+                notified.await;
+            }
+        })
+    }
+
+    fn signal_group(&mut self, signal: Signal) -> io::Result<()> {
+        let mut state = self.control.state();
+        state.signals.push((Instant::now(), signal));
+        let dies = signal == Signal::SIGKILL || !state.ignore_stop_signal;
+        if dies && state.exit.is_none() && !state.reaped {
+            state.exit = Some(ExitReason::Signaled {
+                signal: signal as i32,
+                core_dumped: false,
+            });
+            drop(state);
+            self.control.exited.notify_one();
+        }
+        Ok(())
+    }
+}

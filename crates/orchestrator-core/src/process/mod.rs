@@ -1,0 +1,158 @@
+//! Spawning processes, behind a trait so the service actors can be tested
+//! with a fake that needs no real processes and obeys tokio's paused clock.
+
+mod fake;
+mod unix;
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use nix::sys::signal::Signal;
+
+pub use fake::{FakeChildControl, FakeSpawner};
+pub use unix::UnixSpawner;
+
+/// Everything needed to start one process: plain data, so tests can assert on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnSpec {
+    pub service: String,
+    pub program: PathBuf,
+    /// argv[1..]; argv[0] is `program` as given.
+    pub args: Vec<String>,
+    /// The complete environment: nothing else is inherited.
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+}
+
+/// Why a process ended. Never encoded as a magic negative number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    Exited(i32),
+    Signaled { signal: i32, core_dumped: bool },
+}
+
+impl ExitReason {
+    pub fn is_success(self) -> bool {
+        self == ExitReason::Exited(0)
+    }
+
+    /// The shell convention (128 + signal for a signal death), for `last_exit_code`.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitReason::Exited(code) => code,
+            ExitReason::Signaled { signal, .. } => 128 + signal,
+        }
+    }
+
+    fn signal_name(signal: i32) -> String {
+        Signal::try_from(signal)
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|_| format!("signal {signal}"))
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitReason::Exited(code) => write!(f, "exited with code {code}"),
+            ExitReason::Signaled {
+                signal,
+                core_dumped,
+            } => {
+                write!(f, "killed by {}", Self::signal_name(signal))?;
+                if core_dumped {
+                    write!(f, " (core dumped)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The read ends of a child's stdout and stderr pipes.
+#[derive(Debug)]
+pub struct ChildOutput {
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+pub type WaitFuture<'a> = Pin<Box<dyn Future<Output = io::Result<ExitReason>> + Send + 'a>>;
+
+/// A spawned process that leads its own process group.
+pub trait ChildProcess: Send {
+    fn pid(&self) -> u32;
+
+    /// The output pipes, once; `None` afterwards (or when there are none).
+    fn take_output(&mut self) -> Option<ChildOutput>;
+
+    /// Wait for the leader to end and reap it. Cancel-safe: dropping the
+    /// future before it completes loses nothing.
+    fn wait(&mut self) -> WaitFuture<'_>;
+
+    /// Send `signal` to the whole process group. Before the leader is reaped
+    /// its pid cannot be recycled, so the group is certainly ours; after it
+    /// was reaped this only reaches members still alive, which keep the
+    /// group id from being reused.
+    fn signal_group(&mut self, signal: Signal) -> io::Result<()>;
+}
+
+/// Why a process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start {program}: {source}{hint}", program = .program.display(), hint = spawn_hint(.source))]
+    Exec {
+        program: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot prepare working directory {dir}: {source}", dir = .dir.display())]
+    WorkingDir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Injected(String),
+}
+
+fn spawn_hint(error: &io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::ENOENT) => " (no such file: check binary_path or services_dir/NAME/NAME)",
+        Some(libc::EACCES) => " (permission denied: is the file executable?)",
+        Some(libc::ENOEXEC) => " (not an executable format: a script needs a #! line)",
+        Some(libc::E2BIG) => " (argument list or environment too large)",
+        _ => "",
+    }
+}
+
+pub trait Spawner: Send + Sync {
+    fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError>;
+}
+
+/// Mark every descriptor above stderr close-on-exec, so nothing the daemon
+/// inherited from its own parent leaks into the services. Descriptors the
+/// daemon opens itself are close-on-exec already (Rust and tokio open them so).
+pub fn mark_inherited_fds_cloexec() -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        if let Some(fd) = entry?.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+            if fd > 2 {
+                fds.push(fd);
+            }
+        }
+    }
+    for fd in fds {
+        // SAFETY: the descriptor is only borrowed for this one fcntl call,
+        // which sets a flag and cannot invalidate it; one that closed since
+        // the listing (the read_dir handle itself) makes the call fail with
+        // EBADF, which is ignored. This runs before any other thread exists.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! The real spawner: `tokio::process` with a clean environment and a process
+//! group of its own.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use super::{ChildOutput, ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner, WaitFuture};
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UnixSpawner;
+
+impl Spawner for UnixSpawner {
+    fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
+        let mut command = tokio::process::Command::new(&spec.program);
+        command
+            .args(&spec.args)
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&spec.cwd)
+            // Its own group, so a stop reaches every process it forked.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // The actor decides when a child dies; dropping a handle must not.
+            .kill_on_drop(false);
+        // No pre_exec hook: without one the standard library may use
+        // posix_spawn (vfork-like), which is much cheaper than fork for a big
+        // daemon starting many services. It already resets the signal mask
+        // and SIGPIPE's disposition in the child.
+        let mut child = command.spawn().map_err(|source| SpawnError::Exec {
+            program: spec.program.clone(),
+            source,
+        })?;
+        let pid = child
+            .id()
+            .expect("a child that was just spawned has not been reaped yet");
+        let output = match (child.stdout.take(), child.stderr.take()) {
+            (Some(stdout), Some(stderr)) => Some(ChildOutput {
+                stdout: stdout.into_owned_fd().map_err(|source| SpawnError::Exec {
+                    program: spec.program.clone(),
+                    source,
+                })?,
+                stderr: stderr.into_owned_fd().map_err(|source| SpawnError::Exec {
+                    program: spec.program.clone(),
+                    source,
+                })?,
+            }),
+            _ => None,
+        };
+        Ok(Box::new(UnixChild {
+            child,
+            pid,
+            output,
+        }))
+    }
+}
+
+struct UnixChild {
+    child: tokio::process::Child,
+    pid: u32,
+    output: Option<ChildOutput>,
+}
+
+impl ChildProcess for UnixChild {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn take_output(&mut self) -> Option<ChildOutput> {
+        self.output.take()
+    }
+
+    fn wait(&mut self) -> WaitFuture<'_> {
+        Box::pin(async move {
+            let status = self.child.wait().await?;
+            Ok(match status.signal() {
+                Some(signal) => ExitReason::Signaled {
+                    signal,
+                    core_dumped: status.core_dumped(),
+                },
+                None => ExitReason::Exited(status.code().unwrap_or(-1)),
+            })
+        })
+    }
+
+    fn signal_group(&mut self, signal: Signal) -> io::Result<()> {
+        let pgid = i32::try_from(self.pid)
+            .ok()
+            .filter(|&pid| pid > 1)
+            .ok_or_else(|| io::Error::other(format!("refusing to signal group {}", self.pid)))?;
+        match killpg(Pid::from_raw(pgid), signal) {
+            Ok(()) => Ok(()),
+            // Nobody left in the group: the goal of any signal we send is met.
+            Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(errno) => Err(io::Error::from(errno)),
+        }
+    }
+}

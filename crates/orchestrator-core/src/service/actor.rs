@@ -1,0 +1,461 @@
+//! The task that owns one service: its machine, its child and its one timer.
+//! Commands come in over a channel and are answered once applied; state goes
+//! out over a watch channel, so reading it costs the actor nothing.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::machine::{Effect, Input, Machine, Policy, State};
+use crate::output::{ServiceOutput, spawn_pump};
+use crate::process::{ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner};
+
+/// Everything the actor needs to know about its service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceDefinition {
+    pub name: String,
+    /// It has a `[services.NAME]` section (rather than only a discovered binary).
+    pub configured: bool,
+    /// Started by `run` and by start-all.
+    pub enabled: bool,
+    pub spawn: SpawnSpec,
+    pub policy: Policy,
+    pub log_path: PathBuf,
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
+}
+
+/// A snapshot of a service, published on every change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceStatus {
+    pub state: State,
+    pub pid: Option<u32>,
+    /// When the current process started (for uptime).
+    pub running_since: Option<Instant>,
+    /// A stop was asked for and the process has not ended yet.
+    pub stopping: bool,
+    pub restarts: u64,
+    pub last_exit: Option<ExitReason>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("service {service}: could not start: {reason}")]
+    StartFailed { service: String, reason: String },
+    #[error("service {service}: a later {by} request overrode this one")]
+    Superseded { service: String, by: &'static str },
+    #[error("service {service}: its supervisor task has ended (the daemon is shutting down)")]
+    Gone { service: String },
+}
+
+type Reply = oneshot::Sender<Result<(), ServiceError>>;
+
+enum Command {
+    Start(Reply),
+    Stop(Reply),
+    Restart(Reply),
+    Kill(Reply),
+}
+
+/// A cheap, cloneable way to talk to one service's actor.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    name: Arc<str>,
+    configured: bool,
+    enabled: bool,
+    commands: mpsc::UnboundedSender<Command>,
+    status: watch::Receiver<ServiceStatus>,
+    output: Arc<ServiceOutput>,
+}
+
+impl ServiceHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn configured(&self) -> bool {
+        self.configured
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn status(&self) -> ServiceStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn output(&self) -> &Arc<ServiceOutput> {
+        &self.output
+    }
+
+    /// A receiver that sees every status change (tests wait on it).
+    pub fn subscribe(&self) -> watch::Receiver<ServiceStatus> {
+        self.status.clone()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.status.borrow().state == State::Running
+    }
+
+    /// Returns once the service runs, or with the reason it could not start.
+    pub async fn start(&self) -> Result<(), ServiceError> {
+        self.request(Command::Start).await
+    }
+
+    /// Returns once the process (and its group) is gone.
+    pub async fn stop(&self) -> Result<(), ServiceError> {
+        self.request(Command::Stop).await
+    }
+
+    /// Returns once the new process runs.
+    pub async fn restart(&self) -> Result<(), ServiceError> {
+        self.request(Command::Restart).await
+    }
+
+    /// SIGKILL at once; returns once the process is gone.
+    pub async fn kill(&self) -> Result<(), ServiceError> {
+        self.request(Command::Kill).await
+    }
+
+    /// Wait until the status satisfies `predicate`.
+    pub async fn wait_for(
+        &self,
+        mut predicate: impl FnMut(&ServiceStatus) -> bool,
+    ) -> Result<ServiceStatus, ServiceError> {
+        let mut receiver = self.status.clone();
+        receiver
+            .wait_for(|status| predicate(status))
+            .await
+            .map(|status| status.clone())
+            .map_err(|_| self.gone())
+    }
+
+    async fn request(&self, make: fn(Reply) -> Command) -> Result<(), ServiceError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).map_err(|_| self.gone())?;
+        answer.await.map_err(|_| self.gone())?
+    }
+
+    fn gone(&self) -> ServiceError {
+        ServiceError::Gone {
+            service: self.name.to_string(),
+        }
+    }
+}
+
+/// Start the actor of one service (stopped; send `start` to run it).
+pub fn spawn_service(
+    definition: ServiceDefinition,
+    spawner: Arc<dyn Spawner>,
+) -> (ServiceHandle, JoinHandle<()>) {
+    let machine = Machine::new(definition.policy.clone());
+    spawn_with_machine(definition, spawner, machine)
+}
+
+pub(crate) fn spawn_with_machine(
+    definition: ServiceDefinition,
+    spawner: Arc<dyn Spawner>,
+    machine: Machine,
+) -> (ServiceHandle, JoinHandle<()>) {
+    let (commands_tx, commands) = mpsc::unbounded_channel();
+    let output = ServiceOutput::new(
+        &definition.name,
+        definition.log_path.clone(),
+        definition.log_max_bytes,
+        definition.log_max_files,
+    );
+    let (status_tx, status_rx) = watch::channel(snapshot(&machine));
+    let handle = ServiceHandle {
+        name: Arc::from(definition.name.as_str()),
+        configured: definition.configured,
+        enabled: definition.enabled,
+        commands: commands_tx,
+        status: status_rx,
+        output: Arc::clone(&output),
+    };
+    let actor = Actor {
+        definition,
+        spawner,
+        machine,
+        child: None,
+        output,
+        commands,
+        status: status_tx,
+        start_waiters: Vec::new(),
+        stop_waiters: Vec::new(),
+    };
+    (handle, tokio::spawn(actor.run()))
+}
+
+fn snapshot(machine: &Machine) -> ServiceStatus {
+    ServiceStatus {
+        state: machine.state(),
+        pid: machine.pid(),
+        running_since: machine.running_since(),
+        stopping: machine.is_stopping(),
+        restarts: machine.restarts(),
+        last_exit: machine.last_exit(),
+        last_error: machine.last_error().map(str::to_owned),
+    }
+}
+
+struct Actor {
+    definition: ServiceDefinition,
+    spawner: Arc<dyn Spawner>,
+    machine: Machine,
+    child: Option<Box<dyn ChildProcess>>,
+    output: Arc<ServiceOutput>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    status: watch::Sender<ServiceStatus>,
+    start_waiters: Vec<Reply>,
+    stop_waiters: Vec<Reply>,
+}
+
+enum Wakeup {
+    Command(Command),
+    HandlesGone,
+    Exited(io::Result<ExitReason>),
+    Timer,
+}
+
+async fn wait_child(child: &mut Option<Box<dyn ChildProcess>>) -> io::Result<ExitReason> {
+    match child {
+        Some(child) => child.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Actor {
+    async fn run(mut self) {
+        loop {
+            let deadline = self.machine.deadline();
+            let wakeup = tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(command) => Wakeup::Command(command),
+                    None => Wakeup::HandlesGone,
+                },
+                result = wait_child(&mut self.child) => Wakeup::Exited(result),
+                () = sleep_until(deadline) => Wakeup::Timer,
+            };
+            match wakeup {
+                Wakeup::Command(command) => self.on_command(command),
+                Wakeup::Exited(result) => self.on_exit(result),
+                Wakeup::Timer => self.feed(Input::Timer),
+                Wakeup::HandlesGone => {
+                    self.abandon().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let name = &self.definition.name;
+        match command {
+            Command::Start(reply) => {
+                supersede(&mut self.stop_waiters, name, "start");
+                self.start_waiters.push(reply);
+                self.feed(Input::Start);
+            }
+            Command::Restart(reply) => {
+                supersede(&mut self.stop_waiters, name, "restart");
+                self.start_waiters.push(reply);
+                info!(service = %name, "restart requested");
+                self.feed(Input::Restart);
+            }
+            Command::Stop(reply) => {
+                supersede(&mut self.start_waiters, name, "stop");
+                self.stop_waiters.push(reply);
+                if self.machine.state() != State::Stopped {
+                    info!(service = %name, "stop requested");
+                }
+                self.feed(Input::Stop);
+            }
+            Command::Kill(reply) => {
+                supersede(&mut self.start_waiters, name, "kill");
+                self.stop_waiters.push(reply);
+                self.feed(Input::Kill);
+            }
+        }
+    }
+
+    fn on_exit(&mut self, result: io::Result<ExitReason>) {
+        let name = &self.definition.name;
+        let reason = result.unwrap_or_else(|err| {
+            // Only possible if something else reaped our child; treat it as
+            // dead, since it is no longer ours to signal.
+            error!(service = %name, error = %err, "lost track of the process");
+            ExitReason::Exited(-1)
+        });
+        if let Some(mut child) = self.child.take() {
+            // Whatever the leader left behind in its group dies with it, so
+            // two generations never run side by side.
+            if let Err(err) = child.signal_group(nix::sys::signal::Signal::SIGKILL) {
+                warn!(service = %name, error = %err, "cannot kill what the process left behind");
+            }
+        }
+        if self.machine.is_stopping() {
+            info!(service = %name, "stopped ({reason})");
+        } else {
+            warn!(service = %name, "{reason}");
+        }
+        self.feed(Input::Exited(reason));
+        match self.machine.state() {
+            State::Restarting => {
+                if let Some(until) = self.machine.deadline() {
+                    let delay = until.saturating_duration_since(Instant::now());
+                    info!(service = %self.definition.name, "restarting in {delay:.1?}");
+                }
+            }
+            State::Failed => {
+                error!(service = %self.definition.name, "failed: {}", self.machine.last_error().unwrap_or("unknown"));
+            }
+            _ => {}
+        }
+    }
+
+    /// Run `input` through the machine, carry out the effects, publish.
+    fn feed(&mut self, input: Input) {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for effect in self.machine.step(input, Instant::now()) {
+                match effect {
+                    Effect::Spawn => inputs.push_back(self.spawn()),
+                    Effect::SignalGroup(signal) => self.signal(signal),
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn spawn(&mut self) -> Input {
+        let name = &self.definition.name;
+        let spec = &self.definition.spawn;
+        if let Err(source) = std::fs::create_dir_all(&spec.cwd) {
+            let error = SpawnError::WorkingDir {
+                dir: spec.cwd.clone(),
+                source,
+            };
+            warn!(service = %name, "{error}");
+            return Input::SpawnFailed {
+                error: error.to_string(),
+            };
+        }
+        match self.spawner.spawn(spec) {
+            Ok(mut child) => {
+                if let Some(output) = child.take_output() {
+                    // Not awaited: a grandchild may hold the pipes open
+                    // after the leader exits, and its lines still count.
+                    drop(spawn_pump(
+                        Arc::clone(&self.output),
+                        output.stdout,
+                        output.stderr,
+                    ));
+                }
+                let pid = child.pid();
+                info!(service = %name, pid, "started");
+                self.child = Some(child);
+                Input::Spawned { pid }
+            }
+            Err(error) => {
+                warn!(service = %name, "{error}");
+                Input::SpawnFailed {
+                    error: error.to_string(),
+                }
+            }
+        }
+    }
+
+    fn signal(&mut self, signal: nix::sys::signal::Signal) {
+        let name = &self.definition.name;
+        match &mut self.child {
+            Some(child) => {
+                debug!(service = %name, pid = child.pid(), "sending {signal} to the process group");
+                if let Err(err) = child.signal_group(signal) {
+                    warn!(service = %name, "cannot send {signal}: {err}");
+                }
+            }
+            None => debug!(service = %name, "no process to send {signal} to"),
+        }
+    }
+
+    fn publish(&mut self) {
+        let next = snapshot(&self.machine);
+        self.status.send_if_modified(|current| {
+            if *current == next {
+                false
+            } else {
+                *current = next;
+                true
+            }
+        });
+        self.settle_waiters();
+    }
+
+    /// Answer the requests whose outcome is now known.
+    fn settle_waiters(&mut self) {
+        let state = self.machine.state();
+        let stopping = self.machine.is_stopping();
+        if !self.start_waiters.is_empty() {
+            let outcome = match state {
+                State::Running if !stopping => Some(Ok(())),
+                State::Restarting | State::Failed => Some(Err(ServiceError::StartFailed {
+                    service: self.definition.name.clone(),
+                    reason: self
+                        .machine
+                        .last_error()
+                        .unwrap_or("it exited at once")
+                        .to_owned(),
+                })),
+                State::Stopped => Some(Err(ServiceError::Superseded {
+                    service: self.definition.name.clone(),
+                    by: "stop",
+                })),
+                _ => None,
+            };
+            if let Some(outcome) = outcome {
+                for waiter in self.start_waiters.drain(..) {
+                    let _ = waiter.send(outcome.clone());
+                }
+            }
+        }
+        if !self.stop_waiters.is_empty() && matches!(state, State::Stopped | State::Failed) {
+            for waiter in self.stop_waiters.drain(..) {
+                let _ = waiter.send(Ok(()));
+            }
+        }
+    }
+
+    /// Every handle is gone: nobody can stop this process later, so kill it now.
+    async fn abandon(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.signal_group(nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait().await;
+            let _ = child.signal_group(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn supersede(waiters: &mut Vec<Reply>, service: &str, by: &'static str) {
+    for waiter in waiters.drain(..) {
+        let _ = waiter.send(Err(ServiceError::Superseded {
+            service: service.to_owned(),
+            by,
+        }));
+    }
+}

@@ -1,0 +1,444 @@
+//! The state machine as a table, then the actor with the fake spawner on
+//! tokio's paused clock: deterministic to the tick, no real processes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
+use super::actor::spawn_with_machine;
+use super::*;
+use crate::config::{BackoffConfig, RestartPolicy};
+use crate::process::{ExitReason, FakeSpawner, SpawnSpec};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn policy(restart: RestartPolicy, max_restarts: u32) -> Policy {
+    Policy {
+        restart,
+        max_restarts,
+        backoff: BackoffConfig {
+            initial: 100 * MS,
+            max: 800 * MS,
+            reset_after: 1000 * MS,
+        },
+        stop_signal: Signal::SIGTERM,
+        stop_timeout: 1000 * MS,
+    }
+}
+
+fn exact(restart: RestartPolicy, max_restarts: u32) -> Machine {
+    Machine::new(policy(restart, max_restarts)).without_jitter()
+}
+
+fn code(code: i32) -> Input {
+    Input::Exited(ExitReason::Exited(code))
+}
+
+/// Drive a machine from Stopped to Running at `now`.
+fn running(machine: &mut Machine, now: Instant) {
+    assert_eq!(machine.step(Input::Start, now), [Effect::Spawn]);
+    assert_eq!(machine.step(Input::Spawned { pid: 42 }, now), []);
+    assert_eq!(machine.state(), State::Running);
+}
+
+#[test]
+fn start_spawns_and_runs() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    assert_eq!(m.state(), State::Stopped);
+    assert_eq!(m.step(Input::Start, now), [Effect::Spawn]);
+    assert_eq!(m.state(), State::Starting);
+    m.step(Input::Spawned { pid: 7 }, now);
+    assert_eq!((m.state(), m.pid(), m.restarts()), (State::Running, Some(7), 0));
+    assert_eq!(m.step(Input::Start, now), [], "start while running is a no-op");
+    assert_eq!(m.deadline(), None, "a running service arms no timer");
+}
+
+#[test]
+fn restart_policy_table() {
+    // (policy, exit, expected state after the exit)
+    let table = [
+        (RestartPolicy::Always, code(0), State::Restarting),
+        (RestartPolicy::Always, code(1), State::Restarting),
+        (RestartPolicy::OnFailure, code(0), State::Stopped),
+        (RestartPolicy::OnFailure, code(2), State::Restarting),
+        (
+            RestartPolicy::OnFailure,
+            Input::Exited(ExitReason::Signaled {
+                signal: 9,
+                core_dumped: false,
+            }),
+            State::Restarting,
+        ),
+        (RestartPolicy::Never, code(0), State::Stopped),
+        (RestartPolicy::Never, code(1), State::Failed),
+    ];
+    for (restart, exit, expected) in table {
+        let now = Instant::now();
+        let mut m = exact(restart, 3);
+        running(&mut m, now);
+        m.step(exit.clone(), now + MS);
+        assert_eq!(m.state(), expected, "{restart:?} after {exit:?}");
+        assert_eq!(m.pid(), None);
+    }
+}
+
+#[test]
+fn crash_loop_backs_off_exponentially_then_gives_up() {
+    let mut now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 4);
+    running(&mut m, now);
+    let mut delays = Vec::new();
+    loop {
+        m.step(code(1), now);
+        let Some(until) = m.deadline() else { break };
+        delays.push(until - now);
+        now = until;
+        assert_eq!(m.step(Input::Timer, now), [Effect::Spawn]);
+        m.step(Input::Spawned { pid: 43 }, now);
+    }
+    assert_eq!(delays, [100 * MS, 200 * MS, 400 * MS, 800 * MS]);
+    assert_eq!(m.state(), State::Failed);
+    assert_eq!(m.restarts(), 4, "1 + max_restarts spawns in all");
+    assert_eq!(m.last_exit(), Some(ExitReason::Exited(1)));
+    assert_eq!(
+        m.last_error(),
+        Some("gave up after 4 restarts: exited with code 1")
+    );
+}
+
+#[test]
+fn backoff_is_capped_at_max() {
+    let backoff = policy(RestartPolicy::Always, 0).backoff;
+    let delays: Vec<_> = (0..8).map(|n| Machine::backoff_base(&backoff, n)).collect();
+    assert_eq!(
+        delays,
+        [100, 200, 400, 800, 800, 800, 800, 800].map(|ms| ms * MS)
+    );
+    assert_eq!(Machine::backoff_base(&backoff, 200), 800 * MS, "no overflow");
+}
+
+#[test]
+fn max_restarts_zero_fails_at_first_exit() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 0);
+    running(&mut m, now);
+    m.step(code(3), now);
+    assert_eq!(m.state(), State::Failed);
+    assert_eq!(m.deadline(), None);
+}
+
+#[test]
+fn a_long_run_resets_the_failure_count() {
+    let mut now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 10);
+    running(&mut m, now);
+    for _ in 0..3 {
+        m.step(code(1), now);
+        now = m.deadline().unwrap();
+        m.step(Input::Timer, now);
+        m.step(Input::Spawned { pid: 1 }, now);
+    }
+    assert_eq!(m.consecutive_failures(), 3);
+    now += 1000 * MS; // exactly reset_after of uptime
+    m.step(code(1), now);
+    assert_eq!(m.consecutive_failures(), 1);
+    assert_eq!(m.deadline(), Some(now + 100 * MS), "back at initial");
+}
+
+#[test]
+fn jitter_stays_within_ten_percent() {
+    for seed in 0..200 {
+        let now = Instant::now();
+        let mut m = Machine::new(policy(RestartPolicy::Always, 5)).with_seed(seed);
+        running(&mut m, now);
+        m.step(code(1), now);
+        let delay = m.deadline().unwrap() - now;
+        assert!(
+            (90 * MS..=110 * MS).contains(&delay),
+            "seed {seed}: {delay:?}"
+        );
+    }
+}
+
+#[test]
+fn stop_signals_then_kills_after_the_timeout() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    assert_eq!(
+        m.step(Input::Stop, now),
+        [Effect::SignalGroup(Signal::SIGTERM)]
+    );
+    assert!(m.is_stopping());
+    assert_eq!(m.deadline(), Some(now + 1000 * MS));
+    assert_eq!(m.step(Input::Timer, now + 999 * MS), [], "not yet");
+    assert_eq!(
+        m.step(Input::Timer, now + 1000 * MS),
+        [Effect::SignalGroup(Signal::SIGKILL)]
+    );
+    assert_eq!(m.deadline(), None, "SIGKILL is sent once");
+    let killed = Input::Exited(ExitReason::Signaled {
+        signal: 9,
+        core_dumped: false,
+    });
+    assert_eq!(m.step(killed, now + 1001 * MS), []);
+    assert_eq!(m.state(), State::Stopped);
+}
+
+#[test]
+fn a_stopped_service_never_restarts_on_a_late_exit_or_timer() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    m.step(Input::Stop, now);
+    // The process crashed on its own at the same moment: still a stop.
+    assert_eq!(m.step(code(1), now), []);
+    assert_eq!(m.state(), State::Stopped);
+    assert_eq!(m.step(Input::Timer, now + 5000 * MS), []);
+    assert_eq!(m.step(code(1), now + 5000 * MS), []);
+    assert_eq!(m.state(), State::Stopped);
+}
+
+#[test]
+fn stop_during_backoff_cancels_the_restart() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    m.step(code(1), now);
+    assert_eq!(m.state(), State::Restarting);
+    assert_eq!(m.step(Input::Stop, now + MS), []);
+    assert_eq!(m.state(), State::Stopped);
+    assert_eq!(m.deadline(), None);
+    assert_eq!(m.step(Input::Timer, now + 1000 * MS), [], "stale timer");
+    assert_eq!(m.state(), State::Stopped);
+}
+
+#[test]
+fn restart_stops_then_spawns_and_counts() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Never, 3);
+    running(&mut m, now);
+    assert_eq!(
+        m.step(Input::Restart, now),
+        [Effect::SignalGroup(Signal::SIGTERM)]
+    );
+    assert_eq!(m.step(code(0), now), [Effect::Spawn]);
+    m.step(Input::Spawned { pid: 9 }, now);
+    assert_eq!((m.state(), m.restarts()), (State::Running, 1));
+}
+
+#[test]
+fn a_user_start_resets_the_failure_count() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 0);
+    running(&mut m, now);
+    m.step(code(1), now);
+    assert_eq!(m.state(), State::Failed);
+    running(&mut m, now);
+    assert_eq!(m.consecutive_failures(), 0);
+    assert_eq!(m.last_error(), None);
+}
+
+#[test]
+fn spawn_failures_back_off_unless_never() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::OnFailure, 1);
+    m.step(Input::Start, now);
+    m.step(
+        Input::SpawnFailed {
+            error: "no such file".into(),
+        },
+        now,
+    );
+    assert_eq!(m.state(), State::Restarting);
+    assert_eq!(m.last_error(), Some("no such file"));
+    m.step(Input::Timer, now + 100 * MS);
+    m.step(
+        Input::SpawnFailed {
+            error: "no such file".into(),
+        },
+        now + 100 * MS,
+    );
+    assert_eq!(m.state(), State::Failed);
+
+    let mut never = exact(RestartPolicy::Never, 5);
+    never.step(Input::Start, now);
+    never.step(
+        Input::SpawnFailed {
+            error: "denied".into(),
+        },
+        now,
+    );
+    assert_eq!(never.state(), State::Failed);
+}
+
+#[test]
+fn kill_skips_the_grace_period() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    m.step(Input::Stop, now);
+    assert_eq!(
+        m.step(Input::Kill, now + MS),
+        [Effect::SignalGroup(Signal::SIGKILL)]
+    );
+    assert_eq!(m.step(Input::Kill, now + MS), [], "killed once");
+    assert_eq!(m.deadline(), None);
+}
+
+// ---- the actor, with the fake spawner and the paused clock ----
+
+fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDefinition {
+    let dir = std::env::temp_dir().join(format!("orchestrator-actor-test-{}", std::process::id()));
+    ServiceDefinition {
+        name: "svc".into(),
+        configured: true,
+        enabled: true,
+        spawn: SpawnSpec {
+            service: "svc".into(),
+            program: PathBuf::from("/bin/true"),
+            args: vec![],
+            env: vec![],
+            cwd: dir.join("data"),
+        },
+        policy: policy(restart, max_restarts),
+        log_path: dir.join("logs/svc.log"),
+        log_max_bytes: 1 << 20,
+        log_max_files: 1,
+    }
+}
+
+fn actor(restart: RestartPolicy, max_restarts: u32) -> (ServiceHandle, FakeSpawner) {
+    let spawner = FakeSpawner::new();
+    let def = definition(restart, max_restarts);
+    let machine = Machine::new(def.policy.clone()).without_jitter();
+    let (handle, _task) = spawn_with_machine(def, Arc::new(spawner.clone()), machine);
+    (handle, spawner)
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_crash_loop_spawns_at_exact_backoff_times() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 4);
+    handle.start().await.unwrap();
+    let t0 = Instant::now();
+    for n in 1..=5 {
+        spawner.wait_for_spawns(n).await;
+        spawner.last_child().unwrap().exit(ExitReason::Exited(1));
+    }
+    let status = handle.wait_for(|s| s.state == State::Failed).await.unwrap();
+    let offsets: Vec<_> = spawner.spawn_times().iter().map(|t| *t - t0).collect();
+    assert_eq!(
+        offsets,
+        [0, 100, 300, 700, 1500].map(|ms| ms * MS),
+        "spawns at base·2^k"
+    );
+    assert_eq!(status.restarts, 4);
+    assert_eq!(status.last_exit, Some(ExitReason::Exited(1)));
+    // And nothing more, however long we wait.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(spawner.spawn_count(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_stop_escalates_to_sigkill_after_exactly_the_timeout() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 3);
+    spawner.ignore_stop_signal(true);
+    handle.start().await.unwrap();
+    let t0 = Instant::now();
+    handle.stop().await.unwrap();
+    let child = spawner.last_child().unwrap();
+    let signals = child.signals();
+    assert_eq!(signals[0], (t0, Signal::SIGTERM));
+    assert_eq!(signals[1], (t0 + 1000 * MS, Signal::SIGKILL));
+    assert_eq!(handle.status().state, State::Stopped);
+    assert!(child.is_reaped());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(spawner.spawn_count(), 1, "never restarted after a stop");
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_stop_returns_when_the_child_obeys() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 3);
+    handle.start().await.unwrap();
+    let t0 = Instant::now();
+    handle.stop().await.unwrap();
+    assert_eq!(Instant::now(), t0, "no waiting for a child that obeys");
+    let signals = spawner.last_child().unwrap().signals();
+    assert_eq!(signals[0].1, Signal::SIGTERM);
+    // The leftover-killing SIGKILL after the leader was reaped.
+    assert_eq!(signals[1].1, Signal::SIGKILL);
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_stop_during_backoff_never_spawns_again() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 3);
+    handle.start().await.unwrap();
+    spawner.last_child().unwrap().exit(ExitReason::Exited(1));
+    handle
+        .wait_for(|s| s.state == State::Restarting)
+        .await
+        .unwrap();
+    handle.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(spawner.spawn_count(), 1);
+    assert_eq!(handle.status().state, State::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_exit_racing_a_stop_is_not_restarted() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 3);
+    spawner.ignore_stop_signal(true);
+    handle.start().await.unwrap();
+    let child = spawner.last_child().unwrap();
+    let stop = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.stop().await }
+    });
+    handle.wait_for(|s| s.stopping).await.unwrap();
+    child.exit(ExitReason::Exited(1));
+    stop.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(spawner.spawn_count(), 1);
+    assert_eq!(handle.status().state, State::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_start_reports_why_it_could_not_start() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 1);
+    spawner.fail_always("exec failed: no such file");
+    let error = handle.start().await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "service svc: could not start: exec failed: no such file"
+    );
+    let status = handle.wait_for(|s| s.state == State::Failed).await.unwrap();
+    assert!(status.last_error.unwrap().contains("no such file"));
+    assert_eq!(spawner.spawn_count(), 2, "1 + max_restarts attempts");
+    // A user start resets the count and, once the binary is fixed, runs.
+    spawner.succeed();
+    handle.start().await.unwrap();
+    assert_eq!(handle.status().state, State::Running);
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_restart_runs_a_new_process() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 3);
+    handle.start().await.unwrap();
+    let first = handle.status().pid.unwrap();
+    handle.restart().await.unwrap();
+    let status = handle.status();
+    assert_ne!(status.pid.unwrap(), first);
+    assert_eq!(status.restarts, 1);
+    assert_eq!(spawner.spawn_count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_passes_the_spec_unchanged() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 3);
+    handle.start().await.unwrap();
+    assert_eq!(spawner.specs()[0], definition(RestartPolicy::Always, 3).spawn);
+}
