@@ -77,10 +77,7 @@ fn define(
 ) -> ServiceDefinition {
     let orchestrator = &config.orchestrator;
     let (program, args) = match &service.command {
-        Some(command) => (
-            PathBuf::from(&command[0]),
-            command[1..].to_vec(),
-        ),
+        Some(command) => (PathBuf::from(&command[0]), command[1..].to_vec()),
         None => {
             let mut args = vec![
                 "--service".to_owned(),
@@ -130,9 +127,14 @@ fn define(
             max_restarts: service.max_restarts,
             backoff: service.backoff,
             stop_signal: service.stop_signal,
-            stop_timeout: service.stop_timeout.unwrap_or(orchestrator.shutdown_timeout),
+            stop_timeout: service
+                .stop_timeout
+                .unwrap_or(orchestrator.shutdown_timeout),
         },
-        log_path: orchestrator.data_dir.join("logs").join(format!("{name}.log")),
+        log_path: orchestrator
+            .data_dir
+            .join("logs")
+            .join(format!("{name}.log")),
         log_max_bytes: orchestrator.log_max_bytes,
         log_max_files: orchestrator.log_max_files,
     }

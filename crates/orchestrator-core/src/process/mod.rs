@@ -140,10 +140,11 @@ pub fn mark_inherited_fds_cloexec() -> io::Result<()> {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     let mut fds = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd")? {
-        if let Some(fd) = entry?.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
-            if fd > 2 {
-                fds.push(fd);
-            }
+        let name = entry?.file_name();
+        if let Some(fd) = name.to_str().and_then(|n| n.parse::<i32>().ok())
+            && fd > 2
+        {
+            fds.push(fd);
         }
     }
     for fd in fds {

@@ -52,11 +52,7 @@ impl Spawner for UnixSpawner {
             }),
             _ => None,
         };
-        Ok(Box::new(UnixChild {
-            child,
-            pid,
-            output,
-        }))
+        Ok(Box::new(UnixChild { child, pid, output }))
     }
 }
 

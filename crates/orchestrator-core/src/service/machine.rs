@@ -249,7 +249,9 @@ impl Machine {
                 self.spawn()
             }
             (Phase::Running { .. } | Phase::Spawning, Input::Start) => Vec::new(),
-            (Phase::Running { pid, .. }, Input::Restart) => self.begin_stop(pid, AfterStop::Start, now),
+            (Phase::Running { pid, .. }, Input::Restart) => {
+                self.begin_stop(pid, AfterStop::Start, now)
+            }
             (Phase::Stopping { .. }, Input::Start | Input::Restart) => {
                 self.set_after_stop(AfterStop::Start);
                 Vec::new()
@@ -397,7 +399,11 @@ impl Machine {
             self.last_error = Some(format!(
                 "gave up after {} restart{}: {error}",
                 self.policy.max_restarts,
-                if self.policy.max_restarts == 1 { "" } else { "s" }
+                if self.policy.max_restarts == 1 {
+                    ""
+                } else {
+                    "s"
+                }
             ));
             self.phase = Phase::Failed;
             return Vec::new();

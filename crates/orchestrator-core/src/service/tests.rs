@@ -52,8 +52,15 @@ fn start_spawns_and_runs() {
     assert_eq!(m.step(Input::Start, now), [Effect::Spawn]);
     assert_eq!(m.state(), State::Starting);
     m.step(Input::Spawned { pid: 7 }, now);
-    assert_eq!((m.state(), m.pid(), m.restarts()), (State::Running, Some(7), 0));
-    assert_eq!(m.step(Input::Start, now), [], "start while running is a no-op");
+    assert_eq!(
+        (m.state(), m.pid(), m.restarts()),
+        (State::Running, Some(7), 0)
+    );
+    assert_eq!(
+        m.step(Input::Start, now),
+        [],
+        "start while running is a no-op"
+    );
     assert_eq!(m.deadline(), None, "a running service arms no timer");
 }
 
@@ -118,7 +125,11 @@ fn backoff_is_capped_at_max() {
         delays,
         [100, 200, 400, 800, 800, 800, 800, 800].map(|ms| ms * MS)
     );
-    assert_eq!(Machine::backoff_base(&backoff, 200), 800 * MS, "no overflow");
+    assert_eq!(
+        Machine::backoff_base(&backoff, 200),
+        800 * MS,
+        "no overflow"
+    );
 }
 
 #[test]
@@ -440,5 +451,8 @@ async fn actor_restart_runs_a_new_process() {
 async fn actor_passes_the_spec_unchanged() {
     let (handle, spawner) = actor(RestartPolicy::Always, 3);
     handle.start().await.unwrap();
-    assert_eq!(spawner.specs()[0], definition(RestartPolicy::Always, 3).spawn);
+    assert_eq!(
+        spawner.specs()[0],
+        definition(RestartPolicy::Always, 3).spawn
+    );
 }

@@ -1,0 +1,176 @@
+//! Capture of the services' stdout and stderr.
+//!
+//! A pump task per child reads both pipes, frames lines ([`framing`]) and
+//! hands each line to [`ServiceOutput`], which sends it to the orchestrator's
+//! log (tracing) and appends the lines of each read to the service's log file
+//! ([`logfile`]) in one write. The pipe is drained as fast as the child
+//! fills it: a failing disk costs dropped file bytes, never a blocked child.
+
+mod framing;
+mod logfile;
+mod pump;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use logfile::LogFile;
+pub use pump::spawn_pump;
+
+/// Longer lines are split into pieces of this size, each a line of its own;
+/// nothing is dropped. Bounds the memory a stream holds for a partial line.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Which pipe of the child a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        }
+    }
+}
+
+/// The output of one service, shared by all its generations: a restarted
+/// child appends to the same log file, and the counters keep counting.
+pub struct ServiceOutput {
+    name: Box<str>,
+    log_path: PathBuf,
+    lines: [AtomicU64; 2],
+    dropped: AtomicU64,
+    /// Held only for the synchronous write of one batch, never across an
+    /// `.await`; both streams (and an old generation still draining) take it,
+    /// which is what keeps their lines from mixing.
+    file: Mutex<LogFile>,
+}
+
+impl ServiceOutput {
+    /// Opens (creating as needed) the log file. Never fails: a log file that
+    /// cannot be opened is reported once, and opening is retried on later
+    /// writes, at most once a second; meanwhile lines still reach tracing and
+    /// the bytes are counted in [`ServiceOutput::dropped_bytes`].
+    ///
+    /// `max_bytes == 0` disables rotation; `max_files == 0` starts the live
+    /// file over instead of keeping rotated ones.
+    pub fn new(service: &str, log_path: PathBuf, max_bytes: u64, max_files: u32) -> Arc<Self> {
+        let file = LogFile::new(
+            service,
+            log_path.clone(),
+            max_bytes,
+            max_files,
+            Instant::now(),
+        );
+        Arc::new(Self {
+            name: service.into(),
+            log_path,
+            lines: [AtomicU64::new(0), AtomicU64::new(0)],
+            dropped: AtomicU64::new(0),
+            file: Mutex::new(file),
+        })
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Bytes that could not be written to the log file so far.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Lines seen so far on `stream`, whether or not the file took them.
+    pub fn lines(&self, stream: Stream) -> u64 {
+        self.lines[stream.index()].load(Ordering::Relaxed)
+    }
+
+    /// Every line of the service passes here once, in order per stream,
+    /// without its `\n`. This is where the ring of recent lines and the
+    /// broadcast to followers belong: neither may block or fail the pump.
+    fn publish_line(&self, stream: Stream, line: &[u8]) {
+        tracing::info!(
+            target: "service",
+            service = %self.name,
+            stream = stream.as_str(),
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
+
+    /// Appends whole lines to the log file.
+    fn write_file(&self, segments: &[&[u8]]) {
+        let dropped = self
+            .file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write(segments, Instant::now());
+        if dropped > 0 {
+            self.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    fn count_lines(&self, stream: Stream, lines: u64) {
+        if lines > 0 {
+            self.lines[stream.index()].fetch_add(lines, Ordering::Relaxed);
+        }
+    }
+}
+
+impl fmt::Debug for ServiceOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceOutput")
+            .field("service", &self.name)
+            .field("log_path", &self.log_path)
+            .field("stdout_lines", &self.lines(Stream::Stdout))
+            .field("stderr_lines", &self.lines(Stream::Stderr))
+            .field("dropped_bytes", &self.dropped_bytes())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod test_support {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A directory removed on drop (no tempfile crate in this workspace).
+    pub(crate) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new(label: &str) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "orchestrator-output-{}-{label}-{n}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

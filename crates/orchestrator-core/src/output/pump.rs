@@ -1,0 +1,459 @@
+//! The task that drains a child's stdout and stderr.
+//!
+//! One task serves both pipes of a child, to keep the cost of an idle
+//! service to one small future: it waits for readiness without holding a
+//! buffer, then reads into a 64 KiB buffer owned by the worker thread, frames
+//! and writes synchronously, and releases the buffer before awaiting again.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use tokio::net::unix::pipe::Receiver;
+use tokio::task::JoinHandle;
+
+use super::framing::{Framer, Sink};
+use super::{ServiceOutput, Stream};
+
+/// The default capacity of a Linux pipe: one read can take all it holds.
+const READ_BUF_BYTES: usize = 64 * 1024;
+
+/// Reads per wake-up before the other stream (and other tasks, through
+/// tokio's cooperative budget) get a turn; a flooding stream must not starve
+/// a quiet one.
+const READS_PER_TURN: usize = 16;
+
+thread_local! {
+    static READ_BUF: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; READ_BUF_BYTES].into_boxed_slice());
+}
+
+/// Reads both pipes until EOF on both, that is until every writer
+/// (grandchildren included) has closed them; partial last lines are
+/// delivered at EOF. Aborting the task also delivers them (on drop).
+///
+/// Must be called within a tokio runtime. The fds may be blocking; they are
+/// switched to non-blocking mode here.
+pub fn spawn_pump(output: Arc<ServiceOutput>, stdout: OwnedFd, stderr: OwnedFd) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let readers = [
+            Reader::new(&output, Stream::Stdout, stdout),
+            Reader::new(&output, Stream::Stderr, stderr),
+        ];
+        Pump { output, readers }.run().await;
+    })
+}
+
+struct Pump {
+    output: Arc<ServiceOutput>,
+    readers: [Reader; 2],
+}
+
+impl Pump {
+    async fn run(&mut self) {
+        let output = &*self.output;
+        let [out, err] = &mut self.readers;
+        while out.is_open() || err.is_open() {
+            let more = tokio::select! {
+                ready = out.readable(), if out.is_open() => out.on_ready(ready, output),
+                ready = err.readable(), if err.is_open() => err.on_ready(ready, output),
+            };
+            if more {
+                // A stream that never runs dry would otherwise keep this
+                // worker thread for the whole cooperative budget (128 turns,
+                // over 100 MiB), delaying the other services' output.
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+impl Drop for Pump {
+    /// The actor may abort a pump whose pipe a grandchild keeps open; the
+    /// partial lines read so far are still delivered.
+    fn drop(&mut self) {
+        for reader in &mut self.readers {
+            reader.finish(&self.output);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// The pipe is empty for now.
+    Empty,
+    /// Read `READS_PER_TURN` buffers; there may be more.
+    TurnOver,
+    /// The stream has ended (or failed).
+    Eof,
+}
+
+struct Reader {
+    stream: Stream,
+    /// `None` once closed.
+    rx: Option<Receiver>,
+    framer: Framer,
+}
+
+impl Reader {
+    fn new(output: &ServiceOutput, stream: Stream, fd: OwnedFd) -> Self {
+        let rx = match receiver(fd) {
+            Ok(rx) => Some(rx),
+            Err(err) => {
+                tracing::warn!(
+                    service = %output.name,
+                    stream = stream.as_str(),
+                    error = %err,
+                    "cannot read the service's output stream; closing it"
+                );
+                None
+            }
+        };
+        Self {
+            stream,
+            rx,
+            framer: Framer::new(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.rx.is_some()
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        match &self.rx {
+            Some(rx) => rx.readable().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Returns whether the pipe may still hold data (the turn ran out).
+    fn on_ready(&mut self, ready: io::Result<()>, output: &ServiceOutput) -> bool {
+        let drained = match ready {
+            Ok(()) => self.drain(output),
+            Err(err) => {
+                read_failed(output, self.stream, &err);
+                Drained::Eof
+            }
+        };
+        if drained == Drained::Eof {
+            self.rx = None;
+            self.finish(output);
+        }
+        drained == Drained::TurnOver
+    }
+
+    /// Reads what the pipe holds, up to `READS_PER_TURN` buffers.
+    fn drain(&mut self, output: &ServiceOutput) -> Drained {
+        let Some(rx) = &self.rx else {
+            return Drained::Eof;
+        };
+        let framer = &mut self.framer;
+        let stream = self.stream;
+        let mut sink = StreamSink::new(output, stream);
+        // No `.await` in here: the buffer is borrowed from the thread.
+        let drained = READ_BUF.with_borrow_mut(|buf| {
+            for _ in 0..READS_PER_TURN {
+                match rx.try_read(buf) {
+                    Ok(0) => return Drained::Eof,
+                    Ok(n) => framer.feed(&buf[..n], &mut sink),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => {
+                        read_failed(output, stream, &err);
+                        return Drained::Eof;
+                    }
+                }
+            }
+            Drained::TurnOver
+        });
+        sink.commit();
+        drained
+    }
+
+    fn finish(&mut self, output: &ServiceOutput) {
+        let mut sink = StreamSink::new(output, self.stream);
+        self.framer.finish(&mut sink);
+        sink.commit();
+    }
+}
+
+fn read_failed(output: &ServiceOutput, stream: Stream, err: &io::Error) {
+    tracing::warn!(
+        service = %output.name,
+        stream = stream.as_str(),
+        error = %err,
+        "reading the service's output failed; closing the stream"
+    );
+}
+
+/// Sets O_NONBLOCK ourselves rather than through `Receiver::from_owned_fd`,
+/// which also insists on a FIFO: a socket pair or a pty works the same way.
+fn receiver(fd: OwnedFd) -> io::Result<Receiver> {
+    let flags = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+    if !flags.contains(OFlag::O_NONBLOCK) {
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    }
+    Receiver::from_owned_fd_unchecked(fd)
+}
+
+/// Delivers framed output of one stream to the service.
+struct StreamSink<'a> {
+    output: &'a ServiceOutput,
+    stream: Stream,
+    /// Counted locally and published once per batch of reads, not per line.
+    lines: u64,
+}
+
+impl<'a> StreamSink<'a> {
+    fn new(output: &'a ServiceOutput, stream: Stream) -> Self {
+        Self {
+            output,
+            stream,
+            lines: 0,
+        }
+    }
+
+    fn commit(self) {
+        self.output.count_lines(self.stream, self.lines);
+    }
+}
+
+impl Sink for StreamSink<'_> {
+    fn line(&mut self, line: &[u8]) {
+        self.lines += 1;
+        self.output.publish_line(self.stream, line);
+    }
+
+    fn write(&mut self, segments: &[&[u8]]) {
+        self.output.write_file(segments);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::io::{PipeWriter, Write};
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::output::MAX_LINE_BYTES;
+    use crate::output::test_support::TempDir;
+
+    fn pipe() -> (OwnedFd, PipeWriter) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        (reader.into(), writer)
+    }
+
+    /// Writes `data` from a thread in pieces of varying size (cutting lines
+    /// anywhere), then closes the pipe.
+    fn write_in_thread(mut writer: PipeWriter, data: Vec<u8>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let sizes = [1, 7, 100, 4093, 65536, 100_000, 333];
+            let mut rest = &data[..];
+            for size in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (now, later) = rest.split_at((*size).min(rest.len()));
+                writer.write_all(now).unwrap();
+                rest = later;
+            }
+        })
+    }
+
+    fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<u8> {
+        let mut data = Vec::new();
+        for i in range {
+            writeln!(
+                data,
+                "{prefix} {i:08} the quick brown fox jumps over the lazy dog, again and again"
+            )
+            .unwrap();
+        }
+        data
+    }
+
+    async fn pump_bytes(output: &Arc<ServiceOutput>, stdout: Vec<u8>, stderr: Vec<u8>) {
+        let (out_r, out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        let out = write_in_thread(out_w, stdout);
+        let err = write_in_thread(err_w, stderr);
+        pump.await.unwrap();
+        out.join().unwrap();
+        err.join().unwrap();
+    }
+
+    /// The live file last, the oldest rotated one first.
+    fn read_rotated(path: &Path) -> (usize, Vec<Vec<u8>>) {
+        let mut files = Vec::new();
+        for k in (1..).map(|k| format!("{}.{k}", path.display())) {
+            match fs::read(&k) {
+                Ok(bytes) => files.push(bytes),
+                Err(_) => break,
+            }
+        }
+        files.reverse();
+        files.push(fs::read(path).unwrap());
+        let count = fs::read_dir(path.parent().unwrap()).unwrap().count();
+        (count, files)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flood_loses_no_line() {
+        let tmp = TempDir::new("flood");
+        let path = tmp.path().join("logs/flood.log");
+        let output = ServiceOutput::new("flood", path.clone(), 0, 0);
+        let data = numbered("out", 0..200_000);
+        pump_bytes(&output, data.clone(), Vec::new()).await;
+        assert_eq!(output.lines(Stream::Stdout), 200_000);
+        assert_eq!(output.lines(Stream::Stderr), 0);
+        assert_eq!(output.dropped_bytes(), 0);
+        assert!(fs::read(&path).unwrap() == data, "file differs from input");
+    }
+
+    #[tokio::test]
+    async fn streams_interleave_without_mixing_inside_a_line() {
+        let tmp = TempDir::new("interleave");
+        let path = tmp.path().join("svc.log");
+        let output = ServiceOutput::new("svc", path.clone(), 0, 0);
+        let n = 50_000;
+        pump_bytes(&output, numbered("out", 0..n), numbered("err", 0..n)).await;
+        assert_eq!(output.lines(Stream::Stdout), n as u64);
+        assert_eq!(output.lines(Stream::Stderr), n as u64);
+
+        let file = fs::read(&path).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        for line in file.split_inclusive(|&b| b == b'\n') {
+            match &line[..4] {
+                b"out " => out.extend_from_slice(line),
+                b"err " => err.extend_from_slice(line),
+                _ => panic!("mixed line {:?}", String::from_utf8_lossy(line)),
+            }
+        }
+        assert!(out == numbered("out", 0..n), "stdout lines differ");
+        assert!(err == numbered("err", 0..n), "stderr lines differ");
+    }
+
+    #[tokio::test]
+    async fn raw_bytes_partial_lines_and_long_lines_reach_the_file() {
+        let tmp = TempDir::new("raw");
+        let path = tmp.path().join("svc.log");
+        let output = ServiceOutput::new("svc", path.clone(), 0, 0);
+        let mut stdout = b"dos\r\n\n\xff\xfe\x80 not utf-8\n".to_vec();
+        stdout.extend(vec![b'L'; MAX_LINE_BYTES + 10]);
+        stdout.extend(b"\nno newline at the end");
+        pump_bytes(&output, stdout, b"err without newline".to_vec()).await;
+
+        let mut expected = b"dos\r\n\n\xff\xfe\x80 not utf-8\n".to_vec();
+        expected.extend(vec![b'L'; MAX_LINE_BYTES]);
+        expected.extend(b"\nLLLLLLLLLL\nno newline at the end\n");
+        let file = fs::read(&path).unwrap();
+        // The stderr line lands before, after or between the stdout writes,
+        // but whole.
+        let err_line = b"err without newline\n";
+        let at = file
+            .windows(err_line.len())
+            .position(|w| w == err_line)
+            .expect("stderr line in the file");
+        let mut without_err = file[..at].to_vec();
+        without_err.extend(&file[at + err_line.len()..]);
+        assert!(
+            without_err == expected,
+            "file: {:?}",
+            String::from_utf8_lossy(&file)
+        );
+        assert_eq!(output.lines(Stream::Stdout), 6);
+        assert_eq!(output.lines(Stream::Stderr), 1);
+    }
+
+    #[tokio::test]
+    async fn rotation_loses_and_splits_no_line() {
+        let tmp = TempDir::new("rotate");
+        let path = tmp.path().join("svc.log");
+        let max_bytes = 10_000;
+        let output = ServiceOutput::new("svc", path.clone(), max_bytes, 1000);
+        let data = numbered("out", 0..20_000);
+        pump_bytes(&output, data.clone(), Vec::new()).await;
+
+        let (count, files) = read_rotated(&path);
+        assert!(files.len() > 100, "{} files", files.len());
+        assert!(count <= 1001);
+        for file in &files[..files.len() - 1] {
+            assert!(file.len() as u64 <= max_bytes && file.len() as u64 > max_bytes - 100);
+        }
+        for file in &files {
+            assert!(file.is_empty() || file.ends_with(b"\n"));
+        }
+        assert!(files.concat() == data, "lines lost or reordered");
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_at_most_max_files() {
+        let tmp = TempDir::new("rotate-few");
+        let path = tmp.path().join("svc.log");
+        let output = ServiceOutput::new("svc", path.clone(), 4096, 3);
+        let data = numbered("out", 0..10_000);
+        pump_bytes(&output, data.clone(), Vec::new()).await;
+
+        let (count, files) = read_rotated(&path);
+        assert_eq!(count, 4);
+        assert_eq!(files.len(), 4);
+        let kept = files.concat();
+        assert!(data.ends_with(&kept));
+        assert_eq!(data[data.len() - kept.len() - 1], b'\n');
+        assert_eq!(output.dropped_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn unwritable_log_path_still_drains_the_pipes() {
+        let tmp = TempDir::new("unwritable");
+        let blocker = tmp.path().join("not-a-dir");
+        fs::write(&blocker, b"").unwrap();
+        let output = ServiceOutput::new("svc", blocker.join("logs/svc.log"), 0, 0);
+        let stdout = numbered("out", 0..10_000);
+        let stderr = numbered("err", 0..10);
+        let total = (stdout.len() + stderr.len()) as u64;
+        pump_bytes(&output, stdout, stderr).await;
+        assert_eq!(output.lines(Stream::Stdout), 10_000);
+        assert_eq!(output.lines(Stream::Stderr), 10);
+        assert_eq!(output.dropped_bytes(), total);
+    }
+
+    #[tokio::test]
+    async fn closed_pipes_end_the_pump_at_once() {
+        let tmp = TempDir::new("closed");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        pump_bytes(&output, Vec::new(), Vec::new()).await;
+        assert_eq!(output.lines(Stream::Stdout), 0);
+        assert_eq!(fs::read(output.log_path()).unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn aborting_the_pump_delivers_the_partial_line() {
+        let tmp = TempDir::new("abort");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, _err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        // One write below PIPE_BUF arrives in one read.
+        out_w.write_all(b"done\npartial").unwrap();
+        let seen = async {
+            while output.lines(Stream::Stdout) < 1 {
+                tokio::task::yield_now().await;
+            }
+        };
+        // The timeout only turns a hang into a failure.
+        tokio::time::timeout(Duration::from_secs(30), seen)
+            .await
+            .unwrap();
+        pump.abort();
+        assert!(pump.await.unwrap_err().is_cancelled());
+        assert_eq!(output.lines(Stream::Stdout), 2);
+        assert_eq!(fs::read(output.log_path()).unwrap(), b"done\npartial\n");
+    }
+}
