@@ -145,7 +145,12 @@ fn discover_command(config: &Config) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let width = discovered.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
+    let width = discovered
+        .iter()
+        .map(|d| d.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     println!("{:width$}  CONFIGURED  BINARY", "NAME");
     for found in &discovered {
         let configured = if config.services.contains_key(&found.name) {
@@ -171,6 +176,7 @@ fn init_tracing(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match config.orchestrator.log_format {
         LogFormat::Text => builder.init(),
@@ -182,6 +188,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     init_tracing(&config);
     // Whatever our parent leaked to us must not reach the services.
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
+    raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let (events_tx, events) = mpsc::channel(16);
@@ -196,6 +203,22 @@ fn run(config: Config) -> anyhow::Result<()> {
         .await?;
         Ok(())
     })
+}
+
+/// Each service costs the daemon three descriptors (two pipes and a pidfd),
+/// so the usual soft limit of 1024 would cap us near 300 services: take the
+/// hard limit, as systemd and most servers do.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {error}");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!("cannot read the open-files limit: {error}"),
+    }
 }
 
 /// Signals become daemon events: the first SIGINT/SIGTERM asks for a clean

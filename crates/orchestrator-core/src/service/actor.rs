@@ -55,6 +55,9 @@ pub enum ServiceError {
     Gone { service: String },
 }
 
+/// How long an exit waits for the process's remaining output.
+const OUTPUT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 type Reply = oneshot::Sender<Result<(), ServiceError>>;
 
 enum Command {
@@ -186,6 +189,7 @@ pub(crate) fn spawn_with_machine(
         spawner,
         machine,
         child: None,
+        pump: None,
         output,
         commands,
         status: status_tx,
@@ -212,6 +216,8 @@ struct Actor {
     spawner: Arc<dyn Spawner>,
     machine: Machine,
     child: Option<Box<dyn ChildProcess>>,
+    /// The task reading the current child's output.
+    pump: Option<JoinHandle<()>>,
     output: Arc<ServiceOutput>,
     commands: mpsc::UnboundedReceiver<Command>,
     status: watch::Sender<ServiceStatus>,
@@ -254,7 +260,7 @@ impl Actor {
             };
             match wakeup {
                 Wakeup::Command(command) => self.on_command(command),
-                Wakeup::Exited(result) => self.on_exit(result),
+                Wakeup::Exited(result) => self.on_exit(result).await,
                 Wakeup::Timer => self.feed(Input::Timer),
                 Wakeup::HandlesGone => {
                     self.abandon().await;
@@ -294,21 +300,39 @@ impl Actor {
         }
     }
 
-    fn on_exit(&mut self, result: io::Result<ExitReason>) {
-        let name = &self.definition.name;
+    /// The last lines of a process are in its pipes when it exits: read
+    /// them before reporting the exit, so a stop (or the daemon's exit)
+    /// never loses them. Killing the leader's group closed the pipes unless
+    /// an escaped grandchild holds them; that one is not waited for beyond
+    /// the deadline, and its pump keeps logging on its own.
+    async fn drain_output(&mut self) {
+        let Some(mut pump) = self.pump.take() else {
+            return;
+        };
+        if tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, &mut pump)
+            .await
+            .is_err()
+        {
+            debug!(service = %self.definition.name, "output still open after the exit; not waiting for it");
+        }
+    }
+
+    async fn on_exit(&mut self, result: io::Result<ExitReason>) {
         let reason = result.unwrap_or_else(|err| {
             // Only possible if something else reaped our child; treat it as
             // dead, since it is no longer ours to signal.
-            error!(service = %name, error = %err, "lost track of the process");
+            error!(service = %self.definition.name, error = %err, "lost track of the process");
             ExitReason::Exited(-1)
         });
         if let Some(mut child) = self.child.take() {
             // Whatever the leader left behind in its group dies with it, so
-            // two generations never run side by side.
+            // two generations never run side by side (and the pipes close).
             if let Err(err) = child.signal_group(nix::sys::signal::Signal::SIGKILL) {
-                warn!(service = %name, error = %err, "cannot kill what the process left behind");
+                warn!(service = %self.definition.name, error = %err, "cannot kill what the process left behind");
             }
         }
+        self.drain_output().await;
+        let name = &self.definition.name;
         if self.machine.is_stopping() {
             info!(service = %name, "stopped ({reason})");
         } else {
@@ -359,9 +383,7 @@ impl Actor {
         match self.spawner.spawn(spec) {
             Ok(mut child) => {
                 if let Some(output) = child.take_output() {
-                    // Not awaited: a grandchild may hold the pipes open
-                    // after the leader exits, and its lines still count.
-                    drop(spawn_pump(
+                    self.pump = Some(spawn_pump(
                         Arc::clone(&self.output),
                         output.stdout,
                         output.stderr,
