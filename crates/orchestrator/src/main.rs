@@ -230,10 +230,10 @@ fn forward_signals(events: mpsc::Sender<DaemonEvent>) -> std::io::Result<()> {
     tokio::spawn(async move {
         let mut stopping = false;
         loop {
-            let event = tokio::select! {
-                _ = interrupt.recv() => None,
-                _ = terminate.recv() => None,
-                _ = hangup.recv() => Some(DaemonEvent::Reload),
+            let (name, event) = tokio::select! {
+                _ = interrupt.recv() => ("SIGINT", None),
+                _ = terminate.recv() => ("SIGTERM", None),
+                _ = hangup.recv() => ("SIGHUP", Some(DaemonEvent::Reload)),
             };
             let event = event.unwrap_or(if stopping {
                 DaemonEvent::ForceShutdown
@@ -241,6 +241,7 @@ fn forward_signals(events: mpsc::Sender<DaemonEvent>) -> std::io::Result<()> {
                 stopping = true;
                 DaemonEvent::Shutdown
             });
+            tracing::info!("received {name}");
             if events.send(event).await.is_err() {
                 return;
             }
