@@ -1,1 +1,715 @@
-//! Helpers shared by the end-to-end tests (see `tests/`).
+//! Helpers shared by the integration tests (`crates/e2e/tests`, through the
+//! library) and the end-to-end tests (`crates/orchestrator/tests`, through
+//! the real binary): where the binaries are, throw-away workspaces, pollers
+//! with generous deadlines, `/proc` readers, and guards that SIGKILL whatever
+//! a failing test left behind.
+//!
+//! Every wait here synchronises on an event (a line in a file, a state, a
+//! process gone); the deadlines only turn a hang into a failure.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use orchestrator_core::config::{
+    BackoffConfig, Config, OrchestratorConfig, RestartPolicy, ServiceConfig,
+};
+use orchestrator_core::plan::{HostEnv, plan};
+use orchestrator_core::service::{ServiceDefinition, ServiceHandle, ServiceStatus};
+
+/// Signal numbers, for crates that do not depend on libc themselves.
+pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGTERM};
+
+/// How long any wait may take before the test fails. Generous on purpose: a
+/// loaded 2-core CI machine must never hit it; it only turns a hang into a
+/// failure with a message.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// How often pollers look again.
+const POLL: Duration = Duration::from_millis(10);
+
+// ---------------------------------------------------------------------------
+// Binaries
+
+/// `target/debug/NAME` (or the profile in use), next to the `deps/` folder
+/// that holds the running test executable.
+fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| {
+            if deps.ends_with("deps") {
+                deps.parent()
+            } else {
+                Some(deps)
+            }
+        })
+        .expect("the test executable lives in target/PROFILE/deps");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// The fixture service (`src/bin/fixture-service.rs`).
+pub fn fixture_bin() -> PathBuf {
+    sibling_bin("fixture-service")
+}
+
+/// The `orchestrator` binary.
+pub fn orchestrator_bin() -> PathBuf {
+    sibling_bin("orchestrator")
+}
+
+// ---------------------------------------------------------------------------
+// Temporary workspaces
+
+static DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh directory under the system temp dir, unique per process and per
+/// call. On drop, every process whose `HOME` lies inside it (every service
+/// started from it, and what they forked) is SIGKILLed, then it is removed.
+/// Set `ORCH_E2E_KEEP=1` to keep it for a post-mortem.
+#[derive(Debug)]
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(label: &str) -> TestDir {
+        let n = DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("orch-e2e-{label}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create the test directory");
+        // Canonical, so paths the children report (getcwd) compare equal.
+        let path = fs::canonicalize(&path).expect("canonicalize the test directory");
+        TestDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, relative: impl AsRef<Path>) -> PathBuf {
+        self.path.join(relative)
+    }
+
+    /// `services/NAME/NAME` as a symlink to the fixture binary. A symlink,
+    /// not a copy: a copy just written can fail to exec with ETXTBSY while
+    /// another test thread forks.
+    pub fn add_fixture_service(&self, name: &str) -> PathBuf {
+        let dir = self.join("services").join(name);
+        fs::create_dir_all(&dir).expect("create the service directory");
+        let binary = dir.join(name);
+        std::os::unix::fs::symlink(fixture_bin(), &binary).expect("link the fixture binary");
+        binary
+    }
+
+    /// `services/NAME/NAME` as an executable `#!/bin/sh` script whose body is
+    /// `body`. Write scripts before starting anything in the test, so no
+    /// concurrent fork holds the file open for writing when it is executed.
+    pub fn add_script_service(&self, name: &str, body: &str) -> PathBuf {
+        let dir = self.join("services").join(name);
+        fs::create_dir_all(&dir).expect("create the service directory");
+        let binary = dir.join(name);
+        self.write_file(&binary, &format!("#!/bin/sh\n{body}\n"), 0o755);
+        binary
+    }
+
+    /// Write `contents` to `path` (absolute or relative to this directory)
+    /// with `mode`, creating parent directories.
+    pub fn write_file(&self, path: impl AsRef<Path>, contents: &str, mode: u32) -> PathBuf {
+        let path = self.join(path);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).expect("create the parent directory");
+        }
+        fs::write(&path, contents).expect("write the file");
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod the file");
+        path
+    }
+
+    /// The default data_dir: `.orchestrator` beside the configuration.
+    pub fn data_dir(&self) -> PathBuf {
+        self.join(".orchestrator")
+    }
+
+    /// `data_dir/logs/NAME.log` for the default data_dir.
+    pub fn log_path(&self, service: &str) -> PathBuf {
+        self.data_dir().join("logs").join(format!("{service}.log"))
+    }
+
+    /// The default data_dir of service NAME (its cwd and HOME).
+    pub fn service_data_dir(&self, service: &str) -> PathBuf {
+        self.join("services").join(service).join("data")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        kill_processes_with_home_under(&self.path);
+        if std::env::var_os("ORCH_E2E_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// SIGKILL every process (of ours) whose environment has `HOME` inside
+/// `dir`: the services the orchestrator started from a test directory get
+/// `HOME` = their data_dir, and everything they fork inherits it.
+pub fn kill_processes_with_home_under(dir: &Path) {
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Some(env) = environ(pid) else { continue };
+        if env
+            .get("HOME")
+            .is_some_and(|home| Path::new(home).starts_with(dir))
+        {
+            send_signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Waiting
+
+/// Poll `condition` every 10 ms until it holds (true) or `deadline` passed
+/// (false). Blocking: for plain `#[test]`s, not inside a runtime.
+pub fn wait_until(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `wait_until` for async tests: sleeps on the runtime, so the actors keep
+/// running on a current-thread runtime.
+pub async fn wait_until_async(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Wait (at most [`DEADLINE`]) until the service's status satisfies
+/// `predicate`; panics with `what` and the last status otherwise.
+pub async fn wait_status(
+    handle: &ServiceHandle,
+    what: &str,
+    predicate: impl FnMut(&ServiceStatus) -> bool,
+) -> ServiceStatus {
+    match tokio::time::timeout(DEADLINE, handle.wait_for(predicate)).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(error)) => panic!("{}: waiting for {what}: {error}", handle.name()),
+        Err(_) => panic!(
+            "{}: still not {what} after {DEADLINE:?}; status {:?}",
+            handle.name(),
+            handle.status()
+        ),
+    }
+}
+
+/// Run `future` with a [`DEADLINE`], panicking with `what` on a hang.
+pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// Files written by services
+
+/// The file's bytes, or nothing when it does not exist yet.
+pub fn read_bytes(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_default()
+}
+
+/// The file's lines (lossy UTF-8), or none when it does not exist yet.
+pub fn read_lines(path: &Path) -> Vec<String> {
+    String::from_utf8_lossy(&read_bytes(path))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Wait until some line of the file starts with `prefix`; returns that line.
+pub fn wait_for_line(path: &Path, prefix: &str) -> String {
+    let mut found = None;
+    let ok = wait_until(DEADLINE, || {
+        found = read_lines(path).into_iter().find(|l| l.starts_with(prefix));
+        found.is_some()
+    });
+    assert!(
+        ok,
+        "no line starting with {prefix:?} in {} after {DEADLINE:?}; it holds:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&read_bytes(path))
+    );
+    found.expect("found")
+}
+
+/// `wait_for_line` for async tests.
+pub async fn wait_for_line_async(path: &Path, prefix: &str) -> String {
+    let mut found = None;
+    let ok = wait_until_async(DEADLINE, || {
+        found = read_lines(path).into_iter().find(|l| l.starts_with(prefix));
+        found.is_some()
+    })
+    .await;
+    assert!(
+        ok,
+        "no line starting with {prefix:?} in {} after {DEADLINE:?}; it holds:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&read_bytes(path))
+    );
+    found.expect("found")
+}
+
+/// The value of `key=VALUE` in a line such as `READY pid=12 pgid=12`.
+pub fn field(line: &str, key: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
+}
+
+/// Remove ANSI escape sequences (colours) from a log line.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// /proc
+
+/// The fields of `/proc/PID/stat` the tests need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// `R`, `S`, `D`, `Z`, `T`, ...
+    pub state: char,
+    pub ppid: i32,
+    pub pgid: i32,
+}
+
+/// `/proc/PID/stat`, or `None` when there is no such process.
+pub fn stat(pid: u32) -> Option<Stat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split
+    // after the last ')'.
+    let rest = text.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgid = fields.next()?.parse().ok()?;
+    Some(Stat { state, ppid, pgid })
+}
+
+/// The process exists and is not a zombie (a zombie is dead: it only waits
+/// for its parent, maybe an init that never reaps, to collect it).
+pub fn is_alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
+/// `/proc/PID/environ` as a map, or `None` when unreadable.
+pub fn environ(pid: u32) -> Option<BTreeMap<String, String>> {
+    let bytes = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    Some(
+        bytes
+            .split(|&b| b == 0)
+            .filter(|entry| !entry.is_empty())
+            .filter_map(|entry| {
+                let text = String::from_utf8_lossy(entry);
+                let (key, value) = text.split_once('=')?;
+                Some((key.to_owned(), value.to_owned()))
+            })
+            .collect(),
+    )
+}
+
+/// `/proc/PID/cmdline` as argv.
+pub fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let bytes = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        bytes
+            .split(|&b| b == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect(),
+    )
+}
+
+/// The test process's own process group.
+pub fn own_pgid() -> i32 {
+    // SAFETY: getpgrp has no preconditions and cannot fail.
+    unsafe { libc::getpgrp() }
+}
+
+/// Send `signal` to `pid`; true when it was delivered.
+pub fn send_signal(pid: u32, signal: i32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    if pid <= 1 {
+        return false;
+    }
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// Send `signal` to the process group `pgid`; true when it was delivered.
+pub fn signal_group(pgid: i32, signal: i32) -> bool {
+    // Never group 0 (our own), 1 or a negative "every process".
+    if pgid <= 1 || pgid == own_pgid() {
+        return false;
+    }
+    // SAFETY: killpg has no memory-safety preconditions.
+    unsafe { libc::killpg(pgid, signal) == 0 }
+}
+
+/// Open `path` on a descriptor that is *not* close-on-exec, as a daemon
+/// might inherit one from its parent; returns the raw descriptor (leaked on
+/// purpose: it lives until the test process exits).
+pub fn open_inheritable_fd(path: &Path) -> i32 {
+    use std::os::fd::IntoRawFd;
+    let fd = fs::File::open(path).expect("open a file").into_raw_fd();
+    // SAFETY: plain fcntl calls on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        assert!(flags >= 0, "F_GETFD: {}", io::Error::last_os_error());
+        assert_eq!(
+            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC),
+            0,
+            "F_SETFD: {}",
+            io::Error::last_os_error()
+        );
+    }
+    fd
+}
+
+/// Whether `fd` of this process is close-on-exec.
+pub fn is_cloexec(fd: i32) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    flags >= 0 && flags & libc::FD_CLOEXEC != 0
+}
+
+// ---------------------------------------------------------------------------
+// Guards
+
+/// SIGKILLs, on drop, every process group recorded in it and the current
+/// process group of every service handle given to it: a failing test (or one
+/// that ends while its runtime still holds children) never leaks processes.
+#[derive(Default)]
+pub struct ProcessGuard {
+    pgids: Mutex<Vec<i32>>,
+    handles: Mutex<Vec<ServiceHandle>>,
+}
+
+impl ProcessGuard {
+    pub fn new() -> ProcessGuard {
+        ProcessGuard::default()
+    }
+
+    pub fn add_pgid(&self, pgid: i32) {
+        self.pgids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pgid);
+    }
+
+    /// Kill whatever process this service runs when the guard drops.
+    pub fn watch(&self, handle: &ServiceHandle) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle.clone());
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        let mut pgids = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
+        for handle in self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if let Some(pid) = handle.status().pid.and_then(|p| i32::try_from(p).ok()) {
+                pgids.push(pid);
+            }
+        }
+        for pgid in pgids {
+            signal_group(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Library-level configurations
+
+/// A fixture service: `binary_path` = the fixture, `args` as given, never
+/// restarted, a 1 s stop_timeout and a fast backoff.
+pub fn fixture(args: &[&str]) -> ServiceConfig {
+    ServiceConfig {
+        binary_path: Some(fixture_bin()),
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        restart: Some(RestartPolicy::Never),
+        stop_timeout: Some(Duration::from_secs(1)),
+        backoff: BackoffConfig {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+            reset_after: Duration::from_secs(60),
+        },
+        ..ServiceConfig::default()
+    }
+}
+
+/// A configuration rooted in `dir` (services_dir `dir/services`, data_dir
+/// `dir/.orchestrator`) with these services and a short shutdown_timeout.
+pub fn config_in(dir: &TestDir, services: Vec<(&str, ServiceConfig)>) -> Config {
+    let mut orchestrator = OrchestratorConfig::defaults_in(dir.path());
+    orchestrator.shutdown_timeout = Duration::from_secs(2);
+    Config {
+        source: None,
+        orchestrator,
+        services: services
+            .into_iter()
+            .map(|(name, service)| (name.to_owned(), service))
+            .collect(),
+    }
+}
+
+/// The definitions the daemon would run for `config` (nothing discovered),
+/// with the test process's PATH and TMPDIR.
+pub fn definitions(config: &Config) -> Vec<ServiceDefinition> {
+    plan(config, &[], &HostEnv::from_process())
+}
+
+/// The one definition named `name`.
+pub fn definition(config: &Config, name: &str) -> ServiceDefinition {
+    definitions(config)
+        .into_iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("no service {name} in the plan"))
+}
+
+// ---------------------------------------------------------------------------
+// The real daemon
+
+/// `orchestrator ARGS` running in `cwd` with stdout and stderr in files,
+/// `ORCHESTRATOR_CONFIG` and `ORCHESTRATOR_LOG` unset. On drop it is
+/// SIGKILLed and reaped, and so are the process groups recorded in `guard`.
+pub struct Daemon {
+    child: Child,
+    status: Option<ExitStatus>,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    pub guard: ProcessGuard,
+}
+
+impl Daemon {
+    pub fn start(cwd: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with(cwd, args, |_| {})
+    }
+
+    /// `start` with a chance to adjust the command (extra environment...).
+    pub fn start_with(cwd: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let mut command = Command::new(orchestrator_bin());
+        command.args(args);
+        Daemon::spawn(cwd, command, adjust)
+    }
+
+    /// `start` through `sh -c 'PRELUDE; exec orchestrator ARGS'`, to give
+    /// the daemon what a shell can set up (`trap '' USR1`, `ulimit`...).
+    /// The daemon keeps the shell's pid.
+    pub fn start_after_shell(cwd: &Path, prelude: &str, args: &[&str]) -> Daemon {
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(format!("{prelude}; exec \"$0\" \"$@\""))
+            .arg(orchestrator_bin())
+            .args(args);
+        Daemon::spawn(cwd, command, |_| {})
+    }
+
+    fn spawn(cwd: &Path, mut command: Command, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let n = DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let stdout = cwd.join(format!("daemon-{n}.stdout"));
+        let stderr = cwd.join(format!("daemon-{n}.stderr"));
+        command
+            .current_dir(cwd)
+            .env_remove("ORCHESTRATOR_CONFIG")
+            .env_remove("ORCHESTRATOR_LOG")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).expect("create the stdout file"))
+            .stderr(fs::File::create(&stderr).expect("create the stderr file"));
+        adjust(&mut command);
+        let child = command.spawn().expect("spawn the orchestrator binary");
+        Daemon {
+            child,
+            status: None,
+            stdout,
+            stderr,
+            guard: ProcessGuard::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        assert!(
+            self.status.is_none() && send_signal(self.pid(), signal),
+            "cannot signal the daemon"
+        );
+    }
+
+    /// Its exit status, waiting at most [`DEADLINE`].
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let mut status = None;
+        let exited = wait_until(DEADLINE, || {
+            status = self.child.try_wait().expect("try_wait on the daemon");
+            status.is_some()
+        });
+        assert!(
+            exited,
+            "the daemon did not exit within {DEADLINE:?}; its log:\n{}",
+            self.stderr_text()
+        );
+        self.status = status;
+        status.expect("exited")
+    }
+
+    /// Its stderr (its own log) so far, without colours.
+    pub fn stderr_text(&self) -> String {
+        strip_ansi(&String::from_utf8_lossy(&read_bytes(&self.stderr)))
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&read_bytes(&self.stdout)).into_owned()
+    }
+
+    /// Wait until its log holds a line containing every one of `parts`.
+    /// Double quotes are ignored on both sides, so `service=api` matches
+    /// a field logged as `service=api` or `service="api"`.
+    pub fn wait_for_log(&self, parts: &[&str]) -> String {
+        let unquote = |s: &str| s.replace('"', "");
+        let parts: Vec<String> = parts.iter().map(|p| unquote(p)).collect();
+        let mut found = None;
+        let ok = wait_until(DEADLINE, || {
+            found = self
+                .stderr_text()
+                .lines()
+                .find(|line| {
+                    let line = unquote(line);
+                    parts.iter().all(|p| line.contains(p.as_str()))
+                })
+                .map(str::to_owned);
+            found.is_some()
+        });
+        assert!(
+            ok,
+            "no daemon log line with {parts:?} after {DEADLINE:?}; its log:\n{}",
+            self.stderr_text()
+        );
+        found.expect("found")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // `guard` drops next and kills the recorded groups.
+    }
+}
+
+/// Run `orchestrator ARGS` in `cwd` to completion (at most [`DEADLINE`]);
+/// returns (exit code, stdout, stderr).
+pub fn run_cli(cwd: &Path, args: &[&str]) -> (i32, String, String) {
+    let child = Command::new(orchestrator_bin())
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("ORCHESTRATOR_CONFIG")
+        .env_remove("ORCHESTRATOR_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the orchestrator binary");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(DEADLINE) {
+        Ok(output) => output.expect("wait for the orchestrator binary"),
+        Err(_) => {
+            send_signal(pid, libc::SIGKILL);
+            panic!(
+                "`orchestrator {}` did not finish within {DEADLINE:?}",
+                args.join(" ")
+            );
+        }
+    };
+    (
+        output.status.code().unwrap_or(-1),
+        strip_ansi(&String::from_utf8_lossy(&output.stdout)),
+        strip_ansi(&String::from_utf8_lossy(&output.stderr)),
+    )
+}

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod events;
 pub mod output;
 pub mod plan;
 pub mod process;

@@ -10,7 +10,9 @@ use orchestrator_core::config::{self, Config, ConfigErrors, ConfigProblem, LogFo
 use orchestrator_core::daemon::{self, DaemonEvent};
 use orchestrator_core::discovery::discover;
 use orchestrator_core::plan::{HostEnv, binary_of};
-use orchestrator_core::process::{UnixSpawner, mark_inherited_fds_cloexec};
+use orchestrator_core::process::{
+    UnixSpawner, mark_inherited_fds_cloexec, reset_signal_dispositions,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -188,6 +190,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     init_tracing(&config);
     // Whatever our parent leaked to us must not reach the services.
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
+    reset_signal_dispositions();
     raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

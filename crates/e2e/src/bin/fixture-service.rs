@@ -1,6 +1,7 @@
 //! A service for tests, driven by flags. It accepts the injected
 //! `--service NAME --log-level LEVEL` and then, in order of the flags:
 //!
+//!   --arg VALUE           do nothing with VALUE (for argv tests)
 //!   --ready               print `READY pid=P pgid=G` on stdout
 //!   --pid-file PATH       append `PID\n` to PATH (counts spawns)
 //!   --print-args          print `ARG <each argv element>`
@@ -15,6 +16,8 @@
 //!   --grandchild          start a child of our own that sleeps forever,
 //!                         and print `GRANDCHILD pid=P`
 //!   --ignore-term         ignore SIGTERM from now on
+//!   --close-stdout        close stdout and stderr: descriptors 1 and 2 are
+//!                         pointed at /dev/null, so the pipes see EOF
 //!   --sleep-ms N          sleep N ms
 //!   --sleep               sleep forever
 //!   --exit CODE           exit with CODE
@@ -45,6 +48,7 @@ fn main() {
             _ => acted = true,
         }
         match flag {
+            "--arg" => i += 1,
             "--ready" => {
                 let pid = std::process::id();
                 let pgid = std::fs::read_to_string("/proc/self/stat")
@@ -73,7 +77,13 @@ fn main() {
             }
             "--print-env" => {
                 for (key, val) in std::env::vars_os() {
-                    writeln!(out, "ENV {}={}", key.to_string_lossy(), val.to_string_lossy()).unwrap();
+                    writeln!(
+                        out,
+                        "ENV {}={}",
+                        key.to_string_lossy(),
+                        val.to_string_lossy()
+                    )
+                    .unwrap();
                 }
             }
             "--print-cwd" => {
@@ -133,11 +143,16 @@ fn main() {
             }
             "--grandchild" => {
                 let me = std::env::current_exe().unwrap();
+                #[allow(clippy::zombie_processes)]
                 let child = Command::new(me).arg("--sleep").spawn().unwrap();
                 writeln!(out, "GRANDCHILD pid={}", child.id()).unwrap();
                 // Dropping the handle leaves it running: that is the point.
             }
             "--ignore-term" => ignore_sigterm(),
+            "--close-stdout" => {
+                out.flush().unwrap();
+                close_stdout_and_stderr();
+            }
             "--sleep-ms" => {
                 let ms: u64 = value(i).parse().unwrap();
                 i += 1;
@@ -179,5 +194,23 @@ fn ignore_sigterm() {
     // touches no memory of ours.
     unsafe {
         signal(SIGTERM, SIG_IGN);
+    }
+}
+
+fn close_stdout_and_stderr() {
+    use std::os::fd::AsRawFd;
+    unsafe extern "C" {
+        fn dup2(old: i32, new: i32) -> i32;
+    }
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    // SAFETY: dup2 onto 1 and 2 closes our ends of the output pipes and
+    // reuses the numbers; no Rust object owns descriptors 1 and 2, and
+    // `null` stays open for both calls.
+    unsafe {
+        assert_eq!(dup2(null.as_raw_fd(), 1), 1);
+        assert_eq!(dup2(null.as_raw_fd(), 2), 2);
     }
 }

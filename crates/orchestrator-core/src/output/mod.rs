@@ -7,8 +7,9 @@
 //! fills it: a failing disk costs dropped file bytes, never a blocked child.
 
 mod framing;
-mod logfile;
+pub(crate) mod logfile;
 mod pump;
+mod recent;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,8 @@ use std::time::Instant;
 
 use logfile::LogFile;
 pub use pump::spawn_pump;
+use recent::Recent;
+pub use recent::{LogBlock, LogLine, RECENT_MAX_BYTES};
 
 /// Longer lines are split into pieces of this size, each a line of its own;
 /// nothing is dropped. Bounds the memory a stream holds for a partial line.
@@ -57,6 +60,8 @@ pub struct ServiceOutput {
     /// `.await`; both streams (and an old generation still draining) take it,
     /// which is what keeps their lines from mixing.
     file: Mutex<LogFile>,
+    /// Held only to push or copy out blocks; never across an `.await`.
+    recent: Mutex<Recent>,
 }
 
 impl ServiceOutput {
@@ -81,6 +86,7 @@ impl ServiceOutput {
             lines: [AtomicU64::new(0), AtomicU64::new(0)],
             dropped: AtomicU64::new(0),
             file: Mutex::new(file),
+            recent: Mutex::new(Recent::default()),
         })
     }
 
@@ -111,8 +117,28 @@ impl ServiceOutput {
         );
     }
 
-    /// Appends whole lines to the log file.
-    fn write_file(&self, segments: &[&[u8]]) {
+    /// The last `n` lines (both streams, in order), oldest first.
+    pub fn tail(&self, n: usize) -> Vec<LogLine> {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tail(n)
+    }
+
+    /// The last `n` lines and a receiver of every later block of lines.
+    pub fn follow(&self, n: usize) -> (Vec<LogLine>, tokio::sync::broadcast::Receiver<LogBlock>) {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .follow(n)
+    }
+
+    /// Appends whole lines to the log file and the recent lines.
+    fn write_file(&self, stream: Stream, segments: &[&[u8]]) {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(stream, segments);
         let dropped = self
             .file
             .lock()

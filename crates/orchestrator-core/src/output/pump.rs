@@ -228,7 +228,7 @@ impl Sink for StreamSink<'_> {
     }
 
     fn write(&mut self, segments: &[&[u8]]) {
-        self.output.write_file(segments);
+        self.output.write_file(self.stream, segments);
     }
 }
 

@@ -157,3 +157,23 @@ pub fn mark_inherited_fds_cloexec() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Give every signal its default disposition again. Ignored signals survive
+/// exec, so a daemon started under `nohup` or from a script that ignores
+/// SIGQUIT would pass that on to every service; the spawner avoids a
+/// `pre_exec` hook (it keeps posix_spawn), so this is done once, at start,
+/// in the daemon itself. SIGPIPE stays ignored here (the Rust runtime wants
+/// it so, and the standard library resets it in children); SIGKILL and
+/// SIGSTOP cannot be changed.
+pub fn reset_signal_dispositions() {
+    use nix::sys::signal::{SigHandler, signal};
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGPIPE) {
+            continue;
+        }
+        // SAFETY: SIG_DFL installs no handler of ours, so none of the
+        // async-signal-safety rules for handlers apply; this runs before the
+        // runtime and its signal handlers exist.
+        let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+    }
+}

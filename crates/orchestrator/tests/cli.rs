@@ -1,0 +1,184 @@
+//! `orchestrator check` and `orchestrator discover`, as a user runs them.
+
+use orchestrator_e2e::*;
+
+/// The stderr line that reports `key` at `file:line`, if any.
+fn problem_line<'a>(stderr: &'a str, file: &str, line: usize, key: &str) -> Option<&'a str> {
+    let at = format!("{file}:{line}:");
+    let key = format!(": {key}: ");
+    stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with(&at) && l.contains(&key))
+}
+
+#[test]
+fn check_accepts_a_valid_file_with_a_one_line_summary() {
+    let dir = TestDir::new("check-ok");
+    dir.add_fixture_service("api");
+    dir.add_fixture_service("extra");
+    dir.write_file(
+        "orchestrator.toml",
+        r#"
+[orchestrator]
+shutdown_timeout = "5s"
+
+[services.api]
+args = ["--ready", "--sleep"]
+restart = "on-failure"
+backoff = { initial = "100ms", max = "1s" }
+"#,
+        0o644,
+    );
+    let (code, stdout, stderr) = run_cli(dir.path(), &["-c", "orchestrator.toml", "check"]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stdout:?}");
+    assert!(lines[0].contains("orchestrator.toml"), "{stdout}");
+    assert!(lines[0].contains("valid"), "{stdout}");
+    assert!(lines[0].contains("1 configured service"), "{stdout}");
+    assert!(lines[0].contains("1 more discovered"), "{stdout}");
+}
+
+#[test]
+fn check_reports_every_problem_with_file_line_and_key() {
+    let dir = TestDir::new("check-bad");
+    dir.add_fixture_service("api");
+    let file = dir.write_file(
+        "orchestrator.toml",
+        // Line numbers matter: the text starts on line 1.
+        r#"[orchestrator]
+shutdown_timeout = "soon"
+log_level = "loud"
+
+[services.api]
+restart = "sometimes"
+stop_signal = "SIGNOPE"
+argz = ["--ready"]
+"#,
+        0o644,
+    );
+    let file = file.display().to_string();
+    let (code, stdout, stderr) = run_cli(dir.path(), &["-c", "orchestrator.toml", "check"]);
+    assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("5 configuration problems"), "{stderr}");
+    for (line, key) in [
+        (2, "orchestrator.shutdown_timeout"),
+        (3, "orchestrator.log_level"),
+        (6, "services.api.restart"),
+        (7, "services.api.stop_signal"),
+        (8, "services.api.argz"),
+    ] {
+        assert!(
+            problem_line(&stderr, &file, line, key).is_some(),
+            "no problem for {key} at {file}:{line}:\n{stderr}"
+        );
+    }
+    let unknown = problem_line(&stderr, &file, 8, "services.api.argz").unwrap();
+    assert!(unknown.contains("unknown key"), "{unknown}");
+    assert!(unknown.contains("did you mean \"args\"?"), "{unknown}");
+}
+
+#[test]
+fn check_rejects_an_unknown_key_and_a_feature_not_built_yet() {
+    let dir = TestDir::new("check-unknown");
+    let file = dir.write_file(
+        "orchestrator.toml",
+        "[orchestrator]\nlog_levle = \"info\"\nhttp_listen = \"127.0.0.1:9800\"\n",
+        0o644,
+    );
+    let file = file.display().to_string();
+    let (code, _, stderr) = run_cli(dir.path(), &["-c", "orchestrator.toml", "check"]);
+    assert_eq!(code, 2, "{stderr}");
+    let typo = problem_line(&stderr, &file, 2, "orchestrator.log_levle").expect(&stderr);
+    assert!(typo.contains("did you mean \"log_level\"?"), "{typo}");
+    let later = problem_line(&stderr, &file, 3, "orchestrator.http_listen").expect(&stderr);
+    assert!(later.contains("not supported yet"), "{later}");
+}
+
+#[test]
+fn check_rejects_a_service_whose_binary_is_missing() {
+    let dir = TestDir::new("check-missing");
+    dir.write_file(
+        "orchestrator.toml",
+        "[services.ghost]\nargs = [\"--sleep\"]\n",
+        0o644,
+    );
+    let (code, stdout, stderr) = run_cli(dir.path(), &["-c", "orchestrator.toml", "check"]);
+    assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
+    let expected = dir.join("services/ghost/ghost").display().to_string();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("services.ghost") && l.contains(&expected)),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_names_a_missing_config_file() {
+    let dir = TestDir::new("check-nofile");
+    let (code, _, stderr) = run_cli(dir.path(), &["-c", "nowhere.toml", "check"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("nowhere.toml"), "{stderr}");
+}
+
+#[test]
+fn discover_lists_binaries_and_whether_each_is_configured() {
+    let dir = TestDir::new("discover");
+    dir.add_fixture_service("api");
+    dir.add_fixture_service("worker");
+    // Not services: a file that is not executable, a directory without a
+    // binary, and a name that is not a valid service name.
+    dir.write_file("services/notes/notes", "plain text\n", 0o644);
+    std::fs::create_dir_all(dir.join("services/empty")).unwrap();
+    dir.add_fixture_service(".hidden");
+    dir.write_file(
+        "orchestrator.toml",
+        "[services.api]\nargs = [\"--sleep\"]\n",
+        0o644,
+    );
+    let (code, stdout, stderr) = run_cli(dir.path(), &["-c", "orchestrator.toml", "discover"]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    let api = dir.join("services/api/api").display().to_string();
+    let worker = dir.join("services/worker/worker").display().to_string();
+    assert_eq!(rows[0], ["api", "yes", api.as_str()], "{stdout}");
+    assert_eq!(rows[1][0], "worker", "{stdout}");
+    assert_eq!(rows[1][1], "no", "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .nth(2)
+            .unwrap()
+            .contains("runs with defaults")
+    );
+    assert_eq!(rows[1].last(), Some(&worker.as_str()), "{stdout}");
+
+    // With start_discovered = false the same binary is listed, not started.
+    dir.write_file(
+        "orchestrator.toml",
+        "[orchestrator]\nstart_discovered = false\n",
+        0o644,
+    );
+    let (code, stdout, _) = run_cli(dir.path(), &["-c", "orchestrator.toml", "discover"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("worker") && l.contains("not started")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn discover_with_no_services_says_so() {
+    let dir = TestDir::new("discover-none");
+    let (code, stdout, _) = run_cli(dir.path(), &["discover"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("no service binaries"), "{stdout}");
+}
