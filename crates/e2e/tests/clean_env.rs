@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use orchestrator_core::config::ServiceConfig;
+use orchestrator_core::events::EventBus;
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::UnixSpawner;
 use orchestrator_core::supervisor::spawn_supervisor;
@@ -56,7 +57,11 @@ async fn the_child_environment_is_exactly_the_contract() {
             ),
         ],
     );
-    let supervisor = spawn_supervisor(definitions(&config), Arc::new(UnixSpawner));
+    let supervisor = spawn_supervisor(
+        definitions(&config),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     for handle in within("list", supervisor.services()).await.unwrap() {
         guard.watch(&handle);
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use orchestrator_core::events::EventBus;
 use orchestrator_core::process::{UnixSpawner, mark_inherited_fds_cloexec};
 use orchestrator_core::service::spawn_service;
 use orchestrator_e2e::*;
@@ -34,7 +35,11 @@ async fn only_stdin_stdout_and_stderr_reach_the_child() {
         &dir,
         vec![("fds", fixture(&["--print-fds", "--ready", "--sleep"]))],
     );
-    let (handle, _task) = spawn_service(definition(&config, "fds"), Arc::new(UnixSpawner));
+    let (handle, _task) = spawn_service(
+        definition(&config, "fds"),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     guard.watch(&handle);
     let log = dir.log_path("fds");
 

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use orchestrator_core::events::EventBus;
 use orchestrator_core::output::{MAX_LINE_BYTES as MAX_LINE, Stream};
 use orchestrator_core::process::{ExitReason, UnixSpawner};
 use orchestrator_core::service::{ServiceHandle, State, spawn_service};
@@ -18,7 +19,11 @@ async fn run_to_exit(
     let mut all = args.to_vec();
     all.extend(["--exit", "0"]);
     let config = config_in(dir, vec![(name, fixture(&all))]);
-    let (handle, _task) = spawn_service(definition(&config, name), Arc::new(UnixSpawner));
+    let (handle, _task) = spawn_service(
+        definition(&config, name),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     guard.watch(&handle);
     let _ = within("start", handle.start()).await;
     let status = wait_exited(&handle).await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orchestrator_core::config::{LogLevel, RestartPolicy, ServiceConfig};
+use orchestrator_core::events::EventBus;
 use orchestrator_core::process::{ExitReason, UnixSpawner};
 use orchestrator_core::service::{ServiceHandle, State, spawn_service};
 use orchestrator_e2e::*;
@@ -18,7 +19,11 @@ async fn start_one(
     service: ServiceConfig,
 ) -> ServiceHandle {
     let config = config_in(dir, vec![(name, service)]);
-    let (handle, _task) = spawn_service(definition(&config, name), Arc::new(UnixSpawner));
+    let (handle, _task) = spawn_service(
+        definition(&config, name),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     guard.watch(&handle);
     within("start", handle.start())
         .await
@@ -113,7 +118,11 @@ async fn argv_is_injected_flags_then_args_verbatim_without_a_shell() {
 
     let mut config = config_in(&dir, vec![("argv", fixture(&args))]);
     config.orchestrator.log_level = LogLevel::Debug;
-    let (handle, _task) = spawn_service(definition(&config, "argv"), Arc::new(UnixSpawner));
+    let (handle, _task) = spawn_service(
+        definition(&config, "argv"),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     guard.watch(&handle);
     within("start", handle.start()).await.unwrap();
     wait_for_line_async(&dir.log_path("argv"), "READY").await;
@@ -281,7 +290,11 @@ async fn what_the_leader_leaves_behind_is_killed_when_it_exits() {
             fixture(&["--grandchild", "--ready", "--exit", "1"]),
         )],
     );
-    let (handle, _task) = spawn_service(definition(&config, "leaver"), Arc::new(UnixSpawner));
+    let (handle, _task) = spawn_service(
+        definition(&config, "leaver"),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     guard.watch(&handle);
     // The leader may be gone before the answer: either outcome is fine.
     let _ = within("start", handle.start()).await;
@@ -311,7 +324,11 @@ async fn a_crash_loop_spawns_exactly_one_plus_max_restarts_then_fails() {
     };
     let backoff_max = service.backoff.max;
     let config = config_in(&dir, vec![("crashy", service)]);
-    let (handle, _task) = spawn_service(definition(&config, "crashy"), Arc::new(UnixSpawner));
+    let (handle, _task) = spawn_service(
+        definition(&config, "crashy"),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     guard.watch(&handle);
     let _ = within("start", handle.start()).await;
 
@@ -436,7 +453,11 @@ async fn a_stop_during_backoff_cancels_the_pending_restart() {
     service.backoff.initial = Duration::from_millis(300);
     service.backoff.max = Duration::from_millis(300);
     let config = config_in(&dir, vec![("flappy", service)]);
-    let (handle, _task) = spawn_service(definition(&config, "flappy"), Arc::new(UnixSpawner));
+    let (handle, _task) = spawn_service(
+        definition(&config, "flappy"),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     guard.watch(&handle);
     let _ = within("start", handle.start()).await;
     wait_status(&handle, "restarting", |s| s.state == State::Restarting).await;

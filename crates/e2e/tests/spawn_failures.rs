@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator_core::config::{BackoffConfig, RestartPolicy, ServiceConfig};
+use orchestrator_core::events::EventBus;
 use orchestrator_core::process::UnixSpawner;
 use orchestrator_core::service::State;
 use orchestrator_core::supervisor::spawn_supervisor;
@@ -45,7 +46,11 @@ async fn spawn_failures_are_explained_and_isolated() {
             ("healthy", fixture(&["--ready", "--sleep"])),
         ],
     );
-    let supervisor = spawn_supervisor(definitions(&config), Arc::new(UnixSpawner));
+    let supervisor = spawn_supervisor(
+        definitions(&config),
+        Arc::new(UnixSpawner),
+        EventBus::in_memory(),
+    );
     for handle in within("list", supervisor.services()).await.unwrap() {
         guard.watch(&handle);
     }

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::discovery::discover;
+use crate::events::{EventBus, EventKind};
 use crate::plan::{HostEnv, plan};
 use crate::process::Spawner;
 use crate::supervisor::{SupervisorHandle, spawn_supervisor};
@@ -36,15 +37,22 @@ pub enum DaemonError {
     Supervisor(#[from] crate::supervisor::SupervisorError),
 }
 
+/// What the control plane needs to act on a running daemon.
+#[derive(Clone)]
+pub struct DaemonHandles {
+    pub supervisor: SupervisorHandle,
+    pub events: EventBus,
+}
+
 /// Run until a Shutdown (or ForceShutdown) event, or until `events` closes.
-/// `ready` receives the supervisor's handle once every service was asked to
-/// start.
+/// `ready` receives the handles as soon as the services exist (before they
+/// have all started), so the API can answer during a long start.
 pub async fn run(
     config: Config,
     spawner: Arc<dyn Spawner>,
     host: HostEnv,
     mut events: mpsc::Receiver<DaemonEvent>,
-    ready: Option<oneshot::Sender<SupervisorHandle>>,
+    ready: Option<oneshot::Sender<DaemonHandles>>,
 ) -> Result<(), DaemonError> {
     let orchestrator = &config.orchestrator;
     create_private_dir(&orchestrator.data_dir)?;
@@ -60,11 +68,23 @@ pub async fn run(
         services_dir = %orchestrator.services_dir.display(),
         "starting"
     );
-    let supervisor = spawn_supervisor(definitions, spawner);
+    let bus = EventBus::persisted(orchestrator.data_dir.join("events.jsonl"));
+    bus.emit(
+        None,
+        EventKind::DaemonStarted {
+            pid: std::process::id(),
+        },
+    );
+    let supervisor = spawn_supervisor(definitions, spawner, bus.clone());
+    if let Some(ready) = ready {
+        let _ = ready.send(DaemonHandles {
+            supervisor: supervisor.clone(),
+            events: bus.clone(),
+        });
+    }
 
     let starter = supervisor.clone();
     let mut starting = tokio::spawn(async move { starter.start_all().await });
-    let mut ready = ready;
     let mut started = false;
     loop {
         tokio::select! {
@@ -74,9 +94,6 @@ pub async fn run(
                     let running = enabled - failures.len();
                     info!(running, failed = failures.len(), "all services started");
                 }
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(supervisor.clone());
-                }
             }
             event = events.recv() => match event {
                 Some(DaemonEvent::Reload) => {
@@ -84,12 +101,14 @@ pub async fn run(
                 }
                 Some(DaemonEvent::ForceShutdown) => {
                     starting.abort();
+                    bus.emit(None, EventKind::DaemonStopping { reason: "forced".to_owned() });
                     supervisor.kill_all().await?;
                     break;
                 }
                 Some(DaemonEvent::Shutdown) | None => {
                     starting.abort();
                     info!("shutting down");
+                    bus.emit(None, EventKind::DaemonStopping { reason: "shutdown requested".to_owned() });
                     shutdown(&supervisor, orchestrator.shutdown_timeout, &mut events).await?;
                     break;
                 }

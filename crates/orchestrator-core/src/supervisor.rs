@@ -5,22 +5,23 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::events::EventBus;
 use crate::process::Spawner;
 use crate::service::{ServiceDefinition, ServiceError, ServiceHandle, State, spawn_service};
 
 /// What the API and `status` report for one service (SPEC section 5).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceInfo {
     pub name: String,
     pub configured: bool,
     pub enabled: bool,
-    pub state: &'static str,
+    pub state: String,
     pub pid: Option<u32>,
     /// Seconds the current process has run; `None` when there is none.
     pub uptime: Option<u64>,
@@ -28,7 +29,7 @@ pub struct ServiceInfo {
     pub last_exit_code: Option<i32>,
     pub last_error: Option<String>,
     /// `healthy`, `unhealthy`, `unknown`, or `None` when no check is set.
-    pub health: Option<&'static str>,
+    pub health: Option<String>,
 }
 
 impl ServiceInfo {
@@ -38,7 +39,7 @@ impl ServiceInfo {
             name: handle.name().to_owned(),
             configured: handle.configured(),
             enabled: handle.enabled(),
-            state: status.state.as_str(),
+            state: status.state.as_str().to_owned(),
             pid: status.pid,
             uptime: status
                 .running_since
@@ -76,10 +77,11 @@ pub struct SupervisorHandle {
 pub fn spawn_supervisor(
     definitions: Vec<ServiceDefinition>,
     spawner: Arc<dyn Spawner>,
+    events: EventBus,
 ) -> SupervisorHandle {
     let mut services = BTreeMap::new();
     for definition in definitions {
-        let (handle, _task) = spawn_service(definition, Arc::clone(&spawner));
+        let (handle, _task) = spawn_service(definition, Arc::clone(&spawner), events.clone());
         services.insert(handle.name().to_owned(), handle);
     }
     let (commands_tx, mut commands) = mpsc::unbounded_channel();

@@ -1,5 +1,8 @@
 //! The `orchestrator` command: a thin shell around `orchestrator-core`.
 
+mod api;
+mod cli;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,8 +19,10 @@ use orchestrator_core::process::{
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-/// Exit codes (SPEC section 2).
-const EXIT_USAGE: u8 = 2;
+use crate::api::client::Client;
+use crate::api::control::DaemonControl;
+use crate::api::server::{OwnerOnly, bind_unix, router, tcp_router};
+use crate::cli::EXIT_USAGE;
 
 #[derive(Parser)]
 #[command(version, about = "The process orchestrator of the Blackhole platform")]
@@ -25,6 +30,9 @@ struct Cli {
     /// Configuration file [default: $ORCHESTRATOR_CONFIG, else ./orchestrator.toml, else built-in defaults]
     #[arg(short, long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Control socket [default: data_dir/orchestrator.sock]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,6 +45,49 @@ enum Command {
     Check,
     /// List service binaries found in services_dir
     Discover,
+    /// Show services: NAME STATE PID UPTIME RESTARTS LAST-EXIT HEALTH
+    Status {
+        names: Vec<String>,
+        /// Print an array of ServiceInfo as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start services; returns once they run
+    Start(Targets),
+    /// Stop services; returns once their processes are gone
+    Stop(Targets),
+    /// Restart services; returns once the new processes run
+    Restart(Targets),
+    /// Show a service's recent output
+    Logs {
+        name: String,
+        /// How many recent lines
+        #[arg(short = 'n', long = "lines", default_value_t = 50)]
+        lines: usize,
+        /// Keep printing new lines until interrupted
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Re-read the configuration and apply the difference
+    Reload,
+    /// Lifecycle events (start, exit, restart, stop, ...)
+    Events {
+        /// Keep printing new events until interrupted
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Stop every service and the daemon; returns once it is gone
+    Shutdown,
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Targets {
+    /// Service names
+    names: Vec<String>,
+    /// Every service
+    #[arg(long)]
+    all: bool,
 }
 
 fn main() -> ExitCode {
@@ -51,24 +102,81 @@ fn main() -> ExitCode {
             };
         }
     };
-    let config = match config::load(cli.config.as_deref()) {
-        Ok(config) => config,
-        Err(errors) => {
-            eprintln!("orchestrator: {errors}");
-            return ExitCode::from(EXIT_USAGE);
+    // A client given --socket needs no configuration at all.
+    let needs_config = cli.socket.is_none()
+        || matches!(
+            cli.command,
+            Command::Run | Command::Check | Command::Discover
+        );
+    let config = if needs_config {
+        match config::load(cli.config.as_deref()) {
+            Ok(config) => Some(config),
+            Err(errors) => {
+                eprintln!("orchestrator: {errors}");
+                return ExitCode::from(EXIT_USAGE);
+            }
         }
+    } else {
+        None
     };
+    let socket = cli.socket.clone().unwrap_or_else(|| {
+        let config = config.as_ref().expect("loaded when no --socket was given");
+        socket_path(config)
+    });
     match cli.command {
-        Command::Check => check(&config),
-        Command::Discover => discover_command(&config),
-        Command::Run => match run(config) {
+        Command::Check => check(config.as_ref().expect("loaded for check")),
+        Command::Discover => discover_command(config.as_ref().expect("loaded for discover")),
+        Command::Run => match run(config.expect("loaded for run"), socket) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("orchestrator: {error:#}");
                 ExitCode::FAILURE
             }
         },
+        command => client_command(command, Client::new(&socket), config.as_ref()),
     }
+}
+
+fn socket_path(config: &Config) -> PathBuf {
+    config.orchestrator.data_dir.join("orchestrator.sock")
+}
+
+fn client_command(command: Command, client: Client, config: Option<&Config>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("orchestrator: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // How long `shutdown` waits for the daemon to be gone.
+    let shutdown_wait = config.map_or(orchestrator_core::config::DEFAULT_SHUTDOWN_TIMEOUT, |c| {
+        c.orchestrator.shutdown_timeout
+    }) + std::time::Duration::from_secs(5);
+    runtime.block_on(async move {
+        match command {
+            Command::Status { names, json } => cli::status(&client, &names, json).await,
+            Command::Start(targets) => cli::act(client, "start", targets.names, targets.all).await,
+            Command::Stop(targets) => cli::act(client, "stop", targets.names, targets.all).await,
+            Command::Restart(targets) => {
+                cli::act(client, "restart", targets.names, targets.all).await
+            }
+            Command::Logs {
+                name,
+                lines,
+                follow,
+            } => cli::logs(&client, &name, lines, follow).await,
+            Command::Reload => cli::reload(&client).await,
+            Command::Events { follow } => cli::events(&client, follow).await,
+            Command::Shutdown => cli::shutdown(&client, shutdown_wait).await,
+            Command::Run | Command::Check | Command::Discover => {
+                unreachable!("handled before")
+            }
+        }
+    })
 }
 
 fn source_name(config: &Config) -> String {
@@ -186,7 +294,7 @@ fn init_tracing(config: &Config) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     init_tracing(&config);
     // Whatever our parent leaked to us must not reach the services.
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
@@ -194,18 +302,75 @@ fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        create_private_dir(&config.orchestrator.data_dir)?;
+        // Bound before any service starts: a second daemon on the same
+        // data_dir stops here and disturbs nothing.
+        let listener = bind_unix(&socket).await?;
+        let tcp = match config.orchestrator.http_listen {
+            Some(addr) => {
+                let token_file = config
+                    .orchestrator
+                    .http_token_file
+                    .clone()
+                    .context("http_listen is set without http_token_file")?;
+                let token = std::fs::read_to_string(&token_file)
+                    .with_context(|| format!("cannot read {}", token_file.display()))?
+                    .trim()
+                    .to_owned();
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (http_listen)"))?;
+                Some((listener, addr, token))
+            }
+            None => None,
+        };
         let (events_tx, events) = mpsc::channel(16);
-        forward_signals(events_tx).context("cannot install signal handlers")?;
-        daemon::run(
+        forward_signals(events_tx.clone()).context("cannot install signal handlers")?;
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let daemon = tokio::spawn(daemon::run(
             config,
             Arc::new(UnixSpawner),
             HostEnv::from_process(),
             events,
-            None,
-        )
-        .await?;
+            Some(ready_tx),
+        ));
+        if let Ok(handles) = ready.await {
+            let control = DaemonControl {
+                supervisor: handles.supervisor,
+                events: handles.events,
+                daemon: events_tx,
+            };
+            let unix = axum::serve(OwnerOnly::new(listener), router(control.clone()));
+            tokio::spawn(async move {
+                if let Err(error) = unix.await {
+                    tracing::error!("control socket server failed: {error}");
+                }
+            });
+            tracing::info!(socket = %socket.display(), "control API listening");
+            if let Some((listener, addr, token)) = tcp {
+                let app = tcp_router(control, addr, token);
+                tokio::spawn(async move {
+                    if let Err(error) = axum::serve(listener, app).await {
+                        tracing::error!("HTTP API server failed: {error}");
+                    }
+                });
+                tracing::info!(%addr, "HTTP API listening");
+            }
+        }
+        let result = daemon.await.context("the daemon task failed")?;
+        let _ = std::fs::remove_file(&socket);
+        result?;
         Ok(())
     })
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data_dir {}", dir.display()))
 }
 
 /// Each service costs the daemon three descriptors (two pipes and a pidfd),

@@ -83,7 +83,7 @@ fn check_rejects_an_unknown_key_and_a_feature_not_built_yet() {
     let dir = TestDir::new("check-unknown");
     let file = dir.write_file(
         "orchestrator.toml",
-        "[orchestrator]\nlog_levle = \"info\"\nhttp_listen = \"127.0.0.1:9800\"\n",
+        "[orchestrator]\nlog_levle = \"info\"\n[services.api]\nsha256 = \"00\"\n",
         0o644,
     );
     let file = file.display().to_string();
@@ -91,7 +91,7 @@ fn check_rejects_an_unknown_key_and_a_feature_not_built_yet() {
     assert_eq!(code, 2, "{stderr}");
     let typo = problem_line(&stderr, &file, 2, "orchestrator.log_levle").expect(&stderr);
     assert!(typo.contains("did you mean \"log_level\"?"), "{typo}");
-    let later = problem_line(&stderr, &file, 3, "orchestrator.http_listen").expect(&stderr);
+    let later = problem_line(&stderr, &file, 4, "services.api.sha256").expect(&stderr);
     assert!(later.contains("not supported yet"), "{later}");
 }
 

@@ -35,6 +35,8 @@ const ORCHESTRATOR_KEYS: &[&str] = &[
     "start_discovered",
     "log_max_bytes",
     "log_max_files",
+    "http_listen",
+    "http_token_file",
 ];
 const SERVICE_KEYS: &[&str] = &[
     "enabled",
@@ -54,7 +56,7 @@ const BACKOFF_KEYS: &[&str] = &["initial", "max", "reset_after"];
 
 // Keys of the contract that later versions implement. Naming them apart from
 // typos tells the user the file is right but this binary is too old for it.
-const ORCHESTRATOR_LATER: &[&str] = &["http_listen", "http_token_file"];
+const ORCHESTRATOR_LATER: &[&str] = &[];
 const SERVICE_LATER: &[&str] = &[
     "cpu_limit",
     "pids_limit",
@@ -214,6 +216,33 @@ struct Cx<'t> {
     problems: Vec<ConfigProblem>,
 }
 
+/// The token file must exist, hold a token, and be readable by its owner
+/// only: a token others can read protects nothing.
+fn check_token_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let metadata = fs::metadata(path).map_err(|e| {
+        format!("cannot read token file {shown}: {e}; create it with a random token and mode 0600")
+    })?;
+    if !metadata.is_file() {
+        return Err(format!("token file {shown} is not a regular file"));
+    }
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "token file {shown} is readable by others (mode {mode:o}); run chmod 600 on it"
+        ));
+    }
+    let token =
+        fs::read_to_string(path).map_err(|e| format!("cannot read token file {shown}: {e}"))?;
+    if token.trim().is_empty() {
+        return Err(format!(
+            "token file {shown} is empty; write a random token into it"
+        ));
+    }
+    Ok(())
+}
+
 type Value<'i> = Spanned<DeValue<'i>>;
 type Key<'i> = Spanned<toml::de::DeString<'i>>;
 
@@ -333,6 +362,7 @@ impl<'t> Cx<'t> {
     }
 
     fn orchestrator(&mut self, table: &DeTable<'_>, base_dir: &Path, out: &mut OrchestratorConfig) {
+        let mut listen_span = None;
         for (key, value) in table.iter() {
             let name: &str = key.get_ref();
             let path = join_key("orchestrator", name);
@@ -385,9 +415,42 @@ impl<'t> Cx<'t> {
                         out.log_max_files = files;
                     }
                 }
+                "http_listen" => {
+                    listen_span = Some(key.span());
+                    if let Some(text) = self.string(&path, value) {
+                        match text.parse::<std::net::SocketAddr>() {
+                            Ok(addr) => out.http_listen = Some(addr),
+                            Err(_) => self.report(
+                                value.span(),
+                                &path,
+                                format!(
+                                    "invalid address {text:?}; use IP:PORT, e.g. \"127.0.0.1:9800\" or \"[::1]:9800\""
+                                ),
+                            ),
+                        }
+                    }
+                }
+                "http_token_file" => {
+                    if let Some(file) = self.path(&path, value, base_dir) {
+                        if let Err(message) = check_token_file(&file) {
+                            self.report(value.span(), &path, message);
+                        }
+                        out.http_token_file = Some(file);
+                    }
+                }
                 _ if ORCHESTRATOR_LATER.contains(&name) => self.not_yet(&path, key),
                 _ => self.unknown(&path, key, "in [orchestrator]", ORCHESTRATOR_KEYS),
             }
+        }
+        if let Some(span) = listen_span
+            && out.http_token_file.is_none()
+            && !table.contains_key("http_token_file")
+        {
+            self.report(
+                span,
+                "orchestrator.http_listen",
+                "http_listen needs http_token_file: anyone who can reach the port could control every service; write a token to a file (mode 0600) and set http_token_file",
+            );
         }
     }
 
@@ -1178,16 +1241,49 @@ max = "1s"
     }
 
     #[test]
-    fn later_keys_are_not_supported_yet() {
+    fn http_listen_needs_a_private_token_file() {
         let message = one_problem(
             "[orchestrator]\nhttp_listen = \"127.0.0.1:9800\"\n",
             2,
             "orchestrator.http_listen",
         );
-        assert_eq!(
-            message,
-            "\"http_listen\" is not supported yet by this version; remove it"
+        assert!(message.contains("needs http_token_file"), "{message}");
+        let found = problems("[orchestrator]\nhttp_listen = \"localhost\"\n");
+        assert!(
+            found.iter().any(|p| p.message.contains("use IP:PORT")),
+            "{found:?}"
         );
+
+        let dir = std::env::temp_dir().join(format!("orchestrator-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        let text =
+            "[orchestrator]\nhttp_listen = \"127.0.0.1:9800\"\nhttp_token_file = \"token\"\n";
+        let missing = parse(text, None, &dir).unwrap_err();
+        assert!(
+            missing.problems[0]
+                .message
+                .contains("cannot read token file")
+        );
+        std::fs::write(&token, "secret\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let open = parse(text, None, &dir).unwrap_err();
+        assert_eq!(open.problems[0].line, Some(3));
+        assert!(open.problems[0].message.contains("chmod 600"), "{open}");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = parse(text, None, &dir).unwrap();
+        assert_eq!(
+            config.orchestrator.http_listen,
+            Some("127.0.0.1:9800".parse().unwrap())
+        );
+        assert_eq!(config.orchestrator.http_token_file, Some(token));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn later_keys_are_not_supported_yet() {
         for key in SERVICE_LATER {
             let text = format!("[services.api]\n{key} = 1\n");
             let message = one_problem(&text, 2, &format!("services.api.{key}"));

@@ -32,6 +32,10 @@ pub struct OrchestratorConfig {
     pub log_max_bytes: u64,
     /// Rotated files kept beside the live one (`NAME.log.1` … `NAME.log.N`).
     pub log_max_files: u32,
+    /// Also serve the API on TCP here (token required).
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Absolute; checked (exists, not readable by others, not empty) at load.
+    pub http_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +136,8 @@ impl OrchestratorConfig {
             start_discovered: true,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             log_max_files: DEFAULT_LOG_MAX_FILES,
+            http_listen: None,
+            http_token_file: None,
         }
     }
 }

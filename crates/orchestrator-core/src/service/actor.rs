@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::machine::{Effect, Input, Machine, Policy, State};
+use crate::events::{EventBus, EventKind};
 use crate::output::{ServiceOutput, spawn_pump};
 use crate::process::{ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner};
 
@@ -158,14 +159,16 @@ impl ServiceHandle {
 pub fn spawn_service(
     definition: ServiceDefinition,
     spawner: Arc<dyn Spawner>,
+    events: EventBus,
 ) -> (ServiceHandle, JoinHandle<()>) {
     let machine = Machine::new(definition.policy.clone());
-    spawn_with_machine(definition, spawner, machine)
+    spawn_with_machine(definition, spawner, events, machine)
 }
 
 pub(crate) fn spawn_with_machine(
     definition: ServiceDefinition,
     spawner: Arc<dyn Spawner>,
+    events: EventBus,
     machine: Machine,
 ) -> (ServiceHandle, JoinHandle<()>) {
     let (commands_tx, commands) = mpsc::unbounded_channel();
@@ -187,6 +190,7 @@ pub(crate) fn spawn_with_machine(
     let actor = Actor {
         definition,
         spawner,
+        events,
         machine,
         child: None,
         pump: None,
@@ -214,6 +218,7 @@ fn snapshot(machine: &Machine) -> ServiceStatus {
 struct Actor {
     definition: ServiceDefinition,
     spawner: Arc<dyn Spawner>,
+    events: EventBus,
     machine: Machine,
     child: Option<Box<dyn ChildProcess>>,
     /// The task reading the current child's output.
@@ -261,7 +266,14 @@ impl Actor {
             match wakeup {
                 Wakeup::Command(command) => self.on_command(command),
                 Wakeup::Exited(result) => self.on_exit(result).await,
-                Wakeup::Timer => self.feed(Input::Timer),
+                Wakeup::Timer => {
+                    let was_stopping = self.machine.is_stopping();
+                    self.feed(Input::Timer);
+                    if was_stopping {
+                        warn!(service = %self.definition.name, "did not stop within {:?}: sent SIGKILL", self.definition.policy.stop_timeout);
+                        self.emit(EventKind::StopTimedOut);
+                    }
+                }
                 Wakeup::HandlesGone => {
                     self.abandon().await;
                     return;
@@ -287,10 +299,16 @@ impl Actor {
             Command::Stop(reply) => {
                 supersede(&mut self.start_waiters, name, "stop");
                 self.stop_waiters.push(reply);
-                if self.machine.state() != State::Stopped {
+                let before = self.machine.state();
+                if before != State::Stopped {
                     info!(service = %name, "stop requested");
+                    self.emit(EventKind::StopRequested);
                 }
                 self.feed(Input::Stop);
+                if before != State::Stopped && self.machine.state() == State::Stopped {
+                    // Nothing was running (a backoff, or failed): stopped at once.
+                    self.emit(EventKind::Stopped);
+                }
             }
             Command::Kill(reply) => {
                 supersede(&mut self.start_waiters, name, "kill");
@@ -333,22 +351,35 @@ impl Actor {
         }
         self.drain_output().await;
         let name = &self.definition.name;
-        if self.machine.is_stopping() {
+        let expected = self.machine.is_stopping();
+        if expected {
             info!(service = %name, "stopped ({reason})");
         } else {
             warn!(service = %name, "{reason}");
         }
+        self.emit(EventKind::Exited {
+            reason: reason.to_string(),
+            exit_code: reason.code(),
+            expected,
+        });
         self.feed(Input::Exited(reason));
         match self.machine.state() {
             State::Restarting => {
                 if let Some(until) = self.machine.deadline() {
                     let delay = until.saturating_duration_since(Instant::now());
                     info!(service = %self.definition.name, "restarting in {delay:.1?}");
+                    self.emit(EventKind::RestartScheduled {
+                        delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        failures: self.machine.consecutive_failures(),
+                    });
                 }
             }
             State::Failed => {
-                error!(service = %self.definition.name, "failed: {}", self.machine.last_error().unwrap_or("unknown"));
+                let error = self.machine.last_error().unwrap_or("unknown").to_owned();
+                error!(service = %self.definition.name, "failed: {error}");
+                self.emit(EventKind::GaveUp { error });
             }
+            State::Stopped if expected => self.emit(EventKind::Stopped),
             _ => {}
         }
     }
@@ -376,9 +407,14 @@ impl Actor {
                 source,
             };
             warn!(service = %name, "{error}");
-            return Input::SpawnFailed {
-                error: error.to_string(),
-            };
+            let error = error.to_string();
+            self.events.emit(
+                Some(name),
+                EventKind::SpawnFailed {
+                    error: error.clone(),
+                },
+            );
+            return Input::SpawnFailed { error };
         }
         match self.spawner.spawn(spec) {
             Ok(mut child) => {
@@ -391,14 +427,20 @@ impl Actor {
                 }
                 let pid = child.pid();
                 info!(service = %name, pid, "started");
+                self.events.emit(Some(name), EventKind::Started { pid });
                 self.child = Some(child);
                 Input::Spawned { pid }
             }
             Err(error) => {
                 warn!(service = %name, "{error}");
-                Input::SpawnFailed {
-                    error: error.to_string(),
-                }
+                let error = error.to_string();
+                self.events.emit(
+                    Some(name),
+                    EventKind::SpawnFailed {
+                        error: error.clone(),
+                    },
+                );
+                Input::SpawnFailed { error }
             }
         }
     }
@@ -414,6 +456,10 @@ impl Actor {
             }
             None => debug!(service = %name, "no process to send {signal} to"),
         }
+    }
+
+    fn emit(&self, kind: EventKind) {
+        self.events.emit(Some(&self.definition.name), kind);
     }
 
     fn publish(&mut self) {

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::actor::spawn_with_machine;
 use super::*;
 use crate::config::{BackoffConfig, RestartPolicy};
+use crate::events::{EventBus, EventKind};
 use crate::process::{ExitReason, FakeSpawner, SpawnSpec};
 
 const MS: Duration = Duration::from_millis(1);
@@ -327,7 +328,12 @@ fn actor(restart: RestartPolicy, max_restarts: u32) -> (ServiceHandle, FakeSpawn
     let spawner = FakeSpawner::new();
     let def = definition(restart, max_restarts);
     let machine = Machine::new(def.policy.clone()).without_jitter();
-    let (handle, _task) = spawn_with_machine(def, Arc::new(spawner.clone()), machine);
+    let (handle, _task) = spawn_with_machine(
+        def,
+        Arc::new(spawner.clone()),
+        EventBus::in_memory(),
+        machine,
+    );
     (handle, spawner)
 }
 
@@ -455,4 +461,88 @@ async fn actor_passes_the_spec_unchanged() {
         spawner.specs()[0],
         definition(RestartPolicy::Always, 3).spawn
     );
+}
+
+fn kinds(bus: &EventBus) -> Vec<String> {
+    bus.history()
+        .iter()
+        .map(|e| {
+            let json = serde_json::to_value(&e.kind).unwrap();
+            json["event"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_publishes_lifecycle_events() {
+    let spawner = FakeSpawner::new();
+    let bus = EventBus::in_memory();
+    let def = definition(RestartPolicy::Always, 1);
+    let machine = Machine::new(def.policy.clone()).without_jitter();
+    let (handle, _task) = spawn_with_machine(def, Arc::new(spawner.clone()), bus.clone(), machine);
+    handle.start().await.unwrap();
+    spawner.last_child().unwrap().exit(ExitReason::Exited(2));
+    spawner.wait_for_spawns(2).await;
+    handle
+        .wait_for(|s| s.state == State::Running)
+        .await
+        .unwrap();
+    spawner.last_child().unwrap().exit(ExitReason::Exited(2));
+    handle.wait_for(|s| s.state == State::Failed).await.unwrap();
+    assert_eq!(
+        kinds(&bus),
+        [
+            "started",
+            "exited",
+            "restart_scheduled",
+            "started",
+            "exited",
+            "gave_up"
+        ]
+    );
+    let history = bus.history();
+    assert!(history.iter().all(|e| e.service.as_deref() == Some("svc")));
+    assert_eq!(
+        history[1].kind,
+        EventKind::Exited {
+            reason: "exited with code 2".into(),
+            exit_code: 2,
+            expected: false
+        }
+    );
+    assert_eq!(
+        history[2].kind,
+        EventKind::RestartScheduled {
+            delay_ms: 100,
+            failures: 1
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_reports_a_stop_that_timed_out() {
+    let spawner = FakeSpawner::new();
+    spawner.ignore_stop_signal(true);
+    let bus = EventBus::in_memory();
+    let (handle, _task) = spawn_service(
+        definition(RestartPolicy::Always, 1),
+        Arc::new(spawner.clone()),
+        bus.clone(),
+    );
+    handle.start().await.unwrap();
+    handle.stop().await.unwrap();
+    assert_eq!(
+        kinds(&bus),
+        [
+            "started",
+            "stop_requested",
+            "stop_timed_out",
+            "exited",
+            "stopped"
+        ]
+    );
+    match &bus.history()[3].kind {
+        EventKind::Exited { expected, .. } => assert!(expected),
+        other => panic!("{other:?}"),
+    }
 }

@@ -1,0 +1,111 @@
+//! What the API can ask of the daemon, as a trait: the server is tested
+//! against a fake, and runs against the real supervisor.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use orchestrator_core::daemon::DaemonEvent;
+use orchestrator_core::events::{Event, EventBus};
+use orchestrator_core::output::{LogBlock, LogLine};
+use orchestrator_core::supervisor::{ServiceInfo, SupervisorError, SupervisorHandle};
+use tokio::sync::{broadcast, mpsc};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    Stop,
+    Restart,
+}
+
+impl Action {
+    pub fn parse(text: &str) -> Option<Action> {
+        match text {
+            "start" => Some(Action::Start),
+            "stop" => Some(Action::Stop),
+            "restart" => Some(Action::Restart),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlError {
+    UnknownService(String),
+    /// The action was carried out but did not succeed (e.g. could not start).
+    Failed(String),
+    ShuttingDown,
+}
+
+impl From<SupervisorError> for ControlError {
+    fn from(error: SupervisorError) -> Self {
+        match error {
+            SupervisorError::UnknownService(name) => ControlError::UnknownService(name),
+            SupervisorError::Gone => ControlError::ShuttingDown,
+            SupervisorError::Service(error) => ControlError::Failed(error.to_string()),
+        }
+    }
+}
+
+pub type FollowedLogs = (Vec<LogLine>, broadcast::Receiver<LogBlock>);
+pub type FollowedEvents = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+
+pub trait Control: Clone + Send + Sync + 'static {
+    fn list(&self) -> impl Future<Output = Result<Vec<ServiceInfo>, ControlError>> + Send;
+    fn info(&self, name: &str) -> impl Future<Output = Result<ServiceInfo, ControlError>> + Send;
+    /// Returns once the action is applied: a stop when the process is gone,
+    /// a start when it runs.
+    fn act(
+        &self,
+        name: &str,
+        action: Action,
+    ) -> impl Future<Output = Result<ServiceInfo, ControlError>> + Send;
+    fn follow_logs(
+        &self,
+        name: &str,
+        tail: usize,
+    ) -> impl Future<Output = Result<FollowedLogs, ControlError>> + Send;
+    fn events(&self) -> FollowedEvents;
+    fn shutdown(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The real daemon behind the API.
+#[derive(Clone)]
+pub struct DaemonControl {
+    pub supervisor: SupervisorHandle,
+    pub events: EventBus,
+    pub daemon: mpsc::Sender<DaemonEvent>,
+}
+
+impl Control for DaemonControl {
+    async fn list(&self) -> Result<Vec<ServiceInfo>, ControlError> {
+        Ok(self.supervisor.list().await?)
+    }
+
+    async fn info(&self, name: &str) -> Result<ServiceInfo, ControlError> {
+        Ok(self.supervisor.info(name).await?)
+    }
+
+    async fn act(&self, name: &str, action: Action) -> Result<ServiceInfo, ControlError> {
+        let service = self.supervisor.service(name).await?;
+        let result = match action {
+            Action::Start => service.start().await,
+            Action::Stop => service.stop().await,
+            Action::Restart => service.restart().await,
+        };
+        result.map_err(|error| ControlError::Failed(error.to_string()))?;
+        Ok(ServiceInfo::of(&service))
+    }
+
+    async fn follow_logs(&self, name: &str, tail: usize) -> Result<FollowedLogs, ControlError> {
+        let service = self.supervisor.service(name).await?;
+        Ok(service.output().follow(tail))
+    }
+
+    fn events(&self) -> FollowedEvents {
+        self.events.subscribe()
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.daemon.send(DaemonEvent::Shutdown).await;
+    }
+}

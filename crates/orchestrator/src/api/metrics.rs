@@ -1,0 +1,130 @@
+//! Prometheus text exposition, built fresh from the services' state on each
+//! scrape: nothing is kept or updated between scrapes, so an idle daemon
+//! does no metrics work at all.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use orchestrator_core::supervisor::ServiceInfo;
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+const STATES: [&str; 5] = ["stopped", "starting", "running", "restarting", "failed"];
+
+type Labels = Vec<(&'static str, String)>;
+
+pub fn render(services: &[ServiceInfo]) -> String {
+    let mut registry = Registry::with_prefix("orchestrator");
+    let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_owned())]);
+    registry.register("build", "Build information of the daemon", build);
+
+    let up = Family::<Labels, Gauge>::default();
+    let state = Family::<Labels, Gauge>::default();
+    let restarts = Family::<Labels, Counter>::default();
+    let last_exit = Family::<Labels, Gauge>::default();
+    let uptime = Family::<Labels, Gauge>::default();
+    let healthy = Family::<Labels, Gauge>::default();
+    for service in services {
+        let name = || vec![("service", service.name.clone())];
+        up.get_or_create(&name())
+            .set(i64::from(service.state == "running"));
+        for candidate in STATES {
+            let mut labels = name();
+            labels.push(("state", candidate.to_owned()));
+            state
+                .get_or_create(&labels)
+                .set(i64::from(service.state == candidate));
+        }
+        restarts.get_or_create(&name()).inc_by(service.restarts);
+        if let Some(code) = service.last_exit_code {
+            last_exit.get_or_create(&name()).set(i64::from(code));
+        }
+        if let Some(seconds) = service.uptime {
+            uptime
+                .get_or_create(&name())
+                .set(i64::try_from(seconds).unwrap_or(i64::MAX));
+        }
+        if let Some(health) = &service.health {
+            healthy
+                .get_or_create(&name())
+                .set(i64::from(health == "healthy"));
+        }
+    }
+    registry.register("service_up", "1 when the service's process is running", up);
+    registry.register(
+        "service_state",
+        "1 for the state the service is in, 0 for the others",
+        state,
+    );
+    registry.register(
+        "service_restarts",
+        "Times the service was started again after its first start",
+        restarts,
+    );
+    registry.register(
+        "service_last_exit_code",
+        "Exit code of the last process (128+N for a death by signal N)",
+        last_exit,
+    );
+    registry.register(
+        "service_uptime_seconds",
+        "Seconds the current process has run",
+        uptime,
+    );
+    registry.register(
+        "service_healthy",
+        "1 when the service's health check passes (services with a check only)",
+        healthy,
+    );
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut text, &registry);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, state: &str, restarts: u64, code: Option<i32>) -> ServiceInfo {
+        ServiceInfo {
+            name: name.to_owned(),
+            configured: true,
+            enabled: true,
+            state: state.to_owned(),
+            pid: None,
+            uptime: (state == "running").then_some(42),
+            restarts,
+            last_exit_code: code,
+            last_error: None,
+            health: None,
+        }
+    }
+
+    #[test]
+    fn renders_prometheus_families() {
+        let text = render(&[
+            info("api", "running", 3, Some(1)),
+            info("db", "failed", 10, Some(137)),
+        ]);
+        for expected in [
+            "# TYPE orchestrator_build info",
+            "orchestrator_service_up{service=\"api\"} 1",
+            "orchestrator_service_up{service=\"db\"} 0",
+            "orchestrator_service_state{service=\"db\",state=\"failed\"} 1",
+            "orchestrator_service_state{service=\"db\",state=\"running\"} 0",
+            "# TYPE orchestrator_service_restarts counter",
+            "orchestrator_service_restarts_total{service=\"api\"} 3",
+            "orchestrator_service_last_exit_code{service=\"db\"} 137",
+            "orchestrator_service_uptime_seconds{service=\"api\"} 42",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+        assert!(!text.contains("service_uptime_seconds{service=\"db\"}"));
+    }
+}

@@ -1,0 +1,509 @@
+//! The HTTP server: routes of SPEC section 5 over any `Control`, the Unix
+//! socket listener (owner-only, peer uid checked) and the TCP listener
+//! (bearer token, Host check).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use futures_util::stream::{self, Stream, StreamExt};
+use orchestrator_core::discovery::validate_service_name;
+use orchestrator_core::events::{Event, rfc3339};
+use orchestrator_core::output::{LogBlock, LogLine};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::control::{Action, Control, ControlError};
+use super::{ErrorBody, LogRecord, metrics};
+
+/// Request bodies are never needed by any route; anything large is refused.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+const DEFAULT_TAIL: usize = 100;
+const MAX_TAIL: usize = 100_000;
+
+pub fn router<C: Control>(control: C) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text::<C>))
+        .route("/v1/services", get(list::<C>))
+        .route("/v1/services/{name}", get(info::<C>))
+        .route("/v1/services/{name}/logs", get(logs::<C>))
+        .route("/v1/services/{name}/{action}", post(act::<C>))
+        .route("/v1/events", get(events::<C>))
+        .route("/v1/reload", post(reload))
+        .route("/v1/shutdown", post(shutdown::<C>))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see SPEC section 5 for the API",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(refuse_large_bodies))
+        .with_state(control)
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = ErrorBody {
+        error: message.into(),
+        code: code.to_owned(),
+    };
+    (status, Json(body)).into_response()
+}
+
+fn control_error(failure: ControlError) -> Response {
+    match failure {
+        ControlError::UnknownService(name) => error_unknown(&name),
+        ControlError::Failed(message) => error(StatusCode::CONFLICT, "action_failed", message),
+        ControlError::ShuttingDown => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the daemon is shutting down",
+        ),
+    }
+}
+
+fn error_unknown(name: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "unknown_service",
+        format!("unknown service {name:?}: `orchestrator status` lists the known ones"),
+    )
+}
+
+/// A request refused before it reached the daemon; small, unlike a Response.
+struct BadRequest {
+    code: &'static str,
+    message: String,
+}
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        error(StatusCode::BAD_REQUEST, self.code, self.message)
+    }
+}
+
+/// A `{name}` that is not a valid service name is refused before any lookup.
+fn checked_name(name: &str) -> Result<(), BadRequest> {
+    validate_service_name(name).map_err(|message| BadRequest {
+        code: "bad_name",
+        message,
+    })
+}
+
+/// Content-Length is checked up front, so a huge body is refused without
+/// being read.
+async fn refuse_large_bodies(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+        );
+    }
+    next.run(request).await
+}
+
+async fn metrics_text<C: Control>(State(control): State<C>) -> Response {
+    match control.list().await {
+        Ok(services) => (
+            [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+            metrics::render(&services),
+        )
+            .into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn list<C: Control>(State(control): State<C>) -> Response {
+    match control.list().await {
+        Ok(services) => Json(services).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn info<C: Control>(State(control): State<C>, UrlPath(name): UrlPath<String>) -> Response {
+    if let Err(bad) = checked_name(&name) {
+        return bad.into_response();
+    }
+    match control.info(&name).await {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn act<C: Control>(
+    State(control): State<C>,
+    UrlPath((name, action)): UrlPath<(String, String)>,
+) -> Response {
+    let Some(action) = Action::parse(&action) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no action {action:?}; use start, stop or restart"),
+        );
+    };
+    if let Err(bad) = checked_name(&name) {
+        return bad.into_response();
+    }
+    match control.act(&name, action).await {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+fn parse_query(raw: Option<String>) -> HashMap<String, String> {
+    raw.unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (pair.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+fn bool_param(
+    query: &HashMap<String, String>,
+    key: &str,
+    default: bool,
+) -> Result<bool, BadRequest> {
+    match query.get(key).map(String::as_str) {
+        None => Ok(default),
+        Some("true" | "1" | "") => Ok(true),
+        Some("false" | "0") => Ok(false),
+        Some(other) => Err(BadRequest {
+            code: "bad_query",
+            message: format!("{key}={other:?}: use true or false"),
+        }),
+    }
+}
+
+fn record(line: &LogLine) -> LogRecord {
+    LogRecord::Line {
+        seq: line.seq,
+        time: rfc3339(line.time),
+        stream: line.stream.as_str().to_owned(),
+        text: String::from_utf8_lossy(&line.text).into_owned(),
+    }
+}
+
+fn ndjson(record: &LogRecord) -> Bytes {
+    let mut bytes = serde_json::to_vec(record).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+async fn logs<C: Control>(
+    State(control): State<C>,
+    UrlPath(name): UrlPath<String>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    if let Err(bad) = checked_name(&name) {
+        return bad.into_response();
+    }
+    let query = parse_query(raw);
+    let tail = match query.get("tail") {
+        None => DEFAULT_TAIL,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) => n.min(MAX_TAIL),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    format!("tail={text:?}: use a number of lines"),
+                );
+            }
+        },
+    };
+    let follow = match bool_param(&query, "follow", false) {
+        Ok(follow) => follow,
+        Err(bad) => return bad.into_response(),
+    };
+    let (recent, receiver) = match control.follow_logs(&name, tail).await {
+        Ok(followed) => followed,
+        Err(e) => return control_error(e),
+    };
+    let mut body = Vec::new();
+    for line in &recent {
+        body.extend_from_slice(&ndjson(&record(line)));
+    }
+    let headers = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    if !follow {
+        return (headers, body).into_response();
+    }
+    let next_seq = recent.last().map(|line| line.seq + 1);
+    let head = stream::once(async move { Ok::<_, Infallible>(Bytes::from(body)) });
+    (
+        headers,
+        Body::from_stream(head.chain(follow_blocks(receiver, next_seq))),
+    )
+        .into_response()
+}
+
+/// Every later block as NDJSON; a gap in the line numbers (the follower was
+/// too slow and the broadcast dropped blocks) becomes a `skipped` record.
+fn follow_blocks(
+    receiver: broadcast::Receiver<LogBlock>,
+    next_seq: Option<u64>,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
+    stream::unfold(
+        (receiver, next_seq),
+        |(mut receiver, mut next_seq)| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(block) => {
+                        let mut out = Vec::new();
+                        if let Some(expected) = next_seq
+                            && block.first_seq > expected
+                        {
+                            out.extend_from_slice(&ndjson(&LogRecord::Skipped {
+                                skipped: block.first_seq - expected,
+                            }));
+                        }
+                        for line in block.lines() {
+                            out.extend_from_slice(&ndjson(&record(&line)));
+                        }
+                        next_seq = Some(block.first_seq + block.line_count);
+                        return Some((Ok(Bytes::from(out)), (receiver, next_seq)));
+                    }
+                    // The gap shows in the next block's numbers.
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    )
+}
+
+fn sse_event(event: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(event.seq.to_string())
+        .json_data(event)
+        .unwrap_or_default()
+}
+
+async fn events<C: Control>(State(control): State<C>, RawQuery(raw): RawQuery) -> Response {
+    let follow = match bool_param(&parse_query(raw), "follow", true) {
+        Ok(follow) => follow,
+        Err(bad) => return bad.into_response(),
+    };
+    let (history, receiver) = control.events();
+    let history: Vec<Result<SseEvent, Infallible>> =
+        history.iter().map(|e| Ok(sse_event(e))).collect();
+    let history = stream::iter(history);
+    if !follow {
+        return Sse::new(history).into_response();
+    }
+    let live = stream::unfold(receiver, |mut receiver| async move {
+        let item = match receiver.recv().await {
+            Ok(event) => sse_event(&event),
+            Err(RecvError::Lagged(missed)) => SseEvent::default()
+                .event("lagged")
+                .data(format!("{{\"missed\":{missed}}}")),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(item), receiver))
+    });
+    Sse::new(history.chain(live)).into_response()
+}
+
+async fn reload() -> Response {
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "reload is not supported yet by this version: restart the daemon to apply a new configuration",
+    )
+}
+
+async fn shutdown<C: Control>(State(control): State<C>) -> Response {
+    control.shutdown().await;
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"status": "shutting down"})),
+    )
+        .into_response()
+}
+
+// ---- listeners ----
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("another daemon is already running on {}: stop it first (orchestrator shutdown), or give this one another data_dir", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error("cannot create the control socket {}: {source}", path.display())]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Bind the control socket, owner-only. A socket left by a dead daemon is
+/// replaced; a live one is never stolen.
+pub async fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ListenError::AlreadyRunning(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let socket_error = |source| ListenError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(socket_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_error)?;
+    Ok(listener)
+}
+
+/// Accepts only peers running as our own user (or root): the file mode
+/// already says so, and this holds even if someone loosens it.
+pub struct OwnerOnly {
+    listener: UnixListener,
+    uid: u32,
+}
+
+impl OwnerOnly {
+    pub fn new(listener: UnixListener) -> Self {
+        OwnerOnly {
+            listener,
+            uid: nix::unistd::getuid().as_raw(),
+        }
+    }
+}
+
+impl axum::serve::Listener for OwnerOnly {
+    type Io = UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, addr)) => match stream.peer_cred() {
+                    Ok(cred) if cred.uid() == self.uid || cred.uid() == 0 => return (stream, addr),
+                    Ok(cred) => {
+                        tracing::warn!(
+                            uid = cred.uid(),
+                            "refused a control connection from another user"
+                        );
+                    }
+                    Err(error) => {
+                        tracing::warn!("cannot read a control client's credentials: {error}")
+                    }
+                },
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("control socket accept failed: {error}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// The TCP API: every route but /healthz needs the bearer token, and a
+/// request naming a foreign Host is refused (no DNS rebinding from a browser).
+pub fn tcp_router<C: Control>(control: C, listen: SocketAddr, token: String) -> Router {
+    let guard = Arc::new(TcpGuard { listen, token });
+    router(control).layer(middleware::from_fn(move |request: Request, next: Next| {
+        let guard = Arc::clone(&guard);
+        async move { guard.check(request, next).await }
+    }))
+}
+
+struct TcpGuard {
+    listen: SocketAddr,
+    token: String,
+}
+
+impl TcpGuard {
+    async fn check(&self, request: Request, next: Next) -> Response {
+        if !self.host_allowed(request.headers()) {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "bad_host",
+                "the Host header must name the listen address or a loopback name",
+            );
+        }
+        if request.uri().path() != "/healthz" && !self.authorized(request.headers()) {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <token from http_token_file>",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("static header"),
+            );
+            return response;
+        }
+        next.run(request).await
+    }
+
+    fn host_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+            return false;
+        };
+        let port = self.listen.port();
+        let allowed = [
+            self.listen.to_string(),
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+        ];
+        allowed.iter().any(|a| a.eq_ignore_ascii_case(host))
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.as_bytes().strip_prefix(b"Bearer "))
+            .is_some_and(|given| constant_time_eq(given, self.token.as_bytes()))
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell an
+/// attacker how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests;

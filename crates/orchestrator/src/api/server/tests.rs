@@ -1,0 +1,466 @@
+//! The router against a fake daemon, over a real Unix socket (and TCP for
+//! the token and Host checks), through the CLI's own client.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use hyper::Method;
+use orchestrator_core::events::{EventBus, EventKind};
+use orchestrator_core::output::{LogBlock, LogLine, Stream};
+use orchestrator_core::supervisor::ServiceInfo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::broadcast;
+
+use super::*;
+use crate::api::client::{Client, ClientError};
+use crate::api::control::FollowedLogs;
+
+#[derive(Clone)]
+struct FakeControl {
+    services: Vec<ServiceInfo>,
+    actions: Arc<Mutex<Vec<(String, Action)>>>,
+    shutdowns: Arc<Mutex<u32>>,
+    events: EventBus,
+    logs: broadcast::Sender<LogBlock>,
+}
+
+fn info(name: &str, state: &str) -> ServiceInfo {
+    ServiceInfo {
+        name: name.to_owned(),
+        configured: true,
+        enabled: true,
+        state: state.to_owned(),
+        pid: (state == "running").then_some(4242),
+        uptime: (state == "running").then_some(7),
+        restarts: 1,
+        last_exit_code: Some(0),
+        last_error: None,
+        health: None,
+    }
+}
+
+fn line(seq: u64, text: &str) -> LogLine {
+    LogLine {
+        seq,
+        time: UNIX_EPOCH + Duration::from_secs(1),
+        stream: Stream::Stdout,
+        text: text.as_bytes().to_vec(),
+    }
+}
+
+impl Control for FakeControl {
+    async fn list(&self) -> Result<Vec<ServiceInfo>, ControlError> {
+        Ok(self.services.clone())
+    }
+
+    async fn info(&self, name: &str) -> Result<ServiceInfo, ControlError> {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownService(name.to_owned()))
+    }
+
+    async fn act(&self, name: &str, action: Action) -> Result<ServiceInfo, ControlError> {
+        let info = self.info(name).await?;
+        if name == "broken" && action != Action::Stop {
+            return Err(ControlError::Failed(
+                "service broken: could not start: no such file".to_owned(),
+            ));
+        }
+        self.actions.lock().unwrap().push((name.to_owned(), action));
+        Ok(info)
+    }
+
+    async fn follow_logs(&self, name: &str, tail: usize) -> Result<FollowedLogs, ControlError> {
+        self.info(name).await?;
+        let recent: Vec<LogLine> = [line(1, "one"), line(2, "two"), line(3, "three")]
+            .into_iter()
+            .rev()
+            .take(tail)
+            .rev()
+            .collect();
+        Ok((recent, self.logs.subscribe()))
+    }
+
+    fn events(&self) -> crate::api::control::FollowedEvents {
+        self.events.subscribe()
+    }
+
+    async fn shutdown(&self) {
+        *self.shutdowns.lock().unwrap() += 1;
+    }
+}
+
+struct Served {
+    fake: FakeControl,
+    client: Client,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn serve() -> Served {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("orchestrator-api-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("orchestrator.sock");
+    let fake = FakeControl {
+        services: vec![info("api", "running"), info("broken", "failed")],
+        actions: Arc::default(),
+        shutdowns: Arc::default(),
+        events: EventBus::in_memory(),
+        logs: broadcast::channel(4).0,
+    };
+    let listener = bind_unix(&socket).await.unwrap();
+    let app = router(fake.clone());
+    tokio::spawn(async move { axum::serve(OwnerOnly::new(listener), app).await });
+    Served {
+        fake,
+        client: Client::new(&socket),
+        dir,
+    }
+}
+
+fn api_error(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String, String) {
+    match result {
+        Err(ClientError::Api { status, body }) => (status.as_u16(), body.code, body.error),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn lists_and_describes_services() {
+    let served = serve().await;
+    let all: Vec<ServiceInfo> = served
+        .client
+        .json(Method::GET, "/v1/services")
+        .await
+        .unwrap();
+    assert_eq!(all, served.fake.services);
+    let one: ServiceInfo = served
+        .client
+        .json(Method::GET, "/v1/services/api")
+        .await
+        .unwrap();
+    assert_eq!(one.pid, Some(4242));
+    let (status, code, message) = api_error(
+        served
+            .client
+            .json::<ServiceInfo>(Method::GET, "/v1/services/nope")
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (404, "unknown_service"));
+    assert!(message.contains("\"nope\""), "{message}");
+}
+
+#[tokio::test]
+async fn actions_answer_with_the_service_after_it() {
+    let served = serve().await;
+    let after: ServiceInfo = served
+        .client
+        .json(Method::POST, "/v1/services/api/restart")
+        .await
+        .unwrap();
+    assert_eq!(after.name, "api");
+    assert_eq!(
+        *served.fake.actions.lock().unwrap(),
+        [("api".to_owned(), Action::Restart)]
+    );
+    let (status, code, message) = api_error(
+        served
+            .client
+            .json::<ServiceInfo>(Method::POST, "/v1/services/broken/start")
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (409, "action_failed"));
+    assert!(message.contains("no such file"));
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_and_change_nothing() {
+    let served = serve().await;
+    let cases: [(Method, &str, u16, &str); 6] = [
+        (Method::POST, "/v1/services/api/explode", 404, "not_found"),
+        (
+            Method::GET,
+            "/v1/services/api/stop",
+            405,
+            "method_not_allowed",
+        ),
+        (Method::GET, "/v2/nothing", 404, "not_found"),
+        (Method::GET, "/v1/services/..%2Fetc", 400, "bad_name"),
+        (Method::POST, "/v1/services/.hidden/stop", 400, "bad_name"),
+        (
+            Method::GET,
+            "/v1/services/api/logs?tail=many",
+            400,
+            "bad_query",
+        ),
+    ];
+    for (method, path, expected_status, expected_code) in cases {
+        let (status, code, _) = api_error(
+            served
+                .client
+                .json::<serde_json::Value>(method.clone(), path)
+                .await,
+        );
+        assert_eq!(
+            (status, code.as_str()),
+            (expected_status, expected_code),
+            "{method} {path}"
+        );
+    }
+    assert!(served.fake.actions.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn huge_bodies_are_refused_unread() {
+    let served = serve().await;
+    let mut stream = tokio::net::UnixStream::connect(served.client.socket())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"POST /v1/shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0; 4096];
+    let n = stream.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(*served.fake.shutdowns.lock().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn reload_is_not_built_yet_and_shutdown_is_accepted() {
+    let served = serve().await;
+    let (status, code, _) = api_error(
+        served
+            .client
+            .json::<serde_json::Value>(Method::POST, "/v1/reload")
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (501, "not_implemented"));
+    let response = served
+        .client
+        .request(Method::POST, "/v1/shutdown")
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(*served.fake.shutdowns.lock().unwrap(), 1);
+}
+
+async fn collect_lines(client: &Client, path: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    client
+        .lines(path, |line| {
+            lines.push(String::from_utf8_lossy(line).into_owned())
+        })
+        .await
+        .unwrap();
+    lines
+}
+
+#[tokio::test]
+async fn logs_tail_is_ndjson() {
+    let served = serve().await;
+    let lines = collect_lines(&served.client, "/v1/services/api/logs?tail=2").await;
+    let records: Vec<LogRecord> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        records,
+        [
+            LogRecord::Line {
+                seq: 2,
+                time: "1970-01-01T00:00:01.000Z".into(),
+                stream: "stdout".into(),
+                text: "two".into()
+            },
+            LogRecord::Line {
+                seq: 3,
+                time: "1970-01-01T00:00:01.000Z".into(),
+                stream: "stdout".into(),
+                text: "three".into()
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_slow_follower_is_told_how_many_lines_it_missed() {
+    let served = serve().await;
+    let logs = served.fake.logs.clone();
+    let records = Arc::new(Mutex::new(Vec::new()));
+    let reader = tokio::spawn({
+        let client = Client::new(served.client.socket());
+        let records = Arc::clone(&records);
+        async move {
+            client
+                .lines("/v1/services/api/logs?tail=3&follow=true", |line| {
+                    let record = serde_json::from_slice::<LogRecord>(line).unwrap();
+                    records.lock().unwrap().push(record);
+                })
+                .await
+        }
+    });
+    // Once the follower is subscribed, send more blocks than the channel
+    // holds before it can read them: it must lag.
+    while logs.receiver_count() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let block = |first_seq: u64| LogBlock {
+        first_seq,
+        time: UNIX_EPOCH,
+        stream: Stream::Stderr,
+        line_count: 1,
+        bytes: Arc::new(b"burst\n".to_vec()),
+    };
+    for seq in 4..14 {
+        let _ = logs.send(block(seq));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while records.lock().unwrap().len() < 8 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reader.abort();
+    let records = records.lock().unwrap().clone();
+    assert_eq!(records.len(), 3 + 1 + 4, "{records:?}");
+    assert_eq!(records[3], LogRecord::Skipped { skipped: 6 });
+    assert!(matches!(&records[4], LogRecord::Line { seq: 10, stream, .. } if stream == "stderr"));
+}
+
+#[tokio::test]
+async fn events_come_as_server_sent_events() {
+    let served = serve().await;
+    served
+        .fake
+        .events
+        .emit(Some("api"), EventKind::Started { pid: 9 });
+    let lines = collect_lines(&served.client, "/v1/events?follow=false").await;
+    let data: Vec<&String> = lines.iter().filter(|l| l.starts_with("data:")).collect();
+    assert_eq!(data.len(), 1, "{lines:?}");
+    let event: orchestrator_core::events::Event =
+        serde_json::from_str(data[0].trim_start_matches("data:").trim()).unwrap();
+    assert_eq!(event.kind, EventKind::Started { pid: 9 });
+    assert!(
+        lines.iter().any(|l| l == "id: 1" || l == "id:1"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_and_healthz() {
+    let served = serve().await;
+    let response = served
+        .client
+        .request(Method::GET, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let lines = collect_lines(&served.client, "/metrics").await;
+    assert!(lines.contains(&"orchestrator_service_up{service=\"api\"} 1".to_owned()));
+    let lines = collect_lines(&served.client, "/healthz").await;
+    assert_eq!(lines, ["ok"]);
+}
+
+async fn raw_tcp(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn tcp_needs_the_token_and_a_local_host_name() {
+    let served = serve().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = tcp_router(served.fake.clone(), addr, "s3cret".to_owned());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let host = format!("127.0.0.1:{}", addr.port());
+    let get = |path: &str, host: &str, auth: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
+    };
+    let cases = [
+        (get("/v1/services", &host, ""), "HTTP/1.1 401"),
+        (
+            get("/v1/services", &host, "Authorization: Bearer wrong\r\n"),
+            "HTTP/1.1 401",
+        ),
+        (
+            get("/v1/services", &host, "Authorization: Bearer s3cret\r\n"),
+            "HTTP/1.1 200",
+        ),
+        (
+            get("/metrics", &host, "Authorization: Bearer s3cre\r\n"),
+            "HTTP/1.1 401",
+        ),
+        (get("/healthz", &host, ""), "HTTP/1.1 200"),
+        (
+            get(
+                "/v1/services",
+                &format!("localhost:{}", addr.port()),
+                "Authorization: Bearer s3cret\r\n",
+            ),
+            "HTTP/1.1 200",
+        ),
+        (
+            get(
+                "/v1/services",
+                "evil.example",
+                "Authorization: Bearer s3cret\r\n",
+            ),
+            "HTTP/1.1 421",
+        ),
+        (get("/healthz", "evil.example", ""), "HTTP/1.1 421"),
+    ];
+    for (request, expected) in cases {
+        let answer = raw_tcp(addr, &request).await;
+        assert!(answer.starts_with(expected), "{request:?} → {answer}");
+    }
+    let shutdown = format!(
+        "POST /v1/shutdown HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert!(raw_tcp(addr, &shutdown).await.starts_with("HTTP/1.1 401"));
+    assert_eq!(*served.fake.shutdowns.lock().unwrap(), 0);
+}
+
+#[test]
+fn token_comparison_is_exact() {
+    assert!(constant_time_eq(b"abc", b"abc"));
+    assert!(!constant_time_eq(b"abc", b"abd"));
+    assert!(!constant_time_eq(b"abc", b"ab"));
+    assert!(!constant_time_eq(b"", b"a"));
+    assert!(constant_time_eq(b"", b""));
+}
+
+#[tokio::test]
+async fn a_live_socket_is_never_stolen_and_a_stale_one_is_replaced() {
+    let served = serve().await;
+    let socket = served.client.socket().to_owned();
+    assert!(matches!(
+        bind_unix(&socket).await,
+        Err(ListenError::AlreadyRunning(_))
+    ));
+    let stale = served.dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let listener = bind_unix(&stale).await.unwrap();
+    drop(listener);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

@@ -1,0 +1,321 @@
+//! The client verbs: each talks to the running daemon over its socket and
+//! maps the outcome to SPEC's exit codes (0 ok, 1 failed, 2 usage, 3 no daemon).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use orchestrator_core::events::Event;
+use orchestrator_core::supervisor::ServiceInfo;
+use tokio::task::JoinSet;
+
+use crate::api::LogRecord;
+use crate::api::client::{Client, ClientError};
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+pub fn exit_code(error: &ClientError) -> ExitCode {
+    ExitCode::from(match error {
+        ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+        ClientError::Api { status, .. } if *status == StatusCode::BAD_REQUEST => EXIT_USAGE,
+        _ => EXIT_FAILED,
+    })
+}
+
+fn fail(error: &ClientError) -> ExitCode {
+    eprintln!("orchestrator: {error}");
+    exit_code(error)
+}
+
+/// Path segments are service names, which are validated by the daemon; this
+/// only keeps a name with `/` or `?` from being read as another route.
+fn segment(name: &str) -> String {
+    let mut out = String::new();
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"._-".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+pub async fn status(client: &Client, names: &[String], json: bool) -> ExitCode {
+    let services: Vec<ServiceInfo> = if names.is_empty() {
+        match client.json(Method::GET, "/v1/services").await {
+            Ok(services) => services,
+            Err(error) => return fail(&error),
+        }
+    } else {
+        let mut services = Vec::new();
+        for name in names {
+            match client
+                .json(Method::GET, &format!("/v1/services/{}", segment(name)))
+                .await
+            {
+                Ok(info) => services.push(info),
+                Err(error) => return fail(&error),
+            }
+        }
+        services
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&services).unwrap_or_else(|_| "[]".to_owned())
+        );
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", status_table(&services));
+    ExitCode::SUCCESS
+}
+
+pub fn status_table(services: &[ServiceInfo]) -> String {
+    let header = [
+        "NAME",
+        "STATE",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "LAST-EXIT",
+        "HEALTH",
+    ];
+    let rows: Vec<[String; 7]> = services
+        .iter()
+        .map(|s| {
+            [
+                s.name.clone(),
+                s.state.clone(),
+                s.pid.map_or("-".to_owned(), |p| p.to_string()),
+                s.uptime.map_or("-".to_owned(), format_uptime),
+                s.restarts.to_string(),
+                s.last_exit_code.map_or("-".to_owned(), |c| c.to_string()),
+                s.health.clone().unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        out.push_str(text.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+pub fn format_uptime(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// start/stop/restart on each name (or every service), in parallel; each
+/// returns once applied.
+pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) -> ExitCode {
+    let names = if all {
+        match client
+            .json::<Vec<ServiceInfo>>(Method::GET, "/v1/services")
+            .await
+        {
+            Ok(services) => services.into_iter().map(|s| s.name).collect(),
+            Err(error) => return fail(&error),
+        }
+    } else {
+        names
+    };
+    let client = std::sync::Arc::new(client);
+    let mut requests = JoinSet::new();
+    for (index, name) in names.into_iter().enumerate() {
+        let client = std::sync::Arc::clone(&client);
+        let path = format!("/v1/services/{}/{action}", segment(&name));
+        requests.spawn(async move {
+            let result = client.json::<ServiceInfo>(Method::POST, &path).await;
+            (index, name, result)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = requests.join_next().await {
+        if let Ok(result) = joined {
+            results.push(result);
+        }
+    }
+    results.sort_by_key(|(index, _, _)| *index);
+    let mut code = ExitCode::SUCCESS;
+    for (_, name, result) in results {
+        match result {
+            Ok(info) => {
+                let pid = info.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                println!("{name}: {}{pid}", info.state);
+            }
+            Err(error) => {
+                eprintln!("orchestrator: {name}: {error}");
+                code = exit_code(&error);
+            }
+        }
+    }
+    code
+}
+
+pub async fn logs(client: &Client, name: &str, lines: usize, follow: bool) -> ExitCode {
+    let path = format!(
+        "/v1/services/{}/logs?tail={lines}&follow={follow}",
+        segment(name)
+    );
+    let stdout = std::io::stdout();
+    let result = client
+        .lines(&path, |line| {
+            let mut out = stdout.lock();
+            let _ = match serde_json::from_slice::<LogRecord>(line) {
+                Ok(LogRecord::Line {
+                    time, stream, text, ..
+                }) => writeln!(out, "{time} {stream:6} {text}"),
+                Ok(LogRecord::Skipped { skipped }) => {
+                    writeln!(out, "… {skipped} lines skipped (this reader was too slow)")
+                }
+                Err(_) => Ok(()),
+            };
+            let _ = out.flush();
+        })
+        .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+pub async fn events(client: &Client, follow: bool) -> ExitCode {
+    let path = format!("/v1/events?follow={follow}");
+    let stdout = std::io::stdout();
+    let result = client
+        .lines(&path, |line| {
+            let Some(data) = line.strip_prefix(b"data:") else {
+                return;
+            };
+            let data = data.strip_prefix(b" ").unwrap_or(data);
+            let mut out = stdout.lock();
+            let _ = match serde_json::from_slice::<Event>(data) {
+                Ok(event) => writeln!(out, "{}", event.describe()),
+                Err(_) => writeln!(out, "{}", String::from_utf8_lossy(data)),
+            };
+            let _ = out.flush();
+        })
+        .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+pub async fn reload(client: &Client) -> ExitCode {
+    match client
+        .json::<serde_json::Value>(Method::POST, "/v1/reload")
+        .await
+    {
+        Ok(applied) => {
+            println!("{applied}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+/// Asks for a shutdown and waits until the daemon is gone.
+pub async fn shutdown(client: &Client, wait: Duration) -> ExitCode {
+    if let Err(error) = client
+        .json::<serde_json::Value>(Method::POST, "/v1/shutdown")
+        .await
+    {
+        return fail(&error);
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match client.request(Method::GET, "/healthz").await {
+            Err(ClientError::Unreachable { .. }) => {
+                println!("daemon stopped");
+                return ExitCode::SUCCESS;
+            }
+            _ if tokio::time::Instant::now() >= deadline => {
+                eprintln!(
+                    "orchestrator: the daemon is still shutting down after {wait:?}; it answers on {}",
+                    client.socket().display()
+                );
+                return ExitCode::from(EXIT_FAILED);
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptime_is_short_and_readable() {
+        assert_eq!(format_uptime(5), "5s");
+        assert_eq!(format_uptime(65), "1m05s");
+        assert_eq!(format_uptime(3 * 3600 + 120), "3h02m");
+        assert_eq!(format_uptime(2 * 86_400 + 3600), "2d01h");
+    }
+
+    #[test]
+    fn names_cannot_escape_their_path_segment() {
+        assert_eq!(segment("api-1.x_y"), "api-1.x_y");
+        assert_eq!(segment("../shutdown"), "..%2Fshutdown");
+        assert_eq!(segment("a?b"), "a%3Fb");
+    }
+
+    #[test]
+    fn table_has_the_spec_columns() {
+        let table = status_table(&[ServiceInfo {
+            name: "api".into(),
+            configured: true,
+            enabled: true,
+            state: "running".into(),
+            pid: Some(42),
+            uptime: Some(61),
+            restarts: 2,
+            last_exit_code: Some(1),
+            last_error: None,
+            health: None,
+        }]);
+        let mut lines = table.lines();
+        assert_eq!(
+            lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+            [
+                "NAME",
+                "STATE",
+                "PID",
+                "UPTIME",
+                "RESTARTS",
+                "LAST-EXIT",
+                "HEALTH"
+            ]
+        );
+        assert_eq!(
+            lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+            ["api", "running", "42", "1m01s", "2", "1", "-"]
+        );
+    }
+}
