@@ -190,6 +190,9 @@ impl ChildProcess for FakeChild {
                 {
                     let mut state = self.control.state();
                     if let Some(reason) = state.exit {
+                        // As the real child does: leftovers of the group get
+                        // SIGKILL before the leader is reaped.
+                        state.signals.push((Instant::now(), Signal::SIGKILL));
                         state.reaped = true;
                         return Ok(reason);
                     }

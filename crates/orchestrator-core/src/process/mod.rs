@@ -89,14 +89,15 @@ pub trait ChildProcess: Send {
     /// The output pipes, once; `None` afterwards (or when there are none).
     fn take_output(&mut self) -> Option<ChildOutput>;
 
-    /// Wait for the leader to end and reap it. Cancel-safe: dropping the
-    /// future before it completes loses nothing.
+    /// Wait for the leader to end; SIGKILL whatever is left in its process
+    /// group while the group id is certainly still ours (the leader not yet
+    /// reaped); then reap it. Cancel-safe: dropping the future before it
+    /// completes loses nothing.
     fn wait(&mut self) -> WaitFuture<'_>;
 
-    /// Send `signal` to the whole process group. Before the leader is reaped
-    /// its pid cannot be recycled, so the group is certainly ours; after it
-    /// was reaped this only reaches members still alive, which keep the
-    /// group id from being reused.
+    /// Send `signal` to the whole process group. Only called before `wait`
+    /// has returned: until the leader is reaped its pid, and so the group id,
+    /// cannot be recycled.
     fn signal_group(&mut self, signal: Signal) -> io::Result<()>;
 }
 

@@ -2,11 +2,14 @@
 //! group of its own.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use super::{ChildOutput, ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner, WaitFuture};
 
@@ -52,14 +55,37 @@ impl Spawner for UnixSpawner {
             }),
             _ => None,
         };
-        Ok(Box::new(UnixChild { child, pid, output }))
+        // A pidfd tells us the leader exited while it is still a zombie, so
+        // its group id is still certainly ours to signal. Kernels before 5.3
+        // have none: then leftovers are killed just after the reap instead.
+        let exited = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+            .and_then(watch_pidfd);
+        Ok(Box::new(UnixChild {
+            child,
+            pid,
+            output,
+            exited,
+        }))
     }
+}
+
+/// The unsoundness that deprecated `AsyncFd::with_interest` is about needs
+/// a type whose raw fd can change under the registration; an `OwnedFd`
+/// cannot, and this avoids an `unsafe` block for `register_with_interest`.
+#[allow(deprecated)]
+fn watch_pidfd(fd: OwnedFd) -> Option<AsyncFd<OwnedFd>> {
+    AsyncFd::with_interest(fd, Interest::READABLE).ok()
 }
 
 struct UnixChild {
     child: tokio::process::Child,
     pid: u32,
     output: Option<ChildOutput>,
+    /// Readable once the leader has exited (before it is reaped).
+    exited: Option<AsyncFd<OwnedFd>>,
 }
 
 impl ChildProcess for UnixChild {
@@ -73,7 +99,19 @@ impl ChildProcess for UnixChild {
 
     fn wait(&mut self) -> WaitFuture<'_> {
         Box::pin(async move {
+            if let Some(exited) = &self.exited {
+                // Readiness is not cleared: if this future is dropped and
+                // polled again, it passes straight through.
+                let _ready = exited.readable().await?;
+            }
+            // The leader is a zombie now (or, without a pidfd, about to be
+            // reaped): whatever it left in its group dies with it, so two
+            // generations never run side by side and the pipes close.
+            let _ = self.signal_group(Signal::SIGKILL);
             let status = self.child.wait().await?;
+            if self.exited.is_none() {
+                let _ = self.signal_group(Signal::SIGKILL);
+            }
             Ok(match status.signal() {
                 Some(signal) => ExitReason::Signaled {
                     signal,

@@ -342,13 +342,9 @@ impl Actor {
             error!(service = %self.definition.name, error = %err, "lost track of the process");
             ExitReason::Exited(-1)
         });
-        if let Some(mut child) = self.child.take() {
-            // Whatever the leader left behind in its group dies with it, so
-            // two generations never run side by side (and the pipes close).
-            if let Err(err) = child.signal_group(nix::sys::signal::Signal::SIGKILL) {
-                warn!(service = %self.definition.name, error = %err, "cannot kill what the process left behind");
-            }
-        }
+        // Reaped: its group was emptied by `wait`, and nothing may signal
+        // it again.
+        self.child = None;
         self.drain_output().await;
         let name = &self.definition.name;
         let expected = self.machine.is_stopping();
@@ -514,7 +510,6 @@ impl Actor {
         if let Some(child) = &mut self.child {
             let _ = child.signal_group(nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait().await;
-            let _ = child.signal_group(nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
