@@ -13,7 +13,10 @@ use crate::discovery::discover;
 use crate::events::{EventBus, EventKind};
 use crate::plan::{HostEnv, plan};
 use crate::process::Spawner;
+use crate::service::ServiceDefinition;
+use crate::state::{StateStore, find_leftovers, read_state, stop_leftovers};
 use crate::supervisor::{SupervisorHandle, spawn_supervisor};
+use nix::sys::signal::Signal;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DaemonEvent {
@@ -75,6 +78,17 @@ pub async fn run(
             pid: std::process::id(),
         },
     );
+    let state_path = orchestrator.data_dir.join("state");
+    clean_up_after_a_crash(
+        &state_path,
+        &definitions,
+        orchestrator.shutdown_timeout,
+        &bus,
+    )
+    .await;
+    let store = StateStore::start(state_path);
+    let observer = store.clone();
+    bus.set_observer(move |event| observer.observe(event));
     let supervisor = spawn_supervisor(definitions, spawner, bus.clone());
     if let Some(ready) = ready {
         let _ = ready.send(DaemonHandles {
@@ -115,8 +129,54 @@ pub async fn run(
             }
         }
     }
+    store.flush();
     info!("all services stopped; exiting");
     Ok(())
+}
+
+/// Stop whatever a daemon that died left running, before anything starts:
+/// no orphan survives and no service runs twice. Only processes whose pid
+/// and start time match the record are touched.
+async fn clean_up_after_a_crash(
+    state_path: &std::path::Path,
+    definitions: &[ServiceDefinition],
+    default_timeout: std::time::Duration,
+    bus: &EventBus,
+) {
+    let previous = match read_state(state_path) {
+        Ok(Some(previous)) => previous,
+        Ok(None) => return,
+        Err(error) => {
+            warn!("{error}");
+            return;
+        }
+    };
+    let leftovers = find_leftovers(&previous);
+    if leftovers.is_empty() {
+        return;
+    }
+    warn!(
+        processes = leftovers.len(),
+        previous_daemon = previous.daemon_pid,
+        "the previous daemon died and left services running; stopping them before starting anew"
+    );
+    let found: Vec<(String, u32)> = leftovers
+        .iter()
+        .map(|l| (l.service.clone(), l.pid))
+        .collect();
+    let (stopped, killed) = stop_leftovers(leftovers, |service| {
+        definitions
+            .iter()
+            .find(|d| d.name == service)
+            .map_or((Signal::SIGTERM, default_timeout), |d| {
+                (d.policy.stop_signal, d.policy.stop_timeout)
+            })
+    })
+    .await;
+    for (service, pid) in found {
+        bus.emit(Some(&service), EventKind::LeftoverStopped { pid });
+    }
+    info!(stopped, killed, "cleaned up after the previous daemon");
 }
 
 /// A graceful shutdown that a ForceShutdown event cuts short.

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,10 @@ pub enum EventKind {
     GaveUp {
         error: String,
     },
+    /// A process left running by a daemon that died was stopped at start.
+    LeftoverStopped {
+        pid: u32,
+    },
     StopRequested,
     /// SIGKILL after stop_timeout.
     StopTimedOut,
@@ -95,6 +99,9 @@ impl Event {
                 format!("restart in {delay_ms} ms (failure {failures})")
             }
             EventKind::GaveUp { error } => format!("gave up: {error}"),
+            EventKind::LeftoverStopped { pid } => {
+                format!("stopped pid {pid}, left running by a daemon that died")
+            }
             EventKind::StopRequested => "stop requested".to_owned(),
             EventKind::StopTimedOut => "did not stop in time: sent SIGKILL".to_owned(),
             EventKind::Stopped => "stopped".to_owned(),
@@ -105,6 +112,8 @@ impl Event {
         format!("{}  {service}  {what}", self.time)
     }
 }
+
+type Observer = Box<dyn Fn(&Event) + Send + Sync>;
 
 /// Where events are published. Cheap to clone.
 #[derive(Clone)]
@@ -119,6 +128,9 @@ struct Inner {
     history: Mutex<VecDeque<Arc<Event>>>,
     file: Option<Mutex<LogFile>>,
     next_seq: AtomicU64,
+    /// Sees every event synchronously, in each emitter's order (the state
+    /// store: it must not miss one, as a lagging receiver could).
+    observer: OnceLock<Observer>,
 }
 
 impl EventBus {
@@ -155,6 +167,7 @@ impl EventBus {
                 history: Mutex::new(history),
                 file: file.map(Mutex::new),
                 next_seq: AtomicU64::new(next_seq),
+                observer: OnceLock::new(),
             }),
         }
     }
@@ -175,6 +188,9 @@ impl EventBus {
         // No receivers is the normal, idle case.
         let _ = inner.live.send(Arc::clone(&event));
         drop(history);
+        if let Some(observer) = inner.observer.get() {
+            observer(&event);
+        }
         if let Some(file) = &inner.file
             && let Ok(mut line) = serde_json::to_vec(&*event)
         {
@@ -183,6 +199,11 @@ impl EventBus {
                 .unwrap_or_else(PoisonError::into_inner)
                 .write(&[&line], std::time::Instant::now());
         }
+    }
+
+    /// Install the one synchronous observer; later calls are ignored.
+    pub fn set_observer(&self, observer: impl Fn(&Event) + Send + Sync + 'static) {
+        let _ = self.inner.observer.set(Box::new(observer));
     }
 
     /// The kept history, oldest first.

@@ -10,4 +10,5 @@ pub mod output;
 pub mod plan;
 pub mod process;
 pub mod service;
+pub mod state;
 pub mod supervisor;

@@ -16,6 +16,7 @@ use orchestrator_core::plan::{HostEnv, binary_of};
 use orchestrator_core::process::{
     UnixSpawner, mark_inherited_fds_cloexec, reset_signal_dispositions,
 };
+use orchestrator_core::state::DaemonLock;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -303,8 +304,9 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         create_private_dir(&config.orchestrator.data_dir)?;
-        // Bound before any service starts: a second daemon on the same
-        // data_dir stops here and disturbs nothing.
+        // Taken before anything else: a second daemon on the same data_dir
+        // stops here and disturbs nothing.
+        let _lock = DaemonLock::acquire(&config.orchestrator.data_dir)?;
         let listener = bind_unix(&socket).await?;
         let tcp = match config.orchestrator.http_listen {
             Some(addr) => {
