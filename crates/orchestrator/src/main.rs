@@ -14,7 +14,8 @@ use orchestrator_core::daemon::{self, DaemonEvent};
 use orchestrator_core::discovery::discover;
 use orchestrator_core::plan::{HostEnv, binary_of};
 use orchestrator_core::process::{
-    UnixSpawner, mark_inherited_fds_cloexec, reset_signal_dispositions,
+    UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
+    reset_signal_dispositions,
 };
 use orchestrator_core::state::DaemonLock;
 use tokio::signal::unix::{SignalKind, signal};
@@ -301,6 +302,9 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
     reset_signal_dispositions();
     raise_fd_limit();
+    if let Err(error) = become_subreaper() {
+        tracing::warn!("cannot become the subreaper of the services' orphans: {error}");
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         create_private_dir(&config.orchestrator.data_dir)?;
@@ -328,6 +332,7 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
         };
         let (events_tx, events) = mpsc::channel(16);
         forward_signals(events_tx.clone()).context("cannot install signal handlers")?;
+        reap_orphans_on_sigchld().context("cannot install the SIGCHLD handler")?;
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let daemon = tokio::spawn(daemon::run(
             config,
@@ -389,6 +394,21 @@ fn raise_fd_limit() {
         Ok(_) => {}
         Err(error) => tracing::warn!("cannot read the open-files limit: {error}"),
     }
+}
+
+/// Orphans of the services (and, as PID 1 in a container, anything) come
+/// to us; reap them as they end so no zombie piles up.
+fn reap_orphans_on_sigchld() -> std::io::Result<()> {
+    let mut children = signal(SignalKind::child())?;
+    tokio::spawn(async move {
+        while children.recv().await.is_some() {
+            let reaped = reap_orphans();
+            if reaped > 0 {
+                tracing::debug!(reaped, "reaped orphaned processes");
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Signals become daemon events: the first SIGINT/SIGTERM asks for a clean

@@ -1,12 +1,15 @@
 //! The real spawner: `tokio::process` with a clean environment and a process
 //! group of its own.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -35,6 +38,9 @@ impl Spawner for UnixSpawner {
         // posix_spawn (vfork-like), which is much cheaper than fork for a big
         // daemon starting many services. It already resets the signal mask
         // and SIGPIPE's disposition in the child.
+        // Spawned and registered under one lock, so the orphan reaper can
+        // never mistake a service that died at once for an orphan.
+        let mut own = own_children();
         let mut child = command.spawn().map_err(|source| SpawnError::Exec {
             program: spec.program.clone(),
             source,
@@ -42,6 +48,8 @@ impl Spawner for UnixSpawner {
         let pid = child
             .id()
             .expect("a child that was just spawned has not been reaped yet");
+        own.insert(pid);
+        drop(own);
         let output = match (child.stdout.take(), child.stderr.take()) {
             (Some(stdout), Some(stderr)) => Some(ChildOutput {
                 stdout: stdout.into_owned_fd().map_err(|source| SpawnError::Exec {
@@ -70,6 +78,61 @@ impl Spawner for UnixSpawner {
             exited,
         }))
     }
+}
+
+/// Service leaders spawned here and not yet reaped by their actor: the
+/// only children the orphan reaper must leave alone.
+static OWN_CHILDREN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn own_children() -> MutexGuard<'static, BTreeSet<u32>> {
+    OWN_CHILDREN.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Make this process the reaper of its descendants' orphans (a service's
+/// children whose parent died come to us, not to init), so their ends are
+/// seen and their zombies reaped by `reap_orphans`.
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// Reap every exited child that is not a service leader (those belong to
+/// their actors, whose waits must not lose an exit status). Call on SIGCHLD.
+/// Returns how many were reaped.
+pub fn reap_orphans() -> usize {
+    let own = own_children();
+    let mut reaped = 0;
+    for pid in child_pids() {
+        if own.contains(&pid) {
+            continue;
+        }
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
+        if let Ok(status) = waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG))
+            && status != WaitStatus::StillAlive
+        {
+            reaped += 1;
+        }
+    }
+    reaped
+}
+
+/// Our children, from every thread's /proc children list (a child belongs
+/// to the thread that forked it).
+fn child_pids() -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            pids.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    pids
 }
 
 /// The unsoundness that deprecated `AsyncFd::with_interest` is about needs
@@ -109,6 +172,7 @@ impl ChildProcess for UnixChild {
             // generations never run side by side and the pipes close.
             let _ = self.signal_group(Signal::SIGKILL);
             let status = self.child.wait().await?;
+            own_children().remove(&self.pid);
             if self.exited.is_none() {
                 let _ = self.signal_group(Signal::SIGKILL);
             }
