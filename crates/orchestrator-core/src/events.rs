@@ -68,6 +68,16 @@ pub enum EventKind {
     LeftoverStopped {
         pid: u32,
     },
+    /// The service's log file stopped taking lines (disk full, removed
+    /// directory...): they still reach the daemon's log and `logs`.
+    LogWriteFailed {
+        path: String,
+    },
+    LogWriteResumed {
+        path: String,
+        /// Dropped from the file so far, in all.
+        dropped_bytes: u64,
+    },
     StopRequested,
     /// SIGKILL after stop_timeout.
     StopTimedOut,
@@ -102,6 +112,15 @@ impl Event {
             EventKind::LeftoverStopped { pid } => {
                 format!("stopped pid {pid}, left running by a daemon that died")
             }
+            EventKind::LogWriteFailed { path } => {
+                format!(
+                    "cannot write {path}; its lines are dropped from the file until it works again"
+                )
+            }
+            EventKind::LogWriteResumed {
+                path,
+                dropped_bytes,
+            } => format!("writing {path} again ({dropped_bytes} bytes dropped so far)"),
             EventKind::StopRequested => "stop requested".to_owned(),
             EventKind::StopTimedOut => "did not stop in time: sent SIGKILL".to_owned(),
             EventKind::Stopped => "stopped".to_owned(),

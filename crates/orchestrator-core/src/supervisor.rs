@@ -30,6 +30,9 @@ pub struct ServiceInfo {
     pub last_error: Option<String>,
     /// `healthy`, `unhealthy`, `unknown`, or `None` when no check is set.
     pub health: Option<String>,
+    /// Output bytes the log file could not take (disk full...), in all.
+    #[serde(default)]
+    pub log_dropped_bytes: u64,
 }
 
 impl ServiceInfo {
@@ -48,6 +51,7 @@ impl ServiceInfo {
             last_exit_code: status.last_exit.map(|reason| reason.code()),
             last_error: status.last_error,
             health: None,
+            log_dropped_bytes: handle.output().dropped_bytes(),
         }
     }
 }

@@ -299,6 +299,7 @@ mod tests {
             last_exit_code: Some(1),
             last_error: None,
             health: None,
+            log_dropped_bytes: 0,
         }]);
         let mut lines = table.lines();
         assert_eq!(

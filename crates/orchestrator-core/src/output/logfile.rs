@@ -122,6 +122,11 @@ impl LogFile {
         0
     }
 
+    /// A failure episode is under way (bytes are being dropped).
+    pub(crate) fn is_failing(&self) -> bool {
+        self.failing
+    }
+
     /// Bytes in the live file, as tracked.
     #[cfg(test)]
     pub(crate) fn size(&self) -> Option<u64> {

@@ -14,7 +14,9 @@ mod recent;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use crate::events::{EventBus, EventKind};
 use std::time::Instant;
 
 use logfile::LogFile;
@@ -62,6 +64,7 @@ pub struct ServiceOutput {
     file: Mutex<LogFile>,
     /// Held only to push or copy out blocks; never across an `.await`.
     recent: Mutex<Recent>,
+    events: OnceLock<EventBus>,
 }
 
 impl ServiceOutput {
@@ -87,6 +90,7 @@ impl ServiceOutput {
             dropped: AtomicU64::new(0),
             file: Mutex::new(file),
             recent: Mutex::new(Recent::default()),
+            events: OnceLock::new(),
         })
     }
 
@@ -133,19 +137,39 @@ impl ServiceOutput {
             .follow(n)
     }
 
+    /// Where to report that the log file stopped (or resumed) taking lines.
+    pub fn attach_events(&self, events: EventBus) {
+        let _ = self.events.set(events);
+    }
+
     /// Appends whole lines to the log file and the recent lines.
     fn write_file(&self, stream: Stream, segments: &[&[u8]]) {
         self.recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(stream, segments);
-        let dropped = self
-            .file
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write(segments, Instant::now());
+        let (dropped, was_failing, failing) = {
+            let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+            let was_failing = file.is_failing();
+            let dropped = file.write(segments, Instant::now());
+            (dropped, was_failing, file.is_failing())
+        };
         if dropped > 0 {
             self.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+        if was_failing != failing
+            && let Some(events) = self.events.get()
+        {
+            let path = self.log_path.display().to_string();
+            let kind = if failing {
+                EventKind::LogWriteFailed { path }
+            } else {
+                EventKind::LogWriteResumed {
+                    path,
+                    dropped_bytes: self.dropped_bytes(),
+                }
+            };
+            events.emit(Some(&self.name), kind);
         }
     }
 

@@ -178,6 +178,7 @@ pub(crate) fn spawn_with_machine(
         definition.log_max_bytes,
         definition.log_max_files,
     );
+    output.attach_events(events.clone());
     let (status_tx, status_rx) = watch::channel(snapshot(&machine));
     let handle = ServiceHandle {
         name: Arc::from(definition.name.as_str()),

@@ -28,6 +28,7 @@ pub fn render(services: &[ServiceInfo]) -> String {
     let last_exit = Family::<Labels, Gauge>::default();
     let uptime = Family::<Labels, Gauge>::default();
     let healthy = Family::<Labels, Gauge>::default();
+    let log_dropped = Family::<Labels, Counter>::default();
     for service in services {
         let name = || vec![("service", service.name.clone())];
         up.get_or_create(&name())
@@ -48,6 +49,9 @@ pub fn render(services: &[ServiceInfo]) -> String {
                 .get_or_create(&name())
                 .set(i64::try_from(seconds).unwrap_or(i64::MAX));
         }
+        log_dropped
+            .get_or_create(&name())
+            .inc_by(service.log_dropped_bytes);
         if let Some(health) = &service.health {
             healthy
                 .get_or_create(&name())
@@ -80,6 +84,11 @@ pub fn render(services: &[ServiceInfo]) -> String {
         "1 when the service's health check passes (services with a check only)",
         healthy,
     );
+    registry.register(
+        "service_log_dropped_bytes",
+        "Output bytes the service's log file could not take (disk full, ...)",
+        log_dropped,
+    );
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &registry);
@@ -102,6 +111,7 @@ mod tests {
             last_exit_code: code,
             last_error: None,
             health: None,
+            log_dropped_bytes: 0,
         }
     }
 
@@ -121,6 +131,7 @@ mod tests {
             "orchestrator_service_restarts_total{service=\"api\"} 3",
             "orchestrator_service_last_exit_code{service=\"db\"} 137",
             "orchestrator_service_uptime_seconds{service=\"api\"} 42",
+            "orchestrator_service_log_dropped_bytes_total{service=\"db\"} 0",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

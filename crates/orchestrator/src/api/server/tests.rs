@@ -36,6 +36,7 @@ fn info(name: &str, state: &str) -> ServiceInfo {
         last_exit_code: Some(0),
         last_error: None,
         health: None,
+        log_dropped_bytes: 0,
     }
 }
 
