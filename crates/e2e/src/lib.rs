@@ -614,6 +614,14 @@ impl Daemon {
         );
     }
 
+    /// Its exit status if it has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait on the daemon");
+        }
+        self.status
+    }
+
     /// Its exit status, waiting at most [`DEADLINE`].
     pub fn wait_exit(&mut self) -> ExitStatus {
         if let Some(status) = self.status {
@@ -712,4 +720,98 @@ pub fn run_cli(cwd: &Path, args: &[&str]) -> (i32, String, String) {
         strip_ansi(&String::from_utf8_lossy(&output.stdout)),
         strip_ansi(&String::from_utf8_lossy(&output.stderr)),
     )
+}
+
+/// `orchestrator ARGS` left running in `cwd` (`logs -f`, `events -f`), its
+/// stdout read line by line on a thread and its stderr kept. SIGKILLed and
+/// reaped on drop.
+pub struct CliFollower {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: std::sync::Arc<Mutex<String>>,
+}
+
+impl CliFollower {
+    pub fn start(cwd: &Path, args: &[&str]) -> CliFollower {
+        use std::io::{BufRead, Read};
+        let mut child = Command::new(orchestrator_bin())
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("ORCHESTRATOR_CONFIG")
+            .env_remove("ORCHESTRATOR_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the orchestrator binary");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(strip_ansi(&line)).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let kept = std::sync::Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            kept.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_str(&text);
+        });
+        CliFollower {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// The next line of stdout satisfying `predicate` (earlier lines are
+    /// kept in [`CliFollower::seen`]); panics after [`DEADLINE`].
+    pub fn wait_for(&mut self, what: &str, mut predicate: impl FnMut(&str) -> bool) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if predicate(&line) {
+                        return line;
+                    }
+                }
+                Err(error) => panic!(
+                    "no line {what} from the follower ({error}); it printed:\n{}\nstderr: {}",
+                    self.seen.join("\n"),
+                    self.stderr.lock().unwrap_or_else(|e| e.into_inner())
+                ),
+            }
+        }
+    }
+
+    /// Every line read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// It has not exited (yet).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .try_wait()
+            .expect("try_wait on the follower")
+            .is_none()
+    }
+}
+
+impl Drop for CliFollower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

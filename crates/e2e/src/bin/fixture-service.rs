@@ -20,6 +20,8 @@
 //!                         pointed at /dev/null, so the pipes see EOF
 //!   --sleep-ms N          sleep N ms
 //!   --sleep               sleep forever
+//!   --tick-ms N           forever: print `tick K` on stdout (K = 0, 1, ...)
+//!                         every N ms
 //!   --exit CODE           exit with CODE
 //!
 //! No flags after the injected ones: sleep forever.
@@ -160,6 +162,14 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(ms));
             }
             "--sleep" => sleep_forever(&mut out),
+            "--tick-ms" => {
+                let ms: u64 = value(i).parse().unwrap();
+                for k in 0u64.. {
+                    writeln!(out, "tick {k}").unwrap();
+                    out.flush().unwrap();
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            }
             "--exit" => {
                 let code: i32 = value(i).parse().unwrap();
                 out.flush().unwrap();
