@@ -185,7 +185,10 @@ impl SupervisorHandle {
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), SupervisorError> {
         let handles = self.services().await?;
         info!(services = handles.len(), "stopping every service");
-        let stops = for_each_parallel(handles.clone(), |handle| async move { handle.stop().await });
+        let stops = for_each_parallel(
+            handles.clone(),
+            |handle| async move { handle.shutdown().await },
+        );
         if tokio::time::timeout(timeout, stops).await.is_err() {
             warn!("shutdown_timeout of {timeout:?} passed: killing what is left");
             self.kill_all().await?;

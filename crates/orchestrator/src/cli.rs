@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use orchestrator_core::events::Event;
+use orchestrator_core::process::ExitWatch;
 use orchestrator_core::supervisor::ServiceInfo;
 use tokio::task::JoinSet;
 
@@ -240,31 +241,43 @@ pub async fn reload(client: &Client) -> ExitCode {
     }
 }
 
-/// Asks for a shutdown and waits until the daemon is gone.
+/// Asks for a shutdown and returns once the daemon process has exited.
 pub async fn shutdown(client: &Client, wait: Duration) -> ExitCode {
+    // Pinned before asking, while the daemon certainly runs: its pid cannot
+    // be recycled under the watch.
+    let watch = match client.server_pid().await {
+        Ok(pid) => ExitWatch::new(pid).ok(),
+        Err(error) => return fail(&error),
+    };
     if let Err(error) = client
         .json::<serde_json::Value>(Method::POST, "/v1/shutdown")
         .await
     {
         return fail(&error);
     }
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match client.request(Method::GET, "/healthz").await {
-            Err(ClientError::Unreachable { .. }) => {
-                println!("daemon stopped");
-                return ExitCode::SUCCESS;
+    let gone = async {
+        match &watch {
+            Some(watch) => watch.exited().await,
+            // No pidfd (kernel < 5.3): the socket going away is the sign.
+            None => {
+                while !matches!(
+                    client.request(Method::GET, "/healthz").await,
+                    Err(ClientError::Unreachable { .. })
+                ) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
-            _ if tokio::time::Instant::now() >= deadline => {
-                eprintln!(
-                    "orchestrator: the daemon is still shutting down after {wait:?}; it answers on {}",
-                    client.socket().display()
-                );
-                return ExitCode::from(EXIT_FAILED);
-            }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    };
+    if tokio::time::timeout(wait, gone).await.is_err() {
+        eprintln!(
+            "orchestrator: the daemon is still shutting down after {wait:?}; it answers on {}",
+            client.socket().display()
+        );
+        return ExitCode::from(EXIT_FAILED);
     }
+    println!("daemon stopped");
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

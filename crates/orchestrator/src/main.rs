@@ -311,7 +311,7 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
         // Taken before anything else: a second daemon on the same data_dir
         // stops here and disturbs nothing.
         let _lock = DaemonLock::acquire(&config.orchestrator.data_dir)?;
-        let listener = bind_unix(&socket).await?;
+        // TCP first: if it fails, no control socket is left behind.
         let tcp = match config.orchestrator.http_listen {
             Some(addr) => {
                 let token_file = config
@@ -330,6 +330,7 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let listener = bind_unix(&socket).await?;
         let (events_tx, events) = mpsc::channel(16);
         forward_signals(events_tx.clone()).context("cannot install signal handlers")?;
         reap_orphans_on_sigchld().context("cannot install the SIGCHLD handler")?;

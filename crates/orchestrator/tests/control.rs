@@ -1220,7 +1220,6 @@ fn shutdown_returns_once_the_daemon_is_gone() {
 /// shutdown waits for a slow service, a `start` of a service that has
 /// already stopped spawns it again, and that process outlives the daemon.
 #[test]
-#[ignore = "product bug: a start during shutdown spawns a process that outlives the daemon"]
 fn a_start_during_shutdown_is_refused_and_nothing_outlives_the_daemon() {
     let dir = workspace("ctl-start-in-shutdown", &[("quick", SLEEPER)], "");
     // A service that ignores SIGTERM keeps the shutdown going for its

@@ -135,6 +135,27 @@ fn child_pids() -> Vec<u32> {
     pids
 }
 
+/// Resolves when a process (any, not only a child of ours) has exited.
+pub struct ExitWatch(AsyncFd<OwnedFd>);
+
+impl ExitWatch {
+    /// Pins `pid` now: a pid recycled later is not confused with it.
+    pub fn new(pid: u32) -> io::Result<ExitWatch> {
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| io::Error::other(format!("invalid pid {pid}")))?;
+        let fd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())?;
+        watch_pidfd(fd)
+            .map(ExitWatch)
+            .ok_or_else(|| io::Error::other("cannot watch a pidfd"))
+    }
+
+    pub async fn exited(&self) {
+        let _ = self.0.readable().await;
+    }
+}
+
 /// The unsoundness that deprecated `AsyncFd::with_interest` is about needs
 /// a type whose raw fd can change under the registration; an `OwnedFd`
 /// cannot, and this avoids an `unsafe` block for `register_with_interest`.

@@ -54,6 +54,8 @@ pub enum ServiceError {
     Superseded { service: String, by: &'static str },
     #[error("service {service}: its supervisor task has ended (the daemon is shutting down)")]
     Gone { service: String },
+    #[error("service {service}: the daemon is shutting down; nothing starts any more")]
+    ShuttingDown { service: String },
 }
 
 /// How long an exit waits for the process's remaining output.
@@ -65,6 +67,10 @@ enum Command {
     Start(Reply),
     Stop(Reply),
     Restart(Reply),
+    /// Stop, and refuse every later start: the daemon is going away, and a
+    /// process started now would outlive it.
+    Shutdown(Reply),
+    /// As Shutdown, but SIGKILL at once.
     Kill(Reply),
 }
 
@@ -124,7 +130,13 @@ impl ServiceHandle {
         self.request(Command::Restart).await
     }
 
-    /// SIGKILL at once; returns once the process is gone.
+    /// Stop for good (the daemon is shutting down): later starts are
+    /// refused. Returns once the process is gone.
+    pub async fn shutdown(&self) -> Result<(), ServiceError> {
+        self.request(Command::Shutdown).await
+    }
+
+    /// As `shutdown`, with SIGKILL at once.
     pub async fn kill(&self) -> Result<(), ServiceError> {
         self.request(Command::Kill).await
     }
@@ -200,6 +212,7 @@ pub(crate) fn spawn_with_machine(
         status: status_tx,
         start_waiters: Vec::new(),
         stop_waiters: Vec::new(),
+        closing: false,
     };
     (handle, tokio::spawn(actor.run()))
 }
@@ -229,6 +242,8 @@ struct Actor {
     status: watch::Sender<ServiceStatus>,
     start_waiters: Vec<Reply>,
     stop_waiters: Vec<Reply>,
+    /// Set by Shutdown/Kill: no start is accepted any more.
+    closing: bool,
 }
 
 enum Wakeup {
@@ -285,6 +300,23 @@ impl Actor {
 
     fn on_command(&mut self, command: Command) {
         let name = &self.definition.name;
+        let command = match command {
+            Command::Start(reply) | Command::Restart(reply) if self.closing => {
+                let _ = reply.send(Err(ServiceError::ShuttingDown {
+                    service: name.clone(),
+                }));
+                return;
+            }
+            Command::Shutdown(reply) => {
+                self.closing = true;
+                Command::Stop(reply)
+            }
+            Command::Kill(reply) => {
+                self.closing = true;
+                Command::Kill(reply)
+            }
+            other => other,
+        };
         match command {
             Command::Start(reply) => {
                 supersede(&mut self.stop_waiters, name, "start");
@@ -316,6 +348,7 @@ impl Actor {
                 self.stop_waiters.push(reply);
                 self.feed(Input::Kill);
             }
+            Command::Shutdown(_) => unreachable!("turned into a Stop above"),
         }
     }
 

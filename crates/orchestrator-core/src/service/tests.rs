@@ -546,3 +546,20 @@ async fn actor_reports_a_stop_that_timed_out() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn actor_refuses_starts_once_shut_down() {
+    let (handle, spawner) = actor(RestartPolicy::Always, 3);
+    handle.start().await.unwrap();
+    handle.shutdown().await.unwrap();
+    assert_eq!(handle.status().state, State::Stopped);
+    for attempt in [handle.start().await, handle.restart().await] {
+        assert_eq!(
+            attempt,
+            Err(ServiceError::ShuttingDown {
+                service: "svc".into()
+            })
+        );
+    }
+    assert_eq!(spawner.spawn_count(), 1);
+}

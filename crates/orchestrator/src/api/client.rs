@@ -41,6 +41,24 @@ impl Client {
         &self.socket
     }
 
+    /// The pid of the process serving the socket (the daemon), from the
+    /// kernel's record of the connection's peer.
+    pub async fn server_pid(&self) -> Result<u32, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        stream
+            .peer_cred()
+            .ok()
+            .and_then(|cred| cred.pid())
+            .and_then(|pid| u32::try_from(pid).ok())
+            .ok_or_else(|| ClientError::Protocol("cannot tell the daemon's pid".to_owned()))
+    }
+
     /// Send one request on a fresh connection; non-2xx answers become
     /// `ClientError::Api`.
     pub async fn request(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use orchestrator_core::daemon::DaemonEvent;
 use orchestrator_core::events::{Event, EventBus};
 use orchestrator_core::output::{LogBlock, LogLine};
+use orchestrator_core::service::ServiceError;
 use orchestrator_core::supervisor::{ServiceInfo, SupervisorError, SupervisorHandle};
 use tokio::sync::{broadcast, mpsc};
 
@@ -40,7 +41,10 @@ impl From<SupervisorError> for ControlError {
     fn from(error: SupervisorError) -> Self {
         match error {
             SupervisorError::UnknownService(name) => ControlError::UnknownService(name),
-            SupervisorError::Gone => ControlError::ShuttingDown,
+            SupervisorError::Gone
+            | SupervisorError::Service(
+                ServiceError::ShuttingDown { .. } | ServiceError::Gone { .. },
+            ) => ControlError::ShuttingDown,
             SupervisorError::Service(error) => ControlError::Failed(error.to_string()),
         }
     }
@@ -92,7 +96,7 @@ impl Control for DaemonControl {
             Action::Stop => service.stop().await,
             Action::Restart => service.restart().await,
         };
-        result.map_err(|error| ControlError::Failed(error.to_string()))?;
+        result.map_err(SupervisorError::from)?;
         Ok(ServiceInfo::of(&service))
     }
 

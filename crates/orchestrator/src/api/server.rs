@@ -488,8 +488,10 @@ impl TcpGuard {
     fn authorized(&self, headers: &HeaderMap) -> bool {
         headers
             .get(header::AUTHORIZATION)
-            .and_then(|h| h.as_bytes().strip_prefix(b"Bearer "))
-            .is_some_and(|given| constant_time_eq(given, self.token.as_bytes()))
+            .map(|h| h.as_bytes())
+            // The scheme is case-insensitive (RFC 9110), the token is not.
+            .filter(|h| h.len() > 7 && h[..7].eq_ignore_ascii_case(b"bearer "))
+            .is_some_and(|h| constant_time_eq(&h[7..], self.token.as_bytes()))
     }
 }
 

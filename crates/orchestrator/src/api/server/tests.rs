@@ -412,6 +412,18 @@ async fn tcp_needs_the_token_and_a_local_host_name() {
         ),
         (get("/healthz", &host, ""), "HTTP/1.1 200"),
         (
+            get("/v1/services", &host, "Authorization: bearer s3cret\r\n"),
+            "HTTP/1.1 200",
+        ),
+        (
+            get("/v1/services", &host, "Authorization: Bearer S3CRET\r\n"),
+            "HTTP/1.1 401",
+        ),
+        (
+            get("/v1/services", &host, "Authorization: Basic s3cret\r\n"),
+            "HTTP/1.1 401",
+        ),
+        (
             get(
                 "/v1/services",
                 &format!("localhost:{}", addr.port()),
