@@ -1,0 +1,331 @@
+"""Measures orchestrator on the workloads of issue 5 (see BENCHMARKS.md).
+
+Only public tools: /proc, the orchestrator's own CLI, and the processes'
+own timestamps. Each workload runs --repeats times; medians with min-max are
+printed, beside a floor measured in the same run (xargs -P0 for starting
+and stopping, a shell loop for restarts, `cat` for logs).
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+ORCH = os.path.join(RELEASE, "orchestrator")
+FIXTURE = os.path.join(RELEASE, "fixture-service")
+STAMP = os.path.join(RELEASE, "bench-stamp")
+SLEEP = shutil.which("sleep")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEVNULL = subprocess.DEVNULL
+
+
+def stat_fields(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def start_ticks(pid):
+    return int(stat_fields(pid)[19])
+
+
+def cpu_ticks(pid):
+    fields = stat_fields(pid)
+    return int(fields[11]) + int(fields[12])
+
+
+def children(pid):
+    pids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def context_switches(pid):
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if "ctxt_switches" in line:
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def pss_kib(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_for(predicate, timeout, interval=0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def summary(values, unit, digits=2):
+    if not values:
+        return "n/a"
+    med = statistics.median(values)
+    return f"{med:.{digits}f} {unit} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def workspace(services_toml, orchestrator_toml=""):
+    dir = tempfile.mkdtemp(prefix="orchestrator-bench-")
+    with open(os.path.join(dir, "orchestrator.toml"), "w") as f:
+        f.write("[orchestrator]\n" + orchestrator_toml + "\n" + services_toml)
+    return dir
+
+
+def run_daemon(dir, stderr=DEVNULL):
+    return subprocess.Popen(
+        [ORCH, "-c", os.path.join(dir, "orchestrator.toml"), "run"],
+        stdout=DEVNULL,
+        stderr=stderr,
+        cwd=dir,
+    )
+
+
+# ---- start, idle, memory, stop ----
+
+
+def bench_fleet(n, idle_seconds):
+    """Start n `sleep` services; measure start, idle CPU/wake-ups, PSS, stop."""
+    services = "".join(
+        f'[services.s{i}]\ncommand = ["{SLEEP}", "100000"]\n' for i in range(n)
+    )
+    dir = workspace(services, 'log_level = "warn"\nshutdown_timeout = "10s"\n')
+    daemon = run_daemon(dir)
+    try:
+        launched = start_ticks(daemon.pid)
+        if not wait_for(lambda: len(children(daemon.pid)) >= n, 60):
+            raise RuntimeError(f"only {len(children(daemon.pid))} of {n} children")
+        start = (max(start_ticks(p) for p in children(daemon.pid)) - launched) / CLK_TCK
+        time.sleep(2)  # let the start-up settle before the idle window
+        cpu0, ctx0 = cpu_ticks(daemon.pid), context_switches(daemon.pid)
+        time.sleep(idle_seconds)
+        cpu1, ctx1 = cpu_ticks(daemon.pid), context_switches(daemon.pid)
+        pss = pss_kib(daemon.pid) / 1024
+        t0 = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        stop = time.monotonic() - t0
+        return {
+            "start": start,
+            "idle_cpu_ms": (cpu1 - cpu0) * 1000 / CLK_TCK,
+            "idle_wakeups": ctx1 - ctx0,
+            "pss_mib": pss,
+            "stop": stop,
+        }
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        shutil.rmtree(dir, ignore_errors=True)
+
+
+def bench_fleet_floor(n):
+    """xargs -P0 starting and then losing n sleeps: the fork/exec floor."""
+    feeder = subprocess.Popen(
+        ["xargs", "-P0", "-n1", SLEEP], stdin=subprocess.PIPE, stdout=DEVNULL
+    )
+    launched = start_ticks(feeder.pid)
+    feeder.stdin.write(b"100000\n" * n)
+    feeder.stdin.close()
+    if not wait_for(lambda: len(children(feeder.pid)) >= n, 60):
+        raise RuntimeError("xargs did not start every sleep")
+    pids = children(feeder.pid)
+    start = (max(start_ticks(p) for p in pids) - launched) / CLK_TCK
+    t0 = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    feeder.wait(60)
+    return {"start": start, "stop": time.monotonic() - t0}
+
+
+# ---- restart latency ----
+
+
+def bench_restart(restarts):
+    """Gap between a child's exit and its successor's start, backoff 0."""
+    dir = workspace(
+        "[services.r]\n"
+        f'command = ["{STAMP}", "--stamp", "{{dir}}/stamps", "--run-ms", "20"]\n'
+        'restart = "always"\nmax_restarts = 1000000\n'
+        'backoff = { initial = "0ms", max = "0ms" }\n',
+        'log_level = "warn"\n',
+    )
+    config = os.path.join(dir, "orchestrator.toml")
+    with open(config) as f:
+        text = f.read().replace("{dir}", dir)
+    with open(config, "w") as f:
+        f.write(text)
+    stamps = os.path.join(dir, "stamps")
+    daemon = run_daemon(dir)
+    try:
+        def enough():
+            try:
+                with open(stamps) as f:
+                    return sum(1 for line in f if line.startswith("start")) > restarts
+            except OSError:
+                return False
+
+        if not wait_for(enough, 120, 0.05):
+            raise RuntimeError("too few restarts")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    gaps = gaps_ms(stamps)
+    shutil.rmtree(dir, ignore_errors=True)
+    return gaps[:restarts]
+
+
+def gaps_ms(path):
+    gaps, last_exit = [], None
+    with open(path) as f:
+        for line in f:
+            what, nanos = line.split()
+            if what == "exit":
+                last_exit = int(nanos)
+            elif last_exit is not None:
+                gaps.append((int(nanos) - last_exit) / 1e6)
+                last_exit = None
+    return gaps
+
+
+def bench_restart_floor(restarts):
+    dir = tempfile.mkdtemp(prefix="orchestrator-bench-")
+    stamps = os.path.join(dir, "stamps")
+    subprocess.run(
+        ["bash", "-c", f'for i in $(seq {restarts + 1}); do "{STAMP}" --stamp "{stamps}" --run-ms 20; done'],
+        check=False,
+    )
+    gaps = gaps_ms(stamps)
+    shutil.rmtree(dir, ignore_errors=True)
+    return gaps
+
+
+# ---- log capture ----
+
+
+def check_flood(path, lines):
+    """Every numbered line once, in order, intact."""
+    expected = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.startswith(b"flood "):
+                return f"unexpected line {line[:40]!r}"
+            if int(line[6:18]) != expected or len(line) != 100:
+                return f"line {expected} damaged or out of order: {line[:40]!r}"
+            expected += 1
+    return None if expected == lines else f"{expected} of {lines} lines"
+
+
+def bench_log(megabytes, log_level):
+    lines = megabytes * 1_000_000 // 100
+    dir = workspace(
+        f'[services.flood]\ncommand = ["{FIXTURE}", "--flood", "{lines}", "--sleep"]\n',
+        f'log_level = "{log_level}"\nlog_max_bytes = {megabytes * 4_000_000}\n',
+    )
+    path = os.path.join(dir, ".orchestrator", "logs", "flood.log")
+    size = lines * 100
+    t0 = time.monotonic()
+    daemon = run_daemon(dir)
+    try:
+        def complete():
+            try:
+                return os.path.getsize(path) >= size
+            except OSError:
+                return False
+
+        if not wait_for(complete, 300, 0.002):
+            raise RuntimeError("the log file never got every byte")
+        elapsed = time.monotonic() - t0
+        problem = check_flood(path, lines)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        shutil.rmtree(dir, ignore_errors=True)
+    if problem:
+        raise RuntimeError(f"log capture lost or damaged lines: {problem}")
+    return size / elapsed / 1e6
+
+
+def bench_log_floor(megabytes):
+    lines = megabytes * 1_000_000 // 100
+    dir = tempfile.mkdtemp(prefix="orchestrator-bench-")
+    out = os.path.join(dir, "out")
+    t0 = time.monotonic()
+    subprocess.run(
+        ["bash", "-c", f'"{FIXTURE}" --flood {lines} | cat > "{out}"'], check=True
+    )
+    elapsed = time.monotonic() - t0
+    problem = check_flood(out, lines)
+    shutil.rmtree(dir, ignore_errors=True)
+    if problem:
+        raise RuntimeError(problem)
+    return lines * 100 / elapsed / 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--idle-seconds", type=int, default=20)
+    parser.add_argument("--log-mb", type=int, default=200)
+    parser.add_argument("--restarts", type=int, default=200)
+    parser.add_argument("--only", default="fleet,restart,log")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    print(f"machine: {os.cpu_count()} cores, {os.uname().release}; repeats {args.repeats}")
+    rows = []
+
+    if "fleet" in only:
+        runs = [bench_fleet(args.n, args.idle_seconds) for _ in range(args.repeats)]
+        floors = [bench_fleet_floor(args.n) for _ in range(args.repeats)]
+        rows += [
+            (f"start {args.n} services (launch → last fork)", summary([r["start"] for r in runs], "s"), summary([f["start"] for f in floors], "s")),
+            (f"idle {args.idle_seconds} s, {args.n} children: daemon CPU", summary([r["idle_cpu_ms"] for r in runs], "ms", 0), "0"),
+            (f"idle {args.idle_seconds} s, {args.n} children: context switches", summary([r["idle_wakeups"] for r in runs], "", 0), "0"),
+            (f"idle, {args.n} children: daemon PSS", summary([r["pss_mib"] for r in runs], "MiB", 1), "–"),
+            (f"stop {args.n} services", summary([r["stop"] for r in runs], "s", 3), summary([f["stop"] for f in floors], "s", 3)),
+        ]
+    if "restart" in only:
+        gaps, floor = [], []
+        for _ in range(args.repeats):
+            gaps += bench_restart(args.restarts)
+            floor += bench_restart_floor(args.restarts)
+        rows.append((f"restart latency, exit → next start ({len(gaps)} restarts)", summary(gaps, "ms"), summary(floor, "ms")))
+    if "log" in only:
+        floor = [bench_log_floor(args.log_mb) for _ in range(args.repeats)]
+        for level in ("warn", "info"):
+            rates = [bench_log(args.log_mb, level) for _ in range(args.repeats)]
+            ratio = statistics.median(rates) / statistics.median(floor)
+            rows.append((f"log capture {args.log_mb} MB, 100-byte lines, log_level={level}", summary(rates, "MB/s", 0) + f" = {ratio:.2f}× cat", summary(floor, "MB/s", 0)))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'workload':{width}}  {'orchestrator (median, min–max)':44}  floor")
+    for name, ours, floor in rows:
+        print(f"{name:{width}}  {ours:44}  {floor}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
