@@ -2,6 +2,7 @@
 
 mod api;
 mod cli;
+mod console;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -290,9 +291,18 @@ fn init_tracing(config: &Config) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
-    match config.orchestrator.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let json = config.orchestrator.log_format == LogFormat::Json;
+    match json {
+        false => builder.init(),
+        true => builder.json().flatten_event(true).init(),
+    }
+    // Service lines are logged at info: below that level they are not
+    // shown at all, and tracing's per-line path is the one left in place.
+    if tracing::enabled!(target: "service", tracing::Level::INFO) {
+        orchestrator_core::output::set_console(console::ServiceConsole::new(
+            json,
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ));
     }
 }
 

@@ -28,6 +28,22 @@ pub use recent::{LogBlock, LogLine, RECENT_MAX_BYTES};
 /// nothing is dropped. Bounds the memory a stream holds for a partial line.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
+/// The daemon's own log of service lines, fed whole batches: one write per
+/// read of a pipe instead of one tracing event (and one write) per line,
+/// which would cap a flooding service far below the pipe's speed.
+pub trait Console: Send + Sync + 'static {
+    /// `segments` concatenated are whole lines, each ending in `\n`.
+    fn lines(&self, service: &str, stream: Stream, segments: &[&[u8]]);
+}
+
+static CONSOLE: OnceLock<Box<dyn Console>> = OnceLock::new();
+
+/// Install the process-wide console (once; later calls return false).
+/// Without one, each line is a tracing event (target `service`).
+pub fn set_console(console: impl Console) -> bool {
+    CONSOLE.set(Box::new(console)).is_ok()
+}
+
 /// Which pipe of the child a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -109,9 +125,11 @@ impl ServiceOutput {
     }
 
     /// Every line of the service passes here once, in order per stream,
-    /// without its `\n`. This is where the ring of recent lines and the
-    /// broadcast to followers belong: neither may block or fail the pump.
+    /// without its `\n`: to tracing, unless a console takes whole batches.
     fn publish_line(&self, stream: Stream, line: &[u8]) {
+        if CONSOLE.get().is_some() {
+            return;
+        }
         tracing::info!(
             target: "service",
             service = %self.name,
@@ -170,6 +188,9 @@ impl ServiceOutput {
                 }
             };
             events.emit(Some(&self.name), kind);
+        }
+        if let Some(console) = CONSOLE.get() {
+            console.lines(&self.name, stream, segments);
         }
     }
 
