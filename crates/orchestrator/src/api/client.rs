@@ -41,16 +41,19 @@ impl Client {
         &self.socket
     }
 
+    async fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })
+    }
+
     /// The pid of the process serving the socket (the daemon), from the
     /// kernel's record of the connection's peer.
     pub async fn server_pid(&self) -> Result<u32, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+        let stream = self.connect().await?;
         stream
             .peer_cred()
             .ok()
@@ -66,13 +69,7 @@ impl Client {
         method: Method,
         path: &str,
     ) -> Result<Response<Incoming>, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+        let stream = self.connect().await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
