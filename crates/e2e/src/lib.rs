@@ -386,6 +386,99 @@ pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// Every pid in `/proc`, in no particular order.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The live (not zombie) processes whose `HOME` is exactly `home`: a
+/// service started with that data_dir and everything it forked.
+pub fn live_processes_with_home(home: &Path) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            environ(pid)
+                .and_then(|env| env.get("HOME").cloned())
+                .is_some_and(|h| Path::new(&h) == home)
+        })
+        .filter(|&pid| is_alive(pid))
+        .collect()
+}
+
+/// The live (not zombie) processes whose `HOME` lies inside `dir`.
+pub fn live_processes_with_home_under(dir: &Path) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            environ(pid)
+                .and_then(|env| env.get("HOME").cloned())
+                .is_some_and(|h| Path::new(&h).starts_with(dir))
+        })
+        .filter(|&pid| is_alive(pid))
+        .collect()
+}
+
+/// The children of `ppid` that are zombies (exited, not reaped yet).
+pub fn zombie_children(ppid: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            stat(pid).is_some_and(|s| s.state == 'Z' && u32::try_from(s.ppid) == Ok(ppid))
+        })
+        .collect()
+}
+
+/// Fields of `/proc/PID/stat` after the command name, numbered as in
+/// proc(5) (3 = state, 4 = ppid, ...): `stat_field(pid, 22)` is the start
+/// time in clock ticks after boot.
+pub fn stat_field(pid: u32, field: usize) -> Option<u64> {
+    assert!(field >= 4, "fields 1 to 3 are not numbers");
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = text.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(field - 3)?.parse().ok()
+}
+
+/// When the process started, in clock ticks after boot (stat field 22):
+/// with the pid, what identifies a process.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat_field(pid, 22)
+}
+
+/// The process's session id (stat field 6).
+pub fn session_id(pid: u32) -> Option<u32> {
+    stat_field(pid, 6).and_then(|s| u32::try_from(s).ok())
+}
+
+/// CPU time the process has used, user and system, its children not
+/// included (stat fields 14 and 15).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let ticks = stat_field(pid, 14)? + stat_field(pid, 15)?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).ok().filter(|&t| t > 0)?;
+    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// A `KEY: N kB` line of `/proc/PID/status` (`VmRSS`, `VmHWM`...), in KiB.
+pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(key)?.strip_prefix(':')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// How many descriptors the process has open.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
 /// The test process's own process group.
 pub fn own_pgid() -> i32 {
     // SAFETY: getpgrp has no preconditions and cannot fail.

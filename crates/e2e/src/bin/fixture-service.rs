@@ -12,9 +12,25 @@
 //!   --flood N             print N numbered 100-byte lines on stdout, fast
 //!   --long-line N         print one line of N bytes `x`
 //!   --invalid-utf8        print a line holding bytes that are not UTF-8
+//!   --spew-bytes N        print N bytes holding every byte value but `\n`
+//!                         (NUL, `\r`, ESC, invalid UTF-8...), then one `\n`
 //!   --partial TEXT        print TEXT without a newline
+//!   --print TEXT          print TEXT and a newline
 //!   --grandchild          start a child of our own that sleeps forever,
 //!                         and print `GRANDCHILD pid=P`
+//!   --orphan-life-ms MS   processes started by later --orphan and
+//!                         --setsid-child flags live MS ms (default 100)
+//!   --orphan-until PATH   ... or live until PATH exists (polled every 10 ms)
+//!   --orphan N            start N processes that are orphaned at once (the
+//!                         helper that started each one exits), so they are
+//!                         reparented to the nearest subreaper; print
+//!                         `ORPHAN pid=P` for each, then `ORPHANS n=N`. They
+//!                         stay in our process group; their output goes to
+//!                         /dev/null
+//!   --setsid-child        start a child of our own in a new session (it
+//!                         escapes our process group) and print
+//!                         `SETSID_CHILD pid=P`; it lives as --orphan ones do
+//!   --until-file PATH     wait until PATH exists (polled every 10 ms)
 //!   --ignore-term         ignore SIGTERM from now on
 //!   --close-stdout        close stdout and stderr: descriptors 1 and 2 are
 //!                         pointed at /dev/null, so the pipes see EOF
@@ -27,14 +43,31 @@
 //! No flags after the injected ones: sleep forever.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Internal: the helper of --orphan. Start `ME REST...`, print its pid and
+    // exit at once without waiting for it.
+    if args.first().map(String::as_str) == Some("--spawn-orphan") {
+        // Not waited for: orphaning it is the point.
+        #[allow(clippy::zombie_processes)]
+        let child = orphan_command(&args[1..]).spawn().unwrap();
+        println!("{}", child.id());
+        return;
+    }
     let mut out = std::io::stdout().lock();
     let mut i = 0;
     let mut acted = false;
+    // What --orphan and --setsid-child processes run.
+    let mut orphan_args: Vec<String> = vec![
+        "--sleep-ms".to_owned(),
+        "100".to_owned(),
+        "--exit".to_owned(),
+        "0".to_owned(),
+    ];
     let value = |i: usize| -> String {
         args.get(i + 1)
             .cloned()
@@ -138,6 +171,92 @@ fn main() {
             "--invalid-utf8" => {
                 out.write_all(b"bad \xff\xfe bytes\n").unwrap();
             }
+            "--spew-bytes" => {
+                let n: usize = value(i).parse().unwrap();
+                i += 1;
+                let pattern: Vec<u8> = (0..=255u8).filter(|&b| b != b'\n').collect();
+                let mut left = n;
+                while left > 0 {
+                    let take = left.min(pattern.len());
+                    out.write_all(&pattern[..take]).unwrap();
+                    left -= take;
+                }
+                out.write_all(b"\n").unwrap();
+            }
+            "--orphan-life-ms" => {
+                let ms: u64 = value(i).parse().unwrap();
+                i += 1;
+                orphan_args = vec![
+                    "--sleep-ms".to_owned(),
+                    ms.to_string(),
+                    "--exit".to_owned(),
+                    "0".to_owned(),
+                ];
+            }
+            "--orphan-until" => {
+                let path = value(i);
+                i += 1;
+                orphan_args = vec![
+                    "--until-file".to_owned(),
+                    path,
+                    "--exit".to_owned(),
+                    "0".to_owned(),
+                ];
+            }
+            "--orphan" => {
+                let n: u64 = value(i).parse().unwrap();
+                i += 1;
+                let me = std::env::current_exe().unwrap();
+                for _ in 0..n {
+                    let helper = Command::new(&me)
+                        .arg("--spawn-orphan")
+                        .args(&orphan_args)
+                        .stdin(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .output()
+                        .unwrap();
+                    assert!(helper.status.success(), "the orphan helper failed");
+                    let pid = String::from_utf8_lossy(&helper.stdout).trim().to_owned();
+                    writeln!(out, "ORPHAN pid={pid}").unwrap();
+                }
+                writeln!(out, "ORPHANS n={n}").unwrap();
+                out.flush().unwrap();
+            }
+            "--setsid-child" => {
+                let mut command = orphan_command(&orphan_args);
+                // SAFETY: setsid is async-signal-safe and touches no memory
+                // of ours; the new process is alone in its group, so it
+                // cannot fail with EPERM.
+                unsafe {
+                    command.pre_exec(|| {
+                        unsafe extern "C" {
+                            fn setsid() -> i32;
+                        }
+                        if setsid() < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                #[allow(clippy::zombie_processes)]
+                let child = command.spawn().unwrap();
+                writeln!(out, "SETSID_CHILD pid={}", child.id()).unwrap();
+                out.flush().unwrap();
+            }
+            "--until-file" => {
+                let path = std::path::PathBuf::from(value(i));
+                i += 1;
+                out.flush().unwrap();
+                while !path.exists() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            "--print" => {
+                let text = value(i);
+                i += 1;
+                writeln!(out, "{text}").unwrap();
+                out.flush().unwrap();
+            }
             "--partial" => {
                 let text = value(i);
                 i += 1;
@@ -183,6 +302,17 @@ fn main() {
         sleep_forever(&mut out);
     }
     out.flush().unwrap();
+}
+
+/// `ME ARGS...` with stdio on /dev/null, so that it holds none of our pipes.
+fn orphan_command(args: &[String]) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    command
 }
 
 fn sleep_forever(out: &mut impl Write) -> ! {
