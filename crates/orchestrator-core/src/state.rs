@@ -137,7 +137,18 @@ pub struct ProcessRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedState {
     pub daemon_pid: u32,
+    /// /proc/sys/kernel/random/boot_id when written: pids and start times
+    /// mean nothing across a reboot, so a record from another boot names
+    /// no process of ours.
+    #[serde(default)]
+    pub boot_id: String,
     pub services: BTreeMap<String, ProcessRecord>,
+}
+
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +296,7 @@ impl StoreInner {
     fn write(&self) {
         let state = PersistedState {
             daemon_pid: std::process::id(),
+            boot_id: boot_id(),
             services: self
                 .services
                 .lock()
@@ -317,6 +329,9 @@ pub struct Leftover {
 /// the group id was recycled).
 pub fn find_leftovers(state: &PersistedState) -> Vec<Leftover> {
     let mut leftovers = Vec::new();
+    if state.boot_id != boot_id() {
+        return leftovers;
+    }
     let mut processes: Option<Vec<ProcStat>> = None;
     for (service, record) in &state.services {
         let mut pids = Vec::new();
@@ -477,6 +492,7 @@ mod tests {
         assert!(read_state(&path).unwrap().is_none());
         let state = PersistedState {
             daemon_pid: 7,
+            boot_id: boot_id(),
             services: BTreeMap::from([(
                 "api".to_owned(),
                 ProcessRecord {
@@ -501,6 +517,7 @@ mod tests {
         let me = proc_stat(std::process::id()).unwrap();
         let state = PersistedState {
             daemon_pid: 1,
+            boot_id: boot_id(),
             services: BTreeMap::from([(
                 "api".to_owned(),
                 ProcessRecord {
@@ -511,6 +528,31 @@ mod tests {
                 },
             )]),
         };
+        assert!(find_leftovers(&state).is_empty());
+    }
+
+    #[test]
+    fn a_record_from_another_boot_names_nothing() {
+        // Ourselves, exactly: a leftover in this boot, nothing in another.
+        let me = proc_stat(std::process::id()).unwrap();
+        let record = ProcessRecord {
+            pid: me.pid,
+            pgid: me.pgid,
+            sid: me.sid,
+            start_time: me.start_time,
+        };
+        let mut state = PersistedState {
+            daemon_pid: 1,
+            boot_id: boot_id(),
+            services: BTreeMap::from([("me".to_owned(), record)]),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        assert!(!find_leftovers(&state).is_empty());
+        state.boot_id = "another-boot".to_owned();
         assert!(find_leftovers(&state).is_empty());
     }
 }

@@ -416,6 +416,8 @@ fn a_recycled_pid_in_the_state_file_is_never_signalled() {
     // pid before: another start time.
     let state = PersistedState {
         daemon_pid: 999_999,
+        // This boot's: the start-time check is what must protect the stranger.
+        boot_id: orchestrator_core::state::boot_id(),
         services: BTreeMap::from([(
             "api".to_owned(),
             ProcessRecord {
@@ -456,6 +458,8 @@ fn a_state_file_naming_dead_processes_is_harmless() {
     gone.wait().expect("wait for true");
     let state = PersistedState {
         daemon_pid: 999_999,
+        // This boot's: the start-time check is what must protect the stranger.
+        boot_id: orchestrator_core::state::boot_id(),
         services: BTreeMap::from([
             (
                 "api".to_owned(),
