@@ -55,7 +55,7 @@ impl LogFile {
         max_files: u32,
         now: Instant,
     ) -> Self {
-        let mut log = Self {
+        let log = Self {
             service: service.into(),
             path,
             max_bytes,
@@ -66,7 +66,9 @@ impl LogFile {
             failing: false,
             rotation_failing: false,
         };
-        log.open(now);
+        // Opened on the first write: a service that prints nothing costs no
+        // descriptor (every spawn copies the daemon's descriptor table) and
+        // no inode.
         log
     }
 
@@ -473,8 +475,8 @@ mod tests {
         // A new instance (a restarted daemon) appends and knows the size.
         drop(log);
         let mut log = LogFile::new("svc", path.clone(), 0, 3, now);
-        assert_eq!(log.size(), Some(6));
         assert_eq!(log.write(&[b"again\n"], now), 0);
+        assert_eq!(log.size(), Some(12), "appended, the size known");
         assert_eq!(fs::read(&path).unwrap(), b"hello\nagain\n");
     }
 
@@ -540,8 +542,9 @@ mod tests {
         let path = tmp.path().join("svc.log");
         let now = Instant::now();
         let mut log = LogFile::new("svc", path.clone(), 30, 0, now);
+        assert_eq!(log.write(&[&lines(0..1)], now), 0);
         let ino = fs::metadata(&path).unwrap().ino();
-        for i in 0..10 {
+        for i in 1..10 {
             assert_eq!(log.write(&[&lines(i..i + 1)], now), 0);
         }
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);

@@ -1,15 +1,17 @@
-//! The real spawner: `tokio::process` with a clean environment and a process
-//! group of its own.
+//! The real spawner: a clean environment, a process group of its own, and
+//! the exit watched through a pidfd. `std::process` rather than
+//! `tokio::process`: tokio would hold a second pidfd per child, and every
+//! descriptor the daemon holds is copied (and closed again) by every spawn.
 
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Stdio;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::sys::signal::{Signal, killpg};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -21,7 +23,7 @@ pub struct UnixSpawner;
 
 impl Spawner for UnixSpawner {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
-        let mut command = tokio::process::Command::new(&spec.program);
+        let mut command = std::process::Command::new(&spec.program);
         command
             .args(&spec.args)
             .env_clear()
@@ -31,9 +33,7 @@ impl Spawner for UnixSpawner {
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // The actor decides when a child dies; dropping a handle must not.
-            .kill_on_drop(false);
+            .stderr(Stdio::piped());
         // No pre_exec hook: without one the standard library may use
         // posix_spawn (vfork-like), which is much cheaper than fork for a big
         // daemon starting many services. It already resets the signal mask
@@ -45,27 +45,19 @@ impl Spawner for UnixSpawner {
             program: spec.program.clone(),
             source,
         })?;
-        let pid = child
-            .id()
-            .expect("a child that was just spawned has not been reaped yet");
+        let pid = child.id();
         own.insert(pid);
         drop(own);
         let output = match (child.stdout.take(), child.stderr.take()) {
             (Some(stdout), Some(stderr)) => Some(ChildOutput {
-                stdout: stdout.into_owned_fd().map_err(|source| SpawnError::Exec {
-                    program: spec.program.clone(),
-                    source,
-                })?,
-                stderr: stderr.into_owned_fd().map_err(|source| SpawnError::Exec {
-                    program: spec.program.clone(),
-                    source,
-                })?,
+                stdout: OwnedFd::from(stdout),
+                stderr: OwnedFd::from(stderr),
             }),
             _ => None,
         };
         // A pidfd tells us the leader exited while it is still a zombie, so
         // its group id is still certainly ours to signal. Kernels before 5.3
-        // have none: then leftovers are killed just after the reap instead.
+        // have none: then the exit is polled for (see `wait`).
         let exited = i32::try_from(pid)
             .ok()
             .and_then(rustix::process::Pid::from_raw)
@@ -164,8 +156,22 @@ fn watch_pidfd(fd: OwnedFd) -> Option<AsyncFd<OwnedFd>> {
     AsyncFd::with_interest(fd, Interest::READABLE).ok()
 }
 
+/// Kernels without pidfds (before 5.3) only: how often an exit is looked for.
+const EXIT_POLL_WITHOUT_PIDFD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether our child `pid` has exited, without reaping it.
+fn has_exited(pid: u32) -> io::Result<bool> {
+    let raw = i32::try_from(pid).map_err(io::Error::other)?;
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(Id::Pid(Pid::from_raw(raw)), flags) {
+        Ok(WaitStatus::StillAlive) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(errno) => Err(io::Error::from(errno)),
+    }
+}
+
 struct UnixChild {
-    child: tokio::process::Child,
+    child: std::process::Child,
     pid: u32,
     output: Option<ChildOutput>,
     /// Readable once the leader has exited (before it is reaped).
@@ -183,27 +189,34 @@ impl ChildProcess for UnixChild {
 
     fn wait(&mut self) -> WaitFuture<'_> {
         Box::pin(async move {
-            if let Some(exited) = &self.exited {
-                // Readiness is not cleared: if this future is dropped and
-                // polled again, it passes straight through.
-                let _ready = exited.readable().await?;
-            }
-            // The leader is a zombie now (or, without a pidfd, about to be
-            // reaped): whatever it left in its group dies with it, so two
-            // generations never run side by side and the pipes close.
-            let _ = self.signal_group(Signal::SIGKILL);
-            let status = self.child.wait().await?;
-            own_children().remove(&self.pid);
-            if self.exited.is_none() {
+            loop {
+                match &self.exited {
+                    // Readiness is not cleared: if this future is dropped
+                    // and polled again, it passes straight through.
+                    Some(exited) => drop(exited.readable().await?),
+                    None => {
+                        while !has_exited(self.pid)? {
+                            tokio::time::sleep(EXIT_POLL_WITHOUT_PIDFD).await;
+                        }
+                    }
+                }
+                // The leader is a zombie now: whatever it left in its group
+                // dies with it while the group id is certainly ours, so two
+                // generations never run side by side and the pipes close.
                 let _ = self.signal_group(Signal::SIGKILL);
+                if let Some(status) = self.child.try_wait()? {
+                    own_children().remove(&self.pid);
+                    return Ok(match status.signal() {
+                        Some(signal) => ExitReason::Signaled {
+                            signal,
+                            core_dumped: status.core_dumped(),
+                        },
+                        None => ExitReason::Exited(status.code().unwrap_or(-1)),
+                    });
+                }
+                // Readable yet not reapable should not happen; never spin.
+                tokio::time::sleep(EXIT_POLL_WITHOUT_PIDFD).await;
             }
-            Ok(match status.signal() {
-                Some(signal) => ExitReason::Signaled {
-                    signal,
-                    core_dumped: status.core_dumped(),
-                },
-                None => ExitReason::Exited(status.code().unwrap_or(-1)),
-            })
         })
     }
 
