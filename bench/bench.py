@@ -53,15 +53,27 @@ def children(pid):
 
 
 def context_switches(pid):
-    total = 0
+    """Per thread: a thread that ends inside the window must not make the
+    difference negative, so windows compare thread by thread."""
+    counts = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/status") as f:
-                for line in f:
-                    if "ctxt_switches" in line:
-                        total += int(line.split()[1])
+                counts[task] = sum(
+                    int(line.split()[1]) for line in f if "ctxt_switches" in line
+                )
         except OSError:
             pass
+    return counts
+
+
+def switches_between(before, after):
+    """Wake-ups in the window: growth of threads alive at both ends, all of
+    a thread born inside it, and one for each thread that ended in it."""
+    total = 0
+    for task, count in after.items():
+        total += count - before.get(task, 0)
+    total += sum(1 for task in before if task not in after)
     return total
 
 
@@ -132,7 +144,7 @@ def bench_fleet(n, idle_seconds):
         return {
             "start": start,
             "idle_cpu_ms": (cpu1 - cpu0) * 1000 / CLK_TCK,
-            "idle_wakeups": ctx1 - ctx0,
+            "idle_wakeups": switches_between(ctx0, ctx1),
             "pss_mib": pss,
             "stop": stop,
         }
