@@ -271,13 +271,19 @@ impl Actor {
     async fn run(mut self) {
         loop {
             let deadline = self.machine.deadline();
-            let wakeup = tokio::select! {
-                command = self.commands.recv() => match command {
-                    Some(command) => Wakeup::Command(command),
-                    None => Wakeup::HandlesGone,
-                },
-                result = wait_child(&mut self.child) => Wakeup::Exited(result),
-                () = sleep_until(deadline) => Wakeup::Timer,
+            // A deadline already due (a backoff of 0) fires now: the timer
+            // wheel would round it up to its next millisecond tick.
+            let wakeup = if deadline.is_some_and(|d| d <= Instant::now()) {
+                Wakeup::Timer
+            } else {
+                tokio::select! {
+                    command = self.commands.recv() => match command {
+                        Some(command) => Wakeup::Command(command),
+                        None => Wakeup::HandlesGone,
+                    },
+                    result = wait_child(&mut self.child) => Wakeup::Exited(result),
+                    () = sleep_until(deadline) => Wakeup::Timer,
+                }
             };
             match wakeup {
                 Wakeup::Command(command) => self.on_command(command),
