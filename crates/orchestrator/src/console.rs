@@ -45,10 +45,30 @@ impl ServiceConsole {
                 &joined
             }
         };
+        // Plain text is assembled from slices: formatting machinery and
+        // lossy conversion per line cost more than the pipe itself.
+        let mut text_prefix = Vec::new();
+        let mut text_suffix = Vec::new();
+        if !self.json {
+            if self.ansi {
+                let _ = write!(
+                    text_prefix,
+                    "\x1b[2m{timestamp}\x1b[0m \x1b[32m INFO\x1b[0m "
+                );
+                let _ = writeln!(
+                    text_suffix,
+                    " \x1b[3mservice\x1b[0m\x1b[2m=\x1b[0m{service} \x1b[3mstream\x1b[0m\x1b[2m=\x1b[0m{}",
+                    stream.as_str()
+                );
+            } else {
+                let _ = write!(text_prefix, "{timestamp}  INFO ");
+                let _ = writeln!(text_suffix, " service={service} stream={}", stream.as_str());
+            }
+        }
         for line in bytes.split_inclusive(|&b| b == b'\n') {
             let line = line.strip_suffix(b"\n").unwrap_or(line);
-            let text = String::from_utf8_lossy(line);
             if self.json {
+                let text = String::from_utf8_lossy(line);
                 let record = JsonLine {
                     timestamp: &timestamp,
                     level: "INFO",
@@ -59,19 +79,14 @@ impl ServiceConsole {
                 if serde_json::to_writer(&mut *out, &record).is_ok() {
                     out.push(b'\n');
                 }
-            } else if self.ansi {
-                let _ = writeln!(
-                    out,
-                    "\x1b[2m{timestamp}\x1b[0m \x1b[32m INFO\x1b[0m {text} \x1b[3mservice\x1b[0m\x1b[2m=\x1b[0m{service} \x1b[3mstream\x1b[0m\x1b[2m=\x1b[0m{}",
-                    stream.as_str()
-                );
-            } else {
-                let _ = writeln!(
-                    out,
-                    "{timestamp}  INFO {text} service={service} stream={}",
-                    stream.as_str()
-                );
+                continue;
             }
+            out.extend_from_slice(&text_prefix);
+            match std::str::from_utf8(line) {
+                Ok(_) => out.extend_from_slice(line),
+                Err(_) => out.extend_from_slice(String::from_utf8_lossy(line).as_bytes()),
+            }
+            out.extend_from_slice(&text_suffix);
         }
     }
 }
