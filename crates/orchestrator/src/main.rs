@@ -341,18 +341,23 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
             None => None,
         };
         let listener = bind_unix(&socket).await?;
+        let socket_shown = socket.display().to_string();
         let (events_tx, events) = mpsc::channel(16);
         forward_signals(events_tx.clone()).context("cannot install signal handlers")?;
         reap_orphans_on_sigchld().context("cannot install the SIGCHLD handler")?;
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let daemon = tokio::spawn(daemon::run(
+        // Run on this (the main) thread rather than spawned: the services
+        // are then set up in the allocator arena that parsing the
+        // configuration just freed, instead of a worker's fresh one.
+        let daemon = daemon::run(
             config,
             Arc::new(UnixSpawner),
             HostEnv::from_process(),
             events,
             Some(ready_tx),
-        ));
-        if let Ok(handles) = ready.await {
+        );
+        let serve = async move {
+            let Ok(handles) = ready.await else { return };
             let control = DaemonControl {
                 supervisor: handles.supervisor,
                 events: handles.events,
@@ -364,7 +369,7 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
                     tracing::error!("control socket server failed: {error}");
                 }
             });
-            tracing::info!(socket = %socket.display(), "control API listening");
+            tracing::info!(socket = %socket_shown, "control API listening");
             if let Some((listener, addr, token)) = tcp {
                 let app = tcp_router(control, addr, token);
                 tokio::spawn(async move {
@@ -374,8 +379,8 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
                 });
                 tracing::info!(%addr, "HTTP API listening");
             }
-        }
-        let result = daemon.await.context("the daemon task failed")?;
+        };
+        let (result, ()) = tokio::join!(daemon, serve);
         let _ = std::fs::remove_file(&socket);
         result?;
         Ok(())
