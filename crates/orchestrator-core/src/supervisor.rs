@@ -161,13 +161,16 @@ impl SupervisorHandle {
     /// never holds up the others. Returns each failure.
     pub async fn start_all(&self) -> Result<Vec<ServiceError>, SupervisorError> {
         let handles = self.services().await?;
-        let mut starts = JoinSet::new();
-        for handle in handles.into_iter().filter(ServiceHandle::enabled) {
-            starts.spawn(async move { handle.start().await });
-        }
+        // Every request goes out first, so the actors start in parallel;
+        // the answers are then collected here, with no task per service.
+        let starts: Vec<_> = handles
+            .iter()
+            .filter(|handle| handle.enabled())
+            .map(ServiceHandle::start_now)
+            .collect();
         let mut failures = Vec::new();
-        while let Some(joined) = starts.join_next().await {
-            if let Ok(Err(error)) = joined {
+        for start in starts {
+            if let Err(error) = start.await {
                 failures.push(error);
             }
         }

@@ -155,9 +155,26 @@ impl ServiceHandle {
     }
 
     async fn request(&self, make: fn(Reply) -> Command) -> Result<(), ServiceError> {
+        self.send(make).await
+    }
+
+    /// Ask for a start now; the returned future tells how it went. Lets one
+    /// task start many services at once without a task per service.
+    pub fn start_now(&self) -> impl std::future::Future<Output = Result<(), ServiceError>> + use<> {
+        self.send(Command::Start)
+    }
+
+    fn send(
+        &self,
+        make: fn(Reply) -> Command,
+    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + use<> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(make(reply)).map_err(|_| self.gone())?;
-        answer.await.map_err(|_| self.gone())?
+        let sent = self.commands.send(make(reply));
+        let gone = self.gone();
+        async move {
+            sent.map_err(|_| gone.clone())?;
+            answer.await.map_err(|_| gone)?
+        }
     }
 
     fn gone(&self) -> ServiceError {
