@@ -782,6 +782,28 @@ impl Drop for Daemon {
 
 /// Run `orchestrator ARGS` in `cwd` to completion (at most [`DEADLINE`]);
 /// returns (exit code, stdout, stderr).
+/// The configuration file the end-to-end workspaces write.
+pub const CONFIG: &str = "orchestrator.toml";
+
+/// `orchestrator -c orchestrator.toml ARGS` in the workspace.
+pub fn cli(dir: &TestDir, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["-c", CONFIG];
+    all.extend_from_slice(args);
+    run_cli(dir.path(), &all)
+}
+
+/// `cli` that must exit 0; returns stdout.
+pub fn cli_ok(dir: &TestDir, args: &[&str]) -> String {
+    let (code, stdout, stderr) = cli(dir, args);
+    assert_eq!(
+        code,
+        0,
+        "`orchestrator {}` failed\nstdout: {stdout}\nstderr: {stderr}",
+        args.join(" ")
+    );
+    stdout
+}
+
 pub fn run_cli(cwd: &Path, args: &[&str]) -> (i32, String, String) {
     let child = Command::new(orchestrator_bin())
         .args(args)

@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 use orchestrator_e2e::*;
 use serde_json::Value;
 
-const CONFIG: &str = "orchestrator.toml";
-
 /// How long an absence check ("nothing restarts it") watches: long beside
 /// the 50 ms backoff a wrong restart would take, short for the suite.
 const ABSENCE: Duration = Duration::from_millis(500);
@@ -61,25 +59,6 @@ fn workspace(label: &str, services: &[(&str, &[&str])], orchestrator_extra: &str
 }
 
 const SLEEPER: &[&str] = &["--ready", "--sleep"];
-
-/// `orchestrator -c orchestrator.toml ARGS` in the workspace.
-fn cli(dir: &TestDir, args: &[&str]) -> (i32, String, String) {
-    let mut all = vec!["-c", CONFIG];
-    all.extend_from_slice(args);
-    run_cli(dir.path(), &all)
-}
-
-/// `cli` that must exit 0; returns stdout.
-fn cli_ok(dir: &TestDir, args: &[&str]) -> String {
-    let (code, stdout, stderr) = cli(dir, args);
-    assert_eq!(
-        code,
-        0,
-        "`orchestrator {}` failed\nstdout: {stdout}\nstderr: {stderr}",
-        args.join(" ")
-    );
-    stdout
-}
 
 fn socket(dir: &TestDir) -> PathBuf {
     dir.data_dir().join("orchestrator.sock")

@@ -16,8 +16,6 @@ use orchestrator_core::state::{PersistedState, ProcessRecord};
 use orchestrator_e2e::*;
 use serde_json::Value;
 
-const CONFIG: &str = "orchestrator.toml";
-
 /// What a control request may take on a loaded machine: a liveness check,
 /// not a benchmark.
 const PROMPT: Duration = Duration::from_secs(5);
@@ -48,23 +46,6 @@ fn workspace(label: &str, services: &[(&str, &[&str], &str)], orchestrator_extra
 }
 
 const SLEEPER: &[&str] = &["--ready", "--sleep"];
-
-fn cli(dir: &TestDir, args: &[&str]) -> (i32, String, String) {
-    let mut all = vec!["-c", CONFIG];
-    all.extend_from_slice(args);
-    run_cli(dir.path(), &all)
-}
-
-fn cli_ok(dir: &TestDir, args: &[&str]) -> String {
-    let (code, stdout, stderr) = cli(dir, args);
-    assert_eq!(
-        code,
-        0,
-        "`orchestrator {}` failed\nstdout: {stdout}\nstderr: {stderr}",
-        args.join(" ")
-    );
-    stdout
-}
 
 fn status_json(dir: &TestDir, names: &[&str]) -> Vec<Value> {
     let mut args = vec!["status", "--json"];
