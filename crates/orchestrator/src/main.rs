@@ -282,13 +282,30 @@ fn discover_command(config: &Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// stderr for the daemon's log that never fails: when whoever reads it goes
+/// away (a closed terminal, `| head`), writes fail with EPIPE, and
+/// tracing-subscriber would report that with `eprintln!`, which panics on
+/// that same broken stderr and takes down whatever task was logging.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn init_tracing(config: &Config) {
     let level = config.orchestrator.log_level.as_str();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHESTRATOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let json = config.orchestrator.log_format == LogFormat::Json;

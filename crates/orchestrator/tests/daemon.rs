@@ -332,3 +332,69 @@ restart = "never"
     daemon.signal(SIGTERM);
     assert_eq!(daemon.wait_exit().code(), Some(0));
 }
+
+/// When whoever reads the daemon's stderr goes away (a closed terminal,
+/// `orchestrator run | head`), every write fails with EPIPE. The daemon must
+/// keep supervising and still shut down cleanly.
+#[test]
+fn a_broken_stderr_changes_nothing() {
+    use std::process::{Command, Stdio};
+    let dir = workspace(
+        "broken-stderr",
+        &["crashy", "steady"],
+        r#"
+[orchestrator]
+shutdown_timeout = "5s"
+[services.crashy]
+args = ["--lines", "4", "--exit", "1"]
+max_restarts = 1000
+backoff = { initial = "50ms", max = "50ms" }
+[services.steady]
+args = ["--ready", "--sleep"]
+"#,
+    );
+    let mut child = Command::new(orchestrator_bin())
+        .args(["-c", "orchestrator.toml", "run"])
+        .current_dir(dir.path())
+        .env_remove("ORCHESTRATOR_CONFIG")
+        .env_remove("ORCHESTRATOR_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    // Nobody will ever read it: every later write gets EPIPE.
+    drop(child.stderr.take());
+    let daemon_pid = child.id();
+    let guard = ProcessGuard::new();
+    let steady = wait_for_line(&dir.log_path("steady"), "READY");
+    guard.add_pgid(field(&steady, "pgid") as i32);
+
+    // Crash after crash is logged (to the broken stderr) and restarted.
+    let restarted = wait_until(Duration::from_secs(20), || {
+        let (code, stdout, _) = run_cli(
+            dir.path(),
+            &["-c", "orchestrator.toml", "status", "crashy", "--json"],
+        );
+        code == 0
+            && serde_json::from_str::<serde_json::Value>(&stdout)
+                .ok()
+                .and_then(|v| v[0]["restarts"].as_u64())
+                .is_some_and(|restarts| restarts >= 3)
+    });
+    assert!(restarted, "crashy was not restarted again and again");
+
+    assert!(send_signal(daemon_pid, 15), "SIGTERM to the daemon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the daemon") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
