@@ -804,6 +804,21 @@ pub fn cli_ok(dir: &TestDir, args: &[&str]) -> String {
     stdout
 }
 
+/// `status --json [NAMES]`, parsed.
+pub fn status_json(dir: &TestDir, names: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["status", "--json"];
+    args.extend_from_slice(names);
+    let stdout = cli_ok(dir, &args);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status --json: {e}\n{stdout}"))
+}
+
+/// The one ServiceInfo of `name`, as JSON.
+pub fn status_of(dir: &TestDir, name: &str) -> serde_json::Value {
+    let mut services = status_json(dir, &[name]);
+    assert_eq!(services.len(), 1, "{services:?}");
+    services.remove(0)
+}
+
 pub fn run_cli(cwd: &Path, args: &[&str]) -> (i32, String, String) {
     let child = Command::new(orchestrator_bin())
         .args(args)

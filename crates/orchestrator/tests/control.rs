@@ -64,20 +64,6 @@ fn socket(dir: &TestDir) -> PathBuf {
     dir.data_dir().join("orchestrator.sock")
 }
 
-/// `status --json [NAMES]`, parsed.
-fn status_json(dir: &TestDir, names: &[&str]) -> Vec<Value> {
-    let mut args = vec!["status", "--json"];
-    args.extend_from_slice(names);
-    let stdout = cli_ok(dir, &args);
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status --json: {e}\n{stdout}"))
-}
-
-fn status_of(dir: &TestDir, name: &str) -> Value {
-    let mut services = status_json(dir, &[name]);
-    assert_eq!(services.len(), 1, "{services:?}");
-    services.remove(0)
-}
-
 fn pid_of(info: &Value) -> u32 {
     let pid = info["pid"]
         .as_u64()

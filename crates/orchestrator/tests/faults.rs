@@ -47,19 +47,6 @@ fn workspace(label: &str, services: &[(&str, &[&str], &str)], orchestrator_extra
 
 const SLEEPER: &[&str] = &["--ready", "--sleep"];
 
-fn status_json(dir: &TestDir, names: &[&str]) -> Vec<Value> {
-    let mut args = vec!["status", "--json"];
-    args.extend_from_slice(names);
-    let stdout = cli_ok(dir, &args);
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status --json: {e}\n{stdout}"))
-}
-
-fn status_of(dir: &TestDir, name: &str) -> Value {
-    let mut services = status_json(dir, &[name]);
-    assert_eq!(services.len(), 1, "{services:?}");
-    services.remove(0)
-}
-
 fn pid_of(info: &Value) -> Option<u32> {
     info["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
 }
