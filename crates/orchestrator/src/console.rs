@@ -1,20 +1,152 @@
-//! The daemon's console for service lines: the same look as the tracing
-//! log (text or JSON, fields `service` and `stream`), but formatted a batch
-//! at a time into one buffer and written with one syscall.
+//! The daemon's console: one thread owns stderr and writes, in order, the
+//! daemon's own log events and the services' lines. Service lines get the
+//! same look as the tracing log (text or JSON, fields `service` and
+//! `stream`), but are formatted a block at a time, off the threads that
+//! drain the pipes, and written with one syscall per batch.
+//!
+//! Everything goes through one bounded queue, so a service's last lines
+//! still come before the daemon's note that it exited, and a console that
+//! cannot keep up (a slow terminal or pipe) holds up the writers instead of
+//! losing lines or growing without bound.
 
 use std::io::Write;
-use std::sync::{Mutex, PoisonError};
-use std::time::SystemTime;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
+use memchr::memchr_iter;
 use orchestrator_core::events::rfc3339;
-use orchestrator_core::output::{Console, Stream};
+use orchestrator_core::output::{Console, LogBlock, Stream};
 use serde::Serialize;
 
-pub struct ServiceConsole {
-    json: bool,
-    ansi: bool,
-    /// Reused between batches; also serialises whole batches on stderr.
-    buffer: Mutex<Vec<u8>>,
+/// Entries the console may fall behind by: with blocks of up to 64 KiB read
+/// from a pipe, at most a few MiB held for a console that is slower than
+/// the services.
+const QUEUE_ENTRIES: usize = 64;
+
+/// Bytes formatted before they are written.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
+/// How long [`flush`] waits for a console that is stuck (stderr a pipe
+/// nobody reads) before the daemon exits anyway.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+enum Entry {
+    /// One event of the daemon's own log, already formatted.
+    Event(Vec<u8>),
+    Lines {
+        service: Arc<str>,
+        block: LogBlock,
+    },
+    Flushed(SyncSender<()>),
+}
+
+static QUEUE: OnceLock<SyncSender<Entry>> = OnceLock::new();
+static FORMAT: OnceLock<LineFormat> = OnceLock::new();
+
+/// Starts the console thread; from then on [`ConsoleWriter`] goes through it.
+pub fn start(format: LineFormat) -> std::io::Result<()> {
+    let _ = FORMAT.set(format);
+    let (sender, receiver) = sync_channel(QUEUE_ENTRIES);
+    std::thread::Builder::new()
+        .name("console".into())
+        .spawn(move || write_entries(&receiver, format))?;
+    let _ = QUEUE.set(sender);
+    Ok(())
+}
+
+/// Waits until everything queued so far is written (bounded by
+/// [`FLUSH_WAIT`]). Call before the process exits.
+pub fn flush() {
+    let Some(queue) = QUEUE.get() else { return };
+    let (done, written) = sync_channel(1);
+    if queue.send(Entry::Flushed(done)).is_ok() {
+        let _ = written.recv_timeout(FLUSH_WAIT);
+    }
+}
+
+/// Sends `entry`, or hands it back when there is no console thread (not
+/// started, or gone).
+fn enqueue(entry: Entry) -> Result<(), Entry> {
+    let Some(queue) = QUEUE.get() else {
+        return Err(entry);
+    };
+    match queue.try_send(entry) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(entry)) => queue.send(entry).map_err(|e| e.0),
+        Err(TrySendError::Disconnected(entry)) => Err(entry),
+    }
+}
+
+/// tracing's writer: one `write` per formatted event.
+pub struct ConsoleWriter;
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Err(Entry::Event(bytes)) = enqueue(Entry::Event(buf.to_vec())) {
+            write_stderr(&bytes);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A console that went away (closed terminal, EPIPE) must neither stop the
+/// services nor make tracing report (and panic on) the failure.
+fn write_stderr(bytes: &[u8]) {
+    let _ = std::io::stderr().lock().write_all(bytes);
+}
+
+/// The console thread: takes what is queued, formats a batch, writes it.
+fn write_entries(receiver: &Receiver<Entry>, format: LineFormat) {
+    let mut out = Vec::with_capacity(WRITE_BATCH_BYTES);
+    while let Ok(mut entry) = receiver.recv() {
+        loop {
+            let mut flushed = None;
+            match entry {
+                Entry::Event(bytes) => out.extend_from_slice(&bytes),
+                Entry::Lines { service, block } => format.block(&mut out, &service, &block),
+                Entry::Flushed(done) => flushed = Some(done),
+            }
+            if flushed.is_some() || out.len() >= WRITE_BATCH_BYTES {
+                write_stderr(&out);
+                out.clear();
+            }
+            if let Some(done) = flushed {
+                let _ = done.try_send(());
+            }
+            match receiver.try_recv() {
+                Ok(next) => entry = next,
+                Err(_) => break,
+            }
+        }
+        write_stderr(&out);
+        out.clear();
+        if out.capacity() > 4 * WRITE_BATCH_BYTES {
+            out = Vec::with_capacity(WRITE_BATCH_BYTES);
+        }
+    }
+}
+
+/// Hands service lines to the console thread.
+pub struct ServiceConsole;
+
+impl Console for ServiceConsole {
+    fn block(&self, service: &Arc<str>, block: &LogBlock) {
+        let entry = Entry::Lines {
+            service: Arc::clone(service),
+            block: block.clone(),
+        };
+        if let Err(Entry::Lines { service, block }) = enqueue(entry) {
+            let mut out = Vec::new();
+            let format = FORMAT.get().copied().unwrap_or_default();
+            format.block(&mut out, &service, &block);
+            write_stderr(&out);
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -26,80 +158,78 @@ struct JsonLine<'a> {
     stream: &'static str,
 }
 
-impl ServiceConsole {
-    pub fn new(json: bool, ansi: bool) -> Self {
-        ServiceConsole {
-            json,
-            ansi,
-            buffer: Mutex::new(Vec::new()),
-        }
+/// How service lines look on the console.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineFormat {
+    pub json: bool,
+    pub ansi: bool,
+}
+
+impl LineFormat {
+    fn block(&self, out: &mut Vec<u8>, service: &str, block: &LogBlock) {
+        self.format(out, block.time, service, block.stream, &block.bytes);
     }
 
-    fn format(&self, out: &mut Vec<u8>, service: &str, stream: Stream, segments: &[&[u8]]) {
-        let timestamp = rfc3339(SystemTime::now());
-        let joined;
-        let bytes: &[u8] = match segments {
-            [one] => one,
-            _ => {
-                joined = segments.concat();
-                &joined
-            }
-        };
-        // Plain text is assembled from slices: formatting machinery and
-        // lossy conversion per line cost more than the pipe itself.
-        let mut text_prefix = Vec::new();
-        let mut text_suffix = Vec::new();
-        if !self.json {
-            if self.ansi {
-                let _ = write!(
-                    text_prefix,
-                    "\x1b[2m{timestamp}\x1b[0m \x1b[32m INFO\x1b[0m "
-                );
-                let _ = writeln!(
-                    text_suffix,
-                    " \x1b[3mservice\x1b[0m\x1b[2m=\x1b[0m{service} \x1b[3mstream\x1b[0m\x1b[2m=\x1b[0m{}",
-                    stream.as_str()
-                );
-            } else {
-                let _ = write!(text_prefix, "{timestamp}  INFO ");
-                let _ = writeln!(text_suffix, " service={service} stream={}", stream.as_str());
-            }
+    /// `bytes` are whole lines, each ending in `\n`.
+    fn format(
+        &self,
+        out: &mut Vec<u8>,
+        time: SystemTime,
+        service: &str,
+        stream: Stream,
+        bytes: &[u8],
+    ) {
+        let timestamp = rfc3339(time);
+        if self.json {
+            format_json(out, &timestamp, service, stream, bytes);
+            return;
         }
-        for line in bytes.split_inclusive(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\n").unwrap_or(line);
-            if self.json {
-                let text = String::from_utf8_lossy(line);
-                let record = JsonLine {
-                    timestamp: &timestamp,
-                    level: "INFO",
-                    message: &text,
-                    service,
-                    stream: stream.as_str(),
-                };
-                if serde_json::to_writer(&mut *out, &record).is_ok() {
-                    out.push(b'\n');
-                }
-                continue;
+        // Plain text is assembled from slices, found with memchr and
+        // validated a block at a time: formatting machinery, a byte-wise
+        // split or lossy conversion per line cost more than the pipe itself.
+        let mut prefix = Vec::with_capacity(64);
+        let mut suffix = Vec::with_capacity(64);
+        if self.ansi {
+            let _ = write!(prefix, "\x1b[2m{timestamp}\x1b[0m \x1b[32m INFO\x1b[0m ");
+            let _ = writeln!(
+                suffix,
+                " \x1b[3mservice\x1b[0m\x1b[2m=\x1b[0m{service} \x1b[3mstream\x1b[0m\x1b[2m=\x1b[0m{}",
+                stream.as_str()
+            );
+        } else {
+            let _ = write!(prefix, "{timestamp}  INFO ");
+            let _ = writeln!(suffix, " service={service} stream={}", stream.as_str());
+        }
+        let valid = std::str::from_utf8(bytes).is_ok();
+        let mut start = 0;
+        for end in memchr_iter(b'\n', bytes) {
+            let line = &bytes[start..end];
+            start = end + 1;
+            out.extend_from_slice(&prefix);
+            if valid {
+                out.extend_from_slice(line);
+            } else {
+                out.extend_from_slice(String::from_utf8_lossy(line).as_bytes());
             }
-            out.extend_from_slice(&text_prefix);
-            match std::str::from_utf8(line) {
-                Ok(_) => out.extend_from_slice(line),
-                Err(_) => out.extend_from_slice(String::from_utf8_lossy(line).as_bytes()),
-            }
-            out.extend_from_slice(&text_suffix);
+            out.extend_from_slice(&suffix);
         }
     }
 }
 
-impl Console for ServiceConsole {
-    fn lines(&self, service: &str, stream: Stream, segments: &[&[u8]]) {
-        let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
-        buffer.clear();
-        self.format(&mut buffer, service, stream, segments);
-        // A console that went away (closed terminal) must not stop services.
-        let _ = std::io::stderr().lock().write_all(&buffer);
-        if buffer.capacity() > 1 << 20 {
-            *buffer = Vec::new();
+fn format_json(out: &mut Vec<u8>, timestamp: &str, service: &str, stream: Stream, bytes: &[u8]) {
+    let mut start = 0;
+    for end in memchr_iter(b'\n', bytes) {
+        let text = String::from_utf8_lossy(&bytes[start..end]);
+        start = end + 1;
+        let record = JsonLine {
+            timestamp,
+            level: "INFO",
+            message: &text,
+            service,
+            stream: stream.as_str(),
+        };
+        if serde_json::to_writer(&mut *out, &record).is_ok() {
+            out.push(b'\n');
         }
     }
 }
@@ -108,34 +238,30 @@ impl Console for ServiceConsole {
 mod tests {
     use super::*;
 
-    fn formatted(json: bool, segments: &[&[u8]]) -> String {
-        let console = ServiceConsole::new(json, false);
+    fn formatted(json: bool, bytes: &[u8]) -> String {
+        let format = LineFormat { json, ansi: false };
         let mut out = Vec::new();
-        console.format(&mut out, "api", Stream::Stderr, segments);
+        format.format(&mut out, SystemTime::now(), "api", Stream::Stderr, bytes);
         String::from_utf8(out).unwrap()
     }
 
     #[test]
     fn text_lines_carry_service_and_stream() {
-        let text = formatted(false, &[b"one\ntw", b"o\n", b"bad \xff\n"]);
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert!(
-            lines[0].ends_with("  INFO one service=api stream=stderr"),
-            "{}",
-            lines[0]
-        );
-        assert!(lines[1].contains(" INFO two service=api"), "{}", lines[1]);
-        assert!(
-            lines[2].contains("bad \u{fffd} service=api"),
-            "{}",
-            lines[2]
-        );
+        let text = formatted(false, b"one\ntwo\n\nbad \xff\n");
+        let messages: Vec<&str> = text
+            .lines()
+            .map(|l| {
+                let start = l.find("  INFO ").unwrap() + 7;
+                let end = l.rfind(" service=api stream=stderr").unwrap();
+                &l[start..end]
+            })
+            .collect();
+        assert_eq!(messages, ["one", "two", "", "bad \u{fffd}"]);
     }
 
     #[test]
     fn json_lines_are_one_object_each() {
-        let text = formatted(true, &[b"say \"hi\"\n\n"]);
+        let text = formatted(true, b"say \"hi\"\n\n");
         let values: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())

@@ -130,8 +130,12 @@ fn main() -> ExitCode {
         Command::Check => check(config.as_ref().expect("loaded for check")),
         Command::Discover => discover_command(config.as_ref().expect("loaded for discover")),
         Command::Run => match run(config.expect("loaded for run"), socket) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => {
+                console::flush();
+                ExitCode::SUCCESS
+            }
             Err(error) => {
+                console::flush();
                 eprintln!("orchestrator: {error:#}");
                 ExitCode::FAILURE
             }
@@ -286,29 +290,21 @@ fn discover_command(config: &Config) -> ExitCode {
 /// away (a closed terminal, `| head`), writes fail with EPIPE, and
 /// tracing-subscriber would report that with `eprintln!`, which panics on
 /// that same broken stderr and takes down whatever task was logging.
-struct QuietStderr;
-
-impl std::io::Write for QuietStderr {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().write_all(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn init_tracing(config: &Config) {
     let level = config.orchestrator.log_level.as_str();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHESTRATOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let json = config.orchestrator.log_format == LogFormat::Json;
+    if let Err(error) = console::start(console::LineFormat { json, ansi }) {
+        // Without its thread the console writes from the caller's thread.
+        eprintln!("orchestrator: cannot start the console thread: {error}");
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| QuietStderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(|| console::ConsoleWriter)
+        .with_ansi(ansi)
         .with_target(false);
-    let json = config.orchestrator.log_format == LogFormat::Json;
     match json {
         false => builder.init(),
         true => builder.json().flatten_event(true).init(),
@@ -316,10 +312,7 @@ fn init_tracing(config: &Config) {
     // Service lines are logged at info: below that level they are not
     // shown at all, and tracing's per-line path is the one left in place.
     if tracing::enabled!(target: "service", tracing::Level::INFO) {
-        orchestrator_core::output::set_console(console::ServiceConsole::new(
-            json,
-            std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        ));
+        orchestrator_core::output::set_console(console::ServiceConsole);
     }
 }
 

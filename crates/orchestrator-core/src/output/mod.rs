@@ -28,12 +28,14 @@ pub use recent::{LogBlock, LogLine, RECENT_MAX_BYTES};
 /// nothing is dropped. Bounds the memory a stream holds for a partial line.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
-/// The daemon's own log of service lines, fed whole batches: one write per
-/// read of a pipe instead of one tracing event (and one write) per line,
-/// which would cap a flooding service far below the pipe's speed.
+/// The daemon's own log of service lines, fed whole blocks: one hand-over
+/// per read of a pipe instead of one tracing event (and one write) per
+/// line, which would cap a flooding service far below the pipe's speed.
 pub trait Console: Send + Sync + 'static {
-    /// `segments` concatenated are whole lines, each ending in `\n`.
-    fn lines(&self, service: &str, stream: Stream, segments: &[&[u8]]);
+    /// The block just kept for `logs` (its bytes are shared, not copied),
+    /// in order per service and stream. May block while the console is
+    /// behind: that is the back-pressure that keeps every line.
+    fn block(&self, service: &Arc<str>, block: &LogBlock);
 }
 
 static CONSOLE: OnceLock<Box<dyn Console>> = OnceLock::new();
@@ -70,7 +72,7 @@ impl Stream {
 /// The output of one service, shared by all its generations: a restarted
 /// child appends to the same log file, and the counters keep counting.
 pub struct ServiceOutput {
-    name: Box<str>,
+    name: Arc<str>,
     log_path: PathBuf,
     lines: [AtomicU64; 2],
     dropped: AtomicU64,
@@ -162,7 +164,10 @@ impl ServiceOutput {
 
     /// Appends whole lines to the log file and the recent lines.
     fn write_file(&self, stream: Stream, segments: &[&[u8]]) {
-        self.recent
+        // Handed to the console only after the lock is released: a console
+        // that is behind must not hold up readers of the recent lines.
+        let block = self
+            .recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(stream, segments);
@@ -189,8 +194,8 @@ impl ServiceOutput {
             };
             events.emit(Some(&self.name), kind);
         }
-        if let Some(console) = CONSOLE.get() {
-            console.lines(&self.name, stream, segments);
+        if let (Some(console), Some(block)) = (CONSOLE.get(), block) {
+            console.block(&self.name, &block);
         }
     }
 

@@ -20,6 +20,13 @@ use super::{ServiceOutput, Stream};
 /// The default capacity of a Linux pipe: one read can take all it holds.
 const READ_BUF_BYTES: usize = 64 * 1024;
 
+/// What a pipe grows to once its service has filled it: a service that
+/// writes faster than one wake-up of ours drains then runs ahead by a
+/// megabyte instead of blocking every 64 KiB. The kernel allocates the pages
+/// only while they hold unread bytes, so a quiet service costs nothing; the
+/// kernel's own cap (fs.pipe-max-size, 1 MiB by default) applies.
+const GROWN_PIPE_BYTES: usize = 1024 * 1024;
+
 /// Reads per wake-up before the other stream (and other tasks, through
 /// tokio's cooperative budget) get a turn; a flooding stream must not starve
 /// a quiet one.
@@ -95,6 +102,8 @@ struct Reader {
     /// `None` once closed.
     rx: Option<Receiver>,
     framer: Framer,
+    /// Whether the pipe was grown (or growing was tried) already.
+    grown: bool,
 }
 
 impl Reader {
@@ -115,6 +124,7 @@ impl Reader {
             stream,
             rx,
             framer: Framer::new(),
+            grown: false,
         }
     }
 
@@ -153,12 +163,16 @@ impl Reader {
         let framer = &mut self.framer;
         let stream = self.stream;
         let mut sink = StreamSink::new(output, stream);
+        let mut filled = false;
         // No `.await` in here: the buffer is borrowed from the thread.
         let drained = READ_BUF.with_borrow_mut(|buf| {
             for _ in 0..READS_PER_TURN {
                 match rx.try_read(buf) {
                     Ok(0) => return Drained::Eof,
-                    Ok(n) => framer.feed(&buf[..n], &mut sink),
+                    Ok(n) => {
+                        filled |= n == buf.len();
+                        framer.feed(&buf[..n], &mut sink);
+                    }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     Err(err) => {
@@ -170,6 +184,10 @@ impl Reader {
             Drained::TurnOver
         });
         sink.commit();
+        if filled && !self.grown {
+            self.grown = true;
+            grow_pipe(rx, output, stream);
+        }
         drained
     }
 
@@ -187,6 +205,20 @@ fn read_failed(output: &ServiceOutput, stream: Stream, err: &io::Error) {
         error = %err,
         "reading the service's output failed; closing the stream"
     );
+}
+
+/// Best effort: a pipe that cannot grow (a socket or pty, the per-user
+/// pipe memory limit reached) keeps working at its size.
+fn grow_pipe(rx: &Receiver, output: &ServiceOutput, stream: Stream) {
+    let size = i32::try_from(GROWN_PIPE_BYTES).unwrap_or(i32::MAX);
+    if let Err(err) = fcntl(rx, FcntlArg::F_SETPIPE_SZ(size)) {
+        tracing::debug!(
+            service = %output.name,
+            stream = stream.as_str(),
+            error = %err,
+            "cannot grow the output pipe; it keeps its size"
+        );
+    }
 }
 
 /// Sets O_NONBLOCK ourselves rather than through `Receiver::from_owned_fd`,
@@ -314,6 +346,43 @@ mod tests {
         assert_eq!(output.lines(Stream::Stderr), 0);
         assert_eq!(output.dropped_bytes(), 0);
         assert!(fs::read(&path).unwrap() == data, "file differs from input");
+    }
+
+    fn pipe_size(fd: &impl std::os::fd::AsFd) -> i32 {
+        fcntl(fd, FcntlArg::F_GETPIPE_SZ).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pipe_grows_once_its_service_fills_it() {
+        let tmp = TempDir::new("grow");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (quiet_r, mut quiet_w) = pipe();
+        let (full_r, mut full_w) = pipe();
+        let default_size = pipe_size(&full_w);
+        // Filled before the pump reads: its first read takes a whole buffer.
+        let line = numbered("x", 0..1)[..].to_vec();
+        let mut fill = Vec::new();
+        while fill.len() + line.len() <= READ_BUF_BYTES.min(default_size as usize) {
+            fill.extend_from_slice(&line);
+        }
+        fill.resize(READ_BUF_BYTES.min(default_size as usize), b'\n');
+        full_w.write_all(&fill).unwrap();
+        quiet_w.write_all(b"one line\n").unwrap();
+        let pump = spawn_pump(output.clone(), quiet_r, full_r);
+        let lines = fill.iter().filter(|&&b| b == b'\n').count() as u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while output.lines(Stream::Stderr) < lines || output.lines(Stream::Stdout) < 1 {
+            assert!(std::time::Instant::now() < deadline, "the pump never read");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(pipe_size(&full_w) as usize, GROWN_PIPE_BYTES);
+        assert_eq!(
+            pipe_size(&quiet_w),
+            default_size,
+            "a quiet pipe stays small"
+        );
+        drop((quiet_w, full_w));
+        pump.await.unwrap();
     }
 
     #[tokio::test]

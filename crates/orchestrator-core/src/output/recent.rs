@@ -69,7 +69,9 @@ pub(super) struct Recent {
 }
 
 impl Recent {
-    pub(super) fn push(&mut self, stream: Stream, segments: &[&[u8]]) {
+    /// Keeps the lines as one block and returns it (a cheap clone), or
+    /// `None` when `segments` hold no whole line.
+    pub(super) fn push(&mut self, stream: Stream, segments: &[&[u8]]) -> Option<LogBlock> {
         let len = segments.iter().map(|s| s.len()).sum();
         let mut bytes = Vec::with_capacity(len);
         for segment in segments {
@@ -77,7 +79,7 @@ impl Recent {
         }
         let line_count = memchr_iter(b'\n', &bytes).count() as u64;
         if line_count == 0 {
-            return;
+            return None;
         }
         let block = LogBlock {
             first_seq: self.next_seq + 1,
@@ -95,12 +97,13 @@ impl Recent {
             }
         }
         self.bytes += len;
-        self.blocks.push_back(block);
+        self.blocks.push_back(block.clone());
         while self.bytes > RECENT_MAX_BYTES && self.blocks.len() > 1 {
             if let Some(old) = self.blocks.pop_front() {
                 self.bytes -= old.bytes.len();
             }
         }
+        Some(block)
     }
 
     /// The last `n` lines kept (fewer when fewer are kept), oldest first.
