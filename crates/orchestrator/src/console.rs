@@ -102,7 +102,8 @@ fn write_stderr(bytes: &[u8]) {
 
 /// The console thread: takes what is queued, formats a batch, writes it.
 fn write_entries(receiver: &Receiver<Entry>, format: LineFormat) {
-    let mut out = Vec::with_capacity(WRITE_BATCH_BYTES);
+    // Grown on demand: a daemon whose services are quiet keeps it small.
+    let mut out = Vec::new();
     while let Ok(mut entry) = receiver.recv() {
         loop {
             let mut flushed = None;
@@ -125,8 +126,8 @@ fn write_entries(receiver: &Receiver<Entry>, format: LineFormat) {
         }
         write_stderr(&out);
         out.clear();
-        if out.capacity() > 4 * WRITE_BATCH_BYTES {
-            out = Vec::with_capacity(WRITE_BATCH_BYTES);
+        if out.capacity() > 2 * WRITE_BATCH_BYTES {
+            out = Vec::new();
         }
     }
 }

@@ -7,11 +7,12 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use super::inbox::{self, inbox};
 use super::machine::{Effect, Input, Machine, Policy, State};
 use crate::events::{EventBus, EventKind};
 use crate::output::{ServiceOutput, spawn_pump};
@@ -80,7 +81,7 @@ pub struct ServiceHandle {
     name: Arc<str>,
     configured: bool,
     enabled: bool,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: inbox::Sender<Command>,
     status: watch::Receiver<ServiceStatus>,
     output: Arc<ServiceOutput>,
 }
@@ -200,7 +201,17 @@ pub(crate) fn spawn_with_machine(
     events: EventBus,
     machine: Machine,
 ) -> (ServiceHandle, JoinHandle<()>) {
-    let (commands_tx, commands) = mpsc::unbounded_channel();
+    let (handle, actor) = new_actor(definition, spawner, events, machine);
+    (handle, tokio::spawn(actor.run()))
+}
+
+fn new_actor(
+    definition: ServiceDefinition,
+    spawner: Arc<dyn Spawner>,
+    events: EventBus,
+    machine: Machine,
+) -> (ServiceHandle, Actor) {
+    let (commands_tx, commands) = inbox();
     let output = ServiceOutput::new(
         &definition.name,
         definition.log_path.clone(),
@@ -231,7 +242,7 @@ pub(crate) fn spawn_with_machine(
         stop_waiters: Vec::new(),
         closing: false,
     };
-    (handle, tokio::spawn(actor.run()))
+    (handle, actor)
 }
 
 fn snapshot(machine: &Machine) -> ServiceStatus {
@@ -255,7 +266,7 @@ struct Actor {
     /// The task reading the current child's output.
     pump: Option<JoinHandle<()>>,
     output: Arc<ServiceOutput>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: inbox::Receiver<Command>,
     status: watch::Sender<ServiceStatus>,
     start_waiters: Vec<Reply>,
     stop_waiters: Vec<Reply>,
@@ -285,37 +296,43 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 impl Actor {
-    async fn run(mut self) {
-        loop {
-            let deadline = self.machine.deadline();
-            // A deadline already due (a backoff of 0) fires now: the timer
-            // wheel would round it up to its next millisecond tick.
-            let wakeup = if deadline.is_some_and(|d| d <= Instant::now()) {
-                Wakeup::Timer
-            } else {
-                tokio::select! {
-                    command = self.commands.recv() => match command {
-                        Some(command) => Wakeup::Command(command),
-                        None => Wakeup::HandlesGone,
-                    },
-                    result = wait_child(&mut self.child) => Wakeup::Exited(result),
-                    () = sleep_until(deadline) => Wakeup::Timer,
-                }
-            };
-            match wakeup {
-                Wakeup::Command(command) => self.on_command(command),
-                Wakeup::Exited(result) => self.on_exit(result).await,
-                Wakeup::Timer => {
-                    let was_stopping = self.machine.is_stopping();
-                    self.feed(Input::Timer);
-                    if was_stopping {
-                        warn!(service = %self.definition.name, "did not stop within {:?}: sent SIGKILL", self.definition.policy.stop_timeout);
-                        self.emit(EventKind::StopTimedOut);
+    /// An `async move` block rather than an `async fn`: an `async fn` keeps
+    /// its by-value `self` twice in its state (argument and local), which
+    /// for a thousand idle services is half a megabyte.
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            loop {
+                let deadline = self.machine.deadline();
+                // A deadline already due (a backoff of 0) fires now: the timer
+                // wheel would round it up to its next millisecond tick.
+                let wakeup = if deadline.is_some_and(|d| d <= Instant::now()) {
+                    Wakeup::Timer
+                } else {
+                    tokio::select! {
+                        command = self.commands.recv() => match command {
+                            Some(command) => Wakeup::Command(command),
+                            None => Wakeup::HandlesGone,
+                        },
+                        result = wait_child(&mut self.child) => Wakeup::Exited(result),
+                        () = sleep_until(deadline) => Wakeup::Timer,
                     }
-                }
-                Wakeup::HandlesGone => {
-                    self.abandon().await;
-                    return;
+                };
+                match wakeup {
+                    Wakeup::Command(command) => self.on_command(command),
+                    Wakeup::Exited(result) => self.on_exit(result).await,
+                    Wakeup::Timer => {
+                        let was_stopping = self.machine.is_stopping();
+                        self.feed(Input::Timer);
+                        if was_stopping {
+                            warn!(service = %self.definition.name, "did not stop within {:?}: sent SIGKILL", self.definition.policy.stop_timeout);
+                            self.emit(EventKind::StopTimedOut);
+                        }
+                    }
+                    Wakeup::HandlesGone => {
+                        self.abandon().await;
+                        return;
+                    }
                 }
             }
         }
@@ -577,5 +594,32 @@ fn supersede(waiters: &mut Vec<Reply>, service: &str, by: &'static str) {
             service: service.to_owned(),
             by,
         }));
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::process::FakeSpawner;
+
+    /// A thousand idle services each keep this future: it must hold the
+    /// actor once, not twice as an `async fn` taking `self` by value would.
+    #[test]
+    fn the_actor_task_holds_its_state_once() {
+        let definition = crate::service::tests::definition(crate::config::RestartPolicy::Always, 3);
+        let machine = Machine::new(definition.policy.clone());
+        let (_handle, actor) = new_actor(
+            definition,
+            Arc::new(FakeSpawner::new()),
+            EventBus::in_memory(),
+            machine,
+        );
+        let future = actor.run();
+        assert!(
+            std::mem::size_of_val(&future) < 2 * std::mem::size_of::<Actor>(),
+            "actor future {} bytes, actor {} bytes",
+            std::mem::size_of_val(&future),
+            std::mem::size_of::<Actor>()
+        );
     }
 }

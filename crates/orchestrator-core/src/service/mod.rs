@@ -1,6 +1,7 @@
 //! One service: its pure state machine and the actor task that owns it.
 
 mod actor;
+mod inbox;
 mod machine;
 #[cfg(test)]
 mod tests;

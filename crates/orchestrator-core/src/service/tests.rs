@@ -304,7 +304,7 @@ fn kill_skips_the_grace_period() {
 
 // ---- the actor, with the fake spawner and the paused clock ----
 
-fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDefinition {
+pub(super) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDefinition {
     let dir = std::env::temp_dir().join(format!("orchestrator-actor-test-{}", std::process::id()));
     ServiceDefinition {
         name: "svc".into(),
