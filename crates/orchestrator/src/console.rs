@@ -36,7 +36,7 @@ enum Entry {
     Event(Vec<u8>),
     Lines {
         service: Arc<str>,
-        block: LogBlock,
+        blocks: Vec<LogBlock>,
     },
     Flushed(SyncSender<()>),
 }
@@ -109,7 +109,11 @@ fn write_entries(receiver: &Receiver<Entry>, format: LineFormat) {
             let mut flushed = None;
             match entry {
                 Entry::Event(bytes) => out.extend_from_slice(&bytes),
-                Entry::Lines { service, block } => format.block(&mut out, &service, &block),
+                Entry::Lines { service, blocks } => {
+                    for block in &blocks {
+                        format.block(&mut out, &service, block);
+                    }
+                }
                 Entry::Flushed(done) => flushed = Some(done),
             }
             if flushed.is_some() || out.len() >= WRITE_BATCH_BYTES {
@@ -136,15 +140,17 @@ fn write_entries(receiver: &Receiver<Entry>, format: LineFormat) {
 pub struct ServiceConsole;
 
 impl Console for ServiceConsole {
-    fn block(&self, service: &Arc<str>, block: &LogBlock) {
+    fn blocks(&self, service: &Arc<str>, blocks: Vec<LogBlock>) {
         let entry = Entry::Lines {
             service: Arc::clone(service),
-            block: block.clone(),
+            blocks,
         };
-        if let Err(Entry::Lines { service, block }) = enqueue(entry) {
+        if let Err(Entry::Lines { service, blocks }) = enqueue(entry) {
             let mut out = Vec::new();
             let format = FORMAT.get().copied().unwrap_or_default();
-            format.block(&mut out, &service, &block);
+            for block in &blocks {
+                format.block(&mut out, &service, block);
+            }
             write_stderr(&out);
         }
     }

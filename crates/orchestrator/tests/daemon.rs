@@ -188,6 +188,41 @@ args = ["--lines", "4", "--invalid-utf8", "--ready", "--sleep"]
 }
 
 #[test]
+fn a_service_s_last_lines_come_before_the_daemon_s_note_of_its_exit() {
+    let dir = workspace(
+        "lastwords",
+        &["dying"],
+        r#"
+[orchestrator]
+shutdown_timeout = "5s"
+
+[services.dying]
+args = ["--lines", "2000", "--exit", "3"]
+restart = "never"
+"#,
+    );
+    let mut daemon = Daemon::start(dir.path(), &["-c", "orchestrator.toml", "run"]);
+    daemon.wait_for_log(&["exited with code 3", "service=dying"]);
+    let log = daemon.stderr_text();
+    let lines: Vec<&str> = log.lines().collect();
+    let exit_note = lines
+        .iter()
+        .position(|l| l.contains("exited with code 3"))
+        .unwrap();
+    // Both streams: the console thread must keep the daemon's own events
+    // in order with the service lines handed to it.
+    for last in ["line 1998 on stdout", "line 1999 on stderr"] {
+        let at = lines
+            .iter()
+            .position(|l| l.contains(last))
+            .unwrap_or_else(|| panic!("{last} missing from the daemon log:\n{log}"));
+        assert!(at < exit_note, "{last} after the exit note:\n{log}");
+    }
+    daemon.signal(SIGTERM);
+    assert_eq!(daemon.wait_exit().code(), Some(0));
+}
+
+#[test]
 fn zero_config_runs_what_it_discovers() {
     let dir = TestDir::new("zeroconf");
     // A script service: zero-config passes only the injected flags, so the

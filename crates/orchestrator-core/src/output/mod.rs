@@ -32,10 +32,12 @@ pub const MAX_LINE_BYTES: usize = 16 * 1024;
 /// per read of a pipe instead of one tracing event (and one write) per
 /// line, which would cap a flooding service far below the pipe's speed.
 pub trait Console: Send + Sync + 'static {
-    /// The block just kept for `logs` (its bytes are shared, not copied),
-    /// in order per service and stream. May block while the console is
-    /// behind: that is the back-pressure that keeps every line.
-    fn block(&self, service: &Arc<str>, block: &LogBlock);
+    /// The blocks just kept for `logs` (their bytes are shared, not
+    /// copied), in order per service and stream: those of one turn of the
+    /// pump at a time, so a flood costs one hand-over per turn rather than
+    /// per read. May block while the console is behind: that is the
+    /// back-pressure that keeps every line.
+    fn blocks(&self, service: &Arc<str>, blocks: Vec<LogBlock>);
 }
 
 static CONSOLE: OnceLock<Box<dyn Console>> = OnceLock::new();
@@ -44,6 +46,10 @@ static CONSOLE: OnceLock<Box<dyn Console>> = OnceLock::new();
 /// Without one, each line is a tracing event (target `service`).
 pub fn set_console(console: impl Console) -> bool {
     CONSOLE.set(Box::new(console)).is_ok()
+}
+
+fn console() -> Option<&'static dyn Console> {
+    CONSOLE.get().map(|console| &**console)
 }
 
 /// Which pipe of the child a line came from.
@@ -126,12 +132,9 @@ impl ServiceOutput {
         self.lines[stream.index()].load(Ordering::Relaxed)
     }
 
-    /// Every line of the service passes here once, in order per stream,
-    /// without its `\n`: to tracing, unless a console takes whole batches.
+    /// Without a console, every line of the service passes here once, in
+    /// order per stream, without its `\n`, to become a tracing event.
     fn publish_line(&self, stream: Stream, line: &[u8]) {
-        if CONSOLE.get().is_some() {
-            return;
-        }
         tracing::info!(
             target: "service",
             service = %self.name,
@@ -162,15 +165,14 @@ impl ServiceOutput {
         let _ = self.events.set(events);
     }
 
-    /// Appends whole lines to the log file and the recent lines.
-    fn write_file(&self, stream: Stream, segments: &[&[u8]]) {
-        // Handed to the console only after the lock is released: a console
-        // that is behind must not hold up readers of the recent lines.
+    /// Appends `line_count` whole lines to the log file and the recent
+    /// lines; returns the block kept, for the console.
+    fn write_file(&self, stream: Stream, segments: &[&[u8]], line_count: u64) -> Option<LogBlock> {
         let block = self
             .recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(stream, segments);
+            .push(stream, segments, line_count);
         let (dropped, was_failing, failing) = {
             let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
             let was_failing = file.is_failing();
@@ -194,9 +196,7 @@ impl ServiceOutput {
             };
             events.emit(Some(&self.name), kind);
         }
-        if let (Some(console), Some(block)) = (CONSOLE.get(), block) {
-            console.block(&self.name, &block);
-        }
+        block
     }
 
     fn count_lines(&self, stream: Stream, lines: u64) {

@@ -15,7 +15,7 @@ use tokio::net::unix::pipe::Receiver;
 use tokio::task::JoinHandle;
 
 use super::framing::{Framer, Sink};
-use super::{ServiceOutput, Stream};
+use super::{Console, LogBlock, ServiceOutput, Stream, console};
 
 /// The default capacity of a Linux pipe: one read can take all it holds.
 const READ_BUF_BYTES: usize = 64 * 1024;
@@ -237,6 +237,12 @@ struct StreamSink<'a> {
     stream: Stream,
     /// Counted locally and published once per batch of reads, not per line.
     lines: u64,
+    /// Lines framed since the last write to the file.
+    unwritten_lines: u64,
+    /// Looked up once per batch rather than once per line.
+    console: Option<&'static dyn Console>,
+    /// Blocks for the console, handed over together when the batch ends.
+    blocks: Vec<LogBlock>,
 }
 
 impl<'a> StreamSink<'a> {
@@ -245,22 +251,37 @@ impl<'a> StreamSink<'a> {
             output,
             stream,
             lines: 0,
+            unwritten_lines: 0,
+            console: console(),
+            blocks: Vec::new(),
         }
     }
 
     fn commit(self) {
         self.output.count_lines(self.stream, self.lines);
+        if let Some(console) = self.console
+            && !self.blocks.is_empty()
+        {
+            console.blocks(&self.output.name, self.blocks);
+        }
     }
 }
 
 impl Sink for StreamSink<'_> {
     fn line(&mut self, line: &[u8]) {
         self.lines += 1;
-        self.output.publish_line(self.stream, line);
+        self.unwritten_lines += 1;
+        if self.console.is_none() {
+            self.output.publish_line(self.stream, line);
+        }
     }
 
     fn write(&mut self, segments: &[&[u8]]) {
-        self.output.write_file(self.stream, segments);
+        let lines = std::mem::take(&mut self.unwritten_lines);
+        let block = self.output.write_file(self.stream, segments, lines);
+        if let (Some(block), Some(_)) = (block, self.console) {
+            self.blocks.push(block);
+        }
     }
 }
 

@@ -69,18 +69,23 @@ pub(super) struct Recent {
 }
 
 impl Recent {
-    /// Keeps the lines as one block and returns it (a cheap clone), or
-    /// `None` when `segments` hold no whole line.
-    pub(super) fn push(&mut self, stream: Stream, segments: &[&[u8]]) -> Option<LogBlock> {
+    /// Keeps the `line_count` whole lines of `segments` as one block and
+    /// returns it (a cheap clone), or `None` when there is no line.
+    pub(super) fn push(
+        &mut self,
+        stream: Stream,
+        segments: &[&[u8]],
+        line_count: u64,
+    ) -> Option<LogBlock> {
+        if line_count == 0 {
+            return None;
+        }
         let len = segments.iter().map(|s| s.len()).sum();
         let mut bytes = Vec::with_capacity(len);
         for segment in segments {
             bytes.extend_from_slice(segment);
         }
-        let line_count = memchr_iter(b'\n', &bytes).count() as u64;
-        if line_count == 0 {
-            return None;
-        }
+        debug_assert_eq!(memchr_iter(b'\n', &bytes).count() as u64, line_count);
         let block = LogBlock {
             first_seq: self.next_seq + 1,
             time: SystemTime::now(),
@@ -139,6 +144,15 @@ impl Recent {
 mod tests {
     use super::*;
 
+    /// Pushes, counting the lines as the framer would.
+    fn push(recent: &mut Recent, stream: Stream, segments: &[&[u8]]) -> Option<LogBlock> {
+        let lines = segments
+            .iter()
+            .flat_map(|s| s.iter())
+            .filter(|&&b| b == b'\n');
+        recent.push(stream, segments, lines.count() as u64)
+    }
+
     fn texts(lines: &[LogLine]) -> Vec<String> {
         lines
             .iter()
@@ -149,8 +163,8 @@ mod tests {
     #[test]
     fn tail_spans_blocks_and_numbers_lines() {
         let mut recent = Recent::default();
-        recent.push(Stream::Stdout, &[b"a\nb\n"]);
-        recent.push(Stream::Stderr, &[b"c\n", b"d\n"]);
+        push(&mut recent, Stream::Stdout, &[b"a\nb\n"]);
+        push(&mut recent, Stream::Stderr, &[b"c\n", b"d\n"]);
         let tail = recent.tail(3);
         assert_eq!(texts(&tail), ["b", "c", "d"]);
         assert_eq!(tail.iter().map(|l| l.seq).collect::<Vec<_>>(), [2, 3, 4]);
@@ -167,27 +181,27 @@ mod tests {
         let mut one = line.clone();
         one.push(b'\n');
         for _ in 0..1000 {
-            recent.push(Stream::Stdout, &[&one]);
+            push(&mut recent, Stream::Stdout, &[&one]);
         }
         assert!(recent.bytes <= RECENT_MAX_BYTES);
         assert_eq!(recent.tail(10_000).len(), RECENT_MAX_BYTES / 1024);
         let huge = vec![b'y'; RECENT_MAX_BYTES * 2];
-        recent.push(Stream::Stdout, &[&huge, b"\n"]);
+        push(&mut recent, Stream::Stdout, &[&huge, b"\n"]);
         assert_eq!(recent.tail(10).len(), 1);
     }
 
     #[test]
     fn followers_get_new_blocks_and_cost_nothing_once_gone() {
         let mut recent = Recent::default();
-        recent.push(Stream::Stdout, &[b"old\n"]);
+        push(&mut recent, Stream::Stdout, &[b"old\n"]);
         let (tail, mut receiver) = recent.follow(5);
         assert_eq!(texts(&tail), ["old"]);
-        recent.push(Stream::Stdout, &[b"new\n"]);
+        push(&mut recent, Stream::Stdout, &[b"new\n"]);
         let block = receiver.try_recv().unwrap();
         assert_eq!(block.first_seq, 2);
         assert_eq!(texts(&block.lines().collect::<Vec<_>>()), ["new"]);
         drop(receiver);
-        recent.push(Stream::Stdout, &[b"later\n"]);
+        push(&mut recent, Stream::Stdout, &[b"later\n"]);
         assert!(recent.live.is_none());
     }
 }
