@@ -19,10 +19,10 @@ use orchestrator_core::events::rfc3339;
 use orchestrator_core::output::{Console, LogBlock, Stream};
 use serde::Serialize;
 
-/// Entries the console may fall behind by: with blocks of up to 64 KiB read
-/// from a pipe, at most a few MiB held for a console that is slower than
-/// the services.
-const QUEUE_ENTRIES: usize = 64;
+/// Entries the console may fall behind by. An entry is one turn of a pump,
+/// at most 16 reads of 64 KiB, so a console slower than the services holds
+/// at most 8 MiB of their output before they are made to wait.
+const QUEUE_ENTRIES: usize = 8;
 
 /// Bytes formatted before they are written.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -50,7 +50,7 @@ pub fn start(format: LineFormat) -> std::io::Result<()> {
     let (sender, receiver) = sync_channel(QUEUE_ENTRIES);
     std::thread::Builder::new()
         .name("console".into())
-        .spawn(move || write_entries(&receiver, format))?;
+        .spawn(move || write_entries(&receiver, format, write_stderr))?;
     let _ = QUEUE.set(sender);
     Ok(())
 }
@@ -101,7 +101,7 @@ fn write_stderr(bytes: &[u8]) {
 }
 
 /// The console thread: takes what is queued, formats a batch, writes it.
-fn write_entries(receiver: &Receiver<Entry>, format: LineFormat) {
+fn write_entries(receiver: &Receiver<Entry>, format: LineFormat, mut write: impl FnMut(&[u8])) {
     // Grown on demand: a daemon whose services are quiet keeps it small.
     let mut out = Vec::new();
     while let Ok(mut entry) = receiver.recv() {
@@ -117,7 +117,7 @@ fn write_entries(receiver: &Receiver<Entry>, format: LineFormat) {
                 Entry::Flushed(done) => flushed = Some(done),
             }
             if flushed.is_some() || out.len() >= WRITE_BATCH_BYTES {
-                write_stderr(&out);
+                write(&out);
                 out.clear();
             }
             if let Some(done) = flushed {
@@ -128,7 +128,9 @@ fn write_entries(receiver: &Receiver<Entry>, format: LineFormat) {
                 Err(_) => break,
             }
         }
-        write_stderr(&out);
+        if !out.is_empty() {
+            write(&out);
+        }
         out.clear();
         if out.capacity() > 2 * WRITE_BATCH_BYTES {
             out = Vec::new();
@@ -264,6 +266,44 @@ mod tests {
             })
             .collect();
         assert_eq!(messages, ["one", "two", "", "bad \u{fffd}"]);
+    }
+
+    #[test]
+    fn events_and_service_lines_are_written_in_the_order_queued() {
+        let (queue, receiver) = sync_channel(QUEUE_ENTRIES);
+        let block = |text: &[u8]| LogBlock {
+            first_seq: 1,
+            time: SystemTime::now(),
+            stream: Stream::Stdout,
+            line_count: 1,
+            bytes: Arc::new(text.to_vec()),
+        };
+        let (done, flushed) = sync_channel(1);
+        queue.send(Entry::Event(b"first event\n".to_vec())).unwrap();
+        queue
+            .send(Entry::Lines {
+                service: Arc::from("api"),
+                blocks: vec![block(b"one\n"), block(b"two\n")],
+            })
+            .unwrap();
+        queue.send(Entry::Event(b"api exited\n".to_vec())).unwrap();
+        queue.send(Entry::Flushed(done)).unwrap();
+        drop(queue);
+        let mut written = Vec::new();
+        write_entries(&receiver, LineFormat::default(), |bytes| {
+            written.extend_from_slice(bytes)
+        });
+        assert!(flushed.try_recv().is_ok(), "the flush was acknowledged");
+        let text = String::from_utf8(written).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[0], "first event");
+        assert!(
+            lines[1].contains(" INFO one service=api stream=stdout"),
+            "{text}"
+        );
+        assert!(lines[2].contains(" INFO two service=api"), "{text}");
+        assert_eq!(lines[3], "api exited");
     }
 
     #[test]

@@ -17,8 +17,14 @@ use tokio::task::JoinHandle;
 use super::framing::{Framer, Sink};
 use super::{Console, LogBlock, ServiceOutput, Stream, console};
 
-/// The default capacity of a Linux pipe: one read can take all it holds.
-const READ_BUF_BYTES: usize = 64 * 1024;
+/// The default capacity of a Linux pipe: a read that returns this much
+/// found the pipe full, its service blocked on us.
+const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
+
+/// One read takes at most what a default pipe holds. Larger reads (256 KiB
+/// from a grown pipe) measured no cheaper per byte, and each worker keeps
+/// the pages a flood touched.
+const READ_BUF_BYTES: usize = DEFAULT_PIPE_BYTES;
 
 /// What a pipe grows to once its service has filled it: a service that
 /// writes faster than one wake-up of ours drains then runs ahead by a
@@ -170,7 +176,7 @@ impl Reader {
                 match rx.try_read(buf) {
                     Ok(0) => return Drained::Eof,
                     Ok(n) => {
-                        filled |= n == buf.len();
+                        filled |= n >= DEFAULT_PIPE_BYTES;
                         framer.feed(&buf[..n], &mut sink);
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -383,10 +389,10 @@ mod tests {
         // Filled before the pump reads: its first read takes a whole buffer.
         let line = numbered("x", 0..1)[..].to_vec();
         let mut fill = Vec::new();
-        while fill.len() + line.len() <= READ_BUF_BYTES.min(default_size as usize) {
+        while fill.len() + line.len() <= DEFAULT_PIPE_BYTES.min(default_size as usize) {
             fill.extend_from_slice(&line);
         }
-        fill.resize(READ_BUF_BYTES.min(default_size as usize), b'\n');
+        fill.resize(DEFAULT_PIPE_BYTES.min(default_size as usize), b'\n');
         full_w.write_all(&fill).unwrap();
         quiet_w.write_all(b"one line\n").unwrap();
         let pump = spawn_pump(output.clone(), quiet_r, full_r);
