@@ -8,7 +8,7 @@
 //! over from the previous chunk, and the `\n` added after a split piece, need
 //! slices of their own.
 
-use memchr::{memchr, memchr_iter};
+use memchr::{memchr, memchr_iter, memrchr};
 
 use super::MAX_LINE_BYTES;
 
@@ -23,6 +23,16 @@ const MAX_SEGMENTS: usize = 16;
 /// Where framed output goes. The production sink is per stream
 /// (`StreamSink` in the pump); tests record what they get.
 pub(crate) trait Sink {
+    /// Whether every line must be passed to [`Sink::line`]. When not, whole
+    /// lines in the middle of a chunk are only counted
+    /// ([`Sink::counted`]): one vectorised count instead of a search per
+    /// line.
+    fn wants_lines(&self) -> bool {
+        true
+    }
+    /// `count` lines framed without a call to [`Sink::line`], in order with
+    /// those that had one; their bytes are in the next write.
+    fn counted(&mut self, count: u64);
     /// One line, without its `\n`, in order.
     fn line(&mut self, line: &[u8]);
     /// The file bytes of the lines passed to [`Sink::line`] since the last
@@ -78,17 +88,14 @@ impl Framer {
         // whose `\n` is in the chunk, written as one slice.
         let mut run = pos;
         let start = pos;
-        for i in memchr_iter(b'\n', &chunk[start..]) {
-            let newline = start + i;
-            while newline - pos > MAX_LINE_BYTES {
-                let end = pos + MAX_LINE_BYTES;
-                sink.line(&chunk[pos..end]);
-                batch.push(&[&chunk[run..end], NEWLINE], sink);
-                pos = end;
-                run = end;
+        let rest = &chunk[start..];
+        if !sink.wants_lines() && no_line_reaches_the_limit(rest) {
+            if let Some(last) = memrchr(b'\n', rest) {
+                sink.counted(memchr_iter(b'\n', &rest[..=last]).count() as u64);
+                pos = start + last + 1;
             }
-            sink.line(&chunk[pos..newline]);
-            pos = newline + 1;
+        } else {
+            Self::frame_each_line(chunk, start, &mut pos, &mut run, &mut batch, sink);
         }
         while chunk.len() - pos > MAX_LINE_BYTES {
             let end = pos + MAX_LINE_BYTES;
@@ -105,6 +112,31 @@ impl Framer {
         }
         self.partial.extend_from_slice(&chunk[pos..]);
         self.release_memory();
+    }
+
+    /// Passes each line of `chunk[start..]` that ends in the chunk to the
+    /// sink, splitting those over the limit; advances `pos` past the last
+    /// `\n` and `run` to the start of bytes not yet in the batch.
+    fn frame_each_line<'a, S: Sink>(
+        chunk: &'a [u8],
+        start: usize,
+        pos: &mut usize,
+        run: &mut usize,
+        batch: &mut Batch<'a>,
+        sink: &mut S,
+    ) {
+        for i in memchr_iter(b'\n', &chunk[start..]) {
+            let newline = start + i;
+            while newline - *pos > MAX_LINE_BYTES {
+                let end = *pos + MAX_LINE_BYTES;
+                sink.line(&chunk[*pos..end]);
+                batch.push(&[&chunk[*run..end], NEWLINE], sink);
+                *pos = end;
+                *run = end;
+            }
+            sink.line(&chunk[*pos..newline]);
+            *pos = newline + 1;
+        }
     }
 
     /// Delivers the partial line, if any: the stream has ended.
@@ -134,6 +166,15 @@ impl Framer {
             self.partial.shrink_to_fit();
         }
     }
+}
+
+/// Whether every run of bytes without a `\n` is shorter than
+/// `MAX_LINE_BYTES`, checked with one search per half-limit window: such a
+/// run would cover a whole window.
+fn no_line_reaches_the_limit(bytes: &[u8]) -> bool {
+    bytes
+        .chunks_exact(MAX_LINE_BYTES / 2)
+        .all(|window| memchr(b'\n', window).is_some())
 }
 
 /// Slices gathered for one vectored write.
@@ -179,9 +220,19 @@ mod tests {
         lines: Vec<Vec<u8>>,
         file: Vec<u8>,
         writes: usize,
+        /// Takes counts where it can, instead of each line.
+        counting: bool,
+        counted: u64,
     }
 
     impl Sink for Recorder {
+        fn wants_lines(&self) -> bool {
+            !self.counting
+        }
+        fn counted(&mut self, count: u64) {
+            assert!(self.counting, "counted lines though it wants each one");
+            self.counted += count;
+        }
         fn line(&mut self, line: &[u8]) {
             self.lines.push(line.to_vec());
         }
@@ -210,8 +261,15 @@ mod tests {
     }
 
     fn frame(input: &[u8], chunk: usize) -> Recorder {
+        frame_with(input, chunk, false)
+    }
+
+    fn frame_with(input: &[u8], chunk: usize, counting: bool) -> Recorder {
         let mut framer = Framer::new();
-        let mut recorder = Recorder::default();
+        let mut recorder = Recorder {
+            counting,
+            ..Recorder::default()
+        };
         for piece in input.chunks(chunk) {
             framer.feed(piece, &mut recorder);
         }
@@ -242,6 +300,15 @@ mod tests {
             let got = frame(input, chunk);
             assert_eq!(got.lines, expected, "lines, chunk size {chunk}");
             assert_eq!(got.file, file, "file bytes, chunk size {chunk}");
+            // Counting instead of passing each line: the same file, and
+            // the same number of lines.
+            let got = frame_with(input, chunk, true);
+            assert_eq!(got.file, file, "file bytes, counting, chunk size {chunk}");
+            assert_eq!(
+                got.lines.len() as u64 + got.counted,
+                expected.len() as u64,
+                "lines, counting, chunk size {chunk}"
+            );
         }
     }
 
@@ -337,6 +404,31 @@ mod tests {
         framer.feed(&vec![b'z'; 65536], &mut recorder);
         assert_eq!(recorder.writes, 1);
         assert_eq!(recorder.lines.len(), 4);
+    }
+
+    #[test]
+    fn counting_takes_one_count_per_chunk_of_short_lines() {
+        let mut input = Vec::new();
+        for i in 0..2000 {
+            input.extend(format!("line {i:05} with some text after it\n").bytes());
+        }
+        let got = frame_with(&input, 65536, true);
+        assert!(
+            got.lines.len() <= 1,
+            "only a carried line is passed: {}",
+            got.lines.len()
+        );
+        assert_eq!(got.lines.len() as u64 + got.counted, 2000);
+        assert_eq!(got.file, input);
+
+        // A long line in the chunk: each line is framed (and split) again.
+        let mut input = b"short\n".to_vec();
+        input.extend(line_of(MAX_LINE_BYTES + 5, b'x'));
+        input.extend(b"after\n");
+        let got = frame_with(&input, input.len(), true);
+        let lens: Vec<usize> = got.lines.iter().map(Vec::len).collect();
+        assert_eq!(lens, [5, MAX_LINE_BYTES, 5, 5]);
+        assert_eq!(got.counted, 0);
     }
 
     #[test]

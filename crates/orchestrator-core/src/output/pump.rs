@@ -247,6 +247,9 @@ struct StreamSink<'a> {
     unwritten_lines: u64,
     /// Looked up once per batch rather than once per line.
     console: Option<&'static dyn Console>,
+    /// Each line becomes a tracing event: there is no console, and the
+    /// daemon's log level shows service lines.
+    traced: bool,
     /// Blocks for the console, handed over together when the batch ends.
     blocks: Vec<LogBlock>,
 }
@@ -259,6 +262,8 @@ impl<'a> StreamSink<'a> {
             lines: 0,
             unwritten_lines: 0,
             console: console(),
+            traced: console().is_none()
+                && tracing::enabled!(target: "service", tracing::Level::INFO),
             blocks: Vec::new(),
         }
     }
@@ -274,10 +279,18 @@ impl<'a> StreamSink<'a> {
 }
 
 impl Sink for StreamSink<'_> {
+    fn wants_lines(&self) -> bool {
+        self.traced
+    }
+
+    fn counted(&mut self, count: u64) {
+        self.lines += count;
+        self.unwritten_lines += count;
+    }
+
     fn line(&mut self, line: &[u8]) {
-        self.lines += 1;
-        self.unwritten_lines += 1;
-        if self.console.is_none() {
+        self.counted(1);
+        if self.traced {
             self.output.publish_line(self.stream, line);
         }
     }
