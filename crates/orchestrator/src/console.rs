@@ -212,18 +212,25 @@ impl LineFormat {
         // Most output is ASCII, which is checked for at about half the cost
         // of a full UTF-8 validation.
         let valid = bytes.is_ascii() || std::str::from_utf8(bytes).is_ok();
+        // The prefix is the same for every line of a block, so the bytes
+        // between two lines are one slice, the suffix of one and the prefix
+        // of the next: two copies a line instead of three. The prefix put
+        // after the last line is taken back at the end.
+        let mut between = suffix;
+        between.extend_from_slice(&prefix);
+        out.extend_from_slice(&prefix);
         let mut start = 0;
         for end in memchr_iter(b'\n', bytes) {
             let line = &bytes[start..end];
             start = end + 1;
-            out.extend_from_slice(&prefix);
             if valid {
                 out.extend_from_slice(line);
             } else {
                 out.extend_from_slice(String::from_utf8_lossy(line).as_bytes());
             }
-            out.extend_from_slice(&suffix);
+            out.extend_from_slice(&between);
         }
+        out.truncate(out.len() - prefix.len());
     }
 }
 
@@ -268,6 +275,13 @@ mod tests {
             })
             .collect();
         assert_eq!(messages, ["one", "two", "", "bad \u{fffd}"]);
+        assert_eq!(formatted(false, b""), "", "no line, no output");
+        let one = formatted(false, b"solo\n");
+        assert!(
+            one.ends_with("  INFO solo service=api stream=stderr\n"),
+            "{one}"
+        );
+        assert_eq!(one.lines().count(), 1);
     }
 
     #[test]
