@@ -20,6 +20,9 @@ const NEWLINE: &[u8] = b"\n";
 /// longer batch is written in several whole-line groups.
 const MAX_SEGMENTS: usize = 16;
 
+/// Slices in one group pushed to a batch: a piece and the `\n` after it.
+const MAX_GROUP: usize = 2;
+
 /// Where framed output goes. The production sink is per stream
 /// (`StreamSink` in the pump); tests record what they get.
 pub(crate) trait Sink {
@@ -191,15 +194,21 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// Adds a group of slices that together are whole lines. Groups are
-    /// never split between two writes, so a line is never split either.
+    /// Adds a group of slices that together are whole lines, passed to the
+    /// sink already. Groups are never split between two writes, so a line
+    /// is never split either.
     fn push<S: Sink>(&mut self, group: &[&'a [u8]], sink: &mut S) {
-        if self.len + group.len() > MAX_SEGMENTS {
-            self.flush(sink);
-        }
+        debug_assert!(group.len() <= MAX_GROUP);
         for segment in group.iter().filter(|s| !s.is_empty()) {
             self.segments[self.len] = segment;
             self.len += 1;
+        }
+        // Written once full, after this group rather than before the next:
+        // by then the lines of the next group have been passed to the sink,
+        // and a write must hold exactly the lines passed since the last one
+        // (the pump counts a block's lines by them).
+        if self.len + MAX_GROUP > MAX_SEGMENTS {
+            self.flush(sink);
         }
     }
 
@@ -223,6 +232,8 @@ mod tests {
         /// Takes counts where it can, instead of each line.
         counting: bool,
         counted: u64,
+        /// Lines passed or counted since the last write.
+        unwritten: u64,
     }
 
     impl Sink for Recorder {
@@ -232,11 +243,23 @@ mod tests {
         fn counted(&mut self, count: u64) {
             assert!(self.counting, "counted lines though it wants each one");
             self.counted += count;
+            self.unwritten += count;
         }
         fn line(&mut self, line: &[u8]) {
             self.lines.push(line.to_vec());
+            self.unwritten += 1;
         }
         fn write(&mut self, segments: &[&[u8]]) {
+            // The pump's sink hands this count to `Recent::push` as the
+            // number of lines in the block.
+            let newlines = segments
+                .iter()
+                .map(|s| memchr_iter(b'\n', s).count() as u64);
+            assert_eq!(
+                newlines.sum::<u64>(),
+                std::mem::take(&mut self.unwritten),
+                "a write holds exactly the lines framed since the last one"
+            );
             self.writes += 1;
             for segment in segments {
                 self.file.extend_from_slice(segment);
@@ -404,6 +427,24 @@ mod tests {
         framer.feed(&vec![b'z'; 65536], &mut recorder);
         assert_eq!(recorder.writes, 1);
         assert_eq!(recorder.lines.len(), 4);
+    }
+
+    #[test]
+    fn each_write_holds_the_lines_framed_since_the_last() {
+        // One chunk with more split pieces than a batch holds, whole lines
+        // between them: the batch is written several times, and the
+        // recorder checks each write against the lines passed before it.
+        let mut input = Vec::new();
+        for i in 0..12 {
+            input.extend(format!("short {i}\n").bytes());
+            input.extend(line_of(MAX_LINE_BYTES + 1 + i, b'x'));
+        }
+        for counting in [false, true] {
+            let got = frame_with(&input, input.len(), counting);
+            assert!(got.writes > 1, "the batch filled: {} writes", got.writes);
+            assert_eq!(got.lines.len() as u64 + got.counted, 12 * 3);
+            assert_eq!(got.file.len(), input.len() + 12);
+        }
     }
 
     #[test]
