@@ -12,7 +12,7 @@
 use std::io::Write;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use memchr::memchr_iter;
 use orchestrator_core::events::rfc3339;
@@ -59,10 +59,29 @@ pub fn start(format: LineFormat) -> std::io::Result<()> {
 /// [`FLUSH_WAIT`]). Call before the process exits.
 pub fn flush() {
     let Some(queue) = QUEUE.get() else { return };
+    flush_within(queue, FLUSH_WAIT);
+}
+
+/// Returns whether everything queued before was written within `wait`.
+fn flush_within(queue: &SyncSender<Entry>, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
     let (done, written) = sync_channel(1);
-    if queue.send(Entry::Flushed(done)).is_ok() {
-        let _ = written.recv_timeout(FLUSH_WAIT);
+    let mut entry = Entry::Flushed(done);
+    // Not a blocking send: a stuck console also keeps its queue full, and
+    // the wait must stay bounded then too.
+    loop {
+        match queue.try_send(entry) {
+            Ok(()) => break,
+            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                entry = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => return false,
+        }
     }
+    written
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .is_ok()
 }
 
 /// Sends `entry`, or hands it back when there is no console thread (not
@@ -320,6 +339,20 @@ mod tests {
         );
         assert!(lines[2].contains(" INFO two service=api"), "{text}");
         assert_eq!(lines[3], "api exited");
+    }
+
+    #[test]
+    fn a_flush_gives_up_on_a_stuck_console_even_when_its_queue_is_full() {
+        // A console thread blocked on stderr takes nothing more: its queue
+        // stays full.
+        let (queue, _stuck) = sync_channel(1);
+        queue.send(Entry::Event(b"waiting\n".to_vec())).unwrap();
+        let (returned, flushed) = sync_channel(1);
+        std::thread::spawn(move || {
+            let _ = returned.send(flush_within(&queue, Duration::from_millis(50)));
+        });
+        let result = flushed.recv_timeout(Duration::from_secs(10));
+        assert_eq!(result, Ok(false), "the flush returned, without success");
     }
 
     #[test]
