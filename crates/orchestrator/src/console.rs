@@ -31,6 +31,11 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// nobody reads) before the daemon exits anyway.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a panic waits for the lines queued before it.
+const PANIC_FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+const CONSOLE_THREAD: &str = "console";
+
 enum Entry {
     /// One event of the daemon's own log, already formatted.
     Event(Vec<u8>),
@@ -49,9 +54,21 @@ pub fn start(format: LineFormat) -> std::io::Result<()> {
     let _ = FORMAT.set(format);
     let (sender, receiver) = sync_channel(QUEUE_ENTRIES);
     std::thread::Builder::new()
-        .name("console".into())
+        .name(CONSOLE_THREAD.into())
         .spawn(move || write_entries(&receiver, format, write_stderr))?;
     let _ = QUEUE.set(sender);
+    // A panic's message would otherwise come before the lines still queued
+    // (or, on the main thread, end the process without them): write those
+    // first. Not from the console thread, which would wait on itself.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() != Some(CONSOLE_THREAD)
+            && let Some(queue) = QUEUE.get()
+        {
+            flush_within(queue, PANIC_FLUSH_WAIT);
+        }
+        previous(info);
+    }));
     Ok(())
 }
 

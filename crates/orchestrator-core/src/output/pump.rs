@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tokio::net::unix::pipe::Receiver;
@@ -29,9 +30,19 @@ const READ_BUF_BYTES: usize = DEFAULT_PIPE_BYTES;
 /// What a pipe grows to once its service has filled it: a service that
 /// writes faster than one wake-up of ours drains then runs ahead by a
 /// megabyte instead of blocking every 64 KiB. The kernel allocates the pages
-/// only while they hold unread bytes, so a quiet service costs nothing; the
-/// kernel's own cap (fs.pipe-max-size, 1 MiB by default) applies.
+/// only while they hold unread bytes (but accounts the whole size to the
+/// user: see [`MAX_GROWN_PIPES`]); its own cap (fs.pipe-max-size, 1 MiB by
+/// default) applies.
 const GROWN_PIPE_BYTES: usize = 1024 * 1024;
+
+/// Pipes grown at one time, across all services. The kernel charges a pipe's
+/// whole size (not the pages in use) to its user, and once an unprivileged
+/// user passes `fs.pipe-user-pages-soft` (64 MiB by default) each new pipe
+/// of that user, later services' output pipes among them, gets only 8 KiB.
+/// Sixteen grown pipes stay at a quarter of that limit.
+const MAX_GROWN_PIPES: usize = 16;
+
+static GROWN_PIPES: GrowthBudget = GrowthBudget::new(MAX_GROWN_PIPES);
 
 /// Reads per wake-up before the other stream (and other tasks, through
 /// tokio's cooperative budget) get a turn; a flooding stream must not starve
@@ -108,8 +119,10 @@ struct Reader {
     /// `None` once closed.
     rx: Option<Receiver>,
     framer: Framer,
-    /// Whether the pipe was grown (or growing was tried) already.
-    grown: bool,
+    /// Whether growing the pipe was tried already.
+    grow_tried: bool,
+    /// Held while the pipe is grown; given back when it closes.
+    growth: Option<GrowthSlot>,
 }
 
 impl Reader {
@@ -130,7 +143,8 @@ impl Reader {
             stream,
             rx,
             framer: Framer::new(),
-            grown: false,
+            grow_tried: false,
+            growth: None,
         }
     }
 
@@ -156,6 +170,7 @@ impl Reader {
         };
         if drained == Drained::Eof {
             self.rx = None;
+            self.growth = None;
             self.finish(output);
         }
         drained == Drained::TurnOver
@@ -190,9 +205,9 @@ impl Reader {
             Drained::TurnOver
         });
         sink.commit();
-        if filled && !self.grown {
-            self.grown = true;
-            grow_pipe(rx, output, stream);
+        if filled && !self.grow_tried {
+            self.grow_tried = true;
+            self.growth = grow_pipe(rx, output, stream);
         }
         drained
     }
@@ -214,16 +229,57 @@ fn read_failed(output: &ServiceOutput, stream: Stream, err: &io::Error) {
 }
 
 /// Best effort: a pipe that cannot grow (a socket or pty, the per-user
-/// pipe memory limit reached) keeps working at its size.
-fn grow_pipe(rx: &Receiver, output: &ServiceOutput, stream: Stream) {
+/// pipe memory limit reached, [`MAX_GROWN_PIPES`] grown already) keeps
+/// working at its size.
+fn grow_pipe(rx: &Receiver, output: &ServiceOutput, stream: Stream) -> Option<GrowthSlot> {
+    let slot = GROWN_PIPES.take()?;
     let size = i32::try_from(GROWN_PIPE_BYTES).unwrap_or(i32::MAX);
-    if let Err(err) = fcntl(rx, FcntlArg::F_SETPIPE_SZ(size)) {
-        tracing::debug!(
-            service = %output.name,
-            stream = stream.as_str(),
-            error = %err,
-            "cannot grow the output pipe; it keeps its size"
-        );
+    match fcntl(rx, FcntlArg::F_SETPIPE_SZ(size)) {
+        Ok(_) => Some(slot),
+        Err(err) => {
+            tracing::debug!(
+                service = %output.name,
+                stream = stream.as_str(),
+                error = %err,
+                "cannot grow the output pipe; it keeps its size"
+            );
+            None
+        }
+    }
+}
+
+/// A count of things in use, with a cap.
+struct GrowthBudget {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl GrowthBudget {
+    const fn new(cap: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    fn take(&'static self) -> Option<GrowthSlot> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used < self.cap).then_some(used + 1)
+            })
+            .ok()
+            .map(|_| GrowthSlot { budget: self })
+    }
+}
+
+/// One unit of a [`GrowthBudget`], given back on drop.
+struct GrowthSlot {
+    budget: &'static GrowthBudget,
+}
+
+impl Drop for GrowthSlot {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -390,6 +446,18 @@ mod tests {
 
     fn pipe_size(fd: &impl std::os::fd::AsFd) -> i32 {
         fcntl(fd, FcntlArg::F_GETPIPE_SZ).unwrap()
+    }
+
+    #[test]
+    fn pipes_grow_within_their_budget_and_give_it_back() {
+        static BUDGET: GrowthBudget = GrowthBudget::new(2);
+        let first = BUDGET.take().expect("first");
+        let second = BUDGET.take().expect("second");
+        assert!(BUDGET.take().is_none(), "a third is over the budget");
+        drop(first);
+        let third = BUDGET.take().expect("a slot given back is free again");
+        drop((second, third));
+        assert_eq!(BUDGET.used.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
