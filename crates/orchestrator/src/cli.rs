@@ -170,12 +170,24 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
                 println!("{name}: {}{pid}", info.state);
             }
             Err(error) => {
-                eprintln!("orchestrator: {name}: {error}");
+                eprintln!("orchestrator: {}", about_service(&name, &error.to_string()));
                 code = exit_code(&error);
             }
         }
     }
     code
+}
+
+/// `message` with the service's name in front, unless it names the service
+/// already (the daemon's errors mostly do), which would say it twice.
+fn about_service(name: &str, message: &str) -> String {
+    let named = message.contains(&format!("service {name}:"))
+        || message.contains(&format!("service {name:?}"));
+    if named {
+        message.to_owned()
+    } else {
+        format!("{name}: {message}")
+    }
 }
 
 pub async fn logs(client: &Client, name: &str, lines: usize, follow: bool) -> ExitCode {
@@ -282,6 +294,20 @@ pub async fn shutdown(client: &Client, wait: Duration) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_error_names_its_service_once() {
+        assert_eq!(
+            super::about_service("api", "service api: a later stop request overrode this one"),
+            "service api: a later stop request overrode this one"
+        );
+        let unknown = "unknown service \"api\": `orchestrator status` lists the known ones";
+        assert_eq!(super::about_service("api", unknown), unknown);
+        assert_eq!(
+            super::about_service("api", "cannot reach the daemon"),
+            "api: cannot reach the daemon"
+        );
+    }
+
     use super::*;
 
     #[test]
