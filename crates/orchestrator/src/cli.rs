@@ -199,20 +199,30 @@ pub async fn logs(client: &Client, name: &str, lines: usize, follow: bool) -> Ex
     let result = client
         .lines(&path, |line| {
             let mut out = stdout.lock();
-            let _ = match serde_json::from_slice::<LogRecord>(line) {
+            match serde_json::from_slice::<LogRecord>(line) {
                 Ok(LogRecord::Line {
                     time, stream, text, ..
-                }) => writeln!(out, "{time} {stream:6} {text}"),
+                }) => writeln!(out, "{time} {stream:6} {text}")?,
                 Ok(LogRecord::Skipped { skipped }) => {
-                    writeln!(out, "… {skipped} lines skipped (this reader was too slow)")
+                    writeln!(out, "… {skipped} lines skipped (this reader was too slow)")?
                 }
-                Err(_) => Ok(()),
+                Err(_) => {}
             };
-            let _ = out.flush();
+            out.flush()
         })
         .await;
+    streamed(result)
+}
+
+/// A reader that went away (`logs -f | head`) ends the stream as the end
+/// of the output would, quietly: not an error, and not a reason to keep
+/// following forever.
+fn streamed(result: Result<(), ClientError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(ClientError::Output(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
         Err(error) => fail(&error),
     }
 }
@@ -223,21 +233,18 @@ pub async fn events(client: &Client, follow: bool) -> ExitCode {
     let result = client
         .lines(&path, |line| {
             let Some(data) = line.strip_prefix(b"data:") else {
-                return;
+                return Ok(());
             };
             let data = data.strip_prefix(b" ").unwrap_or(data);
             let mut out = stdout.lock();
-            let _ = match serde_json::from_slice::<Event>(data) {
-                Ok(event) => writeln!(out, "{}", event.describe()),
-                Err(_) => writeln!(out, "{}", String::from_utf8_lossy(data)),
+            match serde_json::from_slice::<Event>(data) {
+                Ok(event) => writeln!(out, "{}", event.describe())?,
+                Err(_) => writeln!(out, "{}", String::from_utf8_lossy(data))?,
             };
-            let _ = out.flush();
+            out.flush()
         })
         .await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(&error),
-    }
+    streamed(result)
 }
 
 pub async fn reload(client: &Client) -> ExitCode {

@@ -721,6 +721,49 @@ fn logs_follow_streams_lines_printed_after_it_started() {
     drop(follower);
 }
 
+#[test]
+fn logs_follow_ends_quietly_when_its_reader_goes_away() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = workspace("ctl-follow-gone", &[("ticker", &["--tick-ms", "50"])], "");
+    let (_daemon, _) = start_daemon(&dir, &["ticker"]);
+    wait_for_line(&dir.log_path("ticker"), "tick 0");
+    // As `orchestrator logs -f ticker | head -1`.
+    let mut follower = Command::new(orchestrator_bin())
+        .args(["-c", CONFIG, "logs", "ticker", "-f", "-n", "1"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the follower");
+    let mut reader = BufReader::new(follower.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.contains(" tick "), "{first:?}");
+    drop(reader);
+    // The next tick's write fails with EPIPE: the follower must end there,
+    // not follow forever.
+    let mut status = None;
+    let ended = wait_until(DEADLINE, || {
+        status = follower.try_wait().unwrap();
+        status.is_some()
+    });
+    if !ended {
+        let _ = follower.kill();
+        let _ = follower.wait();
+    }
+    assert!(ended, "logs -f kept running after its reader went away");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.unwrap().code(), Some(0), "stderr: {stderr}");
+    assert!(
+        stderr.is_empty(),
+        "a closed reader is not an error: {stderr}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 4. events
 

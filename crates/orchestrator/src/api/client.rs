@@ -24,6 +24,8 @@ pub enum ClientError {
     Api { status: StatusCode, body: ErrorBody },
     #[error("unexpected answer from the daemon: {0}")]
     Protocol(String),
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 pub struct Client {
@@ -111,10 +113,12 @@ impl Client {
 
     /// Feed each line of the body to `on_line` as it arrives (for NDJSON and
     /// server-sent events), until the daemon ends the body.
+    /// Streams the body line by line into `on_line` until it ends, or until
+    /// `on_line` fails (its output went away).
     pub async fn lines(
         &self,
         path: &str,
-        mut on_line: impl FnMut(&[u8]),
+        mut on_line: impl FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), ClientError> {
         let mut body = self.request(Method::GET, path).await?.into_body();
         let mut pending: Vec<u8> = Vec::new();
@@ -126,13 +130,13 @@ impl Client {
             pending.extend_from_slice(&data);
             let mut start = 0;
             while let Some(offset) = memchr_newline(&pending[start..]) {
-                on_line(&pending[start..start + offset]);
+                on_line(&pending[start..start + offset]).map_err(ClientError::Output)?;
                 start += offset + 1;
             }
             pending.drain(..start);
         }
         if !pending.is_empty() {
-            on_line(&pending);
+            on_line(&pending).map_err(ClientError::Output)?;
         }
         Ok(())
     }
