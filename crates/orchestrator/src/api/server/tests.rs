@@ -261,7 +261,8 @@ async fn collect_lines(client: &Client, path: &str) -> Vec<String> {
     let mut lines = Vec::new();
     client
         .lines(path, |line| {
-            lines.push(String::from_utf8_lossy(line).into_owned())
+            lines.push(String::from_utf8_lossy(line).into_owned());
+            Ok(())
         })
         .await
         .unwrap();
@@ -308,6 +309,7 @@ async fn a_slow_follower_is_told_how_many_lines_it_missed() {
                 .lines("/v1/services/api/logs?tail=3&follow=true", |line| {
                     let record = serde_json::from_slice::<LogRecord>(line).unwrap();
                     records.lock().unwrap().push(record);
+                    Ok(())
                 })
                 .await
         }
