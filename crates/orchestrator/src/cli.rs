@@ -14,6 +14,23 @@ use tokio::task::JoinSet;
 use crate::api::LogRecord;
 use crate::api::client::{Client, ClientError};
 
+/// `println!` that does not panic when stdout's reader has gone away
+/// (`orchestrator status | head -1`): there is nobody left to tell.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use outln;
+
+pub fn write_stdout(text: &str) {
+    if let Err(error) = std::io::stdout().lock().write_all(text.as_bytes())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("orchestrator: cannot write the output: {error}");
+    }
+}
+
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNREACHABLE: u8 = 3;
@@ -65,13 +82,13 @@ pub async fn status(client: &Client, names: &[String], json: bool) -> ExitCode {
         services
     };
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&services).unwrap_or_else(|_| "[]".to_owned())
         );
         return ExitCode::SUCCESS;
     }
-    print!("{}", status_table(&services));
+    write_stdout(&status_table(&services));
     ExitCode::SUCCESS
 }
 
@@ -167,7 +184,7 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
         match result {
             Ok(info) => {
                 let pid = info.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-                println!("{name}: {}{pid}", info.state);
+                outln!("{name}: {}{pid}", info.state);
             }
             Err(error) => {
                 eprintln!("orchestrator: {}", about_service(&name, &error.to_string()));
@@ -253,7 +270,7 @@ pub async fn reload(client: &Client) -> ExitCode {
         .await
     {
         Ok(applied) => {
-            println!("{applied}");
+            outln!("{applied}");
             ExitCode::SUCCESS
         }
         Err(error) => fail(&error),
@@ -295,7 +312,7 @@ pub async fn shutdown(client: &Client, wait: Duration) -> ExitCode {
         );
         return ExitCode::from(EXIT_FAILED);
     }
-    println!("daemon stopped");
+    outln!("daemon stopped");
     ExitCode::SUCCESS
 }
 

@@ -222,7 +222,7 @@ fn check(config: &Config) -> ExitCode {
         .iter()
         .filter(|d| !config.services.contains_key(&d.name))
         .count();
-    println!(
+    cli::outln!(
         "{}: valid; {} configured service{}, {} more discovered in {}",
         source_name(config),
         config.services.len(),
@@ -255,7 +255,7 @@ fn discover_command(config: &Config) -> ExitCode {
         }
     };
     if discovered.is_empty() {
-        println!(
+        cli::outln!(
             "no service binaries in {} (expected {}/NAME/NAME, executable)",
             dir.display(),
             dir.display()
@@ -268,7 +268,7 @@ fn discover_command(config: &Config) -> ExitCode {
         .max()
         .unwrap_or(4)
         .max(4);
-    println!("{:width$}  CONFIGURED  BINARY", "NAME");
+    cli::outln!("{:width$}  CONFIGURED  BINARY", "NAME");
     for found in &discovered {
         let configured = if config.services.contains_key(&found.name) {
             "yes"
@@ -277,7 +277,7 @@ fn discover_command(config: &Config) -> ExitCode {
         } else {
             "no (not started)"
         };
-        println!(
+        cli::outln!(
             "{:width$}  {configured:10}  {}",
             found.name,
             found.binary.display()

@@ -79,6 +79,27 @@ argz = ["--ready"]
 }
 
 #[test]
+fn output_to_a_reader_that_went_away_is_not_a_crash() {
+    // As `orchestrator discover | head -0`: stdout is a pipe whose reader
+    // has closed, so the first write fails with EPIPE.
+    let dir = TestDir::new("epipe");
+    dir.add_fixture_service("api");
+    dir.write_file("orchestrator.toml", "[orchestrator]\n", 0o644);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = std::process::Command::new(orchestrator_bin())
+        .args(["-c", "orchestrator.toml", "discover"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stderr.is_empty(), "nothing to report: {stderr}");
+}
+
+#[test]
 fn check_rejects_an_unknown_key_and_a_feature_not_built_yet() {
     let dir = TestDir::new("check-unknown");
     let file = dir.write_file(
