@@ -4,25 +4,37 @@
 //! `stream`), but are formatted a block at a time, off the threads that
 //! drain the pipes, and written with one syscall per batch.
 //!
-//! Everything goes through one bounded queue, so a service's last lines
-//! still come before the daemon's note that it exited, and a console that
-//! cannot keep up (a slow terminal or pipe) holds up the writers instead of
-//! losing lines or growing without bound.
+//! Everything goes through one queue, so a service's last lines still come
+//! before the daemon's note that it exited. Neither kind of entry can make
+//! the queue grow without bound or block the async runtime:
+//! - service lines take one of [`LINE_ENTRIES`] permits, awaited by the
+//!   pump: a console that cannot keep up holds the services' output back
+//!   (their pipes fill) rather than lose lines, while the runtime goes on;
+//! - the daemon's own events are never waited for: past [`EVENT_ENTRIES`]
+//!   queued, they are dropped and counted, and the count is written once
+//!   the console catches up.
 
+use std::future::Future;
 use std::io::Write;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use memchr::memchr_iter;
 use orchestrator_core::events::rfc3339;
 use orchestrator_core::output::{Console, LogBlock, Stream};
 use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc};
 
-/// Entries the console may fall behind by. An entry is one turn of a pump,
-/// at most 16 reads of 64 KiB, so a console slower than the services holds
-/// at most 8 MiB of their output before they are made to wait.
-const QUEUE_ENTRIES: usize = 8;
+/// Pump turns the console may fall behind by. A turn is at most 16 reads of
+/// 64 KiB, so a console slower than the services holds at most 8 MiB of
+/// their output before they are made to wait.
+const LINE_ENTRIES: usize = 8;
+
+/// The daemon's own events queued at most; more are dropped (and counted)
+/// while the console is stuck.
+const EVENT_ENTRIES: usize = 4096;
 
 /// Bytes formatted before they are written.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -43,20 +55,56 @@ enum Entry {
         service: Arc<str>,
         blocks: Vec<LogBlock>,
     },
-    Flushed(SyncSender<()>),
+    Flushed(std::sync::mpsc::SyncSender<()>),
 }
 
-static QUEUE: OnceLock<SyncSender<Entry>> = OnceLock::new();
+/// The sending side, shared by tracing's writer and the service console.
+struct Queue {
+    entries: mpsc::UnboundedSender<Entry>,
+    /// Room for `Lines` entries; the console thread gives a permit back for
+    /// each one written.
+    line_room: Arc<Semaphore>,
+    events_queued: Arc<AtomicUsize>,
+    events_dropped: Arc<AtomicUsize>,
+}
+
+/// What the console thread needs besides the entries.
+struct Counters {
+    line_room: Arc<Semaphore>,
+    events_queued: Arc<AtomicUsize>,
+    events_dropped: Arc<AtomicUsize>,
+}
+
+static QUEUE: OnceLock<Queue> = OnceLock::new();
 static FORMAT: OnceLock<LineFormat> = OnceLock::new();
+
+fn queue() -> (Queue, mpsc::UnboundedReceiver<Entry>, Counters) {
+    let (entries, receiver) = mpsc::unbounded_channel();
+    let line_room = Arc::new(Semaphore::new(LINE_ENTRIES));
+    let events_queued = Arc::new(AtomicUsize::new(0));
+    let events_dropped = Arc::new(AtomicUsize::new(0));
+    let counters = Counters {
+        line_room: Arc::clone(&line_room),
+        events_queued: Arc::clone(&events_queued),
+        events_dropped: Arc::clone(&events_dropped),
+    };
+    let queue = Queue {
+        entries,
+        line_room,
+        events_queued,
+        events_dropped,
+    };
+    (queue, receiver, counters)
+}
 
 /// Starts the console thread; from then on [`ConsoleWriter`] goes through it.
 pub fn start(format: LineFormat) -> std::io::Result<()> {
     let _ = FORMAT.set(format);
-    let (sender, receiver) = sync_channel(QUEUE_ENTRIES);
+    let (queue, receiver, counters) = self::queue();
     std::thread::Builder::new()
         .name(CONSOLE_THREAD.into())
-        .spawn(move || write_entries(&receiver, format, write_stderr))?;
-    let _ = QUEUE.set(sender);
+        .spawn(move || write_entries(receiver, &counters, format, write_stderr))?;
+    let _ = QUEUE.set(queue);
     // A panic's message would otherwise come before the lines still queued
     // (or, on the main thread, end the process without them): write those
     // first. Not from the console thread, which would wait on itself.
@@ -65,7 +113,7 @@ pub fn start(format: LineFormat) -> std::io::Result<()> {
         if std::thread::current().name() != Some(CONSOLE_THREAD)
             && let Some(queue) = QUEUE.get()
         {
-            flush_within(queue, PANIC_FLUSH_WAIT);
+            queue.flush_within(PANIC_FLUSH_WAIT);
         }
         previous(info);
     }));
@@ -75,43 +123,53 @@ pub fn start(format: LineFormat) -> std::io::Result<()> {
 /// Waits until everything queued so far is written (bounded by
 /// [`FLUSH_WAIT`]). Call before the process exits.
 pub fn flush() {
-    let Some(queue) = QUEUE.get() else { return };
-    flush_within(queue, FLUSH_WAIT);
+    if let Some(queue) = QUEUE.get() {
+        queue.flush_within(FLUSH_WAIT);
+    }
 }
 
-/// Returns whether everything queued before was written within `wait`.
-fn flush_within(queue: &SyncSender<Entry>, wait: Duration) -> bool {
-    let deadline = Instant::now() + wait;
-    let (done, written) = sync_channel(1);
-    let mut entry = Entry::Flushed(done);
-    // Not a blocking send: a stuck console also keeps its queue full, and
-    // the wait must stay bounded then too.
-    loop {
-        match queue.try_send(entry) {
-            Ok(()) => break,
-            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                entry = back;
-                std::thread::sleep(Duration::from_millis(1));
+impl Queue {
+    /// Returns whether everything queued before was written within `wait`.
+    fn flush_within(&self, wait: Duration) -> bool {
+        let (done, written) = std::sync::mpsc::sync_channel(1);
+        self.entries.send(Entry::Flushed(done)).is_ok() && written.recv_timeout(wait).is_ok()
+    }
+
+    /// Queues an event unless too many wait already; hands it back when
+    /// there is no console thread any more.
+    fn event(&self, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
+        if self.events_queued.fetch_add(1, Ordering::AcqRel) >= EVENT_ENTRIES {
+            self.events_queued.fetch_sub(1, Ordering::AcqRel);
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.entries.send(Entry::Event(bytes)).map_err(|error| {
+            self.events_queued.fetch_sub(1, Ordering::AcqRel);
+            match error.0 {
+                Entry::Event(bytes) => bytes,
+                _ => Vec::new(),
             }
-            Err(_) => return false,
+        })
+    }
+
+    /// Queues lines that hold a permit already; writes them here if the
+    /// console thread is gone.
+    fn lines(&self, service: Arc<str>, blocks: Vec<LogBlock>) {
+        if let Err(error) = self.entries.send(Entry::Lines { service, blocks })
+            && let Entry::Lines { service, blocks } = error.0
+        {
+            write_directly(&service, &blocks);
         }
     }
-    written
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        .is_ok()
 }
 
-/// Sends `entry`, or hands it back when there is no console thread (not
-/// started, or gone).
-fn enqueue(entry: Entry) -> Result<(), Entry> {
-    let Some(queue) = QUEUE.get() else {
-        return Err(entry);
-    };
-    match queue.try_send(entry) {
-        Ok(()) => Ok(()),
-        Err(TrySendError::Full(entry)) => queue.send(entry).map_err(|e| e.0),
-        Err(TrySendError::Disconnected(entry)) => Err(entry),
+fn write_directly(service: &str, blocks: &[LogBlock]) {
+    let mut out = Vec::new();
+    let format = FORMAT.get().copied().unwrap_or_default();
+    for block in blocks {
+        format.block(&mut out, service, block);
     }
+    write_stderr(&out);
 }
 
 /// tracing's writer: one `write` per formatted event.
@@ -119,8 +177,13 @@ pub struct ConsoleWriter;
 
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Err(Entry::Event(bytes)) = enqueue(Entry::Event(buf.to_vec())) {
-            write_stderr(&bytes);
+        match QUEUE.get() {
+            Some(queue) => {
+                if let Err(bytes) = queue.event(buf.to_vec()) {
+                    write_stderr(&bytes);
+                }
+            }
+            None => write_stderr(buf),
         }
         Ok(buf.len())
     }
@@ -137,20 +200,33 @@ fn write_stderr(bytes: &[u8]) {
 }
 
 /// The console thread: takes what is queued, formats a batch, writes it.
-fn write_entries(receiver: &Receiver<Entry>, format: LineFormat, mut write: impl FnMut(&[u8])) {
+fn write_entries(
+    mut receiver: mpsc::UnboundedReceiver<Entry>,
+    counters: &Counters,
+    format: LineFormat,
+    mut write: impl FnMut(&[u8]),
+) {
     // Grown on demand: a daemon whose services are quiet keeps it small.
     let mut out = Vec::new();
-    while let Ok(mut entry) = receiver.recv() {
+    while let Some(mut entry) = receiver.blocking_recv() {
         loop {
             let mut flushed = None;
             match entry {
-                Entry::Event(bytes) => out.extend_from_slice(&bytes),
+                Entry::Event(bytes) => {
+                    counters.events_queued.fetch_sub(1, Ordering::AcqRel);
+                    out.extend_from_slice(&bytes);
+                }
                 Entry::Lines { service, blocks } => {
                     for block in &blocks {
                         format.block(&mut out, &service, block);
                     }
+                    counters.line_room.add_permits(1);
                 }
                 Entry::Flushed(done) => flushed = Some(done),
+            }
+            let dropped = counters.events_dropped.swap(0, Ordering::Relaxed);
+            if dropped > 0 {
+                format.dropped_events(&mut out, dropped);
             }
             if flushed.is_some() || out.len() >= WRITE_BATCH_BYTES {
                 write(&out);
@@ -178,18 +254,32 @@ fn write_entries(receiver: &Receiver<Entry>, format: LineFormat, mut write: impl
 pub struct ServiceConsole;
 
 impl Console for ServiceConsole {
-    fn blocks(&self, service: &Arc<str>, blocks: Vec<LogBlock>) {
-        let entry = Entry::Lines {
-            service: Arc::clone(service),
-            blocks,
-        };
-        if let Err(Entry::Lines { service, blocks }) = enqueue(entry) {
-            let mut out = Vec::new();
-            let format = FORMAT.get().copied().unwrap_or_default();
-            for block in &blocks {
-                format.block(&mut out, &service, block);
+    fn send_blocks(
+        &self,
+        service: Arc<str>,
+        blocks: Vec<LogBlock>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(async move {
+            let Some(queue) = QUEUE.get() else {
+                write_directly(&service, &blocks);
+                return;
+            };
+            // Closed only if the semaphore is, which nothing does.
+            if let Ok(permit) = queue.line_room.acquire().await {
+                permit.forget();
             }
-            write_stderr(&out);
+            queue.lines(service, blocks);
+        })
+    }
+
+    fn try_send_blocks(&self, service: Arc<str>, blocks: Vec<LogBlock>) {
+        let Some(queue) = QUEUE.get() else {
+            write_directly(&service, &blocks);
+            return;
+        };
+        if let Ok(permit) = queue.line_room.try_acquire() {
+            permit.forget();
+            queue.lines(service, blocks);
         }
     }
 }
@@ -213,6 +303,24 @@ pub struct LineFormat {
 impl LineFormat {
     fn block(&self, out: &mut Vec<u8>, service: &str, block: &LogBlock) {
         self.format(out, block.time, service, block.stream, &block.bytes);
+    }
+
+    /// Says that `count` of the daemon's own events were dropped.
+    fn dropped_events(&self, out: &mut Vec<u8>, count: usize) {
+        let timestamp = rfc3339(SystemTime::now());
+        let message =
+            format!("{count} log events were not shown: the daemon's stderr was not keeping up");
+        if self.json {
+            let record = serde_json::json!({
+                "timestamp": timestamp,
+                "level": "WARN",
+                "message": message,
+            });
+            let _ = serde_json::to_writer(&mut *out, &record);
+            out.push(b'\n');
+        } else {
+            let _ = writeln!(out, "{timestamp}  WARN {message}");
+        }
     }
 
     /// `bytes` are whole lines, each ending in `\n`.
@@ -320,33 +428,41 @@ mod tests {
         assert_eq!(one.lines().count(), 1);
     }
 
-    #[test]
-    fn events_and_service_lines_are_written_in_the_order_queued() {
-        let (queue, receiver) = sync_channel(QUEUE_ENTRIES);
-        let block = |text: &[u8]| LogBlock {
+    fn block(text: &[u8]) -> LogBlock {
+        LogBlock {
             first_seq: 1,
             time: SystemTime::now(),
             stream: Stream::Stdout,
-            line_count: 1,
+            line_count: memchr_iter(b'\n', text).count() as u64,
             bytes: Arc::new(text.to_vec()),
-        };
-        let (done, flushed) = sync_channel(1);
-        queue.send(Entry::Event(b"first event\n".to_vec())).unwrap();
-        queue
-            .send(Entry::Lines {
-                service: Arc::from("api"),
-                blocks: vec![block(b"one\n"), block(b"two\n")],
-            })
-            .unwrap();
-        queue.send(Entry::Event(b"api exited\n".to_vec())).unwrap();
-        queue.send(Entry::Flushed(done)).unwrap();
-        drop(queue);
+        }
+    }
+
+    /// Queues lines as a pump does, without waiting: the room must be free.
+    fn queue_lines(queue: &Queue, text: &[u8]) {
+        queue.line_room.try_acquire().expect("room").forget();
+        queue.lines(Arc::from("api"), vec![block(text)]);
+    }
+
+    fn written(receiver: mpsc::UnboundedReceiver<Entry>, counters: &Counters) -> String {
         let mut written = Vec::new();
-        write_entries(&receiver, LineFormat::default(), |bytes| {
+        write_entries(receiver, counters, LineFormat::default(), |bytes| {
             written.extend_from_slice(bytes)
         });
+        String::from_utf8(written).unwrap()
+    }
+
+    #[test]
+    fn events_and_service_lines_are_written_in_the_order_queued() {
+        let (queue, receiver, counters) = super::queue();
+        let (done, flushed) = std::sync::mpsc::sync_channel(1);
+        queue.event(b"first event\n".to_vec()).unwrap();
+        queue_lines(&queue, b"one\ntwo\n");
+        queue.event(b"api exited\n".to_vec()).unwrap();
+        queue.entries.send(Entry::Flushed(done)).ok().unwrap();
+        drop(queue);
+        let text = written(receiver, &counters);
         assert!(flushed.try_recv().is_ok(), "the flush was acknowledged");
-        let text = String::from_utf8(written).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert_eq!(lines[0], "first event");
@@ -356,17 +472,62 @@ mod tests {
         );
         assert!(lines[2].contains(" INFO two service=api"), "{text}");
         assert_eq!(lines[3], "api exited");
+        assert_eq!(counters.line_room.available_permits(), LINE_ENTRIES);
+        assert_eq!(counters.events_queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn lines_wait_for_room_without_blocking_the_runtime() {
+        let (queue, receiver, counters) = super::queue();
+        for _ in 0..LINE_ENTRIES {
+            queue_lines(&queue, b"line\n");
+        }
+        let room = Arc::clone(&queue.line_room);
+        let waiting = tokio::spawn(async move { room.acquire_owned().await.map(|p| p.forget()) });
+        // The runtime goes on while the pump's hand-over waits.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "no room until the console writes");
+        drop(queue);
+        let console = std::thread::spawn(move || written(receiver, &counters));
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("room once the console wrote")
+            .unwrap()
+            .unwrap();
+        let text = console.join().unwrap();
+        assert_eq!(text.lines().count(), LINE_ENTRIES, "{text}");
     }
 
     #[test]
-    fn a_flush_gives_up_on_a_stuck_console_even_when_its_queue_is_full() {
-        // A console thread blocked on stderr takes nothing more: its queue
-        // stays full.
-        let (queue, _stuck) = sync_channel(1);
-        queue.send(Entry::Event(b"waiting\n".to_vec())).unwrap();
-        let (returned, flushed) = sync_channel(1);
+    fn events_past_the_limit_are_dropped_counted_and_reported() {
+        let (queue, receiver, counters) = super::queue();
+        for _ in 0..EVENT_ENTRIES + 5 {
+            queue.event(b"event\n".to_vec()).unwrap();
+        }
+        assert_eq!(counters.events_dropped.load(Ordering::Relaxed), 5);
+        drop(queue);
+        let text = written(receiver, &counters);
+        assert_eq!(
+            text.lines().filter(|l| *l == "event").count(),
+            EVENT_ENTRIES
+        );
+        assert!(
+            text.contains("  WARN 5 log events were not shown"),
+            "{}",
+            &text[text.len().saturating_sub(200)..]
+        );
+    }
+
+    #[test]
+    fn a_flush_gives_up_on_a_stuck_console() {
+        // A console thread blocked on stderr takes nothing more.
+        let (queue, _stuck, _counters) = super::queue();
+        queue.event(b"waiting\n".to_vec()).unwrap();
+        let (returned, flushed) = std::sync::mpsc::sync_channel(1);
         std::thread::spawn(move || {
-            let _ = returned.send(flush_within(&queue, Duration::from_millis(50)));
+            let _ = returned.send(queue.flush_within(Duration::from_millis(50)));
         });
         let result = flushed.recv_timeout(Duration::from_secs(10));
         assert_eq!(result, Ok(false), "the flush returned, without success");

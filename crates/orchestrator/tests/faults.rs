@@ -985,3 +985,45 @@ fn a_stop_racing_a_crash_loop_always_wins() {
     );
     shutdown(&dir, &mut daemon);
 }
+
+#[test]
+fn a_daemon_whose_stderr_nobody_reads_still_answers_stops_and_exits() {
+    let dir = workspace(
+        "stuck-stderr",
+        &[
+            ("flood", &["--flood", "5000000", "--sleep"], ""),
+            ("api", SLEEPER, ""),
+        ],
+        "",
+    );
+    // A pipe that is never read: once it and the console's queue are full,
+    // nothing more can be written to the daemon's log.
+    let (never_read, stderr) = std::io::pipe().unwrap();
+    let mut daemon = Daemon::start_with(dir.path(), &["-c", CONFIG, "run"], |command| {
+        command.stderr(stderr);
+    });
+    wait_running(&dir, &daemon, &["flood", "api"]);
+    // The flood is held back with its log file short of its end: the
+    // console is stuck.
+    let log = dir.log_path("flood");
+    let size = || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let mut last = (0, Instant::now());
+    let held = wait_until(DEADLINE, || {
+        let now = size();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        now > 0 && last.1.elapsed() > Duration::from_millis(300)
+    });
+    assert!(held, "the flood was never held back: {} bytes", size());
+    assert!(size() < 500_000_000, "the whole flood got through");
+
+    // The runtime is not blocked: commands that log are applied...
+    cli_ok(&dir, &["stop", "api"]);
+    assert_eq!(status_of(&dir, "api")["state"], "stopped");
+    cli_ok(&dir, &["start", "api"]);
+    // ...and a SIGTERM ends the daemon, services and all.
+    daemon.signal(SIGTERM);
+    assert_eq!(daemon.wait_exit().code(), Some(0));
+    drop(never_read);
+}

@@ -12,7 +12,9 @@ mod pump;
 mod recent;
 
 use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -29,15 +31,23 @@ pub use recent::{LogBlock, LogLine, RECENT_MAX_BYTES};
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
 /// The daemon's own log of service lines, fed whole blocks: one hand-over
-/// per read of a pipe instead of one tracing event (and one write) per
-/// line, which would cap a flooding service far below the pipe's speed.
+/// per turn of a pump instead of one tracing event (and one write) per line,
+/// which would cap a flooding service far below the pipe's speed.
 pub trait Console: Send + Sync + 'static {
-    /// The blocks just kept for `logs` (their bytes are shared, not
-    /// copied), in order per service and stream: those of one turn of the
-    /// pump at a time, so a flood costs one hand-over per turn rather than
-    /// per read. May block while the console is behind: that is the
-    /// back-pressure that keeps every line.
-    fn blocks(&self, service: &Arc<str>, blocks: Vec<LogBlock>);
+    /// Hands over the blocks just kept for `logs` (their bytes are shared,
+    /// not copied), in order per service and stream. Waits while the console
+    /// is behind: that is the back-pressure that keeps every line, and it
+    /// waits as a task, so the runtime goes on serving everything else.
+    fn send_blocks(
+        &self,
+        service: Arc<str>,
+        blocks: Vec<LogBlock>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+    /// As `send_blocks` without waiting: when there is no room, the blocks
+    /// are dropped (they are still in the log file). For a pump being torn
+    /// down, which cannot wait.
+    fn try_send_blocks(&self, service: Arc<str>, blocks: Vec<LogBlock>);
 }
 
 static CONSOLE: OnceLock<Box<dyn Console>> = OnceLock::new();

@@ -84,6 +84,11 @@ impl Pump {
                 ready = out.readable(), if out.is_open() => out.on_ready(ready, output),
                 ready = err.readable(), if err.is_open() => err.on_ready(ready, output),
             };
+            // Before reading more: a console that is behind holds this
+            // service's output back (its pipe fills), not the runtime.
+            for reader in [&mut *out, &mut *err] {
+                reader.hand_to_console(output).await;
+            }
             if more {
                 // A stream that never runs dry would otherwise keep this
                 // worker thread for the whole cooperative budget (128 turns,
@@ -100,6 +105,14 @@ impl Drop for Pump {
     fn drop(&mut self) {
         for reader in &mut self.readers {
             reader.finish(&self.output);
+            if let Some(console) = console()
+                && !reader.for_console.is_empty()
+            {
+                console.try_send_blocks(
+                    Arc::clone(&self.output.name),
+                    std::mem::take(&mut reader.for_console),
+                );
+            }
         }
     }
 }
@@ -123,6 +136,8 @@ struct Reader {
     grow_tried: bool,
     /// Held while the pipe is grown; given back when it closes.
     growth: Option<GrowthSlot>,
+    /// Blocks read but not yet handed to the console.
+    for_console: Vec<LogBlock>,
 }
 
 impl Reader {
@@ -145,6 +160,7 @@ impl Reader {
             framer: Framer::new(),
             grow_tried: false,
             growth: None,
+            for_console: Vec::new(),
         }
     }
 
@@ -204,7 +220,7 @@ impl Reader {
             }
             Drained::TurnOver
         });
-        sink.commit();
+        self.for_console.extend(sink.commit());
         if filled && !self.grow_tried {
             self.grow_tried = true;
             self.growth = grow_pipe(rx, output, stream);
@@ -215,7 +231,17 @@ impl Reader {
     fn finish(&mut self, output: &ServiceOutput) {
         let mut sink = StreamSink::new(output, self.stream);
         self.framer.finish(&mut sink);
-        sink.commit();
+        self.for_console.extend(sink.commit());
+    }
+
+    async fn hand_to_console(&mut self, output: &ServiceOutput) {
+        if self.for_console.is_empty() {
+            return;
+        }
+        let blocks = std::mem::take(&mut self.for_console);
+        if let Some(console) = console() {
+            console.send_blocks(Arc::clone(&output.name), blocks).await;
+        }
     }
 }
 
@@ -324,13 +350,10 @@ impl<'a> StreamSink<'a> {
         }
     }
 
-    fn commit(self) {
+    /// Publishes the line count; returns the blocks for the console.
+    fn commit(self) -> Vec<LogBlock> {
         self.output.count_lines(self.stream, self.lines);
-        if let Some(console) = self.console
-            && !self.blocks.is_empty()
-        {
-            console.blocks(&self.output.name, self.blocks);
-        }
+        self.blocks
     }
 }
 
