@@ -61,38 +61,31 @@ enum Entry {
 /// The sending side, shared by tracing's writer and the service console.
 struct Queue {
     entries: mpsc::UnboundedSender<Entry>,
-    /// Room for `Lines` entries; the console thread gives a permit back for
-    /// each one written.
-    line_room: Arc<Semaphore>,
-    events_queued: Arc<AtomicUsize>,
-    events_dropped: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
 }
 
-/// What the console thread needs besides the entries.
+/// Shared by the senders and the console thread.
 struct Counters {
-    line_room: Arc<Semaphore>,
-    events_queued: Arc<AtomicUsize>,
-    events_dropped: Arc<AtomicUsize>,
+    /// Room for `Lines` entries; the console thread gives a permit back for
+    /// each one written.
+    line_room: Semaphore,
+    events_queued: AtomicUsize,
+    events_dropped: AtomicUsize,
 }
 
 static QUEUE: OnceLock<Queue> = OnceLock::new();
 static FORMAT: OnceLock<LineFormat> = OnceLock::new();
 
-fn queue() -> (Queue, mpsc::UnboundedReceiver<Entry>, Counters) {
+fn queue() -> (Queue, mpsc::UnboundedReceiver<Entry>, Arc<Counters>) {
     let (entries, receiver) = mpsc::unbounded_channel();
-    let line_room = Arc::new(Semaphore::new(LINE_ENTRIES));
-    let events_queued = Arc::new(AtomicUsize::new(0));
-    let events_dropped = Arc::new(AtomicUsize::new(0));
-    let counters = Counters {
-        line_room: Arc::clone(&line_room),
-        events_queued: Arc::clone(&events_queued),
-        events_dropped: Arc::clone(&events_dropped),
-    };
+    let counters = Arc::new(Counters {
+        line_room: Semaphore::new(LINE_ENTRIES),
+        events_queued: AtomicUsize::new(0),
+        events_dropped: AtomicUsize::new(0),
+    });
     let queue = Queue {
         entries,
-        line_room,
-        events_queued,
-        events_dropped,
+        counters: Arc::clone(&counters),
     };
     (queue, receiver, counters)
 }
@@ -138,13 +131,14 @@ impl Queue {
     /// Queues an event unless too many wait already; hands it back when
     /// there is no console thread any more.
     fn event(&self, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
-        if self.events_queued.fetch_add(1, Ordering::AcqRel) >= EVENT_ENTRIES {
-            self.events_queued.fetch_sub(1, Ordering::AcqRel);
-            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+        let counters = &self.counters;
+        if counters.events_queued.fetch_add(1, Ordering::AcqRel) >= EVENT_ENTRIES {
+            counters.events_queued.fetch_sub(1, Ordering::AcqRel);
+            counters.events_dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         self.entries.send(Entry::Event(bytes)).map_err(|error| {
-            self.events_queued.fetch_sub(1, Ordering::AcqRel);
+            counters.events_queued.fetch_sub(1, Ordering::AcqRel);
             match error.0 {
                 Entry::Event(bytes) => bytes,
                 _ => Vec::new(),
@@ -265,7 +259,7 @@ impl Console for ServiceConsole {
                 return;
             };
             // Closed only if the semaphore is, which nothing does.
-            if let Ok(permit) = queue.line_room.acquire().await {
+            if let Ok(permit) = queue.counters.line_room.acquire().await {
                 permit.forget();
             }
             queue.lines(service, blocks);
@@ -277,7 +271,7 @@ impl Console for ServiceConsole {
             write_directly(&service, &blocks);
             return;
         };
-        if let Ok(permit) = queue.line_room.try_acquire() {
+        if let Ok(permit) = queue.counters.line_room.try_acquire() {
             permit.forget();
             queue.lines(service, blocks);
         }
@@ -440,7 +434,12 @@ mod tests {
 
     /// Queues lines as a pump does, without waiting: the room must be free.
     fn queue_lines(queue: &Queue, text: &[u8]) {
-        queue.line_room.try_acquire().expect("room").forget();
+        queue
+            .counters
+            .line_room
+            .try_acquire()
+            .expect("room")
+            .forget();
         queue.lines(Arc::from("api"), vec![block(text)]);
     }
 
@@ -482,8 +481,9 @@ mod tests {
         for _ in 0..LINE_ENTRIES {
             queue_lines(&queue, b"line\n");
         }
-        let room = Arc::clone(&queue.line_room);
-        let waiting = tokio::spawn(async move { room.acquire_owned().await.map(|p| p.forget()) });
+        let room = Arc::clone(&queue.counters);
+        let waiting =
+            tokio::spawn(async move { room.line_room.acquire().await.map(|p| p.forget()) });
         // The runtime goes on while the pump's hand-over waits.
         for _ in 0..10 {
             tokio::task::yield_now().await;
