@@ -67,7 +67,7 @@ async fn spawn_failures_are_explained_and_isolated() {
         ("noshebang", State::Failed, "#!"),
     ] {
         let info = supervisor.info(name).await.unwrap();
-        assert_eq!(info.state, state.as_str(), "{name}: {info:?}");
+        assert_eq!(info.state, state, "{name}: {info:?}");
         assert_eq!(info.pid, None, "{name}");
         let error = info.last_error.unwrap_or_default();
         assert!(
@@ -84,6 +84,6 @@ async fn spawn_failures_are_explained_and_isolated() {
 
     within("stop all", supervisor.stop_all()).await.unwrap();
     for info in supervisor.list().await.unwrap() {
-        assert_eq!(info.state, "stopped", "{info:?}");
+        assert_eq!(info.state, State::Stopped, "{info:?}");
     }
 }

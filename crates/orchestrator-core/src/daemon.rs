@@ -132,7 +132,7 @@ pub async fn run(
             }
         }
     }
-    store.flush();
+    store.flush().await;
     info!("all services stopped; exiting");
     Ok(())
 }
@@ -216,4 +216,157 @@ fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
             dir: dir.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    //! A whole daemon in-process: the fake spawner, the paused clock, and
+    //! the event funnel driven by the test.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::process::FakeSpawner;
+    use crate::state::read_state;
+
+    /// Timeouts far beyond anything a test waits for: a SIGKILL seen before
+    /// them came from the daemon's decision, not from a timer.
+    const CONFIG: &str = r#"
+[orchestrator]
+services_dir = "services"
+data_dir = "data"
+shutdown_timeout = "1h"
+
+[services.api]
+command = ["/bin/true"]
+stop_timeout = "1h"
+
+[services.worker]
+command = ["/bin/true"]
+stop_timeout = "1h"
+
+[services.spare]
+command = ["/bin/true"]
+enabled = false
+"#;
+
+    struct Daemon {
+        dir: std::path::PathBuf,
+        spawner: FakeSpawner,
+        funnel: mpsc::Sender<DaemonEvent>,
+        handles: DaemonHandles,
+        task: tokio::task::JoinHandle<Result<(), DaemonError>>,
+    }
+
+    async fn start(test: &str) -> Daemon {
+        let dir =
+            std::env::temp_dir().join(format!("orchestrator-daemon-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = crate::config::parse(CONFIG, None, &dir).unwrap();
+        let spawner = FakeSpawner::new();
+        let (funnel, events) = mpsc::channel(4);
+        let (ready, handles) = oneshot::channel();
+        let host = HostEnv {
+            path: "/usr/bin:/bin".to_owned(),
+            tmpdir: "/tmp".to_owned(),
+        };
+        let task = tokio::spawn(run(
+            config,
+            Arc::new(spawner.clone()),
+            host,
+            events,
+            Some(ready),
+        ));
+        let handles = handles.await.expect("the daemon hands out its handles");
+        spawner.wait_for_spawns(2).await;
+        for name in ["api", "worker"] {
+            let service = handles.supervisor.service(name).await.unwrap();
+            service
+                .wait_for(|s| s.state == State::Running)
+                .await
+                .unwrap();
+        }
+        Daemon {
+            dir,
+            spawner,
+            funnel,
+            handles,
+            task,
+        }
+    }
+
+    use crate::service::State;
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_the_enabled_services_and_stops_them_when_the_funnel_closes() {
+        let daemon = start("close").await;
+        assert_eq!(daemon.spawner.spawn_count(), 2, "spare is disabled");
+        assert_eq!(
+            daemon.handles.supervisor.status("spare").await.unwrap(),
+            State::Stopped
+        );
+        drop(daemon.funnel);
+        daemon.task.await.unwrap().unwrap();
+        for child in daemon.spawner.children() {
+            assert!(child.is_reaped());
+            assert_eq!(child.signals()[0].1, nix::sys::signal::Signal::SIGTERM);
+        }
+        // The last record is written before `run` returns, by the one
+        // writer: nothing running, nothing half-written left beside it.
+        let state = read_state(&daemon.dir.join("data/state"))
+            .unwrap()
+            .expect("a state record");
+        assert!(state.services.is_empty(), "{state:?}");
+        assert!(!daemon.dir.join("data/state.tmp").exists());
+        let kinds: Vec<String> = daemon
+            .handles
+            .events
+            .history()
+            .iter()
+            .map(|event| format!("{}", serde_json::json!(event.kind)["event"]))
+            .collect();
+        assert_eq!(
+            kinds.first().map(String::as_str),
+            Some("\"daemon_started\"")
+        );
+        assert!(
+            kinds.contains(&"\"daemon_stopping\"".to_owned()),
+            "{kinds:?}"
+        );
+        let _ = std::fs::remove_dir_all(&daemon.dir);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_interrupt_kills_at_once_instead_of_waiting_out_the_grace() {
+        let daemon = start("force").await;
+        for child in daemon.spawner.children() {
+            // Like a service that ignores SIGTERM.
+            child.ignore_stop_signal_from_now();
+        }
+        let t0 = tokio::time::Instant::now();
+        daemon.funnel.send(DaemonEvent::Shutdown).await.unwrap();
+        for child in daemon.spawner.children() {
+            while child.signals().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        }
+        daemon
+            .funnel
+            .send(DaemonEvent::ForceShutdown)
+            .await
+            .unwrap();
+        daemon.task.await.unwrap().unwrap();
+        for child in daemon.spawner.children() {
+            assert!(child.is_reaped());
+            let (killed_at, signal) = child.signals()[1];
+            assert_eq!(signal, nix::sys::signal::Signal::SIGKILL);
+            assert!(
+                killed_at - t0 < Duration::from_secs(60),
+                "killed by a timer, not by the second interrupt: {:?}",
+                killed_at - t0
+            );
+        }
+        let _ = std::fs::remove_dir_all(&daemon.dir);
+    }
 }

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::output::logfile::LogFile;
+pub use crate::wire::{Event, EventKind};
 
 /// Events kept in memory for `events` without `-f`.
 pub const HISTORY_EVENTS: usize = 1000;
@@ -21,116 +21,6 @@ pub const HISTORY_EVENTS: usize = 1000;
 const LIVE_CAPACITY: usize = 1024;
 const FILE_MAX_BYTES: u64 = 10 * 1024 * 1024;
 const FILE_MAX_FILES: u32 = 1;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Increases by one per event, across daemon restarts.
-    pub seq: u64,
-    /// RFC 3339, UTC, milliseconds.
-    pub time: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-    #[serde(flatten)]
-    pub kind: EventKind,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum EventKind {
-    DaemonStarted {
-        pid: u32,
-    },
-    DaemonStopping {
-        reason: String,
-    },
-    Started {
-        pid: u32,
-    },
-    SpawnFailed {
-        error: String,
-    },
-    Exited {
-        /// "exited with code 1", "killed by SIGKILL", ...
-        reason: String,
-        exit_code: i32,
-        /// It was asked to stop.
-        expected: bool,
-    },
-    RestartScheduled {
-        delay_ms: u64,
-        /// Consecutive failures so far (the n of the backoff).
-        failures: u32,
-    },
-    GaveUp {
-        error: String,
-    },
-    /// A process left running by a daemon that died was stopped at start.
-    LeftoverStopped {
-        pid: u32,
-    },
-    /// The service's log file stopped taking lines (disk full, removed
-    /// directory...): they still reach the daemon's log and `logs`.
-    LogWriteFailed {
-        path: String,
-    },
-    LogWriteResumed {
-        path: String,
-        /// Dropped from the file so far, in all.
-        dropped_bytes: u64,
-    },
-    StopRequested,
-    /// SIGKILL after stop_timeout.
-    StopTimedOut,
-    Stopped,
-    ReloadRejected {
-        errors: Vec<String>,
-    },
-}
-
-impl Event {
-    /// One line for humans: `TIME SERVICE what happened`.
-    pub fn describe(&self) -> String {
-        let service = self.service.as_deref().unwrap_or("-");
-        let what = match &self.kind {
-            EventKind::DaemonStarted { pid } => format!("daemon started (pid {pid})"),
-            EventKind::DaemonStopping { reason } => format!("daemon stopping: {reason}"),
-            EventKind::Started { pid } => format!("started (pid {pid})"),
-            EventKind::SpawnFailed { error } => format!("could not start: {error}"),
-            EventKind::Exited {
-                reason, expected, ..
-            } => {
-                if *expected {
-                    format!("stopped: {reason}")
-                } else {
-                    format!("exited unexpectedly: {reason}")
-                }
-            }
-            EventKind::RestartScheduled { delay_ms, failures } => {
-                format!("restart in {delay_ms} ms (failure {failures})")
-            }
-            EventKind::GaveUp { error } => format!("gave up: {error}"),
-            EventKind::LeftoverStopped { pid } => {
-                format!("stopped pid {pid}, left running by a daemon that died")
-            }
-            EventKind::LogWriteFailed { path } => {
-                format!(
-                    "cannot write {path}; its lines are dropped from the file until it works again"
-                )
-            }
-            EventKind::LogWriteResumed {
-                path,
-                dropped_bytes,
-            } => format!("writing {path} again ({dropped_bytes} bytes dropped so far)"),
-            EventKind::StopRequested => "stop requested".to_owned(),
-            EventKind::StopTimedOut => "did not stop in time: sent SIGKILL".to_owned(),
-            EventKind::Stopped => "stopped".to_owned(),
-            EventKind::ReloadRejected { errors } => {
-                format!("reload rejected: {}", errors.join("; "))
-            }
-        };
-        format!("{}  {service}  {what}", self.time)
-    }
-}
 
 type Observer = Box<dyn Fn(&Event) + Send + Sync>;
 

@@ -12,3 +12,4 @@ pub mod process;
 pub mod service;
 pub mod state;
 pub mod supervisor;
+pub mod wire;

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::events::{Event, EventKind};
@@ -208,41 +209,38 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Keeps `data_dir/state` in step with the running processes. It learns of
-/// them from the events (`started`, `exited`), synchronously, and writes
-/// from a task of its own: bursts of changes (1000 services starting)
-/// become a few writes, and an idle daemon writes nothing.
+/// them from the events (`started`, `exited`), synchronously, and one writer
+/// task owns the file: bursts of changes (1000 services starting) become a
+/// few writes, an idle daemon writes nothing, and a flush is a request to
+/// that writer, never a second writer racing it for `state.tmp`.
 #[derive(Clone)]
 pub struct StateStore {
     inner: Arc<StoreInner>,
+    flushes: mpsc::UnboundedSender<oneshot::Sender<()>>,
 }
 
 struct StoreInner {
     path: PathBuf,
     services: Mutex<BTreeMap<String, ProcessRecord>>,
     dirty: Notify,
+    /// Writes that failed since the start (disk full, data_dir removed...).
+    failed_writes: AtomicU64,
 }
 
 impl StateStore {
-    /// Start the writer; needs a tokio runtime.
+    /// Start the writer, which records the current (empty) set at once;
+    /// needs a tokio runtime.
     pub fn start(path: PathBuf) -> StateStore {
-        let store = StateStore {
-            inner: Arc::new(StoreInner {
-                path,
-                services: Mutex::new(BTreeMap::new()),
-                dirty: Notify::new(),
-            }),
-        };
-        let inner = Arc::clone(&store.inner);
-        tokio::spawn(async move {
-            loop {
-                inner.dirty.notified().await;
-                let writer = Arc::clone(&inner);
-                // fsync may take a while: not on a runtime worker.
-                let _ = tokio::task::spawn_blocking(move || writer.write()).await;
-            }
+        let inner = Arc::new(StoreInner {
+            path,
+            services: Mutex::new(BTreeMap::new()),
+            dirty: Notify::new(),
+            failed_writes: AtomicU64::new(0),
         });
-        store.inner.write();
-        store
+        let (flushes, requests) = mpsc::unbounded_channel();
+        tokio::spawn(writer(Arc::clone(&inner), requests));
+        inner.dirty.notify_one();
+        StateStore { inner, flushes }
     }
 
     /// Feed every event here (see `EventBus::set_observer`).
@@ -279,9 +277,18 @@ impl StateStore {
         self.lock().clone()
     }
 
-    /// Write now, synchronously (at shutdown).
-    pub fn flush(&self) {
-        self.inner.write();
+    /// How many writes of the record failed so far.
+    pub fn failed_writes(&self) -> u64 {
+        self.inner.failed_writes.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the file holds every change observed before the call
+    /// (or the writer is gone: the runtime is ending).
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.flushes.send(done).is_ok() {
+            let _ = written.await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ProcessRecord>> {
@@ -289,6 +296,31 @@ impl StateStore {
             .services
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The one writer of the state file. A flush request is answered after a
+/// write that started after it arrived, so it covers every earlier change.
+async fn writer(inner: Arc<StoreInner>, mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
+    let mut waiting = Vec::new();
+    loop {
+        tokio::select! {
+            () = inner.dirty.notified() => {}
+            request = flushes.recv() => match request {
+                Some(done) => waiting.push(done),
+                None => return,
+            },
+        }
+        // Take every flush queued meanwhile: one write answers them all.
+        while let Ok(done) = flushes.try_recv() {
+            waiting.push(done);
+        }
+        let writing = Arc::clone(&inner);
+        // fsync may take a while: not on a runtime worker.
+        let _ = tokio::task::spawn_blocking(move || writing.write()).await;
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
     }
 }
 
@@ -305,6 +337,7 @@ impl StoreInner {
         };
         let bytes = serde_json::to_vec_pretty(&state).unwrap_or_default();
         if let Err(error) = write_atomically(&self.path, &bytes) {
+            self.failed_writes.fetch_add(1, Ordering::Relaxed);
             warn!(
                 "cannot write {}: {error}; a crash now would leave its services unknown to the next daemon",
                 self.path.display()
@@ -554,5 +587,43 @@ mod tests {
         assert!(!find_leftovers(&state).is_empty());
         state.boot_id = "another-boot".to_owned();
         assert!(find_leftovers(&state).is_empty());
+    }
+
+    /// One writer owns the file: flushes and background writes never race
+    /// for `state.tmp` (a race made clean shutdowns warn "cannot write
+    /// state: No such file or directory" and could leave an older record).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushes_and_background_writes_never_race() {
+        let dir = std::env::temp_dir().join(format!("orchestrator-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        let store = StateStore::start(path.clone());
+        let me = std::process::id();
+        for round in 0..300u64 {
+            let kind = if round % 2 == 0 {
+                EventKind::Started { pid: me }
+            } else {
+                EventKind::Exited {
+                    reason: "exited with code 0".to_owned(),
+                    exit_code: 0,
+                    expected: true,
+                }
+            };
+            store.observe(&Event {
+                seq: round,
+                time: String::new(),
+                service: Some(format!("s{}", round % 7)),
+                kind,
+            });
+            if round % 3 == 0 {
+                store.flush().await;
+                let on_disk = read_state(&path).unwrap().expect("a record");
+                assert_eq!(on_disk.services, store.records(), "round {round}");
+            }
+        }
+        store.flush().await;
+        assert_eq!(store.failed_writes(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,74 +1,55 @@
-//! The registry of services: handles by name, start-all, stop-all and
-//! shutdown. It owns the actors; callers hold a cheap `SupervisorHandle`.
+//! The registry of services, as an actor that owns them: for each name its
+//! handle, its definition and its actor's task. Callers hold a cheap
+//! `SupervisorHandle`; the map changes only inside the supervisor's task, so
+//! no lock guards it. Services can be added and removed while it runs
+//! (reload), and an actor that panics is reported with its panic message
+//! instead of vanishing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::events::EventBus;
+use crate::events::{EventBus, EventKind};
 use crate::process::Spawner;
-use crate::service::{ServiceDefinition, ServiceError, ServiceHandle, State, spawn_service};
-
-/// What the API and `status` report for one service (SPEC section 5).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServiceInfo {
-    pub name: String,
-    pub configured: bool,
-    pub enabled: bool,
-    pub state: String,
-    pub pid: Option<u32>,
-    /// Seconds the current process has run; `None` when there is none.
-    pub uptime: Option<u64>,
-    pub restarts: u64,
-    pub last_exit_code: Option<i32>,
-    pub last_error: Option<String>,
-    /// `healthy`, `unhealthy`, `unknown`, or `None` when no check is set.
-    pub health: Option<String>,
-    /// Output bytes the log file could not take (disk full...), in all.
-    #[serde(default)]
-    pub log_dropped_bytes: u64,
-}
-
-impl ServiceInfo {
-    pub fn of(handle: &ServiceHandle) -> Self {
-        let status = handle.status();
-        ServiceInfo {
-            name: handle.name().to_owned(),
-            configured: handle.configured(),
-            enabled: handle.enabled(),
-            state: status.state.as_str().to_owned(),
-            pid: status.pid,
-            uptime: status
-                .running_since
-                .map(|since| Instant::now().saturating_duration_since(since).as_secs()),
-            restarts: status.restarts,
-            last_exit_code: status.last_exit.map(|reason| reason.code()),
-            last_error: status.last_error,
-            health: None,
-            log_dropped_bytes: handle.output().dropped_bytes(),
-        }
-    }
-}
+use crate::service::{ServiceDefinition, ServiceError, ServiceHandle, State, service_actor};
+use crate::wire::ServiceInfo;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SupervisorError {
     #[error("unknown service {0:?}: `orchestrator status` lists the known ones")]
     UnknownService(String),
+    #[error("service {0:?} exists already; remove it first")]
+    AlreadyExists(String),
     #[error(transparent)]
     Service(#[from] ServiceError),
     #[error("the supervisor has ended (the daemon is shutting down)")]
     Gone,
 }
 
+/// One service as the supervisor owns it.
+struct Entry {
+    handle: ServiceHandle,
+    definition: Arc<ServiceDefinition>,
+    /// Set when its actor panicked: the service is no longer supervised.
+    panic: Option<String>,
+}
+
 enum Command {
     Get(String, oneshot::Sender<Option<ServiceHandle>>),
     All(oneshot::Sender<Vec<ServiceHandle>>),
+    Info(Option<String>, oneshot::Sender<Option<Vec<ServiceInfo>>>),
+    Definition(String, oneshot::Sender<Option<Arc<ServiceDefinition>>>),
+    Add(
+        Box<ServiceDefinition>,
+        oneshot::Sender<Result<ServiceHandle, SupervisorError>>,
+    ),
+    /// Forget a service whose process is already stopped (callers stop it first).
+    Remove(String, oneshot::Sender<Option<ServiceHandle>>),
 }
 
 /// A cheap, cloneable way to act on the services.
@@ -77,56 +58,226 @@ pub struct SupervisorHandle {
     commands: mpsc::UnboundedSender<Command>,
 }
 
-/// Start one actor per definition (all stopped) and the registry that owns them.
+/// Start one actor per definition (all stopped) and the supervisor that owns them.
 pub fn spawn_supervisor(
     definitions: Vec<ServiceDefinition>,
     spawner: Arc<dyn Spawner>,
     events: EventBus,
 ) -> SupervisorHandle {
-    let mut services = BTreeMap::new();
+    let mut supervisor = Supervisor {
+        services: BTreeMap::new(),
+        tasks: JoinSet::new(),
+        task_names: HashMap::new(),
+        spawner,
+        events,
+    };
     for definition in definitions {
-        let (handle, _task) = spawn_service(definition, Arc::clone(&spawner), events.clone());
-        services.insert(handle.name().to_owned(), handle);
+        // Names are unique: the plan comes from a map keyed by name.
+        let _ = supervisor.add(definition);
     }
-    let (commands_tx, mut commands) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        // The registry changes only here, so no lock guards it. When every
-        // handle is dropped the loop ends and so do the actors' handles.
-        while let Some(command) = commands.recv().await {
-            match command {
-                Command::Get(name, reply) => {
-                    let _ = reply.send(services.get(&name).cloned());
-                }
-                Command::All(reply) => {
-                    let _ = reply.send(services.values().cloned().collect());
-                }
-            }
-        }
-    });
+    let (commands_tx, commands) = mpsc::unbounded_channel();
+    tokio::spawn(supervisor.run(commands));
     SupervisorHandle {
         commands: commands_tx,
     }
 }
 
+struct Supervisor {
+    services: BTreeMap<String, Entry>,
+    tasks: JoinSet<()>,
+    task_names: HashMap<tokio::task::Id, String>,
+    spawner: Arc<dyn Spawner>,
+    events: EventBus,
+}
+
+impl Supervisor {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.on_actor_end(joined);
+                }
+            }
+        }
+        // Every handle is gone. Dropping ours lets each actor see that and
+        // kill its process; the tasks are awaited, not aborted, since an
+        // aborted actor would leave its process running unsupervised.
+        self.services.clear();
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            self.on_actor_end(joined);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Get(name, reply) => {
+                let _ = reply.send(self.services.get(&name).map(|e| e.handle.clone()));
+            }
+            Command::All(reply) => {
+                let _ = reply.send(self.services.values().map(|e| e.handle.clone()).collect());
+            }
+            Command::Info(None, reply) => {
+                let _ = reply.send(Some(self.services.values().map(info_of).collect()));
+            }
+            Command::Info(Some(name), reply) => {
+                let _ = reply.send(self.services.get(&name).map(|e| vec![info_of(e)]));
+            }
+            Command::Definition(name, reply) => {
+                let _ = reply.send(self.services.get(&name).map(|e| Arc::clone(&e.definition)));
+            }
+            Command::Add(definition, reply) => {
+                let _ = reply.send(self.add(*definition));
+            }
+            Command::Remove(name, reply) => {
+                let _ = reply.send(self.services.remove(&name).map(|e| e.handle));
+            }
+        }
+    }
+
+    fn add(&mut self, definition: ServiceDefinition) -> Result<ServiceHandle, SupervisorError> {
+        if self.services.contains_key(&definition.name) {
+            return Err(SupervisorError::AlreadyExists(definition.name));
+        }
+        let definition = Arc::new(definition);
+        let (handle, actor) = service_actor(
+            Arc::clone(&definition),
+            Arc::clone(&self.spawner),
+            self.events.clone(),
+        );
+        let task = self.tasks.spawn(actor);
+        self.task_names.insert(task.id(), definition.name.clone());
+        self.services.insert(
+            definition.name.clone(),
+            Entry {
+                handle: handle.clone(),
+                definition,
+                panic: None,
+            },
+        );
+        Ok(handle)
+    }
+
+    fn on_actor_end(&mut self, joined: Result<(tokio::task::Id, ()), JoinError>) {
+        let id = match &joined {
+            Ok((id, ())) => *id,
+            Err(error) => error.id(),
+        };
+        let Some(name) = self.task_names.remove(&id) else {
+            return;
+        };
+        let Err(error) = joined else {
+            // A normal end: its handles were all dropped (removed, or the
+            // daemon is going away).
+            return;
+        };
+        let message = panic_message(error);
+        error!(service = %name, "internal error: the task supervising this service ended: {message}; its process, if any, is no longer supervised");
+        self.events.emit(
+            Some(&name),
+            EventKind::SupervisionLost {
+                error: message.clone(),
+            },
+        );
+        if let Some(entry) = self.services.get_mut(&name) {
+            entry.panic = Some(message);
+        }
+    }
+}
+
+fn panic_message(error: JoinError) -> String {
+    if error.is_cancelled() {
+        return "it was cancelled".to_owned();
+    }
+    let payload = error.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .map_or_else(
+            || "it panicked".to_owned(),
+            |message| format!("it panicked: {message}"),
+        )
+}
+
+fn info_of(entry: &Entry) -> ServiceInfo {
+    let handle = &entry.handle;
+    let status = handle.status();
+    let mut info = ServiceInfo {
+        name: handle.name().to_owned(),
+        configured: handle.configured(),
+        enabled: handle.enabled(),
+        state: status.state,
+        pid: status.pid,
+        uptime: status
+            .running_since
+            .map(|since| Instant::now().saturating_duration_since(since).as_secs()),
+        restarts: status.restarts,
+        requested_starts: status.requested_starts,
+        last_exit_code: status.last_exit.map(|reason| reason.code()),
+        last_error: status.last_error,
+        health: None,
+        log_dropped_bytes: handle.output().dropped_bytes(),
+    };
+    if let Some(panic) = &entry.panic {
+        info.state = State::Failed;
+        info.last_error = Some(format!(
+            "internal error: its supervising task ended ({panic}); restart the daemon"
+        ));
+    }
+    info
+}
+
 impl SupervisorHandle {
-    pub async fn service(&self, name: &str) -> Result<ServiceHandle, SupervisorError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, SupervisorError> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Get(name.to_owned(), reply))
+            .send(make(reply))
             .map_err(|_| SupervisorError::Gone)?;
-        answer
-            .await
-            .map_err(|_| SupervisorError::Gone)?
+        answer.await.map_err(|_| SupervisorError::Gone)
+    }
+
+    pub async fn service(&self, name: &str) -> Result<ServiceHandle, SupervisorError> {
+        self.ask(|reply| Command::Get(name.to_owned(), reply))
+            .await?
             .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))
     }
 
     /// Every service, sorted by name.
     pub async fn services(&self) -> Result<Vec<ServiceHandle>, SupervisorError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::All(reply))
-            .map_err(|_| SupervisorError::Gone)?;
-        answer.await.map_err(|_| SupervisorError::Gone)
+        self.ask(Command::All).await
+    }
+
+    /// The definition a service runs with.
+    pub async fn definition(&self, name: &str) -> Result<Arc<ServiceDefinition>, SupervisorError> {
+        self.ask(|reply| Command::Definition(name.to_owned(), reply))
+            .await?
+            .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))
+    }
+
+    /// Supervise one more service (stopped; start it to run it).
+    pub async fn add(
+        &self,
+        definition: ServiceDefinition,
+    ) -> Result<ServiceHandle, SupervisorError> {
+        self.ask(|reply| Command::Add(Box::new(definition), reply))
+            .await?
+    }
+
+    /// Stop a service and forget it; returns once its process is gone.
+    pub async fn remove(&self, name: &str) -> Result<(), SupervisorError> {
+        let handle = self.service(name).await?;
+        handle.shutdown().await?;
+        self.ask(|reply| Command::Remove(name.to_owned(), reply))
+            .await?
+            .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))?;
+        Ok(())
     }
 
     pub async fn start(&self, name: &str) -> Result<(), SupervisorError> {
@@ -142,7 +293,7 @@ impl SupervisorHandle {
     }
 
     pub async fn status(&self, name: &str) -> Result<State, SupervisorError> {
-        Ok(self.service(name).await?.status().state)
+        Ok(self.info(name).await?.state)
     }
 
     pub async fn is_running(&self, name: &str) -> bool {
@@ -150,11 +301,18 @@ impl SupervisorHandle {
     }
 
     pub async fn info(&self, name: &str) -> Result<ServiceInfo, SupervisorError> {
-        Ok(ServiceInfo::of(&self.service(name).await?))
+        self.ask(|reply| Command::Info(Some(name.to_owned()), reply))
+            .await?
+            .and_then(|mut infos| infos.pop())
+            .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))
     }
 
+    /// Every service's info, sorted by name.
     pub async fn list(&self) -> Result<Vec<ServiceInfo>, SupervisorError> {
-        Ok(self.services().await?.iter().map(ServiceInfo::of).collect())
+        Ok(self
+            .ask(|reply| Command::Info(None, reply))
+            .await?
+            .unwrap_or_default())
     }
 
     /// Start every enabled service, all at once; one that cannot start
@@ -222,3 +380,6 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,13 +5,12 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use orchestrator_core::events::Event;
 use orchestrator_core::process::ExitWatch;
-use orchestrator_core::supervisor::ServiceInfo;
+use orchestrator_core::wire::{LogRecord, ServiceInfo};
 use tokio::task::JoinSet;
 
-use crate::api::LogRecord;
 use crate::api::client::{Client, ClientError};
 
 /// `println!` that does not panic when stdout's reader has gone away
@@ -38,7 +37,7 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 pub fn exit_code(error: &ClientError) -> ExitCode {
     ExitCode::from(match error {
         ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
-        ClientError::Api { status, .. } if *status == StatusCode::BAD_REQUEST => EXIT_USAGE,
+        ClientError::Api { body, .. } if body.code.is_usage() => EXIT_USAGE,
         _ => EXIT_FAILED,
     })
 }
@@ -107,12 +106,12 @@ pub fn status_table(services: &[ServiceInfo]) -> String {
         .map(|s| {
             [
                 s.name.clone(),
-                s.state.clone(),
+                s.state.to_string(),
                 s.pid.map_or("-".to_owned(), |p| p.to_string()),
                 s.uptime.map_or("-".to_owned(), format_uptime),
                 s.restarts.to_string(),
                 s.last_exit_code.map_or("-".to_owned(), |c| c.to_string()),
-                s.health.clone().unwrap_or_else(|| "-".to_owned()),
+                s.health.map_or("-".to_owned(), |h| h.to_string()),
             ]
         })
         .collect();
@@ -355,10 +354,11 @@ mod tests {
             name: "api".into(),
             configured: true,
             enabled: true,
-            state: "running".into(),
+            state: orchestrator_core::wire::State::Running,
             pid: Some(42),
             uptime: Some(61),
             restarts: 2,
+            requested_starts: 0,
             last_exit_code: Some(1),
             last_error: None,
             health: None,

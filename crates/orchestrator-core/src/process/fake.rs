@@ -25,6 +25,7 @@ struct FakeSpawnerState {
     children: Vec<FakeChildControl>,
     failures: VecDeque<String>,
     fail_always: Option<String>,
+    panic_next: Option<String>,
     ignore_stop_signal: bool,
     next_pid: u32,
 }
@@ -41,6 +42,12 @@ impl FakeSpawner {
     /// The next spawn fails with `message`.
     pub fn fail_next(&self, message: &str) {
         self.state().failures.push_back(message.to_owned());
+    }
+
+    /// The next spawn panics with `message`, as a bug in the spawning code
+    /// would: for tests of how a panicking service actor is reported.
+    pub fn panic_next(&self, message: &str) {
+        self.state().panic_next = Some(message.to_owned());
     }
 
     /// Every spawn fails with `message` (until `succeed` is called).
@@ -95,6 +102,10 @@ impl FakeSpawner {
 
 impl Spawner for FakeSpawner {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
+        let panic = self.state().panic_next.take();
+        if let Some(message) = panic {
+            panic!("{message}");
+        }
         let result = {
             let mut state = self.state();
             state.specs.push(spec.clone());
@@ -163,6 +174,11 @@ impl FakeChildControl {
     /// Every signal sent to its group, with when it was sent.
     pub fn signals(&self) -> Vec<(Instant, Signal)> {
         self.state().signals.clone()
+    }
+
+    /// From now on it ignores every signal but SIGKILL.
+    pub fn ignore_stop_signal_from_now(&self) {
+        self.state().ignore_stop_signal = true;
     }
 
     pub fn is_reaped(&self) -> bool {

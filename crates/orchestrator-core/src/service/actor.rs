@@ -40,9 +40,10 @@ pub struct ServiceStatus {
     pub pid: Option<u32>,
     /// When the current process started (for uptime).
     pub running_since: Option<Instant>,
-    /// A stop was asked for and the process has not ended yet.
-    pub stopping: bool,
+    /// Restarts after failures.
     pub restarts: u64,
+    /// Starts and restarts users asked for.
+    pub requested_starts: u64,
     pub last_exit: Option<ExitReason>,
     pub last_error: Option<String>,
 }
@@ -185,28 +186,45 @@ impl ServiceHandle {
     }
 }
 
-/// Start the actor of one service (stopped; send `start` to run it).
+/// Start the actor of one service on its own task (stopped; send `start`
+/// to run it). The supervisor uses `service_actor` to own the task instead.
 pub fn spawn_service(
     definition: ServiceDefinition,
     spawner: Arc<dyn Spawner>,
     events: EventBus,
 ) -> (ServiceHandle, JoinHandle<()>) {
-    let machine = Machine::new(definition.policy.clone());
-    spawn_with_machine(definition, spawner, events, machine)
+    let (handle, actor) = service_actor(Arc::new(definition), spawner, events);
+    (handle, tokio::spawn(actor))
 }
 
+/// The handle of one service and the future of its actor, for the caller
+/// to run on a task it owns.
+pub fn service_actor(
+    definition: Arc<ServiceDefinition>,
+    spawner: Arc<dyn Spawner>,
+    events: EventBus,
+) -> (
+    ServiceHandle,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let machine = Machine::new(definition.policy.clone());
+    let (handle, actor) = new_actor(definition, spawner, events, machine);
+    (handle, actor.run())
+}
+
+#[cfg(test)]
 pub(crate) fn spawn_with_machine(
     definition: ServiceDefinition,
     spawner: Arc<dyn Spawner>,
     events: EventBus,
     machine: Machine,
 ) -> (ServiceHandle, JoinHandle<()>) {
-    let (handle, actor) = new_actor(definition, spawner, events, machine);
+    let (handle, actor) = new_actor(Arc::new(definition), spawner, events, machine);
     (handle, tokio::spawn(actor.run()))
 }
 
 fn new_actor(
-    definition: ServiceDefinition,
+    definition: Arc<ServiceDefinition>,
     spawner: Arc<dyn Spawner>,
     events: EventBus,
     machine: Machine,
@@ -240,7 +258,6 @@ fn new_actor(
         status: status_tx,
         start_waiters: Vec::new(),
         stop_waiters: Vec::new(),
-        closing: false,
     };
     (handle, actor)
 }
@@ -250,15 +267,15 @@ fn snapshot(machine: &Machine) -> ServiceStatus {
         state: machine.state(),
         pid: machine.pid(),
         running_since: machine.running_since(),
-        stopping: machine.is_stopping(),
         restarts: machine.restarts(),
+        requested_starts: machine.requested_starts(),
         last_exit: machine.last_exit(),
         last_error: machine.last_error().map(str::to_owned),
     }
 }
 
 struct Actor {
-    definition: ServiceDefinition,
+    definition: Arc<ServiceDefinition>,
     spawner: Arc<dyn Spawner>,
     events: EventBus,
     machine: Machine,
@@ -270,8 +287,13 @@ struct Actor {
     status: watch::Sender<ServiceStatus>,
     start_waiters: Vec<Reply>,
     stop_waiters: Vec<Reply>,
-    /// Set by Shutdown/Kill: no start is accepted any more.
-    closing: bool,
+}
+
+/// Whether the machine took an input or refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Accepted,
+    Refused,
 }
 
 enum Wakeup {
@@ -322,12 +344,7 @@ impl Actor {
                     Wakeup::Command(command) => self.on_command(command),
                     Wakeup::Exited(result) => self.on_exit(result).await,
                     Wakeup::Timer => {
-                        let was_stopping = self.machine.is_stopping();
                         self.feed(Input::Timer);
-                        if was_stopping {
-                            warn!(service = %self.definition.name, "did not stop within {:?}: sent SIGKILL", self.definition.policy.stop_timeout);
-                            self.emit(EventKind::StopTimedOut);
-                        }
                     }
                     Wakeup::HandlesGone => {
                         self.abandon().await;
@@ -339,57 +356,41 @@ impl Actor {
     }
 
     fn on_command(&mut self, command: Command) {
-        let name = &self.definition.name;
-        let command = match command {
-            Command::Start(reply) | Command::Restart(reply) if self.closing => {
-                let _ = reply.send(Err(ServiceError::ShuttingDown {
-                    service: name.clone(),
-                }));
-                return;
-            }
-            Command::Shutdown(reply) => {
-                self.closing = true;
-                Command::Stop(reply)
-            }
-            Command::Kill(reply) => {
-                self.closing = true;
-                Command::Kill(reply)
-            }
-            other => other,
-        };
-        match command {
-            Command::Start(reply) => {
-                supersede(&mut self.stop_waiters, name, "start");
-                self.start_waiters.push(reply);
-                self.feed(Input::Start);
-            }
+        let definition = Arc::clone(&self.definition);
+        let name = &definition.name;
+        let (input, reply, starts) = match command {
+            Command::Start(reply) => (Input::Start, reply, true),
             Command::Restart(reply) => {
-                supersede(&mut self.stop_waiters, name, "restart");
-                self.start_waiters.push(reply);
                 info!(service = %name, "restart requested");
-                self.feed(Input::Restart);
+                (Input::Restart, reply, true)
             }
-            Command::Stop(reply) => {
-                supersede(&mut self.start_waiters, name, "stop");
-                self.stop_waiters.push(reply);
-                let before = self.machine.state();
-                if before != State::Stopped {
-                    info!(service = %name, "stop requested");
-                    self.emit(EventKind::StopRequested);
-                }
-                self.feed(Input::Stop);
-                if before != State::Stopped && self.machine.state() == State::Stopped {
-                    // Nothing was running (a backoff, or failed): stopped at once.
-                    self.emit(EventKind::Stopped);
-                }
-            }
-            Command::Kill(reply) => {
-                supersede(&mut self.start_waiters, name, "kill");
-                self.stop_waiters.push(reply);
-                self.feed(Input::Kill);
-            }
-            Command::Shutdown(_) => unreachable!("turned into a Stop above"),
+            Command::Stop(reply) => (Input::Stop, reply, false),
+            Command::Shutdown(reply) => (Input::Shutdown, reply, false),
+            Command::Kill(reply) => (Input::Kill, reply, false),
+        };
+        let by = match input {
+            Input::Start => "start",
+            Input::Restart => "restart",
+            Input::Kill => "kill",
+            _ => "stop",
+        };
+        // The machine decides first: a refused request changes nothing,
+        // not even the waiters of the request it would have overridden.
+        if self.apply(input) == Outcome::Refused {
+            let _ = reply.send(Err(ServiceError::ShuttingDown {
+                service: name.clone(),
+            }));
+            return;
         }
+        // The reply waits for the outcome, which `publish` settles.
+        if starts {
+            supersede(&mut self.stop_waiters, name, by);
+            self.start_waiters.push(reply);
+        } else {
+            supersede(&mut self.start_waiters, name, by);
+            self.stop_waiters.push(reply);
+        }
+        self.publish();
     }
 
     /// The last lines of a process are in its pipes when it exits: read
@@ -420,71 +421,73 @@ impl Actor {
         // it again.
         self.child = None;
         self.drain_output().await;
-        let name = &self.definition.name;
-        let expected = self.machine.is_stopping();
-        if expected {
-            info!(service = %name, "stopped ({reason})");
-        } else {
-            warn!(service = %name, "{reason}");
-        }
-        self.emit(EventKind::Exited {
-            reason: reason.to_string(),
-            exit_code: reason.code(),
-            expected,
-        });
         self.feed(Input::Exited(reason));
-        match self.machine.state() {
-            State::Restarting => {
-                if let Some(until) = self.machine.deadline() {
-                    let delay = until.saturating_duration_since(Instant::now());
-                    info!(service = %self.definition.name, "restarting in {delay:.1?}");
-                    self.emit(EventKind::RestartScheduled {
-                        delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        failures: self.machine.consecutive_failures(),
-                    });
-                }
-            }
-            State::Failed => {
-                let error = self.machine.last_error().unwrap_or("unknown").to_owned();
-                error!(service = %self.definition.name, "failed: {error}");
-                self.emit(EventKind::GaveUp { error });
-            }
-            State::Stopped if expected => self.emit(EventKind::Stopped),
-            _ => {}
-        }
     }
 
     /// Run `input` through the machine, carry out the effects, publish.
     fn feed(&mut self, input: Input) {
+        self.apply(input);
+        self.publish();
+    }
+
+    /// Run `input` through the machine and carry out the effects.
+    fn apply(&mut self, input: Input) -> Outcome {
+        let mut outcome = Outcome::Accepted;
         let mut inputs = VecDeque::from([input]);
         while let Some(input) = inputs.pop_front() {
             for effect in self.machine.step(input, Instant::now()) {
                 match effect {
                     Effect::Spawn => inputs.push_back(self.spawn()),
                     Effect::SignalGroup(signal) => self.signal(signal),
+                    Effect::Publish(kind) => self.announce(kind),
+                    Effect::Refused => outcome = Outcome::Refused,
                 }
             }
         }
-        self.publish();
+        outcome
+    }
+
+    /// A lifecycle event: into the daemon's log, then onto the bus.
+    fn announce(&self, kind: EventKind) {
+        let name = &self.definition.name;
+        match &kind {
+            EventKind::Started { pid } => info!(service = %name, pid, "started"),
+            EventKind::SpawnFailed { error } => warn!(service = %name, "{error}"),
+            EventKind::Exited {
+                reason, expected, ..
+            } => {
+                if *expected {
+                    info!(service = %name, "stopped ({reason})");
+                } else {
+                    warn!(service = %name, "{reason}");
+                }
+            }
+            EventKind::RestartScheduled { delay_ms, .. } => {
+                let delay = std::time::Duration::from_millis(*delay_ms);
+                info!(service = %name, "restarting in {delay:.1?}");
+            }
+            EventKind::GaveUp { error } => error!(service = %name, "failed: {error}"),
+            EventKind::StopRequested => info!(service = %name, "stop requested"),
+            EventKind::StopTimedOut => warn!(
+                service = %name,
+                "did not stop within {:?}: sent SIGKILL",
+                self.definition.policy.stop_timeout
+            ),
+            _ => {}
+        }
+        self.events.emit(Some(name), kind);
     }
 
     fn spawn(&mut self) -> Input {
-        let name = &self.definition.name;
         let spec = &self.definition.spawn;
         if let Err(source) = std::fs::create_dir_all(&spec.cwd) {
             let error = SpawnError::WorkingDir {
                 dir: spec.cwd.clone(),
                 source,
             };
-            warn!(service = %name, "{error}");
-            let error = error.to_string();
-            self.events.emit(
-                Some(name),
-                EventKind::SpawnFailed {
-                    error: error.clone(),
-                },
-            );
-            return Input::SpawnFailed { error };
+            return Input::SpawnFailed {
+                error: error.to_string(),
+            };
         }
         match self.spawner.spawn(spec) {
             Ok(mut child) => {
@@ -496,22 +499,12 @@ impl Actor {
                     ));
                 }
                 let pid = child.pid();
-                info!(service = %name, pid, "started");
-                self.events.emit(Some(name), EventKind::Started { pid });
                 self.child = Some(child);
                 Input::Spawned { pid }
             }
-            Err(error) => {
-                warn!(service = %name, "{error}");
-                let error = error.to_string();
-                self.events.emit(
-                    Some(name),
-                    EventKind::SpawnFailed {
-                        error: error.clone(),
-                    },
-                );
-                Input::SpawnFailed { error }
-            }
+            Err(error) => Input::SpawnFailed {
+                error: error.to_string(),
+            },
         }
     }
 
@@ -526,10 +519,6 @@ impl Actor {
             }
             None => debug!(service = %name, "no process to send {signal} to"),
         }
-    }
-
-    fn emit(&self, kind: EventKind) {
-        self.events.emit(Some(&self.definition.name), kind);
     }
 
     fn publish(&mut self) {
@@ -548,10 +537,9 @@ impl Actor {
     /// Answer the requests whose outcome is now known.
     fn settle_waiters(&mut self) {
         let state = self.machine.state();
-        let stopping = self.machine.is_stopping();
         if !self.start_waiters.is_empty() {
             let outcome = match state {
-                State::Running if !stopping => Some(Ok(())),
+                State::Running => Some(Ok(())),
                 State::Restarting | State::Failed => Some(Err(ServiceError::StartFailed {
                     service: self.definition.name.clone(),
                     reason: self
@@ -603,20 +591,22 @@ mod size_tests {
     use crate::process::FakeSpawner;
 
     /// A thousand idle services each keep this future: it must hold the
-    /// actor once, not twice as an `async fn` taking `self` by value would.
+    /// actor once, not twice as an `async fn` taking `self` by value would
+    /// (the select's own state, two timers and a boxed wait, is about 310
+    /// bytes on top of the actor).
     #[test]
     fn the_actor_task_holds_its_state_once() {
         let definition = crate::service::tests::definition(crate::config::RestartPolicy::Always, 3);
         let machine = Machine::new(definition.policy.clone());
         let (_handle, actor) = new_actor(
-            definition,
+            Arc::new(definition),
             Arc::new(FakeSpawner::new()),
             EventBus::in_memory(),
             machine,
         );
         let future = actor.run();
         assert!(
-            std::mem::size_of_val(&future) < 2 * std::mem::size_of::<Actor>(),
+            std::mem::size_of_val(&future) < std::mem::size_of::<Actor>() + 400,
             "actor future {} bytes, actor {} bytes",
             std::mem::size_of_val(&future),
             std::mem::size_of::<Actor>()

@@ -8,30 +8,9 @@ use tokio::time::Instant;
 
 use crate::config::{BackoffConfig, RestartPolicy};
 use crate::process::ExitReason;
+use crate::wire::EventKind;
 
-/// The state users see (SPEC section 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum State {
-    Stopped,
-    Starting,
-    Running,
-    /// Waiting out a backoff before the next start.
-    Restarting,
-    /// Gave up, or could not start and may not retry.
-    Failed,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Stopped => "stopped",
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Restarting => "restarting",
-            State::Failed => "failed",
-        }
-    }
-}
+pub use crate::wire::State;
 
 /// What the service's rules are; fixed for the life of the machine.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,7 +30,10 @@ pub enum Input {
     Stop,
     /// The user asks for a stop followed by a start.
     Restart,
-    /// Stop at once, without grace (a second Ctrl-C).
+    /// The daemon is going away: stop, and refuse every later start (a
+    /// process started now would outlive the daemon).
+    Shutdown,
+    /// As Shutdown, without grace (a second Ctrl-C).
     Kill,
     /// The requested spawn succeeded.
     Spawned { pid: u32 },
@@ -63,13 +45,17 @@ pub enum Input {
     Timer,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Start a new process; answer with `Spawned` or `SpawnFailed` before
     /// any other input.
     Spawn,
     /// Send this signal to the process group.
     SignalGroup(Signal),
+    /// A lifecycle event for the event bus (and the daemon's log).
+    Publish(EventKind),
+    /// A start or restart was refused: the daemon is shutting down.
+    Refused,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +95,12 @@ pub struct Machine {
     phase: Phase,
     /// Consecutive failures: the n of the backoff formula.
     failures: u32,
-    /// Every spawn after the first one.
+    /// Restarts the machine made on its own after failures.
     restarts: u64,
-    spawned_once: bool,
+    /// Starts and restarts a user asked for that led to a new process.
+    requested_starts: u64,
+    /// Set by Shutdown and Kill, never cleared: no start is accepted any more.
+    closing: bool,
     last_exit: Option<ExitReason>,
     last_error: Option<String>,
     jitter: f64,
@@ -125,7 +114,8 @@ impl Machine {
             phase: Phase::Stopped,
             failures: 0,
             restarts: 0,
-            spawned_once: false,
+            requested_starts: 0,
+            closing: false,
             last_exit: None,
             last_error: None,
             jitter: BACKOFF_JITTER,
@@ -153,8 +143,8 @@ impl Machine {
             Phase::Stopped => State::Stopped,
             Phase::Failed => State::Failed,
             Phase::Spawning => State::Starting,
-            // The process is alive until it has been reaped, whatever we asked of it.
-            Phase::Running { .. } | Phase::Stopping { .. } => State::Running,
+            Phase::Running { .. } => State::Running,
+            Phase::Stopping { .. } => State::Stopping,
             Phase::Backoff { .. } => State::Restarting,
         }
     }
@@ -162,6 +152,11 @@ impl Machine {
     /// True while a stop is in progress (the process is still alive).
     pub fn is_stopping(&self) -> bool {
         matches!(self.phase, Phase::Stopping { .. })
+    }
+
+    /// True once the daemon began shutting it down for good.
+    pub fn is_closing(&self) -> bool {
+        self.closing
     }
 
     /// True while it will start again on its own (after a stop or a backoff).
@@ -176,11 +171,11 @@ impl Machine {
     pub fn pid(&self) -> Option<u32> {
         match self.phase {
             Phase::Running { pid, .. } | Phase::Stopping { pid, .. } => Some(pid),
-            _ => None,
+            Phase::Stopped | Phase::Failed | Phase::Spawning | Phase::Backoff { .. } => None,
         }
     }
 
-    /// When the current process started, while there is one.
+    /// When the current process started, while it runs unasked to stop.
     pub fn running_since(&self) -> Option<Instant> {
         match self.phase {
             Phase::Running { since, .. } => Some(since),
@@ -190,6 +185,10 @@ impl Machine {
 
     pub fn restarts(&self) -> u64 {
         self.restarts
+    }
+
+    pub fn requested_starts(&self) -> u64 {
+        self.requested_starts
     }
 
     pub fn consecutive_failures(&self) -> u32 {
@@ -238,147 +237,218 @@ impl Machine {
         base.mul_f64(factor)
     }
 
+    /// Every (input, phase) pair is spelled out: a new input or phase makes
+    /// the compiler point at each transition that needs a decision.
     pub fn step(&mut self, input: Input, now: Instant) -> Vec<Effect> {
-        match (self.phase, input) {
-            (Phase::Stopped | Phase::Failed, Input::Start | Input::Restart) => {
-                self.failures = 0;
-                self.spawn()
-            }
-            (Phase::Backoff { .. }, Input::Start | Input::Restart) => {
-                self.failures = 0;
-                self.spawn()
-            }
-            (Phase::Running { .. } | Phase::Spawning, Input::Start) => Vec::new(),
-            (Phase::Running { pid, .. }, Input::Restart) => {
-                self.begin_stop(pid, AfterStop::Start, now)
-            }
-            (Phase::Stopping { .. }, Input::Start | Input::Restart) => {
-                self.set_after_stop(AfterStop::Start);
-                Vec::new()
-            }
-
-            (Phase::Running { pid, .. }, Input::Stop) => {
-                self.begin_stop(pid, AfterStop::StayStopped, now)
-            }
-            (Phase::Stopping { .. }, Input::Stop) => {
-                self.set_after_stop(AfterStop::StayStopped);
-                Vec::new()
-            }
-            (Phase::Backoff { .. } | Phase::Failed, Input::Stop | Input::Kill) => {
-                self.phase = Phase::Stopped;
-                Vec::new()
-            }
-            (Phase::Stopped, Input::Stop | Input::Kill) => Vec::new(),
-
-            (Phase::Running { pid, .. }, Input::Kill) => {
-                self.phase = Phase::Stopping {
-                    pid,
-                    then: AfterStop::StayStopped,
-                    deadline: now,
-                    killed: true,
-                };
-                vec![Effect::SignalGroup(Signal::SIGKILL)]
-            }
-            (Phase::Stopping { pid, killed, .. }, Input::Kill) => {
-                self.phase = Phase::Stopping {
-                    pid,
-                    then: AfterStop::StayStopped,
-                    deadline: now,
-                    killed: true,
-                };
-                if killed {
-                    Vec::new()
-                } else {
-                    vec![Effect::SignalGroup(Signal::SIGKILL)]
-                }
-            }
-
-            (Phase::Spawning, Input::Spawned { pid }) => {
-                self.last_error = None;
-                self.phase = Phase::Running { since: now, pid };
-                Vec::new()
-            }
-            (Phase::Spawning, Input::SpawnFailed { error }) => {
-                self.last_exit = None;
-                let may_retry = self.policy.restart != RestartPolicy::Never;
-                self.after_failure(error, may_retry, now)
-            }
-
-            (Phase::Running { since, .. }, Input::Exited(reason)) => {
-                self.last_exit = Some(reason);
-                if now.saturating_duration_since(since) >= self.policy.backoff.reset_after {
+        let mut out = Vec::new();
+        match input {
+            Input::Start | Input::Restart if self.closing => out.push(Effect::Refused),
+            Input::Start => match self.phase {
+                Phase::Stopped | Phase::Failed | Phase::Backoff { .. } => {
                     self.failures = 0;
+                    self.requested_starts += 1;
+                    self.spawn(&mut out);
                 }
-                let allowed = match self.policy.restart {
-                    RestartPolicy::Always => true,
-                    RestartPolicy::OnFailure => !reason.is_success(),
-                    RestartPolicy::Never => false,
-                };
-                if !allowed && reason.is_success() {
-                    self.last_error = None;
-                    self.phase = Phase::Stopped;
-                    return Vec::new();
+                Phase::Stopping { then, .. } => {
+                    if then == AfterStop::StayStopped {
+                        self.requested_starts += 1;
+                    }
+                    self.set_after_stop(AfterStop::Start);
                 }
-                self.after_failure(reason.to_string(), allowed, now)
-            }
-            (Phase::Stopping { then, .. }, Input::Exited(reason)) => {
-                self.last_exit = Some(reason);
-                self.last_error = None;
-                match then {
-                    AfterStop::StayStopped => {
+                // Already runs (or is being started): nothing to do.
+                Phase::Running { .. } | Phase::Spawning => {}
+            },
+            Input::Restart => match self.phase {
+                Phase::Stopped | Phase::Failed | Phase::Backoff { .. } => {
+                    self.failures = 0;
+                    self.requested_starts += 1;
+                    self.spawn(&mut out);
+                }
+                Phase::Running { pid, .. } => {
+                    self.requested_starts += 1;
+                    self.begin_stop(pid, AfterStop::Start, now, &mut out);
+                }
+                Phase::Stopping { then, .. } => {
+                    if then == AfterStop::StayStopped {
+                        self.requested_starts += 1;
+                    }
+                    self.set_after_stop(AfterStop::Start);
+                }
+                // The spawn's answer comes before any command.
+                Phase::Spawning => {}
+            },
+            Input::Stop | Input::Shutdown => {
+                if input == Input::Shutdown {
+                    self.closing = true;
+                }
+                match self.phase {
+                    Phase::Running { pid, .. } => {
+                        self.begin_stop(pid, AfterStop::StayStopped, now, &mut out);
+                    }
+                    Phase::Stopping { then, .. } => {
+                        if then == AfterStop::Start {
+                            out.push(Effect::Publish(EventKind::StopRequested));
+                        }
+                        self.set_after_stop(AfterStop::StayStopped);
+                    }
+                    // Nothing runs (a backoff, or failed): stopped at once.
+                    Phase::Backoff { .. } | Phase::Failed => {
                         self.phase = Phase::Stopped;
-                        Vec::new()
+                        out.push(Effect::Publish(EventKind::StopRequested));
+                        out.push(Effect::Publish(EventKind::Stopped));
                     }
-                    AfterStop::Start => {
-                        self.failures = 0;
-                        self.spawn()
-                    }
+                    Phase::Stopped | Phase::Spawning => {}
                 }
             }
-
-            (Phase::Backoff { until }, Input::Timer) if now >= until => self.spawn(),
-            (
+            Input::Kill => {
+                self.closing = true;
+                match self.phase {
+                    Phase::Running { pid, .. } => {
+                        out.push(Effect::Publish(EventKind::StopRequested));
+                        self.kill(pid, now, &mut out);
+                    }
+                    Phase::Stopping { pid, killed, .. } => {
+                        if killed {
+                            self.set_after_stop(AfterStop::StayStopped);
+                        } else {
+                            self.kill(pid, now, &mut out);
+                        }
+                    }
+                    Phase::Backoff { .. } | Phase::Failed => {
+                        self.phase = Phase::Stopped;
+                        out.push(Effect::Publish(EventKind::Stopped));
+                    }
+                    Phase::Stopped | Phase::Spawning => {}
+                }
+            }
+            Input::Spawned { pid } => match self.phase {
+                Phase::Spawning => {
+                    self.last_error = None;
+                    self.phase = Phase::Running { since: now, pid };
+                    out.push(Effect::Publish(EventKind::Started { pid }));
+                }
+                // Answers only ever follow a Spawn effect.
+                Phase::Stopped
+                | Phase::Failed
+                | Phase::Running { .. }
+                | Phase::Stopping { .. }
+                | Phase::Backoff { .. } => {}
+            },
+            Input::SpawnFailed { error } => match self.phase {
+                Phase::Spawning => {
+                    self.last_exit = None;
+                    out.push(Effect::Publish(EventKind::SpawnFailed {
+                        error: error.clone(),
+                    }));
+                    let may_retry = self.policy.restart != RestartPolicy::Never;
+                    self.after_failure(error, may_retry, now, &mut out);
+                }
+                Phase::Stopped
+                | Phase::Failed
+                | Phase::Running { .. }
+                | Phase::Stopping { .. }
+                | Phase::Backoff { .. } => {}
+            },
+            Input::Exited(reason) => match self.phase {
+                Phase::Running { since, .. } => {
+                    self.last_exit = Some(reason);
+                    out.push(exited(reason, false));
+                    if now.saturating_duration_since(since) >= self.policy.backoff.reset_after {
+                        self.failures = 0;
+                    }
+                    let allowed = match self.policy.restart {
+                        RestartPolicy::Always => true,
+                        RestartPolicy::OnFailure => !reason.is_success(),
+                        RestartPolicy::Never => false,
+                    };
+                    if !allowed && reason.is_success() {
+                        self.last_error = None;
+                        self.phase = Phase::Stopped;
+                    } else {
+                        self.after_failure(reason.to_string(), allowed, now, &mut out);
+                    }
+                }
+                Phase::Stopping { then, .. } => {
+                    self.last_exit = Some(reason);
+                    self.last_error = None;
+                    out.push(exited(reason, true));
+                    match then {
+                        AfterStop::StayStopped => {
+                            self.phase = Phase::Stopped;
+                            out.push(Effect::Publish(EventKind::Stopped));
+                        }
+                        AfterStop::Start if self.closing => {
+                            self.phase = Phase::Stopped;
+                            out.push(Effect::Publish(EventKind::Stopped));
+                        }
+                        AfterStop::Start => {
+                            self.failures = 0;
+                            self.spawn(&mut out);
+                        }
+                    }
+                }
+                // No process: a stale report, and a stopped service must
+                // never start by accident.
+                Phase::Stopped | Phase::Failed | Phase::Spawning | Phase::Backoff { .. } => {}
+            },
+            Input::Timer => match self.phase {
+                Phase::Backoff { until } if now >= until => {
+                    self.restarts += 1;
+                    self.spawn(&mut out);
+                }
                 Phase::Stopping {
                     pid,
                     then,
                     deadline,
                     killed: false,
-                },
-                Input::Timer,
-            ) if now >= deadline => {
-                self.phase = Phase::Stopping {
-                    pid,
-                    then,
-                    deadline,
-                    killed: true,
-                };
-                vec![Effect::SignalGroup(Signal::SIGKILL)]
-            }
-
-            // Anything else is stale or impossible (a timer that was
-            // overtaken, an exit with no process): ignoring it is the safe
-            // answer, since a stopped service must never start by accident.
-            _ => Vec::new(),
+                } if now >= deadline => {
+                    self.phase = Phase::Stopping {
+                        pid,
+                        then,
+                        deadline,
+                        killed: true,
+                    };
+                    out.push(Effect::SignalGroup(Signal::SIGKILL));
+                    out.push(Effect::Publish(EventKind::StopTimedOut));
+                }
+                // A timer that was overtaken (early, or for a phase since left).
+                Phase::Backoff { .. }
+                | Phase::Stopping { .. }
+                | Phase::Stopped
+                | Phase::Failed
+                | Phase::Spawning
+                | Phase::Running { .. } => {}
+            },
         }
+        out
     }
 
-    fn spawn(&mut self) -> Vec<Effect> {
-        if self.spawned_once {
-            self.restarts += 1;
-        }
-        self.spawned_once = true;
+    fn spawn(&mut self, out: &mut Vec<Effect>) {
         self.phase = Phase::Spawning;
-        vec![Effect::Spawn]
+        out.push(Effect::Spawn);
     }
 
-    fn begin_stop(&mut self, pid: u32, then: AfterStop, now: Instant) -> Vec<Effect> {
+    fn begin_stop(&mut self, pid: u32, then: AfterStop, now: Instant, out: &mut Vec<Effect>) {
         self.phase = Phase::Stopping {
             pid,
             then,
             deadline: now + self.policy.stop_timeout,
             killed: false,
         };
-        vec![Effect::SignalGroup(self.policy.stop_signal)]
+        if then == AfterStop::StayStopped {
+            out.push(Effect::Publish(EventKind::StopRequested));
+        }
+        out.push(Effect::SignalGroup(self.policy.stop_signal));
+    }
+
+    fn kill(&mut self, pid: u32, now: Instant, out: &mut Vec<Effect>) {
+        self.phase = Phase::Stopping {
+            pid,
+            then: AfterStop::StayStopped,
+            deadline: now,
+            killed: true,
+        };
+        out.push(Effect::SignalGroup(Signal::SIGKILL));
     }
 
     fn set_after_stop(&mut self, after: AfterStop) {
@@ -388,29 +458,49 @@ impl Machine {
     }
 
     /// A run (or a spawn) failed: back off and retry, or give up.
-    fn after_failure(&mut self, error: String, may_retry: bool, now: Instant) -> Vec<Effect> {
+    fn after_failure(
+        &mut self,
+        error: String,
+        may_retry: bool,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
         if !may_retry {
-            self.last_error = Some(error);
-            self.phase = Phase::Failed;
-            return Vec::new();
+            self.give_up(error, out);
+            return;
         }
         self.failures = self.failures.saturating_add(1);
         if self.failures > self.policy.max_restarts {
-            self.last_error = Some(format!(
-                "gave up after {} restart{}: {error}",
-                self.policy.max_restarts,
-                if self.policy.max_restarts == 1 {
-                    ""
-                } else {
-                    "s"
-                }
-            ));
-            self.phase = Phase::Failed;
-            return Vec::new();
+            let restarts = self.policy.max_restarts;
+            let plural = if restarts == 1 { "" } else { "s" };
+            self.give_up(
+                format!("gave up after {restarts} restart{plural}: {error}"),
+                out,
+            );
+            return;
         }
         self.last_error = Some(error);
         let delay = self.next_delay();
         self.phase = Phase::Backoff { until: now + delay };
-        Vec::new()
+        out.push(Effect::Publish(EventKind::RestartScheduled {
+            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            failures: self.failures,
+        }));
     }
+
+    fn give_up(&mut self, error: String, out: &mut Vec<Effect>) {
+        out.push(Effect::Publish(EventKind::GaveUp {
+            error: error.clone(),
+        }));
+        self.last_error = Some(error);
+        self.phase = Phase::Failed;
+    }
+}
+
+fn exited(reason: ExitReason, expected: bool) -> Effect {
+    Effect::Publish(EventKind::Exited {
+        reason: reason.to_string(),
+        exit_code: reason.code(),
+        expected,
+    })
 }

@@ -4,7 +4,9 @@ mod actor;
 mod inbox;
 mod machine;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
-pub use actor::{ServiceDefinition, ServiceError, ServiceHandle, ServiceStatus, spawn_service};
+pub use actor::{
+    ServiceDefinition, ServiceError, ServiceHandle, ServiceStatus, service_actor, spawn_service,
+};
 pub use machine::{BACKOFF_JITTER, Effect, Input, Machine, Policy, State};

@@ -34,14 +34,35 @@ fn exact(restart: RestartPolicy, max_restarts: u32) -> Machine {
     Machine::new(policy(restart, max_restarts)).without_jitter()
 }
 
+/// The I/O effects of a step, without the events it published (those have
+/// tests of their own below).
+fn io(machine: &mut Machine, input: Input, now: Instant) -> Vec<Effect> {
+    machine
+        .step(input, now)
+        .into_iter()
+        .filter(|effect| !matches!(effect, Effect::Publish(_)))
+        .collect()
+}
+
+/// Only the events a step published.
+fn published(effects: Vec<Effect>) -> Vec<EventKind> {
+    effects
+        .into_iter()
+        .filter_map(|effect| match effect {
+            Effect::Publish(kind) => Some(kind),
+            _ => None,
+        })
+        .collect()
+}
+
 fn code(code: i32) -> Input {
     Input::Exited(ExitReason::Exited(code))
 }
 
 /// Drive a machine from Stopped to Running at `now`.
 fn running(machine: &mut Machine, now: Instant) {
-    assert_eq!(machine.step(Input::Start, now), [Effect::Spawn]);
-    assert_eq!(machine.step(Input::Spawned { pid: 42 }, now), []);
+    assert_eq!(io(machine, Input::Start, now), [Effect::Spawn]);
+    assert_eq!(io(machine, Input::Spawned { pid: 42 }, now), []);
     assert_eq!(machine.state(), State::Running);
 }
 
@@ -50,15 +71,15 @@ fn start_spawns_and_runs() {
     let now = Instant::now();
     let mut m = exact(RestartPolicy::Always, 3);
     assert_eq!(m.state(), State::Stopped);
-    assert_eq!(m.step(Input::Start, now), [Effect::Spawn]);
+    assert_eq!(io(&mut m, Input::Start, now), [Effect::Spawn]);
     assert_eq!(m.state(), State::Starting);
-    m.step(Input::Spawned { pid: 7 }, now);
+    io(&mut m, Input::Spawned { pid: 7 }, now);
     assert_eq!(
         (m.state(), m.pid(), m.restarts()),
         (State::Running, Some(7), 0)
     );
     assert_eq!(
-        m.step(Input::Start, now),
+        io(&mut m, Input::Start, now),
         [],
         "start while running is a no-op"
     );
@@ -88,7 +109,7 @@ fn restart_policy_table() {
         let now = Instant::now();
         let mut m = exact(restart, 3);
         running(&mut m, now);
-        m.step(exit.clone(), now + MS);
+        io(&mut m, exit.clone(), now + MS);
         assert_eq!(m.state(), expected, "{restart:?} after {exit:?}");
         assert_eq!(m.pid(), None);
     }
@@ -101,16 +122,21 @@ fn crash_loop_backs_off_exponentially_then_gives_up() {
     running(&mut m, now);
     let mut delays = Vec::new();
     loop {
-        m.step(code(1), now);
+        io(&mut m, code(1), now);
         let Some(until) = m.deadline() else { break };
         delays.push(until - now);
         now = until;
-        assert_eq!(m.step(Input::Timer, now), [Effect::Spawn]);
-        m.step(Input::Spawned { pid: 43 }, now);
+        assert_eq!(io(&mut m, Input::Timer, now), [Effect::Spawn]);
+        io(&mut m, Input::Spawned { pid: 43 }, now);
     }
     assert_eq!(delays, [100 * MS, 200 * MS, 400 * MS, 800 * MS]);
     assert_eq!(m.state(), State::Failed);
     assert_eq!(m.restarts(), 4, "1 + max_restarts spawns in all");
+    assert_eq!(
+        m.requested_starts(),
+        1,
+        "only the first start was asked for"
+    );
     assert_eq!(m.last_exit(), Some(ExitReason::Exited(1)));
     assert_eq!(
         m.last_error(),
@@ -138,7 +164,7 @@ fn max_restarts_zero_fails_at_first_exit() {
     let now = Instant::now();
     let mut m = exact(RestartPolicy::Always, 0);
     running(&mut m, now);
-    m.step(code(3), now);
+    io(&mut m, code(3), now);
     assert_eq!(m.state(), State::Failed);
     assert_eq!(m.deadline(), None);
 }
@@ -149,14 +175,14 @@ fn a_long_run_resets_the_failure_count() {
     let mut m = exact(RestartPolicy::Always, 10);
     running(&mut m, now);
     for _ in 0..3 {
-        m.step(code(1), now);
+        io(&mut m, code(1), now);
         now = m.deadline().unwrap();
-        m.step(Input::Timer, now);
-        m.step(Input::Spawned { pid: 1 }, now);
+        io(&mut m, Input::Timer, now);
+        io(&mut m, Input::Spawned { pid: 1 }, now);
     }
     assert_eq!(m.consecutive_failures(), 3);
     now += 1000 * MS; // exactly reset_after of uptime
-    m.step(code(1), now);
+    io(&mut m, code(1), now);
     assert_eq!(m.consecutive_failures(), 1);
     assert_eq!(m.deadline(), Some(now + 100 * MS), "back at initial");
 }
@@ -167,7 +193,7 @@ fn jitter_stays_within_ten_percent() {
         let now = Instant::now();
         let mut m = Machine::new(policy(RestartPolicy::Always, 5)).with_seed(seed);
         running(&mut m, now);
-        m.step(code(1), now);
+        io(&mut m, code(1), now);
         let delay = m.deadline().unwrap() - now;
         assert!(
             (90 * MS..=110 * MS).contains(&delay),
@@ -182,14 +208,14 @@ fn stop_signals_then_kills_after_the_timeout() {
     let mut m = exact(RestartPolicy::Always, 3);
     running(&mut m, now);
     assert_eq!(
-        m.step(Input::Stop, now),
+        io(&mut m, Input::Stop, now),
         [Effect::SignalGroup(Signal::SIGTERM)]
     );
     assert!(m.is_stopping());
     assert_eq!(m.deadline(), Some(now + 1000 * MS));
-    assert_eq!(m.step(Input::Timer, now + 999 * MS), [], "not yet");
+    assert_eq!(io(&mut m, Input::Timer, now + 999 * MS), [], "not yet");
     assert_eq!(
-        m.step(Input::Timer, now + 1000 * MS),
+        io(&mut m, Input::Timer, now + 1000 * MS),
         [Effect::SignalGroup(Signal::SIGKILL)]
     );
     assert_eq!(m.deadline(), None, "SIGKILL is sent once");
@@ -197,7 +223,7 @@ fn stop_signals_then_kills_after_the_timeout() {
         signal: 9,
         core_dumped: false,
     });
-    assert_eq!(m.step(killed, now + 1001 * MS), []);
+    assert_eq!(io(&mut m, killed, now + 1001 * MS), []);
     assert_eq!(m.state(), State::Stopped);
 }
 
@@ -206,12 +232,12 @@ fn a_stopped_service_never_restarts_on_a_late_exit_or_timer() {
     let now = Instant::now();
     let mut m = exact(RestartPolicy::Always, 3);
     running(&mut m, now);
-    m.step(Input::Stop, now);
+    io(&mut m, Input::Stop, now);
     // The process crashed on its own at the same moment: still a stop.
-    assert_eq!(m.step(code(1), now), []);
+    assert_eq!(io(&mut m, code(1), now), []);
     assert_eq!(m.state(), State::Stopped);
-    assert_eq!(m.step(Input::Timer, now + 5000 * MS), []);
-    assert_eq!(m.step(code(1), now + 5000 * MS), []);
+    assert_eq!(io(&mut m, Input::Timer, now + 5000 * MS), []);
+    assert_eq!(io(&mut m, code(1), now + 5000 * MS), []);
     assert_eq!(m.state(), State::Stopped);
 }
 
@@ -220,12 +246,12 @@ fn stop_during_backoff_cancels_the_restart() {
     let now = Instant::now();
     let mut m = exact(RestartPolicy::Always, 3);
     running(&mut m, now);
-    m.step(code(1), now);
+    io(&mut m, code(1), now);
     assert_eq!(m.state(), State::Restarting);
-    assert_eq!(m.step(Input::Stop, now + MS), []);
+    assert_eq!(io(&mut m, Input::Stop, now + MS), []);
     assert_eq!(m.state(), State::Stopped);
     assert_eq!(m.deadline(), None);
-    assert_eq!(m.step(Input::Timer, now + 1000 * MS), [], "stale timer");
+    assert_eq!(io(&mut m, Input::Timer, now + 1000 * MS), [], "stale timer");
     assert_eq!(m.state(), State::Stopped);
 }
 
@@ -235,12 +261,16 @@ fn restart_stops_then_spawns_and_counts() {
     let mut m = exact(RestartPolicy::Never, 3);
     running(&mut m, now);
     assert_eq!(
-        m.step(Input::Restart, now),
+        io(&mut m, Input::Restart, now),
         [Effect::SignalGroup(Signal::SIGTERM)]
     );
-    assert_eq!(m.step(code(0), now), [Effect::Spawn]);
-    m.step(Input::Spawned { pid: 9 }, now);
-    assert_eq!((m.state(), m.restarts()), (State::Running, 1));
+    assert_eq!(io(&mut m, code(0), now), [Effect::Spawn]);
+    io(&mut m, Input::Spawned { pid: 9 }, now);
+    assert_eq!(
+        (m.state(), m.restarts(), m.requested_starts()),
+        (State::Running, 0, 2),
+        "a restart asked for is counted apart from the restarts after failures"
+    );
 }
 
 #[test]
@@ -248,7 +278,7 @@ fn a_user_start_resets_the_failure_count() {
     let now = Instant::now();
     let mut m = exact(RestartPolicy::Always, 0);
     running(&mut m, now);
-    m.step(code(1), now);
+    io(&mut m, code(1), now);
     assert_eq!(m.state(), State::Failed);
     running(&mut m, now);
     assert_eq!(m.consecutive_failures(), 0);
@@ -259,8 +289,9 @@ fn a_user_start_resets_the_failure_count() {
 fn spawn_failures_back_off_unless_never() {
     let now = Instant::now();
     let mut m = exact(RestartPolicy::OnFailure, 1);
-    m.step(Input::Start, now);
-    m.step(
+    io(&mut m, Input::Start, now);
+    io(
+        &mut m,
         Input::SpawnFailed {
             error: "no such file".into(),
         },
@@ -268,8 +299,9 @@ fn spawn_failures_back_off_unless_never() {
     );
     assert_eq!(m.state(), State::Restarting);
     assert_eq!(m.last_error(), Some("no such file"));
-    m.step(Input::Timer, now + 100 * MS);
-    m.step(
+    io(&mut m, Input::Timer, now + 100 * MS);
+    io(
+        &mut m,
         Input::SpawnFailed {
             error: "no such file".into(),
         },
@@ -278,8 +310,9 @@ fn spawn_failures_back_off_unless_never() {
     assert_eq!(m.state(), State::Failed);
 
     let mut never = exact(RestartPolicy::Never, 5);
-    never.step(Input::Start, now);
-    never.step(
+    io(&mut never, Input::Start, now);
+    io(
+        &mut never,
         Input::SpawnFailed {
             error: "denied".into(),
         },
@@ -293,18 +326,18 @@ fn kill_skips_the_grace_period() {
     let now = Instant::now();
     let mut m = exact(RestartPolicy::Always, 3);
     running(&mut m, now);
-    m.step(Input::Stop, now);
+    io(&mut m, Input::Stop, now);
     assert_eq!(
-        m.step(Input::Kill, now + MS),
+        io(&mut m, Input::Kill, now + MS),
         [Effect::SignalGroup(Signal::SIGKILL)]
     );
-    assert_eq!(m.step(Input::Kill, now + MS), [], "killed once");
+    assert_eq!(io(&mut m, Input::Kill, now + MS), [], "killed once");
     assert_eq!(m.deadline(), None);
 }
 
 // ---- the actor, with the fake spawner and the paused clock ----
 
-pub(super) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDefinition {
+pub(crate) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDefinition {
     let dir = std::env::temp_dir().join(format!("orchestrator-actor-test-{}", std::process::id()));
     ServiceDefinition {
         name: "svc".into(),
@@ -415,7 +448,10 @@ async fn actor_exit_racing_a_stop_is_not_restarted() {
         let handle = handle.clone();
         async move { handle.stop().await }
     });
-    handle.wait_for(|s| s.stopping).await.unwrap();
+    handle
+        .wait_for(|s| s.state == State::Stopping)
+        .await
+        .unwrap();
     child.exit(ExitReason::Exited(1));
     stop.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -449,7 +485,7 @@ async fn actor_restart_runs_a_new_process() {
     handle.restart().await.unwrap();
     let status = handle.status();
     assert_ne!(status.pid.unwrap(), first);
-    assert_eq!(status.restarts, 1);
+    assert_eq!((status.restarts, status.requested_starts), (0, 2));
     assert_eq!(spawner.spawn_count(), 2);
 }
 
@@ -562,4 +598,196 @@ async fn actor_refuses_starts_once_shut_down() {
         );
     }
     assert_eq!(spawner.spawn_count(), 1);
+}
+
+// ---- what the machine publishes ----
+
+#[test]
+fn a_crash_loop_publishes_exit_backoff_and_giving_up() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 1);
+    m.step(Input::Start, now);
+    assert_eq!(
+        published(m.step(Input::Spawned { pid: 5 }, now)),
+        [EventKind::Started { pid: 5 }]
+    );
+    assert_eq!(
+        published(m.step(code(1), now)),
+        [
+            EventKind::Exited {
+                reason: "exited with code 1".into(),
+                exit_code: 1,
+                expected: false,
+            },
+            EventKind::RestartScheduled {
+                delay_ms: 100,
+                failures: 1,
+            },
+        ]
+    );
+    assert_eq!(published(m.step(Input::Timer, now + 100 * MS)), []);
+    m.step(Input::Spawned { pid: 6 }, now + 100 * MS);
+    let last = published(m.step(code(1), now + 100 * MS));
+    assert_eq!(
+        last[1],
+        EventKind::GaveUp {
+            error: "gave up after 1 restart: exited with code 1".into()
+        }
+    );
+}
+
+#[test]
+fn a_stop_publishes_request_exit_and_stopped_and_a_timeout_once() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    assert_eq!(
+        published(m.step(Input::Stop, now)),
+        [EventKind::StopRequested]
+    );
+    assert_eq!(
+        published(m.step(Input::Timer, now + 1000 * MS)),
+        [EventKind::StopTimedOut]
+    );
+    let killed = Input::Exited(ExitReason::Signaled {
+        signal: 9,
+        core_dumped: false,
+    });
+    assert_eq!(
+        published(m.step(killed, now + 1001 * MS)),
+        [
+            EventKind::Exited {
+                reason: "killed by SIGKILL".into(),
+                exit_code: 137,
+                expected: true,
+            },
+            EventKind::Stopped,
+        ]
+    );
+}
+
+#[test]
+fn a_stop_in_backoff_is_requested_and_stopped_at_once() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    m.step(code(1), now);
+    assert_eq!(
+        published(m.step(Input::Stop, now)),
+        [EventKind::StopRequested, EventKind::Stopped]
+    );
+    assert_eq!(published(m.step(Input::Stop, now)), [], "stopped already");
+}
+
+#[test]
+fn a_spawn_failure_is_published_with_its_backoff() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    m.step(Input::Start, now);
+    let events = published(m.step(
+        Input::SpawnFailed {
+            error: "denied".into(),
+        },
+        now,
+    ));
+    assert_eq!(
+        events,
+        [
+            EventKind::SpawnFailed {
+                error: "denied".into()
+            },
+            EventKind::RestartScheduled {
+                delay_ms: 100,
+                failures: 1
+            },
+        ]
+    );
+}
+
+// ---- closing: the daemon is going away ----
+
+#[test]
+fn after_shutdown_every_start_is_refused() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    assert_eq!(
+        io(&mut m, Input::Shutdown, now),
+        [Effect::SignalGroup(Signal::SIGTERM)]
+    );
+    assert!(m.is_closing());
+    assert_eq!(m.step(Input::Start, now), [Effect::Refused]);
+    assert_eq!(m.step(Input::Restart, now), [Effect::Refused]);
+    assert_eq!(
+        m.state(),
+        State::Stopping,
+        "a refused start changes nothing"
+    );
+    io(&mut m, code(0), now);
+    assert_eq!(m.state(), State::Stopped);
+    assert_eq!(m.step(Input::Start, now), [Effect::Refused]);
+}
+
+#[test]
+fn a_shutdown_during_a_restart_does_not_start_again() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    io(&mut m, Input::Restart, now);
+    assert!(m.wants_to_run());
+    assert_eq!(io(&mut m, Input::Shutdown, now), []);
+    assert_eq!(io(&mut m, code(0), now), [], "no spawn after the exit");
+    assert_eq!(m.state(), State::Stopped);
+}
+
+#[test]
+fn kill_closes_too_and_stops_a_backoff() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    m.step(code(1), now);
+    assert_eq!(published(m.step(Input::Kill, now)), [EventKind::Stopped]);
+    assert_eq!(m.state(), State::Stopped);
+    assert_eq!(m.step(Input::Start, now), [Effect::Refused]);
+}
+
+#[test]
+fn stale_answers_and_exits_change_nothing_in_any_phase() {
+    // Every phase that is not waiting for them ignores spawn answers,
+    // exits and early timers.
+    let now = Instant::now();
+    let stale = [
+        Input::Spawned { pid: 1 },
+        Input::SpawnFailed {
+            error: "late".into(),
+        },
+        Input::Timer,
+    ];
+    let mut phases: Vec<Machine> = Vec::new();
+    let stopped = exact(RestartPolicy::Always, 3);
+    phases.push(stopped.clone());
+    let mut run = stopped.clone();
+    running(&mut run, now);
+    phases.push(run.clone());
+    let mut failed = exact(RestartPolicy::Never, 3);
+    running(&mut failed, now);
+    failed.step(code(1), now);
+    phases.push(failed);
+    for machine in phases {
+        for input in &stale {
+            let mut m = machine.clone();
+            let before = (m.state(), m.pid(), m.restarts(), m.deadline());
+            assert_eq!(
+                m.step(input.clone(), now),
+                [],
+                "{input:?} in {:?}",
+                before.0
+            );
+            assert_eq!(
+                (m.state(), m.pid(), m.restarts(), m.deadline()),
+                before,
+                "{input:?}"
+            );
+        }
+    }
 }

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use super::ErrorBody;
+use orchestrator_core::wire::{ErrorBody, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -96,7 +96,7 @@ impl Client {
         let bytes = read_body(response).await?;
         let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
             error: format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()),
-            code: "unknown".to_owned(),
+            code: ErrorCode::Unknown,
         });
         Err(ClientError::Api { status, body })
     }

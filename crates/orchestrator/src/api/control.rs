@@ -8,7 +8,8 @@ use orchestrator_core::daemon::DaemonEvent;
 use orchestrator_core::events::{Event, EventBus};
 use orchestrator_core::output::{LogBlock, LogLine};
 use orchestrator_core::service::ServiceError;
-use orchestrator_core::supervisor::{ServiceInfo, SupervisorError, SupervisorHandle};
+use orchestrator_core::supervisor::{SupervisorError, SupervisorHandle};
+use orchestrator_core::wire::ServiceInfo;
 use tokio::sync::{broadcast, mpsc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,7 @@ impl From<SupervisorError> for ControlError {
     fn from(error: SupervisorError) -> Self {
         match error {
             SupervisorError::UnknownService(name) => ControlError::UnknownService(name),
+            SupervisorError::AlreadyExists(_) => ControlError::Failed(error.to_string()),
             SupervisorError::Gone
             | SupervisorError::Service(
                 ServiceError::ShuttingDown { .. } | ServiceError::Gone { .. },
@@ -97,7 +99,7 @@ impl Control for DaemonControl {
             Action::Restart => service.restart().await,
         };
         result.map_err(SupervisorError::from)?;
-        Ok(ServiceInfo::of(&service))
+        Ok(self.supervisor.info(name).await?)
     }
 
     async fn follow_logs(&self, name: &str, tail: usize) -> Result<FollowedLogs, ControlError> {

@@ -9,11 +9,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use orchestrator_core::supervisor::ServiceInfo;
+use orchestrator_core::wire::{Health, ServiceInfo, State};
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-const STATES: [&str; 5] = ["stopped", "starting", "running", "restarting", "failed"];
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -32,10 +30,10 @@ pub fn render(services: &[ServiceInfo]) -> String {
     for service in services {
         let name = || vec![("service", service.name.clone())];
         up.get_or_create(&name())
-            .set(i64::from(service.state == "running"));
-        for candidate in STATES {
+            .set(i64::from(service.state == State::Running));
+        for candidate in State::ALL {
             let mut labels = name();
-            labels.push(("state", candidate.to_owned()));
+            labels.push(("state", candidate.as_str().to_owned()));
             state
                 .get_or_create(&labels)
                 .set(i64::from(service.state == candidate));
@@ -52,10 +50,10 @@ pub fn render(services: &[ServiceInfo]) -> String {
         log_dropped
             .get_or_create(&name())
             .inc_by(service.log_dropped_bytes);
-        if let Some(health) = &service.health {
+        if let Some(health) = service.health {
             healthy
                 .get_or_create(&name())
-                .set(i64::from(health == "healthy"));
+                .set(i64::from(health == Health::Healthy));
         }
     }
     registry.register("service_up", "1 when the service's process is running", up);
@@ -104,10 +102,11 @@ mod tests {
             name: name.to_owned(),
             configured: true,
             enabled: true,
-            state: state.to_owned(),
+            state: serde_json::from_value(serde_json::json!(state)).unwrap(),
             pid: None,
             uptime: (state == "running").then_some(42),
             restarts,
+            requested_starts: 0,
             last_exit_code: code,
             last_error: None,
             health: None,

@@ -2,7 +2,6 @@
 //! socket listener (owner-only, peer uid checked) and the TCP listener
 //! (bearer token, Host check).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -11,7 +10,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, RawQuery, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -26,7 +26,10 @@ use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::control::{Action, Control, ControlError};
-use super::{ErrorBody, LogRecord, metrics};
+use orchestrator_core::wire::{ErrorBody, ErrorCode, LogRecord};
+use serde::Deserialize;
+
+use super::metrics;
 
 /// Request bodies are never needed by any route; anything large is refused.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -47,14 +50,14 @@ pub fn router<C: Control>(control: C) -> Router {
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorCode::NotFound,
                 "no such route; see SPEC section 5 for the API",
             )
         })
         .method_not_allowed_fallback(|| async {
             error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "method not allowed on this route",
             )
         })
@@ -63,10 +66,10 @@ pub fn router<C: Control>(control: C) -> Router {
         .with_state(control)
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
     let body = ErrorBody {
         error: message.into(),
-        code: code.to_owned(),
+        code,
     };
     (status, Json(body)).into_response()
 }
@@ -74,10 +77,12 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 fn control_error(failure: ControlError) -> Response {
     match failure {
         ControlError::UnknownService(name) => error_unknown(&name),
-        ControlError::Failed(message) => error(StatusCode::CONFLICT, "action_failed", message),
+        ControlError::Failed(message) => {
+            error(StatusCode::CONFLICT, ErrorCode::ActionFailed, message)
+        }
         ControlError::ShuttingDown => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
+            ErrorCode::ShuttingDown,
             "the daemon is shutting down",
         ),
     }
@@ -86,14 +91,14 @@ fn control_error(failure: ControlError) -> Response {
 fn error_unknown(name: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "unknown_service",
+        ErrorCode::UnknownService,
         format!("unknown service {name:?}: `orchestrator status` lists the known ones"),
     )
 }
 
 /// A request refused before it reached the daemon; small, unlike a Response.
 struct BadRequest {
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
@@ -106,7 +111,7 @@ impl IntoResponse for BadRequest {
 /// A `{name}` that is not a valid service name is refused before any lookup.
 fn checked_name(name: &str) -> Result<(), BadRequest> {
     validate_service_name(name).map_err(|message| BadRequest {
-        code: "bad_name",
+        code: ErrorCode::BadName,
         message,
     })
 }
@@ -122,7 +127,7 @@ async fn refuse_large_bodies(request: Request, next: Next) -> Response {
     if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
+            ErrorCode::BodyTooLarge,
             format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
         );
     }
@@ -164,7 +169,7 @@ async fn act<C: Control>(
     let Some(action) = Action::parse(&action) else {
         return error(
             StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             format!("no action {action:?}; use start, stop or restart"),
         );
     };
@@ -177,31 +182,47 @@ async fn act<C: Control>(
     }
 }
 
-fn parse_query(raw: Option<String>) -> HashMap<String, String> {
-    raw.unwrap_or_default()
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| match pair.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (pair.to_owned(), String::new()),
-        })
-        .collect()
+/// A yes/no query parameter: `true`/`false`, `1`/`0`, or present without a
+/// value (`?follow`), as curl users write it.
+#[derive(Debug, Clone, Copy)]
+struct Flag(bool);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "true" | "1" | "" => Ok(Flag(true)),
+            "false" | "0" => Ok(Flag(false)),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a yes/no value: use true or false"
+            ))),
+        }
+    }
 }
 
-fn bool_param(
-    query: &HashMap<String, String>,
-    key: &str,
-    default: bool,
-) -> Result<bool, BadRequest> {
-    match query.get(key).map(String::as_str) {
-        None => Ok(default),
-        Some("true" | "1" | "") => Ok(true),
-        Some("false" | "0") => Ok(false),
-        Some(other) => Err(BadRequest {
-            code: "bad_query",
-            message: format!("{key}={other:?}: use true or false"),
-        }),
-    }
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    tail: Option<usize>,
+    follow: Option<Flag>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    follow: Option<Flag>,
+}
+
+/// The framework decodes the query (percent-encoding included); a value
+/// that does not parse is answered in our error format, with its key.
+fn query<T>(parsed: Result<Query<T>, QueryRejection>) -> Result<T, BadRequest> {
+    parsed
+        .map(|Query(query)| query)
+        .map_err(|rejection| BadRequest {
+            code: ErrorCode::BadQuery,
+            message: format!(
+                "{}; see SPEC section 5 for the parameters",
+                rejection.body_text()
+            ),
+        })
 }
 
 fn record(line: &LogLine) -> LogRecord {
@@ -222,27 +243,16 @@ fn ndjson(record: &LogRecord) -> Bytes {
 async fn logs<C: Control>(
     State(control): State<C>,
     UrlPath(name): UrlPath<String>,
-    RawQuery(raw): RawQuery,
+    parsed: Result<Query<LogsQuery>, QueryRejection>,
 ) -> Response {
     if let Err(bad) = checked_name(&name) {
         return bad.into_response();
     }
-    let query = parse_query(raw);
-    let tail = match query.get("tail") {
-        None => DEFAULT_TAIL,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n) => n.min(MAX_TAIL),
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_query",
-                    format!("tail={text:?}: use a number of lines"),
-                );
-            }
-        },
-    };
-    let follow = match bool_param(&query, "follow", false) {
-        Ok(follow) => follow,
+    let (tail, follow) = match query(parsed) {
+        Ok(LogsQuery { tail, follow }) => (
+            tail.unwrap_or(DEFAULT_TAIL).min(MAX_TAIL),
+            follow.is_some_and(|Flag(follow)| follow),
+        ),
         Err(bad) => return bad.into_response(),
     };
     let (recent, receiver) = match control.follow_logs(&name, tail).await {
@@ -308,9 +318,12 @@ fn sse_event(event: &Event) -> SseEvent {
         .unwrap_or_default()
 }
 
-async fn events<C: Control>(State(control): State<C>, RawQuery(raw): RawQuery) -> Response {
-    let follow = match bool_param(&parse_query(raw), "follow", true) {
-        Ok(follow) => follow,
+async fn events<C: Control>(
+    State(control): State<C>,
+    parsed: Result<Query<EventsQuery>, QueryRejection>,
+) -> Response {
+    let follow = match query(parsed) {
+        Ok(EventsQuery { follow }) => follow.is_none_or(|Flag(follow)| follow),
         Err(bad) => return bad.into_response(),
     };
     let (history, receiver) = control.events();
@@ -336,7 +349,7 @@ async fn events<C: Control>(State(control): State<C>, RawQuery(raw): RawQuery) -
 async fn reload() -> Response {
     error(
         StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
+        ErrorCode::NotImplemented,
         "reload is not supported yet by this version: restart the daemon to apply a new configuration",
     )
 }
@@ -452,14 +465,14 @@ impl TcpGuard {
         if !self.host_allowed(request.headers()) {
             return error(
                 StatusCode::MISDIRECTED_REQUEST,
-                "bad_host",
+                ErrorCode::BadHost,
                 "the Host header must name the listen address or a loopback name",
             );
         }
         if request.uri().path() != "/healthz" && !self.authorized(request.headers()) {
             let mut response = error(
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "send Authorization: Bearer <token from http_token_file>",
             );
             response.headers_mut().insert(
@@ -491,20 +504,16 @@ impl TcpGuard {
             .map(|h| h.as_bytes())
             // The scheme is case-insensitive (RFC 9110), the token is not.
             .filter(|h| h.len() > 7 && h[..7].eq_ignore_ascii_case(b"bearer "))
-            .is_some_and(|h| constant_time_eq(&h[7..], self.token.as_bytes()))
+            .is_some_and(|h| token_matches(&h[7..], self.token.as_bytes()))
     }
 }
 
-/// Compares without an early exit, so the time taken does not tell an
-/// attacker how much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    diff == 0
+/// Compares in time independent of the contents, so the time taken does
+/// not tell an attacker how much of a guessed token was right (only its
+/// length, which a token read from a file does not need to hide).
+fn token_matches(given: &[u8], token: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(given.ct_eq(token))
 }
 
 #[cfg(test)]

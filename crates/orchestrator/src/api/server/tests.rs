@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use hyper::Method;
 use orchestrator_core::events::{EventBus, EventKind};
 use orchestrator_core::output::{LogBlock, LogLine, Stream};
-use orchestrator_core::supervisor::ServiceInfo;
+use orchestrator_core::wire::{ServiceInfo, State as ServiceState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 
@@ -29,10 +29,11 @@ fn info(name: &str, state: &str) -> ServiceInfo {
         name: name.to_owned(),
         configured: true,
         enabled: true,
-        state: state.to_owned(),
+        state: serde_json::from_value::<ServiceState>(serde_json::json!(state)).unwrap(),
         pid: (state == "running").then_some(4242),
         uptime: (state == "running").then_some(7),
         restarts: 1,
+        requested_starts: 0,
         last_exit_code: Some(0),
         last_error: None,
         health: None,
@@ -131,7 +132,14 @@ async fn serve() -> Served {
 
 fn api_error(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String, String) {
     match result {
-        Err(ClientError::Api { status, body }) => (status.as_u16(), body.code, body.error),
+        Err(ClientError::Api { status, body }) => {
+            let code = serde_json::to_value(body.code).unwrap();
+            (
+                status.as_u16(),
+                code.as_str().unwrap().to_owned(),
+                body.error,
+            )
+        }
         other => panic!("expected an API error, got {other:?}"),
     }
 }
@@ -456,11 +464,11 @@ async fn tcp_needs_the_token_and_a_local_host_name() {
 
 #[test]
 fn token_comparison_is_exact() {
-    assert!(constant_time_eq(b"abc", b"abc"));
-    assert!(!constant_time_eq(b"abc", b"abd"));
-    assert!(!constant_time_eq(b"abc", b"ab"));
-    assert!(!constant_time_eq(b"", b"a"));
-    assert!(constant_time_eq(b"", b""));
+    assert!(token_matches(b"abc", b"abc"));
+    assert!(!token_matches(b"abc", b"abd"));
+    assert!(!token_matches(b"abc", b"ab"));
+    assert!(!token_matches(b"", b"a"));
+    assert!(token_matches(b"", b""));
 }
 
 #[tokio::test]

@@ -1,0 +1,171 @@
+//! The supervisor with the fake spawner on tokio's paused clock: services
+//! added and removed while it runs, start-all, shutdown's deadline, and an
+//! actor that panics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
+use super::*;
+use crate::config::RestartPolicy;
+use crate::events::{EventBus, EventKind};
+use crate::process::FakeSpawner;
+use crate::service::tests::definition;
+
+fn named(name: &str, enabled: bool) -> ServiceDefinition {
+    let mut definition = definition(RestartPolicy::Always, 3);
+    definition.name = name.to_owned();
+    definition.spawn.service = name.to_owned();
+    definition.enabled = enabled;
+    definition
+}
+
+fn supervisor(definitions: Vec<ServiceDefinition>) -> (SupervisorHandle, FakeSpawner, EventBus) {
+    let spawner = FakeSpawner::new();
+    let events = EventBus::in_memory();
+    let handle = spawn_supervisor(definitions, Arc::new(spawner.clone()), events.clone());
+    (handle, spawner, events)
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_all_starts_the_enabled_ones_and_reports_each_failure() {
+    let (supervisor, spawner, _) =
+        supervisor(vec![named("a", true), named("b", false), named("c", true)]);
+    // The first spawn (of "a": services start in name order) fails.
+    spawner.fail_next("no such file");
+    let failures = supervisor.start_all().await.unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].to_string().contains("service a"),
+        "{failures:?}"
+    );
+    let states: Vec<(String, State)> = supervisor
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|info| (info.name, info.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("a".to_owned(), State::Restarting),
+            ("b".to_owned(), State::Stopped),
+            ("c".to_owned(), State::Running),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn services_can_be_added_and_removed_while_it_runs() {
+    let (supervisor, spawner, _) = supervisor(vec![named("a", true)]);
+    supervisor.start_all().await.unwrap();
+    let added = supervisor.add(named("b", true)).await.unwrap();
+    added.start().await.unwrap();
+    assert_eq!(supervisor.status("b").await.unwrap(), State::Running);
+    assert!(matches!(
+        supervisor.add(named("b", true)).await,
+        Err(SupervisorError::AlreadyExists(name)) if name == "b"
+    ));
+
+    let child = spawner.last_child().unwrap();
+    supervisor.remove("b").await.unwrap();
+    assert!(child.is_reaped(), "a removed service's process is stopped");
+    assert!(matches!(
+        supervisor.info("b").await,
+        Err(SupervisorError::UnknownService(_))
+    ));
+    let names: Vec<String> = supervisor
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|info| info.name)
+        .collect();
+    assert_eq!(names, ["a"]);
+    assert_eq!(
+        supervisor.definition("a").await.unwrap().name,
+        "a",
+        "the supervisor keeps each service's definition"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_kills_what_outlives_its_timeout_exactly_then() {
+    let (supervisor, spawner, _) = supervisor(vec![named("stubborn", true)]);
+    spawner.ignore_stop_signal(true);
+    supervisor.start_all().await.unwrap();
+    let child = spawner.last_child().unwrap();
+    let t0 = Instant::now();
+    // The service's own stop_timeout (1 s) is longer than the shutdown's.
+    supervisor
+        .shutdown(Duration::from_millis(300))
+        .await
+        .unwrap();
+    let signals: Vec<(Duration, Signal)> = child
+        .signals()
+        .into_iter()
+        .map(|(at, signal)| (at - t0, signal))
+        .collect();
+    assert_eq!(
+        signals[..2],
+        [
+            (Duration::ZERO, Signal::SIGTERM),
+            (Duration::from_millis(300), Signal::SIGKILL)
+        ]
+    );
+    assert!(child.is_reaped());
+    assert!(matches!(
+        supervisor.start("stubborn").await,
+        Err(SupervisorError::Service(ServiceError::ShuttingDown { .. }))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_actor_is_reported_and_the_others_go_on() {
+    let (supervisor, spawner, events) = supervisor(vec![named("a", true), named("b", true)]);
+    spawner.panic_next("spawner bug");
+    let result = supervisor.start("a").await;
+    assert!(
+        matches!(
+            result,
+            Err(SupervisorError::Service(ServiceError::Gone { .. }))
+        ),
+        "{result:?}"
+    );
+    // The supervisor learns of the end on its own task: poll its view.
+    let info = loop {
+        let info = supervisor.info("a").await.unwrap();
+        if info.state == State::Failed {
+            break info;
+        }
+        tokio::task::yield_now().await;
+    };
+    let error = info.last_error.unwrap();
+    assert!(error.contains("it panicked: spawner bug"), "{error}");
+    assert!(events.history().iter().any(|event| matches!(
+        &event.kind,
+        EventKind::SupervisionLost { error } if error.contains("spawner bug")
+    )));
+    supervisor.start("b").await.unwrap();
+    assert_eq!(supervisor.status("b").await.unwrap(), State::Running);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_handle_is_gone_the_processes_die_with_it() {
+    let (supervisor, spawner, _) = supervisor(vec![named("a", true)]);
+    supervisor.start_all().await.unwrap();
+    let child = spawner.last_child().unwrap();
+    drop(supervisor);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !child.is_reaped() {
+        assert!(
+            Instant::now() < deadline,
+            "the process outlived its supervisor"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(child.signals()[0].1, Signal::SIGKILL);
+}

@@ -1,0 +1,310 @@
+//! The wire contract: every type that crosses the control API (and is kept
+//! on disk as events), defined once here. The server, the CLI, the metrics
+//! and the tests all speak these types; nothing on the wire is a free-form
+//! string that a reader has to compare against a literal.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The state users see (SPEC section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Stopped,
+    Starting,
+    Running,
+    /// A stop was asked for and the process has not ended yet.
+    Stopping,
+    /// Waiting out a backoff before the next start.
+    Restarting,
+    /// Gave up, or could not start and may not retry.
+    Failed,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Stopped,
+        State::Starting,
+        State::Running,
+        State::Stopping,
+        State::Restarting,
+        State::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Stopped => "stopped",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Restarting => "restarting",
+            State::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A service's health beside its state; absent when it has no check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    Unknown,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the API and `status` report for one service (SPEC section 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub configured: bool,
+    pub enabled: bool,
+    pub state: State,
+    pub pid: Option<u32>,
+    /// Seconds the current process has run; `None` when there is none.
+    pub uptime: Option<u64>,
+    /// Restarts the daemon made after failures.
+    pub restarts: u64,
+    /// Starts and restarts that a user asked for (SPEC: a field of their own).
+    #[serde(default)]
+    pub requested_starts: u64,
+    pub last_exit_code: Option<i32>,
+    pub last_error: Option<String>,
+    /// `None` when no check is set.
+    pub health: Option<Health>,
+    /// Output bytes the log file could not take (disk full...), in all.
+    #[serde(default)]
+    pub log_dropped_bytes: u64,
+}
+
+/// One record of a logs response (newline-delimited JSON): a line, or a
+/// note that a slow follower missed some.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LogRecord {
+    Line {
+        seq: u64,
+        time: String,
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// Lossy UTF-8; the log file keeps the raw bytes.
+        text: String,
+    },
+    Skipped {
+        skipped: u64,
+    },
+}
+
+/// What a reload did, per service (`POST /v1/reload`, the `reloaded` event).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub applied: Vec<AppliedChange>,
+    /// Changes that need a daemon restart, and other things the operator
+    /// should know; the rest was applied anyway.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedChange {
+    pub service: String,
+    pub action: ChangeAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeAction {
+    Added,
+    Removed,
+    Restarted,
+    Updated,
+    Unchanged,
+}
+
+/// Every error answer: a message for people, a code for programs. The CLI
+/// chooses its exit code from `code`, never from the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: ErrorCode,
+}
+
+/// The stable codes of error answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// No such route.
+    NotFound,
+    MethodNotAllowed,
+    UnknownService,
+    /// A path segment that is not a valid service name.
+    BadName,
+    /// A query parameter that does not parse.
+    BadQuery,
+    BodyTooLarge,
+    /// The action was carried out and did not succeed (a start that failed).
+    ActionFailed,
+    ShuttingDown,
+    /// A configuration that does not validate (reload).
+    InvalidConfig,
+    NotImplemented,
+    /// TCP only: a Host header that names neither the listen address nor loopback.
+    BadHost,
+    /// TCP only: a missing or wrong bearer token.
+    Unauthorized,
+    /// A code this client does not know (a newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The request itself was wrong (as opposed to the operation failing).
+    pub fn is_usage(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::BadName | ErrorCode::BadQuery | ErrorCode::InvalidConfig
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increases by one per event, across daemon restarts.
+    pub seq: u64,
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    DaemonStarted {
+        pid: u32,
+    },
+    DaemonStopping {
+        reason: String,
+    },
+    Started {
+        pid: u32,
+    },
+    SpawnFailed {
+        error: String,
+    },
+    Exited {
+        /// "exited with code 1", "killed by SIGKILL", ...
+        reason: String,
+        exit_code: i32,
+        /// It was asked to stop.
+        expected: bool,
+    },
+    RestartScheduled {
+        delay_ms: u64,
+        /// Consecutive failures so far (the n of the backoff).
+        failures: u32,
+    },
+    GaveUp {
+        error: String,
+    },
+    /// A process left running by a daemon that died was stopped at start.
+    LeftoverStopped {
+        pid: u32,
+    },
+    /// The service's log file stopped taking lines (disk full, removed
+    /// directory...): they still reach the daemon's log and `logs`.
+    LogWriteFailed {
+        path: String,
+    },
+    LogWriteResumed {
+        path: String,
+        /// Dropped from the file so far, in all.
+        dropped_bytes: u64,
+    },
+    StopRequested,
+    /// SIGKILL after stop_timeout.
+    StopTimedOut,
+    Stopped,
+    ReloadRejected {
+        errors: Vec<String>,
+    },
+    /// The task supervising the service ended unexpectedly (a bug): the
+    /// service is no longer supervised.
+    SupervisionLost {
+        error: String,
+    },
+}
+
+impl Event {
+    /// One line for humans: `TIME SERVICE what happened`.
+    pub fn describe(&self) -> String {
+        let service = self.service.as_deref().unwrap_or("-");
+        let what = match &self.kind {
+            EventKind::DaemonStarted { pid } => format!("daemon started (pid {pid})"),
+            EventKind::DaemonStopping { reason } => format!("daemon stopping: {reason}"),
+            EventKind::Started { pid } => format!("started (pid {pid})"),
+            EventKind::SpawnFailed { error } => format!("could not start: {error}"),
+            EventKind::Exited {
+                reason, expected, ..
+            } => {
+                if *expected {
+                    format!("stopped: {reason}")
+                } else {
+                    format!("exited unexpectedly: {reason}")
+                }
+            }
+            EventKind::RestartScheduled { delay_ms, failures } => {
+                format!("restart in {delay_ms} ms (failure {failures})")
+            }
+            EventKind::GaveUp { error } => format!("gave up: {error}"),
+            EventKind::LeftoverStopped { pid } => {
+                format!("stopped pid {pid}, left running by a daemon that died")
+            }
+            EventKind::LogWriteFailed { path } => {
+                format!(
+                    "cannot write {path}; its lines are dropped from the file until it works again"
+                )
+            }
+            EventKind::LogWriteResumed {
+                path,
+                dropped_bytes,
+            } => format!("writing {path} again ({dropped_bytes} bytes dropped so far)"),
+            EventKind::StopRequested => "stop requested".to_owned(),
+            EventKind::StopTimedOut => "did not stop in time: sent SIGKILL".to_owned(),
+            EventKind::Stopped => "stopped".to_owned(),
+            EventKind::SupervisionLost { error } => {
+                format!("no longer supervised (internal error): {error}")
+            }
+            EventKind::ReloadRejected { errors } => {
+                format!("reload rejected: {}", errors.join("; "))
+            }
+        };
+        format!("{}  {service}  {what}", self.time)
+    }
+}
