@@ -19,7 +19,7 @@ use super::error::{ConfigErrors, ConfigProblem};
 use super::model::{
     BackoffConfig, Config, LogFormat, LogLevel, OrchestratorConfig, RestartPolicy, ServiceConfig,
 };
-use crate::discovery::validate_service_name;
+use crate::name::ServiceName;
 
 const CONFIG_ENV: &str = "ORCHESTRATOR_CONFIG";
 const DEFAULT_FILE: &str = "orchestrator.toml";
@@ -458,16 +458,16 @@ impl<'t> Cx<'t> {
         &mut self,
         table: &DeTable<'_>,
         base_dir: &Path,
-        out: &mut BTreeMap<String, ServiceConfig>,
+        out: &mut BTreeMap<ServiceName, ServiceConfig>,
     ) {
         for (key, value) in table.iter() {
             let name: &str = key.get_ref();
             let path = join_key("services", name);
-            let valid_name = match validate_service_name(name) {
-                Ok(()) => true,
-                Err(message) => {
-                    self.report(key.span(), &path, message);
-                    false
+            let valid_name = match ServiceName::parse(name) {
+                Ok(name) => Some(name),
+                Err(invalid) => {
+                    self.report(key.span(), &path, invalid.to_string());
+                    None
                 }
             };
             let DeValue::Table(section) = value.get_ref() else {
@@ -476,8 +476,8 @@ impl<'t> Cx<'t> {
             };
             // Walked even under an invalid name, so its other problems show up now.
             let service = self.service(&path, section, base_dir);
-            if valid_name {
-                out.insert(name.to_owned(), service);
+            if let Some(name) = valid_name {
+                out.insert(name, service);
             }
         }
     }
