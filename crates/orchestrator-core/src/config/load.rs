@@ -872,66 +872,65 @@ fn parse_signal(text: &str) -> Option<Signal> {
     Signal::from_str(&name).ok()
 }
 
-/// A duration string: one or more `NUMBER UNIT` parts ("1m30s"), where NUMBER
-/// may have a fraction ("1.5s") and UNIT is ms, s, m or h. Err is the reason.
+/// Units humantime knows whose length varies: "5M" (months) is too easily
+/// meant as minutes, and no timeout here is measured in months or years.
+const VAGUE_UNITS: &[&str] = &["M", "month", "months", "y", "yr", "yrs", "year", "years"];
+
+/// A duration string in humantime's grammar: `NUMBER UNIT` parts, optionally
+/// spaced ("1m30s", "1h 30m"), NUMBER may have a fraction ("1.5s"). Err is
+/// the reason, worded for whoever wrote the file.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    if text.is_empty() {
-        return Err("it is empty".to_owned());
-    }
-    if text.starts_with('-') {
+    if text.trim_start().starts_with('-') {
         return Err("durations cannot be negative".to_owned());
     }
-    const NANOS_PER_MS: u128 = 1_000_000;
-    const NANOS_PER_S: u128 = 1_000 * NANOS_PER_MS;
-    let too_long = || "longer than 100 years".to_owned();
-    let is_number = |c: char| c.is_ascii_digit() || c == '.';
-    let mut total: u128 = 0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let number_len = rest.find(|c| !is_number(c)).unwrap_or(rest.len());
-        let (number, after) = rest.split_at(number_len);
-        let unit_len = after.find(is_number).unwrap_or(after.len());
-        let (unit, next) = after.split_at(unit_len);
-        if number.is_empty() {
-            return Err(format!("expected a number before {unit:?}"));
-        }
-        let unit_nanos = match unit {
-            "ms" => NANOS_PER_MS,
-            "s" => NANOS_PER_S,
-            "m" => 60 * NANOS_PER_S,
-            "h" => 3600 * NANOS_PER_S,
-            "" => return Err(format!("no unit after {number}")),
-            _ => return Err(format!("unknown unit {unit:?}, use ms, s, m or h")),
-        };
-        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-        if fraction.contains('.') || (whole.is_empty() && fraction.is_empty()) {
-            return Err(format!("{number:?} is not a number"));
-        }
-        // Past 18 digits the fraction is below a nanosecond for every unit.
-        let fraction = &fraction[..fraction.len().min(18)];
-        let whole: u128 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| too_long())?
-        };
-        let fraction_nanos = if fraction.is_empty() {
-            0
-        } else {
-            let digits: u128 = fraction.parse().map_err(|_| too_long())?;
-            digits * unit_nanos / 10u128.pow(fraction.len() as u32)
-        };
-        total = whole
-            .checked_mul(unit_nanos)
-            .and_then(|nanos| nanos.checked_add(fraction_nanos))
-            .and_then(|nanos| nanos.checked_add(total))
-            .ok_or_else(too_long)?;
-        if total > MAX_DURATION.as_nanos() {
-            return Err(too_long());
-        }
-        rest = next;
+    if let Some(unit) = text
+        .split(|c: char| !c.is_alphabetic())
+        .find(|word| VAGUE_UNITS.contains(word))
+    {
+        return Err(format!(
+            "{unit:?} (months or years) has no fixed length; use d, h, m, s or ms"
+        ));
     }
-    // MAX_DURATION in nanoseconds fits a u64, so this cannot truncate.
-    Ok(Duration::from_nanos(total as u64))
+    // humantime 2.4 panics in Duration::new when the parts add up to exactly
+    // u64::MAX seconds; a config file must never take the daemon down.
+    let parsed = std::panic::catch_unwind(|| humantime::parse_duration(text))
+        .unwrap_or(Err(humantime::DurationError::NumberOverflow));
+    let duration = parsed.map_err(|err| duration_reason(text, err))?;
+    if duration > MAX_DURATION {
+        return Err("longer than 100 years".to_owned());
+    }
+    Ok(duration)
+}
+
+/// humantime's error, said with the offending part of `text` rather than a
+/// byte offset.
+fn duration_reason(text: &str, err: humantime::DurationError) -> String {
+    use humantime::DurationError as E;
+    let at = |offset: usize| {
+        let rest = text.get(offset..).unwrap_or_default();
+        let end = rest
+            .char_indices()
+            .nth(20)
+            .map_or(rest.len(), |(end, _)| end);
+        &rest[..end]
+    };
+    match err {
+        E::Empty => "it is empty".to_owned(),
+        E::NumberExpected(offset) => format!("expected a number at {:?}", at(offset)),
+        E::InvalidCharacter(offset) => match at(offset).chars().next() {
+            Some(bad) => format!("{bad:?} is not part of a number or a unit"),
+            None => "it ends in the middle of a number".to_owned(),
+        },
+        E::UnknownUnit { unit, value, .. } if unit.is_empty() => {
+            format!("no unit after {value}")
+        }
+        E::UnknownUnit { unit, .. } => {
+            format!("unknown unit {unit:?}, use d, h, m, s, ms, us or ns")
+        }
+        E::NumberOverflow => {
+            "a number is too large (longer than 100 years) or finer than a nanosecond".to_owned()
+        }
+    }
 }
 
 /// Dotted key path, quoting segments TOML would not accept bare (so a service
@@ -957,25 +956,10 @@ fn join_key(prefix: &str, segment: &str) -> String {
 fn closest<'a>(name: &str, valid: &[&'a str]) -> Option<&'a str> {
     valid
         .iter()
-        .map(|&candidate| (edit_distance(name, candidate), candidate))
+        .map(|&candidate| (strsim::levenshtein(name, candidate), candidate))
         .filter(|&(distance, candidate)| distance <= 2 && distance < candidate.len())
         .min_by_key(|&(distance, _)| distance)
         .map(|(_, candidate)| candidate)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let substitution = diagonal + usize::from(ca != cb);
-            diagonal = row[j + 1];
-            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
-        }
-    }
-    row[b.len()]
 }
 
 fn absolute_dir(dir: &Path) -> PathBuf {
@@ -1598,9 +1582,14 @@ max = "1s"
             ("1m30s", Duration::from_secs(90)),
             ("1h2m3s4ms", Duration::from_millis(3_723_004)),
             ("0.5ms", Duration::from_micros(500)),
-            (".25s", Duration::from_millis(250)),
-            ("1.000000000000000000009s", Duration::from_secs(1)),
             ("876000h", Duration::from_secs(876_000 * 3600)),
+            // humantime's grammar, wider than the hand-written one was.
+            ("0", Duration::ZERO),
+            ("5 s", Duration::from_secs(5)),
+            ("1h 30m", Duration::from_secs(5400)),
+            ("1d", Duration::from_secs(86_400)),
+            ("2min 30sec", Duration::from_secs(150)),
+            ("250us", Duration::from_micros(250)),
         ];
         for &(text, expected) in good {
             assert_eq!(parse_duration(text), Ok(expected), "{text}");
@@ -1611,18 +1600,23 @@ max = "1s"
             ("30", "no unit"),
             ("1m30", "no unit"),
             ("5x", "unknown unit \"x\""),
-            ("5 s", "unknown unit"),
             ("5S", "unknown unit"),
-            ("1d", "unknown unit"),
-            ("s", "expected a number"),
-            ("1..5s", "not a number"),
-            (".s", "not a number"),
-            ("1.2.3s", "not a number"),
+            ("s", "expected a number at \"s\""),
+            (".25s", "expected a number"),
+            ("1..5s", "'.' is not part of a number or a unit"),
+            (".s", "expected a number"),
+            ("1.2.3s", "not part of a number"),
+            ("1.s", "not part of a number"),
+            ("5M", "no fixed length"),
+            ("1 year", "no fixed length"),
             ("876001h", "longer than 100 years"),
             (
                 "99999999999999999999999999999999999999999h",
                 "longer than 100 years",
             ),
+            ("1.000000000000000000009s", "finer than a nanosecond"),
+            // Exactly u64::MAX seconds: humantime panics on it, we must not.
+            ("18446744073709551615s 500ms 500ms", "too large"),
         ];
         for &(text, reason) in bad {
             let err = parse_duration(text).expect_err(text);
