@@ -148,7 +148,9 @@ fn check_token_file(path: &Path) -> Result<(), String> {
         format!("cannot read token file {shown}: {e}; create it with a random token and mode 0600")
     })?;
     if !metadata.is_file() {
-        return Err(format!("token file {shown} is not a regular file"));
+        return Err(format!(
+            "token file {shown} is not a regular file; point http_token_file at a file holding the token"
+        ));
     }
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -156,8 +158,11 @@ fn check_token_file(path: &Path) -> Result<(), String> {
             "token file {shown} is readable by others (mode {mode:o}); run chmod 600 on it"
         ));
     }
-    let token =
-        fs::read_to_string(path).map_err(|e| format!("cannot read token file {shown}: {e}"))?;
+    let token = fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read token file {shown}: {e}; make it a readable text file holding the token"
+        )
+    })?;
     if token.trim().is_empty() {
         return Err(format!(
             "token file {shown} is empty; write a random token into it"
