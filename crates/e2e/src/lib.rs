@@ -616,7 +616,7 @@ pub fn config_in(dir: &TestDir, services: Vec<(&str, ServiceConfig)>) -> Config 
         orchestrator,
         services: services
             .into_iter()
-            .map(|(name, service)| (name.to_owned(), service))
+            .map(|(name, service)| (name.parse().expect("a valid service name"), service))
             .collect(),
     }
 }

@@ -144,6 +144,7 @@ fn define(
 mod tests {
     use super::*;
     use crate::config::OrchestratorConfig;
+    use crate::name::ServiceName;
 
     fn host() -> HostEnv {
         HostEnv {
@@ -152,7 +153,11 @@ mod tests {
         }
     }
 
-    fn config(services: BTreeMap<String, ServiceConfig>) -> Config {
+    fn name(text: &str) -> ServiceName {
+        ServiceName::parse(text).unwrap()
+    }
+
+    fn config(services: BTreeMap<ServiceName, ServiceConfig>) -> Config {
         Config {
             source: None,
             orchestrator: OrchestratorConfig::defaults_in(Path::new("/srv")),
@@ -164,7 +169,7 @@ mod tests {
     fn injects_the_blackhole_flags_before_args() {
         let mut services = BTreeMap::new();
         services.insert(
-            "api".to_owned(),
+            name("api"),
             ServiceConfig {
                 args: vec!["--port".into(), "8080".into()],
                 memory_limit: Some(256),
@@ -197,7 +202,7 @@ mod tests {
     fn command_is_exact_argv() {
         let mut services = BTreeMap::new();
         services.insert(
-            "web".to_owned(),
+            name("web"),
             ServiceConfig {
                 command: Some(vec!["python3".into(), "-m".into(), "http.server".into()]),
                 ..ServiceConfig::default()
@@ -211,7 +216,7 @@ mod tests {
     #[test]
     fn discovered_binaries_follow_start_discovered() {
         let found = [Discovered {
-            name: "extra".into(),
+            name: name("extra"),
             binary: PathBuf::from("/srv/services/extra/extra"),
         }];
         let mut cfg = config(BTreeMap::new());

@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use crate::name::ServiceName;
+
 /// A whole, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it came from; `None` for zero-config (no file at all).
     pub source: Option<PathBuf>,
     pub orchestrator: OrchestratorConfig,
-    /// `[services.NAME]` sections, by name. Names are already valid.
-    pub services: BTreeMap<String, ServiceConfig>,
+    /// `[services.NAME]` sections, by name (look one up with a `&str`).
+    pub services: BTreeMap<ServiceName, ServiceConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,205 @@
+//! A section's keys as one table: each key's name, what it is for, and how
+//! its value is read into the model. The walk, the list of valid keys, the
+//! "did you mean" suggestion and the "not supported yet" answer all come
+//! from that table, so a new key is one row.
+
+use std::path::Path;
+
+use toml::de::DeTable;
+
+use super::cx::{Cx, TomlKey, Value};
+
+/// Reads a key's value and sets it into the section's model `M`, reporting
+/// any problem on `cx`.
+pub(super) type Read<M> = fn(&mut Cx<'_>, &Field<'_, '_>, &mut M);
+
+/// One key of a section.
+pub(super) struct Key<M: 'static> {
+    pub(super) name: &'static str,
+    /// What the key is for, said when a typo looks like it.
+    pub(super) doc: &'static str,
+    /// `None`: a key of the contract that this version does not implement
+    /// yet, so a correct file gets "too old" rather than "typo".
+    pub(super) read: Option<Read<M>>,
+}
+
+impl<M> Key<M> {
+    pub(super) const fn new(name: &'static str, doc: &'static str, read: Read<M>) -> Self {
+        Key {
+            name,
+            doc,
+            read: Some(read),
+        }
+    }
+
+    pub(super) const fn later(name: &'static str, doc: &'static str) -> Self {
+        Key {
+            name,
+            doc,
+            read: None,
+        }
+    }
+}
+
+/// A key found in the file, as a reader sees it.
+pub(super) struct Field<'a, 'i> {
+    /// Dotted key path, e.g. `services.api.stop_timeout`.
+    pub(super) path: String,
+    pub(super) key: &'a TomlKey<'i>,
+    pub(super) value: &'a Value<'i>,
+    /// Relative paths resolve against it.
+    pub(super) base_dir: &'a Path,
+}
+
+impl Cx<'_> {
+    /// Walks `table`, the section at `prefix`, through `keys`: every key is
+    /// read, and every unknown one reported with a suggestion. `place` says
+    /// where the section is ("in [orchestrator]").
+    pub(super) fn section<M>(
+        &mut self,
+        table: &DeTable<'_>,
+        prefix: &str,
+        place: &str,
+        keys: &[Key<M>],
+        base_dir: &Path,
+        out: &mut M,
+    ) {
+        for (key, value) in table.iter() {
+            let name: &str = key.get_ref();
+            let field = Field {
+                path: join_key(prefix, name),
+                key,
+                value,
+                base_dir,
+            };
+            match keys.iter().find(|known| known.name == name) {
+                Some(Key {
+                    read: Some(read), ..
+                }) => read(self, &field, out),
+                Some(Key { read: None, .. }) => self.not_yet(&field.path, key),
+                None => self.unknown(&field, place, keys),
+            }
+        }
+    }
+
+    fn unknown<M>(&mut self, field: &Field<'_, '_>, place: &str, keys: &[Key<M>]) {
+        let name: &str = field.key.get_ref();
+        let valid: Vec<&Key<M>> = keys.iter().filter(|key| key.read.is_some()).collect();
+        let mut message = format!("unknown key {name:?} {place}; ");
+        if let Some(close) = closest(name, &valid) {
+            message.push_str(&format!("did you mean {:?}? ({}); ", close.name, close.doc));
+        }
+        message.push_str("valid keys: ");
+        let names: Vec<&str> = valid.iter().map(|key| key.name).collect();
+        message.push_str(&names.join(", "));
+        self.report(field.key.span(), &field.path, message);
+    }
+}
+
+/// Dotted key path, quoting segments TOML would not accept bare (so a service
+/// named "a.b" stays distinguishable from a nested key).
+pub(super) fn join_key(prefix: &str, segment: &str) -> String {
+    let bare = !segment.is_empty()
+        && segment
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let segment = if bare {
+        segment.to_owned()
+    } else {
+        format!("{segment:?}")
+    };
+    if prefix.is_empty() {
+        segment
+    } else {
+        format!("{prefix}.{segment}")
+    }
+}
+
+/// A likely intended key for a typo: at most two edits away, and not merely
+/// because both are short.
+fn closest<'k, M>(name: &str, valid: &[&'k Key<M>]) -> Option<&'k Key<M>> {
+    valid
+        .iter()
+        .map(|&key| (strsim::levenshtein(name, key.name), key))
+        .filter(|&(distance, key)| distance <= 2 && distance < key.name.len())
+        .min_by_key(|&(distance, _)| distance)
+        .map(|(_, key)| key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::test_support::*;
+
+    #[test]
+    fn key_paths_quote_odd_segments() {
+        assert_eq!(join_key("", "services"), "services");
+        assert_eq!(join_key("services", "a.b"), "services.\"a.b\"");
+        assert_eq!(join_key("services", "api"), "services.api");
+    }
+    #[test]
+    fn unknown_keys_are_reported_at_their_line() {
+        let message = one_problem("\n\nfoo = 1\n", 3, "foo");
+        assert!(
+            message.contains("unknown key \"foo\" at the top level"),
+            "{message}"
+        );
+        assert!(
+            message.contains("valid keys: orchestrator, services"),
+            "{message}"
+        );
+
+        let message = one_problem(
+            "[orchestrator]\nlog_levle = \"info\"\n",
+            2,
+            "orchestrator.log_levle",
+        );
+        assert!(message.contains("in [orchestrator]"), "{message}");
+        assert!(message.contains("did you mean \"log_level\"?"), "{message}");
+        assert!(
+            message.contains("(the daemon's verbosity: error, warn, info, debug or trace)"),
+            "the suggestion says what the key is for: {message}"
+        );
+
+        let message = one_problem(
+            "[services.api]\nenabled = true\n\nfoo = \"bar\"\n",
+            4,
+            "services.api.foo",
+        );
+        assert!(
+            message.contains("unknown key \"foo\" in [services.api]"),
+            "{message}"
+        );
+        assert!(
+            message.contains("valid keys: enabled, binary_path"),
+            "{message}"
+        );
+
+        let message = one_problem(
+            "[services.api]\nbackoff = { initial = \"1s\", jitter = 3 }\n",
+            2,
+            "services.api.backoff.jitter",
+        );
+        assert!(
+            message.contains("valid keys: initial, max, reset_after"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn every_table_names_each_key_once_and_says_what_it_is_for() {
+        fn check<M>(section: &str, keys: &[Key<M>]) {
+            let mut names: Vec<&str> = keys.iter().map(|key| key.name).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), keys.len(), "a key twice in {section}");
+            for key in keys {
+                assert!(!key.doc.is_empty(), "{section}.{} has no doc", key.name);
+            }
+        }
+        check("top level", crate::config::load::TOP_KEYS);
+        check("orchestrator", super::super::orchestrator_section::KEYS);
+        check("service", super::super::service_section::KEYS);
+        check("backoff", super::super::service_section::BACKOFF_KEYS);
+    }
+}

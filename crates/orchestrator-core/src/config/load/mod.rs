@@ -1,0 +1,491 @@
+//! Reading the configuration: TOML parsed with byte spans, then walked by hand
+//! rather than through serde, so that every problem is reported at once with
+//! its line, column and dotted key instead of stopping at the first one.
+//!
+//! Each section declares its keys once, in a table (`keys::Key`): name, what
+//! it is for, and how its value is read into the model. Values shared across
+//! sections (durations, paths, signals...) are read by `values`.
+
+mod cx;
+mod keys;
+mod orchestrator_section;
+mod service_section;
+mod values;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use toml::de::{DeTable, DeValue};
+
+use self::cx::Cx;
+use self::keys::Key;
+use self::values::normalize;
+use super::error::{ConfigErrors, ConfigProblem};
+use super::model::{Config, OrchestratorConfig};
+
+const CONFIG_ENV: &str = "ORCHESTRATOR_CONFIG";
+const DEFAULT_FILE: &str = "orchestrator.toml";
+
+const TOP_KEYS: &[Key<Config>] = &[
+    Key::new(
+        "orchestrator",
+        "the daemon's own settings, [orchestrator]",
+        |cx, f, out| match f.value.get_ref() {
+            DeValue::Table(table) => {
+                orchestrator_section::read(cx, table, f.base_dir, &mut out.orchestrator)
+            }
+            _ => cx.mismatch(&f.path, f.value, "a table [orchestrator]"),
+        },
+    ),
+    Key::new(
+        "services",
+        "one [services.NAME] section per service",
+        |cx, f, out| match f.value.get_ref() {
+            DeValue::Table(table) => {
+                service_section::read_all(cx, table, f.base_dir, &mut out.services)
+            }
+            _ => cx.mismatch(&f.path, f.value, "a table of services [services.NAME]"),
+        },
+    ),
+];
+
+/// Parse `text`, the contents of `file`, whose relative paths resolve against
+/// `base_dir` (made absolute against the current directory if it is not).
+/// Every problem is reported, sorted by line; `file` is only used to name them
+/// and as `Config::source`.
+pub fn parse(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Config, ConfigErrors> {
+    let base_dir = absolute_dir(base_dir);
+    let mut cx = Cx::new(text, file);
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(err) => {
+            cx.syntax_error(&err);
+            return Err(cx.into_errors());
+        }
+    };
+    let config = document(&mut cx, root.get_ref(), &base_dir);
+    if cx.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(cx.into_errors())
+    }
+}
+
+/// Find and load the configuration: `explicit` (from `--config`), else
+/// `$ORCHESTRATOR_CONFIG`, else `./orchestrator.toml`. Only that last one may
+/// be missing, which means zero-config: defaults in the current directory and
+/// `source: None`. The file named in `Config::source` and in problems is
+/// absolute, canonicalised when possible.
+pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let cwd = std::env::current_dir().map_err(|err| {
+        single_problem(
+            None,
+            None,
+            format!(
+                "cannot determine the current directory: {err}; \
+                 run orchestrator from an existing directory"
+            ),
+        )
+    })?;
+    load_from(explicit, std::env::var_os(CONFIG_ENV), &cwd)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Flag,
+    Env,
+    Default,
+}
+
+/// `load` with its process-global inputs passed in, so tests need neither
+/// `set_var` nor `set_current_dir` (both would race other tests).
+fn load_from(
+    explicit: Option<&Path>,
+    env: Option<OsString>,
+    cwd: &Path,
+) -> Result<Config, ConfigErrors> {
+    let (path, origin) = match (explicit, env.filter(|value| !value.is_empty())) {
+        (Some(path), _) => (cwd.join(path), Origin::Flag),
+        (None, Some(value)) => (cwd.join(PathBuf::from(value)), Origin::Env),
+        (None, None) => (cwd.join(DEFAULT_FILE), Origin::Default),
+    };
+    let path = normalize(&path);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound && origin == Origin::Default => {
+            tracing::debug!(
+                path = %path.display(),
+                "no configuration file; using zero-config defaults"
+            );
+            return Ok(Config {
+                source: None,
+                orchestrator: OrchestratorConfig::defaults_in(cwd),
+                services: BTreeMap::new(),
+            });
+        }
+        Err(err) => {
+            let message = match origin {
+                Origin::Env => format!(
+                    "cannot read: {err} (named by ${CONFIG_ENV}); \
+                     pass an existing file with --config or fix ${CONFIG_ENV}"
+                ),
+                Origin::Flag | Origin::Default => {
+                    format!("cannot read: {err}; pass an existing file with --config")
+                }
+            };
+            return Err(single_problem(Some(path), None, message));
+        }
+    };
+    let path = fs::canonicalize(&path).unwrap_or(path);
+    let base_dir = path.parent().unwrap_or(cwd).to_path_buf();
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(err) => {
+            let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+            let line = valid.iter().filter(|&&byte| byte == b'\n').count() + 1;
+            return Err(single_problem(
+                Some(path),
+                Some(line),
+                "the file is not valid UTF-8; save it as UTF-8 text".to_owned(),
+            ));
+        }
+    };
+    parse(&text, Some(&path), &base_dir)
+}
+
+fn single_problem(file: Option<PathBuf>, line: Option<usize>, message: String) -> ConfigErrors {
+    ConfigErrors {
+        problems: vec![ConfigProblem {
+            file,
+            line,
+            column: None,
+            key: String::new(),
+            message,
+        }],
+    }
+}
+
+/// The whole file: its defaults, then whatever its sections say.
+fn document(cx: &mut Cx<'_>, root: &DeTable<'_>, base_dir: &Path) -> Config {
+    let mut config = Config {
+        source: cx.file.clone(),
+        orchestrator: OrchestratorConfig::defaults_in(base_dir),
+        services: BTreeMap::new(),
+    };
+    cx.section(
+        root,
+        "",
+        "at the top level",
+        TOP_KEYS,
+        base_dir,
+        &mut config,
+    );
+    config
+}
+
+fn absolute_dir(dir: &Path) -> PathBuf {
+    normalize(&std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()))
+}
+
+/// What the tests of every section share: parsing a text as if it were
+/// `/base/dir/orchestrator.toml`.
+#[cfg(test)]
+mod test_support {
+    pub(super) use std::path::Path;
+
+    pub(super) use super::parse;
+    pub(super) use crate::config::ConfigProblem;
+    pub(super) use crate::config::model::*;
+
+    pub(super) const BASE: &str = "/base/dir";
+
+    pub(super) fn ok(text: &str) -> Config {
+        match parse(
+            text,
+            Some(Path::new("/base/dir/orchestrator.toml")),
+            Path::new(BASE),
+        ) {
+            Ok(config) => config,
+            Err(errors) => panic!("unexpected problems:\n{errors}"),
+        }
+    }
+
+    pub(super) fn problems(text: &str) -> Vec<ConfigProblem> {
+        match parse(
+            text,
+            Some(Path::new("/base/dir/orchestrator.toml")),
+            Path::new(BASE),
+        ) {
+            Ok(config) => panic!("expected problems, got {config:#?}"),
+            Err(errors) => errors.problems,
+        }
+    }
+
+    /// The only problem of `text`, which must be at `line` and name `key`.
+    pub(super) fn one_problem(text: &str, line: usize, key: &str) -> String {
+        let found = problems(text);
+        assert_eq!(
+            found.len(),
+            1,
+            "expected exactly one problem, got {found:#?}"
+        );
+        assert_eq!(found[0].line, Some(line), "{found:#?}");
+        assert_eq!(found[0].key, key, "{found:#?}");
+        found[0].message.clone()
+    }
+
+    pub(super) fn service(text: &str) -> ServiceConfig {
+        let mut config = ok(text);
+        config.services.remove("api").expect("service api")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = ok("");
+        assert_eq!(
+            config.source.as_deref(),
+            Some(Path::new("/base/dir/orchestrator.toml"))
+        );
+        assert_eq!(
+            config.orchestrator,
+            OrchestratorConfig::defaults_in(Path::new(BASE))
+        );
+        assert!(config.services.is_empty());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_base_dir() {
+        let config = parse(
+            "[orchestrator]\nservices_dir = \"./s\"\ndata_dir = \"../d\"\n[services.api]\nbinary_path = \"/abs/x\"\n",
+            None,
+            Path::new("/etc/orch/"),
+        )
+        .unwrap();
+        assert_eq!(config.orchestrator.services_dir, Path::new("/etc/orch/s"));
+        assert_eq!(config.orchestrator.data_dir, Path::new("/etc/orch/../d"));
+        assert_eq!(
+            config.services["api"].binary_path.as_deref(),
+            Some(Path::new("/abs/x"))
+        );
+        assert_eq!(config.source, None);
+    }
+
+    #[test]
+    fn relative_base_dir_becomes_absolute() {
+        let config = parse("", None, Path::new("conf")).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(config.orchestrator.services_dir, cwd.join("conf/services"));
+        assert!(config.orchestrator.data_dir.is_absolute());
+    }
+
+    #[test]
+    fn syntax_error_is_one_problem_with_position() {
+        let found = problems("[orchestrator]\nauto_restart = true\nauto_restart = false\n");
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].line, found[0].column), (Some(3), Some(1)));
+        assert!(
+            found[0].message.starts_with("invalid TOML: "),
+            "{}",
+            found[0].message
+        );
+        assert!(found[0].message.contains("duplicate key"));
+
+        let found = problems("[orchestrator]\nlog_level = info\n");
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].line, found[0].column), (Some(2), Some(13)));
+    }
+
+    #[test]
+    fn unknown_key_column_counts_characters() {
+        let found =
+            problems("[services.api]\nenvironment = { \"é\" = \"x\" }\n[orchestrator]\n  zz = 1\n");
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].line, found[0].column), (Some(4), Some(3)));
+    }
+
+    #[test]
+    fn every_problem_is_reported_sorted_by_line() {
+        let text = r#"
+[services.web]
+restart = "sometimes"
+bogus = 1
+
+[orchestrator]
+log_level = "loud"
+http_token_file = "t"
+
+[services."a/b"]
+stop_timeout = "5x"
+backoff = { initial = "10s", max = "1s" }
+"#;
+        let found = problems(text);
+        let got: Vec<(Option<usize>, &str)> = found
+            .iter()
+            .map(|problem| (problem.line, problem.key.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(3), "services.web.restart"),
+                (Some(4), "services.web.bogus"),
+                (Some(7), "orchestrator.log_level"),
+                (Some(8), "orchestrator.http_token_file"),
+                (Some(10), "services.\"a/b\""),
+                (Some(11), "services.\"a/b\".stop_timeout"),
+                (Some(12), "services.\"a/b\".backoff.max"),
+            ]
+        );
+        for problem in &found {
+            assert_eq!(
+                problem.file.as_deref(),
+                Some(Path::new("/base/dir/orchestrator.toml"))
+            );
+        }
+        let shown = ConfigErrors { problems: found }.to_string();
+        assert!(
+            shown.contains("/base/dir/orchestrator.toml:3:11: services.web.restart: invalid value"),
+            "{shown}"
+        );
+    }
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "orchestrator-load-{tag}-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            TempDir(fs::canonicalize(&path).unwrap())
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn zero_config_without_a_file() {
+        let dir = TempDir::new("zero");
+        let config = load_from(None, None, &dir.0).unwrap();
+        assert_eq!(config.source, None);
+        assert_eq!(config.orchestrator, OrchestratorConfig::defaults_in(&dir.0));
+        assert_eq!(config.orchestrator.services_dir, dir.0.join("services"));
+        assert!(config.services.is_empty());
+        // An empty variable counts as unset.
+        assert!(load_from(None, Some(OsString::new()), &dir.0).is_ok());
+    }
+
+    #[test]
+    fn default_file_in_cwd_is_loaded() {
+        let dir = TempDir::new("default");
+        fs::write(
+            dir.0.join(DEFAULT_FILE),
+            "[orchestrator]\nservices_dir = \"bin\"\n",
+        )
+        .unwrap();
+        let config = load_from(None, None, &dir.0).unwrap();
+        assert_eq!(config.source, Some(dir.0.join(DEFAULT_FILE)));
+        assert_eq!(config.orchestrator.services_dir, dir.0.join("bin"));
+    }
+
+    #[test]
+    fn explicit_and_env_paths() {
+        let dir = TempDir::new("explicit");
+        fs::create_dir(dir.0.join("etc")).unwrap();
+        fs::write(
+            dir.0.join("etc/a.toml"),
+            "[services.api]\nbinary_path = \"api\"\n",
+        )
+        .unwrap();
+        fs::write(dir.0.join("b.toml"), "[services.b]\n").unwrap();
+        fs::write(dir.0.join(DEFAULT_FILE), "[services.c]\n").unwrap();
+
+        // Relative to the current directory, and relative paths inside the
+        // file against the file's own directory.
+        let config = load_from(
+            Some(Path::new("./etc/a.toml")),
+            Some("b.toml".into()),
+            &dir.0,
+        )
+        .unwrap();
+        assert_eq!(config.source, Some(dir.0.join("etc/a.toml")));
+        assert_eq!(
+            config.services["api"].binary_path,
+            Some(dir.0.join("etc/api"))
+        );
+        assert_eq!(config.orchestrator.services_dir, dir.0.join("etc/services"));
+
+        let config = load_from(None, Some("b.toml".into()), &dir.0).unwrap();
+        assert!(config.services.contains_key("b"));
+        let config = load_from(None, None, &dir.0).unwrap();
+        assert!(config.services.contains_key("c"));
+    }
+
+    #[test]
+    fn missing_explicit_or_env_file_is_an_error() {
+        let dir = TempDir::new("missing");
+        let errors = load_from(Some(Path::new("nope.toml")), None, &dir.0).unwrap_err();
+        assert_eq!(errors.problems.len(), 1);
+        let problem = &errors.problems[0];
+        assert_eq!(problem.file, Some(dir.0.join("nope.toml")));
+        assert!(
+            problem.message.starts_with("cannot read: "),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem
+                .message
+                .ends_with("pass an existing file with --config"),
+            "{}",
+            problem.message
+        );
+
+        let errors = load_from(None, Some("gone.toml".into()), &dir.0).unwrap_err();
+        let problem = &errors.problems[0];
+        assert_eq!(problem.file, Some(dir.0.join("gone.toml")));
+        assert!(
+            problem.message.contains("$ORCHESTRATOR_CONFIG"),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn problems_name_the_canonical_file() {
+        let dir = TempDir::new("canon");
+        fs::create_dir(dir.0.join("real")).unwrap();
+        fs::write(dir.0.join("real/o.toml"), "bad = 1\n").unwrap();
+        std::os::unix::fs::symlink(dir.0.join("real/o.toml"), dir.0.join("link.toml")).unwrap();
+        let errors = load_from(Some(Path::new("link.toml")), None, &dir.0).unwrap_err();
+        assert_eq!(errors.problems[0].file, Some(dir.0.join("real/o.toml")));
+        assert_eq!(errors.problems[0].line, Some(1));
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_with_its_line() {
+        let dir = TempDir::new("utf8");
+        fs::write(dir.0.join("o.toml"), b"[orchestrator]\n# \xff\n").unwrap();
+        let errors = load_from(Some(Path::new("o.toml")), None, &dir.0).unwrap_err();
+        assert_eq!(errors.problems[0].line, Some(2));
+        assert!(errors.problems[0].message.contains("UTF-8"));
+    }
+}

@@ -1,0 +1,249 @@
+//! `[orchestrator]`: the daemon's own settings.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use toml::de::DeTable;
+
+use super::cx::Cx;
+use super::keys::Key;
+use super::values::set;
+use crate::config::model::{LogFormat, LogLevel, OrchestratorConfig};
+
+const LOG_LEVELS: &[(&str, LogLevel)] = &[
+    ("error", LogLevel::Error),
+    ("warn", LogLevel::Warn),
+    ("info", LogLevel::Info),
+    ("debug", LogLevel::Debug),
+    ("trace", LogLevel::Trace),
+];
+const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
+
+pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
+    Key::new(
+        "services_dir",
+        "the directory holding NAME/NAME service binaries",
+        |cx, f, out| set(&mut out.services_dir, cx.path(&f.path, f.value, f.base_dir)),
+    ),
+    Key::new(
+        "data_dir",
+        "where state, logs and the control socket live",
+        |cx, f, out| set(&mut out.data_dir, cx.path(&f.path, f.value, f.base_dir)),
+    ),
+    Key::new(
+        "auto_restart",
+        "the default restart policy: true for always, false for never",
+        |cx, f, out| set(&mut out.auto_restart, cx.boolean(&f.path, f.value)),
+    ),
+    Key::new(
+        "shutdown_timeout",
+        "how long a stopping service gets before SIGKILL, by default",
+        |cx, f, out| set(&mut out.shutdown_timeout, cx.duration(&f.path, f.value)),
+    ),
+    Key::new(
+        "log_level",
+        "the daemon's verbosity: error, warn, info, debug or trace",
+        |cx, f, out| set(&mut out.log_level, cx.choice(&f.path, f.value, LOG_LEVELS)),
+    ),
+    Key::new(
+        "log_format",
+        "the daemon's log format: text or json",
+        |cx, f, out| {
+            set(
+                &mut out.log_format,
+                cx.choice(&f.path, f.value, LOG_FORMATS),
+            )
+        },
+    ),
+    Key::new(
+        "start_discovered",
+        "whether discovered binaries without a section run",
+        |cx, f, out| set(&mut out.start_discovered, cx.boolean(&f.path, f.value)),
+    ),
+    Key::new(
+        "log_max_bytes",
+        "the size at which a service's log file is rotated",
+        |cx, f, out| {
+            let bytes = cx.integer_in(&f.path, f.value, 1, i64::MAX, "a positive number of bytes");
+            set(&mut out.log_max_bytes, bytes.map(i64::unsigned_abs));
+        },
+    ),
+    Key::new(
+        "log_max_files",
+        "how many rotated log files are kept",
+        |cx, f, out| {
+            let files = cx.integer_in(&f.path, f.value, 0, 1000, "a number from 0 to 1000");
+            set(
+                &mut out.log_max_files,
+                files.and_then(|files| u32::try_from(files).ok()),
+            );
+        },
+    ),
+    Key::new(
+        "http_listen",
+        "IP:PORT for the TCP control API and /metrics",
+        |cx, f, out| {
+            let Some(text) = cx.string(&f.path, f.value) else {
+                return;
+            };
+            match text.parse::<SocketAddr>() {
+                Ok(addr) => out.http_listen = Some(addr),
+                Err(_) => cx.report(
+                    f.value.span(),
+                    &f.path,
+                    format!(
+                        "invalid address {text:?}; use IP:PORT, e.g. \"127.0.0.1:9800\" or \"[::1]:9800\""
+                    ),
+                ),
+            }
+        },
+    ),
+    Key::new(
+        "http_token_file",
+        "the file holding the token the TCP API requires",
+        |cx, f, out| {
+            if let Some(file) = cx.path(&f.path, f.value, f.base_dir) {
+                if let Err(message) = check_token_file(&file) {
+                    cx.report(f.value.span(), &f.path, message);
+                }
+                out.http_token_file = Some(file);
+            }
+        },
+    ),
+];
+
+/// Reads `[orchestrator]` into `out`, then checks what no single key can.
+pub(super) fn read(
+    cx: &mut Cx<'_>,
+    table: &DeTable<'_>,
+    base_dir: &Path,
+    out: &mut OrchestratorConfig,
+) {
+    cx.section(
+        table,
+        "orchestrator",
+        "in [orchestrator]",
+        KEYS,
+        base_dir,
+        out,
+    );
+    if let Some((listen, _)) = table.get_key_value("http_listen")
+        && !table.contains_key("http_token_file")
+    {
+        cx.report(
+            listen.span(),
+            "orchestrator.http_listen",
+            "http_listen needs http_token_file: anyone who can reach the port could control every service; write a token to a file (mode 0600) and set http_token_file",
+        );
+    }
+}
+
+/// The token file must exist, hold a token, and be readable by its owner
+/// only: a token others can read protects nothing.
+fn check_token_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let metadata = fs::metadata(path).map_err(|e| {
+        format!("cannot read token file {shown}: {e}; create it with a random token and mode 0600")
+    })?;
+    if !metadata.is_file() {
+        return Err(format!(
+            "token file {shown} is not a regular file; point http_token_file at a file holding the token"
+        ));
+    }
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "token file {shown} is readable by others (mode {mode:o}); run chmod 600 on it"
+        ));
+    }
+    let token = fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read token file {shown}: {e}; make it a readable text file holding the token"
+        )
+    })?;
+    if token.trim().is_empty() {
+        return Err(format!(
+            "token file {shown} is empty; write a random token into it"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::load::parse;
+    use crate::config::load::test_support::*;
+
+    #[test]
+    fn full_orchestrator_section() {
+        let config = ok(r#"
+[orchestrator]
+services_dir = "svc"
+data_dir = "/var/lib/orch"
+auto_restart = false
+shutdown_timeout = "2m"
+log_level = "debug"
+log_format = "json"
+start_discovered = false
+log_max_bytes = 1024
+log_max_files = 0
+"#);
+        let orchestrator = config.orchestrator;
+        assert_eq!(orchestrator.services_dir, Path::new("/base/dir/svc"));
+        assert_eq!(orchestrator.data_dir, Path::new("/var/lib/orch"));
+        assert!(!orchestrator.auto_restart);
+        assert_eq!(orchestrator.shutdown_timeout, Duration::from_secs(120));
+        assert_eq!(orchestrator.log_level, LogLevel::Debug);
+        assert_eq!(orchestrator.log_format, LogFormat::Json);
+        assert!(!orchestrator.start_discovered);
+        assert_eq!(orchestrator.log_max_bytes, 1024);
+        assert_eq!(orchestrator.log_max_files, 0);
+    }
+
+    #[test]
+    fn http_listen_needs_a_private_token_file() {
+        let message = one_problem(
+            "[orchestrator]\nhttp_listen = \"127.0.0.1:9800\"\n",
+            2,
+            "orchestrator.http_listen",
+        );
+        assert!(message.contains("needs http_token_file"), "{message}");
+        let found = problems("[orchestrator]\nhttp_listen = \"localhost\"\n");
+        assert!(
+            found.iter().any(|p| p.message.contains("use IP:PORT")),
+            "{found:?}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("orchestrator-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        let text =
+            "[orchestrator]\nhttp_listen = \"127.0.0.1:9800\"\nhttp_token_file = \"token\"\n";
+        let missing = parse(text, None, &dir).unwrap_err();
+        assert!(
+            missing.problems[0]
+                .message
+                .contains("cannot read token file")
+        );
+        std::fs::write(&token, "secret\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let open = parse(text, None, &dir).unwrap_err();
+        assert_eq!(open.problems[0].line, Some(3));
+        assert!(open.problems[0].message.contains("chmod 600"), "{open}");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = parse(text, None, &dir).unwrap();
+        assert_eq!(
+            config.orchestrator.http_listen,
+            Some("127.0.0.1:9800".parse().unwrap())
+        );
+        assert_eq!(config.orchestrator.http_token_file, Some(token));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
