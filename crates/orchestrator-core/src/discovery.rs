@@ -99,14 +99,6 @@ fn check_entry(path: &Path, name: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Checks a service name, for callers that keep names as strings; the error
-/// is the message. Prefer [`ServiceName::parse`], which keeps the proof.
-pub fn validate_service_name(name: &str) -> Result<(), String> {
-    ServiceName::parse(name)
-        .map(drop)
-        .map_err(|invalid| invalid.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,18 +187,4 @@ mod tests {
         assert!(std::error::Error::source(&err).is_some());
     }
 
-    #[test]
-    fn validate_service_name_is_the_parse_rule() {
-        assert_eq!(validate_service_name("a..b"), Ok(()));
-        let message = validate_service_name("a/b").unwrap_err();
-        assert!(
-            message.contains("invalid service name \"a/b\""),
-            "{message}"
-        );
-        assert_eq!(
-            message,
-            ServiceName::parse("a/b").unwrap_err().to_string(),
-            "the API must say what the config says"
-        );
-    }
 }

@@ -114,6 +114,14 @@ impl Deref for ServiceName {
     }
 }
 
+/// A name is always one safe path component (no `/`, never `.` or `..`),
+/// so joining it onto a directory stays inside that directory.
+impl AsRef<std::path::Path> for ServiceName {
+    fn as_ref(&self) -> &std::path::Path {
+        std::path::Path::new(&*self.0)
+    }
+}
+
 impl AsRef<str> for ServiceName {
     fn as_ref(&self) -> &str {
         &self.0

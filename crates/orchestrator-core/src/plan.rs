@@ -1,6 +1,7 @@
 //! Turning a configuration and a services-directory scan into the concrete
 //! definitions the service actors run: argv, environment, paths, policy.
 
+use crate::name::ServiceName;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -40,9 +41,9 @@ impl HostEnv {
 /// defaults when `start_discovered` is set, and is listed (disabled)
 /// otherwise.
 pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<ServiceDefinition> {
-    let found: BTreeMap<&str, &Path> = discovered
+    let found: BTreeMap<&ServiceName, &Path> = discovered
         .iter()
-        .map(|d| (d.name.as_str(), d.binary.as_path()))
+        .map(|d| (&d.name, d.binary.as_path()))
         .collect();
     let mut definitions = Vec::new();
     for (name, service) in &config.services {
@@ -50,7 +51,7 @@ pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<S
     }
     let defaults = ServiceConfig::default();
     for name in found.keys() {
-        if !config.services.contains_key(*name) {
+        if !config.services.contains_key(name.as_str()) {
             let enabled = config.orchestrator.start_discovered;
             definitions.push(define(config, name, &defaults, false, enabled, host));
         }
@@ -69,7 +70,7 @@ pub fn binary_of(config: &Config, name: &str, service: &ServiceConfig) -> PathBu
 
 fn define(
     config: &Config,
-    name: &str,
+    name: &ServiceName,
     service: &ServiceConfig,
     configured: bool,
     enabled: bool,
@@ -81,7 +82,7 @@ fn define(
         None => {
             let mut args = vec![
                 "--service".to_owned(),
-                name.to_owned(),
+                name.to_string(),
                 "--log-level".to_owned(),
                 orchestrator.log_level.as_str().to_owned(),
             ];
@@ -112,11 +113,11 @@ fn define(
         RestartPolicy::Never
     });
     ServiceDefinition {
-        name: name.to_owned(),
+        name: name.clone(),
         configured,
         enabled,
         spawn: SpawnSpec {
-            service: name.to_owned(),
+            service: name.to_string(),
             program,
             args,
             env: env.into_iter().collect(),

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::events::{EventBus, EventKind};
+use crate::name::ServiceName;
 use crate::process::Spawner;
 use crate::service::{ServiceDefinition, ServiceError, ServiceHandle, State, service_actor};
 use crate::wire::ServiceInfo;
@@ -83,9 +84,9 @@ pub fn spawn_supervisor(
 }
 
 struct Supervisor {
-    services: BTreeMap<String, Entry>,
+    services: BTreeMap<ServiceName, Entry>,
     tasks: JoinSet<()>,
-    task_names: HashMap<tokio::task::Id, String>,
+    task_names: HashMap<tokio::task::Id, ServiceName>,
     spawner: Arc<dyn Spawner>,
     events: EventBus,
 }
@@ -115,7 +116,7 @@ impl Supervisor {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Get(name, reply) => {
-                let _ = reply.send(self.services.get(&name).map(|e| e.handle.clone()));
+                let _ = reply.send(self.services.get(name.as_str()).map(|e| e.handle.clone()));
             }
             Command::All(reply) => {
                 let _ = reply.send(self.services.values().map(|e| e.handle.clone()).collect());
@@ -124,23 +125,27 @@ impl Supervisor {
                 let _ = reply.send(Some(self.services.values().map(info_of).collect()));
             }
             Command::Info(Some(name), reply) => {
-                let _ = reply.send(self.services.get(&name).map(|e| vec![info_of(e)]));
+                let _ = reply.send(self.services.get(name.as_str()).map(|e| vec![info_of(e)]));
             }
             Command::Definition(name, reply) => {
-                let _ = reply.send(self.services.get(&name).map(|e| Arc::clone(&e.definition)));
+                let _ = reply.send(
+                    self.services
+                        .get(name.as_str())
+                        .map(|e| Arc::clone(&e.definition)),
+                );
             }
             Command::Add(definition, reply) => {
                 let _ = reply.send(self.add(*definition));
             }
             Command::Remove(name, reply) => {
-                let _ = reply.send(self.services.remove(&name).map(|e| e.handle));
+                let _ = reply.send(self.services.remove(name.as_str()).map(|e| e.handle));
             }
         }
     }
 
     fn add(&mut self, definition: ServiceDefinition) -> Result<ServiceHandle, SupervisorError> {
         if self.services.contains_key(&definition.name) {
-            return Err(SupervisorError::AlreadyExists(definition.name));
+            return Err(SupervisorError::AlreadyExists(definition.name.to_string()));
         }
         let definition = Arc::new(definition);
         let (handle, actor) = service_actor(

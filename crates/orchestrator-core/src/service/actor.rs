@@ -15,13 +15,14 @@ use tracing::{debug, error, info, warn};
 use super::inbox::{self, inbox};
 use super::machine::{Effect, Input, Machine, Policy, State};
 use crate::events::{EventBus, EventKind};
+use crate::name::ServiceName;
 use crate::output::{ServiceOutput, spawn_pump};
 use crate::process::{ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner};
 
 /// Everything the actor needs to know about its service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceDefinition {
-    pub name: String,
+    pub name: ServiceName,
     /// It has a `[services.NAME]` section (rather than only a discovered binary).
     pub configured: bool,
     /// Started by `run` and by start-all.
@@ -79,7 +80,7 @@ enum Command {
 /// A cheap, cloneable way to talk to one service's actor.
 #[derive(Clone)]
 pub struct ServiceHandle {
-    name: Arc<str>,
+    name: ServiceName,
     configured: bool,
     enabled: bool,
     commands: inbox::Sender<Command>,
@@ -239,7 +240,7 @@ fn new_actor(
     output.attach_events(events.clone());
     let (status_tx, status_rx) = watch::channel(snapshot(&machine));
     let handle = ServiceHandle {
-        name: Arc::from(definition.name.as_str()),
+        name: definition.name.clone(),
         configured: definition.configured,
         enabled: definition.enabled,
         commands: commands_tx,
@@ -378,7 +379,7 @@ impl Actor {
         // not even the waiters of the request it would have overridden.
         if self.apply(input) == Outcome::Refused {
             let _ = reply.send(Err(ServiceError::ShuttingDown {
-                service: name.clone(),
+                service: name.to_string(),
             }));
             return;
         }
@@ -541,7 +542,7 @@ impl Actor {
             let outcome = match state {
                 State::Running => Some(Ok(())),
                 State::Restarting | State::Failed => Some(Err(ServiceError::StartFailed {
-                    service: self.definition.name.clone(),
+                    service: self.definition.name.to_string(),
                     reason: self
                         .machine
                         .last_error()
@@ -549,7 +550,7 @@ impl Actor {
                         .to_owned(),
                 })),
                 State::Stopped => Some(Err(ServiceError::Superseded {
-                    service: self.definition.name.clone(),
+                    service: self.definition.name.to_string(),
                     by: "stop",
                 })),
                 _ => None,

@@ -12,6 +12,7 @@ use super::actor::spawn_with_machine;
 use super::*;
 use crate::config::{BackoffConfig, RestartPolicy};
 use crate::events::{EventBus, EventKind};
+use crate::name::ServiceName;
 use crate::process::{ExitReason, FakeSpawner, SpawnSpec};
 
 const MS: Duration = Duration::from_millis(1);
@@ -340,7 +341,7 @@ fn kill_skips_the_grace_period() {
 pub(crate) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDefinition {
     let dir = std::env::temp_dir().join(format!("orchestrator-actor-test-{}", std::process::id()));
     ServiceDefinition {
-        name: "svc".into(),
+        name: ServiceName::parse("svc").unwrap(),
         configured: true,
         enabled: true,
         spawn: SpawnSpec {

@@ -16,7 +16,7 @@ use crate::service::tests::definition;
 
 fn named(name: &str, enabled: bool) -> ServiceDefinition {
     let mut definition = definition(RestartPolicy::Always, 3);
-    definition.name = name.to_owned();
+    definition.name = ServiceName::parse(name).unwrap();
     definition.spawn.service = name.to_owned();
     definition.enabled = enabled;
     definition

@@ -18,7 +18,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use futures_util::stream::{self, Stream, StreamExt};
-use orchestrator_core::discovery::validate_service_name;
+use orchestrator_core::name::ServiceName;
 use orchestrator_core::events::{Event, rfc3339};
 use orchestrator_core::output::{LogBlock, LogLine};
 use tokio::net::{UnixListener, UnixStream};
@@ -109,10 +109,10 @@ impl IntoResponse for BadRequest {
 }
 
 /// A `{name}` that is not a valid service name is refused before any lookup.
-fn checked_name(name: &str) -> Result<(), BadRequest> {
-    validate_service_name(name).map_err(|message| BadRequest {
+fn checked_name(name: &str) -> Result<ServiceName, BadRequest> {
+    ServiceName::parse(name).map_err(|invalid| BadRequest {
         code: ErrorCode::BadName,
-        message,
+        message: invalid.to_string(),
     })
 }
 
@@ -153,9 +153,10 @@ async fn list<C: Control>(State(control): State<C>) -> Response {
 }
 
 async fn info<C: Control>(State(control): State<C>, UrlPath(name): UrlPath<String>) -> Response {
-    if let Err(bad) = checked_name(&name) {
-        return bad.into_response();
-    }
+    let name = match checked_name(&name) {
+        Ok(name) => name,
+        Err(bad) => return bad.into_response(),
+    };
     match control.info(&name).await {
         Ok(info) => Json(info).into_response(),
         Err(e) => control_error(e),
@@ -173,9 +174,10 @@ async fn act<C: Control>(
             format!("no action {action:?}; use start, stop or restart"),
         );
     };
-    if let Err(bad) = checked_name(&name) {
-        return bad.into_response();
-    }
+    let name = match checked_name(&name) {
+        Ok(name) => name,
+        Err(bad) => return bad.into_response(),
+    };
     match control.act(&name, action).await {
         Ok(info) => Json(info).into_response(),
         Err(e) => control_error(e),
@@ -245,9 +247,10 @@ async fn logs<C: Control>(
     UrlPath(name): UrlPath<String>,
     parsed: Result<Query<LogsQuery>, QueryRejection>,
 ) -> Response {
-    if let Err(bad) = checked_name(&name) {
-        return bad.into_response();
-    }
+    let name = match checked_name(&name) {
+        Ok(name) => name,
+        Err(bad) => return bad.into_response(),
+    };
     let (tail, follow) = match query(parsed) {
         Ok(LogsQuery { tail, follow }) => (
             tail.unwrap_or(DEFAULT_TAIL).min(MAX_TAIL),
