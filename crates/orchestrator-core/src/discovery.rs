@@ -186,5 +186,4 @@ mod tests {
         assert!(message.contains("services_dir"), "{message}");
         assert!(std::error::Error::source(&err).is_some());
     }
-
 }

@@ -304,6 +304,35 @@ fn parse_signal(text: &str) -> Option<Signal> {
 /// meant as minutes, and no timeout here is measured in months or years.
 const VAGUE_UNITS: &[&str] = &["M", "month", "months", "y", "yr", "yrs", "year", "years"];
 
+/// Longest duration text accepted (see `parse_duration` for why).
+const MAX_DURATION_TEXT: usize = 64;
+/// Most digits accepted before a decimal point in one number.
+const MAX_DURATION_DIGITS: usize = 12;
+
+/// The lengths of the digit runs in `text` that are not fractions (not
+/// right after a '.').
+fn integer_digit_runs(text: &str) -> impl Iterator<Item = usize> + '_ {
+    let bytes = text.as_bytes();
+    let mut index = 0;
+    std::iter::from_fn(move || {
+        while index < bytes.len() {
+            if !bytes[index].is_ascii_digit() {
+                index += 1;
+                continue;
+            }
+            let start = index;
+            while index < bytes.len() && bytes[index].is_ascii_digit() {
+                index += 1;
+            }
+            if start > 0 && bytes[start - 1] == b'.' {
+                continue;
+            }
+            return Some(index - start);
+        }
+        None
+    })
+}
+
 /// A duration string in humantime's grammar: `NUMBER UNIT` parts, optionally
 /// spaced ("1m30s", "1h 30m"), NUMBER may have a fraction ("1.5s"). Err is
 /// the reason, worded for whoever wrote the file.
@@ -319,10 +348,22 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
             "{unit:?} (months or years) has no fixed length; use d, h, m, s or ms"
         ));
     }
-    // humantime 2.4 panics in Duration::new when the parts add up to exactly
-    // u64::MAX seconds; a config file must never take the daemon down.
-    let parsed = std::panic::catch_unwind(|| humantime::parse_duration(text))
-        .unwrap_or(Err(humantime::DurationError::NumberOverflow));
+    // humantime 2.4 panics when the parts add up to exactly u64::MAX
+    // seconds. With at most 12 digits before any point and 64 characters in
+    // all, no sum comes near that (four parts of 999999999999w at most), so
+    // a config file can never reach the panic.
+    if text.len() > MAX_DURATION_TEXT {
+        return Err(format!(
+            "{} characters is too long for a duration; write it in fewer than {MAX_DURATION_TEXT}",
+            text.len()
+        ));
+    }
+    if integer_digit_runs(text).any(|digits| digits > MAX_DURATION_DIGITS) {
+        return Err(format!(
+            "a number of more than {MAX_DURATION_DIGITS} digits is longer than 100 years in any unit but ns or us; use a larger unit"
+        ));
+    }
+    let parsed = humantime::parse_duration(text);
     let duration = parsed.map_err(|err| duration_reason(text, err))?;
     if duration > MAX_DURATION {
         return Err("longer than 100 years".to_owned());
@@ -430,11 +471,17 @@ mod tests {
             ("876001h", "longer than 100 years"),
             (
                 "99999999999999999999999999999999999999999h",
-                "longer than 100 years",
+                "use a larger unit",
+            ),
+            ("1000000000000s", "use a larger unit"),
+            (
+                "1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s",
+                "too long for a duration",
             ),
             ("1.000000000000000000009s", "finer than a nanosecond"),
-            // Exactly u64::MAX seconds: humantime panics on it, we must not.
-            ("18446744073709551615s 500ms 500ms", "too large"),
+            // Exactly u64::MAX seconds: humantime panics on it; refused
+            // before it gets there.
+            ("18446744073709551615s 500ms 500ms", "use a larger unit"),
         ];
         for &(text, reason) in bad {
             let err = parse_duration(text).expect_err(text);
