@@ -348,6 +348,35 @@ async fn a_slow_follower_is_told_how_many_lines_it_missed() {
     assert!(matches!(&records[4], LogRecord::Line { seq: 10, stream, .. } if stream == "stderr"));
 }
 
+/// Query values are percent-decoded by the framework (`%32` is `2`, `%66alse`
+/// is `false`), and a bad value is refused with its key.
+#[tokio::test]
+async fn query_values_are_percent_decoded() {
+    let served = serve().await;
+    let encoded = collect_lines(&served.client, "/v1/services/api/logs?tail=%32").await;
+    let plain = collect_lines(&served.client, "/v1/services/api/logs?tail=2").await;
+    assert_eq!(encoded, plain);
+    assert_eq!(encoded.len(), 2);
+    served
+        .fake
+        .events
+        .emit(Some("api"), EventKind::Started { pid: 9 });
+    // Without the decoding this would follow forever.
+    let events = collect_lines(&served.client, "/v1/events?follow=%66alse").await;
+    assert!(events.iter().any(|l| l.starts_with("id")), "{events:?}");
+    let (status, code, message) = api_error(
+        served
+            .client
+            .json::<serde_json::Value>(Method::GET, "/v1/services/api/logs?follow=%6Eo")
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (400, "bad_query"));
+    assert!(
+        message.contains("follow") && message.contains("\"no\""),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn events_come_as_server_sent_events() {
     let served = serve().await;
