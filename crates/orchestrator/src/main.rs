@@ -7,6 +7,8 @@ mod console;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -366,36 +368,62 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
             events,
             Some(ready_tx),
         );
-        let serve = async move {
-            let Ok(handles) = ready.await else { return };
-            let control = DaemonControl {
-                supervisor: handles.supervisor,
-                events: handles.events,
-                daemon: events_tx,
-            };
-            let unix = axum::serve(OwnerOnly::new(listener), router(control.clone()));
-            tokio::spawn(async move {
-                if let Err(error) = unix.await {
-                    tracing::error!("control socket server failed: {error}");
-                }
-            });
-            tracing::info!(socket = %socket_shown, "control API listening");
-            if let Some((listener, addr, token)) = tcp {
-                let app = tcp_router(control, addr, token);
-                tokio::spawn(async move {
-                    if let Err(error) = axum::serve(listener, app).await {
-                        tracing::error!("HTTP API server failed: {error}");
+        // Cancelled once the daemon is done: the listeners stop accepting
+        // and every follow stream ends cleanly, so a `logs -f` sees the end
+        // of its stream rather than a cut connection.
+        let closing = CancellationToken::new();
+        let servers = TaskTracker::new();
+        let serve = {
+            let closing = closing.clone();
+            let servers = servers.clone();
+            async move {
+                let Ok(handles) = ready.await else { return };
+                let control = DaemonControl {
+                    supervisor: handles.supervisor,
+                    events: handles.events,
+                    daemon: events_tx,
+                    closing: closing.clone(),
+                };
+                let unix = axum::serve(OwnerOnly::new(listener), router(control.clone()))
+                    .with_graceful_shutdown(closing.clone().cancelled_owned());
+                servers.spawn(async move {
+                    if let Err(error) = unix.await {
+                        tracing::error!("control socket server failed: {error}");
                     }
                 });
-                tracing::info!(%addr, "HTTP API listening");
+                tracing::info!(socket = %socket_shown, "control API listening");
+                if let Some((listener, addr, token)) = tcp {
+                    let app = tcp_router(control, addr, token);
+                    let tcp = axum::serve(listener, app)
+                        .with_graceful_shutdown(closing.cancelled_owned());
+                    servers.spawn(async move {
+                        if let Err(error) = tcp.await {
+                            tracing::error!("HTTP API server failed: {error}");
+                        }
+                    });
+                    tracing::info!(%addr, "HTTP API listening");
+                }
             }
         };
         let (result, ()) = tokio::join!(daemon, serve);
+        closing.cancel();
+        servers.close();
+        // Answers in flight get a moment to finish; a client that stopped
+        // reading does not hold the exit up.
+        if tokio::time::timeout(SERVER_DRAIN, servers.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!("API connections still open at exit; closing them");
+        }
         let _ = std::fs::remove_file(&socket);
         result?;
         Ok(())
     })
 }
+
+/// How long the API servers may take to finish their answers at exit.
+const SERVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;

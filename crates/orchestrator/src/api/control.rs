@@ -11,6 +11,7 @@ use orchestrator_core::service::ServiceError;
 use orchestrator_core::supervisor::{SupervisorError, SupervisorHandle};
 use orchestrator_core::wire::ServiceInfo;
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -72,6 +73,9 @@ pub trait Control: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<FollowedLogs, ControlError>> + Send;
     fn events(&self) -> FollowedEvents;
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
+    /// Cancelled once the daemon has stopped every service and is about to
+    /// exit: follow streams end cleanly then, instead of being cut.
+    fn closing(&self) -> CancellationToken;
 }
 
 /// The real daemon behind the API.
@@ -80,6 +84,7 @@ pub struct DaemonControl {
     pub supervisor: SupervisorHandle,
     pub events: EventBus,
     pub daemon: mpsc::Sender<DaemonEvent>,
+    pub closing: CancellationToken,
 }
 
 impl Control for DaemonControl {
@@ -113,5 +118,9 @@ impl Control for DaemonControl {
 
     async fn shutdown(&self) {
         let _ = self.daemon.send(DaemonEvent::Shutdown).await;
+    }
+
+    fn closing(&self) -> CancellationToken {
+        self.closing.clone()
     }
 }

@@ -274,7 +274,10 @@ async fn logs<C: Control>(
     let head = stream::once(async move { Ok::<_, Infallible>(Bytes::from(body)) });
     (
         headers,
-        Body::from_stream(head.chain(follow_blocks(receiver, next_seq))),
+        Body::from_stream(
+            head.chain(follow_blocks(receiver, next_seq))
+                .take_until(control.closing().cancelled_owned()),
+        ),
     )
         .into_response()
 }
@@ -346,6 +349,7 @@ async fn events<C: Control>(
         };
         Some((Ok(item), receiver))
     });
+    let live = live.take_until(control.closing().cancelled_owned());
     Sse::new(history.chain(live)).into_response()
 }
 

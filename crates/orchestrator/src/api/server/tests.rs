@@ -22,6 +22,7 @@ struct FakeControl {
     shutdowns: Arc<Mutex<u32>>,
     events: EventBus,
     logs: broadcast::Sender<LogBlock>,
+    closing: tokio_util::sync::CancellationToken,
 }
 
 fn info(name: &str, state: &str) -> ServiceInfo {
@@ -89,6 +90,10 @@ impl Control for FakeControl {
         self.events.subscribe()
     }
 
+    fn closing(&self) -> tokio_util::sync::CancellationToken {
+        self.closing.clone()
+    }
+
     async fn shutdown(&self) {
         *self.shutdowns.lock().unwrap() += 1;
     }
@@ -119,6 +124,7 @@ async fn serve() -> Served {
         shutdowns: Arc::default(),
         events: EventBus::in_memory(),
         logs: broadcast::channel(4).0,
+        closing: tokio_util::sync::CancellationToken::new(),
     };
     let listener = bind_unix(&socket).await.unwrap();
     let app = router(fake.clone());
@@ -302,6 +308,30 @@ async fn logs_tail_is_ndjson() {
             },
         ]
     );
+}
+
+/// When the daemon closes, followers get the end of their stream (a clean
+/// end, read as success), not a cut connection.
+#[tokio::test]
+async fn follow_streams_end_cleanly_when_the_daemon_closes() {
+    let served = serve().await;
+    let follow = |path: &'static str| {
+        let client = Client::new(served.client.socket());
+        tokio::spawn(async move { client.lines(path, |_| Ok(())).await })
+    };
+    let logs = follow("/v1/services/api/logs?follow=true");
+    let events = follow("/v1/events");
+    while served.fake.logs.receiver_count() == 0 {
+        tokio::task::yield_now().await;
+    }
+    served.fake.closing.cancel();
+    for (what, task) in [("logs", logs), ("events", events)] {
+        let ended = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap_or_else(|_| panic!("the {what} stream did not end"));
+        let result = ended.unwrap();
+        assert!(result.is_ok(), "{what}: {result:?}");
+    }
 }
 
 #[tokio::test]
