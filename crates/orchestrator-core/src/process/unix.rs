@@ -17,8 +17,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{AccessFlags, Pid, access, pipe2};
+use rustix::process::{PidfdFlags, WaitId, WaitIdOptions, WaitOptions};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -53,10 +53,9 @@ impl Spawner for UnixSpawner {
         // A pidfd tells us the leader exited while it is still a zombie, so
         // its group id is still certainly ours to signal. Kernels before 5.3
         // have none: then the exit is polled for (see `wait`).
-        let exited = i32::try_from(pid)
+        let exited = rustix_pid(pid)
             .ok()
-            .and_then(rustix::process::Pid::from_raw)
-            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+            .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok())
             .and_then(watch_pidfd);
         Ok(Box::new(UnixChild {
             pid,
@@ -167,12 +166,10 @@ pub fn reap_orphans() -> usize {
         if own.contains(&pid) {
             continue;
         }
-        let Ok(raw) = i32::try_from(pid) else {
+        let Ok(pid) = rustix_pid(pid) else {
             continue;
         };
-        if let Ok(status) = waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG))
-            && status != WaitStatus::StillAlive
-        {
+        if let Ok(Some(_)) = rustix::process::waitpid(Some(pid), WaitOptions::NOHANG) {
             reaped += 1;
         }
     }
@@ -203,11 +200,7 @@ pub struct ExitWatch(AsyncFd<OwnedFd>);
 impl ExitWatch {
     /// Pins `pid` now: a pid recycled later is not confused with it.
     pub fn new(pid: u32) -> io::Result<ExitWatch> {
-        let raw = i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-            .ok_or_else(|| io::Error::other(format!("invalid pid {pid}")))?;
-        let fd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())?;
+        let fd = rustix::process::pidfd_open(rustix_pid(pid)?, PidfdFlags::empty())?;
         watch_pidfd(fd)
             .map(ExitWatch)
             .ok_or_else(|| io::Error::other("cannot watch a pidfd"))
@@ -231,24 +224,23 @@ const EXIT_POLL_WITHOUT_PIDFD: std::time::Duration = std::time::Duration::from_m
 
 /// Whether our child `pid` has exited, without reaping it.
 fn has_exited(pid: u32) -> io::Result<bool> {
-    let raw = i32::try_from(pid).map_err(io::Error::other)?;
-    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-    match waitid(Id::Pid(Pid::from_raw(raw)), flags) {
-        Ok(WaitStatus::StillAlive) => Ok(false),
-        Ok(_) => Ok(true),
-        Err(errno) => Err(io::Error::from(errno)),
-    }
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    Ok(rustix::process::waitid(WaitId::Pid(rustix_pid(pid)?), options)?.is_some())
 }
 
-/// Reap our exited child `pid`; `None` while it still runs. Through rustix
-/// for the raw status: nix's wait functions fail on a death by a real-time
-/// signal, which has no `Signal` variant.
-fn reap(pid: u32) -> io::Result<Option<ExitReason>> {
-    let raw = i32::try_from(pid)
+/// A pid for rustix. The wait functions are all rustix's: nix's fail on a
+/// death by a real-time signal (it has no `Signal` for one), even when the
+/// call itself reaped the child.
+fn rustix_pid(pid: u32) -> io::Result<rustix::process::Pid> {
+    i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
-        .ok_or_else(|| io::Error::other(format!("invalid pid {pid}")))?;
-    let reaped = rustix::process::waitpid(Some(raw), rustix::process::WaitOptions::NOHANG)?;
+        .ok_or_else(|| io::Error::other(format!("invalid pid {pid}")))
+}
+
+/// Reap our exited child `pid`; `None` while it still runs.
+fn reap(pid: u32) -> io::Result<Option<ExitReason>> {
+    let reaped = rustix::process::waitpid(Some(rustix_pid(pid)?), WaitOptions::NOHANG)?;
     // Without WUNTRACED or WCONTINUED, a status is an exit or a death.
     Ok(reaped.map(|(_, status)| {
         let status = status.as_raw();
