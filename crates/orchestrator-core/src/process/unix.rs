@@ -311,3 +311,46 @@ impl ChildProcess for UnixChild {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn file(dir: &Path, name: &str, mode: u32) {
+        let path = dir.join(name);
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_bare_name_is_found_in_the_services_own_path() {
+        let root = std::env::temp_dir().join(format!("orchestrator-path-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (first, second, cwd) = (root.join("first"), root.join("second"), root.join("cwd"));
+        for dir in [&first, &second, &cwd.join("rel")] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        file(&first, "tool", 0o644);
+        file(&second, "tool", 0o755);
+        file(&first, "locked", 0o644);
+        file(&cwd.join("rel"), "local", 0o755);
+        std::fs::create_dir(second.join("dir")).unwrap();
+        let path = format!("{}:rel:{}", first.display(), second.display());
+        let env = [("PATH".to_owned(), path)];
+        let resolve = |program: &str| resolve_program(Path::new(program), &env, &cwd);
+
+        // Past a file that cannot be executed, as execvp goes on.
+        assert_eq!(resolve("tool").unwrap(), second.join("tool"));
+        // A relative entry counts from the service's directory.
+        assert_eq!(resolve("local").unwrap(), cwd.join("rel").join("local"));
+        let errno = |program| resolve(program).unwrap_err().raw_os_error();
+        assert_eq!(errno("locked"), Some(libc::EACCES));
+        assert_eq!(errno("missing"), Some(libc::ENOENT));
+        assert_eq!(errno("dir"), Some(libc::ENOENT));
+        // A name with a slash is not looked up.
+        assert_eq!(resolve("./tool").unwrap(), Path::new("./tool"));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
