@@ -18,7 +18,6 @@ use orchestrator_core::discovery::discover;
 use orchestrator_core::plan::{HostEnv, binary_of};
 use orchestrator_core::process::{
     UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
-    reset_signal_dispositions,
 };
 use orchestrator_core::state::DaemonLock;
 use tokio::signal::unix::{SignalKind, signal};
@@ -319,10 +318,10 @@ fn init_tracing(config: &Config) {
 }
 
 fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
-    init_tracing(&config);
-    // Whatever our parent leaked to us must not reach the services.
+    // Whatever our parent leaked to us must not reach the services. First,
+    // while this is the only thread (the console's starts next).
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
-    reset_signal_dispositions();
+    init_tracing(&config);
     raise_fd_limit();
     if let Err(error) = become_subreaper() {
         tracing::warn!("cannot become the subreaper of the services' orphans: {error}");

@@ -136,9 +136,10 @@ pub trait Spawner: Send + Sync {
 
 /// Mark every descriptor above stderr close-on-exec, so nothing the daemon
 /// inherited from its own parent leaks into the services. Descriptors the
-/// daemon opens itself are close-on-exec already (Rust and tokio open them so).
+/// daemon opens itself are close-on-exec already (Rust and tokio open them
+/// so). The daemon calls it while it is still its only thread: it marks
+/// whatever holds a listed number by the time it gets there.
 pub fn mark_inherited_fds_cloexec() -> io::Result<()> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     let mut fds = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let name = entry?.file_name();
@@ -149,32 +150,13 @@ pub fn mark_inherited_fds_cloexec() -> io::Result<()> {
         }
     }
     for fd in fds {
-        // SAFETY: the descriptor is only borrowed for this one fcntl call,
-        // which sets a flag and cannot invalidate it; one that closed since
-        // the listing (the read_dir handle itself) makes the call fail with
-        // EBADF, which is ignored. This runs before any other thread exists.
-        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let _ = fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+        // SAFETY: fcntl(F_SETFD) on a bare number touches no memory of
+        // ours. The number may not be what was listed: read_dir's own
+        // descriptor is closed by now (EBADF, ignored; and why this is not
+        // a BorrowedFd, which must stay open), and had another thread run,
+        // it could hold a reused number for a descriptor of its own, which
+        // has the flag already (see above): setting it again changes nothing.
+        let _ = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     Ok(())
-}
-
-/// Give every signal its default disposition again. Ignored signals survive
-/// exec, so a daemon started under `nohup` or from a script that ignores
-/// SIGQUIT would pass that on to every service; the spawner avoids a
-/// `pre_exec` hook (it keeps posix_spawn), so this is done once, at start,
-/// in the daemon itself. SIGPIPE stays ignored here (the Rust runtime wants
-/// it so, and the standard library resets it in children); SIGKILL and
-/// SIGSTOP cannot be changed.
-pub fn reset_signal_dispositions() {
-    use nix::sys::signal::{SigHandler, signal};
-    for sig in Signal::iterator() {
-        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGPIPE) {
-            continue;
-        }
-        // SAFETY: SIG_DFL installs no handler of ours, so none of the
-        // async-signal-safety rules for handlers apply; this runs before the
-        // runtime and its signal handlers exist.
-        let _ = unsafe { signal(sig, SigHandler::SigDfl) };
-    }
 }

@@ -1,18 +1,24 @@
 //! The real spawner: a clean environment, a process group of its own, and
-//! the exit watched through a pidfd. `std::process` rather than
-//! `tokio::process`: tokio would hold a second pidfd per child, and every
-//! descriptor the daemon holds is copied (and closed again) by every spawn.
+//! the exit watched through a pidfd. Not `tokio::process`: tokio would hold
+//! a second pidfd per child, and every descriptor the daemon holds is copied
+//! (and closed again) by every spawn. Not `std::process` either: it leaves
+//! signals ignored in the child (see `posix_spawn`).
+
+mod posix_spawn;
 
 use std::collections::BTreeSet;
+use std::ffi::CString;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::Stdio;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
-use nix::unistd::Pid;
+use nix::unistd::{AccessFlags, Pid, access, pipe2};
+use rustix::process::{PidfdFlags, WaitId, WaitIdOptions, WaitOptions};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -23,53 +29,116 @@ pub struct UnixSpawner;
 
 impl Spawner for UnixSpawner {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
-        let mut command = std::process::Command::new(&spec.program);
-        command
-            .args(&spec.args)
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&spec.cwd)
-            // Its own group, so a stop reaches every process it forked.
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // No pre_exec hook: without one the standard library may use
-        // posix_spawn (vfork-like), which is much cheaper than fork for a big
-        // daemon starting many services. It already resets the signal mask
-        // and SIGPIPE's disposition in the child.
+        let exec_error = |source| SpawnError::Exec {
+            program: spec.program.clone(),
+            source,
+        };
+        let launch = Launch::new(spec).map_err(exec_error)?;
+        let (stdout, stdout_child) = pipe2(OFlag::O_CLOEXEC).map_err(|e| exec_error(e.into()))?;
+        let (stderr, stderr_child) = pipe2(OFlag::O_CLOEXEC).map_err(|e| exec_error(e.into()))?;
+        // posix_spawn, not fork: a big daemon starting many services would
+        // pay for copying its page tables each time. Steps that must run in
+        // the child between fork and exec (limits, a cgroup, another user)
+        // need a fork+exec path of their own, started from the same `Launch`.
         // Spawned and registered under one lock, so the orphan reaper can
         // never mistake a service that died at once for an orphan.
         let mut own = own_children();
-        let mut child = command.spawn().map_err(|source| SpawnError::Exec {
-            program: spec.program.clone(),
-            source,
-        })?;
-        let pid = child.id();
+        let pid = posix_spawn::spawn(&launch, stdout_child.as_fd(), stderr_child.as_fd())
+            .map_err(exec_error)?;
+        let pid = u32::try_from(pid).expect("posix_spawn returns a positive pid");
         own.insert(pid);
         drop(own);
-        let output = match (child.stdout.take(), child.stderr.take()) {
-            (Some(stdout), Some(stderr)) => Some(ChildOutput {
-                stdout: OwnedFd::from(stdout),
-                stderr: OwnedFd::from(stderr),
-            }),
-            _ => None,
-        };
+        // Only the child writes: its exit must close the pipes.
+        drop((stdout_child, stderr_child));
         // A pidfd tells us the leader exited while it is still a zombie, so
         // its group id is still certainly ours to signal. Kernels before 5.3
         // have none: then the exit is polled for (see `wait`).
-        let exited = i32::try_from(pid)
+        let exited = rustix_pid(pid)
             .ok()
-            .and_then(rustix::process::Pid::from_raw)
-            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())
+            .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok())
             .and_then(watch_pidfd);
         Ok(Box::new(UnixChild {
-            child,
             pid,
-            output,
+            output: Some(ChildOutput { stdout, stderr }),
             exited,
         }))
     }
+}
+
+/// A `SpawnSpec` as the C calls take it, prepared before the spawn lock is
+/// taken.
+struct Launch {
+    /// The file to execute: `program` itself, or where the service's PATH
+    /// finds it.
+    path: CString,
+    /// `program` as given, then the arguments.
+    argv: Vec<CString>,
+    /// `NAME=value`, exactly the spec's environment.
+    envp: Vec<CString>,
+    cwd: CString,
+}
+
+impl Launch {
+    fn new(spec: &SpawnSpec) -> io::Result<Launch> {
+        let path = resolve_program(&spec.program, &spec.env, &spec.cwd)?;
+        let argv = std::iter::once(spec.program.as_os_str().as_bytes())
+            .chain(spec.args.iter().map(|arg| arg.as_bytes()))
+            .map(c_string)
+            .collect::<io::Result<_>>()?;
+        let envp = spec
+            .env
+            .iter()
+            .map(|(name, value)| c_string(format!("{name}={value}").as_bytes()))
+            .collect::<io::Result<_>>()?;
+        Ok(Launch {
+            path: c_string(path.as_os_str().as_bytes())?,
+            argv,
+            envp,
+            cwd: c_string(spec.cwd.as_os_str().as_bytes())?,
+        })
+    }
+}
+
+fn c_string(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{:?} holds a NUL byte", String::from_utf8_lossy(bytes)),
+        )
+    })
+}
+
+/// Where execvp in the child would find `program`: a name without a slash
+/// is looked up in the service's own PATH (not the daemon's, which glibc's
+/// posix_spawnp would use), relative entries from the service's directory.
+fn resolve_program(program: &Path, env: &[(String, String)], cwd: &Path) -> io::Result<PathBuf> {
+    if program.as_os_str().as_bytes().contains(&b'/') {
+        return Ok(program.to_owned());
+    }
+    let search = env
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "PATH")
+        // glibc's execvp default when there is no PATH.
+        .map_or("/bin:/usr/bin", |(_, value)| value.as_str());
+    let mut denied = false;
+    for dir in search.split(':') {
+        // An empty entry is the current directory.
+        let candidate = cwd.join(dir).join(program);
+        match access(&candidate, AccessFlags::X_OK) {
+            Ok(()) if candidate.is_file() => return Ok(candidate),
+            Ok(()) => {}
+            // As execvp: a file found but not executable is reported if
+            // nothing better turns up later in the PATH.
+            Err(Errno::EACCES) => denied = true,
+            Err(_) => {}
+        }
+    }
+    Err(io::Error::from_raw_os_error(if denied {
+        libc::EACCES
+    } else {
+        libc::ENOENT
+    }))
 }
 
 /// Service leaders spawned here and not yet reaped by their actor: the
@@ -97,12 +166,10 @@ pub fn reap_orphans() -> usize {
         if own.contains(&pid) {
             continue;
         }
-        let Ok(raw) = i32::try_from(pid) else {
+        let Ok(pid) = rustix_pid(pid) else {
             continue;
         };
-        if let Ok(status) = waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG))
-            && status != WaitStatus::StillAlive
-        {
+        if let Ok(Some(_)) = rustix::process::waitpid(Some(pid), WaitOptions::NOHANG) {
             reaped += 1;
         }
     }
@@ -133,11 +200,7 @@ pub struct ExitWatch(AsyncFd<OwnedFd>);
 impl ExitWatch {
     /// Pins `pid` now: a pid recycled later is not confused with it.
     pub fn new(pid: u32) -> io::Result<ExitWatch> {
-        let raw = i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-            .ok_or_else(|| io::Error::other(format!("invalid pid {pid}")))?;
-        let fd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())?;
+        let fd = rustix::process::pidfd_open(rustix_pid(pid)?, PidfdFlags::empty())?;
         watch_pidfd(fd)
             .map(ExitWatch)
             .ok_or_else(|| io::Error::other("cannot watch a pidfd"))
@@ -161,17 +224,38 @@ const EXIT_POLL_WITHOUT_PIDFD: std::time::Duration = std::time::Duration::from_m
 
 /// Whether our child `pid` has exited, without reaping it.
 fn has_exited(pid: u32) -> io::Result<bool> {
-    let raw = i32::try_from(pid).map_err(io::Error::other)?;
-    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-    match waitid(Id::Pid(Pid::from_raw(raw)), flags) {
-        Ok(WaitStatus::StillAlive) => Ok(false),
-        Ok(_) => Ok(true),
-        Err(errno) => Err(io::Error::from(errno)),
-    }
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    Ok(rustix::process::waitid(WaitId::Pid(rustix_pid(pid)?), options)?.is_some())
+}
+
+/// A pid for rustix. The wait functions are all rustix's: nix's fail on a
+/// death by a real-time signal (it has no `Signal` for one), even when the
+/// call itself reaped the child.
+fn rustix_pid(pid: u32) -> io::Result<rustix::process::Pid> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| io::Error::other(format!("invalid pid {pid}")))
+}
+
+/// Reap our exited child `pid`; `None` while it still runs.
+fn reap(pid: u32) -> io::Result<Option<ExitReason>> {
+    let reaped = rustix::process::waitpid(Some(rustix_pid(pid)?), WaitOptions::NOHANG)?;
+    // Without WUNTRACED or WCONTINUED, a status is an exit or a death.
+    Ok(reaped.map(|(_, status)| {
+        let status = status.as_raw();
+        if libc::WIFSIGNALED(status) {
+            ExitReason::Signaled {
+                signal: libc::WTERMSIG(status),
+                core_dumped: libc::WCOREDUMP(status),
+            }
+        } else {
+            ExitReason::Exited(libc::WEXITSTATUS(status))
+        }
+    }))
 }
 
 struct UnixChild {
-    child: std::process::Child,
     pid: u32,
     output: Option<ChildOutput>,
     /// Readable once the leader has exited (before it is reaped).
@@ -204,15 +288,9 @@ impl ChildProcess for UnixChild {
                 // dies with it while the group id is certainly ours, so two
                 // generations never run side by side and the pipes close.
                 let _ = self.signal_group(Signal::SIGKILL);
-                if let Some(status) = self.child.try_wait()? {
+                if let Some(reason) = reap(self.pid)? {
                     own_children().remove(&self.pid);
-                    return Ok(match status.signal() {
-                        Some(signal) => ExitReason::Signaled {
-                            signal,
-                            core_dumped: status.core_dumped(),
-                        },
-                        None => ExitReason::Exited(status.code().unwrap_or(-1)),
-                    });
+                    return Ok(reason);
                 }
                 // Readable yet not reapable should not happen; never spin.
                 tokio::time::sleep(EXIT_POLL_WITHOUT_PIDFD).await;
@@ -228,8 +306,51 @@ impl ChildProcess for UnixChild {
         match killpg(Pid::from_raw(pgid), signal) {
             Ok(()) => Ok(()),
             // Nobody left in the group: the goal of any signal we send is met.
-            Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(Errno::ESRCH) => Ok(()),
             Err(errno) => Err(io::Error::from(errno)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn file(dir: &Path, name: &str, mode: u32) {
+        let path = dir.join(name);
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_bare_name_is_found_in_the_services_own_path() {
+        let root = std::env::temp_dir().join(format!("orchestrator-path-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (first, second, cwd) = (root.join("first"), root.join("second"), root.join("cwd"));
+        for dir in [&first, &second, &cwd.join("rel")] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        file(&first, "tool", 0o644);
+        file(&second, "tool", 0o755);
+        file(&first, "locked", 0o644);
+        file(&cwd.join("rel"), "local", 0o755);
+        std::fs::create_dir(second.join("dir")).unwrap();
+        let path = format!("{}:rel:{}", first.display(), second.display());
+        let env = [("PATH".to_owned(), path)];
+        let resolve = |program: &str| resolve_program(Path::new(program), &env, &cwd);
+
+        // Past a file that cannot be executed, as execvp goes on.
+        assert_eq!(resolve("tool").unwrap(), second.join("tool"));
+        // A relative entry counts from the service's directory.
+        assert_eq!(resolve("local").unwrap(), cwd.join("rel").join("local"));
+        let errno = |program| resolve(program).unwrap_err().raw_os_error();
+        assert_eq!(errno("locked"), Some(libc::EACCES));
+        assert_eq!(errno("missing"), Some(libc::ENOENT));
+        assert_eq!(errno("dir"), Some(libc::ENOENT));
+        // A name with a slash is not looked up.
+        assert_eq!(resolve("./tool").unwrap(), Path::new("./tool"));
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
