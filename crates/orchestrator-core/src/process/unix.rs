@@ -61,6 +61,7 @@ impl Spawner for UnixSpawner {
             pid,
             output: Some(ChildOutput { stdout, stderr }),
             exited,
+            reaped: false,
         }))
     }
 }
@@ -260,6 +261,23 @@ struct UnixChild {
     output: Option<ChildOutput>,
     /// Readable once the leader has exited (before it is reaped).
     exited: Option<AsyncFd<OwnedFd>>,
+    reaped: bool,
+}
+
+/// A child dropped unreaped (its actor panicked, or the daemon is leaving
+/// on an error path) would run on unsupervised. While it is unreaped its
+/// group id is still ours, so the group is killed, and the leader is handed
+/// to the orphan reaper, which reaps it on the SIGCHLD that follows.
+impl Drop for UnixChild {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        // Out of the registry first: the SIGCHLD of the kill must find it
+        // an orphan.
+        own_children().remove(&self.pid);
+        let _ = self.signal_group(Signal::SIGKILL);
+    }
 }
 
 impl ChildProcess for UnixChild {
@@ -289,6 +307,7 @@ impl ChildProcess for UnixChild {
                 // generations never run side by side and the pipes close.
                 let _ = self.signal_group(Signal::SIGKILL);
                 if let Some(reason) = reap(self.pid)? {
+                    self.reaped = true;
                     own_children().remove(&self.pid);
                     return Ok(reason);
                 }
@@ -352,5 +371,34 @@ mod tests {
         // A name with a slash is not looked up.
         assert_eq!(resolve("./tool").unwrap(), Path::new("./tool"));
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A child dropped unreaped (an actor that panicked) is killed with its
+    /// group and reaped as an orphan: nothing runs on unsupervised.
+    #[tokio::test]
+    async fn a_child_dropped_unreaped_is_killed_and_reaped_as_an_orphan() {
+        let dir = std::env::temp_dir().join(format!("orchestrator-drop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = SpawnSpec {
+            service: "dropped".to_owned(),
+            program: "/bin/sleep".into(),
+            args: vec!["60".to_owned()],
+            env: vec![],
+            cwd: dir.clone(),
+        };
+        let child = UnixSpawner.spawn(&spec).expect("spawn /bin/sleep");
+        let pid = child.pid();
+        drop(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        // Gone entirely: killed, then reaped (as the SIGCHLD handler would).
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} still exists after its handle was dropped"
+            );
+            reap_orphans();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
