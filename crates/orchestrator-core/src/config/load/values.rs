@@ -413,6 +413,20 @@ mod tests {
     use super::*;
     use crate::config::load::test_support::*;
 
+    /// Each (file text, key, part of the message) yields exactly that one problem.
+    fn each_is_one_problem(cases: &[(&str, &str, &str)]) {
+        for &(text, key, expected) in cases {
+            let found = problems(text);
+            assert_eq!(found.len(), 1, "{text}: {found:#?}");
+            assert_eq!(found[0].key, key, "{text}");
+            assert!(
+                found[0].message.contains(expected),
+                "{text}: {}",
+                found[0].message
+            );
+        }
+    }
+
     #[test]
     fn signal_names() {
         for (text, signal) in [
@@ -605,16 +619,7 @@ mod tests {
                 "write seconds as an integer or a string like \"1.5s\"",
             ),
         ];
-        for &(text, key, expected) in cases {
-            let found = problems(text);
-            assert_eq!(found.len(), 1, "{text}: {found:#?}");
-            assert_eq!(found[0].key, key, "{text}");
-            assert!(
-                found[0].message.contains(expected),
-                "{text}: {}",
-                found[0].message
-            );
-        }
+        each_is_one_problem(cases);
     }
 
     #[test]
@@ -716,15 +721,6 @@ mod tests {
                 "NUL",
             ),
         ];
-        for &(text, key, expected) in cases {
-            let found = problems(text);
-            assert_eq!(found.len(), 1, "{text}: {found:#?}");
-            assert_eq!(found[0].key, key, "{text}");
-            assert!(
-                found[0].message.contains(expected),
-                "{text}: {}",
-                found[0].message
-            );
-        }
+        each_is_one_problem(cases);
     }
 }
