@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -37,12 +37,87 @@ const POLL: Duration = Duration::from_millis(10);
 // ---------------------------------------------------------------------------
 // Binaries
 
-/// `target/debug/NAME` (or the profile in use), next to the `deps/` folder
-/// that holds the running test executable.
-fn sibling_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable has a path");
-    let profile_dir = exe
+/// The fixture service (`src/bin/fixture-service.rs`).
+pub fn fixture_bin() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| bin_of("orchestrator-e2e", "fixture-service"))
+        .clone()
+}
+
+/// The `orchestrator` binary.
+pub fn orchestrator_bin() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| bin_of("orchestrator", "orchestrator"))
+        .clone()
+}
+
+/// Binary `name` of workspace package `package`, up to date.
+///
+/// Cargo builds, and names in `CARGO_BIN_EXE_<name>`, only the binaries of
+/// the package under test: `cargo test -p orchestrator` on a fresh target
+/// has no fixture, and one left by an earlier build may be stale. Otherwise
+/// the binary is built here, once per test executable (the callers hold it
+/// in a `OnceLock`), by the cargo that runs the tests, into the target
+/// directory and profile of the running test executable. Cargo's own lock
+/// on that directory serialises test executables that build at once, and
+/// when the binary is up to date the build is a check of a fraction of a
+/// second.
+fn bin_of(package: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
+        return PathBuf::from(path);
+    }
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir
         .parent()
+        .expect("the profile directory lies in the target directory");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => panic!("no profile in {}", profile_dir.display()),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(&cargo);
+    command
+        .arg("build")
+        .arg("--manifest-path")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir)
+        .args(["--profile", profile])
+        // Both packages, as `cargo test -p orchestrator` resolves them
+        // (the e2e crate is its dev-dependency): the same features, so
+        // the dependencies already built for the tests are reused.
+        .args([
+            "-p",
+            "orchestrator",
+            "-p",
+            "orchestrator-e2e",
+            "--bin",
+            name,
+        ])
+        .stdin(Stdio::null());
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} to build {name}: {e}", cargo.display()));
+    assert!(
+        output.status.success(),
+        "`{command:?}` failed to build {name} of {package}:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing after its build",
+        bin.display()
+    );
+    bin
+}
+
+/// `target/PROFILE`: the `deps/` folder in it holds the running test
+/// executable.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    exe.parent()
         .and_then(|deps| {
             if deps.ends_with("deps") {
                 deps.parent()
@@ -50,24 +125,8 @@ fn sibling_bin(name: &str) -> PathBuf {
                 Some(deps)
             }
         })
-        .expect("the test executable lives in target/PROFILE/deps");
-    let bin = profile_dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo test --workspace`, which builds it",
-        bin.display()
-    );
-    bin
-}
-
-/// The fixture service (`src/bin/fixture-service.rs`).
-pub fn fixture_bin() -> PathBuf {
-    sibling_bin("fixture-service")
-}
-
-/// The `orchestrator` binary.
-pub fn orchestrator_bin() -> PathBuf {
-    sibling_bin("orchestrator")
+        .expect("the test executable lives in target/PROFILE/deps")
+        .to_owned()
 }
 
 // ---------------------------------------------------------------------------
