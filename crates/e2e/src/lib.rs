@@ -13,8 +13,8 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use orchestrator_core::config::{
@@ -132,27 +132,31 @@ fn profile_dir() -> PathBuf {
 // ---------------------------------------------------------------------------
 // Temporary workspaces
 
-static DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
+/// Numbers the daemons' output files within a directory.
+static FILE_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A fresh directory under the system temp dir, unique per process and per
-/// call. On drop, every process whose `HOME` lies inside it (every service
-/// started from it, and what they forked) is SIGKILLed, then it is removed.
-/// Set `ORCH_E2E_KEEP=1` to keep it for a post-mortem.
+/// A fresh directory under the system temp dir. On drop, every process
+/// whose `HOME` lies inside it (every service started from it, and what
+/// they forked) is SIGKILLed, then it is removed. Set `ORCH_E2E_KEEP=1` to
+/// keep it for a post-mortem.
 #[derive(Debug)]
 pub struct TestDir {
+    /// Canonical, so paths the children report (getcwd) compare equal.
     path: PathBuf,
+    // Declared after `path` and dropped after `TestDir::drop` has run: the
+    // directory goes once nothing runs in it any more.
+    _dir: tempfile::TempDir,
 }
 
 impl TestDir {
     pub fn new(label: &str) -> TestDir {
-        let n = DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("orch-e2e-{label}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("create the test directory");
-        // Canonical, so paths the children report (getcwd) compare equal.
-        let path = fs::canonicalize(&path).expect("canonicalize the test directory");
-        TestDir { path }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("orch-e2e-{label}-"))
+            .disable_cleanup(std::env::var_os("ORCH_E2E_KEEP").is_some())
+            .tempdir()
+            .expect("create the test directory");
+        let path = fs::canonicalize(dir.path()).expect("canonicalize the test directory");
+        TestDir { path, _dir: dir }
     }
 
     pub fn path(&self) -> &Path {
@@ -216,9 +220,6 @@ impl TestDir {
 impl Drop for TestDir {
     fn drop(&mut self) {
         kill_processes_with_home_under(&self.path);
-        if std::env::var_os("ORCH_E2E_KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.path);
-        }
     }
 }
 
@@ -734,7 +735,7 @@ impl Daemon {
     }
 
     fn spawn(cwd: &Path, mut command: Command, adjust: impl FnOnce(&mut Command)) -> Daemon {
-        let n = DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let n = FILE_COUNTER.fetch_add(1, Ordering::Relaxed);
         let stdout = cwd.join(format!("daemon-{n}.stdout"));
         let stderr = cwd.join(format!("daemon-{n}.stderr"));
         command
