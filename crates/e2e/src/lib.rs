@@ -515,16 +515,6 @@ pub fn session_id(pid: u32) -> Option<u32> {
     stat_field(pid, 6).and_then(|s| u32::try_from(s).ok())
 }
 
-/// CPU time the process has used, user and system, its children not
-/// included (stat fields 14 and 15).
-pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let ticks = stat_field(pid, 14)? + stat_field(pid, 15)?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let per_second = u64::try_from(per_second).ok().filter(|&t| t > 0)?;
-    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
-}
-
 /// A `KEY: N kB` line of `/proc/PID/status` (`VmRSS`, `VmHWM`...), in KiB.
 pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
