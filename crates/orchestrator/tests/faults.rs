@@ -257,7 +257,8 @@ fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
     }
     let took = began.elapsed();
     // The SIGTERM-ignoring leftover costs its 1 s stop_timeout.
-    assert!(took < Duration::from_secs(10), "the restart took {took:?}");
+    // 15 s: well past that on a loaded machine, far short of a hang.
+    assert!(took < Duration::from_secs(15), "the restart took {took:?}");
     for process in &old_procs {
         assert!(
             !process.is_alive(),
@@ -968,7 +969,11 @@ fn a_stop_racing_a_crash_loop_always_wins() {
     );
     dir.write_file(CONFIG, &toml, 0o644);
     let mut daemon = run_daemon(&dir);
-    wait_until(DEADLINE, || cli(&dir, &["status"]).0 == 0);
+    assert!(
+        wait_until(DEADLINE, || cli(&dir, &["status"]).0 == 0),
+        "the daemon never answered; its log:\n{}",
+        daemon.stderr_text()
+    );
     let spawned = || read_lines(&spawns).len();
 
     for round in 0..ROUNDS {
