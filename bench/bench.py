@@ -7,6 +7,7 @@ and stopping, a shell loop for restarts, `cat` for logs).
 """
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -235,6 +236,62 @@ def bench_restart_floor(restarts):
     return gaps
 
 
+# ---- crash loops ----
+
+
+def bench_crashloops(n, seconds):
+    """n services that exit 1 at once, restarted with a 100 ms-1 s backoff
+    (the default log_level): once every one is looping, the daemon's CPU
+    over a window, the restarts it made in it, and how long `status` takes
+    meanwhile (one every 200 ms)."""
+    services = "".join(
+        f'[services.c{i:03}]\ncommand = ["{FIXTURE}", "--exit", "1"]\n'
+        'max_restarts = 1000000\nbackoff = { initial = "100ms", max = "1s" }\n'
+        for i in range(n)
+    )
+    dir = workspace(services, 'shutdown_timeout = "10s"\n')
+    config = os.path.join(dir, "orchestrator.toml")
+    daemon = run_daemon(dir)
+
+    def restarts():
+        out = subprocess.run(
+            [ORCH, "-c", config, "status", "--json"],
+            capture_output=True, cwd=dir, timeout=30,
+        )
+        if out.returncode != 0:
+            return None
+        services = json.loads(out.stdout)
+        counts = [s["restarts"] for s in services]
+        return counts if len(counts) == n else None
+
+    try:
+        # Past the backoff's ramp (100+200+400+800 ms): each loop is at its
+        # 1 s maximum, the steady state a crash loop stays in.
+        if not wait_for(lambda: (r := restarts()) is not None and min(r) >= 5, 120, 0.2):
+            raise RuntimeError("not every service is looping")
+        before, cpu0, t0 = sum(restarts()), cpu_ticks(daemon.pid), time.monotonic()
+        latencies = []
+        while time.monotonic() - t0 < seconds:
+            asked = time.monotonic()
+            subprocess.run([ORCH, "-c", config, "status"], stdout=DEVNULL, cwd=dir, check=True, timeout=30)
+            latencies.append((time.monotonic() - asked) * 1000)
+            time.sleep(0.2)
+        cpu1, t1 = cpu_ticks(daemon.pid), time.monotonic()
+        made = sum(restarts()) - before
+        cpu_ms = (cpu1 - cpu0) * 1000 / CLK_TCK
+        return {
+            "cpu_ms_per_s": cpu_ms / (t1 - t0),
+            "restarts_per_s": made / (t1 - t0),
+            "cpu_ms_per_restart": cpu_ms / made if made else float("nan"),
+            "status_ms": statistics.median(latencies),
+            "status_max_ms": max(latencies),
+        }
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        shutil.rmtree(dir, ignore_errors=True)
+
+
 # ---- log capture ----
 
 
@@ -312,7 +369,9 @@ def main():
     parser.add_argument("--idle-seconds", type=int, default=20)
     parser.add_argument("--log-mb", type=int, default=200)
     parser.add_argument("--restarts", type=int, default=200)
-    parser.add_argument("--only", default="fleet,restart,log")
+    parser.add_argument("--crash-services", type=int, default=50)
+    parser.add_argument("--crash-seconds", type=int, default=10)
+    parser.add_argument("--only", default="fleet,restart,crashloops,log")
     args = parser.parse_args()
     only = set(args.only.split(","))
     print(f"machine: {os.cpu_count()} cores, {os.uname().release}; repeats {args.repeats}")
@@ -334,6 +393,16 @@ def main():
             gaps += bench_restart(args.restarts)
             floor += bench_restart_floor(args.restarts)
         rows.append((f"restart latency, exit → next start ({len(gaps)} restarts)", summary(gaps, "ms"), summary(floor, "ms")))
+    if "crashloops" in only:
+        runs = [bench_crashloops(args.crash_services, args.crash_seconds) for _ in range(args.repeats)]
+        n, secs = args.crash_services, args.crash_seconds
+        rows += [
+            (f"{n} crash loops, {secs} s: daemon CPU", summary([r["cpu_ms_per_s"] for r in runs], "ms/s", 1), "–"),
+            ("  restarts made by the daemon", summary([r["restarts_per_s"] for r in runs], "/s", 1), "–"),
+            ("  daemon CPU per restart", summary([r["cpu_ms_per_restart"] for r in runs], "ms", 2), "–"),
+            ("  `status` meanwhile: median", summary([r["status_ms"] for r in runs], "ms", 1), "–"),
+            ("  `status` meanwhile: slowest", summary([r["status_max_ms"] for r in runs], "ms", 1), "–"),
+        ]
     if "log" in only:
         # The machine's speed drifts between runs (page cache, writeback,
         # neighbours): each repeat measures cat and both levels back to back,

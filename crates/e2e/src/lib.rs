@@ -13,8 +13,8 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use orchestrator_core::config::{
@@ -37,12 +37,87 @@ const POLL: Duration = Duration::from_millis(10);
 // ---------------------------------------------------------------------------
 // Binaries
 
-/// `target/debug/NAME` (or the profile in use), next to the `deps/` folder
-/// that holds the running test executable.
-fn sibling_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable has a path");
-    let profile_dir = exe
+/// The fixture service (`src/bin/fixture-service.rs`).
+pub fn fixture_bin() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| bin_of("orchestrator-e2e", "fixture-service"))
+        .clone()
+}
+
+/// The `orchestrator` binary.
+pub fn orchestrator_bin() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| bin_of("orchestrator", "orchestrator"))
+        .clone()
+}
+
+/// Binary `name` of workspace package `package`, up to date.
+///
+/// Cargo builds, and names in `CARGO_BIN_EXE_<name>`, only the binaries of
+/// the package under test: `cargo test -p orchestrator` on a fresh target
+/// has no fixture, and one left by an earlier build may be stale. Otherwise
+/// the binary is built here, once per test executable (the callers hold it
+/// in a `OnceLock`), by the cargo that runs the tests, into the target
+/// directory and profile of the running test executable. Cargo's own lock
+/// on that directory serialises test executables that build at once, and
+/// when the binary is up to date the build is a check of a fraction of a
+/// second.
+fn bin_of(package: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
+        return PathBuf::from(path);
+    }
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir
         .parent()
+        .expect("the profile directory lies in the target directory");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => panic!("no profile in {}", profile_dir.display()),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(&cargo);
+    command
+        .arg("build")
+        .arg("--manifest-path")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir)
+        .args(["--profile", profile])
+        // Both packages, as `cargo test -p orchestrator` resolves them
+        // (the e2e crate is its dev-dependency): the same features, so
+        // the dependencies already built for the tests are reused.
+        .args([
+            "-p",
+            "orchestrator",
+            "-p",
+            "orchestrator-e2e",
+            "--bin",
+            name,
+        ])
+        .stdin(Stdio::null());
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} to build {name}: {e}", cargo.display()));
+    assert!(
+        output.status.success(),
+        "`{command:?}` failed to build {name} of {package}:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing after its build",
+        bin.display()
+    );
+    bin
+}
+
+/// `target/PROFILE`: the `deps/` folder in it holds the running test
+/// executable.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    exe.parent()
         .and_then(|deps| {
             if deps.ends_with("deps") {
                 deps.parent()
@@ -50,50 +125,38 @@ fn sibling_bin(name: &str) -> PathBuf {
                 Some(deps)
             }
         })
-        .expect("the test executable lives in target/PROFILE/deps");
-    let bin = profile_dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo test --workspace`, which builds it",
-        bin.display()
-    );
-    bin
-}
-
-/// The fixture service (`src/bin/fixture-service.rs`).
-pub fn fixture_bin() -> PathBuf {
-    sibling_bin("fixture-service")
-}
-
-/// The `orchestrator` binary.
-pub fn orchestrator_bin() -> PathBuf {
-    sibling_bin("orchestrator")
+        .expect("the test executable lives in target/PROFILE/deps")
+        .to_owned()
 }
 
 // ---------------------------------------------------------------------------
 // Temporary workspaces
 
-static DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
+/// Numbers the daemons' output files within a directory.
+static FILE_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A fresh directory under the system temp dir, unique per process and per
-/// call. On drop, every process whose `HOME` lies inside it (every service
-/// started from it, and what they forked) is SIGKILLed, then it is removed.
-/// Set `ORCH_E2E_KEEP=1` to keep it for a post-mortem.
+/// A fresh directory under the system temp dir. On drop, every process
+/// whose `HOME` lies inside it (every service started from it, and what
+/// they forked) is SIGKILLed, then it is removed. Set `ORCH_E2E_KEEP=1` to
+/// keep it for a post-mortem.
 #[derive(Debug)]
 pub struct TestDir {
+    /// Canonical, so paths the children report (getcwd) compare equal.
     path: PathBuf,
+    // Declared after `path` and dropped after `TestDir::drop` has run: the
+    // directory goes once nothing runs in it any more.
+    _dir: tempfile::TempDir,
 }
 
 impl TestDir {
     pub fn new(label: &str) -> TestDir {
-        let n = DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("orch-e2e-{label}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("create the test directory");
-        // Canonical, so paths the children report (getcwd) compare equal.
-        let path = fs::canonicalize(&path).expect("canonicalize the test directory");
-        TestDir { path }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("orch-e2e-{label}-"))
+            .disable_cleanup(std::env::var_os("ORCH_E2E_KEEP").is_some())
+            .tempdir()
+            .expect("create the test directory");
+        let path = fs::canonicalize(dir.path()).expect("canonicalize the test directory");
+        TestDir { path, _dir: dir }
     }
 
     pub fn path(&self) -> &Path {
@@ -157,9 +220,6 @@ impl TestDir {
 impl Drop for TestDir {
     fn drop(&mut self) {
         kill_processes_with_home_under(&self.path);
-        if std::env::var_os("ORCH_E2E_KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.path);
-        }
     }
 }
 
@@ -455,16 +515,6 @@ pub fn session_id(pid: u32) -> Option<u32> {
     stat_field(pid, 6).and_then(|s| u32::try_from(s).ok())
 }
 
-/// CPU time the process has used, user and system, its children not
-/// included (stat fields 14 and 15).
-pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let ticks = stat_field(pid, 14)? + stat_field(pid, 15)?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let per_second = u64::try_from(per_second).ok().filter(|&t| t > 0)?;
-    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
-}
-
 /// A `KEY: N kB` line of `/proc/PID/status` (`VmRSS`, `VmHWM`...), in KiB.
 pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -675,7 +725,7 @@ impl Daemon {
     }
 
     fn spawn(cwd: &Path, mut command: Command, adjust: impl FnOnce(&mut Command)) -> Daemon {
-        let n = DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let n = FILE_COUNTER.fetch_add(1, Ordering::Relaxed);
         let stdout = cwd.join(format!("daemon-{n}.stdout"));
         let stderr = cwd.join(format!("daemon-{n}.stderr"));
         command
