@@ -329,7 +329,7 @@ impl SupervisorHandle {
         let starts: Vec<_> = handles
             .iter()
             .filter(|handle| handle.enabled())
-            .map(ServiceHandle::start_now)
+            .map(ServiceHandle::auto_start)
             .collect();
         let mut failures = Vec::new();
         for start in starts {

@@ -68,6 +68,8 @@ type Reply = oneshot::Sender<Result<(), ServiceError>>;
 
 enum Command {
     Start(Reply),
+    /// A start the daemon makes on its own (not counted as a user's).
+    AutoStart(Reply),
     Stop(Reply),
     Restart(Reply),
     /// Stop, and refuse every later start: the daemon is going away, and a
@@ -161,10 +163,13 @@ impl ServiceHandle {
         self.send(make).await
     }
 
-    /// Ask for a start now; the returned future tells how it went. Lets one
-    /// task start many services at once without a task per service.
-    pub fn start_now(&self) -> impl std::future::Future<Output = Result<(), ServiceError>> + use<> {
-        self.send(Command::Start)
+    /// The daemon's own start (at start-up), sent now; the returned future
+    /// tells how it went. Lets one task start many services at once without
+    /// a task per service. Not counted in `requested_starts`.
+    pub fn auto_start(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + use<> {
+        self.send(Command::AutoStart)
     }
 
     fn send(
@@ -361,6 +366,7 @@ impl Actor {
         let name = &definition.name;
         let (input, reply, starts) = match command {
             Command::Start(reply) => (Input::Start, reply, true),
+            Command::AutoStart(reply) => (Input::AutoStart, reply, true),
             Command::Restart(reply) => {
                 info!(service = %name, "restart requested");
                 (Input::Restart, reply, true)
@@ -370,7 +376,7 @@ impl Actor {
             Command::Kill(reply) => (Input::Kill, reply, false),
         };
         let by = match input {
-            Input::Start => "start",
+            Input::Start | Input::AutoStart => "start",
             Input::Restart => "restart",
             Input::Kill => "kill",
             _ => "stop",

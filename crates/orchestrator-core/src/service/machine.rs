@@ -26,6 +26,9 @@ pub struct Policy {
 pub enum Input {
     /// The user asks for it to run.
     Start,
+    /// The daemon starts it on its own (an enabled service at start-up):
+    /// as Start, but not counted as a user's request.
+    AutoStart,
     /// The user asks for it to stop.
     Stop,
     /// The user asks for a stop followed by a start.
@@ -242,15 +245,19 @@ impl Machine {
     pub fn step(&mut self, input: Input, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
         match input {
-            Input::Start | Input::Restart if self.closing => out.push(Effect::Refused),
-            Input::Start => match self.phase {
+            Input::Start | Input::AutoStart | Input::Restart if self.closing => {
+                out.push(Effect::Refused);
+            }
+            Input::Start | Input::AutoStart => match self.phase {
                 Phase::Stopped | Phase::Failed | Phase::Backoff { .. } => {
                     self.failures = 0;
-                    self.requested_starts += 1;
+                    if input == Input::Start {
+                        self.requested_starts += 1;
+                    }
                     self.spawn(&mut out);
                 }
                 Phase::Stopping { then, .. } => {
-                    if then == AfterStop::StayStopped {
+                    if then == AfterStop::StayStopped && input == Input::Start {
                         self.requested_starts += 1;
                     }
                     self.set_after_stop(AfterStop::Start);
