@@ -980,6 +980,38 @@ impl CliFollower {
         &self.seen
     }
 
+    /// Its exit status once it ends on its own; `None` if it still runs
+    /// after [`DEADLINE`].
+    pub fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(DEADLINE, || {
+            status = self.child.try_wait().expect("try_wait on the follower");
+            status.is_some()
+        });
+        status
+    }
+
+    /// Every line it printed, reading to the end of its stdout (call once it
+    /// has exited; gives up after [`DEADLINE`]).
+    pub fn all_lines(&mut self) -> &[String] {
+        let end = Instant::now() + DEADLINE;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    /// What it wrote on stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// It has not exited (yet).
     pub fn is_running(&mut self) -> bool {
         self.child

@@ -772,6 +772,40 @@ fn logs_follow_ends_quietly_when_its_reader_goes_away() {
     );
 }
 
+/// A clean shutdown ends every follow stream cleanly: `logs -f` and
+/// `events -f` exit 0 (they used to end on a cut connection, "unexpected
+/// answer from the daemon", exit 1).
+#[test]
+fn followers_end_with_success_when_the_daemon_shuts_down() {
+    let dir = workspace("ctl-follow-end", &[("ticker", &["--tick-ms", "50"])], "");
+    let (daemon, _) = start_daemon(&dir, &["ticker"]);
+    wait_for_line(&dir.log_path("ticker"), "tick 0");
+    let mut logs = CliFollower::start(
+        dir.path(),
+        &["-c", CONFIG, "logs", "ticker", "-f", "-n", "1"],
+    );
+    logs.wait_for("with a tick", |l| l.contains(" tick "));
+    let mut events = CliFollower::start(dir.path(), &["-c", CONFIG, "events", "-f"]);
+    events.wait_for("with the history", |l| l.contains("ticker  started"));
+    cli_ok(&dir, &["shutdown"]);
+    for (what, follower) in [("logs -f", &mut logs), ("events -f", &mut events)] {
+        let status = follower.wait_exit();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{what} after a clean shutdown: {status:?}, stderr: {}",
+            follower.stderr_text()
+        );
+    }
+    // The stop of the service was seen before the stream ended.
+    let lines = events.all_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("ticker  stopped")),
+        "{lines:?}"
+    );
+    drop(daemon);
+}
+
 // ---------------------------------------------------------------------------
 // 4. events
 
