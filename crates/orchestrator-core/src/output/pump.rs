@@ -213,7 +213,7 @@ impl Reader {
                 match rx.try_read(buf) {
                     Ok(0) => return Drained::Eof,
                     Ok(n) => {
-                        filled |= n >= DEFAULT_PIPE_BYTES;
+                        filled |= n >= DEFAULT_PIPE_BYTES / 2;
                         framer.feed(&buf[..n], &mut sink);
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
