@@ -19,16 +19,21 @@ use tokio::task::JoinHandle;
 use super::framing::{Framer, Sink};
 use super::{Console, LogBlock, ServiceOutput, Stream, console};
 
-/// The default capacity of a Linux pipe: a read that returns this much
-/// found the pipe full, its service blocked on us.
+/// The default capacity of a Linux pipe.
 const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
+
+/// A read that returns this much found the pipe at least half full: its
+/// service writes faster than one wake-up of ours. Not only a full pipe:
+/// the pump, which leaves the file to a writer thread, reads so soon after
+/// a service's write that a flood seldom leaves 64 KiB for one read.
+const GROW_AFTER_READ_BYTES: usize = DEFAULT_PIPE_BYTES / 2;
 
 /// One read takes at most what a default pipe holds. Larger reads (256 KiB
 /// from a grown pipe) measured no cheaper per byte, and each worker keeps
 /// the pages a flood touched.
 const READ_BUF_BYTES: usize = DEFAULT_PIPE_BYTES;
 
-/// What a pipe grows to once its service has filled it: a service that
+/// What a pipe grows to once its service has half filled it: a service that
 /// writes faster than one wake-up of ours drains then runs ahead by a
 /// megabyte instead of blocking every 64 KiB. The kernel allocates the pages
 /// only while they hold unread bytes (but accounts the whole size to the
@@ -213,7 +218,7 @@ impl Reader {
                 match rx.try_read(buf) {
                     Ok(0) => return Drained::Eof,
                     Ok(n) => {
-                        filled |= n >= DEFAULT_PIPE_BYTES / 2;
+                        filled |= n >= GROW_AFTER_READ_BYTES;
                         framer.feed(&buf[..n], &mut sink);
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
