@@ -133,6 +133,7 @@ pub async fn run(
         }
     }
     store.flush().await;
+    bus.flush().await;
     info!("all services stopped; exiting");
     Ok(())
 }

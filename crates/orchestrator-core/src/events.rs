@@ -2,15 +2,23 @@
 //! a broadcast for followers, kept in a bounded in-memory history for
 //! `events`, and appended to `data_dir/events.jsonl` (rotated) so history
 //! survives a daemon restart.
+//!
+//! The file is written by a thread of its own, fed by a bounded queue:
+//! [`EventBus::emit`] runs on the async runtime and must never wait for a
+//! disk. When the writer is stuck (a hung or very slow disk) and its queue
+//! is full, events still reach the history, followers and the observer; the
+//! file loses them, which is counted ([`EventBus::file_dropped`]) and
+//! logged, and their sequence numbers are missing from it.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
 use crate::output::logfile::LogFile;
 pub use crate::wire::{Event, EventKind};
@@ -21,6 +29,14 @@ pub const HISTORY_EVENTS: usize = 1000;
 const LIVE_CAPACITY: usize = 1024;
 const FILE_MAX_BYTES: u64 = 10 * 1024 * 1024;
 const FILE_MAX_FILES: u32 = 1;
+/// Events waiting for the file at most. Far more than a burst of the whole
+/// fleet restarting produces while a healthy disk takes one write.
+const FILE_QUEUE_EVENTS: usize = 4096;
+/// Events serialised into one write.
+const FILE_BATCH_EVENTS: usize = 256;
+/// How long [`EventBus::flush`], and dropping the last handle, wait for the
+/// queued events to reach the file.
+const FILE_FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 type Observer = Box<dyn Fn(&Event) + Send + Sync>;
 
@@ -33,13 +49,40 @@ pub struct EventBus {
 struct Inner {
     live: broadcast::Sender<Arc<Event>>,
     /// Also taken while publishing, so a subscriber's snapshot and its live
-    /// receiver neither overlap nor leave a gap.
+    /// receiver neither overlap nor leave a gap, and so that the file gets
+    /// events in the order of their numbers.
     history: Mutex<VecDeque<Arc<Event>>>,
-    file: Option<Mutex<LogFile>>,
+    file: Option<FileQueue>,
     next_seq: AtomicU64,
     /// Sees every event synchronously, in each emitter's order (the state
     /// store: it must not miss one, as a lagging receiver could).
     observer: OnceLock<Observer>,
+}
+
+/// The sending side of events.jsonl's writer thread.
+struct FileQueue {
+    /// `None` only while dropping, to close the queue before waiting.
+    events: Option<SyncSender<Arc<Event>>>,
+    progress: Arc<FileProgress>,
+    /// Disconnected when the writer thread ends. (A mutex only to make the
+    /// bus `Sync`; it is used once, on drop.)
+    finished: Mutex<Receiver<()>>,
+}
+
+/// Shared with the writer thread.
+#[derive(Default)]
+struct FileProgress {
+    /// Events queued in all.
+    queued: AtomicU64,
+    /// Events the writer has taken care of in all (written, or lost to a
+    /// write error that the log file reports itself).
+    done: AtomicU64,
+    /// Events the file lost because its queue was full, in all.
+    dropped: AtomicU64,
+    /// Events are being dropped and the writer has not caught up yet.
+    behind: AtomicBool,
+    /// Wakes [`EventBus::flush`].
+    written: Notify,
 }
 
 impl EventBus {
@@ -53,34 +96,24 @@ impl EventBus {
     pub fn persisted(path: PathBuf) -> Self {
         let history = read_tail(&path, HISTORY_EVENTS);
         let next_seq = history.back().map_or(1, |e| e.seq + 1);
-        let torn = ends_without_newline(&path);
-        let mut file = LogFile::new(
-            "events",
-            path,
-            FILE_MAX_BYTES,
-            FILE_MAX_FILES,
-            std::time::Instant::now(),
-        );
-        if torn {
-            // End the torn line, so the next event starts a line of its own.
-            file.write(&[b"\n"], std::time::Instant::now());
-        }
-        Self::build(Some(file), history, next_seq)
+        let file = FileQueue::start(path);
+        Self::build(file, history, next_seq)
     }
 
-    fn build(file: Option<LogFile>, history: VecDeque<Arc<Event>>, next_seq: u64) -> Self {
+    fn build(file: Option<FileQueue>, history: VecDeque<Arc<Event>>, next_seq: u64) -> Self {
         let (live, _) = broadcast::channel(LIVE_CAPACITY);
         EventBus {
             inner: Arc::new(Inner {
                 live,
                 history: Mutex::new(history),
-                file: file.map(Mutex::new),
+                file,
                 next_seq: AtomicU64::new(next_seq),
                 observer: OnceLock::new(),
             }),
         }
     }
 
+    /// Never waits for a disk (see the module's documentation).
     pub fn emit(&self, service: Option<&str>, kind: EventKind) {
         let inner = &*self.inner;
         let mut history = inner.history.lock().unwrap_or_else(PoisonError::into_inner);
@@ -96,17 +129,12 @@ impl EventBus {
         history.push_back(Arc::clone(&event));
         // No receivers is the normal, idle case.
         let _ = inner.live.send(Arc::clone(&event));
+        if let Some(file) = &inner.file {
+            file.push(&event);
+        }
         drop(history);
         if let Some(observer) = inner.observer.get() {
             observer(&event);
-        }
-        if let Some(file) = &inner.file
-            && let Ok(mut line) = serde_json::to_vec(&*event)
-        {
-            line.push(b'\n');
-            file.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .write(&[&line], std::time::Instant::now());
         }
     }
 
@@ -135,6 +163,149 @@ impl EventBus {
             .unwrap_or_else(PoisonError::into_inner);
         let receiver = self.inner.live.subscribe();
         (history.iter().cloned().collect(), receiver)
+    }
+
+    /// Events the file lost so far because its writer could not keep up.
+    pub fn file_dropped(&self) -> u64 {
+        self.inner
+            .file
+            .as_ref()
+            .map_or(0, |file| file.progress.dropped.load(Ordering::Relaxed))
+    }
+
+    /// Waits, as a task, until the events emitted so far are in the file,
+    /// for [`FILE_FLUSH_WAIT`] at most; returns whether they are. Call
+    /// before the daemon exits.
+    pub async fn flush(&self) -> bool {
+        let Some(file) = &self.inner.file else {
+            return true;
+        };
+        let progress = &file.progress;
+        let target = progress.queued.load(Ordering::Acquire);
+        let caught_up = async {
+            loop {
+                let written = progress.written.notified();
+                tokio::pin!(written);
+                // Registered before the check, so a write in between wakes it.
+                written.as_mut().enable();
+                if progress.done.load(Ordering::Acquire) >= target {
+                    return;
+                }
+                written.await;
+            }
+        };
+        tokio::time::timeout(FILE_FLUSH_WAIT, caught_up)
+            .await
+            .is_ok()
+    }
+}
+
+impl FileQueue {
+    /// Starts the writer thread; without one, events are not persisted
+    /// (said once in the log).
+    fn start(path: PathBuf) -> Option<Self> {
+        let (events, queue) = mpsc::sync_channel(FILE_QUEUE_EVENTS);
+        let (finished_tx, finished) = mpsc::sync_channel(0);
+        let progress = Arc::new(FileProgress::default());
+        let shared = Arc::clone(&progress);
+        let spawned = std::thread::Builder::new()
+            .name("events-writer".into())
+            .spawn(move || {
+                write_events(&path, &queue, &shared);
+                drop(finished_tx);
+            });
+        match spawned {
+            Ok(_) => Some(Self {
+                events: Some(events),
+                progress,
+                finished: Mutex::new(finished),
+            }),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot start the events file writer; events are kept in memory only");
+                None
+            }
+        }
+    }
+
+    fn push(&self, event: &Arc<Event>) {
+        let Some(events) = &self.events else {
+            return;
+        };
+        let progress = &*self.progress;
+        match events.try_send(Arc::clone(event)) {
+            Ok(()) => {
+                progress.queued.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(TrySendError::Full(_)) => {
+                progress.dropped.fetch_add(1, Ordering::Relaxed);
+                if !progress.behind.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        "events.jsonl is not keeping up (a hung or slow disk?): events are \
+                         dropped from the file, still kept in memory and sent to followers, \
+                         until it catches up"
+                    );
+                }
+            }
+            // The writer thread is gone (it panicked): nothing to do.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+impl Drop for FileQueue {
+    /// The last handle of a daemon that exits: what was emitted is written
+    /// before it goes, unless the disk is stuck.
+    fn drop(&mut self) {
+        drop(self.events.take());
+        let finished = self
+            .finished
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        let _ = finished.recv_timeout(FILE_FLUSH_WAIT);
+    }
+}
+
+/// The writer thread: one write per batch of queued events, until the bus
+/// is dropped.
+fn write_events(path: &Path, queue: &Receiver<Arc<Event>>, progress: &FileProgress) {
+    let mut file = LogFile::new(
+        "events",
+        path.to_owned(),
+        FILE_MAX_BYTES,
+        FILE_MAX_FILES,
+        Instant::now(),
+    );
+    if ends_without_newline(path) {
+        // End the torn line, so the next event starts a line of its own.
+        file.write(&[b"\n"], Instant::now());
+    }
+    let mut reported = 0;
+    let mut buf = Vec::new();
+    while let Ok(first) = queue.recv() {
+        buf.clear();
+        let mut count = 0;
+        for event in std::iter::once(first).chain(queue.try_iter().take(FILE_BATCH_EVENTS - 1)) {
+            let start = buf.len();
+            match serde_json::to_writer(&mut buf, &*event) {
+                Ok(()) => buf.push(b'\n'),
+                Err(_) => buf.truncate(start),
+            }
+            count += 1;
+        }
+        // Errors are the log file's to report (and to retry).
+        file.write(&[&buf], Instant::now());
+        progress.done.fetch_add(count, Ordering::AcqRel);
+        progress.written.notify_waiters();
+        // Caught up: the batch emptied the queue.
+        if count < FILE_BATCH_EVENTS as u64 && progress.behind.swap(false, Ordering::AcqRel) {
+            let dropped = progress.dropped.load(Ordering::Relaxed);
+            tracing::warn!(
+                dropped = dropped - reported,
+                dropped_in_all = dropped,
+                "events.jsonl caught up; events emitted while it was stuck are missing from it"
+            );
+            reported = dropped;
+        }
     }
 }
 
@@ -167,41 +338,22 @@ fn ends_without_newline(path: &Path) -> bool {
         .is_ok_and(|()| last[0] != b'\n')
 }
 
-/// `2026-11-26T04:05:06.789Z`. Written out here: a date crate for one
-/// format would be the larger cost.
+/// `2026-11-26T04:05:06.789Z`: UTC, milliseconds. A time before 1970 is
+/// written as 1970's start, one after 9999 as 9999's end (the format has
+/// four digits for the year).
 pub fn rfc3339(time: SystemTime) -> String {
-    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days as i64);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
-/// algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+    const LAST: Duration = Duration::from_millis(253_402_300_799_999);
+    let since = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .min(LAST);
+    humantime::format_rfc3339_millis(UNIX_EPOCH + since).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::output::logfile::hang::Hang;
 
     #[test]
     fn formats_rfc3339() {
@@ -210,6 +362,73 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(&rfc3339(leap)[..10], "2000-02-29");
+        // Outside what the format can say: the nearest it can, no panic.
+        let before = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(rfc3339(before), "1970-01-01T00:00:00.000Z");
+        let after = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        assert_eq!(rfc3339(after), "9999-12-31T23:59:59.999Z");
+    }
+
+    fn file_seqs(path: &Path) -> Vec<u64> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<Event>(line).unwrap().seq)
+            .collect()
+    }
+
+    #[test]
+    fn emit_never_waits_for_a_hung_events_file() {
+        let dir =
+            std::env::temp_dir().join(format!("orchestrator-events-hung-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("events.jsonl");
+        let bus = EventBus::persisted(path.clone());
+        let hang = Hang::new(&path);
+        // More than the queue and the writer's batch hold.
+        let total = (FILE_QUEUE_EVENTS + FILE_BATCH_EVENTS + 100) as u64;
+        let (done, returned) = mpsc::channel();
+        let emitter = bus.clone();
+        let (subscribed, mut live) = bus.subscribe();
+        assert!(subscribed.is_empty());
+        // On a thread of its own, so that an emit stuck on the file fails
+        // the test instead of hanging it.
+        std::thread::spawn(move || {
+            for _ in 0..total {
+                emitter.emit(Some("a"), EventKind::StopRequested);
+            }
+            let _ = done.send(());
+        });
+        let all_returned = returned.recv_timeout(Duration::from_secs(30)).is_ok();
+        drop(hang);
+        assert!(all_returned, "emit waited for the hung file");
+        assert_eq!(bus.history().last().unwrap().seq, total);
+        let mut last_live = 0;
+        loop {
+            match live.try_recv() {
+                Ok(event) => last_live = event.seq,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        assert_eq!(last_live, total, "followers got them");
+        let dropped = bus.file_dropped();
+        assert!(dropped >= 100 && dropped < total, "{dropped} dropped");
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert!(runtime.block_on(bus.flush()), "the file caught up");
+        let seqs = file_seqs(&path);
+        assert_eq!(seqs.len() as u64, total - dropped);
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order");
+        // Once caught up, events reach the file again.
+        bus.emit(None, EventKind::Stopped);
+        assert!(runtime.block_on(bus.flush()));
+        assert_eq!(file_seqs(&path).last(), Some(&(total + 1)));
+        drop(bus);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The per-service log file: append whole lines, rotate by size, survive a
 //! failing disk.
 //!
-//! Everything here is synchronous and runs under the service's file mutex;
-//! the caller passes the current monotonic time so that tests can move it.
+//! Everything here is synchronous and may block on the disk for as long as
+//! it likes, so it runs on a writer thread (`writer`), never on the async
+//! runtime; the caller passes the current monotonic time so that tests can
+//! move it.
 
 use std::ffi::OsString;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -79,6 +81,8 @@ impl LogFile {
         if total == 0 {
             return 0;
         }
+        #[cfg(test)]
+        hang::wait_while_hung(&self.path);
         if self.file.is_some() && now >= self.check_at {
             self.check_identity(now);
         }
@@ -441,6 +445,42 @@ impl<'s, 'd> Cursor<'s, 'd> {
             base += segment.len();
         }
         found
+    }
+}
+
+/// Makes writes to a path hang, as on a frozen disk, for as long as a
+/// [`hang::Hang`] for it lives.
+#[cfg(test)]
+pub(crate) mod hang {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Condvar, Mutex, PoisonError};
+
+    static HUNG: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static RELEASED: Condvar = Condvar::new();
+
+    pub(crate) struct Hang(PathBuf);
+
+    impl Hang {
+        pub(crate) fn new(path: &Path) -> Self {
+            let mut hung = HUNG.lock().unwrap_or_else(PoisonError::into_inner);
+            hung.push(path.to_owned());
+            Self(path.to_owned())
+        }
+    }
+
+    impl Drop for Hang {
+        fn drop(&mut self) {
+            let mut hung = HUNG.lock().unwrap_or_else(PoisonError::into_inner);
+            hung.retain(|p| *p != self.0);
+            RELEASED.notify_all();
+        }
+    }
+
+    pub(super) fn wait_while_hung(path: &Path) {
+        let mut hung = HUNG.lock().unwrap_or_else(PoisonError::into_inner);
+        while hung.iter().any(|p| p == path) {
+            hung = RELEASED.wait(hung).unwrap_or_else(PoisonError::into_inner);
+        }
     }
 }
 

@@ -2,14 +2,16 @@
 //!
 //! A pump task per child reads both pipes, frames lines ([`framing`]) and
 //! hands each line to [`ServiceOutput`], which sends it to the orchestrator's
-//! log (tracing) and appends the lines of each read to the service's log file
-//! ([`logfile`]) in one write. The pipe is drained as fast as the child
-//! fills it: a failing disk costs dropped file bytes, never a blocked child.
+//! log (tracing or the console), keeps it for `logs`, and queues the lines
+//! of each read for the service's log file ([`logfile`]), written by a
+//! thread of [`writer`]'s pool. A failing disk costs dropped file bytes,
+//! never a blocked child; a hung one holds back only its own services.
 
 mod framing;
 pub(crate) mod logfile;
 mod pump;
 mod recent;
+mod writer;
 
 use std::fmt;
 use std::future::Future;
@@ -17,14 +19,15 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Instant, SystemTime};
 
 use crate::events::{EventBus, EventKind};
-use std::time::Instant;
 
 use logfile::LogFile;
 pub use pump::spawn_pump;
 use recent::Recent;
 pub use recent::{LogBlock, LogLine, RECENT_MAX_BYTES};
+use writer::FileQueue;
 
 /// Longer lines are split into pieces of this size, each a line of its own;
 /// nothing is dropped. Bounds the memory a stream holds for a partial line.
@@ -92,11 +95,12 @@ pub struct ServiceOutput {
     log_path: PathBuf,
     lines: [AtomicU64; 2],
     dropped: AtomicU64,
-    /// Held only for the synchronous write of one batch, never across an
-    /// `.await`; both streams (and an old generation still draining) take it,
-    /// which is what keeps their lines from mixing.
-    file: Mutex<LogFile>,
-    /// Held only to push or copy out blocks; never across an `.await`.
+    /// Both streams (and an old generation still draining) queue whole
+    /// blocks here, under `recent`'s lock, which is what keeps their lines
+    /// from mixing and the file in the order of `logs`.
+    file: FileQueue,
+    /// Held only to push or copy out blocks (and queue them for the file);
+    /// never across an `.await`.
     recent: Mutex<Recent>,
     events: OnceLock<EventBus>,
 }
@@ -122,7 +126,7 @@ impl ServiceOutput {
             log_path,
             lines: [AtomicU64::new(0), AtomicU64::new(0)],
             dropped: AtomicU64::new(0),
-            file: Mutex::new(file),
+            file: FileQueue::new(file),
             recent: Mutex::new(Recent::default()),
             events: OnceLock::new(),
         })
@@ -137,7 +141,8 @@ impl ServiceOutput {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Lines seen so far on `stream`, whether or not the file took them.
+    /// Lines seen so far on `stream` and taken care of for the file: written
+    /// there, or dropped from it on a write error.
     pub fn lines(&self, stream: Stream) -> u64 {
         self.lines[stream.index()].load(Ordering::Relaxed)
     }
@@ -175,20 +180,60 @@ impl ServiceOutput {
         let _ = self.events.set(events);
     }
 
-    /// Appends `line_count` whole lines to the log file and the recent
-    /// lines; returns the block kept, for the console.
-    fn write_file(&self, stream: Stream, segments: &[&[u8]], line_count: u64) -> Option<LogBlock> {
-        let block = self
-            .recent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(stream, segments, line_count);
-        let (dropped, was_failing, failing) = {
-            let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-            let was_failing = file.is_failing();
-            let dropped = file.write(segments, Instant::now());
-            (dropped, was_failing, file.is_failing())
+    /// Keeps `line_count` whole lines for `logs` and queues them for the
+    /// log file; returns the block kept, for the console. Never waits for
+    /// the disk: see [`ServiceOutput::file_room`].
+    fn write_file(
+        self: &Arc<Self>,
+        stream: Stream,
+        segments: &[&[u8]],
+        line_count: u64,
+    ) -> Option<LogBlock> {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let block = recent.push(stream, segments, line_count);
+        let for_file = match &block {
+            Some(block) => block.clone(),
+            // Bytes without a line (not what the framer passes): still the
+            // file's, whole.
+            None if segments.iter().any(|s| !s.is_empty()) => LogBlock {
+                first_seq: 0,
+                time: SystemTime::now(),
+                stream,
+                line_count,
+                bytes: Arc::new(segments.concat()),
+            },
+            None => return None,
         };
+        writer::push(self, for_file);
+        drop(recent);
+        block
+    }
+
+    /// Waits, as a task, while too much of this service's output waits for
+    /// its file: its pump reads no more, so its pipe fills and the service
+    /// waits in its own `write`, and nothing else does.
+    async fn file_room(&self) {
+        self.file.room().await;
+    }
+
+    /// Waits, as a task, until every line queued so far is in the file (or
+    /// dropped from it on an error).
+    async fn file_flushed(&self) {
+        self.file.done_up_to(self.file.queued()).await;
+    }
+
+    /// Called by the writer thread after a batch went to the file.
+    fn file_written(&self, batch: &[LogBlock], dropped: u64, was_failing: bool, failing: bool) {
+        let mut lines = [0u64; 2];
+        for block in batch {
+            lines[block.stream.index()] += block.line_count;
+        }
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let n = lines[stream.index()];
+            if n > 0 {
+                self.lines[stream.index()].fetch_add(n, Ordering::Relaxed);
+            }
+        }
         if dropped > 0 {
             self.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
@@ -205,13 +250,6 @@ impl ServiceOutput {
                 }
             };
             events.emit(Some(&self.name), kind);
-        }
-        block
-    }
-
-    fn count_lines(&self, stream: Stream, lines: u64) {
-        if lines > 0 {
-            self.lines[stream.index()].fetch_add(lines, Ordering::Relaxed);
         }
     }
 }

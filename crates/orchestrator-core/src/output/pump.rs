@@ -3,7 +3,8 @@
 //! One task serves both pipes of a child, to keep the cost of an idle
 //! service to one small future: it waits for readiness without holding a
 //! buffer, then reads into a 64 KiB buffer owned by the worker thread, frames
-//! and writes synchronously, and releases the buffer before awaiting again.
+//! and queues the lines for the file (never writing it here: see
+//! `writer`), and releases the buffer before awaiting again.
 
 use std::cell::RefCell;
 use std::io;
@@ -18,16 +19,21 @@ use tokio::task::JoinHandle;
 use super::framing::{Framer, Sink};
 use super::{Console, LogBlock, ServiceOutput, Stream, console};
 
-/// The default capacity of a Linux pipe: a read that returns this much
-/// found the pipe full, its service blocked on us.
+/// The default capacity of a Linux pipe.
 const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
+
+/// A read that returns this much found the pipe at least half full: its
+/// service writes faster than one wake-up of ours. Not only a full pipe:
+/// the pump, which leaves the file to a writer thread, reads so soon after
+/// a service's write that a flood seldom leaves 64 KiB for one read.
+const GROW_AFTER_READ_BYTES: usize = DEFAULT_PIPE_BYTES / 2;
 
 /// One read takes at most what a default pipe holds. Larger reads (256 KiB
 /// from a grown pipe) measured no cheaper per byte, and each worker keeps
 /// the pages a flood touched.
 const READ_BUF_BYTES: usize = DEFAULT_PIPE_BYTES;
 
-/// What a pipe grows to once its service has filled it: a service that
+/// What a pipe grows to once its service has half filled it: a service that
 /// writes faster than one wake-up of ours drains then runs ahead by a
 /// megabyte instead of blocking every 64 KiB. The kernel allocates the pages
 /// only while they hold unread bytes (but accounts the whole size to the
@@ -77,7 +83,7 @@ struct Pump {
 
 impl Pump {
     async fn run(&mut self) {
-        let output = &*self.output;
+        let output = &self.output;
         let [out, err] = &mut self.readers;
         while out.is_open() || err.is_open() {
             let more = tokio::select! {
@@ -89,6 +95,8 @@ impl Pump {
             for reader in [&mut *out, &mut *err] {
                 reader.hand_to_console(output).await;
             }
+            // Likewise a file that is behind (a slow or hung disk).
+            output.file_room().await;
             if more {
                 // A stream that never runs dry would otherwise keep this
                 // worker thread for the whole cooperative budget (128 turns,
@@ -96,6 +104,9 @@ impl Pump {
                 tokio::task::yield_now().await;
             }
         }
+        // The actor reports the exit once the pump has ended (or after its
+        // deadline): by then the last lines are in the file too.
+        output.file_flushed().await;
     }
 }
 
@@ -176,7 +187,7 @@ impl Reader {
     }
 
     /// Returns whether the pipe may still hold data (the turn ran out).
-    fn on_ready(&mut self, ready: io::Result<()>, output: &ServiceOutput) -> bool {
+    fn on_ready(&mut self, ready: io::Result<()>, output: &Arc<ServiceOutput>) -> bool {
         let drained = match ready {
             Ok(()) => self.drain(output),
             Err(err) => {
@@ -193,7 +204,7 @@ impl Reader {
     }
 
     /// Reads what the pipe holds, up to `READS_PER_TURN` buffers.
-    fn drain(&mut self, output: &ServiceOutput) -> Drained {
+    fn drain(&mut self, output: &Arc<ServiceOutput>) -> Drained {
         let Some(rx) = &self.rx else {
             return Drained::Eof;
         };
@@ -207,7 +218,7 @@ impl Reader {
                 match rx.try_read(buf) {
                     Ok(0) => return Drained::Eof,
                     Ok(n) => {
-                        filled |= n >= DEFAULT_PIPE_BYTES;
+                        filled |= n >= GROW_AFTER_READ_BYTES;
                         framer.feed(&buf[..n], &mut sink);
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -228,7 +239,7 @@ impl Reader {
         drained
     }
 
-    fn finish(&mut self, output: &ServiceOutput) {
+    fn finish(&mut self, output: &Arc<ServiceOutput>) {
         let mut sink = StreamSink::new(output, self.stream);
         self.framer.finish(&mut sink);
         self.for_console.extend(sink.commit());
@@ -321,10 +332,8 @@ fn receiver(fd: OwnedFd) -> io::Result<Receiver> {
 
 /// Delivers framed output of one stream to the service.
 struct StreamSink<'a> {
-    output: &'a ServiceOutput,
+    output: &'a Arc<ServiceOutput>,
     stream: Stream,
-    /// Counted locally and published once per batch of reads, not per line.
-    lines: u64,
     /// Lines framed since the last write to the file.
     unwritten_lines: u64,
     /// Looked up once per batch rather than once per line.
@@ -337,11 +346,10 @@ struct StreamSink<'a> {
 }
 
 impl<'a> StreamSink<'a> {
-    fn new(output: &'a ServiceOutput, stream: Stream) -> Self {
+    fn new(output: &'a Arc<ServiceOutput>, stream: Stream) -> Self {
         Self {
             output,
             stream,
-            lines: 0,
             unwritten_lines: 0,
             console: console(),
             traced: console().is_none()
@@ -350,9 +358,9 @@ impl<'a> StreamSink<'a> {
         }
     }
 
-    /// Publishes the line count; returns the blocks for the console.
+    /// Returns the blocks for the console. (Lines are counted by the file
+    /// writer, once it has taken care of them.)
     fn commit(self) -> Vec<LogBlock> {
-        self.output.count_lines(self.stream, self.lines);
         self.blocks
     }
 }
@@ -363,7 +371,6 @@ impl Sink for StreamSink<'_> {
     }
 
     fn counted(&mut self, count: u64) {
-        self.lines += count;
         self.unwritten_lines += count;
     }
 
@@ -392,7 +399,9 @@ mod tests {
 
     use super::*;
     use crate::output::MAX_LINE_BYTES;
+    use crate::output::logfile::hang::Hang;
     use crate::output::test_support::TempDir;
+    use crate::output::writer::{self, MAX_QUEUED_BYTES};
 
     fn pipe() -> (OwnedFd, PipeWriter) {
         let (reader, writer) = std::io::pipe().unwrap();
@@ -656,7 +665,119 @@ mod tests {
             .unwrap();
         pump.abort();
         assert!(pump.await.unwrap_err().is_cancelled());
+        // Counted once the writer has written it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while output.lines(Stream::Stdout) < 2 {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            tokio::task::yield_now().await;
+        }
         assert_eq!(output.lines(Stream::Stdout), 2);
         assert_eq!(fs::read(output.log_path()).unwrap(), b"done\npartial\n");
+    }
+
+    /// Releases a hung file after `after` unless dropped first, so that code
+    /// which waits for the file fails the test instead of hanging it.
+    struct Watchdog {
+        cancel: Option<std::sync::mpsc::Sender<()>>,
+        fired: Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Watchdog {
+        fn release_after(hang: Hang, after: Duration) -> Self {
+            let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+            let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = Arc::clone(&fired);
+            let thread = std::thread::spawn(move || {
+                if cancelled.recv_timeout(after).is_err() {
+                    flag.store(true, Ordering::SeqCst);
+                }
+                drop(hang);
+            });
+            Self {
+                cancel: Some(cancel),
+                fired,
+                thread: Some(thread),
+            }
+        }
+
+        fn fired(&self) -> bool {
+            self.fired.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for Watchdog {
+        fn drop(&mut self) {
+            drop(self.cancel.take());
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// One thread for the runtime, as a hung write on it would freeze all
+    /// of it: the other service's lines would wait for the watchdog.
+    #[tokio::test]
+    async fn a_hung_log_file_holds_back_only_its_own_service() {
+        let tmp = TempDir::new("hung");
+        let hung_path = tmp.path().join("hung.log");
+        let hung = ServiceOutput::new("hung", hung_path.clone(), 0, 0);
+        let other = ServiceOutput::new("other", tmp.path().join("other.log"), 0, 0);
+        let watchdog = Watchdog::release_after(Hang::new(&hung_path), Duration::from_secs(30));
+
+        // Far more than its queue, a grown pipe and a pump turn hold.
+        let hung_data = numbered("hung", 0..200_000);
+        assert!(hung_data.len() > 4 * MAX_QUEUED_BYTES as usize);
+        let (out_r, out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        drop(err_w);
+        let hung_pump = spawn_pump(hung.clone(), out_r, err_r);
+        let hung_writer = write_in_thread(out_w, hung_data.clone());
+
+        let other_data = numbered("other", 0..20_000);
+        pump_bytes(&other, other_data.clone(), Vec::new()).await;
+        assert!(
+            !watchdog.fired(),
+            "the other service's output waited for the hung file"
+        );
+        assert!(fs::read(other.log_path()).unwrap() == other_data);
+        assert_eq!(other.lines(Stream::Stdout), 20_000);
+
+        // The hung service is held back, its queue bounded: its pump stops
+        // reading, and the rest stays in the pipe and in its writer.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while writer::in_flight(&hung) < MAX_QUEUED_BYTES {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pump never filled its queue"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A few turns of the runtime: the pump does not read on.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let turn = (READS_PER_TURN * READ_BUF_BYTES) as u64;
+        assert!(writer::in_flight(&hung) < MAX_QUEUED_BYTES + turn);
+        assert!(!hung_writer.is_finished(), "its child is made to wait");
+        assert_eq!(hung.lines(Stream::Stdout), 0);
+        assert!(!hung_pump.is_finished());
+        assert!(!watchdog.fired());
+
+        // Once the disk answers again, every line arrives, in order.
+        drop(watchdog);
+        tokio::time::timeout(Duration::from_secs(60), hung_pump)
+            .await
+            .expect("the pump ends once the disk answers")
+            .unwrap();
+        tokio::task::spawn_blocking(move || hung_writer.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(hung.lines(Stream::Stdout), 200_000);
+        assert_eq!(hung.dropped_bytes(), 0);
+        assert!(
+            fs::read(&hung_path).unwrap() == hung_data,
+            "lines lost or reordered"
+        );
     }
 }
