@@ -65,21 +65,9 @@ fn console() -> Option<&'static dyn Console> {
     CONSOLE.get().map(|console| &**console)
 }
 
-/// Which pipe of the child a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
+pub use crate::wire::Stream;
 
 impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-        }
-    }
-
     fn index(self) -> usize {
         match self {
             Stream::Stdout => 0,

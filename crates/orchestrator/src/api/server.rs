@@ -231,7 +231,7 @@ fn record(line: &LogLine) -> LogRecord {
     LogRecord::Line {
         seq: line.seq,
         time: rfc3339(line.time),
-        stream: line.stream.as_str().to_owned(),
+        stream: line.stream,
         text: String::from_utf8_lossy(&line.text).into_owned(),
     }
 }

@@ -297,13 +297,13 @@ async fn logs_tail_is_ndjson() {
             LogRecord::Line {
                 seq: 2,
                 time: "1970-01-01T00:00:01.000Z".into(),
-                stream: "stdout".into(),
+                stream: Stream::Stdout,
                 text: "two".into()
             },
             LogRecord::Line {
                 seq: 3,
                 time: "1970-01-01T00:00:01.000Z".into(),
-                stream: "stdout".into(),
+                stream: Stream::Stdout,
                 text: "three".into()
             },
         ]
@@ -375,7 +375,9 @@ async fn a_slow_follower_is_told_how_many_lines_it_missed() {
     let records = records.lock().unwrap().clone();
     assert_eq!(records.len(), 3 + 1 + 4, "{records:?}");
     assert_eq!(records[3], LogRecord::Skipped { skipped: 6 });
-    assert!(matches!(&records[4], LogRecord::Line { seq: 10, stream, .. } if stream == "stderr"));
+    assert!(
+        matches!(&records[4], LogRecord::Line { seq: 10, stream, .. } if *stream == Stream::Stderr)
+    );
 }
 
 /// Query values are percent-decoded by the framework (`%32` is `2`, `%66alse`
