@@ -440,6 +440,7 @@ mod tests {
             kind: EventKind::RestartScheduled {
                 delay_ms: 1500,
                 failures: 2,
+                start_limited: false,
             },
         };
         let json = serde_json::to_string(&event).unwrap();

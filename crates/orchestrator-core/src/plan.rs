@@ -127,6 +127,7 @@ fn define(
             restart,
             max_restarts: service.max_restarts,
             backoff: service.backoff,
+            start_limit: service.start_limit,
             stop_signal: service.stop_signal,
             stop_timeout: service
                 .stop_timeout

@@ -251,6 +251,9 @@ pub enum EventKind {
         delay_ms: u64,
         /// Consecutive failures so far (the n of the backoff).
         failures: u32,
+        /// The start limit put a floor under the delay.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        start_limited: bool,
     },
     GaveUp {
         error: String,
@@ -301,8 +304,17 @@ impl Event {
                     format!("exited unexpectedly: {reason}")
                 }
             }
-            EventKind::RestartScheduled { delay_ms, failures } => {
-                format!("restart in {delay_ms} ms (failure {failures})")
+            EventKind::RestartScheduled {
+                delay_ms,
+                failures,
+                start_limited,
+            } => {
+                let limited = if *start_limited {
+                    ", slowed: it keeps dying at once"
+                } else {
+                    ""
+                };
+                format!("restart in {delay_ms} ms (failure {failures}{limited})")
             }
             EventKind::GaveUp { error } => format!("gave up: {error}"),
             EventKind::LeftoverStopped { pid } => {

@@ -60,6 +60,33 @@ pub struct ServiceConfig {
     pub restart: Option<RestartPolicy>,
     pub max_restarts: u32,
     pub backoff: BackoffConfig,
+    pub start_limit: StartLimit,
+}
+
+/// A start-rate limit, as systemd's StartLimitBurst/StartLimitIntervalSec:
+/// once `burst` runs in `interval` died at once (or failed to spawn), every
+/// restart waits at least [`START_LIMIT_DELAY`], whatever the backoff says,
+/// so that no configuration makes a crash loop spin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartLimit {
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+/// A run shorter than this "died at once" for the start limit: long enough
+/// that an exec and a crash at start-up fall under it, short enough that a
+/// service living 200 ms (a deliberate fast restart) never does.
+pub const QUICK_FAILURE: Duration = Duration::from_millis(100);
+/// The least restart delay once the start limit is hit.
+pub const START_LIMIT_DELAY: Duration = Duration::from_secs(1);
+
+impl Default for StartLimit {
+    fn default() -> Self {
+        StartLimit {
+            burst: 5,
+            interval: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +148,7 @@ impl Default for ServiceConfig {
             restart: None,
             max_restarts: DEFAULT_MAX_RESTARTS,
             backoff: BackoffConfig::default(),
+            start_limit: StartLimit::default(),
         }
     }
 }

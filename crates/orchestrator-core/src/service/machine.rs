@@ -1,12 +1,13 @@
 //! The lifecycle of one service as a pure state machine: inputs in, effects
 //! out, time passed in as a value. No runtime, no I/O: tested as a table.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
-use crate::config::{BackoffConfig, RestartPolicy};
+use crate::config::{BackoffConfig, QUICK_FAILURE, RestartPolicy, START_LIMIT_DELAY, StartLimit};
 use crate::process::ExitReason;
 use crate::wire::EventKind;
 
@@ -18,6 +19,7 @@ pub struct Policy {
     pub restart: RestartPolicy,
     pub max_restarts: u32,
     pub backoff: BackoffConfig,
+    pub start_limit: StartLimit,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
 }
@@ -104,6 +106,8 @@ pub struct Machine {
     requested_starts: u64,
     /// Set by Shutdown and Kill, never cleared: no start is accepted any more.
     closing: bool,
+    /// When recent runs died at once (at most `start_limit.burst` kept).
+    quick_failures: VecDeque<Instant>,
     last_exit: Option<ExitReason>,
     last_error: Option<String>,
     jitter: f64,
@@ -119,6 +123,7 @@ impl Machine {
             restarts: 0,
             requested_starts: 0,
             closing: false,
+            quick_failures: VecDeque::new(),
             last_exit: None,
             last_error: None,
             jitter: BACKOFF_JITTER,
@@ -343,12 +348,13 @@ impl Machine {
             },
             Input::SpawnFailed { error } => match self.phase {
                 Phase::Spawning => {
-                    self.last_exit = None;
+                    // last_exit stays: it is the last process's, and a
+                    // failed spawn made none.
                     out.push(Effect::Publish(EventKind::SpawnFailed {
                         error: error.clone(),
                     }));
                     let may_retry = self.policy.restart != RestartPolicy::Never;
-                    self.after_failure(error, may_retry, now, &mut out);
+                    self.after_failure(error, may_retry, true, now, &mut out);
                 }
                 Phase::Stopped
                 | Phase::Failed
@@ -372,7 +378,8 @@ impl Machine {
                         self.last_error = None;
                         self.phase = Phase::Stopped;
                     } else {
-                        self.after_failure(reason.to_string(), allowed, now, &mut out);
+                        let quick = now.saturating_duration_since(since) < QUICK_FAILURE;
+                        self.after_failure(reason.to_string(), allowed, quick, now, &mut out);
                     }
                 }
                 Phase::Stopping { then, .. } => {
@@ -464,11 +471,13 @@ impl Machine {
         }
     }
 
-    /// A run (or a spawn) failed: back off and retry, or give up.
+    /// A run (or a spawn) failed: back off and retry, or give up. `quick`:
+    /// it died at once (or never ran), which the start limit counts.
     fn after_failure(
         &mut self,
         error: String,
         may_retry: bool,
+        quick: bool,
         now: Instant,
         out: &mut Vec<Effect>,
     ) {
@@ -487,12 +496,37 @@ impl Machine {
             return;
         }
         self.last_error = Some(error);
-        let delay = self.next_delay();
+        let mut delay = self.next_delay();
+        let start_limited = quick && self.count_quick_failure(now);
+        if start_limited {
+            delay = delay.max(START_LIMIT_DELAY);
+        }
         self.phase = Phase::Backoff { until: now + delay };
         out.push(Effect::Publish(EventKind::RestartScheduled {
             delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             failures: self.failures,
+            start_limited,
         }));
+    }
+
+    /// Notes a run that died at once; true when `burst` of them fell within
+    /// the last `interval`: the start limit is hit.
+    fn count_quick_failure(&mut self, now: Instant) -> bool {
+        let limit = self.policy.start_limit;
+        let window_start = now.checked_sub(limit.interval);
+        while self
+            .quick_failures
+            .front()
+            .is_some_and(|&at| window_start.is_some_and(|start| at <= start))
+        {
+            self.quick_failures.pop_front();
+        }
+        self.quick_failures.push_back(now);
+        let burst = usize::try_from(limit.burst).unwrap_or(usize::MAX);
+        while self.quick_failures.len() > burst {
+            self.quick_failures.pop_front();
+        }
+        self.quick_failures.len() >= burst
     }
 
     fn give_up(&mut self, error: String, out: &mut Vec<Effect>) {

@@ -26,6 +26,7 @@ fn policy(restart: RestartPolicy, max_restarts: u32) -> Policy {
             max: 800 * MS,
             reset_after: 1000 * MS,
         },
+        start_limit: crate::config::StartLimit::default(),
         stop_signal: Signal::SIGTERM,
         stop_timeout: 1000 * MS,
     }
@@ -551,7 +552,8 @@ async fn actor_publishes_lifecycle_events() {
         history[2].kind,
         EventKind::RestartScheduled {
             delay_ms: 100,
-            failures: 1
+            failures: 1,
+            start_limited: false,
         }
     );
 }
@@ -623,6 +625,7 @@ fn a_crash_loop_publishes_exit_backoff_and_giving_up() {
             EventKind::RestartScheduled {
                 delay_ms: 100,
                 failures: 1,
+                start_limited: false,
             },
         ]
     );
@@ -699,7 +702,8 @@ fn a_spawn_failure_is_published_with_its_backoff() {
             },
             EventKind::RestartScheduled {
                 delay_ms: 100,
-                failures: 1
+                failures: 1,
+                start_limited: false,
             },
         ]
     );
@@ -791,4 +795,151 @@ fn stale_answers_and_exits_change_nothing_in_any_phase() {
             );
         }
     }
+}
+
+// ---- the start limit: no configuration makes a crash loop spin ----
+
+fn no_backoff() -> Machine {
+    let mut policy = policy(RestartPolicy::Always, u32::MAX);
+    policy.backoff = BackoffConfig {
+        initial: Duration::ZERO,
+        max: Duration::ZERO,
+        reset_after: Duration::from_secs(60),
+    };
+    Machine::new(policy).without_jitter()
+}
+
+/// Each restart delay of a service that dies `lived` after each start.
+fn delays(m: &mut Machine, lived: Duration, runs: usize) -> Vec<(Duration, bool)> {
+    let mut now = Instant::now();
+    io(m, Input::Start, now);
+    let mut delays = Vec::new();
+    for _ in 0..runs {
+        io(m, Input::Spawned { pid: 1 }, now);
+        now += lived;
+        let limited = m.step(code(1), now).into_iter().find_map(|e| match e {
+            Effect::Publish(EventKind::RestartScheduled { start_limited, .. }) => {
+                Some(start_limited)
+            }
+            _ => None,
+        });
+        let until = m.deadline().expect("a restart is scheduled");
+        delays.push((until - now, limited.expect("a restart_scheduled event")));
+        now = until;
+        assert_eq!(io(m, Input::Timer, now), [Effect::Spawn]);
+    }
+    delays
+}
+
+#[test]
+fn a_loop_that_dies_at_once_is_slowed_after_the_burst_even_with_no_backoff() {
+    let mut m = no_backoff();
+    let seen = delays(&mut m, Duration::ZERO, 8);
+    let immediate = (Duration::ZERO, false);
+    let floored = (crate::config::START_LIMIT_DELAY, true);
+    assert_eq!(
+        seen,
+        [
+            immediate, immediate, immediate, immediate, floored, floored, floored, floored
+        ],
+        "the first restarts stay immediate; from the 5th quick death on, at least 1 s"
+    );
+}
+
+#[test]
+fn runs_that_lived_a_while_are_not_a_spin() {
+    // As the side-by-side benchmark does: a service living 0.2 s with no
+    // backoff is restarted at once, every time.
+    let mut m = no_backoff();
+    let seen = delays(&mut m, Duration::from_millis(200), 30);
+    assert!(
+        seen.iter()
+            .all(|&(delay, limited)| delay.is_zero() && !limited),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn quick_deaths_spread_wider_than_the_interval_do_not_hit_the_limit() {
+    let mut m = no_backoff();
+    let mut now = Instant::now();
+    io(&mut m, Input::Start, now);
+    for _ in 0..10 {
+        io(&mut m, Input::Spawned { pid: 1 }, now);
+        m.step(code(1), now);
+        assert_eq!(m.deadline(), Some(now), "immediate");
+        // Waits 3 s before the next start: 5 deaths take 12 s > 10 s.
+        now += Duration::from_secs(3);
+        io(&mut m, Input::Timer, now);
+    }
+}
+
+#[test]
+fn spawn_failures_count_as_quick_deaths() {
+    let mut m = no_backoff();
+    let now = Instant::now();
+    io(&mut m, Input::Start, now);
+    let mut last = Duration::ZERO;
+    for _ in 0..6 {
+        io(
+            &mut m,
+            Input::SpawnFailed {
+                error: "no such file".into(),
+            },
+            now,
+        );
+        last = m.deadline().unwrap() - now;
+        io(&mut m, Input::Timer, now + last);
+    }
+    assert_eq!(last, crate::config::START_LIMIT_DELAY);
+}
+
+#[test]
+fn a_failed_spawn_keeps_the_last_exit_code() {
+    // A killed service whose restart cannot spawn still shows 137.
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    m.step(
+        Input::Exited(ExitReason::Signaled {
+            signal: 9,
+            core_dumped: false,
+        }),
+        now,
+    );
+    let restart_at = m.deadline().unwrap();
+    io(&mut m, Input::Timer, restart_at);
+    m.step(
+        Input::SpawnFailed {
+            error: "no such file".into(),
+        },
+        now,
+    );
+    assert_eq!(m.last_exit().map(ExitReason::code), Some(137));
+    assert_eq!(m.last_error(), Some("no such file"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_actor_whose_process_dies_at_once_with_no_backoff_does_not_spin() {
+    let spawner = FakeSpawner::new();
+    let mut def = definition(RestartPolicy::Always, u32::MAX);
+    def.policy.backoff = BackoffConfig {
+        initial: Duration::ZERO,
+        max: Duration::ZERO,
+        reset_after: Duration::from_secs(60),
+    };
+    let machine = Machine::new(def.policy.clone());
+    let (handle, _task) = spawn_with_machine(
+        def,
+        Arc::new(spawner.clone()),
+        EventBus::in_memory(),
+        machine,
+    );
+    // Every spawn fails: the quickest death there is.
+    spawner.fail_always("exec failed");
+    let _ = handle.start().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let spawns = spawner.spawn_count();
+    // 5 quick ones, then one a second: about 15 in 10 s, not thousands.
+    assert!((5..=20).contains(&spawns), "{spawns} spawns in 10 s");
 }

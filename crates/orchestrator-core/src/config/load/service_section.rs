@@ -8,7 +8,7 @@ use toml::de::{DeTable, DeValue};
 use super::cx::Cx;
 use super::keys::{Field, Key, join_key};
 use super::values::set;
-use crate::config::model::{BackoffConfig, RestartPolicy, ServiceConfig};
+use crate::config::model::{BackoffConfig, RestartPolicy, ServiceConfig, StartLimit};
 use crate::name::ServiceName;
 
 const RESTART_POLICIES: &[(&str, RestartPolicy)] = &[
@@ -94,6 +94,11 @@ pub(super) const KEYS: &[Key<ServiceConfig>] = &[
         "restart delays: { initial, max, reset_after }",
         backoff,
     ),
+    Key::new(
+        "start_limit",
+        "the start-rate limit: { burst, interval }",
+        start_limit,
+    ),
     Key::later("cpu_limit", "the CPU limit in cores"),
     Key::later("pids_limit", "the limit on the service's processes"),
     Key::later("rlimits", "resource limits such as { nofile = 4096 }"),
@@ -120,6 +125,58 @@ pub(super) const BACKOFF_KEYS: &[Key<BackoffConfig>] = &[
         |cx, f, out| set(&mut out.reset_after, cx.duration(&f.path, f.value)),
     ),
 ];
+
+pub(super) const START_LIMIT_KEYS: &[Key<StartLimit>] = &[
+    Key::new(
+        "burst",
+        "how many runs may die at once within interval before restarts slow down",
+        |cx, f, out| {
+            let burst = cx.integer_in(&f.path, f.value, 1, u32::MAX.into(), "1 or more");
+            set(
+                &mut out.burst,
+                burst.and_then(|burst| u32::try_from(burst).ok()),
+            );
+        },
+    ),
+    Key::new(
+        "interval",
+        "the window in which quick deaths are counted",
+        |cx, f, out| {
+            let interval = cx.duration(&f.path, f.value);
+            if interval == Some(std::time::Duration::ZERO) {
+                cx.report(
+                    f.value.span(),
+                    &f.path,
+                    "a zero interval would never count a death; use at least \"1s\"".to_owned(),
+                );
+                return;
+            }
+            set(&mut out.interval, interval);
+        },
+    ),
+];
+
+fn start_limit(cx: &mut Cx<'_>, f: &Field<'_, '_>, out: &mut ServiceConfig) {
+    let Some(table) = f.value.get_ref().as_table() else {
+        cx.mismatch(
+            &f.path,
+            f.value,
+            "a table like { burst = 5, interval = \"10s\" }",
+        );
+        return;
+    };
+    let mut limit = StartLimit::default();
+    let place = format!("in {}", f.path);
+    cx.section(
+        table,
+        &f.path,
+        &place,
+        START_LIMIT_KEYS,
+        f.base_dir,
+        &mut limit,
+    );
+    out.start_limit = limit;
+}
 
 /// Reads `[services]`: one section per service, keyed by a valid name.
 pub(super) fn read_all(
@@ -234,6 +291,34 @@ mod tests {
 
     use super::*;
     use crate::config::load::test_support::*;
+
+    #[test]
+    fn start_limit_is_read_and_checked() {
+        let svc = service("[services.api]\nstart_limit = { burst = 3, interval = \"30s\" }\n");
+        assert_eq!(
+            svc.start_limit,
+            StartLimit {
+                burst: 3,
+                interval: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(
+            service("[services.api]\n").start_limit,
+            StartLimit::default()
+        );
+        let message = one_problem(
+            "[services.api]\nstart_limit = { burst = 0 }\n",
+            2,
+            "services.api.start_limit.burst",
+        );
+        assert!(message.contains("1 or more"), "{message}");
+        let message = one_problem(
+            "[services.api]\nstart_limit = { interval = 0 }\n",
+            2,
+            "services.api.start_limit.interval",
+        );
+        assert!(message.contains("never count"), "{message}");
+    }
 
     #[test]
     fn full_service_section() {
