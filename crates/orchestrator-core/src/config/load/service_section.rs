@@ -131,7 +131,8 @@ pub(super) const START_LIMIT_KEYS: &[Key<StartLimit>] = &[
         "burst",
         "how many runs may die at once within interval before restarts slow down",
         |cx, f, out| {
-            let burst = cx.integer_in(&f.path, f.value, 1, u32::MAX.into(), "1 or more");
+            // Bounded, so that no setting turns the limit off.
+            let burst = cx.integer_in(&f.path, f.value, 1, 100, "from 1 to 100");
             set(
                 &mut out.burst,
                 burst.and_then(|burst| u32::try_from(burst).ok()),
@@ -143,11 +144,12 @@ pub(super) const START_LIMIT_KEYS: &[Key<StartLimit>] = &[
         "the window in which quick deaths are counted",
         |cx, f, out| {
             let interval = cx.duration(&f.path, f.value);
-            if interval == Some(std::time::Duration::ZERO) {
+            if interval.is_some_and(|i| i < std::time::Duration::from_secs(1)) {
                 cx.report(
                     f.value.span(),
                     &f.path,
-                    "a zero interval would never count a death; use at least \"1s\"".to_owned(),
+                    "an interval under 1s would let a crash loop spin; use at least \"1s\""
+                        .to_owned(),
                 );
                 return;
             }
@@ -311,13 +313,13 @@ mod tests {
             2,
             "services.api.start_limit.burst",
         );
-        assert!(message.contains("1 or more"), "{message}");
+        assert!(message.contains("from 1 to 100"), "{message}");
         let message = one_problem(
-            "[services.api]\nstart_limit = { interval = 0 }\n",
+            "[services.api]\nstart_limit = { interval = \"500ms\" }\n",
             2,
             "services.api.start_limit.interval",
         );
-        assert!(message.contains("never count"), "{message}");
+        assert!(message.contains("at least \"1s\""), "{message}");
     }
 
     #[test]
