@@ -14,7 +14,9 @@ use crate::events::{EventBus, EventKind};
 use crate::plan::{HostEnv, plan};
 use crate::process::Spawner;
 use crate::service::ServiceDefinition;
-use crate::state::{StateStore, find_leftovers, read_state, stop_leftovers};
+use crate::state::{
+    StateError, StateStore, check_data_dir, find_leftovers, read_state, set_aside, stop_leftovers,
+};
 use crate::supervisor::{SupervisorHandle, spawn_supervisor};
 use nix::sys::signal::Signal;
 
@@ -36,6 +38,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Untrusted(#[from] crate::state::TrustError),
     #[error(transparent)]
     Supervisor(#[from] crate::supervisor::SupervisorError),
 }
@@ -89,7 +93,7 @@ pub async fn run(
         &bus,
     )
     .await;
-    let store = StateStore::start(state_path);
+    let store = StateStore::start(state_path, definitions.len(), Some(bus.clone()));
     let observer = store.clone();
     bus.set_observer(move |event| observer.observe(event));
     let supervisor = spawn_supervisor(definitions, spawner, bus.clone());
@@ -150,6 +154,21 @@ async fn clean_up_after_a_crash(
     let previous = match read_state(state_path) {
         Ok(Some(previous)) => previous,
         Ok(None) => return,
+        Err(error @ StateError::Untrusted { .. }) => {
+            tracing::error!("{error}");
+            let aside = set_aside(state_path);
+            if let Err(error) = &aside {
+                warn!("cannot move {} aside: {error}", state_path.display());
+            }
+            bus.emit(
+                None,
+                EventKind::UntrustedFileIgnored {
+                    path: state_path.display().to_string(),
+                    reason: error.to_string(),
+                },
+            );
+            return;
+        }
         Err(error) => {
             warn!("{error}");
             return;
@@ -207,6 +226,8 @@ async fn shutdown(
     }
 }
 
+/// Make data_dir if need be, then refuse it unless only our uid can write
+/// there: its files decide what the daemon signals.
 fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -216,7 +237,8 @@ fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
         .map_err(|source| DaemonError::DataDir {
             dir: dir.to_owned(),
             source,
-        })
+        })?;
+    Ok(check_data_dir(dir)?)
 }
 
 #[cfg(test)]
