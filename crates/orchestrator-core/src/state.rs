@@ -1263,6 +1263,22 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A `state.tmp` left by a crash, or planted as a symlink: replaced,
+    /// never written through.
+    #[test]
+    fn a_planted_state_tmp_is_not_written_through() {
+        let dir = temp_dir("tmplink");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.join("state");
+        std::os::unix::fs::symlink(&victim, dir.join("state.tmp")).unwrap();
+        write_slots(&path, &[sample(10)]);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(read_state(&path).unwrap(), Some(sample(10)));
+        assert!(!dir.join("state.tmp").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_data_dir_others_can_write_is_refused_with_the_fix() {
         use std::os::unix::fs::PermissionsExt;

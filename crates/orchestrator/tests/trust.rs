@@ -307,7 +307,10 @@ fn deleting_data_dir_does_not_let_a_second_daemon_run_the_services_again() {
     let mut first = run_daemon(&dir);
     let pid = wait_running(&dir, &first);
     let home = dir.service_data_dir("api");
-    std::fs::remove_dir_all(dir.data_dir()).unwrap();
+    // Like `rm -rf`, racing the daemon's own writes (a log line may land
+    // in a directory being emptied): again until it is gone.
+    let removed = wait_until(DEADLINE, || remove_all(&dir.data_dir()));
+    assert!(removed, "cannot remove data_dir");
 
     let mut second = run_daemon(&dir);
     assert_eq!(
@@ -381,6 +384,14 @@ impl Drop for Tmpfs {
     }
 }
 
+/// `rm -rf path` once: whether the path is gone.
+fn remove_all(path: &Path) -> bool {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => true,
+        Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
 /// Fill the filesystem of `path` until a write fails with ENOSPC.
 fn fill(path: &Path) {
     use std::io::Write;
@@ -431,10 +442,12 @@ fn a_full_disk_does_not_make_the_record_stale_so_a_sigkill_runs_nothing_twice() 
         orchestrator_core::state::read_state(&state),
         first.stderr_text()
     );
+    // Log lines and events may fail to reach their files; the record not.
+    let log = first.stderr_text();
     assert!(
-        !first.stderr_text().contains("cannot write"),
-        "{}",
-        first.stderr_text()
+        !log.lines()
+            .any(|l| l.contains("cannot write") && l.contains(&state.display().to_string())),
+        "{log}"
     );
 
     first.signal(nix::libc::SIGKILL);
@@ -448,4 +461,84 @@ fn a_full_disk_does_not_make_the_record_stale_so_a_sigkill_runs_nothing_twice() 
     );
     assert_eq!(live_processes_with_home(&home), vec![newest]);
     shutdown(&dir, &mut second);
+}
+
+// ---------------------------------------------------------------------------
+// A careless operator, a squatter
+
+/// data_dir on a read-only file system: refused at once with the reason,
+/// not a daemon that runs services it can never record.
+#[test]
+fn a_read_only_data_dir_is_refused_with_the_reason() {
+    let dir = workspace("trust-ro", "data_dir = \"data\"");
+    let data = dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    chmod(&data, 0o700);
+    std::fs::create_dir(data.join("logs")).unwrap();
+    chmod(&data.join("logs"), 0o700);
+    let _mount = match Tmpfs::bind_read_only(&data) {
+        Ok(mount) => mount,
+        Err(reason) => {
+            eprintln!("SKIPPED a_read_only_data_dir_is_refused_with_the_reason: {reason}");
+            return;
+        }
+    };
+    let mut daemon = run_daemon(&dir);
+    assert_eq!(daemon.wait_exit().code(), Some(1));
+    let log = daemon.stderr_text();
+    assert!(log.contains("Read-only file system"), "{log}");
+    assert!(live_processes_with_home(&dir.service_data_dir("api")).is_empty());
+}
+
+impl Tmpfs {
+    /// `dir` bound read-only onto itself (unmounted on drop), or why not.
+    fn bind_read_only(dir: &Path) -> Result<Tmpfs, String> {
+        if !is_root() {
+            return Err("not running as root".to_owned());
+        }
+        let run = |args: &[&str]| -> Result<(), String> {
+            let output = Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .output()
+                .map_err(|e| format!("cannot run mount: {e}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "mount failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        };
+        run(&["--bind"])?;
+        let mounted = Tmpfs(dir.to_owned());
+        run(&["-o", "remount,bind,ro"])?;
+        Ok(mounted)
+    }
+}
+
+/// The lock's abstract name held by a process that is not a daemon (a
+/// squatter): the daemon refuses to run and names the holder's pid, rather
+/// than running without its guarantee.
+#[test]
+fn a_held_lock_name_is_refused_naming_its_holder() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    let dir = workspace("trust-squat", "");
+    let data = dir.data_dir();
+    std::fs::create_dir(&data).unwrap();
+    chmod(&data, 0o700);
+    let name = format!("orchestrator-lock:{}", data.display());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _squatter = UnixListener::bind_addr(&addr).unwrap();
+    let mut daemon = run_daemon(&dir);
+    assert_eq!(daemon.wait_exit().code(), Some(1));
+    let log = daemon.stderr_text();
+    assert!(
+        log.contains(&format!("(pid {})", std::process::id())),
+        "{log}"
+    );
+    assert!(live_processes_with_home(&dir.service_data_dir("api")).is_empty());
 }
