@@ -49,6 +49,9 @@ pub enum DaemonError {
 pub struct DaemonHandles {
     pub supervisor: SupervisorHandle,
     pub events: EventBus,
+    /// The crash-recovery record; its `failed_writes()` is for the API to
+    /// show (status/metrics).
+    pub state: StateStore,
 }
 
 /// Run until a Shutdown (or ForceShutdown) event, or until `events` closes.
@@ -101,6 +104,7 @@ pub async fn run(
         let _ = ready.send(DaemonHandles {
             supervisor: supervisor.clone(),
             events: bus.clone(),
+            state: store.clone(),
         });
     }
 

@@ -676,6 +676,48 @@ impl SlotFile {
         })
     }
 
+    /// The file a previous daemon reserved, taken over in place: a daemon
+    /// restarted on a full disk keeps its record without a new block. Only
+    /// a regular file of our uid in this format, its blocks allocated.
+    fn reuse(path: &Path) -> Option<SlotFile> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .ok()?;
+        let meta = file.metadata().ok()?;
+        let len = meta.len();
+        if !meta.is_file()
+            || meta.uid() != our_uid()
+            || len > STATE_MAX_BYTES
+            || len < 2 * HEADER as u64
+            || !len.is_multiple_of(2)
+            // Sparse: writing would need blocks after all.
+            || meta.blocks() * 512 < len
+        {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).ok()?;
+        if !bytes.starts_with(MAGIC) {
+            return None;
+        }
+        let (first, second) = bytes.split_at(bytes.len() / 2);
+        let generation = [decode_slot(first), decode_slot(second)]
+            .into_iter()
+            .flatten()
+            .map(|(generation, _)| generation)
+            .max()
+            .unwrap_or(0);
+        Some(SlotFile {
+            file,
+            slot_size: bytes.len() / 2,
+            generation,
+        })
+    }
+
     /// Overwrite the older slot: the blocks are reserved, so this needs no
     /// space. `Ok(false)` when the payload does not fit a slot.
     fn write(&mut self, payload: &[u8]) -> io::Result<bool> {
@@ -892,6 +934,9 @@ impl StoreInner {
                 .clone(),
         };
         let payload = serde_json::to_vec(&state).map_err(io::Error::other)?;
+        if file.is_none() {
+            *file = SlotFile::reuse(&self.path);
+        }
         if let Some(open) = file.as_mut() {
             if open.is_deleted() {
                 warn!(
@@ -902,8 +947,8 @@ impl StoreInner {
                 return Ok(());
             }
         }
-        // First write, the file is gone, or the record outgrew it: a new file
-        // (the only write that needs free space).
+        // No reserved file yet, it is gone, or the record outgrew it: a new
+        // file (the only write that needs free space).
         let services = self.capacity.max(state.services.len() * 2);
         *file = Some(SlotFile::create(&self.path, services, &payload)?);
         Ok(())
@@ -1198,6 +1243,30 @@ mod tests {
         );
         assert_eq!(read_state(&path).unwrap().unwrap().services.len(), 50);
         assert_eq!(store.failed_writes(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A restarted daemon takes over the reserved file in place (on a full
+    /// disk a new one could not be made), after the leftovers it named were
+    /// dealt with.
+    #[tokio::test]
+    async fn a_new_store_reuses_the_reserved_file_in_place() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = temp_dir("reuse");
+        let path = dir.join("state");
+        write_slots(&path, &[sample(10), sample(11), sample(12)]);
+        let before = std::fs::metadata(&path).unwrap();
+        let store = StateStore::start(path.clone(), 4, None);
+        store.flush().await;
+        let after = std::fs::metadata(&path).unwrap();
+        assert_eq!((after.ino(), after.len()), (before.ino(), before.len()));
+        assert!(read_state(&path).unwrap().unwrap().services.is_empty());
+        // The old JSON format is never written in place.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, serde_json::to_vec(&sample(10)).unwrap()).unwrap();
+        let store = StateStore::start(path.clone(), 4, None);
+        store.flush().await;
+        assert!(std::fs::read(&path).unwrap().starts_with(MAGIC));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

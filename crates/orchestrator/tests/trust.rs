@@ -452,15 +452,39 @@ fn a_full_disk_does_not_make_the_record_stale_so_a_sigkill_runs_nothing_twice() 
 
     first.signal(nix::libc::SIGKILL);
     first.wait_exit();
-    std::fs::remove_file(data.join("filler")).unwrap();
+
+    // A daemon restarted on the still full disk cleans up, and keeps its
+    // record in the file reserved by the one before.
     let mut second = run_daemon(&dir);
-    let newest = wait_running(&dir, &second);
+    let newer = wait_running(&dir, &second);
     assert!(
         wait_until(DEADLINE, || !is_alive(new)),
         "the process of the killed daemon still runs beside the new one"
     );
+    let recorded = wait_until(DEADLINE, || {
+        orchestrator_core::state::read_state(&state)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.services.get("api").map(|r| r.pid) == Some(newer))
+    });
+    assert!(
+        recorded,
+        "the record does not name {newer}: {:?}\nlog:\n{}",
+        orchestrator_core::state::read_state(&state),
+        second.stderr_text()
+    );
+    second.signal(nix::libc::SIGKILL);
+    second.wait_exit();
+
+    std::fs::remove_file(data.join("filler")).unwrap();
+    let mut third = run_daemon(&dir);
+    let newest = wait_running(&dir, &third);
+    assert!(
+        wait_until(DEADLINE, || !is_alive(newer)),
+        "the process of the second killed daemon still runs beside the new one"
+    );
     assert_eq!(live_processes_with_home(&home), vec![newest]);
-    shutdown(&dir, &mut second);
+    shutdown(&dir, &mut third);
 }
 
 // ---------------------------------------------------------------------------
