@@ -15,7 +15,8 @@ use crate::plan::{HostEnv, plan};
 use crate::process::Spawner;
 use crate::service::ServiceDefinition;
 use crate::state::{
-    StateError, StateStore, check_data_dir, find_leftovers, read_state, set_aside, stop_leftovers,
+    StateError, StateStore, check_data_dir, find_leftovers, read_state_at_most, set_aside,
+    stop_leftovers,
 };
 use crate::supervisor::{SupervisorHandle, spawn_supervisor};
 use nix::sys::signal::Signal;
@@ -91,12 +92,14 @@ pub async fn run(
     let state_path = orchestrator.data_dir.join("state");
     clean_up_after_a_crash(
         &state_path,
+        orchestrator.state_max_bytes,
         &definitions,
         orchestrator.shutdown_timeout,
         &bus,
     )
     .await;
-    let store = StateStore::start(state_path, definitions.len(), Some(bus.clone()));
+    // Twice the services: a reload that adds some on a full disk still fits.
+    let store = StateStore::start(state_path, definitions.len() * 2, Some(bus.clone()));
     let observer = store.clone();
     bus.set_observer(move |event| observer.observe(event));
     let supervisor = spawn_supervisor(definitions, spawner, bus.clone());
@@ -151,11 +154,12 @@ pub async fn run(
 /// and start time match the record are touched.
 async fn clean_up_after_a_crash(
     state_path: &std::path::Path,
+    state_max_bytes: u64,
     definitions: &[ServiceDefinition],
     default_timeout: std::time::Duration,
     bus: &EventBus,
 ) {
-    let previous = match read_state(state_path) {
+    let previous = match read_state_at_most(state_path, state_max_bytes) {
         Ok(Some(previous)) => previous,
         Ok(None) => return,
         Err(error @ StateError::Untrusted { .. }) => {

@@ -501,10 +501,9 @@ const MAGIC: &[u8; 8] = b"ORCHST2\n";
 const HEADER: usize = 24;
 /// Generous for one record: a 64-byte name and four numbers in JSON.
 const RECORD_BYTES: usize = 192;
-/// Bigger than any record a daemon writes (~170 bytes a service: 64 MiB is
-/// 350 000 services); a larger file is not read, so a huge or sparse file
-/// cannot exhaust the daemon's memory.
-pub const STATE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// The default of `state_max_bytes`: a larger file is not read, so a huge
+/// or sparse file cannot exhaust the daemon's memory.
+pub const STATE_MAX_BYTES: u64 = crate::config::DEFAULT_STATE_MAX_BYTES;
 
 /// The slot size that holds `services` records with room to spare.
 fn slot_size_for(services: usize) -> usize {
@@ -585,6 +584,14 @@ fn decode_file(bytes: &[u8]) -> Result<(u64, PersistedState), String> {
 /// What a previous daemon recorded; `None` when there is no record. Reads
 /// this format and, once, for an upgrade, the JSON file of earlier versions.
 pub fn read_state(path: &Path) -> Result<Option<PersistedState>, StateError> {
+    read_state_at_most(path, STATE_MAX_BYTES)
+}
+
+/// [`read_state`] of a file of at most `max_bytes` (`state_max_bytes`).
+pub fn read_state_at_most(
+    path: &Path,
+    max_bytes: u64,
+) -> Result<Option<PersistedState>, StateError> {
     let read_error = |source| StateError::Read {
         path: path.to_owned(),
         source,
@@ -604,13 +611,13 @@ pub fn read_state(path: &Path) -> Result<Option<PersistedState>, StateError> {
         }
         Err(OpenError::Io(source)) => return Err(read_error(source)),
     };
-    if len > STATE_MAX_BYTES {
+    if len > max_bytes {
         return Err(corrupt(format!(
-            "{len} bytes, more than any record ({STATE_MAX_BYTES} bytes at most)"
+            "{len} bytes, more than state_max_bytes ({max_bytes})"
         )));
     }
     let mut bytes = Vec::new();
-    file.take(STATE_MAX_BYTES)
+    file.take(max_bytes)
         .read_to_end(&mut bytes)
         .map_err(read_error)?;
     if bytes.starts_with(MAGIC) {
@@ -1329,6 +1336,14 @@ mod tests {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .unwrap();
         assert!(matches!(read_state(&path), Err(StateError::Corrupt { .. })));
+        // state_max_bytes sets the bound.
+        std::fs::remove_file(&path).unwrap();
+        write_slots(&path, &[sample(10)]);
+        assert!(read_state_at_most(&path, 1 << 20).unwrap().is_some());
+        assert!(matches!(
+            read_state_at_most(&path, 4096),
+            Err(StateError::Corrupt { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
