@@ -100,6 +100,9 @@ pub async fn run(
     .await;
     // Twice the services: a reload that adds some on a full disk still fits.
     let store = StateStore::start(state_path, definitions.len() * 2, Some(bus.clone()));
+    // The file is reserved (or its failure said) before the first spawn, so
+    // no spawn waits on free space to be recorded.
+    store.flush().await;
     let observer = store.clone();
     bus.set_observer(move |event| observer.observe(event));
     let supervisor = spawn_supervisor(definitions, spawner, bus.clone());

@@ -62,6 +62,24 @@ pub fn check_data_dir(data_dir: &Path) -> Result<(), TrustError> {
         let path = path.to_owned();
         move |source| TrustError::Io { path, source }
     };
+    // The path may be a symlink the operator made, but not someone else's:
+    // a link planted at a path in /tmp could point the daemon anywhere.
+    let link = std::fs::symlink_metadata(data_dir).map_err(io_error(data_dir))?;
+    if link.file_type().is_symlink() && link.uid() != our_uid() && link.uid() != 0 {
+        return Err(TrustError::Untrusted {
+            what: "data_dir",
+            path: data_dir.to_owned(),
+            reason: format!(
+                "it is a symbolic link owned by uid {}, not by this daemon's uid {}",
+                link.uid(),
+                our_uid()
+            ),
+            fix: format!(
+                "`rm {}` and let the daemon create it, or set data_dir to the real path",
+                shell_quote(data_dir)
+            ),
+        });
+    }
     let meta = std::fs::metadata(data_dir).map_err(io_error(data_dir))?;
     check_private_dir("data_dir", data_dir, &meta)?;
     let logs = data_dir.join("logs");
@@ -1385,6 +1403,17 @@ mod tests {
         assert!(error.contains("symbolic link"), "{error}");
         std::fs::remove_file(dir.join("logs")).unwrap();
         if our_uid() == 0 {
+            let link = dir.with_extension("link");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&dir, &link).unwrap();
+            check_data_dir(&link).unwrap();
+            std::os::unix::fs::lchown(&link, Some(65534), None).unwrap();
+            let error = check_data_dir(&link).unwrap_err().to_string();
+            assert!(
+                error.contains("symbolic link owned by uid 65534"),
+                "{error}"
+            );
+            std::fs::remove_file(&link).unwrap();
             std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
             let error = check_data_dir(&dir).unwrap_err().to_string();
             assert!(
