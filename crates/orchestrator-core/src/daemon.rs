@@ -14,7 +14,10 @@ use crate::events::{EventBus, EventKind};
 use crate::plan::{HostEnv, plan};
 use crate::process::Spawner;
 use crate::service::ServiceDefinition;
-use crate::state::{StateStore, find_leftovers, read_state, stop_leftovers};
+use crate::state::{
+    StateError, StateStore, check_data_dir, find_leftovers, read_state_at_most, set_aside,
+    stop_leftovers,
+};
 use crate::supervisor::{SupervisorHandle, spawn_supervisor};
 use nix::sys::signal::Signal;
 
@@ -37,6 +40,8 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Untrusted(#[from] crate::state::TrustError),
+    #[error(transparent)]
     Supervisor(#[from] crate::supervisor::SupervisorError),
 }
 
@@ -45,6 +50,9 @@ pub enum DaemonError {
 pub struct DaemonHandles {
     pub supervisor: SupervisorHandle,
     pub events: EventBus,
+    /// The crash-recovery record; its `failed_writes()` is for the API to
+    /// show (status/metrics).
+    pub state: StateStore,
 }
 
 /// Run until a Shutdown (or ForceShutdown) event, or until `events` closes.
@@ -84,12 +92,17 @@ pub async fn run(
     let state_path = orchestrator.data_dir.join("state");
     clean_up_after_a_crash(
         &state_path,
+        orchestrator.state_max_bytes,
         &definitions,
         orchestrator.shutdown_timeout,
         &bus,
     )
     .await;
-    let store = StateStore::start(state_path);
+    // Twice the services: a reload that adds some on a full disk still fits.
+    let store = StateStore::start(state_path, definitions.len() * 2, Some(bus.clone()));
+    // The file is reserved (or its failure said) before the first spawn, so
+    // no spawn waits on free space to be recorded.
+    store.flush().await;
     let observer = store.clone();
     bus.set_observer(move |event| observer.observe(event));
     let supervisor = spawn_supervisor(definitions, spawner, bus.clone());
@@ -97,6 +110,7 @@ pub async fn run(
         let _ = ready.send(DaemonHandles {
             supervisor: supervisor.clone(),
             events: bus.clone(),
+            state: store.clone(),
         });
     }
 
@@ -143,13 +157,29 @@ pub async fn run(
 /// and start time match the record are touched.
 async fn clean_up_after_a_crash(
     state_path: &std::path::Path,
+    state_max_bytes: u64,
     definitions: &[ServiceDefinition],
     default_timeout: std::time::Duration,
     bus: &EventBus,
 ) {
-    let previous = match read_state(state_path) {
+    let previous = match read_state_at_most(state_path, state_max_bytes) {
         Ok(Some(previous)) => previous,
         Ok(None) => return,
+        Err(error @ StateError::Untrusted { .. }) => {
+            tracing::error!("{error}");
+            let aside = set_aside(state_path);
+            if let Err(error) = &aside {
+                warn!("cannot move {} aside: {error}", state_path.display());
+            }
+            bus.emit(
+                None,
+                EventKind::UntrustedFileIgnored {
+                    path: state_path.display().to_string(),
+                    reason: error.to_string(),
+                },
+            );
+            return;
+        }
         Err(error) => {
             warn!("{error}");
             return;
@@ -207,6 +237,8 @@ async fn shutdown(
     }
 }
 
+/// Make data_dir if need be, then refuse it unless only our uid can write
+/// there: its files decide what the daemon signals.
 fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -216,7 +248,8 @@ fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
         .map_err(|source| DaemonError::DataDir {
             dir: dir.to_owned(),
             source,
-        })
+        })?;
+    Ok(check_data_dir(dir)?)
 }
 
 #[cfg(test)]

@@ -93,11 +93,28 @@ impl EventBus {
 
     /// A bus persisted to `path`, with the history and sequence numbers
     /// carried on from what an earlier daemon left there.
+    /// A file that is not a regular file of our uid is not read nor
+    /// appended to: it is set aside (its history is not ours to show), said
+    /// loudly, and an `untrusted_file_ignored` event opens the new file.
     pub fn persisted(path: PathBuf) -> Self {
-        let history = read_tail(&path, HISTORY_EVENTS);
+        let refused = refuse_untrusted(&path);
+        let history = match refused {
+            Some(_) => VecDeque::new(),
+            None => read_tail(&path, HISTORY_EVENTS),
+        };
         let next_seq = history.back().map_or(1, |e| e.seq + 1);
-        let file = FileQueue::start(path);
-        Self::build(file, history, next_seq)
+        let file = FileQueue::start(path.clone());
+        let bus = Self::build(file, history, next_seq);
+        if let Some(reason) = refused {
+            bus.emit(
+                None,
+                EventKind::UntrustedFileIgnored {
+                    path: path.display().to_string(),
+                    reason,
+                },
+            );
+        }
+        bus
     }
 
     fn build(file: Option<FileQueue>, history: VecDeque<Arc<Event>>, next_seq: u64) -> Self {
@@ -307,6 +324,38 @@ fn write_events(path: &Path, queue: &Receiver<Arc<Event>>, progress: &FileProgre
             reported = dropped;
         }
     }
+}
+
+/// Why `path` is not ours to read or append to, after setting it aside;
+/// `None` when it is ours or absent.
+fn refuse_untrusted(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let uid = crate::state::our_uid();
+    let reason = if meta.file_type().is_symlink() {
+        "it is a symbolic link".to_owned()
+    } else if !meta.is_file() {
+        "it is not a regular file".to_owned()
+    } else if meta.uid() != uid {
+        format!(
+            "it is owned by uid {}, not by this daemon's uid {uid}",
+            meta.uid()
+        )
+    } else {
+        return None;
+    };
+    match crate::state::set_aside(path) {
+        Ok(aside) => tracing::error!(
+            "ignoring {}: {reason}; moved to {} and starting a new one",
+            path.display(),
+            aside.display()
+        ),
+        Err(error) => tracing::error!(
+            "ignoring {}: {reason}; and cannot move it aside ({error}): events are not persisted",
+            path.display()
+        ),
+    }
+    Some(reason)
 }
 
 /// The last `limit` events of a file; lines that don't parse (a torn write

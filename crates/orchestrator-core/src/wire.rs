@@ -284,6 +284,23 @@ pub enum EventKind {
     SupervisionLost {
         error: String,
     },
+    /// The crash-recovery record (`data_dir/state`) cannot be written: a
+    /// daemon killed now would leave the services started since unknown to
+    /// the next one.
+    StateWriteFailed {
+        path: String,
+        error: String,
+    },
+    StateWriteResumed {
+        /// Writes that failed so far, in all.
+        failed_writes: u64,
+    },
+    /// A file of data_dir that is not this daemon's (another owner, a
+    /// symlink, a FIFO...) was set aside and not used.
+    UntrustedFileIgnored {
+        path: String,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -337,6 +354,15 @@ impl Event {
             }
             EventKind::ReloadRejected { errors } => {
                 format!("reload rejected: {}", errors.join("; "))
+            }
+            EventKind::StateWriteFailed { path, error } => format!(
+                "cannot write {path}: {error}; a daemon killed now would leave services unknown to the next one"
+            ),
+            EventKind::StateWriteResumed { failed_writes } => {
+                format!("state record written again ({failed_writes} writes failed so far)")
+            }
+            EventKind::UntrustedFileIgnored { path, reason } => {
+                format!("ignored {path}: {reason}")
             }
         };
         format!("{}  {service}  {what}", self.time)

@@ -131,7 +131,9 @@ fn events_file(dir: &TestDir) -> Vec<Value> {
 
 /// `data_dir/state`, parsed.
 fn read_state(data_dir: &Path) -> Option<PersistedState> {
-    serde_json::from_slice(&std::fs::read(data_dir.join("state")).ok()?).ok()
+    orchestrator_core::state::read_state(&data_dir.join("state"))
+        .ok()
+        .flatten()
 }
 
 /// Wait until `predicate` holds for the output of `orchestrator events`;

@@ -34,6 +34,9 @@ pub struct OrchestratorConfig {
     pub log_max_bytes: u64,
     /// Rotated files kept beside the live one (`NAME.log.1` … `NAME.log.N`).
     pub log_max_files: u32,
+    /// A `data_dir/state` larger than this is ignored as corrupt, not read
+    /// (a huge or sparse file must not exhaust the daemon's memory).
+    pub state_max_bytes: u64,
     /// Also serve the API on TCP here (token required).
     pub http_listen: Option<std::net::SocketAddr>,
     /// Absolute; checked (exists, not readable by others, not empty) at load.
@@ -122,6 +125,8 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RESTARTS: u32 = 10;
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 50 * 1024 * 1024;
 pub const DEFAULT_LOG_MAX_FILES: u32 = 5;
+/// ~170 bytes a service: room for 350 000 services.
+pub const DEFAULT_STATE_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for BackoffConfig {
     fn default() -> Self {
@@ -166,6 +171,7 @@ impl OrchestratorConfig {
             start_discovered: true,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             log_max_files: DEFAULT_LOG_MAX_FILES,
+            state_max_bytes: DEFAULT_STATE_MAX_BYTES,
             http_listen: None,
             http_token_file: None,
         }

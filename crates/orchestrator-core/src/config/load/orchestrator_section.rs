@@ -81,6 +81,20 @@ pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
         },
     ),
     Key::new(
+        "state_max_bytes",
+        "the largest data_dir/state file read at start; a larger one is ignored as corrupt",
+        |cx, f, out| {
+            let bytes = cx.integer_in(
+                &f.path,
+                f.value,
+                4096,
+                1 << 32,
+                "a number of bytes from 4096 to 4294967296",
+            );
+            set(&mut out.state_max_bytes, bytes.map(i64::unsigned_abs));
+        },
+    ),
+    Key::new(
         "http_listen",
         "IP:PORT for the TCP control API and /metrics",
         |cx, f, out| {
@@ -178,6 +192,22 @@ mod tests {
     use super::*;
     use crate::config::load::parse;
     use crate::config::load::test_support::*;
+
+    #[test]
+    fn state_max_bytes_defaults_to_64_mib_and_is_bounded() {
+        let config = ok("[orchestrator]\n");
+        assert_eq!(config.orchestrator.state_max_bytes, 64 * 1024 * 1024);
+        let config = ok("[orchestrator]\nstate_max_bytes = 8192\n");
+        assert_eq!(config.orchestrator.state_max_bytes, 8192);
+        assert!(
+            parse(
+                "[orchestrator]\nstate_max_bytes = 100\n",
+                None,
+                Path::new("/etc")
+            )
+            .is_err()
+        );
+    }
 
     #[test]
     fn full_orchestrator_section() {
