@@ -655,7 +655,7 @@ mod tests {
                 "\\x00nul \u{fffd}",
             ]
         );
-        let raw = text.replace('\t', " ").replace('\n', " ");
+        let raw = text.replace(['\t', '\n'], " ");
         assert!(!raw.chars().any(char::is_control), "{text:?}");
     }
 
