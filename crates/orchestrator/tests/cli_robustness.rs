@@ -422,3 +422,46 @@ fn followers_of_a_killed_daemon_exit_3() {
     }
     drop(daemon);
 }
+
+#[test]
+fn a_slow_reader_of_logs_is_not_a_daemon_that_does_not_respond() {
+    let flood: &[&str] = &["--spew-bytes", "1000000", "--print", "after", "--sleep"];
+    let dir = workspace("cli-slow-reader", "flood", flood, "", "1s");
+    let daemon = start_daemon(&dir);
+    wait_for_bytes(&dir.log_path("flood"), b"after");
+    let child = Command::new(orchestrator_bin())
+        .args([
+            "-c",
+            CONFIG,
+            "logs",
+            "flood",
+            "-n",
+            "1000",
+            "--timeout",
+            "1s",
+        ])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the orchestrator binary");
+    // Hundreds of KiB of escaped output: the CLI blocks on the full pipe, which is
+    // left unread for longer than the timeout. Not a synchronisation: the
+    // longer the stall, the harder the test.
+    std::thread::sleep(Duration::from_millis(2500));
+    let output = child.wait_with_output().expect("wait for the CLI");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.stdout.len() > 128 * 1024,
+        "{} bytes",
+        output.stdout.len()
+    );
+    assert!(output.stdout.ends_with(b" after\n"));
+    drop(daemon);
+}

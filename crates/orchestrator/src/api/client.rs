@@ -240,34 +240,27 @@ impl Client {
     }
 
     /// [`Client::lines`]. A follow stream (`follow`) is as long as the
-    /// daemon keeps it open: only its head is awaited within the timeout;
-    /// any other answer is bounded whole.
+    /// daemon keeps it open and may be silent as long: only its head is
+    /// awaited within the timeout. Any other answer must keep coming: each
+    /// wait for more of it is bounded, but not the whole, which includes
+    /// the time `on_line` takes to write to a reader that may be slow
+    /// (`logs -n 10000 | less`).
     pub async fn lines_within(
         &self,
         path: &str,
         follow: bool,
-        on_line: impl FnMut(&[u8]) -> std::io::Result<()>,
-    ) -> Result<(), ClientError> {
-        if follow {
-            let response = self.request(Method::GET, path).await?;
-            self.stream_lines(response, on_line).await
-        } else {
-            self.bounded(async {
-                let response = self.send(Method::GET, path).await?;
-                self.stream_lines(response, on_line).await
-            })
-            .await
-        }
-    }
-
-    async fn stream_lines(
-        &self,
-        response: Response<Incoming>,
         mut on_line: impl FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), ClientError> {
+        let response = self.request(Method::GET, path).await?;
         let mut body = response.into_body();
         let mut pending: Vec<u8> = Vec::new();
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = if follow {
+                body.frame().await
+            } else {
+                self.bounded(async { Ok(body.frame().await) }).await?
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| self.broken(e))?;
             let Ok(data) = frame.into_data() else {
                 continue;
