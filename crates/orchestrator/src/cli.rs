@@ -195,7 +195,9 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
         let client = std::sync::Arc::clone(&client);
         let path = format!("/v1/services/{}/{action}", segment(&name));
         requests.spawn(async move {
-            let result = client.action::<ServiceInfo>(Method::POST, &path).await;
+            let result = client
+                .json_unbounded::<ServiceInfo>(Method::POST, &path)
+                .await;
             (index, name, result)
         });
     }
@@ -207,7 +209,8 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
             }
         }
     };
-    // One liveness check for all the requests, rather than one each.
+    // The answers come once applied, unbounded; meanwhile one liveness
+    // check for all the requests stands for the timeout.
     tokio::select! {
         () = collect => {}
         error = watch.until_unresponsive() => return fail(&error),

@@ -178,7 +178,12 @@ impl Client {
         self.bounded(self.json_unbounded(method, path)).await
     }
 
-    async fn json_unbounded<T: DeserializeOwned>(
+    /// An answer with no bound on its wait: an action's comes once it is
+    /// applied, which takes as long as the service needs (a stop waits up
+    /// to its stop_timeout, which may be minutes). Run it beside
+    /// [`Client::until_unresponsive`], which ends the wait for a daemon
+    /// that stopped answering.
+    pub async fn json_unbounded<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -186,22 +191,6 @@ impl Client {
         let response = self.send(method, path).await?;
         let bytes = self.read_body(response).await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
-    }
-
-    /// An action whose answer comes once it is applied, which takes as long
-    /// as the service needs (a stop waits up to its stop_timeout, which may
-    /// be minutes): no bound on the answer itself, but the daemon must
-    /// keep answering [`Client::alive`] meanwhile, or this ends with
-    /// `NotResponding` within about the timeout.
-    pub async fn action<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-    ) -> Result<T, ClientError> {
-        tokio::select! {
-            answer = self.json_unbounded(method, path) => answer,
-            error = self.until_unresponsive() => Err(error),
-        }
     }
 
     /// Returns the first failure of [`Client::alive`], checking every
