@@ -704,7 +704,7 @@ mod tests {
         let line = b"a\tb ~\n".repeat(40);
         assert!(is_plain(&line));
         for at in [0, 63, 64, 200, line.len() - 1] {
-            for bad in [0x1b, 0x07, b'\r', 0x7f, 0x80, 0xc3, 0x00] {
+            for bad in [0x1b, 0x07, b'\r', 0x1f, 0x7f, 0x80, 0xc3, 0xff, 0x00] {
                 let mut dirty = line.clone();
                 dirty[at] = bad;
                 assert!(!is_plain(&dirty), "{bad:#x} at {at}");

@@ -37,7 +37,9 @@ struct Cli {
     /// Control socket [default: data_dir/orchestrator.sock]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// How long a client verb waits for the daemon to answer before it exits 3 (not responding): "10s", "500ms", "2m". Actions may take longer as long as the daemon keeps answering; follow streams are bounded until their first answer only
+    /// How long a client verb waits for the daemon to answer ("10s", "500ms", "2m"), then exits 3
+    ///
+    /// start/stop/restart may take longer (a stop lasts up to the service's stop_timeout) as long as the daemon keeps answering its health check; logs -f and events -f wait this long for their first answer only.
     #[arg(long, global = true, value_name = "DURATION", default_value = api::client::DEFAULT_TIMEOUT_ARG, value_parser = cli::parse_timeout)]
     timeout: std::time::Duration,
     #[command(subcommand)]
