@@ -322,19 +322,19 @@ fn a_stop_longer_than_the_timeout_is_not_a_daemon_that_does_not_respond() {
         "stubborn",
         &["--ignore-term", "--ready", "--sleep"],
         "",
-        "3s",
+        "5s",
     );
     let daemon = start_daemon(&dir);
     wait_for_bytes(&dir.log_path("stubborn"), b"READY");
     let (code, stdout, stderr, took) = run_raw(
         dir.path(),
-        &["stop", "stubborn", "--timeout", "1s"],
+        &["stop", "stubborn", "--timeout", "2s"],
         DEADLINE,
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(String::from_utf8_lossy(&stdout).contains("stopped"));
     assert!(
-        took >= Duration::from_millis(2500),
+        took >= Duration::from_millis(4500),
         "the stop took {took:?}"
     );
     drop(daemon);
@@ -438,7 +438,7 @@ fn a_slow_reader_of_logs_is_not_a_daemon_that_does_not_respond() {
             "-n",
             "1000",
             "--timeout",
-            "1s",
+            "2s",
         ])
         .current_dir(dir.path())
         .stdin(Stdio::null())
@@ -449,7 +449,7 @@ fn a_slow_reader_of_logs_is_not_a_daemon_that_does_not_respond() {
     // Hundreds of KiB of escaped output: the CLI blocks on the full pipe, which is
     // left unread for longer than the timeout. Not a synchronisation: the
     // longer the stall, the harder the test.
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(3500));
     let output = child.wait_with_output().expect("wait for the CLI");
     assert_eq!(
         output.status.code(),
