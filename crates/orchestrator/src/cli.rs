@@ -12,6 +12,7 @@ use orchestrator_core::wire::{LogRecord, ServiceInfo};
 use tokio::task::JoinSet;
 
 use crate::api::client::{Client, ClientError};
+use crate::console::escape_controls;
 
 /// `println!` that does not panic when stdout's reader has gone away
 /// (`orchestrator status | head -1`): there is nobody left to tell.
@@ -30,13 +31,39 @@ pub fn write_stdout(text: &str) {
     }
 }
 
+/// `--timeout`: a whole number with a unit (`ms`, `s`, `m`, `h`), or of
+/// seconds without one.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write e.g. 10s, 500ms or 2m"))?;
+    let millis = match unit {
+        "ms" => Some(number),
+        "" | "s" => number.checked_mul(1000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    match millis {
+        Some(0) => Err("a timeout of zero would never let the daemon answer".to_owned()),
+        Some(millis) => Ok(Duration::from_millis(millis)),
+        None => Err(format!("{text:?} is too long")),
+    }
+}
+
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNREACHABLE: u8 = 3;
 
 pub fn exit_code(error: &ClientError) -> ExitCode {
     ExitCode::from(match error {
-        ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+        ClientError::Unreachable { .. }
+        | ClientError::NotResponding { .. }
+        | ClientError::Cut { .. } => EXIT_UNREACHABLE,
         ClientError::Api { body, .. } if body.code.is_usage() => EXIT_USAGE,
         _ => EXIT_FAILED,
     })
@@ -162,20 +189,31 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
         names
     };
     let client = std::sync::Arc::new(client);
+    let watch = std::sync::Arc::clone(&client);
     let mut requests = JoinSet::new();
     for (index, name) in names.into_iter().enumerate() {
         let client = std::sync::Arc::clone(&client);
         let path = format!("/v1/services/{}/{action}", segment(&name));
         requests.spawn(async move {
-            let result = client.json::<ServiceInfo>(Method::POST, &path).await;
+            let result = client
+                .json_unbounded::<ServiceInfo>(Method::POST, &path)
+                .await;
             (index, name, result)
         });
     }
     let mut results = Vec::new();
-    while let Some(joined) = requests.join_next().await {
-        if let Ok(result) = joined {
-            results.push(result);
+    let collect = async {
+        while let Some(joined) = requests.join_next().await {
+            if let Ok(result) = joined {
+                results.push(result);
+            }
         }
+    };
+    // The answers come once applied, unbounded; meanwhile one liveness
+    // check for all the requests stands for the timeout.
+    tokio::select! {
+        () = collect => {}
+        error = watch.until_unresponsive() => return fail(&error),
     }
     results.sort_by_key(|(index, _, _)| *index);
     let mut code = ExitCode::SUCCESS;
@@ -212,13 +250,20 @@ pub async fn logs(client: &Client, name: &str, lines: usize, follow: bool) -> Ex
         segment(name)
     );
     let stdout = std::io::stdout();
+    let mut shown = Vec::new();
     let result = client
-        .lines(&path, |line| {
+        .lines_within(&path, follow, |line| {
             let mut out = stdout.lock();
             match serde_json::from_slice::<LogRecord>(line) {
                 Ok(LogRecord::Line {
                     time, stream, text, ..
-                }) => writeln!(out, "{time} {stream:6} {text}")?,
+                }) => {
+                    shown.clear();
+                    escape_controls(&text, &mut shown);
+                    write!(out, "{time} {stream:6} ")?;
+                    out.write_all(&shown)?;
+                    writeln!(out)?
+                }
                 Ok(LogRecord::Skipped { skipped }) => {
                     writeln!(out, "… {skipped} lines skipped (this reader was too slow)")?
                 }
@@ -227,14 +272,21 @@ pub async fn logs(client: &Client, name: &str, lines: usize, follow: bool) -> Ex
             out.flush()
         })
         .await;
-    streamed(result)
+    streamed(client, result, follow).await
 }
 
 /// A reader that went away (`logs -f | head`) ends the stream as the end
 /// of the output would, quietly: not an error, and not a reason to keep
 /// following forever.
-fn streamed(result: Result<(), ClientError>) -> ExitCode {
+///
+/// A follow stream ends only when the daemon ends it, at a clean shutdown;
+/// the last line says so, as the output alone looks like any pause.
+async fn streamed(client: &Client, result: Result<(), ClientError>, follow: bool) -> ExitCode {
     match result {
+        Ok(()) if follow => {
+            eprintln!("{}", followed_to_the_end(client).await);
+            ExitCode::SUCCESS
+        }
         Ok(()) => ExitCode::SUCCESS,
         Err(ClientError::Output(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::SUCCESS
@@ -243,24 +295,42 @@ fn streamed(result: Result<(), ClientError>) -> ExitCode {
     }
 }
 
+/// What ended a follow stream the daemon closed cleanly: it closes them all
+/// as it shuts down, and a log stream also when its service goes away.
+async fn followed_to_the_end(client: &Client) -> String {
+    // Quick: a daemon that shut down refuses the connection at once.
+    let probe = Client::new(client.socket()).with_timeout(Duration::from_secs(1));
+    match probe.alive().await {
+        Ok(()) => "orchestrator: the daemon ended the stream".to_owned(),
+        Err(_) => "orchestrator: the daemon shut down".to_owned(),
+    }
+}
+
 pub async fn events(client: &Client, follow: bool) -> ExitCode {
     let path = format!("/v1/events?follow={follow}");
     let stdout = std::io::stdout();
+    let (mut shown, mut escaped) = (String::new(), Vec::new());
     let result = client
-        .lines(&path, |line| {
+        .lines_within(&path, follow, |line| {
             let Some(data) = line.strip_prefix(b"data:") else {
                 return Ok(());
             };
             let data = data.strip_prefix(b" ").unwrap_or(data);
             let mut out = stdout.lock();
             match serde_json::from_slice::<Event>(data) {
-                Ok(event) => writeln!(out, "{}", event.describe())?,
-                Err(_) => writeln!(out, "{}", String::from_utf8_lossy(data))?,
+                Ok(event) => shown.push_str(&event.describe()),
+                Err(_) => shown.push_str(&String::from_utf8_lossy(data)),
             };
+            // Events quote services' errors, which may hold their output.
+            escaped.clear();
+            escape_controls(&shown, &mut escaped);
+            shown.clear();
+            out.write_all(&escaped)?;
+            writeln!(out)?;
             out.flush()
         })
         .await;
-    streamed(result)
+    streamed(client, result, follow).await
 }
 
 pub async fn reload(client: &Client) -> ExitCode {
@@ -332,6 +402,30 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn timeouts_read_as_durations() {
+        use crate::api::client::{DEFAULT_TIMEOUT, DEFAULT_TIMEOUT_ARG};
+        assert_eq!(parse_timeout(DEFAULT_TIMEOUT_ARG), Ok(DEFAULT_TIMEOUT));
+        assert_eq!(parse_timeout("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_timeout("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_timeout("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout("7"), Ok(Duration::from_secs(7)));
+        for bad in [
+            "",
+            "s",
+            "0",
+            "0ms",
+            "1.5s",
+            "-1s",
+            "10 s",
+            "3d",
+            "99999999999999999h",
+        ] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn uptime_is_short_and_readable() {

@@ -347,9 +347,10 @@ impl LineFormat {
             let _ = write!(prefix, "{timestamp}  INFO ");
             let _ = writeln!(suffix, " service={service} stream={}", stream.as_str());
         }
-        // Most output is ASCII, which is checked for at about half the cost
-        // of a full UTF-8 validation.
-        let valid = bytes.is_ascii() || std::str::from_utf8(bytes).is_ok();
+        // Most output is printable ASCII, which is checked for at about the
+        // cost of `is_ascii` and copied as it is; anything else goes through
+        // the escaping, line by line.
+        let plain = is_plain(bytes);
         // The prefix is the same for every line of a block, so the bytes
         // between two lines are one slice, the suffix of one and the prefix
         // of the next: two copies a line instead of three. The prefix put
@@ -361,10 +362,10 @@ impl LineFormat {
         for end in memchr_iter(b'\n', bytes) {
             let line = &bytes[start..end];
             start = end + 1;
-            if valid {
+            if plain {
                 out.extend_from_slice(line);
             } else {
-                out.extend_from_slice(String::from_utf8_lossy(line).as_bytes());
+                escape_controls(&String::from_utf8_lossy(line), out);
             }
             out.extend_from_slice(&between);
         }
@@ -373,6 +374,7 @@ impl LineFormat {
 }
 
 fn format_json(out: &mut Vec<u8>, timestamp: &str, service: &str, stream: Stream, bytes: &[u8]) {
+    let from = out.len();
     let mut start = 0;
     for end in memchr_iter(b'\n', bytes) {
         let text = String::from_utf8_lossy(&bytes[start..end]);
@@ -388,6 +390,90 @@ fn format_json(out: &mut Vec<u8>, timestamp: &str, service: &str, stream: Stream
             out.push(b'\n');
         }
     }
+    // serde_json escapes C0 controls but writes DEL and C1 (U+0080..U+009F,
+    // a CSI to some terminals) as they are: a `jq`-less `tail` of the
+    // console would still hand them to a terminal.
+    if !is_plain(&bytes[..start]) {
+        let records = out.split_off(from);
+        escape_json_controls(&records, out);
+    }
+}
+
+/// Whether `byte` may reach a terminal as it is: printable ASCII, tab, or
+/// the newline that ends a line.
+#[inline(always)]
+fn plain_byte(byte: u8) -> bool {
+    (0x20..0x7f).contains(&byte) || byte == b'\t' || byte == b'\n'
+}
+
+/// Whether every byte of `bytes` is [`plain_byte`]. This runs over every
+/// byte a service prints, so chunks are checked without an exit or a
+/// branch per byte, which the compiler vectorises: one add and one signed
+/// compare find the bytes below 0x20 and from 0x7f up at once (as `i8`,
+/// `byte + 1` is then below 0x21), less the newlines that end every line.
+/// Tabs are rarer and left to the exact check of a chunk that has one.
+pub fn is_plain(bytes: &[u8]) -> bool {
+    let suspect = |byte: u8| ((byte.wrapping_add(1) as i8) < 0x21) & (byte != b'\n');
+    let mut chunks = bytes.chunks_exact(64);
+    for chunk in &mut chunks {
+        if chunk.iter().fold(false, |any, &b| any | suspect(b))
+            && !chunk.iter().all(|&b| plain_byte(b))
+        {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| plain_byte(b))
+}
+
+/// Appends `text` with every control character but tab written visibly
+/// (`\x1b`, `\r`, `\u{9b}`): a service's ESC, BEL or CR would otherwise
+/// retitle or clear the operator's terminal, or overwrite the line's start
+/// with a forged one. Backslashes are left alone, so a literal `\x1b` and
+/// an escaped ESC look the same; the log file keeps the raw bytes.
+pub fn escape_controls(text: &str, out: &mut Vec<u8>) {
+    let mut start = 0;
+    for (at, c) in text.char_indices() {
+        if !c.is_control() || c == '\t' {
+            continue;
+        }
+        out.extend_from_slice(&text.as_bytes()[start..at]);
+        start = at + c.len_utf8();
+        let _ = match c {
+            '\r' => write!(out, "\\r"),
+            '\n' => write!(out, "\\n"),
+            c if u32::from(c) < 0x80 => write!(out, "\\x{:02x}", u32::from(c)),
+            c => write!(out, "\\u{{{:x}}}", u32::from(c)),
+        };
+    }
+    out.extend_from_slice(&text.as_bytes()[start..]);
+}
+
+/// [`escape_controls`] for text that is a string in a JSON document: DEL
+/// and C1 characters become `\u00XX`; serde_json has escaped the rest.
+/// Both only ever occur inside strings, so the JSON stays valid.
+fn escape_json_controls(json: &[u8], out: &mut Vec<u8>) {
+    let mut start = 0;
+    let mut at = 0;
+    while at < json.len() {
+        let code = match json[at] {
+            0x7f => Some((0x7f, 1)),
+            // U+0080..U+009F in UTF-8; 0xC2 only ever leads a character.
+            0xc2 if json.get(at + 1).is_some_and(|b| (0x80..0xa0).contains(b)) => {
+                Some((json[at + 1], 2))
+            }
+            _ => None,
+        };
+        match code {
+            Some((code, len)) => {
+                out.extend_from_slice(&json[start..at]);
+                let _ = write!(out, "\\u{code:04x}");
+                at += len;
+                start = at;
+            }
+            None => at += 1,
+        }
+    }
+    out.extend_from_slice(&json[start..]);
 }
 
 #[cfg(test)]
@@ -545,5 +631,84 @@ mod tests {
         assert_eq!(values[0]["service"], "api");
         assert_eq!(values[0]["stream"], "stderr");
         assert_eq!(values[1]["message"], "");
+    }
+
+    /// The message of each text line, between the level and the fields.
+    fn messages(text: &str) -> Vec<&str> {
+        text.lines()
+            .map(|l| {
+                let start = l.find("  INFO ").unwrap() + 7;
+                let end = l.rfind(" service=api stream=stderr").unwrap();
+                &l[start..end]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn control_characters_reach_the_terminal_escaped() {
+        let text = formatted(
+            false,
+            b"\x1b]0;pwned\x07title\n\x1b[2J\x1b[Hclear\nok\r2026-01-01T00:00:00.000Z  INFO forged\n\
+              tab\there \x7f \xc2\x9b31m del and csi\n\x00nul \xff\n",
+        );
+        assert_eq!(
+            messages(&text),
+            [
+                "\\x1b]0;pwned\\x07title",
+                "\\x1b[2J\\x1b[Hclear",
+                "ok\\r2026-01-01T00:00:00.000Z  INFO forged",
+                "tab\there \\x7f \\u{9b}31m del and csi",
+                "\\x00nul \u{fffd}",
+            ]
+        );
+        let raw = text.replace(['\t', '\n'], " ");
+        assert!(!raw.chars().any(char::is_control), "{text:?}");
+    }
+
+    #[test]
+    fn the_terminals_own_colours_stay_and_the_services_are_escaped() {
+        let format = LineFormat {
+            json: false,
+            ansi: true,
+        };
+        let styled = |bytes: &[u8]| {
+            let mut out = Vec::new();
+            format.format(&mut out, SystemTime::now(), "api", Stream::Stdout, bytes);
+            String::from_utf8(out).unwrap()
+        };
+        let text = styled(b"\x1b[31mred\n");
+        assert!(text.contains("\\x1b[31mred"), "{text:?}");
+        let ours = styled(b"red\n").matches('\x1b').count();
+        assert_eq!(text.matches('\x1b').count(), ours, "{text:?}");
+    }
+
+    #[test]
+    fn json_lines_stay_valid_and_carry_no_raw_control_character() {
+        let bytes = b"\x1b]0;pwned\x07 \r \x7f \xc2\x9b \xc3\xa9 \\ \"q\"\n\xff\n";
+        let text = formatted(true, bytes);
+        let values: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            values[0]["message"], "\u{1b}]0;pwned\u{7} \r \u{7f} \u{9b} \u{e9} \\ \"q\"",
+            "the message is the text, only encoded"
+        );
+        assert_eq!(values[1]["message"], "\u{fffd}");
+        let raw = text.replace('\n', " ");
+        assert!(!raw.chars().any(char::is_control), "{text:?}");
+    }
+
+    #[test]
+    fn plain_is_printable_ascii_tab_and_newline_wherever_the_byte_is() {
+        let line = b"a\tb ~\n".repeat(40);
+        assert!(is_plain(&line));
+        for at in [0, 63, 64, 200, line.len() - 1] {
+            for bad in [0x1b, 0x07, b'\r', 0x1f, 0x7f, 0x80, 0xc3, 0xff, 0x00] {
+                let mut dirty = line.clone();
+                dirty[at] = bad;
+                assert!(!is_plain(&dirty), "{bad:#x} at {at}");
+            }
+        }
     }
 }

@@ -37,6 +37,11 @@ struct Cli {
     /// Control socket [default: data_dir/orchestrator.sock]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// How long a client verb waits for the daemon to answer ("10s", "500ms", "2m"), then exits 3
+    ///
+    /// start/stop/restart may take longer (a stop lasts up to the service's stop_timeout) as long as the daemon keeps answering its health check; logs -f and events -f wait this long for their first answer only.
+    #[arg(long, global = true, value_name = "DURATION", default_value = api::client::DEFAULT_TIMEOUT_ARG, value_parser = cli::parse_timeout)]
+    timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -141,7 +146,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        command => client_command(command, Client::new(&socket), config.as_ref()),
+        command => client_command(
+            command,
+            Client::new(&socket).with_timeout(cli.timeout),
+            config.as_ref(),
+        ),
     }
 }
 
