@@ -5,6 +5,6 @@ mod error;
 mod load;
 mod model;
 
-pub use error::{ConfigErrors, ConfigProblem};
-pub use load::{load, parse};
+pub use error::{ConfigErrors, ConfigProblem, Locations};
+pub use load::{load, load_located, parse, parse_located};
 pub use model::*;

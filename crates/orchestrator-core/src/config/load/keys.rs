@@ -72,6 +72,7 @@ impl Cx<'_> {
                 value,
                 base_dir,
             };
+            self.locate(&field.path, value.span());
             match keys.iter().find(|known| known.name == name) {
                 Some(Key {
                     read: Some(read), ..

@@ -23,7 +23,7 @@ use toml::de::{DeTable, DeValue};
 use self::cx::Cx;
 use self::keys::Key;
 use self::values::normalize;
-use super::error::{ConfigErrors, ConfigProblem};
+use super::error::{ConfigErrors, ConfigProblem, Locations};
 use super::model::{Config, OrchestratorConfig};
 
 const CONFIG_ENV: &str = "ORCHESTRATOR_CONFIG";
@@ -57,6 +57,15 @@ const TOP_KEYS: &[Key<Config>] = &[
 /// Every problem is reported, sorted by line; `file` is only used to name them
 /// and as `Config::source`.
 pub fn parse(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Config, ConfigErrors> {
+    parse_located(text, file, base_dir).map(|(config, _)| config)
+}
+
+/// `parse`, with where each key was found.
+pub fn parse_located(
+    text: &str,
+    file: Option<&Path>,
+    base_dir: &Path,
+) -> Result<(Config, Locations), ConfigErrors> {
     let base_dir = absolute_dir(base_dir);
     let mut cx = Cx::new(text, file);
     let root = match DeTable::parse(text) {
@@ -68,7 +77,7 @@ pub fn parse(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Config,
     };
     let config = document(&mut cx, root.get_ref(), &base_dir);
     if cx.problems.is_empty() {
-        Ok(config)
+        Ok((config, cx.locations))
     } else {
         Err(cx.into_errors())
     }
@@ -80,6 +89,11 @@ pub fn parse(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Config,
 /// `source: None`. The file named in `Config::source` and in problems is
 /// absolute, canonicalised when possible.
 pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigErrors> {
+    load_located(explicit).map(|(config, _)| config)
+}
+
+/// `load`, with where each key was found (nothing for zero-config).
+pub fn load_located(explicit: Option<&Path>) -> Result<(Config, Locations), ConfigErrors> {
     let cwd = std::env::current_dir().map_err(|err| {
         single_problem(
             None,
@@ -106,7 +120,7 @@ fn load_from(
     explicit: Option<&Path>,
     env: Option<OsString>,
     cwd: &Path,
-) -> Result<Config, ConfigErrors> {
+) -> Result<(Config, Locations), ConfigErrors> {
     let (path, origin) = match (explicit, env.filter(|value| !value.is_empty())) {
         (Some(path), _) => (cwd.join(path), Origin::Flag),
         (None, Some(value)) => (cwd.join(PathBuf::from(value)), Origin::Env),
@@ -120,11 +134,12 @@ fn load_from(
                 path = %path.display(),
                 "no configuration file; using zero-config defaults"
             );
-            return Ok(Config {
+            let config = Config {
                 source: None,
                 orchestrator: OrchestratorConfig::defaults_in(cwd),
                 services: BTreeMap::new(),
-            });
+            };
+            return Ok((config, Locations::default()));
         }
         Err(err) => {
             let message = match origin {
@@ -153,7 +168,7 @@ fn load_from(
             ));
         }
     };
-    parse(&text, Some(&path), &base_dir)
+    parse_located(&text, Some(&path), &base_dir)
 }
 
 fn single_problem(file: Option<PathBuf>, line: Option<usize>, message: String) -> ConfigErrors {
@@ -297,11 +312,47 @@ mod tests {
             "{}",
             found[0].message
         );
-        assert!(found[0].message.contains("duplicate key"));
+        assert_eq!(
+            found[0].message,
+            "invalid TOML: duplicate key \"auto_restart\" in [orchestrator], at lines 2 and 3; \
+             keep one of them"
+        );
 
         let found = problems("[orchestrator]\nlog_level = info\n");
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].line, found[0].column), (Some(2), Some(13)));
+    }
+
+    #[test]
+    fn duplicate_table_names_the_table_and_both_lines() {
+        let found = problems(
+            "[services.api]\nenabled = true\n\n[orchestrator]\n[ services.api ]\nargs = []\n",
+        );
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].line, Some(5));
+        assert_eq!(
+            found[0].message,
+            "invalid TOML: duplicate key: the table [services.api] is defined twice, \
+             at lines 1 and 5; merge them into one section"
+        );
+
+        let found = problems("services.api.enabled = true\n[services.api]\n");
+        assert!(
+            found[0]
+                .message
+                .contains("the table [services.api] at line 2 is already defined above"),
+            "{}",
+            found[0].message
+        );
+
+        let found = problems("log = 1\nlog = 2\n");
+        assert!(
+            found[0]
+                .message
+                .contains("duplicate key \"log\" at the top level, at lines 1 and 2"),
+            "{}",
+            found[0].message
+        );
     }
 
     #[test]
@@ -384,7 +435,7 @@ backoff = { initial = "10s", max = "1s" }
     #[test]
     fn zero_config_without_a_file() {
         let dir = TempDir::new("zero");
-        let config = load_from(None, None, &dir.0).unwrap();
+        let config = load_from(None, None, &dir.0).unwrap().0;
         assert_eq!(config.source, None);
         assert_eq!(config.orchestrator, OrchestratorConfig::defaults_in(&dir.0));
         assert_eq!(config.orchestrator.services_dir, dir.0.join("services"));
@@ -401,7 +452,7 @@ backoff = { initial = "10s", max = "1s" }
             "[orchestrator]\nservices_dir = \"bin\"\n",
         )
         .unwrap();
-        let config = load_from(None, None, &dir.0).unwrap();
+        let config = load_from(None, None, &dir.0).unwrap().0;
         assert_eq!(config.source, Some(dir.0.join(DEFAULT_FILE)));
         assert_eq!(config.orchestrator.services_dir, dir.0.join("bin"));
     }
@@ -420,7 +471,7 @@ backoff = { initial = "10s", max = "1s" }
 
         // Relative to the current directory, and relative paths inside the
         // file against the file's own directory.
-        let config = load_from(
+        let (config, _) = load_from(
             Some(Path::new("./etc/a.toml")),
             Some("b.toml".into()),
             &dir.0,
@@ -433,9 +484,9 @@ backoff = { initial = "10s", max = "1s" }
         );
         assert_eq!(config.orchestrator.services_dir, dir.0.join("etc/services"));
 
-        let config = load_from(None, Some("b.toml".into()), &dir.0).unwrap();
+        let config = load_from(None, Some("b.toml".into()), &dir.0).unwrap().0;
         assert!(config.services.contains_key("b"));
-        let config = load_from(None, None, &dir.0).unwrap();
+        let config = load_from(None, None, &dir.0).unwrap().0;
         assert!(config.services.contains_key("c"));
     }
 
