@@ -6,5 +6,5 @@ mod load;
 mod model;
 
 pub use error::{ConfigErrors, ConfigProblem, Locations};
-pub use load::{load, load_located, parse, parse_located};
+pub use load::{Loaded, load, load_all, parse, parse_all, parse_located, service_key};
 pub use model::*;

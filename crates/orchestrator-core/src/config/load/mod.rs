@@ -66,6 +66,30 @@ pub fn parse_located(
     file: Option<&Path>,
     base_dir: &Path,
 ) -> Result<(Config, Locations), ConfigErrors> {
+    let loaded = parse_all(text, file, base_dir)?;
+    if loaded.problems.is_empty() {
+        Ok((loaded.config, loaded.locations))
+    } else {
+        Err(ConfigErrors {
+            problems: loaded.problems,
+        })
+    }
+}
+
+/// A configuration read as far as it could be: `problems` are those of the
+/// schema (sorted by line), and `config` holds defaults where a value was
+/// wrong. What `check` and `run` validate further, so that a missing binary
+/// is reported in the same pass as a typo elsewhere.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub locations: Locations,
+    pub problems: Vec<ConfigProblem>,
+}
+
+/// `parse`, keeping the configuration beside its schema problems. Only a
+/// file that is not TOML at all gives no configuration.
+pub fn parse_all(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Loaded, ConfigErrors> {
     let base_dir = absolute_dir(base_dir);
     let mut cx = Cx::new(text, file);
     let root = match DeTable::parse(text) {
@@ -76,11 +100,12 @@ pub fn parse_located(
         }
     };
     let config = document(&mut cx, root.get_ref(), &base_dir);
-    if cx.problems.is_empty() {
-        Ok((config, cx.locations))
-    } else {
-        Err(cx.into_errors())
-    }
+    let locations = std::mem::take(&mut cx.locations);
+    Ok(Loaded {
+        config,
+        locations,
+        problems: cx.into_errors().problems,
+    })
 }
 
 /// Find and load the configuration: `explicit` (from `--config`), else
@@ -89,11 +114,19 @@ pub fn parse_located(
 /// `source: None`. The file named in `Config::source` and in problems is
 /// absolute, canonicalised when possible.
 pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigErrors> {
-    load_located(explicit).map(|(config, _)| config)
+    let loaded = load_all(explicit)?;
+    if loaded.problems.is_empty() {
+        Ok(loaded.config)
+    } else {
+        Err(ConfigErrors {
+            problems: loaded.problems,
+        })
+    }
 }
 
-/// `load`, with where each key was found (nothing for zero-config).
-pub fn load_located(explicit: Option<&Path>) -> Result<(Config, Locations), ConfigErrors> {
+/// `load`, keeping the configuration beside its schema problems (see
+/// `parse_all`); where each key was found is empty for zero-config.
+pub fn load_all(explicit: Option<&Path>) -> Result<Loaded, ConfigErrors> {
     let cwd = std::env::current_dir().map_err(|err| {
         single_problem(
             None,
@@ -120,7 +153,7 @@ fn load_from(
     explicit: Option<&Path>,
     env: Option<OsString>,
     cwd: &Path,
-) -> Result<(Config, Locations), ConfigErrors> {
+) -> Result<Loaded, ConfigErrors> {
     let (path, origin) = match (explicit, env.filter(|value| !value.is_empty())) {
         (Some(path), _) => (cwd.join(path), Origin::Flag),
         (None, Some(value)) => (cwd.join(PathBuf::from(value)), Origin::Env),
@@ -139,7 +172,11 @@ fn load_from(
                 orchestrator: OrchestratorConfig::defaults_in(cwd),
                 services: BTreeMap::new(),
             };
-            return Ok((config, Locations::default()));
+            return Ok(Loaded {
+                config,
+                locations: Locations::default(),
+                problems: Vec::new(),
+            });
         }
         Err(err) => {
             let message = match origin {
@@ -168,7 +205,7 @@ fn load_from(
             ));
         }
     };
-    parse_located(&text, Some(&path), &base_dir)
+    parse_all(&text, Some(&path), &base_dir)
 }
 
 fn single_problem(file: Option<PathBuf>, line: Option<usize>, message: String) -> ConfigErrors {
@@ -435,7 +472,7 @@ backoff = { initial = "10s", max = "1s" }
     #[test]
     fn zero_config_without_a_file() {
         let dir = TempDir::new("zero");
-        let config = load_from(None, None, &dir.0).unwrap().0;
+        let config = load_from(None, None, &dir.0).unwrap().config;
         assert_eq!(config.source, None);
         assert_eq!(config.orchestrator, OrchestratorConfig::defaults_in(&dir.0));
         assert_eq!(config.orchestrator.services_dir, dir.0.join("services"));
@@ -452,7 +489,7 @@ backoff = { initial = "10s", max = "1s" }
             "[orchestrator]\nservices_dir = \"bin\"\n",
         )
         .unwrap();
-        let config = load_from(None, None, &dir.0).unwrap().0;
+        let config = load_from(None, None, &dir.0).unwrap().config;
         assert_eq!(config.source, Some(dir.0.join(DEFAULT_FILE)));
         assert_eq!(config.orchestrator.services_dir, dir.0.join("bin"));
     }
@@ -471,7 +508,7 @@ backoff = { initial = "10s", max = "1s" }
 
         // Relative to the current directory, and relative paths inside the
         // file against the file's own directory.
-        let (config, _) = load_from(
+        let Loaded { config, .. } = load_from(
             Some(Path::new("./etc/a.toml")),
             Some("b.toml".into()),
             &dir.0,
@@ -484,9 +521,11 @@ backoff = { initial = "10s", max = "1s" }
         );
         assert_eq!(config.orchestrator.services_dir, dir.0.join("etc/services"));
 
-        let config = load_from(None, Some("b.toml".into()), &dir.0).unwrap().0;
+        let config = load_from(None, Some("b.toml".into()), &dir.0)
+            .unwrap()
+            .config;
         assert!(config.services.contains_key("b"));
-        let config = load_from(None, None, &dir.0).unwrap().0;
+        let config = load_from(None, None, &dir.0).unwrap().config;
         assert!(config.services.contains_key("c"));
     }
 
@@ -526,9 +565,9 @@ backoff = { initial = "10s", max = "1s" }
         fs::create_dir(dir.0.join("real")).unwrap();
         fs::write(dir.0.join("real/o.toml"), "bad = 1\n").unwrap();
         std::os::unix::fs::symlink(dir.0.join("real/o.toml"), dir.0.join("link.toml")).unwrap();
-        let errors = load_from(Some(Path::new("link.toml")), None, &dir.0).unwrap_err();
-        assert_eq!(errors.problems[0].file, Some(dir.0.join("real/o.toml")));
-        assert_eq!(errors.problems[0].line, Some(1));
+        let loaded = load_from(Some(Path::new("link.toml")), None, &dir.0).unwrap();
+        assert_eq!(loaded.problems[0].file, Some(dir.0.join("real/o.toml")));
+        assert_eq!(loaded.problems[0].line, Some(1));
     }
 
     #[test]
@@ -539,4 +578,9 @@ backoff = { initial = "10s", max = "1s" }
         assert_eq!(errors.problems[0].line, Some(2));
         assert!(errors.problems[0].message.contains("UTF-8"));
     }
+}
+
+/// The dotted key of service `name`'s section, quoted as in problems.
+pub fn service_key(name: &str) -> String {
+    keys::join_key("services", name)
 }
