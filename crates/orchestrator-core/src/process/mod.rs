@@ -144,29 +144,6 @@ pub trait Spawner: Send + Sync {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError>;
 }
 
-#[cfg(test)]
-mod hint_tests {
-    use super::*;
-
-    #[test]
-    fn a_command_not_found_is_not_blamed_on_binary_path() {
-        let enoent = || io::Error::from_raw_os_error(libc::ENOENT);
-        let bare = SpawnError::Exec {
-            program: PathBuf::from("no-such-program"),
-            source: enoent(),
-        }
-        .to_string();
-        assert!(!bare.contains("binary_path"), "{bare}");
-        assert!(bare.contains("not found in the service's PATH"), "{bare}");
-        let path = SpawnError::Exec {
-            program: PathBuf::from("/srv/api/api"),
-            source: enoent(),
-        }
-        .to_string();
-        assert!(path.contains("check binary_path, command[0]"), "{path}");
-    }
-}
-
 /// Mark every descriptor above stderr close-on-exec, so nothing the daemon
 /// inherited from its own parent leaks into the services. Descriptors the
 /// daemon opens itself are close-on-exec already (Rust and tokio open them
@@ -192,4 +169,27 @@ pub fn mark_inherited_fds_cloexec() -> io::Result<()> {
         let _ = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn a_command_not_found_is_not_blamed_on_binary_path() {
+        let enoent = || io::Error::from_raw_os_error(libc::ENOENT);
+        let bare = SpawnError::Exec {
+            program: PathBuf::from("no-such-program"),
+            source: enoent(),
+        }
+        .to_string();
+        assert!(!bare.contains("binary_path"), "{bare}");
+        assert!(bare.contains("not found in the service's PATH"), "{bare}");
+        let path = SpawnError::Exec {
+            program: PathBuf::from("/srv/api/api"),
+            source: enoent(),
+        }
+        .to_string();
+        assert!(path.contains("check binary_path, command[0]"), "{path}");
+    }
 }
