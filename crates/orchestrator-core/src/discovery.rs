@@ -28,49 +28,81 @@ pub enum DiscoveryError {
     },
 }
 
+/// An entry of the services directory that is not a service, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    /// Why, and what to do to make it count.
+    pub reason: String,
+}
+
+/// What a scan of the services directory found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// False when the directory does not exist (which discovers nothing).
+    pub exists: bool,
+    pub found: Vec<Discovered>,
+    /// Sorted by path.
+    pub skipped: Vec<Skipped>,
+}
+
 /// Scan `services_dir`: every entry NAME that is a directory with a valid
 /// service name and holds an executable regular file NAME (symlinks followed
 /// for both checks) is discovered; anything else is skipped with a debug line
 /// saying why. Sorted by name. A missing `services_dir` discovers nothing; any
 /// other failure to read it is an error.
 pub fn discover(services_dir: &Path) -> Result<Vec<Discovered>, DiscoveryError> {
+    let scan = scan(services_dir)?;
+    for skipped in &scan.skipped {
+        tracing::debug!(path = %skipped.path.display(), "skipped: {}", skipped.reason);
+    }
+    Ok(scan.found)
+}
+
+/// `discover`, keeping what was skipped and why, so that `check` and
+/// `discover` can say it rather than leave a binary silently ignored.
+pub fn scan(services_dir: &Path) -> Result<Scan, DiscoveryError> {
     let read_error = |source| DiscoveryError::ReadDir {
         dir: services_dir.to_path_buf(),
         source,
     };
     let entries = match fs::read_dir(services_dir) {
         Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            tracing::debug!(
-                dir = %services_dir.display(),
-                "services directory does not exist; nothing discovered"
-            );
-            return Ok(Vec::new());
-        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Scan::default()),
         Err(err) => return Err(read_error(err)),
     };
-    let mut found = Vec::new();
+    let mut scan = Scan {
+        exists: true,
+        ..Scan::default()
+    };
     for entry in entries {
         let entry = entry.map_err(read_error)?;
         let path = entry.path();
+        let mut skip = |reason: String| {
+            scan.skipped.push(Skipped {
+                path: path.clone(),
+                reason,
+            })
+        };
         let Ok(name) = entry.file_name().into_string() else {
-            tracing::debug!(path = %path.display(), "skipped: the name is not valid UTF-8");
+            skip("the name is not valid UTF-8; rename it".to_owned());
             continue;
         };
         let name = match ServiceName::parse(&name) {
             Ok(name) => name,
             Err(reason) => {
-                tracing::debug!(path = %path.display(), "skipped: {reason}");
+                skip(format!("name invalid: {reason}"));
                 continue;
             }
         };
         match check_entry(&path, &name) {
-            Ok(binary) => found.push(Discovered { name, binary }),
-            Err(reason) => tracing::debug!(path = %path.display(), "skipped: {reason}"),
+            Ok(binary) => scan.found.push(Discovered { name, binary }),
+            Err(reason) => skip(reason),
         }
     }
-    found.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(found)
+    scan.found.sort_by(|a, b| a.name.cmp(&b.name));
+    scan.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(scan)
 }
 
 /// The binary of the entry `path` (named `name`), or why it does not count.
@@ -79,24 +111,64 @@ fn check_entry(path: &Path, name: &str) -> Result<PathBuf, String> {
     // what it points to, which is how deployments often swap versions.
     match fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {}
-        Ok(_) => return Err("not a directory".to_owned()),
+        Ok(_) => {
+            return Err(format!(
+                "not a directory: a service is a directory {name}/ holding its binary {name}/{name}"
+            ));
+        }
         Err(err) => return Err(format!("cannot inspect it: {err}")),
     }
     let binary = path.join(name);
     match fs::metadata(&binary) {
-        Ok(meta) if !meta.is_file() => Err(format!("{} is not a regular file", binary.display())),
+        Ok(meta) if meta.is_dir() => Err(format!(
+            "{name}/{name} is a directory, not a binary; put the executable at {name}/{name}"
+        )),
+        Ok(meta) if !meta.is_file() => Err(format!(
+            "{name}/{name} is not a regular file; put the executable there"
+        )),
         // Any execute bit: whether this user may run it is for the spawn to
         // report, loudly, rather than for discovery to hide.
         Ok(meta) if meta.permissions().mode() & 0o111 == 0 => Err(format!(
-            "{} is not executable (chmod +x it)",
+            "{name}/{name} is not executable; chmod +x {}",
             binary.display()
         )),
         Ok(_) => Ok(binary),
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            Err(format!("no binary {} inside", binary.display()))
+            Err(if let Ok(target) = fs::read_link(&binary) {
+                format!(
+                    "{name}/{name} is a symlink to {}, which does not exist; fix the link",
+                    target.display()
+                )
+            } else if let Some(others) = other_files(path) {
+                format!(
+                    "no binary {name}/{name} (found {others}); the binary must be named like its directory"
+                )
+            } else {
+                format!("no binary {name}/{name} inside; put the executable there")
+            })
         }
-        Err(err) => Err(format!("cannot inspect {}: {err}", binary.display())),
+        Err(err) => Err(format!("cannot inspect {name}/{name}: {err}")),
     }
+}
+
+/// A few names in `dir`, to show what is there instead of the binary.
+fn other_files(dir: &Path) -> Option<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name != "data")
+        .collect();
+    if names.is_empty() {
+        return None;
+    }
+    names.sort();
+    let more = names.len().saturating_sub(3);
+    names.truncate(3);
+    let mut shown = names.join(", ");
+    if more > 0 {
+        shown.push_str(&format!(" and {more} more"));
+    }
+    Some(shown)
 }
 
 #[cfg(test)]
@@ -167,6 +239,57 @@ mod tests {
         assert_eq!(found[0].binary, api);
         assert_eq!(found[1].binary, dir.0.join("linked/linked"));
         assert_eq!(found[3].binary, dir.0.join("tool/tool"));
+
+        let scanned = scan(&dir.0).unwrap();
+        let skipped: Vec<(String, &str)> = scanned
+            .skipped
+            .iter()
+            .map(|s| {
+                let name = s.path.strip_prefix(&dir.0).unwrap().display().to_string();
+                (name, s.reason.as_str())
+            })
+            .collect();
+        let reason = |name: &str| {
+            skipped
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("{name} not skipped: {skipped:#?}"))
+                .1
+        };
+        assert!(reason("plain").starts_with("plain/plain is not executable; chmod +x "));
+        assert!(
+            reason(".hidden").starts_with("name invalid: "),
+            "{skipped:#?}"
+        );
+        assert!(reason("-flag").starts_with("name invalid: "));
+        assert_eq!(
+            reason("other"),
+            "no binary other/other (found not-other); the binary must be named like its directory"
+        );
+        assert_eq!(
+            reason("nested"),
+            "nested/nested is a directory, not a binary; put the executable at nested/nested"
+        );
+        assert!(reason("loose-file").starts_with("not a directory: "));
+        assert_eq!(
+            reason("empty"),
+            "no binary empty/empty inside; put the executable there"
+        );
+        assert!(
+            reason("dangling").starts_with("dangling/dangling is a symlink to "),
+            "{skipped:#?}"
+        );
+        assert!(reason("dangling").ends_with("which does not exist; fix the link"));
+    }
+
+    #[test]
+    fn a_symlink_loop_is_an_error_not_an_empty_directory() {
+        let dir = TempDir::new("loop");
+        symlink(dir.0.join("b"), dir.0.join("a")).unwrap();
+        symlink(dir.0.join("a"), dir.0.join("b")).unwrap();
+        let err = discover(&dir.0.join("a")).unwrap_err();
+        assert!(err.to_string().contains("symbolic links"), "{err}");
+        assert!(!scan(&dir.0.join("missing")).unwrap().exists);
     }
 
     #[test]

@@ -13,4 +13,5 @@ pub mod process;
 pub mod service;
 pub mod state;
 pub mod supervisor;
+pub mod validate;
 pub mod wire;

@@ -14,12 +14,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use orchestrator_core::config::{self, Config, ConfigErrors, ConfigProblem, LogFormat};
 use orchestrator_core::daemon::{self, DaemonEvent};
-use orchestrator_core::discovery::discover;
-use orchestrator_core::plan::{HostEnv, binary_of};
+use orchestrator_core::discovery::scan;
+use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
     UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
 };
 use orchestrator_core::state::DaemonLock;
+use orchestrator_core::validate::{Finding, Scope, Severity, Validation, validate};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -117,9 +118,33 @@ fn main() -> ExitCode {
             cli.command,
             Command::Run | Command::Check | Command::Discover
         );
+    // `check` and `run` go through one validation, so that what `check`
+    // passes `run` can start; `run` stops only for problems of the daemon
+    // itself and starts every service it can.
+    let mut validation = None;
     let config = if needs_config {
-        match config::load(cli.config.as_deref()) {
-            Ok(config) => Some(config),
+        match config::load_all(cli.config.as_deref()) {
+            Ok(loaded) if matches!(cli.command, Command::Check | Command::Run) => {
+                let found = validate(&loaded, &HostEnv::from_process(), None);
+                let stop = match cli.command {
+                    Command::Check => found.errors().next().is_some(),
+                    _ => found.stops_the_daemon(),
+                };
+                if stop {
+                    report_findings(&found);
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                validation = Some(found);
+                Some(loaded.config)
+            }
+            Ok(loaded) if loaded.problems.is_empty() => Some(loaded.config),
+            Ok(loaded) => {
+                let errors = ConfigErrors {
+                    problems: loaded.problems,
+                };
+                eprintln!("orchestrator: {errors}");
+                return ExitCode::from(EXIT_USAGE);
+            }
             Err(errors) => {
                 eprintln!("orchestrator: {errors}");
                 return ExitCode::from(EXIT_USAGE);
@@ -133,9 +158,16 @@ fn main() -> ExitCode {
         socket_path(config)
     });
     match cli.command {
-        Command::Check => check(config.as_ref().expect("loaded for check")),
+        Command::Check => check(
+            config.as_ref().expect("loaded for check"),
+            &validation.expect("validated for check"),
+        ),
         Command::Discover => discover_command(config.as_ref().expect("loaded for discover")),
-        Command::Run => match run(config.expect("loaded for run"), socket) {
+        Command::Run => match run(
+            config.expect("loaded for run"),
+            socket,
+            validation.expect("validated for run").findings,
+        ) {
             Ok(()) => {
                 console::flush();
                 ExitCode::SUCCESS
@@ -203,32 +235,26 @@ fn source_name(config: &Config) -> String {
     }
 }
 
-fn check(config: &Config) -> ExitCode {
-    let mut problems = Vec::new();
-    for (name, service) in &config.services {
-        if service.command.is_some() || !service.enabled {
-            continue;
-        }
-        let binary = binary_of(config, name, service);
-        if let Err(message) = executable(&binary) {
-            problems.push(ConfigProblem {
-                file: config.source.clone(),
-                line: None,
-                column: None,
-                key: format!("services.{name}"),
-                message: format!(
-                    "binary {}: {message}; set binary_path or place it at services_dir/{name}/{name}",
-                    binary.display()
-                ),
-            });
-        }
-    }
+/// Every finding, errors first, on stderr: for `check`, and for a `run`
+/// that cannot start at all.
+fn report_findings(validation: &Validation) {
+    let problems: Vec<ConfigProblem> = validation
+        .errors()
+        .map(|finding| finding.problem.clone())
+        .collect();
     if !problems.is_empty() {
         eprintln!("orchestrator: {}", ConfigErrors { problems });
-        return ExitCode::from(EXIT_USAGE);
     }
-    let discovered = discover(&config.orchestrator.services_dir).unwrap_or_default();
-    let extra = discovered
+    for finding in validation.warnings() {
+        eprintln!("orchestrator: warning: {}", finding.problem);
+    }
+}
+
+fn check(config: &Config, validation: &Validation) -> ExitCode {
+    report_findings(validation);
+    let extra = validation
+        .scan
+        .found
         .iter()
         .filter(|d| !config.services.contains_key(&d.name))
         .count();
@@ -243,57 +269,81 @@ fn check(config: &Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn executable(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let metadata = std::fs::metadata(path).map_err(|error| error.to_string())?;
-    if !metadata.is_file() {
-        return Err("not a regular file".to_owned());
-    }
-    if metadata.permissions().mode() & 0o111 == 0 {
-        return Err("not executable (chmod +x it)".to_owned());
-    }
-    Ok(())
-}
-
 fn discover_command(config: &Config) -> ExitCode {
     let dir = &config.orchestrator.services_dir;
-    let discovered = match discover(dir) {
-        Ok(found) => found,
+    let scanned = match scan(dir) {
+        Ok(scanned) => scanned,
         Err(error) => {
             eprintln!("orchestrator: {error}");
             return ExitCode::FAILURE;
         }
     };
-    if discovered.is_empty() {
+    // On stderr: the table on stdout stays one row per service for scripts.
+    for skipped in &scanned.skipped {
+        eprintln!(
+            "orchestrator: skipped {}: {}",
+            skipped.path.display(),
+            skipped.reason
+        );
+    }
+    if scanned.found.is_empty() {
+        let why = if scanned.exists {
+            ""
+        } else {
+            " (the directory does not exist)"
+        };
         cli::outln!(
-            "no service binaries in {} (expected {}/NAME/NAME, executable)",
+            "no service binaries in {}{why} (expected {}/NAME/NAME, executable)",
             dir.display(),
             dir.display()
         );
         return ExitCode::SUCCESS;
     }
-    let width = discovered
+    let rows: Vec<[String; 3]> = scanned
+        .found
         .iter()
-        .map(|d| d.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    cli::outln!("{:width$}  CONFIGURED  BINARY", "NAME");
-    for found in &discovered {
-        let configured = if config.services.contains_key(&found.name) {
-            "yes"
-        } else if config.orchestrator.start_discovered {
-            "no (runs with defaults)"
-        } else {
-            "no (not started)"
-        };
-        cli::outln!(
-            "{:width$}  {configured:10}  {}",
-            found.name,
-            found.binary.display()
-        );
-    }
+        .map(|found| {
+            let configured = if config.services.contains_key(&found.name) {
+                "yes"
+            } else if config.orchestrator.start_discovered {
+                "no (runs with defaults)"
+            } else {
+                "no (not started)"
+            };
+            [
+                found.name.to_string(),
+                configured.to_owned(),
+                found.binary.display().to_string(),
+            ]
+        })
+        .collect();
+    cli::outln!(
+        "{}",
+        table(["NAME", "CONFIGURED", "BINARY"], &rows).trim_end()
+    );
     ExitCode::SUCCESS
+}
+
+/// Columns as wide as their widest cell (in characters, as a terminal shows
+/// them), two spaces apart, and no padding after the last one.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|cell| cell.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header = header.map(str::to_owned);
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(widths) {
+            line.push_str(&format!("{cell:width$}  "));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// stderr for the daemon's log that never fails: when whoever reads it goes
@@ -326,11 +376,12 @@ fn init_tracing(config: &Config) {
     }
 }
 
-fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
+fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Result<()> {
     // Whatever our parent leaked to us must not reach the services. First,
     // while this is the only thread (the console's starts next).
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
     init_tracing(&config);
+    log_findings(&findings);
     raise_fd_limit();
     if let Err(error) = become_subreaper() {
         tracing::warn!("cannot become the subreaper of the services' orphans: {error}");
@@ -428,6 +479,21 @@ fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
         result?;
         Ok(())
     })
+}
+
+/// What `check` would fail on but `run` lives with: the service concerned
+/// fails at its start (its state says why), the others start.
+fn log_findings(findings: &[Finding]) {
+    for finding in findings {
+        let problem = &finding.problem;
+        match (&finding.severity, &finding.scope) {
+            (Severity::Error, Scope::Service(name)) => {
+                tracing::error!(service = %name, "{problem}; the other services start")
+            }
+            (Severity::Error, _) => tracing::error!("{problem}"),
+            (Severity::Warning, _) => tracing::warn!("{problem}"),
+        }
+    }
 }
 
 /// How long the API servers may take to finish their answers at exit.

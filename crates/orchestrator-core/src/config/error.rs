@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -52,5 +53,48 @@ impl fmt::Display for ConfigErrors {
             write!(f, "\n  {problem}")?;
         }
         Ok(())
+    }
+}
+
+/// Where each key of a loaded file is: dotted key path (as in
+/// `ConfigProblem::key`) to 1-based line and column. Kept beside the
+/// `Config` rather than in it, so that problems found after loading (a
+/// binary that is missing, a services_dir that is a file) point at the line
+/// that caused them like the problems of the schema do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Locations {
+    file: Option<PathBuf>,
+    keys: HashMap<String, (usize, usize)>,
+}
+
+impl Locations {
+    pub(crate) fn new(file: Option<PathBuf>) -> Self {
+        Locations {
+            file,
+            keys: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn insert(&mut self, key: String, line: usize, column: usize) {
+        self.keys.insert(key, (line, column));
+    }
+
+    /// Line and column of `key`, when the file set it.
+    pub fn get(&self, key: &str) -> Option<(usize, usize)> {
+        self.keys.get(key).copied()
+    }
+
+    /// A problem about `key`, placed at the first of `keys` the file set
+    /// (e.g. `binary_path`, else the service's section), or at the file
+    /// alone when it set none of them.
+    pub fn problem(&self, key: &str, at: &[&str], message: String) -> ConfigProblem {
+        let position = at.iter().find_map(|candidate| self.get(candidate));
+        ConfigProblem {
+            file: self.file.clone(),
+            line: position.map(|(line, _)| line),
+            column: position.map(|(_, column)| column),
+            key: key.to_owned(),
+            message,
+        }
     }
 }

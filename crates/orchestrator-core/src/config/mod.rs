@@ -5,6 +5,6 @@ mod error;
 mod load;
 mod model;
 
-pub use error::{ConfigErrors, ConfigProblem};
-pub use load::{load, parse};
+pub use error::{ConfigErrors, ConfigProblem, Locations};
+pub use load::{Loaded, load, load_all, parse, parse_all, parse_located, service_key};
 pub use model::*;

@@ -104,7 +104,7 @@ pub trait ChildProcess: Send {
 /// Why a process could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    #[error("cannot start {program}: {source}{hint}", program = .program.display(), hint = spawn_hint(.source))]
+    #[error("cannot start {program}: {source}{hint}", program = .program.display(), hint = spawn_hint(.program, .source))]
     Exec {
         program: PathBuf,
         #[source]
@@ -120,9 +120,19 @@ pub enum SpawnError {
     Injected(String),
 }
 
-fn spawn_hint(error: &io::Error) -> &'static str {
+/// What to do about a failed exec. A program without a slash can only come
+/// from `command` (binaries are always paths), so binary_path is no advice.
+fn spawn_hint(program: &std::path::Path, error: &io::Error) -> &'static str {
+    let bare = !program.as_os_str().as_encoded_bytes().contains(&b'/');
     match error.raw_os_error() {
-        Some(libc::ENOENT) => " (no such file: check binary_path or services_dir/NAME/NAME)",
+        Some(libc::ENOENT) if bare => {
+            " (not found in the service's PATH: install it, give command[0] as an absolute path, \
+             or set PATH in the service's environment)"
+        }
+        Some(libc::ENOENT) => {
+            " (no such file, or its #! interpreter is missing: check binary_path, command[0] \
+             or services_dir/NAME/NAME, and the script's first line)"
+        }
         Some(libc::EACCES) => " (permission denied: is the file executable?)",
         Some(libc::ENOEXEC) => " (not an executable format: a script needs a #! line)",
         Some(libc::E2BIG) => " (argument list or environment too large)",
@@ -159,4 +169,27 @@ pub fn mark_inherited_fds_cloexec() -> io::Result<()> {
         let _ = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn a_command_not_found_is_not_blamed_on_binary_path() {
+        let enoent = || io::Error::from_raw_os_error(libc::ENOENT);
+        let bare = SpawnError::Exec {
+            program: PathBuf::from("no-such-program"),
+            source: enoent(),
+        }
+        .to_string();
+        assert!(!bare.contains("binary_path"), "{bare}");
+        assert!(bare.contains("not found in the service's PATH"), "{bare}");
+        let path = SpawnError::Exec {
+            program: PathBuf::from("/srv/api/api"),
+            source: enoent(),
+        }
+        .to_string();
+        assert!(path.contains("check binary_path, command[0]"), "{path}");
+    }
 }

@@ -72,6 +72,7 @@ impl Cx<'_> {
                 value,
                 base_dir,
             };
+            self.locate(&field.path, value.span());
             match keys.iter().find(|known| known.name == name) {
                 Some(Key {
                     read: Some(read), ..
@@ -85,7 +86,7 @@ impl Cx<'_> {
     fn unknown<M>(&mut self, field: &Field<'_, '_>, place: &str, keys: &[Key<M>]) {
         let name: &str = field.key.get_ref();
         let valid: Vec<&Key<M>> = keys.iter().filter(|key| key.read.is_some()).collect();
-        let mut message = format!("unknown key {name:?} {place}; ");
+        let mut message = format!("unknown key {:?} {place}; ", shorten(name));
         if let Some(close) = closest(name, &valid) {
             message.push_str(&format!("did you mean {:?}? ({}); ", close.name, close.doc));
         }
@@ -115,9 +116,25 @@ pub(super) fn join_key(prefix: &str, segment: &str) -> String {
     }
 }
 
+/// How much of a key name a message repeats.
+const MAX_SHOWN: usize = 64;
+
+/// `name`, cut to its first `MAX_SHOWN` characters when longer.
+fn shorten(name: &str) -> String {
+    match name.char_indices().nth(MAX_SHOWN) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &name[..cut], name.len()),
+        None => name.to_owned(),
+    }
+}
+
 /// A likely intended key for a typo: at most two edits away, and not merely
 /// because both are short.
 fn closest<'k, M>(name: &str, valid: &[&'k Key<M>]) -> Option<&'k Key<M>> {
+    // Two edits from a key name is never this long, and the edit distance
+    // costs length × length: a megabyte-long key would take seconds.
+    if name.len() > MAX_SHOWN {
+        return None;
+    }
     valid
         .iter()
         .map(|&key| (strsim::levenshtein(name, key.name), key))
@@ -184,6 +201,14 @@ mod tests {
             message.contains("valid keys: initial, max, reset_after"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_huge_unknown_key_is_cut_short_and_not_compared() {
+        let key = "x".repeat(1_000_000);
+        let message = one_problem(&format!("{key} = 1\n"), 1, &key);
+        assert!(message.len() < 300, "{}", &message[..300]);
+        assert!(message.contains("… (1000000 bytes)"), "{message}");
     }
 
     #[test]

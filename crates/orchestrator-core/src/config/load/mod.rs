@@ -23,7 +23,7 @@ use toml::de::{DeTable, DeValue};
 use self::cx::Cx;
 use self::keys::Key;
 use self::values::normalize;
-use super::error::{ConfigErrors, ConfigProblem};
+use super::error::{ConfigErrors, ConfigProblem, Locations};
 use super::model::{Config, OrchestratorConfig};
 
 const CONFIG_ENV: &str = "ORCHESTRATOR_CONFIG";
@@ -57,6 +57,39 @@ const TOP_KEYS: &[Key<Config>] = &[
 /// Every problem is reported, sorted by line; `file` is only used to name them
 /// and as `Config::source`.
 pub fn parse(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Config, ConfigErrors> {
+    parse_located(text, file, base_dir).map(|(config, _)| config)
+}
+
+/// `parse`, with where each key was found.
+pub fn parse_located(
+    text: &str,
+    file: Option<&Path>,
+    base_dir: &Path,
+) -> Result<(Config, Locations), ConfigErrors> {
+    let loaded = parse_all(text, file, base_dir)?;
+    if loaded.problems.is_empty() {
+        Ok((loaded.config, loaded.locations))
+    } else {
+        Err(ConfigErrors {
+            problems: loaded.problems,
+        })
+    }
+}
+
+/// A configuration read as far as it could be: `problems` are those of the
+/// schema (sorted by line), and `config` holds defaults where a value was
+/// wrong. What `check` and `run` validate further, so that a missing binary
+/// is reported in the same pass as a typo elsewhere.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub locations: Locations,
+    pub problems: Vec<ConfigProblem>,
+}
+
+/// `parse`, keeping the configuration beside its schema problems. Only a
+/// file that is not TOML at all gives no configuration.
+pub fn parse_all(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Loaded, ConfigErrors> {
     let base_dir = absolute_dir(base_dir);
     let mut cx = Cx::new(text, file);
     let root = match DeTable::parse(text) {
@@ -67,11 +100,12 @@ pub fn parse(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Config,
         }
     };
     let config = document(&mut cx, root.get_ref(), &base_dir);
-    if cx.problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(cx.into_errors())
-    }
+    let locations = std::mem::take(&mut cx.locations);
+    Ok(Loaded {
+        config,
+        locations,
+        problems: cx.into_errors().problems,
+    })
 }
 
 /// Find and load the configuration: `explicit` (from `--config`), else
@@ -80,6 +114,19 @@ pub fn parse(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Config,
 /// `source: None`. The file named in `Config::source` and in problems is
 /// absolute, canonicalised when possible.
 pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let loaded = load_all(explicit)?;
+    if loaded.problems.is_empty() {
+        Ok(loaded.config)
+    } else {
+        Err(ConfigErrors {
+            problems: loaded.problems,
+        })
+    }
+}
+
+/// `load`, keeping the configuration beside its schema problems (see
+/// `parse_all`); where each key was found is empty for zero-config.
+pub fn load_all(explicit: Option<&Path>) -> Result<Loaded, ConfigErrors> {
     let cwd = std::env::current_dir().map_err(|err| {
         single_problem(
             None,
@@ -106,7 +153,7 @@ fn load_from(
     explicit: Option<&Path>,
     env: Option<OsString>,
     cwd: &Path,
-) -> Result<Config, ConfigErrors> {
+) -> Result<Loaded, ConfigErrors> {
     let (path, origin) = match (explicit, env.filter(|value| !value.is_empty())) {
         (Some(path), _) => (cwd.join(path), Origin::Flag),
         (None, Some(value)) => (cwd.join(PathBuf::from(value)), Origin::Env),
@@ -120,10 +167,15 @@ fn load_from(
                 path = %path.display(),
                 "no configuration file; using zero-config defaults"
             );
-            return Ok(Config {
+            let config = Config {
                 source: None,
                 orchestrator: OrchestratorConfig::defaults_in(cwd),
                 services: BTreeMap::new(),
+            };
+            return Ok(Loaded {
+                config,
+                locations: Locations::default(),
+                problems: Vec::new(),
             });
         }
         Err(err) => {
@@ -153,7 +205,7 @@ fn load_from(
             ));
         }
     };
-    parse(&text, Some(&path), &base_dir)
+    parse_all(&text, Some(&path), &base_dir)
 }
 
 fn single_problem(file: Option<PathBuf>, line: Option<usize>, message: String) -> ConfigErrors {
@@ -297,11 +349,47 @@ mod tests {
             "{}",
             found[0].message
         );
-        assert!(found[0].message.contains("duplicate key"));
+        assert_eq!(
+            found[0].message,
+            "invalid TOML: duplicate key \"auto_restart\" in [orchestrator], at lines 2 and 3; \
+             keep one of them"
+        );
 
         let found = problems("[orchestrator]\nlog_level = info\n");
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].line, found[0].column), (Some(2), Some(13)));
+    }
+
+    #[test]
+    fn duplicate_table_names_the_table_and_both_lines() {
+        let found = problems(
+            "[services.api]\nenabled = true\n\n[orchestrator]\n[ services.api ]\nargs = []\n",
+        );
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].line, Some(5));
+        assert_eq!(
+            found[0].message,
+            "invalid TOML: duplicate key: the table [services.api] is defined twice, \
+             at lines 1 and 5; merge them into one section"
+        );
+
+        let found = problems("services.api.enabled = true\n[services.api]\n");
+        assert!(
+            found[0]
+                .message
+                .contains("the table [services.api] at line 2 is already defined above"),
+            "{}",
+            found[0].message
+        );
+
+        let found = problems("log = 1\nlog = 2\n");
+        assert!(
+            found[0]
+                .message
+                .contains("duplicate key \"log\" at the top level, at lines 1 and 2"),
+            "{}",
+            found[0].message
+        );
     }
 
     #[test]
@@ -384,7 +472,7 @@ backoff = { initial = "10s", max = "1s" }
     #[test]
     fn zero_config_without_a_file() {
         let dir = TempDir::new("zero");
-        let config = load_from(None, None, &dir.0).unwrap();
+        let config = load_from(None, None, &dir.0).unwrap().config;
         assert_eq!(config.source, None);
         assert_eq!(config.orchestrator, OrchestratorConfig::defaults_in(&dir.0));
         assert_eq!(config.orchestrator.services_dir, dir.0.join("services"));
@@ -401,7 +489,7 @@ backoff = { initial = "10s", max = "1s" }
             "[orchestrator]\nservices_dir = \"bin\"\n",
         )
         .unwrap();
-        let config = load_from(None, None, &dir.0).unwrap();
+        let config = load_from(None, None, &dir.0).unwrap().config;
         assert_eq!(config.source, Some(dir.0.join(DEFAULT_FILE)));
         assert_eq!(config.orchestrator.services_dir, dir.0.join("bin"));
     }
@@ -420,7 +508,7 @@ backoff = { initial = "10s", max = "1s" }
 
         // Relative to the current directory, and relative paths inside the
         // file against the file's own directory.
-        let config = load_from(
+        let Loaded { config, .. } = load_from(
             Some(Path::new("./etc/a.toml")),
             Some("b.toml".into()),
             &dir.0,
@@ -433,9 +521,11 @@ backoff = { initial = "10s", max = "1s" }
         );
         assert_eq!(config.orchestrator.services_dir, dir.0.join("etc/services"));
 
-        let config = load_from(None, Some("b.toml".into()), &dir.0).unwrap();
+        let config = load_from(None, Some("b.toml".into()), &dir.0)
+            .unwrap()
+            .config;
         assert!(config.services.contains_key("b"));
-        let config = load_from(None, None, &dir.0).unwrap();
+        let config = load_from(None, None, &dir.0).unwrap().config;
         assert!(config.services.contains_key("c"));
     }
 
@@ -475,9 +565,9 @@ backoff = { initial = "10s", max = "1s" }
         fs::create_dir(dir.0.join("real")).unwrap();
         fs::write(dir.0.join("real/o.toml"), "bad = 1\n").unwrap();
         std::os::unix::fs::symlink(dir.0.join("real/o.toml"), dir.0.join("link.toml")).unwrap();
-        let errors = load_from(Some(Path::new("link.toml")), None, &dir.0).unwrap_err();
-        assert_eq!(errors.problems[0].file, Some(dir.0.join("real/o.toml")));
-        assert_eq!(errors.problems[0].line, Some(1));
+        let loaded = load_from(Some(Path::new("link.toml")), None, &dir.0).unwrap();
+        assert_eq!(loaded.problems[0].file, Some(dir.0.join("real/o.toml")));
+        assert_eq!(loaded.problems[0].line, Some(1));
     }
 
     #[test]
@@ -488,4 +578,9 @@ backoff = { initial = "10s", max = "1s" }
         assert_eq!(errors.problems[0].line, Some(2));
         assert!(errors.problems[0].message.contains("UTF-8"));
     }
+}
+
+/// The dotted key of service `name`'s section, quoted as in problems.
+pub fn service_key(name: &str) -> String {
+    keys::join_key("services", name)
 }

@@ -190,6 +190,7 @@ pub(super) fn read_all(
     for (key, value) in table.iter() {
         let name: &str = key.get_ref();
         let path = join_key("services", name);
+        cx.locate(&path, key.span());
         let valid_name = match ServiceName::parse(name) {
             Ok(name) => Some(name),
             Err(invalid) => {

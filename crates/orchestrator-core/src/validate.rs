@@ -1,0 +1,674 @@
+//! What `check` and `run` both ask of a loaded configuration beyond its
+//! schema: can every service actually be started? Each finding is located
+//! at the key that caused it, like the schema's own problems, and all of
+//! them are reported in one pass.
+//!
+//! Done with blocking file I/O, so only at start-up (before the runtime
+//! serves) or from `check`.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::{ConfigProblem, Loaded, Locations, service_key};
+use crate::discovery::{Scan, scan};
+use crate::name::ServiceName;
+use crate::plan::{HostEnv, plan};
+
+/// Where a program without a slash is found: `(program, env, cwd)` as the
+/// spawner resolves it (the service's own PATH, not the daemon's).
+pub type Lookup = fn(&Path, &[(String, String)], &Path) -> io::Result<PathBuf>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// `check` fails (exit 2).
+    Error,
+    /// Said, but nothing fails because of it.
+    Warning,
+}
+
+/// Who a finding stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The daemon as a whole cannot run (a schema error, a data_dir that
+    /// is a file): `run` refuses to start.
+    Daemon,
+    /// Only this service cannot start; `run` starts the others.
+    Service(ServiceName),
+    /// Discovery in services_dir: configured services still run.
+    ServicesDir,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub scope: Scope,
+    pub problem: ConfigProblem,
+}
+
+/// Every finding about a configuration, and the services_dir scan made on
+/// the way (for `check` to count what was discovered).
+#[derive(Debug, Clone, Default)]
+pub struct Validation {
+    pub findings: Vec<Finding>,
+    pub scan: Scan,
+}
+
+impl Validation {
+    pub fn errors(&self) -> impl Iterator<Item = &Finding> {
+        self.findings
+            .iter()
+            .filter(|finding| finding.severity == Severity::Error)
+    }
+
+    pub fn warnings(&self) -> impl Iterator<Item = &Finding> {
+        self.findings
+            .iter()
+            .filter(|finding| finding.severity == Severity::Warning)
+    }
+
+    /// Whether `run` must refuse to start at all.
+    pub fn stops_the_daemon(&self) -> bool {
+        self.errors().any(|finding| finding.scope == Scope::Daemon)
+    }
+}
+
+/// Validate `loaded`: its schema problems, then every service's program
+/// (a binary or `command`), the services directory and the daemon's own
+/// paths. `lookup` resolves a `command` without a slash; `None` leaves
+/// such programs to the spawn. A service whose keys already have schema
+/// problems is not checked further: its values are defaults, not what the
+/// file meant.
+pub fn validate(loaded: &Loaded, host: &HostEnv, lookup: Option<Lookup>) -> Validation {
+    let config = &loaded.config;
+    let at = &loaded.locations;
+    let mut findings: Vec<Finding> = loaded
+        .problems
+        .iter()
+        .map(|problem| Finding {
+            severity: Severity::Error,
+            scope: Scope::Daemon,
+            problem: problem.clone(),
+        })
+        .collect();
+    let has_problem = |key: &str| {
+        loaded.problems.iter().any(|problem| {
+            problem.key == key
+                || problem
+                    .key
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })
+    };
+    let orchestrator = &config.orchestrator;
+
+    let dir = &orchestrator.services_dir;
+    let dir_key = "orchestrator.services_dir";
+    let scanned = if has_problem(dir_key) {
+        Scan::default()
+    } else {
+        match scan(dir) {
+            Ok(scanned) => scanned,
+            Err(error) => {
+                let source = std::error::Error::source(&error)
+                    .and_then(|source| source.downcast_ref::<io::Error>());
+                let message = match source.and_then(io::Error::raw_os_error) {
+                    Some(libc::ENOTDIR) => format!(
+                        "services_dir {} is a file, not a directory; point \
+                         orchestrator.services_dir at the directory holding NAME/NAME",
+                        dir.display()
+                    ),
+                    Some(libc::ELOOP) => format!(
+                        "services_dir {} is a loop of symbolic links; fix the links or point \
+                         orchestrator.services_dir at a real directory",
+                        dir.display()
+                    ),
+                    _ => error.to_string(),
+                };
+                findings.push(Finding {
+                    severity: Severity::Error,
+                    scope: Scope::ServicesDir,
+                    problem: at.problem(dir_key, &[dir_key], message),
+                });
+                Scan::default()
+            }
+        }
+    };
+    if !scanned.exists && !has_problem(dir_key) && findings_about(&findings, dir_key) == 0 {
+        // Set by hand, a missing directory is a mistake; by default, it
+        // only means nothing is discovered.
+        let (severity, advice) = match at.get(dir_key) {
+            Some(_) => (
+                Severity::Error,
+                "create it or fix orchestrator.services_dir",
+            ),
+            None => (
+                Severity::Warning,
+                "nothing is discovered; create it or set orchestrator.services_dir",
+            ),
+        };
+        findings.push(Finding {
+            severity,
+            scope: Scope::ServicesDir,
+            problem: at.problem(
+                dir_key,
+                &[dir_key],
+                format!("services_dir {} does not exist; {advice}", dir.display()),
+            ),
+        });
+    }
+
+    if !has_problem("orchestrator.data_dir") {
+        let data_dir = &orchestrator.data_dir;
+        if let Ok(meta) = fs::metadata(data_dir)
+            && !meta.is_dir()
+        {
+            findings.push(Finding {
+                severity: Severity::Error,
+                scope: Scope::Daemon,
+                problem: at.problem(
+                    "orchestrator.data_dir",
+                    &["orchestrator.data_dir"],
+                    format!(
+                        "data_dir {} is not a directory; remove that file or point \
+                         orchestrator.data_dir elsewhere",
+                        data_dir.display()
+                    ),
+                ),
+            });
+        }
+    }
+    let mut covered = Vec::new();
+    for definition in plan(config, &scanned.found, host) {
+        let name = &definition.name;
+        let section = service_key(name);
+        if has_problem(&section) {
+            continue;
+        }
+        let service = config.services.get(name);
+        let command = service.is_some_and(|service| service.command.is_some());
+        let spawn = &definition.spawn;
+        let program_key = if command {
+            format!("{section}.command")
+        } else if service.is_some_and(|service| service.binary_path.is_some()) {
+            format!("{section}.binary_path")
+        } else {
+            covered.push(dir.join(name.as_str()));
+            section.clone()
+        };
+        let shown = if command {
+            format!("command program {:?}", spawn.program.display().to_string())
+        } else {
+            format!("binary {}", spawn.program.display())
+        };
+        let found = if spawn.program.as_os_str().as_encoded_bytes().contains(&b'/') {
+            Some(spawn.cwd.join(&spawn.program))
+        } else {
+            match lookup.map(|lookup| lookup(&spawn.program, &spawn.env, &spawn.cwd)) {
+                Some(Ok(path)) => Some(path),
+                Some(Err(error)) => {
+                    let path = spawn
+                        .env
+                        .iter()
+                        .rev()
+                        .find(|(key, _)| key == "PATH")
+                        .map_or("", |(_, value)| value.as_str());
+                    let what = match error.raw_os_error() {
+                        Some(libc::EACCES) => "is found in the service's PATH but not executable",
+                        _ => "is not found in the service's PATH",
+                    };
+                    let message = format!(
+                        "{shown} {what} ({path}); install it, give its absolute path, or set \
+                         PATH in [{section}] environment"
+                    );
+                    findings.push(service_finding(
+                        definition.enabled,
+                        name,
+                        at,
+                        &program_key,
+                        message,
+                    ));
+                    None
+                }
+                None => None,
+            }
+        };
+        let Some(found) = found else { continue };
+        if let Err(why) = runnable(&found, &spawn.cwd) {
+            let shown = if found == spawn.program {
+                shown
+            } else {
+                format!("{shown} (at {})", found.display())
+            };
+            let advice = if command {
+                "fix command[0]".to_owned()
+            } else if program_key.ends_with("binary_path") {
+                "fix binary_path".to_owned()
+            } else if definition.configured {
+                format!("set binary_path or install it at services_dir/{name}/{name}")
+            } else {
+                format!("fix or remove {}", found.display())
+            };
+            let message = format!("service {name}: {shown} {why}; {advice}");
+            let key = if definition.configured {
+                program_key
+            } else {
+                dir_key.to_owned()
+            };
+            findings.push(service_finding(definition.enabled, name, at, &key, message));
+        }
+    }
+
+    for skipped in &scanned.skipped {
+        // A configured service's own finding already says why.
+        if covered.contains(&skipped.path) {
+            continue;
+        }
+        findings.push(Finding {
+            severity: Severity::Warning,
+            scope: Scope::ServicesDir,
+            problem: at.problem(
+                dir_key,
+                &[dir_key],
+                format!("skipped {}: {}", skipped.path.display(), skipped.reason),
+            ),
+        });
+    }
+
+    // By line, then those without one; errors before warnings on a line.
+    findings.sort_by_key(|finding| {
+        let problem = &finding.problem;
+        (
+            problem.line.is_none(),
+            problem.line,
+            problem.column,
+            finding.severity,
+        )
+    });
+    Validation {
+        findings,
+        scan: scanned,
+    }
+}
+
+fn findings_about(findings: &[Finding], key: &str) -> usize {
+    findings
+        .iter()
+        .filter(|finding| finding.problem.key == key)
+        .count()
+}
+
+/// A service that is disabled cannot fail `check`: it is not started, but
+/// someone may `start` it by hand, so it is still said.
+fn service_finding(
+    enabled: bool,
+    name: &ServiceName,
+    at: &Locations,
+    key: &str,
+    message: String,
+) -> Finding {
+    let section = service_key(name);
+    let mut message = message;
+    if !enabled {
+        message.push_str(" (the service is disabled: it only matters once it is started)");
+    }
+    Finding {
+        severity: if enabled {
+            Severity::Error
+        } else {
+            Severity::Warning
+        },
+        scope: Scope::Service(name.clone()),
+        problem: at.problem(key, &[key, &section, "orchestrator.services_dir"], message),
+    }
+}
+
+/// Whether the kernel can execute `path`: what is wrong with it, if
+/// anything, said after the program's name ("… is empty").
+fn runnable(path: &Path, cwd: &Path) -> Result<(), String> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(error) => {
+            return Err(match error.raw_os_error() {
+                Some(libc::ELOOP) => "is a loop of symbolic links".to_owned(),
+                Some(libc::ENOENT) => match fs::read_link(path) {
+                    Ok(target) => {
+                        format!("is a symlink to {}, which does not exist", target.display())
+                    }
+                    Err(_) => "does not exist".to_owned(),
+                },
+                _ => format!("cannot be inspected: {error}"),
+            });
+        }
+    };
+    let shown = path.display();
+    if meta.is_dir() {
+        return Err("is a directory, not a program".to_owned());
+    }
+    if !meta.is_file() {
+        return Err("is not a regular file".to_owned());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("is not executable (chmod +x {shown})"));
+    }
+    if nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err() {
+        return Err("is not executable by the user running orchestrator".to_owned());
+    }
+    if meta.len() == 0 {
+        return Err("is empty (0 bytes): a failed copy?".to_owned());
+    }
+    // What execve reads: the first 256 bytes (the kernel's #! line limit).
+    let mut head = Vec::with_capacity(256);
+    match fs::File::open(path) {
+        Ok(file) => {
+            if let Err(error) = file.take(256).read_to_end(&mut head) {
+                return Err(format!("cannot be read: {error}"));
+            }
+        }
+        // A binary may be execute-only; only a script must be readable,
+        // and then the spawn says so.
+        Err(_) => return Ok(()),
+    }
+    if head.starts_with(b"\x7fELF") {
+        return Ok(());
+    }
+    let Some(line) = head.strip_prefix(b"#!") else {
+        return Err(
+            "is neither a native binary nor a script starting with #!, so it cannot \
+             be executed; add a first line such as #!/bin/sh"
+                .to_owned(),
+        );
+    };
+    let line = line.split(|&byte| byte == b'\n').next().unwrap_or_default();
+    let text = String::from_utf8_lossy(line);
+    if text.ends_with('\r') {
+        return Err(format!(
+            "has Windows line endings: its #! line ends in \\r, so the kernel looks for \
+             an interpreter named {:?}; convert it with dos2unix",
+            text.trim_start()
+                .split([' ', '\t'])
+                .next()
+                .unwrap_or_default()
+        ));
+    }
+    let Some(interpreter) = text.split_whitespace().next() else {
+        return Err("has an empty #! line; name the interpreter, e.g. #!/bin/sh".to_owned());
+    };
+    let interpreter_path = cwd.join(interpreter);
+    let why = match fs::metadata(&interpreter_path) {
+        Err(_) => "does not exist",
+        Ok(meta) if !meta.is_file() => "is not a file",
+        Ok(meta) if meta.permissions().mode() & 0o111 == 0 => "is not executable",
+        Ok(_) => return Ok(()),
+    };
+    Err(format!(
+        "starts with #!{interpreter}, an interpreter that {why}; install it or fix \
+         the first line"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_all;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "orchestrator-validate-{tag}-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+
+        fn file(&self, relative: &str, contents: &[u8], mode: u32) -> PathBuf {
+            let path = self.0.join(relative);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, contents).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            path
+        }
+
+        fn validate(&self, text: &str) -> Validation {
+            let loaded = parse_all(text, Some(&self.0.join("o.toml")), &self.0).unwrap();
+            validate(&loaded, &host(), Some(fake_lookup))
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn host() -> HostEnv {
+        HostEnv {
+            path: "/usr/bin:/bin".into(),
+            tmpdir: "/tmp".into(),
+        }
+    }
+
+    /// `sh` is /bin/sh; anything else is not found, unless the service's
+    /// PATH names a directory holding it (to see that PATH is passed).
+    fn fake_lookup(program: &Path, env: &[(String, String)], _: &Path) -> io::Result<PathBuf> {
+        if program == Path::new("sh") {
+            return Ok(PathBuf::from("/bin/sh"));
+        }
+        let path = env.iter().find(|(key, _)| key == "PATH").unwrap();
+        for dir in path.1.split(':') {
+            let candidate = Path::new(dir).join(program);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
+    fn lines(validation: &Validation, severity: Severity) -> Vec<String> {
+        validation
+            .findings
+            .iter()
+            .filter(|finding| finding.severity == severity)
+            .map(|finding| {
+                let problem = &finding.problem;
+                format!(
+                    "{}:{} {}: {}",
+                    problem.line.unwrap_or(0),
+                    problem.column.unwrap_or(0),
+                    problem.key,
+                    problem.message
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_service_that_cannot_start_is_reported_at_once_with_its_line() {
+        let dir = TempDir::new("all");
+        let script = b"#!/bin/sh\nexit 0\n";
+        dir.file("services/ok/ok", script, 0o755);
+        dir.file("services/empty/empty", b"", 0o755);
+        dir.file("services/noshebang/noshebang", b"echo hi\n", 0o755);
+        dir.file("services/crlf/crlf", b"#!/bin/sh\r\necho hi\r\n", 0o755);
+        dir.file(
+            "services/badinterp/badinterp",
+            b"#!/usr/bin/pythn3\n",
+            0o755,
+        );
+        fs::create_dir_all(dir.0.join("services/isdir/isdir")).unwrap();
+        let text = r#"[orchestrator]
+services_dir = "services"
+start_discovered = false
+
+[services.ok]
+[services.missing]
+binary_path = "bin/missing"
+[services.empty]
+[services.noshebang]
+[services.crlf]
+[services.badinterp]
+[services.isdir]
+[services.cmd]
+command = ["no-such-program", "--flag"]
+[services.viapath]
+command = ["tool"]
+environment = { PATH = "PATHDIR" }
+[services.typo]
+binary_pth = "x"
+[services.off]
+enabled = false
+"#;
+        let pathdir = dir.0.join("tools");
+        dir.file("tools/tool", script, 0o755);
+        let text = text.replace("PATHDIR", &pathdir.display().to_string());
+        let validation = dir.validate(&text);
+        let errors = lines(&validation, Severity::Error);
+        let expected = [
+            "7:15 services.missing.binary_path: service missing: binary ",
+            "8:11 services.empty: service empty: binary ",
+            "9:11 services.noshebang: service noshebang: binary ",
+            "10:11 services.crlf: service crlf: binary ",
+            "11:11 services.badinterp: service badinterp: binary ",
+            "12:11 services.isdir: service isdir: binary ",
+            "14:11 services.cmd.command: command program \"no-such-program\" is not found in \
+             the service's PATH (/usr/bin:/bin); install it, give its absolute path, or set \
+             PATH in [services.cmd] environment",
+            "19:1 services.typo.binary_pth: unknown key",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, start) in errors.iter().zip(expected) {
+            assert!(
+                error.starts_with(start),
+                "{error}\n  should start with\n{start}"
+            );
+        }
+        let ends = [
+            "/bin/missing does not exist; fix binary_path",
+            "/services/empty/empty is empty (0 bytes): a failed copy?; set binary_path or install it at services_dir/empty/empty",
+            "is neither a native binary nor a script starting with #!, so it cannot be executed; add a first line such as #!/bin/sh; set binary_path or install it at services_dir/noshebang/noshebang",
+            "has Windows line endings: its #! line ends in \\r, so the kernel looks for an interpreter named \"/bin/sh\\r\"; convert it with dos2unix; set binary_path or install it at services_dir/crlf/crlf",
+            "starts with #!/usr/bin/pythn3, an interpreter that does not exist; install it or fix the first line; set binary_path or install it at services_dir/badinterp/badinterp",
+            "/services/isdir/isdir is a directory, not a program; set binary_path or install it at services_dir/isdir/isdir",
+        ];
+        for (error, end) in errors[..6].iter().zip(ends) {
+            assert!(error.ends_with(end), "{error}\n  should end with\n{end}");
+        }
+        for finding in validation.errors() {
+            let expected = finding.problem.key.split('.').nth(1).unwrap();
+            match &finding.scope {
+                Scope::Service(name) => assert_eq!(name.as_str(), expected),
+                // The unknown key is a schema problem.
+                Scope::Daemon => assert_eq!(expected, "typo"),
+                Scope::ServicesDir => panic!("{finding:#?}"),
+            }
+        }
+        assert!(!validation.stops_the_daemon() || errors.iter().any(|e| e.contains("unknown")));
+        let warnings = lines(&validation, Severity::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        assert!(
+            warnings[0].starts_with("20:11 services.off: service off: binary "),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings[0].ends_with("(the service is disabled: it only matters once it is started)")
+        );
+    }
+
+    #[test]
+    fn services_dir_problems_are_located_at_the_key() {
+        let dir = TempDir::new("dir");
+        dir.file("afile", b"", 0o644);
+        let validation = dir.validate("[orchestrator]\nservices_dir = \"afile\"\n");
+        let errors = lines(&validation, Severity::Error);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].starts_with("2:16 orchestrator.services_dir: services_dir "));
+        assert!(errors[0].ends_with(
+            "afile is a file, not a directory; point orchestrator.services_dir at the \
+             directory holding NAME/NAME"
+        ));
+        assert_eq!(validation.findings[0].scope, Scope::ServicesDir);
+        assert!(!validation.stops_the_daemon());
+
+        std::os::unix::fs::symlink(dir.0.join("b"), dir.0.join("a")).unwrap();
+        std::os::unix::fs::symlink(dir.0.join("a"), dir.0.join("b")).unwrap();
+        let errors = lines(
+            &dir.validate("[orchestrator]\nservices_dir = \"a\"\n"),
+            Severity::Error,
+        );
+        assert!(
+            errors[0].contains("is a loop of symbolic links"),
+            "{errors:#?}"
+        );
+
+        let errors = lines(
+            &dir.validate("[orchestrator]\nservices_dir = \"nope\"\n"),
+            Severity::Error,
+        );
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].ends_with("nope does not exist; create it or fix orchestrator.services_dir")
+        );
+
+        // By default a missing services_dir only means nothing is discovered.
+        let validation = dir.validate("");
+        assert_eq!(validation.errors().count(), 0);
+        let warnings = lines(&validation, Severity::Warning);
+        assert!(warnings[0].starts_with("0:0 orchestrator.services_dir: services_dir "));
+    }
+
+    #[test]
+    fn skipped_entries_are_warnings_unless_a_service_already_says_why() {
+        let dir = TempDir::new("skipped");
+        dir.file("services/plain/plain", b"#!/bin/sh\n", 0o644);
+        dir.file("services/api/api", b"#!/bin/sh\n", 0o644);
+        dir.file("services/.git/config", b"", 0o644);
+        let validation = dir.validate("[services.api]\n");
+        let errors = lines(&validation, Severity::Error);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].starts_with("1:11 services.api: service api: binary "));
+        assert!(
+            errors[0].contains("is not executable (chmod +x "),
+            "{errors:#?}"
+        );
+        let warnings = lines(&validation, Severity::Warning);
+        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert!(
+            warnings[0].contains(".git: name invalid: "),
+            "{warnings:#?}"
+        );
+        assert!(warnings[1].contains("plain: plain/plain is not executable; chmod +x "));
+    }
+
+    #[test]
+    fn the_daemon_stops_only_for_its_own_problems() {
+        let dir = TempDir::new("daemon");
+        dir.file("datafile", b"", 0o644);
+        let validation = dir.validate(
+            "[orchestrator]\ndata_dir = \"datafile\"\nhttp_listen = \"127.0.0.1:1\"\nhttp_token_file = \"nope\"\n",
+        );
+        let errors = lines(&validation, Severity::Error);
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0].starts_with("2:12 orchestrator.data_dir: data_dir "));
+        // Found by the loader already, and reported once.
+        assert!(errors[1].starts_with("4:19 orchestrator.http_token_file: cannot read "));
+        assert!(validation.stops_the_daemon());
+    }
+
+    #[test]
+    fn a_valid_configuration_has_no_findings() {
+        let dir = TempDir::new("valid");
+        dir.file("services/api/api", b"#!/bin/sh\nexec sleep 1\n", 0o755);
+        let validation = dir.validate("[services.web]\ncommand = [\"sh\", \"-c\", \"true\"]\n");
+        assert!(validation.findings.is_empty(), "{:#?}", validation.findings);
+        assert_eq!(validation.scan.found.len(), 1);
+    }
+}
