@@ -291,7 +291,8 @@ fn write_events(path: &Path, queue: &Receiver<Arc<Event>>, progress: &FileProgre
         FILE_MAX_BYTES,
         FILE_MAX_FILES,
         Instant::now(),
-    );
+    )
+    .for_events();
     if ends_without_newline(path) {
         // End the torn line, so the next event starts a line of its own.
         file.write(&[b"\n"], Instant::now());

@@ -17,7 +17,7 @@ use orchestrator_core::daemon::{self, DaemonEvent};
 use orchestrator_core::discovery::scan;
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
-    UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
+    UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans, resolve_program,
 };
 use orchestrator_core::state::DaemonLock;
 use orchestrator_core::validate::{Finding, Scope, Severity, Validation, validate};
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
     let config = if needs_config {
         match config::load_all(cli.config.as_deref()) {
             Ok(loaded) if matches!(cli.command, Command::Check | Command::Run) => {
-                let found = validate(&loaded, &HostEnv::from_process(), None);
+                let found = validate(&loaded, &HostEnv::from_process(), Some(resolve_program));
                 let stop = match cli.command {
                     Command::Check => found.errors().next().is_some(),
                     _ => found.stops_the_daemon(),

@@ -388,7 +388,6 @@ fn check_says_services_dir_is_a_file_or_missing_at_its_line() {
 }
 
 #[test]
-#[ignore = "needs orchestrator_core::process::resolve_program public: check cannot look a command up in the service's PATH without duplicating it"]
 fn check_reports_a_command_not_found_in_the_service_path() {
     let dir = TestDir::new("check-command");
     let file = dir.write_file(

@@ -26,6 +26,8 @@ const MAX_IOVECS: usize = 16;
 
 pub(crate) struct LogFile {
     service: Box<str>,
+    /// What the file is, for messages: a service's log, or the event log.
+    what: &'static str,
     path: PathBuf,
     /// 0: never rotate.
     max_bytes: u64,
@@ -59,6 +61,7 @@ impl LogFile {
     ) -> Self {
         let log = Self {
             service: service.into(),
+            what: "the service log file",
             path,
             max_bytes,
             max_files,
@@ -122,7 +125,8 @@ impl LogFile {
             tracing::info!(
                 service = %self.service,
                 path = %self.path.display(),
-                "writing the service log file again"
+                "writing {} again",
+                self.what
             );
         }
         0
@@ -154,6 +158,14 @@ impl LogFile {
         }
     }
 
+    /// The daemon's event log rather than a service's output: its messages
+    /// say so and name no service.
+    pub(crate) fn for_events(mut self) -> Self {
+        self.service = "-".into();
+        self.what = "the event log";
+        self
+    }
+
     fn reopen(&mut self, now: Instant) -> bool {
         if self.retry_at.is_some_and(|at| now < at) {
             return false;
@@ -173,8 +185,9 @@ impl LogFile {
                 service = %self.service,
                 path = %self.path.display(),
                 error = %err,
-                "cannot {action} the service log file; its lines go to the orchestrator log only \
-                 until it works again (retried every second)"
+                "cannot {action} {}; what it records goes to the orchestrator log and memory only \
+                 until it works again (retried every second)",
+                self.what
             );
         }
     }
@@ -203,7 +216,8 @@ impl LogFile {
         tracing::info!(
             service = %self.service,
             path = %self.path.display(),
-            "the service log file was moved or removed; creating it again"
+            "{} was moved or removed; creating it again",
+            self.what
         );
         self.file = None;
         self.open(now);
@@ -256,7 +270,8 @@ impl LogFile {
                     service = %self.service,
                     path = %self.path.display(),
                     error = %err,
-                    "cannot rotate the service log file as configured"
+                    "cannot rotate {} as configured",
+                    self.what
                 );
             }
             Some(_) => {}

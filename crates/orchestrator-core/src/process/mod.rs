@@ -14,7 +14,7 @@ use std::pin::Pin;
 use nix::sys::signal::Signal;
 
 pub use fake::{FakeChildControl, FakeSpawner};
-pub use unix::{ExitWatch, UnixSpawner, become_subreaper, reap_orphans};
+pub use unix::{ExitWatch, UnixSpawner, become_subreaper, reap_orphans, resolve_program};
 
 /// Everything needed to start one process: plain data, so tests can assert on it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -112,7 +112,11 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
 /// Where execvp in the child would find `program`: a name without a slash
 /// is looked up in the service's own PATH (not the daemon's, which glibc's
 /// posix_spawnp would use), relative entries from the service's directory.
-fn resolve_program(program: &Path, env: &[(String, String)], cwd: &Path) -> io::Result<PathBuf> {
+pub fn resolve_program(
+    program: &Path,
+    env: &[(String, String)],
+    cwd: &Path,
+) -> io::Result<PathBuf> {
     if program.as_os_str().as_bytes().contains(&b'/') {
         return Ok(program.to_owned());
     }
