@@ -469,11 +469,23 @@ struct TcpGuard {
 
 impl TcpGuard {
     async fn check(&self, request: Request, next: Next) -> Response {
-        if !self.host_allowed(request.headers()) {
+        // An absolute-form target (`GET http://host/...`) names the host
+        // the client meant, over the Host header (RFC 9112 3.2.2): both
+        // must pass, or a rebinding page could pick the one we don't check.
+        let target_allowed = request
+            .uri()
+            .authority()
+            .is_none_or(|authority| self.host_allowed(authority.as_str()));
+        let header_allowed = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|host| self.host_allowed(host));
+        if !target_allowed || !header_allowed {
             return error(
                 StatusCode::MISDIRECTED_REQUEST,
                 ErrorCode::BadHost,
-                "the Host header must name the listen address or a loopback name",
+                "the Host header (and an absolute request target) must name the listen address or a loopback name",
             );
         }
         if request.uri().path() != "/healthz" && !self.authorized(request.headers()) {
@@ -491,10 +503,7 @@ impl TcpGuard {
         next.run(request).await
     }
 
-    fn host_allowed(&self, headers: &HeaderMap) -> bool {
-        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
-            return false;
-        };
+    fn host_allowed(&self, host: &str) -> bool {
         let port = self.listen.port();
         let allowed = [
             self.listen.to_string(),

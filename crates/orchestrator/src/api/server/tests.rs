@@ -511,6 +511,48 @@ async fn tcp_needs_the_token_and_a_local_host_name() {
             "HTTP/1.1 421",
         ),
         (get("/healthz", "evil.example", ""), "HTTP/1.1 421"),
+        // An absolute-form target names the host too (RFC 9112 3.2.2: it
+        // wins over the Host header), so it passes the same test.
+        (
+            get(
+                "http://evil.example/v1/services",
+                &host,
+                "Authorization: Bearer s3cret\r\n",
+            ),
+            "HTTP/1.1 421",
+        ),
+        (
+            get("http://evil.example/healthz", &host, ""),
+            "HTTP/1.1 421",
+        ),
+        (
+            get(
+                &format!("http://evil.example:{}/healthz", addr.port()),
+                &host,
+                "",
+            ),
+            "HTTP/1.1 421",
+        ),
+        (
+            get(
+                &format!("http://{host}/v1/services"),
+                &host,
+                "Authorization: Bearer s3cret\r\n",
+            ),
+            "HTTP/1.1 200",
+        ),
+        (
+            get(
+                &format!("http://localhost:{}/healthz", addr.port()),
+                &host,
+                "",
+            ),
+            "HTTP/1.1 200",
+        ),
+        (
+            get(&format!("http://{host}/healthz"), "evil.example", ""),
+            "HTTP/1.1 421",
+        ),
     ];
     for (request, expected) in cases {
         let answer = raw_tcp(addr, &request).await;
