@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use orchestrator_core::config::{self, Config, ConfigErrors, ConfigProblem, LogFormat};
 use orchestrator_core::daemon::{self, DaemonEvent};
-use orchestrator_core::discovery::scan;
+use orchestrator_core::discovery::{discover, scan};
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
     UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans, resolve_program,
@@ -26,7 +26,9 @@ use tokio::sync::mpsc;
 
 use crate::api::client::Client;
 use crate::api::control::DaemonControl;
-use crate::api::server::{OwnerOnly, bind_unix, router, tcp_router};
+use crate::api::server::{
+    ConnectionLimits, OwnerOnly, bind_unix, connection_cap_here, router, serve, tcp_router,
+};
 use crate::cli::EXIT_USAGE;
 
 #[derive(Parser)]
@@ -416,6 +418,14 @@ fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Resul
         let (events_tx, events) = mpsc::channel(16);
         forward_signals(events_tx.clone()).context("cannot install signal handlers")?;
         reap_orphans_on_sigchld().context("cannot install the SIGCHLD handler")?;
+        let api_limits = ConnectionLimits {
+            max_connections: config.orchestrator.api_max_connections,
+            header_timeout: config.orchestrator.api_header_timeout,
+            idle_timeout: config.orchestrator.api_idle_timeout,
+        };
+        // Discovered binaries run too (start_discovered): count them.
+        let services = config.services.len()
+            + discover(&config.orchestrator.services_dir).map_or(0, |found| found.len());
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         // Run on this (the main) thread rather than spawned: the services
         // are then set up in the allocator arena that parsing the
@@ -432,7 +442,7 @@ fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Resul
         // of its stream rather than a cut connection.
         let closing = CancellationToken::new();
         let servers = TaskTracker::new();
-        let serve = {
+        let serving = {
             let closing = closing.clone();
             let servers = servers.clone();
             async move {
@@ -443,28 +453,43 @@ fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Resul
                     daemon: events_tx,
                     closing: closing.clone(),
                 };
-                let unix = axum::serve(OwnerOnly::new(listener), router(control.clone()))
-                    .with_graceful_shutdown(closing.clone().cancelled_owned());
-                servers.spawn(async move {
-                    if let Err(error) = unix.await {
-                        tracing::error!("control socket server failed: {error}");
-                    }
-                });
+                let listeners = if tcp.is_some() { 2 } else { 1 };
+                let limits = ConnectionLimits {
+                    max_connections: connection_cap_here(
+                        api_limits.max_connections,
+                        listeners,
+                        services,
+                    ),
+                    ..api_limits
+                };
+                if limits.max_connections < api_limits.max_connections {
+                    tracing::info!(
+                        api_max_connections = limits.max_connections,
+                        "API connections per listener lowered to leave the services their descriptors (RLIMIT_NOFILE)"
+                    );
+                }
+                servers.spawn(serve(
+                    OwnerOnly::new(listener),
+                    router(control.clone()),
+                    limits,
+                    closing.clone(),
+                    servers.clone(),
+                ));
                 tracing::info!(socket = %socket_shown, "control API listening");
                 if let Some((listener, addr, token)) = tcp {
                     let app = tcp_router(control, addr, token);
-                    let tcp = axum::serve(listener, app)
-                        .with_graceful_shutdown(closing.cancelled_owned());
-                    servers.spawn(async move {
-                        if let Err(error) = tcp.await {
-                            tracing::error!("HTTP API server failed: {error}");
-                        }
-                    });
+                    servers.spawn(serve(
+                        listener,
+                        app,
+                        limits,
+                        closing.clone(),
+                        servers.clone(),
+                    ));
                     tracing::info!(%addr, "HTTP API listening");
                 }
             }
         };
-        let (result, ()) = tokio::join!(daemon, serve);
+        let (result, ()) = tokio::join!(daemon, serving);
         closing.cancel();
         servers.close();
         // Answers in flight get a moment to finish; a client that stopped

@@ -41,6 +41,12 @@ pub struct OrchestratorConfig {
     pub http_listen: Option<std::net::SocketAddr>,
     /// Absolute; checked (exists, not readable by others, not empty) at load.
     pub http_token_file: Option<PathBuf>,
+    /// Per listener; the daemon may lower it to keep descriptors for services.
+    pub api_max_connections: usize,
+    /// For each request's headers, and for an idle connection between requests.
+    pub api_header_timeout: Duration,
+    /// How long a response may stay blocked on a client that does not read.
+    pub api_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +133,9 @@ pub const DEFAULT_LOG_MAX_BYTES: u64 = 50 * 1024 * 1024;
 pub const DEFAULT_LOG_MAX_FILES: u32 = 5;
 /// ~170 bytes a service: room for 350 000 services.
 pub const DEFAULT_STATE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_API_MAX_CONNECTIONS: usize = 256;
+pub const DEFAULT_API_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for BackoffConfig {
     fn default() -> Self {
@@ -174,6 +183,9 @@ impl OrchestratorConfig {
             state_max_bytes: DEFAULT_STATE_MAX_BYTES,
             http_listen: None,
             http_token_file: None,
+            api_max_connections: DEFAULT_API_MAX_CONNECTIONS,
+            api_header_timeout: DEFAULT_API_HEADER_TIMEOUT,
+            api_idle_timeout: DEFAULT_API_IDLE_TIMEOUT,
         }
     }
 }

@@ -18,12 +18,23 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use futures_util::stream::{self, Stream, StreamExt};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use orchestrator_core::events::{Event, rfc3339};
 use orchestrator_core::name::ServiceName;
 use orchestrator_core::output::{LogBlock, LogLine};
-use tokio::net::{UnixListener, UnixStream};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::control::{Action, Control, ControlError};
 use orchestrator_core::wire::{ErrorBody, ErrorCode, LogRecord};
@@ -419,36 +430,344 @@ impl OwnerOnly {
     }
 }
 
-impl axum::serve::Listener for OwnerOnly {
-    type Io = UnixStream;
-    type Addr = tokio::net::unix::SocketAddr;
+/// A listener the API is served on.
+pub trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Refuse + Unpin + Send + 'static;
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, addr)) => match stream.peer_cred() {
-                    Ok(cred) if cred.uid() == self.uid || cred.uid() == 0 => return (stream, addr),
-                    Ok(cred) => {
-                        tracing::warn!(
-                            uid = cred.uid(),
-                            "refused a control connection from another user"
-                        );
-                    }
-                    Err(error) => {
-                        tracing::warn!("cannot read a control client's credentials: {error}")
-                    }
-                },
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("control socket accept failed: {error}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+    fn accept(&mut self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+
+    /// Whether this peer may talk to us at all; asked after the connection
+    /// cap, so a flood is refused without even this much work.
+    fn admit(&self, _io: &Self::Io) -> bool {
+        true
+    }
+}
+
+impl Accept for OwnerOnly {
+    type Io = UnixStream;
+
+    async fn accept(&mut self) -> io::Result<UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
+    }
+
+    fn admit(&self, stream: &UnixStream) -> bool {
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == self.uid || cred.uid() == 0 => true,
+            Ok(cred) => {
+                tracing::warn!(
+                    uid = cred.uid(),
+                    "refused a control connection from another user"
+                );
+                false
+            }
+            Err(error) => {
+                tracing::warn!("cannot read a control client's credentials: {error}");
+                false
             }
         }
     }
+}
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.listener.local_addr()
+impl Accept for TcpListener {
+    type Io = TcpStream;
+
+    async fn accept(&mut self) -> io::Result<TcpStream> {
+        let (stream, _) = TcpListener::accept(self).await?;
+        // Answers are written whole; Nagle would only delay their last bytes.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+/// Turning a connection over the cap away without waiting on it.
+pub trait Refuse {
+    fn refuse(self);
+}
+
+impl Refuse for UnixStream {
+    fn refuse(self) {
+        if let Ok(stream) = self.into_std() {
+            refuse(stream);
+        }
+    }
+}
+
+impl Refuse for TcpStream {
+    fn refuse(self) {
+        if let Ok(stream) = self.into_std() {
+            refuse(stream);
+        }
+    }
+}
+
+/// Non-blocking throughout: what the client already sent is read and
+/// dropped first, since closing a socket with unread data resets it and
+/// the client would lose the answer; the answer is sent if the socket
+/// takes it at once, else the client only sees the close.
+fn refuse(mut stream: impl io::Read + io::Write) {
+    let mut sent = [0u8; 4096];
+    let _ = stream.read(&mut sent);
+    let _ = stream.write(REFUSAL);
+}
+
+/// Descriptors each service holds in the daemon (its stdout and stderr
+/// pipes, its pidfd, its log file), counted generously.
+const FDS_PER_SERVICE: usize = 4;
+/// Descriptors kept free beyond the services' for the daemon's own work
+/// (state and event files, rotations, the spawn's temporary pipes, a
+/// reload adding services).
+const FDS_MARGIN: usize = 64;
+/// Even a starved daemon keeps a few API connections per listener.
+const MIN_CONNECTIONS: usize = 4;
+
+/// `configured` connections per listener, lowered so that `listeners` full
+/// listeners still leave the services (and the daemon) the descriptors
+/// they need under RLIMIT_NOFILE: no client load can make a restart fail
+/// with EMFILE. `open_now` is what the daemon already holds.
+pub fn connection_cap(
+    configured: usize,
+    listeners: usize,
+    services: usize,
+    nofile: u64,
+    open_now: usize,
+) -> usize {
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+    let reserved = open_now
+        .saturating_add(services.saturating_mul(FDS_PER_SERVICE))
+        .saturating_add(FDS_MARGIN);
+    let spare = nofile.saturating_sub(reserved) / listeners.max(1);
+    configured.min(spare.max(MIN_CONNECTIONS))
+}
+
+/// `connection_cap` for this process, from its limit and /proc/self/fd.
+pub fn connection_cap_here(configured: usize, listeners: usize, services: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let nofile = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let open_now = std::fs::read_dir("/proc/self/fd").map_or(64, |dir| dir.count());
+    connection_cap(configured, listeners, services, nofile, open_now)
+}
+
+/// What every API connection is held to (the `api_*` keys).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open connections per listener.
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Hyper's per-connection buffer bound (read and write), its minimum
+/// being 8 KiB: our requests are a line and a few headers, and answers are
+/// streamed, so more only lets a client make us hold more memory.
+const MAX_CONNECTION_BUFFER: usize = 16 * 1024;
+
+/// The answer to a connection over the cap.
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+content-length: 99\r\nconnection: close\r\nretry-after: 1\r\n\r\n\
+{\"error\":\"too many connections to the control API (api_max_connections); try again\",\"code\":\"busy\"}\n";
+
+/// How often a full listener is reported in the log at most.
+const FULL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `closing`: each connection runs as a
+/// task of `tasks` and ends gracefully then (an answer in progress is
+/// finished; follow streams end on `closing` themselves).
+pub async fn serve<L: Accept>(
+    mut listener: L,
+    app: Router,
+    limits: ConnectionLimits,
+    closing: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        // Counted from the start of each request's head, and while a
+        // keep-alive connection waits for the next one: a silent, slow or
+        // idle client is closed after it.
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_CONNECTION_BUFFER);
+    let mut last_full_report: Option<Instant> = None;
+    loop {
+        let io = tokio::select! {
+            biased;
+            () = closing.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(io) => io,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("API accept failed: {error}");
+                    tokio::select! {
+                        () = closing.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            },
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            io.refuse();
+            if last_full_report.is_none_or(|at| at.elapsed() >= FULL_REPORT_INTERVAL) {
+                last_full_report = Some(Instant::now());
+                tracing::warn!(
+                    limit = limits.max_connections,
+                    "API connections at their limit (api_max_connections): refusing more"
+                );
+            }
+            continue;
+        };
+        if !listener.admit(&io) {
+            continue;
+        }
+        let io = TokioIo::new(StallLimit::new(io, limits.idle_timeout));
+        let connection = http.serve_connection(io, TowerToHyperService::new(app.clone()));
+        let closing = closing.clone();
+        let open = OpenConnection::new(slot);
+        tasks.spawn(async move {
+            let _open = open;
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = closing.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!("API connection ended: {error}");
+            }
+        });
+    }
+}
+
+/// A connection's slot under the cap, and its part in deciding when a
+/// burst of connections is over.
+struct OpenConnection {
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Connections open on all listeners, and served since memory was last
+/// handed back to the system.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+static SERVED_SINCE_TRIM: AtomicUsize = AtomicUsize::new(0);
+
+/// A burst is this many connections served...
+const TRIM_AFTER_SERVED: usize = 256;
+/// ...and it is over once at most this many remain (long-lived followers).
+const TRIM_WHEN_OPEN: usize = 8;
+
+impl OpenConnection {
+    fn new(slot: OwnedSemaphorePermit) -> Self {
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        SERVED_SINCE_TRIM.fetch_add(1, Ordering::Relaxed);
+        OpenConnection { _slot: slot }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let open = OPEN.fetch_sub(1, Ordering::Relaxed) - 1;
+        if open <= TRIM_WHEN_OPEN
+            && SERVED_SINCE_TRIM.load(Ordering::Relaxed) >= TRIM_AFTER_SERVED
+            && SERVED_SINCE_TRIM.swap(0, Ordering::Relaxed) >= TRIM_AFTER_SERVED
+        {
+            tokio::task::spawn_blocking(return_free_memory);
+        }
+    }
+}
+
+/// glibc keeps what a burst of connections freed in its arenas (one per
+/// runtime worker), so RSS stays at the burst's peak; malloc_trim hands the
+/// free pages back. Other allocators return memory on their own.
+fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes no pointers and may run at any time.
+        let released = unsafe { libc::malloc_trim(0) };
+        tracing::debug!(
+            released,
+            "returned free memory to the system after a burst of API connections"
+        );
+    }
+}
+
+/// An answer the client stopped reading: once a write has waited this
+/// long, the connection fails with TimedOut and is closed. Quiet follow
+/// streams write nothing, so they never wait here.
+struct StallLimit<I> {
+    io: I,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> StallLimit<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        StallLimit {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn check<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {limit:?} (api_idle_timeout)"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for StallLimit<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for StallLimit<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.check(cx, poll)
     }
 }
 
@@ -469,11 +788,23 @@ struct TcpGuard {
 
 impl TcpGuard {
     async fn check(&self, request: Request, next: Next) -> Response {
-        if !self.host_allowed(request.headers()) {
+        // An absolute-form target (`GET http://host/...`) names the host
+        // the client meant, over the Host header (RFC 9112 3.2.2): both
+        // must pass, or a rebinding page could pick the one we don't check.
+        let target_allowed = request
+            .uri()
+            .authority()
+            .is_none_or(|authority| self.host_allowed(authority.as_str()));
+        let header_allowed = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|host| self.host_allowed(host));
+        if !target_allowed || !header_allowed {
             return error(
                 StatusCode::MISDIRECTED_REQUEST,
                 ErrorCode::BadHost,
-                "the Host header must name the listen address or a loopback name",
+                "the Host header (and an absolute request target) must name the listen address or a loopback name",
             );
         }
         if request.uri().path() != "/healthz" && !self.authorized(request.headers()) {
@@ -491,10 +822,7 @@ impl TcpGuard {
         next.run(request).await
     }
 
-    fn host_allowed(&self, headers: &HeaderMap) -> bool {
-        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
-            return false;
-        };
+    fn host_allowed(&self, host: &str) -> bool {
         let port = self.listen.port();
         let allowed = [
             self.listen.to_string(),

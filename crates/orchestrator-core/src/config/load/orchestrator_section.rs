@@ -125,7 +125,56 @@ pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
             }
         },
     ),
+    Key::new(
+        "api_max_connections",
+        "open API connections allowed per listener; more are refused at once",
+        |cx, f, out| {
+            let count = cx.integer_in(&f.path, f.value, 1, 65536, "a number from 1 to 65536");
+            set(
+                &mut out.api_max_connections,
+                count.and_then(|count| usize::try_from(count).ok()),
+            );
+        },
+    ),
+    Key::new(
+        "api_header_timeout",
+        "how long an API client has to send a request's headers",
+        |cx, f, out| {
+            set(
+                &mut out.api_header_timeout,
+                positive_duration(cx, f.value, &f.path),
+            )
+        },
+    ),
+    Key::new(
+        "api_idle_timeout",
+        "how long an API answer may wait on a client that does not read it",
+        |cx, f, out| {
+            set(
+                &mut out.api_idle_timeout,
+                positive_duration(cx, f.value, &f.path),
+            )
+        },
+    ),
 ];
+
+/// A zero timeout would close every connection at once: refused.
+fn positive_duration(
+    cx: &mut Cx<'_>,
+    value: &super::cx::Value<'_>,
+    path: &str,
+) -> Option<std::time::Duration> {
+    let duration = cx.duration(path, value)?;
+    if duration.is_zero() {
+        cx.report(
+            value.span(),
+            path,
+            "a zero timeout would close every connection at once; use e.g. \"10s\"",
+        );
+        return None;
+    }
+    Some(duration)
+}
 
 /// Reads `[orchestrator]` into `out`, then checks what no single key can.
 pub(super) fn read(
@@ -222,6 +271,9 @@ log_format = "json"
 start_discovered = false
 log_max_bytes = 1024
 log_max_files = 0
+api_max_connections = 8
+api_header_timeout = "2s"
+api_idle_timeout = "1m"
 "#);
         let orchestrator = config.orchestrator;
         assert_eq!(orchestrator.services_dir, Path::new("/base/dir/svc"));
@@ -233,6 +285,24 @@ log_max_files = 0
         assert!(!orchestrator.start_discovered);
         assert_eq!(orchestrator.log_max_bytes, 1024);
         assert_eq!(orchestrator.log_max_files, 0);
+        assert_eq!(orchestrator.api_max_connections, 8);
+        assert_eq!(orchestrator.api_header_timeout, Duration::from_secs(2));
+        assert_eq!(orchestrator.api_idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn api_limits_refuse_zero() {
+        let message = one_problem(
+            "[orchestrator]\napi_header_timeout = 0\n",
+            2,
+            "orchestrator.api_header_timeout",
+        );
+        assert!(message.contains("zero timeout"), "{message}");
+        one_problem(
+            "[orchestrator]\napi_max_connections = 0\n",
+            2,
+            "orchestrator.api_max_connections",
+        );
     }
 
     #[test]

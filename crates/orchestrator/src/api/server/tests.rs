@@ -15,6 +15,12 @@ use super::*;
 use crate::api::client::{Client, ClientError};
 use crate::api::control::FollowedLogs;
 
+const LIMITS: ConnectionLimits = ConnectionLimits {
+    max_connections: 64,
+    header_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(10),
+};
+
 #[derive(Clone)]
 struct FakeControl {
     services: Vec<ServiceInfo>,
@@ -128,7 +134,13 @@ async fn serve() -> Served {
     };
     let listener = bind_unix(&socket).await.unwrap();
     let app = router(fake.clone());
-    tokio::spawn(async move { axum::serve(OwnerOnly::new(listener), app).await });
+    tokio::spawn(super::serve(
+        OwnerOnly::new(listener),
+        app,
+        LIMITS,
+        fake.closing.clone(),
+        TaskTracker::new(),
+    ));
     Served {
         fake,
         client: Client::new(&socket),
@@ -462,7 +474,13 @@ async fn tcp_needs_the_token_and_a_local_host_name() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = tcp_router(served.fake.clone(), addr, "s3cret".to_owned());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(super::serve(
+        listener,
+        app,
+        LIMITS,
+        served.fake.closing.clone(),
+        TaskTracker::new(),
+    ));
     let host = format!("127.0.0.1:{}", addr.port());
     let get = |path: &str, host: &str, auth: &str| {
         format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
@@ -511,6 +529,48 @@ async fn tcp_needs_the_token_and_a_local_host_name() {
             "HTTP/1.1 421",
         ),
         (get("/healthz", "evil.example", ""), "HTTP/1.1 421"),
+        // An absolute-form target names the host too (RFC 9112 3.2.2: it
+        // wins over the Host header), so it passes the same test.
+        (
+            get(
+                "http://evil.example/v1/services",
+                &host,
+                "Authorization: Bearer s3cret\r\n",
+            ),
+            "HTTP/1.1 421",
+        ),
+        (
+            get("http://evil.example/healthz", &host, ""),
+            "HTTP/1.1 421",
+        ),
+        (
+            get(
+                &format!("http://evil.example:{}/healthz", addr.port()),
+                &host,
+                "",
+            ),
+            "HTTP/1.1 421",
+        ),
+        (
+            get(
+                &format!("http://{host}/v1/services"),
+                &host,
+                "Authorization: Bearer s3cret\r\n",
+            ),
+            "HTTP/1.1 200",
+        ),
+        (
+            get(
+                &format!("http://localhost:{}/healthz", addr.port()),
+                &host,
+                "",
+            ),
+            "HTTP/1.1 200",
+        ),
+        (
+            get(&format!("http://{host}/healthz"), "evil.example", ""),
+            "HTTP/1.1 421",
+        ),
     ];
     for (request, expected) in cases {
         let answer = raw_tcp(addr, &request).await;
@@ -547,4 +607,49 @@ async fn a_live_socket_is_never_stolen_and_a_stale_one_is_replaced() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn the_connection_cap_leaves_the_services_their_descriptors() {
+    // Plenty of descriptors: the configured cap stands.
+    assert_eq!(connection_cap(256, 2, 10, 1 << 20, 30), 256);
+    // 1024 descriptors, 200 services (800), 30 open, 64 margin: 130 left
+    // for two listeners.
+    assert_eq!(connection_cap(256, 2, 200, 1024, 30), 65);
+    assert_eq!(connection_cap(256, 1, 200, 1024, 30), 130);
+    // Starved: a few connections all the same, never more than asked.
+    assert_eq!(connection_cap(256, 2, 300, 1024, 30), 4);
+    assert_eq!(connection_cap(2, 2, 300, 1024, 30), 2);
+}
+
+#[test]
+fn the_refusal_is_well_formed() {
+    let text = std::str::from_utf8(REFUSAL).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}\r\n", body.len())),
+        "{head}"
+    );
+    let error: ErrorBody = serde_json::from_str(body).unwrap();
+    assert_eq!(error.code, ErrorCode::Unknown);
+}
+
+/// A client that stops reading a big answer: the write stalls, and after
+/// the idle limit the connection fails instead of waiting forever.
+#[tokio::test]
+async fn a_write_stalled_past_the_limit_fails() {
+    let limit = Duration::from_millis(200);
+    let (near, mut far) = tokio::io::duplex(64);
+    let mut limited = StallLimit::new(near, limit);
+    let big = vec![b'x'; 4096];
+    let started = std::time::Instant::now();
+    let error = limited.write_all(&big).await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+    assert!(started.elapsed() >= limit);
+    // Progress resets the limit: a stall that ended does not count later.
+    let mut sink = vec![0u8; 64];
+    far.read_exact(&mut sink).await.unwrap();
+    limited.write_all(&big[..64]).await.unwrap();
+    assert!(limited.stalled.is_none());
 }
