@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -785,6 +785,8 @@ struct StoreInner {
     dirty: Notify,
     /// Writes that failed since the start (disk full, data_dir removed...).
     failed_writes: AtomicU64,
+    /// The last write failed: the record on disk is stale.
+    failing: AtomicBool,
     /// Where failures and recoveries are announced.
     events: Option<crate::events::EventBus>,
 }
@@ -807,6 +809,7 @@ impl StateStore {
             services: Mutex::new(BTreeMap::new()),
             dirty: Notify::new(),
             failed_writes: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
             events,
         });
         let (flushes, requests) = mpsc::unbounded_channel();
@@ -849,9 +852,15 @@ impl StateStore {
         self.lock().clone()
     }
 
-    /// How many writes of the record failed so far (for the API, later).
+    /// How many writes of the record failed so far.
     pub fn failed_writes(&self) -> u64 {
         self.inner.failed_writes.load(Ordering::Relaxed)
+    }
+
+    /// The last write failed: the record on disk may name fewer processes
+    /// than run (status and metrics say so).
+    pub fn is_stale(&self) -> bool {
+        self.inner.failing.load(Ordering::Relaxed)
     }
 
     /// Returns once a write covering every change observed before the call
@@ -909,6 +918,7 @@ async fn writer(inner: Arc<StoreInner>, mut flushes: mpsc::UnboundedReceiver<one
         match result {
             Ok(()) if failing => {
                 failing = false;
+                inner.failing.store(false, Ordering::Relaxed);
                 let failed = inner.failed_writes.load(Ordering::Relaxed);
                 info!(path = %inner.path.display(), failed_writes = failed, "the state record is written again");
                 if let Some(events) = &inner.events {
@@ -923,6 +933,7 @@ async fn writer(inner: Arc<StoreInner>, mut flushes: mpsc::UnboundedReceiver<one
             Ok(()) => {}
             Err(error) => {
                 inner.failed_writes.fetch_add(1, Ordering::Relaxed);
+                inner.failing.store(true, Ordering::Relaxed);
                 if !failing {
                     failing = true;
                     tracing::error!(

@@ -122,6 +122,22 @@ impl fmt::Display for Stream {
     }
 }
 
+/// The daemon's own facts (`GET /v1/daemon`), beside its services'.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub pid: u32,
+    pub version: String,
+    /// The crash-recovery record (data_dir/state) could not be written at
+    /// the last try: a daemon killed now could leave services unknown to
+    /// the next one.
+    pub state_stale: bool,
+    /// Writes of that record that failed since the daemon started.
+    pub state_failed_writes: u64,
+    /// Events that events.jsonl lost (its writer was stuck); they stayed in
+    /// memory and reached followers.
+    pub events_file_dropped: u64,
+}
+
 /// One record of a logs response (newline-delimited JSON): a line, or a
 /// note that a slow follower missed some.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +214,8 @@ pub enum ErrorCode {
     BadHost,
     /// TCP only: a missing or wrong bearer token.
     Unauthorized,
+    /// Too many connections to the control API right now; try again.
+    Busy,
     /// A code this client does not know (a newer daemon).
     #[serde(other)]
     Unknown,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hyper::Method;
 use orchestrator_core::events::Event;
 use orchestrator_core::process::ExitWatch;
-use orchestrator_core::wire::{LogRecord, ServiceInfo};
+use orchestrator_core::wire::{DaemonInfo, ErrorCode, LogRecord, ServiceInfo};
 use tokio::task::JoinSet;
 
 use crate::api::client::{Client, ClientError};
@@ -65,6 +65,8 @@ pub fn exit_code(error: &ClientError) -> ExitCode {
         | ClientError::NotResponding { .. }
         | ClientError::Cut { .. } => EXIT_UNREACHABLE,
         ClientError::Api { body, .. } if body.code.is_usage() => EXIT_USAGE,
+        // Too many clients right now: as unreachable as a daemon can be.
+        ClientError::Api { body, .. } if body.code == ErrorCode::Busy => EXIT_UNREACHABLE,
         _ => EXIT_FAILED,
     })
 }
@@ -115,7 +117,25 @@ pub async fn status(client: &Client, names: &[String], json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     write_stdout(&status_table(&services));
+    // A daemon too old to answer for itself is no reason to fail `status`.
+    if let Ok(daemon) = client.json::<DaemonInfo>(Method::GET, "/v1/daemon").await
+        && let Some(warning) = daemon_warning(&daemon)
+    {
+        eprintln!("orchestrator: warning: {warning}");
+    }
     ExitCode::SUCCESS
+}
+
+/// What `status` must tell about the daemon itself, if anything.
+pub fn daemon_warning(daemon: &DaemonInfo) -> Option<String> {
+    daemon.state_stale.then(|| {
+        format!(
+            "the daemon cannot write its crash-recovery record (data_dir/state; {} failed writes): \
+             if it is killed now, the next daemon may not find the services started since and \
+             could run them twice; free space in data_dir or fix its file system",
+            daemon.state_failed_writes
+        )
+    })
 }
 
 pub fn status_table(services: &[ServiceInfo]) -> String {
@@ -387,6 +407,26 @@ pub async fn shutdown(client: &Client, wait: Duration) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn status_warns_when_the_crash_record_is_stale() {
+        let mut daemon = DaemonInfo {
+            pid: 1,
+            version: "0".into(),
+            state_stale: false,
+            state_failed_writes: 2,
+            events_file_dropped: 0,
+        };
+        assert_eq!(daemon_warning(&daemon), None, "an old failure that healed");
+        daemon.state_stale = true;
+        let warning = daemon_warning(&daemon).unwrap();
+        assert!(
+            warning.contains("2 failed writes") && warning.contains("twice"),
+            "{warning}"
+        );
+    }
+
     #[test]
     fn an_error_names_its_service_once() {
         assert_eq!(
@@ -400,8 +440,6 @@ mod tests {
             "api: cannot reach the daemon"
         );
     }
-
-    use super::*;
 
     #[test]
     fn timeouts_read_as_durations() {

@@ -452,6 +452,7 @@ fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Resul
                     events: handles.events,
                     daemon: events_tx,
                     closing: closing.clone(),
+                    state: handles.state,
                 };
                 let listeners = if tcp.is_some() { 2 } else { 1 };
                 let limits = ConnectionLimits {

@@ -8,8 +8,9 @@ use orchestrator_core::daemon::DaemonEvent;
 use orchestrator_core::events::{Event, EventBus};
 use orchestrator_core::output::{LogBlock, LogLine};
 use orchestrator_core::service::ServiceError;
+use orchestrator_core::state::StateStore;
 use orchestrator_core::supervisor::{SupervisorError, SupervisorHandle};
-use orchestrator_core::wire::ServiceInfo;
+use orchestrator_core::wire::{DaemonInfo, ServiceInfo};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +73,8 @@ pub trait Control: Clone + Send + Sync + 'static {
         tail: usize,
     ) -> impl Future<Output = Result<FollowedLogs, ControlError>> + Send;
     fn events(&self) -> FollowedEvents;
+    /// The daemon's own facts: its pid, version and crash-record health.
+    fn daemon(&self) -> DaemonInfo;
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
     /// Cancelled once the daemon has stopped every service and is about to
     /// exit: follow streams end cleanly then, instead of being cut.
@@ -85,6 +88,7 @@ pub struct DaemonControl {
     pub events: EventBus,
     pub daemon: mpsc::Sender<DaemonEvent>,
     pub closing: CancellationToken,
+    pub state: StateStore,
 }
 
 impl Control for DaemonControl {
@@ -114,6 +118,16 @@ impl Control for DaemonControl {
 
     fn events(&self) -> FollowedEvents {
         self.events.subscribe()
+    }
+
+    fn daemon(&self) -> DaemonInfo {
+        DaemonInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            state_stale: self.state.is_stale(),
+            state_failed_writes: self.state.failed_writes(),
+            events_file_dropped: self.events.file_dropped(),
+        }
     }
 
     async fn shutdown(&self) {

@@ -9,16 +9,37 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use orchestrator_core::wire::{Health, ServiceInfo, State};
+use orchestrator_core::wire::{DaemonInfo, Health, ServiceInfo, State};
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 type Labels = Vec<(&'static str, String)>;
 
-pub fn render(services: &[ServiceInfo]) -> String {
+pub fn render(daemon: &DaemonInfo, services: &[ServiceInfo]) -> String {
     let mut registry = Registry::with_prefix("orchestrator");
     let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_owned())]);
     registry.register("build", "Build information of the daemon", build);
+    let stale = Gauge::<i64>::default();
+    stale.set(i64::from(daemon.state_stale));
+    registry.register(
+        "state_record_stale",
+        "1 while the crash-recovery record (data_dir/state) cannot be written",
+        stale,
+    );
+    let failed_writes = Counter::<u64>::default();
+    failed_writes.inc_by(daemon.state_failed_writes);
+    registry.register(
+        "state_write_failures",
+        "Writes of the crash-recovery record that failed",
+        failed_writes,
+    );
+    let events_dropped = Counter::<u64>::default();
+    events_dropped.inc_by(daemon.events_file_dropped);
+    registry.register(
+        "events_file_dropped",
+        "Events events.jsonl lost because its writer was stuck",
+        events_dropped,
+    );
 
     let up = Family::<Labels, Gauge>::default();
     let state = Family::<Labels, Gauge>::default();
@@ -64,7 +85,7 @@ pub fn render(services: &[ServiceInfo]) -> String {
     );
     registry.register(
         "service_restarts",
-        "Times the service was started again after its first start",
+        "Times the daemon restarted the service after a failure",
         restarts,
     );
     registry.register(
@@ -116,10 +137,20 @@ mod tests {
 
     #[test]
     fn renders_prometheus_families() {
-        let text = render(&[
-            info("api", "running", 3, Some(1)),
-            info("db", "failed", 10, Some(137)),
-        ]);
+        let daemon = DaemonInfo {
+            pid: 1,
+            version: "0".into(),
+            state_stale: true,
+            state_failed_writes: 4,
+            events_file_dropped: 0,
+        };
+        let text = render(
+            &daemon,
+            &[
+                info("api", "running", 3, Some(1)),
+                info("db", "failed", 10, Some(137)),
+            ],
+        );
         for expected in [
             "# TYPE orchestrator_build info",
             "orchestrator_service_up{service=\"api\"} 1",
@@ -131,6 +162,9 @@ mod tests {
             "orchestrator_service_last_exit_code{service=\"db\"} 137",
             "orchestrator_service_uptime_seconds{service=\"api\"} 42",
             "orchestrator_service_log_dropped_bytes_total{service=\"db\"} 0",
+            "orchestrator_state_record_stale 1",
+            "orchestrator_state_write_failures_total 4",
+            "orchestrator_events_file_dropped_total 0",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

@@ -56,13 +56,17 @@ pub fn router<C: Control>(control: C) -> Router {
         .route("/v1/services/{name}/logs", get(logs::<C>))
         .route("/v1/services/{name}/{action}", post(act::<C>))
         .route("/v1/events", get(events::<C>))
+        .route("/v1/daemon", get(daemon_info::<C>))
         .route("/v1/reload", post(reload))
         .route("/v1/shutdown", post(shutdown::<C>))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
                 ErrorCode::NotFound,
-                "no such route; see SPEC section 5 for the API",
+                "no such route; the routes are GET /v1/services, GET /v1/services/NAME, \
+                 POST /v1/services/NAME/start|stop|restart, GET /v1/services/NAME/logs, \
+                 GET /v1/events, GET /v1/daemon, POST /v1/reload, POST /v1/shutdown, \
+                 GET /metrics, GET /healthz (README: Control API)",
             )
         })
         .method_not_allowed_fallback(|| async {
@@ -145,11 +149,15 @@ async fn refuse_large_bodies(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+async fn daemon_info<C: Control>(State(control): State<C>) -> Response {
+    Json(control.daemon()).into_response()
+}
+
 async fn metrics_text<C: Control>(State(control): State<C>) -> Response {
     match control.list().await {
         Ok(services) => (
             [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-            metrics::render(&services),
+            metrics::render(&control.daemon(), &services),
         )
             .into_response(),
         Err(e) => control_error(e),
@@ -232,7 +240,7 @@ fn query<T>(parsed: Result<Query<T>, QueryRejection>) -> Result<T, BadRequest> {
         .map_err(|rejection| BadRequest {
             code: ErrorCode::BadQuery,
             message: format!(
-                "{}; see SPEC section 5 for the parameters",
+                "{}; the parameters are tail=N and follow=true|false (README: Control API)",
                 rejection.body_text()
             ),
         })

@@ -96,6 +96,16 @@ impl Control for FakeControl {
         self.events.subscribe()
     }
 
+    fn daemon(&self) -> orchestrator_core::wire::DaemonInfo {
+        orchestrator_core::wire::DaemonInfo {
+            pid: 77,
+            version: "test".into(),
+            state_stale: true,
+            state_failed_writes: 3,
+            events_file_dropped: 0,
+        }
+    }
+
     fn closing(&self) -> tokio_util::sync::CancellationToken {
         self.closing.clone()
     }
@@ -319,6 +329,24 @@ async fn logs_tail_is_ndjson() {
                 text: "three".into()
             },
         ]
+    );
+}
+
+#[tokio::test]
+async fn the_daemon_answers_for_itself() {
+    let served = serve().await;
+    let info: orchestrator_core::wire::DaemonInfo =
+        served.client.json(Method::GET, "/v1/daemon").await.unwrap();
+    assert_eq!(
+        (info.pid, info.state_stale, info.state_failed_writes),
+        (77, true, 3)
+    );
+    let metrics = collect_lines(&served.client, "/metrics").await;
+    assert!(
+        metrics
+            .iter()
+            .any(|l| l == "orchestrator_state_record_stale 1"),
+        "{metrics:?}"
     );
 }
 
@@ -632,7 +660,7 @@ fn the_refusal_is_well_formed() {
         "{head}"
     );
     let error: ErrorBody = serde_json::from_str(body).unwrap();
-    assert_eq!(error.code, ErrorCode::Unknown);
+    assert_eq!(error.code, ErrorCode::Busy);
 }
 
 /// A client that stops reading a big answer: the write stalls, and after
