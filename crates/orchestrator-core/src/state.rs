@@ -389,9 +389,13 @@ impl AbstractLock {
             .name("lock-acceptor".into())
             .spawn(move || {
                 for connection in listener.incoming() {
-                    drop(connection);
                     if stopping.load(Ordering::Acquire) {
                         return;
+                    }
+                    // EMFILE leaves the connection queued, so accept would
+                    // fail again at once: back off instead of spinning.
+                    if connection.is_err() {
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             })
@@ -638,7 +642,7 @@ pub fn read_state_at_most(
     file.take(max_bytes)
         .read_to_end(&mut bytes)
         .map_err(read_error)?;
-    if bytes.starts_with(MAGIC) {
+    if is_slot_file(&bytes) {
         return decode_file(&bytes)
             .map(|(_, state)| Some(state))
             .map_err(corrupt);
@@ -647,6 +651,13 @@ pub fn read_state_at_most(
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|error| corrupt(error.to_string()))
+}
+
+/// Either slot starts with the magic: a tear of the first slot's head must
+/// not make the whole file look like the old JSON format.
+fn is_slot_file(bytes: &[u8]) -> bool {
+    let (first, second) = bytes.split_at(bytes.len() / 2);
+    first.starts_with(MAGIC) || (bytes.len().is_multiple_of(2) && second.starts_with(MAGIC))
 }
 
 /// The state file, open for writing in place.
@@ -687,7 +698,10 @@ impl SlotFile {
             .open(&temp)?;
         let length = i64::try_from(2 * slot_size).map_err(io::Error::other)?;
         nix::fcntl::posix_fallocate(&file, 0, length).map_err(io::Error::from)?;
-        file.write_all(&encode_slot(1, payload))?;
+        // Generation 0 in slot 0, where `write` puts even generations: the
+        // next write (1) lands in the other slot, so a tear there falls
+        // back to this record instead of leaving none.
+        file.write_all(&encode_slot(0, payload))?;
         file.sync_all()?;
         std::fs::rename(&temp, path)?;
         if let Some(dir) = path.parent() {
@@ -697,7 +711,7 @@ impl SlotFile {
         Ok(SlotFile {
             file,
             slot_size,
-            generation: 1,
+            generation: 0,
         })
     }
 
@@ -726,7 +740,7 @@ impl SlotFile {
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).ok()?;
-        if !bytes.starts_with(MAGIC) {
+        if !is_slot_file(&bytes) {
             return None;
         }
         let (first, second) = bytes.split_at(bytes.len() / 2);
@@ -1240,13 +1254,22 @@ mod tests {
         let path = dir.join("state");
         write_slots(&path, &[sample(10), sample(11), sample(12)]);
         let len = std::fs::metadata(&path).unwrap().len();
-        // Generation 3 is in slot 1: tear its payload.
+        let bytes = std::fs::read(&path).unwrap();
+        let newest = |slot: &[u8]| decode_slot(slot).map(|(generation, _)| generation);
+        let (first, second) = bytes.split_at(len as usize / 2);
+        // Tear the payload of the slot holding the newest record (12).
+        let (newest_at, other_at) = if newest(first) > newest(second) {
+            (0, len / 2)
+        } else {
+            (len / 2, 0)
+        };
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        file.write_all_at(b"XXXX", len / 2 + HEADER as u64 + 5)
+        file.write_all_at(b"XXXX", newest_at + HEADER as u64 + 5)
             .unwrap();
         assert_eq!(read_state(&path).unwrap(), Some(sample(11)));
         // Both torn: corrupt, not a guess.
-        file.write_all_at(b"XXXX", HEADER as u64 + 5).unwrap();
+        file.write_all_at(b"XXXX", other_at + HEADER as u64 + 5)
+            .unwrap();
         assert!(matches!(read_state(&path), Err(StateError::Corrupt { .. })));
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1589,5 +1612,27 @@ mod tests {
         store.flush().await;
         assert_eq!(store.failed_writes(), 0);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The first in-place write after the file is made must not go over
+    /// the only valid record (a tear there would leave none).
+    #[test]
+    fn a_torn_second_generation_falls_back_to_the_first() {
+        use std::os::unix::fs::FileExt;
+        let dir = temp_dir("torn2");
+        let path = dir.join("state");
+        write_slots(&path, &[sample(10), sample(11)]);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let bytes = std::fs::read(&path).unwrap();
+        let (first, _) = bytes.split_at(len as usize / 2);
+        let second_generation_slot = if decode_slot(first).is_some_and(|s| s.0 == 2) {
+            0
+        } else {
+            len / 2
+        };
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"XXXX", second_generation_slot + HEADER as u64 + 5)
+            .unwrap();
+        assert_eq!(read_state(&path).ok().flatten(), Some(sample(10)));
     }
 }

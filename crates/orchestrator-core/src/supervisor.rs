@@ -278,7 +278,12 @@ impl SupervisorHandle {
     /// Stop a service and forget it; returns once its process is gone.
     pub async fn remove(&self, name: &str) -> Result<(), SupervisorError> {
         let handle = self.service(name).await?;
-        handle.shutdown().await?;
+        match handle.shutdown().await {
+            // Its actor is gone (it panicked): its process was killed when
+            // the actor dropped it, so there is nothing left to stop.
+            Ok(()) | Err(ServiceError::Gone { .. }) => {}
+            Err(error) => return Err(error.into()),
+        }
         self.ask(|reply| Command::Remove(name.to_owned(), reply))
             .await?
             .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))?;

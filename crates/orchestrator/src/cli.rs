@@ -194,6 +194,13 @@ pub fn format_uptime(seconds: u64) -> String {
     }
 }
 
+/// Actions sent at once by `start|stop|restart --all`.
+const ACTIONS_IN_FLIGHT: usize = 64;
+/// How long to wait before asking again after a 503 busy.
+const BUSY_RETRY: Duration = Duration::from_millis(200);
+/// Refusals of one request before it is reported (a minute of them).
+const MAX_REFUSALS: u32 = 300;
+
 /// start/stop/restart on each name (or every service), in parallel; each
 /// returns once applied.
 pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) -> ExitCode {
@@ -210,14 +217,43 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
     };
     let client = std::sync::Arc::new(client);
     let watch = std::sync::Arc::clone(&client);
+    // Each request holds a connection until its action is applied: well
+    // under the daemon's cap (api_max_connections, 256 by default), so that
+    // `stop --all` on a large host is not refused by the daemon.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(ACTIONS_IN_FLIGHT));
     let mut requests = JoinSet::new();
     for (index, name) in names.into_iter().enumerate() {
         let client = std::sync::Arc::clone(&client);
+        let slots = std::sync::Arc::clone(&slots);
         let path = format!("/v1/services/{}/{action}", segment(&name));
         requests.spawn(async move {
-            let result = client
-                .json_unbounded::<ServiceInfo>(Method::POST, &path)
-                .await;
+            let _slot = slots.acquire_owned().await;
+            let mut refusals = 0;
+            let result = loop {
+                let result = client
+                    .json_unbounded::<ServiceInfo>(Method::POST, &path)
+                    .await;
+                // A daemon at its connection cap answers 503 busy, or closes
+                // the connection before the request went out (then the
+                // daemon still answers its health check): either way
+                // nothing was done, so asking again is safe.
+                let refused = match &result {
+                    Err(ClientError::Api { body, .. }) => body.code == ErrorCode::Busy,
+                    // Closed by a live daemon: its socket still takes
+                    // connections (a dead daemon's refuses them) and answers
+                    // or refuses within the timeout.
+                    Err(ClientError::Cut { .. }) => matches!(
+                        client.alive().await,
+                        Ok(()) | Err(ClientError::Api { .. } | ClientError::Cut { .. })
+                    ),
+                    _ => false,
+                };
+                if !refused || refusals == MAX_REFUSALS {
+                    break result;
+                }
+                refusals += 1;
+                tokio::time::sleep(BUSY_RETRY).await;
+            };
             (index, name, result)
         });
     }

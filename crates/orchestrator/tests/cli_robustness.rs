@@ -465,3 +465,37 @@ fn a_slow_reader_of_logs_is_not_a_daemon_that_does_not_respond() {
     assert!(output.stdout.ends_with(b" after\n"));
     drop(daemon);
 }
+
+// ---------------------------------------------------------------------------
+// `--all` on more services than the daemon takes connections
+
+/// `stop --all` holds a connection per service until it is stopped: with
+/// more services than the daemon's cap, the refused ones are asked again
+/// rather than reported as a dead daemon (before: exit 3 after one line,
+/// and services left running).
+#[test]
+fn stop_all_on_more_services_than_the_connection_cap_stops_them_all() {
+    let names: Vec<String> = (0..12).map(|k| format!("s{k}")).collect();
+    let services: Vec<(&str, &[&str])> = names
+        .iter()
+        .map(|name| (name.as_str(), &["--ready", "--ignore-term", "--sleep"][..]))
+        .collect();
+    let dir = workspace_of("all-over-cap", &services, "api_max_connections = 4", "1s");
+    let daemon = start_daemon(&dir);
+    let running = wait_until(DEADLINE, || {
+        let (_, stdout, _, _) = run_raw(dir.path(), &["status", "--json"], DEADLINE);
+        serde_json::from_slice::<Vec<serde_json::Value>>(&stdout)
+            .is_ok_and(|all| all.len() == 12 && all.iter().all(|s| s["state"] == "running"))
+    });
+    assert!(running, "daemon log:\n{}", daemon.stderr_text());
+    let (code, stdout, stderr, _) =
+        run_raw(dir.path(), &["stop", "--all"], Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&stdout);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(": stopped")).count(),
+        12,
+        "{stdout}"
+    );
+    drop(daemon);
+}

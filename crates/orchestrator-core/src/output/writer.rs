@@ -208,6 +208,15 @@ impl Pool {
             self.work.notify_one();
         } else {
             self.spawn(&mut state);
+            if state.threads == 0 {
+                // No thread could start and none runs: nobody would ever
+                // take this service, and its `scheduled` flag would keep
+                // its next blocks from asking again. Unschedule it, so the
+                // next block it queues tries to start a thread anew.
+                if let Some(output) = state.ready.pop_back() {
+                    lock(&output.file.pending).scheduled = false;
+                }
+            }
         }
     }
 

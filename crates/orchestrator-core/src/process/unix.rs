@@ -277,10 +277,17 @@ impl Drop for UnixChild {
         if self.reaped {
             return;
         }
-        // Out of the registry first: the SIGCHLD of the kill must find it
-        // an orphan.
-        own_children().remove(&self.pid);
+        // All under the registry's lock, which the orphan reaper takes
+        // too: it cannot reap the leader between our check and the kill
+        // (which would free the group id for reuse). A leader already dead
+        // is reaped here; one still dying is left out of the registry, so
+        // the orphan reaper takes it on the SIGCHLD of its death.
+        let mut own = own_children();
         let _ = self.signal_group(Signal::SIGKILL);
+        if let Ok(Some(_)) = reap(self.pid) {
+            self.reaped = true;
+        }
+        own.remove(&self.pid);
     }
 }
 
@@ -310,10 +317,20 @@ impl ChildProcess for UnixChild {
                 // dies with it while the group id is certainly ours, so two
                 // generations never run side by side and the pipes close.
                 let _ = self.signal_group(Signal::SIGKILL);
-                if let Some(reason) = reap(self.pid)? {
-                    self.reaped = true;
-                    own_children().remove(&self.pid);
-                    return Ok(reason);
+                match reap(self.pid) {
+                    Ok(Some(reason)) => {
+                        self.reaped = true;
+                        own_children().remove(&self.pid);
+                        return Ok(reason);
+                    }
+                    Ok(None) => {}
+                    // Reaped by someone else (ECHILD): no longer ours to
+                    // signal, not even from Drop.
+                    Err(error) => {
+                        self.reaped = true;
+                        own_children().remove(&self.pid);
+                        return Err(error);
+                    }
                 }
                 // Readable yet not reapable should not happen; never spin.
                 tokio::time::sleep(EXIT_POLL_WITHOUT_PIDFD).await;

@@ -169,3 +169,17 @@ async fn when_every_handle_is_gone_the_processes_die_with_it() {
     }
     assert_eq!(child.signals()[0].1, Signal::SIGKILL);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_service_whose_actor_panicked_can_be_removed_and_added_again() {
+    let (supervisor, spawner, _) = supervisor(vec![named("a", true)]);
+    spawner.panic_next("spawner bug");
+    let _ = supervisor.start("a").await;
+    while supervisor.info("a").await.unwrap().state != State::Failed {
+        tokio::task::yield_now().await;
+    }
+    supervisor.remove("a").await.unwrap();
+    supervisor.add(named("a", true)).await.unwrap();
+    supervisor.start("a").await.unwrap();
+    assert_eq!(supervisor.status("a").await.unwrap(), State::Running);
+}

@@ -197,8 +197,14 @@ impl Client {
     /// second; never returns while the daemon answers.
     pub async fn until_unresponsive(&self) -> ClientError {
         loop {
-            if let Err(error) = self.alive().await {
-                return error;
+            match self.alive().await {
+                Ok(()) => {}
+                // Any HTTP answer (503 busy included) is a live daemon; a
+                // connection closed before the answer is a busy daemon
+                // refusing it, or one that just died, which the next check
+                // tells apart (a dead daemon's socket refuses to connect).
+                Err(ClientError::Api { .. } | ClientError::Cut { .. }) => {}
+                Err(error) => return error,
             }
             tokio::time::sleep(ALIVE_EVERY).await;
         }
