@@ -430,6 +430,7 @@ impl Drop for AbstractLock {
 pub struct ProcStat {
     pub pid: u32,
     pub state: char,
+    pub ppid: u32,
     pub pgid: u32,
     pub sid: u32,
     /// Clock ticks after boot (field 22): with the pid, a process's identity.
@@ -449,6 +450,7 @@ fn parse_stat(pid: u32, text: &str) -> Option<ProcStat> {
     Some(ProcStat {
         pid,
         state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
         pgid: fields.get(2)?.parse().ok()?,
         sid: fields.get(3)?.parse().ok()?,
         start_time: fields.get(19)?.parse().ok()?,
@@ -1068,7 +1070,11 @@ pub fn find_leftovers(state: &PersistedState) -> Vec<Leftover> {
 }
 
 fn members(all: &[ProcStat], record: &ProcessRecord, leader_alive: bool) -> Vec<(u32, u64)> {
-    all.iter()
+    if !leader_alive && record.pgid != record.pid {
+        return Vec::new();
+    }
+    let group: Vec<&ProcStat> = all
+        .iter()
         .filter(|p| {
             p.pgid == record.pgid
                 && p.sid == record.sid
@@ -1076,7 +1082,31 @@ fn members(all: &[ProcStat], record: &ProcessRecord, leader_alive: bool) -> Vec<
                 && p.pid != record.pid
                 && p.state != 'Z'
         })
-        .filter(|_| leader_alive || record.pgid == record.pid)
+        .collect();
+    if leader_alive {
+        return group.iter().map(|p| (p.pid, p.start_time)).collect();
+    }
+    // Without the leader, its pid may have been reused (after the whole
+    // old group died) by a process of the same terminal session that
+    // became a group leader and exited, leaving its job's members with the
+    // same ids. What a dead daemon left is orphaned: reparented to init,
+    // or children of such orphans. A job's members have a live parent of
+    // their own (the shell), so they are left alone.
+    let mut kept: std::collections::BTreeSet<u32> = std::collections::BTreeSet::new();
+    loop {
+        let before = kept.len();
+        for p in &group {
+            if p.ppid == 1 || kept.contains(&p.ppid) {
+                kept.insert(p.pid);
+            }
+        }
+        if kept.len() == before {
+            break;
+        }
+    }
+    group
+        .iter()
+        .filter(|p| kept.contains(&p.pid))
         .map(|p| (p.pid, p.start_time))
         .collect()
 }
@@ -1634,5 +1664,44 @@ mod tests {
         file.write_all_at(b"XXXX", second_generation_slot + HEADER as u64 + 5)
             .unwrap();
         assert_eq!(read_state(&path).ok().flatten(), Some(sample(10)));
+    }
+
+    /// Without its leader, a recorded group may be a reused id: only
+    /// orphans (parent init) and their descendants count as leftovers, not
+    /// a shell job that took the id in the same session.
+    #[test]
+    fn without_the_leader_only_orphans_count() {
+        let record = ProcessRecord {
+            pid: 100,
+            pgid: 100,
+            sid: 50,
+            start_time: 10,
+        };
+        let process = |pid, ppid, start_time| ProcStat {
+            pid,
+            state: 'S',
+            ppid,
+            pgid: 100,
+            sid: 50,
+            start_time,
+        };
+        let all = [
+            process(200, 1, 20),   // the service's worker, orphaned
+            process(201, 200, 21), // its child
+            process(300, 77, 30),  // a shell job's first member (parent: the shell)
+            process(301, 300, 31), // and its child
+        ];
+        let pids = |leader_alive| -> Vec<u32> {
+            members(&all, &record, leader_alive)
+                .into_iter()
+                .map(|(pid, _)| pid)
+                .collect()
+        };
+        assert_eq!(pids(false), [200, 201]);
+        assert_eq!(
+            pids(true),
+            [200, 201, 300, 301],
+            "a live leader proves the group"
+        );
     }
 }
