@@ -96,6 +96,7 @@ pub async fn spawn_watcher(
                 targets,
                 watched: BTreeMap::new(),
                 services_missing: false,
+                limit_logged: false,
                 last: None,
             };
             watch.rearm();
@@ -169,6 +170,8 @@ struct Watch {
     watched: BTreeMap<PathBuf, Watched>,
     /// Logged once when services_dir goes away and once when it is back.
     services_missing: bool,
+    /// The watch limit is logged once, not once per directory.
+    limit_logged: bool,
     last: Option<Snapshot>,
 }
 
@@ -293,6 +296,12 @@ impl Watch {
                     self.watched.insert(dir, Watched { relevant, identity });
                     added = true;
                 }
+                Err(error) if at_a_limit(&error) => {
+                    if !self.limit_logged {
+                        self.limit_logged = true;
+                        tracing::warn!(dir = %dir.display(), "cannot watch: {error} (the inotify watch limit, fs.inotify.max_user_watches); changes there are not picked up by themselves: reload with `orchestrator reload` or SIGHUP");
+                    }
+                }
                 // Raced with its deletion: the event of that is on its way.
                 Err(error) => tracing::debug!(dir = %dir.display(), "cannot watch: {error}"),
             }
@@ -382,6 +391,14 @@ impl Watch {
             );
         }
         Snapshot { config, binaries }
+    }
+}
+
+fn at_a_limit(error: &notify::Error) -> bool {
+    match &error.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(error) => error.raw_os_error() == Some(libc::ENOSPC),
+        _ => false,
     }
 }
 
