@@ -637,7 +637,9 @@ mod tests {
     async fn a_binary_copied_slowly_reloads_once_complete() {
         let s = setup();
         let path = binary(&s.services, "worker", b"");
-        let debounce = Duration::from_millis(500);
+        // Ten times the pace of the chunks: a loaded machine that stalls
+        // the writer must not make the copy look finished.
+        let debounce = Duration::from_secs(1);
         let (_handle, mut rx) = watch(None, &s.services, debounce).await;
         let mut file = fs::OpenOptions::new().append(true).open(&path).unwrap();
         for _ in 0..10 {
@@ -656,7 +658,9 @@ mod tests {
     #[tokio::test]
     async fn a_binary_copied_slowly_into_a_new_directory_waits_for_the_end() {
         let s = setup();
-        let debounce = Duration::from_millis(500);
+        // Ten times the pace of the chunks: a loaded machine that stalls
+        // the writer must not make the copy look finished.
+        let debounce = Duration::from_secs(1);
         let (_handle, mut rx) = watch(None, &s.services, debounce).await;
         // The directory's creation is seen before its watch exists.
         fs::create_dir(s.services.join("late")).unwrap();
@@ -687,6 +691,24 @@ mod tests {
         expect_reload(&mut rx, "binary in the re-created services_dir").await;
         fs::write(s.services.join("api").join("api"), b"three!").unwrap();
         expect_reload(&mut rx, "binary rewritten after re-arming").await;
+    }
+
+    /// A blue/green deploy: a whole new services_dir renamed into place.
+    #[tokio::test]
+    async fn services_dir_swapped_by_rename_is_followed() {
+        let s = setup();
+        binary(&s.services, "api", b"blue");
+        let (_handle, mut rx) = watch(None, &s.services, DEBOUNCE).await;
+        let green = s.root.join("services.green");
+        binary(&green, "api", b"green");
+        fs::rename(&s.services, s.root.join("services.blue")).unwrap();
+        fs::rename(&green, &s.services).unwrap();
+        expect_reload(&mut rx, "services_dir swapped").await;
+        // The old tree is no longer what a reload reads.
+        fs::write(s.root.join("services.blue").join("api").join("api"), b"old").unwrap();
+        expect_quiet(&mut rx, "a write in the old tree").await;
+        fs::write(s.services.join("api").join("api"), b"green 2").unwrap();
+        expect_reload(&mut rx, "a write in the new tree").await;
     }
 
     #[tokio::test]
