@@ -711,6 +711,28 @@ mod tests {
         expect_reload(&mut rx, "a write in the new tree").await;
     }
 
+    /// NAME/NAME as a symlink into a releases tree: both a re-pointed link
+    /// and a rewrite of what it points at are seen.
+    #[tokio::test]
+    async fn a_binary_behind_a_symlink_is_followed() {
+        let s = setup();
+        let releases = s.root.join("releases");
+        binary(&releases, "v1", b"one");
+        binary(&releases, "v2", b"two");
+        fs::create_dir(s.services.join("api")).unwrap();
+        let link = s.services.join("api").join("api");
+        symlink(releases.join("v1").join("v1"), &link).unwrap();
+        let (_handle, mut rx) = watch(None, &s.services, DEBOUNCE).await;
+        fs::write(releases.join("v1").join("v1"), b"one, patched").unwrap();
+        expect_reload(&mut rx, "target rewritten").await;
+        let next = s.services.join("api").join(".api.next");
+        symlink(releases.join("v2").join("v2"), &next).unwrap();
+        fs::rename(&next, &link).unwrap();
+        expect_reload(&mut rx, "link re-pointed").await;
+        fs::write(releases.join("v1").join("v1"), b"one, unused").unwrap();
+        expect_quiet(&mut rx, "the release no longer pointed at").await;
+    }
+
     #[tokio::test]
     async fn a_missing_services_dir_is_watched_for() {
         let s = setup();
