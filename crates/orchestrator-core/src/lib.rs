@@ -14,4 +14,5 @@ pub mod service;
 pub mod state;
 pub mod supervisor;
 pub mod validate;
+pub mod watch;
 pub mod wire;

@@ -21,6 +21,7 @@ use orchestrator_core::process::{
 };
 use orchestrator_core::state::DaemonLock;
 use orchestrator_core::validate::{Finding, Scope, Severity, Validation, validate};
+use orchestrator_core::watch::{DEFAULT_DEBOUNCE, WatchHandle, spawn_watcher};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -417,6 +418,11 @@ fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Resul
         let socket_shown = socket.display().to_string();
         let (events_tx, events) = mpsc::channel(16);
         forward_signals(events_tx.clone()).context("cannot install signal handlers")?;
+        // Held to the end: dropping it stops the watchers.
+        let _watching = match config.orchestrator.watch {
+            true => start_watching(&config, events_tx.clone()).await,
+            false => None,
+        };
         reap_orphans_on_sigchld().context("cannot install the SIGCHLD handler")?;
         let api_limits = ConnectionLimits {
             max_connections: config.orchestrator.api_max_connections,
@@ -563,6 +569,28 @@ fn reap_orphans_on_sigchld() -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+/// Editing the config file or dropping a binary into services_dir asks for
+/// a reload, as SIGHUP does. Without watchers the daemon still runs: only
+/// the automatic part is lost.
+async fn start_watching(config: &Config, events: mpsc::Sender<DaemonEvent>) -> Option<WatchHandle> {
+    match spawn_watcher(
+        config.source.clone(),
+        config.orchestrator.services_dir.clone(),
+        DEFAULT_DEBOUNCE,
+        events,
+    )
+    .await
+    {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            tracing::warn!(
+                "{error} (inotify limits: fs.inotify.max_user_instances, max_user_watches); changes are not picked up by themselves: reload with `orchestrator reload` or SIGHUP"
+            );
+            None
+        }
+    }
 }
 
 /// Signals become daemon events: the first SIGINT/SIGTERM asks for a clean

@@ -47,6 +47,8 @@ pub struct OrchestratorConfig {
     pub api_header_timeout: Duration,
     /// How long a response may stay blocked on a client that does not read.
     pub api_idle_timeout: Duration,
+    /// Follow the config file and services_dir, reloading on a change.
+    pub watch: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -186,6 +188,7 @@ impl OrchestratorConfig {
             api_max_connections: DEFAULT_API_MAX_CONNECTIONS,
             api_header_timeout: DEFAULT_API_HEADER_TIMEOUT,
             api_idle_timeout: DEFAULT_API_IDLE_TIMEOUT,
+            watch: true,
         }
     }
 }

@@ -156,6 +156,11 @@ pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
             )
         },
     ),
+    Key::new(
+        "watch",
+        "whether changes to the config file and services_dir trigger a reload",
+        |cx, f, out| set(&mut out.watch, cx.boolean(&f.path, f.value)),
+    ),
 ];
 
 /// A zero timeout would close every connection at once: refused.
@@ -246,6 +251,7 @@ mod tests {
     fn state_max_bytes_defaults_to_64_mib_and_is_bounded() {
         let config = ok("[orchestrator]\n");
         assert_eq!(config.orchestrator.state_max_bytes, 64 * 1024 * 1024);
+        assert!(config.orchestrator.watch, "watching is on by default");
         let config = ok("[orchestrator]\nstate_max_bytes = 8192\n");
         assert_eq!(config.orchestrator.state_max_bytes, 8192);
         assert!(
@@ -274,6 +280,7 @@ log_max_files = 0
 api_max_connections = 8
 api_header_timeout = "2s"
 api_idle_timeout = "1m"
+watch = false
 "#);
         let orchestrator = config.orchestrator;
         assert_eq!(orchestrator.services_dir, Path::new("/base/dir/svc"));
@@ -288,6 +295,7 @@ api_idle_timeout = "1m"
         assert_eq!(orchestrator.api_max_connections, 8);
         assert_eq!(orchestrator.api_header_timeout, Duration::from_secs(2));
         assert_eq!(orchestrator.api_idle_timeout, Duration::from_secs(60));
+        assert!(!orchestrator.watch);
     }
 
     #[test]
