@@ -143,7 +143,8 @@ pub async fn run(
             joined = &mut starting, if !started => {
                 started = true;
                 if let Ok(Ok(failures)) = joined {
-                    let running = enabled - failures.len();
+                    // A reload during the start may have added services.
+                    let running = enabled.saturating_sub(failures.len());
                     info!(running, failed = failures.len(), "all services started");
                 }
             }

@@ -184,6 +184,10 @@ pub fn needs_restart(old: &OrchestratorConfig, new: &OrchestratorConfig) -> Vec<
     field(old.log_max_files != new.log_max_files, "log_max_files");
     field(old.log_format != new.log_format, "log_format");
     field(
+        old.log_level != new.log_level,
+        "log_level (the daemon's own log; services get the new --log-level)",
+    );
+    field(
         old.shutdown_timeout != new.shutdown_timeout,
         "shutdown_timeout (the daemon's own; the services' stop_timeout default applied)",
     );
@@ -265,14 +269,18 @@ pub struct ReloadHandle {
 }
 
 impl ReloadHandle {
-    /// Returns the report of a reload that began after this call; requests
-    /// made while one runs share the one run that follows it.
-    pub async fn reload(&self) -> ReloadOutcome {
+    /// Asks now (not when first polled); the future gives the report of a
+    /// reload that began after this call. Requests made while one runs
+    /// share the one run that follows it.
+    pub fn reload(&self) -> impl std::future::Future<Output = ReloadOutcome> + use<> {
         let (reply, answer) = oneshot::channel();
-        if self.closing.load(Ordering::Acquire) || self.requests.send(reply).is_err() {
-            return Err(ReloadError::ShuttingDown);
+        let sent = !self.closing.load(Ordering::Acquire) && self.requests.send(reply).is_ok();
+        async move {
+            if !sent {
+                return Err(ReloadError::ShuttingDown);
+            }
+            answer.await.unwrap_or(Err(ReloadError::ShuttingDown))
         }
-        answer.await.unwrap_or(Err(ReloadError::ShuttingDown))
     }
 
     /// Ask for a reload and do not wait for it (a signal).

@@ -47,6 +47,8 @@ struct Entry {
 enum Command {
     Get(String, oneshot::Sender<Option<ServiceHandle>>),
     All(oneshot::Sender<Vec<ServiceHandle>>),
+    /// The services enabled by their current definition.
+    Enabled(oneshot::Sender<Vec<ServiceHandle>>),
     Info(Option<String>, oneshot::Sender<Option<Vec<ServiceInfo>>>),
     Definition(String, oneshot::Sender<Option<Arc<ServiceDefinition>>>),
     Add(
@@ -137,6 +139,15 @@ impl Supervisor {
             }
             Command::All(reply) => {
                 let _ = reply.send(self.services.values().map(|e| e.handle.clone()).collect());
+            }
+            Command::Enabled(reply) => {
+                let _ = reply.send(
+                    self.services
+                        .values()
+                        .filter(|e| e.definition.enabled)
+                        .map(|e| e.handle.clone())
+                        .collect(),
+                );
             }
             Command::Info(None, reply) => {
                 let _ = reply.send(Some(self.services.values().map(info_of).collect()));
@@ -392,14 +403,12 @@ impl SupervisorHandle {
     /// Start every enabled service, all at once; one that cannot start
     /// never holds up the others. Returns each failure.
     pub async fn start_all(&self) -> Result<Vec<ServiceError>, SupervisorError> {
-        let handles = self.services().await?;
+        // The current definitions decide, not the handles' copies: a reload
+        // may have changed `enabled` since.
+        let handles = self.ask(Command::Enabled).await?;
         // Every request goes out first, so the actors start in parallel;
         // the answers are then collected here, with no task per service.
-        let starts: Vec<_> = handles
-            .iter()
-            .filter(|handle| handle.enabled())
-            .map(ServiceHandle::auto_start)
-            .collect();
+        let starts: Vec<_> = handles.iter().map(ServiceHandle::auto_start).collect();
         let mut failures = Vec::new();
         for start in starts {
             if let Err(error) = start.await {

@@ -334,3 +334,54 @@ async fn after_shutdown_began_nothing_is_added_or_started() {
     assert_eq!(supervisor.status("svc").await.unwrap(), State::Stopped);
     assert_eq!(spawner.spawn_count(), 1);
 }
+
+// ---- one reload at a time ----
+
+#[tokio::test]
+async fn requests_made_during_a_reload_share_one_more_run() {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    let dir = std::env::temp_dir().join(format!("orchestrator-reloader-{}", std::process::id()));
+    let config = crate::config::parse("", None, &dir).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The first load waits here until the test has queued its requests.
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
+    let loader: Loader = {
+        let calls = Arc::clone(&calls);
+        let config = config.clone();
+        Arc::new(move || {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                let _ = gate.lock().unwrap().recv();
+            }
+            Ok((config.clone(), Vec::new()))
+        })
+    };
+    let (supervisor, _spawner) = running(vec![]).await;
+    let reloader = spawn_reloader(
+        loader,
+        HostEnv::from_process(),
+        config.orchestrator.clone(),
+        supervisor,
+        EventBus::in_memory(),
+    );
+    let first = tokio::spawn(reloader.reload());
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // Each is queued by the call itself, while the first run is held.
+    let later: Vec<_> = (0..10).map(|_| reloader.reload()).collect();
+    release.send(()).unwrap();
+    assert!(first.await.unwrap().is_ok());
+    for outcome in later {
+        assert!(outcome.await.is_ok());
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one run, then one for all ten"
+    );
+    reloader.close();
+    assert_eq!(reloader.reload().await, Err(ReloadError::ShuttingDown));
+}

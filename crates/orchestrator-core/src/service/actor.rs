@@ -105,10 +105,13 @@ impl ServiceHandle {
         &self.name
     }
 
+    /// As first defined: a reload may have changed it since, and the
+    /// supervisor's `info` has the current value.
     pub fn configured(&self) -> bool {
         self.configured
     }
 
+    /// As first defined (see `configured`).
     pub fn enabled(&self) -> bool {
         self.enabled
     }
