@@ -358,10 +358,13 @@ pub async fn events(client: &Client, follow: bool) -> ExitCode {
 /// One line per service that changed (and a count of the others), then
 /// the warnings; an invalid configuration exits 2 with its problems.
 pub async fn reload(client: &Client) -> ExitCode {
-    match client
-        .json::<ReloadReport>(Method::POST, "/v1/reload")
-        .await
-    {
+    // The answer comes once applied, and a removed service's stop may take
+    // its whole stop_timeout: unbounded, as long as the daemon answers.
+    let answer = tokio::select! {
+        answer = client.json_unbounded::<ReloadReport>(Method::POST, "/v1/reload") => answer,
+        error = client.until_unresponsive() => Err(error),
+    };
+    match answer {
         Ok(report) => {
             let mut unchanged = 0;
             for change in &report.applied {
