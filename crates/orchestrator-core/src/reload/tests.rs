@@ -385,3 +385,25 @@ async fn requests_made_during_a_reload_share_one_more_run() {
     reloader.close();
     assert_eq!(reloader.reload().await, Err(ReloadError::ShuttingDown));
 }
+
+/// The in-process cost of a reload of 1000 services with one changed: the
+/// diff and its application (no file reading). Run with --ignored.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn measure_a_reload_of_a_thousand_services_with_one_changed() {
+    let all: Vec<ServiceDefinition> = (0..1000).map(|i| named(&format!("s{i:04}"))).collect();
+    let (supervisor, spawner) = running(all.clone()).await;
+    let mut new = all;
+    new[500].spawn.args.push("--changed".into());
+    let began = std::time::Instant::now();
+    let report = reload(&supervisor, new).await;
+    let took = began.elapsed();
+    let changed = report
+        .applied
+        .iter()
+        .filter(|c| c.action != ChangeAction::Unchanged)
+        .count();
+    assert_eq!(changed, 1);
+    assert_eq!(spawner.spawn_count(), 1001);
+    println!("reload of 1000 services, one changed: {took:?}");
+}
