@@ -13,6 +13,7 @@ use crate::discovery::discover;
 use crate::events::{EventBus, EventKind};
 use crate::plan::{HostEnv, plan};
 use crate::process::Spawner;
+use crate::reload::{Loader, ReloadHandle, spawn_reloader};
 use crate::service::ServiceDefinition;
 use crate::state::{
     StateError, StateStore, check_data_dir, find_leftovers, read_state_at_most, set_aside,
@@ -53,13 +54,18 @@ pub struct DaemonHandles {
     /// The crash-recovery record; its `failed_writes()` is for the API to
     /// show (status/metrics).
     pub state: StateStore,
+    /// Every reload goes through it (the API's, SIGHUP's, the watchers').
+    pub reloader: ReloadHandle,
 }
 
 /// Run until a Shutdown (or ForceShutdown) event, or until `events` closes.
 /// `ready` receives the handles as soon as the services exist (before they
-/// have all started), so the API can answer during a long start.
+/// have all started), so the API can answer during a long start. `loader`
+/// reads the configuration anew for a reload, the way this one was read;
+/// without it a reload reads nothing and rejects.
 pub async fn run(
     config: Config,
+    loader: Option<Loader>,
     spawner: Arc<dyn Spawner>,
     host: HostEnv,
     mut events: mpsc::Receiver<DaemonEvent>,
@@ -72,6 +78,13 @@ pub async fn run(
         Vec::new()
     });
     let definitions = plan(&config, &discovered, &host);
+    let loader = loader.unwrap_or_else(|| {
+        Arc::new(|| {
+            Err(vec![
+                "this daemon was started without a way to re-read its configuration".to_owned(),
+            ])
+        })
+    });
     // The definitions hold all the services need; the parsed sections are
     // not kept for the daemon's life (with 1000 services they weigh ~0.5 MiB).
     drop(config);
@@ -106,11 +119,19 @@ pub async fn run(
     let observer = store.clone();
     bus.set_observer(move |event| observer.observe(event));
     let supervisor = spawn_supervisor(definitions, spawner, bus.clone());
+    let reloader = spawn_reloader(
+        loader,
+        host,
+        orchestrator.clone(),
+        supervisor.clone(),
+        bus.clone(),
+    );
     if let Some(ready) = ready {
         let _ = ready.send(DaemonHandles {
             supervisor: supervisor.clone(),
             events: bus.clone(),
             state: store.clone(),
+            reloader: reloader.clone(),
         });
     }
 
@@ -122,21 +143,24 @@ pub async fn run(
             joined = &mut starting, if !started => {
                 started = true;
                 if let Ok(Ok(failures)) = joined {
-                    let running = enabled - failures.len();
+                    // A reload during the start may have added services.
+                    let running = enabled.saturating_sub(failures.len());
                     info!(running, failed = failures.len(), "all services started");
                 }
             }
             event = events.recv() => match event {
-                Some(DaemonEvent::Reload) => {
-                    warn!("reload is not supported yet by this version: restart the daemon to apply a new configuration");
-                }
+                // Not awaited: the funnel must stay free for a shutdown
+                // while a reload stops services.
+                Some(DaemonEvent::Reload) => reloader.trigger(),
                 Some(DaemonEvent::ForceShutdown) => {
+                    reloader.close();
                     starting.abort();
                     bus.emit(None, EventKind::DaemonStopping { reason: "forced".to_owned() });
                     supervisor.kill_all().await?;
                     break;
                 }
                 Some(DaemonEvent::Shutdown) | None => {
+                    reloader.close();
                     starting.abort();
                     info!("shutting down");
                     bus.emit(None, EventKind::DaemonStopping { reason: "shutdown requested".to_owned() });
@@ -293,6 +317,10 @@ enabled = false
     }
 
     async fn start(test: &str) -> Daemon {
+        start_with(test, None).await
+    }
+
+    async fn start_with(test: &str, loader: Option<Loader>) -> Daemon {
         let dir =
             std::env::temp_dir().join(format!("orchestrator-daemon-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -307,6 +335,7 @@ enabled = false
         };
         let task = tokio::spawn(run(
             config,
+            loader,
             Arc::new(spawner.clone()),
             host,
             events,
@@ -401,6 +430,96 @@ enabled = false
                 killed_at - t0
             );
         }
+        let _ = std::fs::remove_dir_all(&daemon.dir);
+    }
+
+    /// A loader that reads `CONFIG` with `edit` applied, from the test's dir.
+    fn loader(test: &str, edit: fn(&str) -> String) -> Loader {
+        let dir =
+            std::env::temp_dir().join(format!("orchestrator-daemon-{test}-{}", std::process::id()));
+        Arc::new(move || {
+            let loaded = crate::config::parse_all(&edit(CONFIG), None, &dir).map_err(|errors| {
+                errors
+                    .problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            })?;
+            if loaded.problems.is_empty() {
+                Ok((loaded.config, Vec::new()))
+            } else {
+                Err(loaded.problems.iter().map(ToString::to_string).collect())
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sighup_reloads_and_an_invalid_file_changes_nothing() {
+        // worker gains an argument, spare is enabled.
+        let edited = |text: &str| {
+            text.replace(
+                "[services.worker]\ncommand = [\"/bin/true\"]",
+                "[services.worker]\ncommand = [\"/bin/true\", \"-v\"]",
+            )
+            .replace("enabled = false", "enabled = true")
+        };
+        let daemon = start_with("sighup", Some(loader("sighup", edited))).await;
+        let supervisor = &daemon.handles.supervisor;
+        let api = supervisor.info("api").await.unwrap();
+        let mut reloaded = daemon.handles.events.subscribe().1;
+        daemon.funnel.send(DaemonEvent::Reload).await.unwrap();
+        let report = loop {
+            let event = reloaded.recv().await.unwrap();
+            if let EventKind::Reloaded { report } = &event.kind {
+                break report.clone();
+            }
+        };
+        let actions: Vec<_> = report
+            .applied
+            .iter()
+            .map(|c| (c.service.as_str(), c.action))
+            .collect();
+        use crate::wire::ChangeAction;
+        assert_eq!(
+            actions,
+            [
+                ("api", ChangeAction::Unchanged),
+                ("spare", ChangeAction::Updated),
+                ("worker", ChangeAction::Restarted)
+            ]
+        );
+        assert_eq!(supervisor.info("api").await.unwrap().pid, api.pid);
+        assert_eq!(supervisor.status("spare").await.unwrap(), State::Running);
+        assert_eq!(daemon.spawner.spawn_count(), 4);
+        drop(daemon.funnel);
+        daemon.task.await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&daemon.dir);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalid_configuration_is_rejected_with_every_error() {
+        let broken = |text: &str| {
+            format!("{text}\n[services.api2]\nrestart = \"sometimes\"\nmax_restarts = -1\n")
+        };
+        let daemon = start_with("invalid", Some(loader("invalid", broken))).await;
+        let before = daemon.handles.supervisor.list().await.unwrap();
+        let outcome = daemon.handles.reloader.reload().await;
+        let Err(crate::reload::ReloadError::Invalid(errors)) = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            daemon
+                .handles
+                .events
+                .history()
+                .iter()
+                .any(|event| matches!(event.kind, EventKind::ReloadRejected { .. }))
+        );
+        assert_eq!(daemon.handles.supervisor.list().await.unwrap(), before);
+        assert_eq!(daemon.spawner.spawn_count(), 2);
+        drop(daemon.funnel);
+        daemon.task.await.unwrap().unwrap();
         let _ = std::fs::remove_dir_all(&daemon.dir);
     }
 }

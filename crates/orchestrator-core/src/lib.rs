@@ -10,6 +10,7 @@ pub mod name;
 pub mod output;
 pub mod plan;
 pub mod process;
+pub mod reload;
 pub mod service;
 pub mod state;
 pub mod supervisor;

@@ -36,6 +36,32 @@ impl HostEnv {
     }
 }
 
+/// Which file a path named when it was planned: a binary replaced on disk
+/// (a new inode, or new content written in place) compares unequal, so a
+/// reload restarts its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BinaryId {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl BinaryId {
+    /// `None` when the file cannot be read: its start reports why, and a
+    /// binary that disappears alone is no reason to stop a running service.
+    pub fn of(path: &Path) -> Option<BinaryId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(BinaryId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        })
+    }
+}
+
 /// Every service the daemon knows: configured sections and discovered
 /// binaries, by name. A discovered binary without a section runs with the
 /// defaults when `start_discovered` is set, and is listed (disabled)
@@ -112,9 +138,15 @@ fn define(
     } else {
         RestartPolicy::Never
     });
+    // A bare command name is looked up in PATH by the spawn; only a path
+    // names one file that can be watched for replacement.
+    let binary = (orchestrator.restart_on_binary_change && program.is_absolute())
+        .then(|| BinaryId::of(&program))
+        .flatten();
     ServiceDefinition {
         name: name.clone(),
         configured,
+        binary,
         enabled,
         spawn: SpawnSpec {
             service: name.to_string(),

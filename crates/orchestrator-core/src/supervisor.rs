@@ -30,6 +30,8 @@ pub enum SupervisorError {
     Service(#[from] ServiceError),
     #[error("the supervisor has ended (the daemon is shutting down)")]
     Gone,
+    #[error("the daemon is shutting down; no service is added any more")]
+    ShuttingDown,
 }
 
 /// One service as the supervisor owns it.
@@ -38,11 +40,15 @@ struct Entry {
     definition: Arc<ServiceDefinition>,
     /// Set when its actor panicked: the service is no longer supervised.
     panic: Option<String>,
+    /// 1 when it was first defined, +1 for each reload that changed it.
+    generation: u64,
 }
 
 enum Command {
     Get(String, oneshot::Sender<Option<ServiceHandle>>),
     All(oneshot::Sender<Vec<ServiceHandle>>),
+    /// The services enabled by their current definition.
+    Enabled(oneshot::Sender<Vec<ServiceHandle>>),
     Info(Option<String>, oneshot::Sender<Option<Vec<ServiceInfo>>>),
     Definition(String, oneshot::Sender<Option<Arc<ServiceDefinition>>>),
     Add(
@@ -51,6 +57,17 @@ enum Command {
     ),
     /// Forget a service whose process is already stopped (callers stop it first).
     Remove(String, oneshot::Sender<Option<ServiceHandle>>),
+    /// Every definition, sorted by name (what a reload compares against).
+    Definitions(oneshot::Sender<Vec<Arc<ServiceDefinition>>>),
+    /// Record a reload's new definition and hand out the handle, whose
+    /// actor is then told.
+    Replace(
+        Arc<ServiceDefinition>,
+        oneshot::Sender<Option<ServiceHandle>>,
+    ),
+    /// The daemon is shutting down: refuse every later Add, so a reload
+    /// racing the shutdown cannot leave a new service running.
+    Close(oneshot::Sender<()>),
 }
 
 /// A cheap, cloneable way to act on the services.
@@ -71,6 +88,7 @@ pub fn spawn_supervisor(
         task_names: HashMap::new(),
         spawner,
         events,
+        closing: false,
     };
     for definition in definitions {
         // Names are unique: the plan comes from a map keyed by name.
@@ -89,6 +107,7 @@ struct Supervisor {
     task_names: HashMap<tokio::task::Id, ServiceName>,
     spawner: Arc<dyn Spawner>,
     events: EventBus,
+    closing: bool,
 }
 
 impl Supervisor {
@@ -121,6 +140,15 @@ impl Supervisor {
             Command::All(reply) => {
                 let _ = reply.send(self.services.values().map(|e| e.handle.clone()).collect());
             }
+            Command::Enabled(reply) => {
+                let _ = reply.send(
+                    self.services
+                        .values()
+                        .filter(|e| e.definition.enabled)
+                        .map(|e| e.handle.clone())
+                        .collect(),
+                );
+            }
             Command::Info(None, reply) => {
                 let _ = reply.send(Some(self.services.values().map(info_of).collect()));
             }
@@ -140,10 +168,33 @@ impl Supervisor {
             Command::Remove(name, reply) => {
                 let _ = reply.send(self.services.remove(name.as_str()).map(|e| e.handle));
             }
+            Command::Definitions(reply) => {
+                let _ = reply.send(
+                    self.services
+                        .values()
+                        .map(|e| Arc::clone(&e.definition))
+                        .collect(),
+                );
+            }
+            Command::Replace(definition, reply) => {
+                let entry = self.services.get_mut(&definition.name);
+                let _ = reply.send(entry.map(|entry| {
+                    entry.definition = definition;
+                    entry.generation += 1;
+                    entry.handle.clone()
+                }));
+            }
+            Command::Close(reply) => {
+                self.closing = true;
+                let _ = reply.send(());
+            }
         }
     }
 
     fn add(&mut self, definition: ServiceDefinition) -> Result<ServiceHandle, SupervisorError> {
+        if self.closing {
+            return Err(SupervisorError::ShuttingDown);
+        }
         if self.services.contains_key(&definition.name) {
             return Err(SupervisorError::AlreadyExists(definition.name.to_string()));
         }
@@ -161,6 +212,7 @@ impl Supervisor {
                 handle: handle.clone(),
                 definition,
                 panic: None,
+                generation: 1,
             },
         );
         Ok(handle)
@@ -213,8 +265,9 @@ fn info_of(entry: &Entry) -> ServiceInfo {
     let status = handle.status();
     let mut info = ServiceInfo {
         name: handle.name().to_owned(),
-        configured: handle.configured(),
-        enabled: handle.enabled(),
+        // From the definition, not the handle: a reload may have changed them.
+        configured: entry.definition.configured,
+        enabled: entry.definition.enabled,
         state: status.state,
         pid: status.pid,
         uptime: status
@@ -226,6 +279,7 @@ fn info_of(entry: &Entry) -> ServiceInfo {
         last_error: status.last_error,
         health: None,
         log_dropped_bytes: handle.output().dropped_bytes(),
+        generation: entry.generation,
     };
     if let Some(panic) = &entry.panic {
         info.state = State::Failed;
@@ -290,6 +344,32 @@ impl SupervisorHandle {
         Ok(())
     }
 
+    /// Every definition, sorted by name.
+    pub async fn definitions(&self) -> Result<Vec<Arc<ServiceDefinition>>, SupervisorError> {
+        self.ask(Command::Definitions).await
+    }
+
+    /// Run a service with a reload's definition (see
+    /// [`ServiceHandle::reconfigure`]); its generation goes up by one.
+    pub async fn reconfigure(
+        &self,
+        definition: ServiceDefinition,
+        respawn: bool,
+    ) -> Result<(), SupervisorError> {
+        let name = definition.name.to_string();
+        let definition = Arc::new(definition);
+        let handle = self
+            .ask(|reply| Command::Replace(Arc::clone(&definition), reply))
+            .await?
+            .ok_or(SupervisorError::UnknownService(name))?;
+        Ok(handle.reconfigure(definition, respawn).await?)
+    }
+
+    /// From now on no service is added (the daemon is shutting down).
+    pub async fn close(&self) -> Result<(), SupervisorError> {
+        self.ask(Command::Close).await
+    }
+
     pub async fn start(&self, name: &str) -> Result<(), SupervisorError> {
         Ok(self.service(name).await?.start().await?)
     }
@@ -328,14 +408,12 @@ impl SupervisorHandle {
     /// Start every enabled service, all at once; one that cannot start
     /// never holds up the others. Returns each failure.
     pub async fn start_all(&self) -> Result<Vec<ServiceError>, SupervisorError> {
-        let handles = self.services().await?;
+        // The current definitions decide, not the handles' copies: a reload
+        // may have changed `enabled` since.
+        let handles = self.ask(Command::Enabled).await?;
         // Every request goes out first, so the actors start in parallel;
         // the answers are then collected here, with no task per service.
-        let starts: Vec<_> = handles
-            .iter()
-            .filter(|handle| handle.enabled())
-            .map(ServiceHandle::auto_start)
-            .collect();
+        let starts: Vec<_> = handles.iter().map(ServiceHandle::auto_start).collect();
         let mut failures = Vec::new();
         for start in starts {
             if let Err(error) = start.await {
@@ -354,6 +432,7 @@ impl SupervisorHandle {
 
     /// Stop everything within `timeout`; whatever still runs then is killed.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), SupervisorError> {
+        self.close().await?;
         let handles = self.services().await?;
         info!(services = handles.len(), "stopping every service");
         let stops = for_each_parallel(
@@ -369,6 +448,7 @@ impl SupervisorHandle {
 
     /// SIGKILL every service's process group now; returns when all are reaped.
     pub async fn kill_all(&self) -> Result<(), SupervisorError> {
+        self.close().await?;
         let handles = self.services().await?;
         for_each_parallel(handles, |handle| async move { handle.kill().await }).await;
         Ok(())

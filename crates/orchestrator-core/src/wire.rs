@@ -97,6 +97,14 @@ pub struct ServiceInfo {
     /// Output bytes the log file could not take (disk full...), in all.
     #[serde(default)]
     pub log_dropped_bytes: u64,
+    /// The configuration generation it runs: 1 when first defined, +1 for
+    /// each reload that changed it.
+    #[serde(default = "first_generation")]
+    pub generation: u64,
+}
+
+fn first_generation() -> u64 {
+    1
 }
 
 /// Which pipe of the child a line came from.
@@ -319,6 +327,10 @@ pub enum EventKind {
         path: String,
         reason: String,
     },
+    /// A reload was applied: what it did, per service.
+    Reloaded {
+        report: ReloadReport,
+    },
 }
 
 impl Event {
@@ -369,6 +381,19 @@ impl Event {
             EventKind::Stopped => "stopped".to_owned(),
             EventKind::SupervisionLost { error } => {
                 format!("no longer supervised (internal error): {error}")
+            }
+            EventKind::Reloaded { report } => {
+                let changed = report
+                    .applied
+                    .iter()
+                    .filter(|change| change.action != ChangeAction::Unchanged)
+                    .count();
+                let mut text = format!("reloaded: {changed} service(s) changed");
+                for warning in &report.warnings {
+                    text.push_str("; ");
+                    text.push_str(warning);
+                }
+                text
             }
             EventKind::ReloadRejected { errors } => {
                 format!("reload rejected: {}", errors.join("; "))

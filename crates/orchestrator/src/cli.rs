@@ -8,7 +8,9 @@ use std::time::Duration;
 use hyper::Method;
 use orchestrator_core::events::Event;
 use orchestrator_core::process::ExitWatch;
-use orchestrator_core::wire::{DaemonInfo, ErrorCode, LogRecord, ServiceInfo};
+use orchestrator_core::wire::{
+    ChangeAction, DaemonInfo, ErrorCode, LogRecord, ReloadReport, ServiceInfo,
+};
 use tokio::task::JoinSet;
 
 use crate::api::client::{Client, ClientError};
@@ -389,13 +391,36 @@ pub async fn events(client: &Client, follow: bool) -> ExitCode {
     streamed(client, result, follow).await
 }
 
+/// One line per service that changed (and a count of the others), then
+/// the warnings; an invalid configuration exits 2 with its problems.
 pub async fn reload(client: &Client) -> ExitCode {
-    match client
-        .json::<serde_json::Value>(Method::POST, "/v1/reload")
-        .await
-    {
-        Ok(applied) => {
-            outln!("{applied}");
+    // The answer comes once applied, and a removed service's stop may take
+    // its whole stop_timeout: unbounded, as long as the daemon answers.
+    let answer = tokio::select! {
+        answer = client.json_unbounded::<ReloadReport>(Method::POST, "/v1/reload") => answer,
+        error = client.until_unresponsive() => Err(error),
+    };
+    match answer {
+        Ok(report) => {
+            let mut unchanged = 0;
+            for change in &report.applied {
+                if change.action == ChangeAction::Unchanged {
+                    unchanged += 1;
+                    continue;
+                }
+                let action = serde_json::to_value(change.action)
+                    .ok()
+                    .and_then(|value| value.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                match &change.reason {
+                    Some(reason) => outln!("{:<10} {} ({reason})", action, change.service),
+                    None => outln!("{:<10} {}", action, change.service),
+                }
+            }
+            outln!("{unchanged} unchanged");
+            for warning in &report.warnings {
+                outln!("warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(error) => fail(&error),
@@ -531,6 +556,7 @@ mod tests {
             last_error: None,
             health: None,
             log_dropped_bytes: 0,
+            generation: 1,
         }]);
         let mut lines = table.lines();
         assert_eq!(

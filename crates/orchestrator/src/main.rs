@@ -19,6 +19,7 @@ use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
     UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans, resolve_program,
 };
+use orchestrator_core::reload::Loader;
 use orchestrator_core::state::DaemonLock;
 use orchestrator_core::validate::{Finding, Scope, Severity, Validation, validate};
 use orchestrator_core::watch::{DEFAULT_DEBOUNCE, WatchHandle, spawn_watcher};
@@ -168,6 +169,7 @@ fn main() -> ExitCode {
         Command::Discover => discover_command(config.as_ref().expect("loaded for discover")),
         Command::Run => match run(
             config.expect("loaded for run"),
+            reloader(cli.config.clone()),
             socket,
             validation.expect("validated for run").findings,
         ) {
@@ -379,7 +381,43 @@ fn init_tracing(config: &Config) {
     }
 }
 
-fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Result<()> {
+/// A reload reads the same file as `run` did, through the same validation:
+/// what `check` passes a reload applies. As at start-up, a problem of one
+/// service only keeps that one from starting; any other error rejects it.
+fn reloader(explicit: Option<PathBuf>) -> Loader {
+    Arc::new(move || {
+        let loaded = config::load_all(explicit.as_deref()).map_err(|errors| {
+            errors
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })?;
+        let found = validate(&loaded, &HostEnv::from_process(), Some(resolve_program));
+        if found.stops_the_daemon() {
+            return Err(found
+                .errors()
+                .map(|finding| finding.problem.to_string())
+                .collect());
+        }
+        let warnings = found
+            .findings
+            .iter()
+            .map(|finding| match &finding.scope {
+                Scope::Service(name) => format!("{name}: {}", finding.problem),
+                _ => finding.problem.to_string(),
+            })
+            .collect();
+        Ok((loaded.config, warnings))
+    })
+}
+
+fn run(
+    config: Config,
+    loader: Loader,
+    socket: PathBuf,
+    findings: Vec<Finding>,
+) -> anyhow::Result<()> {
     // Whatever our parent leaked to us must not reach the services. First,
     // while this is the only thread (the console's starts next).
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
@@ -438,6 +476,7 @@ fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Resul
         // configuration just freed, instead of a worker's fresh one.
         let daemon = daemon::run(
             config,
+            Some(loader),
             Arc::new(UnixSpawner),
             HostEnv::from_process(),
             events,
@@ -459,6 +498,7 @@ fn run(config: Config, socket: PathBuf, findings: Vec<Finding>) -> anyhow::Resul
                     daemon: events_tx,
                     closing: closing.clone(),
                     state: handles.state,
+                    reloader: handles.reloader,
                 };
                 let listeners = if tcp.is_some() { 2 } else { 1 };
                 let limits = ConnectionLimits {

@@ -971,7 +971,6 @@ fn the_socket_api_answers_every_route_with_json_errors() {
         ("GET", "/", 404, "not_found"),
         ("POST", "/v1/services/db/explode", 404, "not_found"),
         ("DELETE", "/v1/services", 405, "method_not_allowed"),
-        ("POST", "/v1/reload", 501, "not_implemented"),
     ] {
         let answer = unix_http(&socket, method, path);
         assert_eq!(answer.status, status, "{method} {path}: {answer:?}");

@@ -30,6 +30,8 @@ pub struct OrchestratorConfig {
     pub log_level: LogLevel,
     pub log_format: LogFormat,
     pub start_discovered: bool,
+    /// A reload restarts a service whose binary was replaced on disk.
+    pub restart_on_binary_change: bool,
     /// Rotate `data_dir/logs/NAME.log` when it would grow past this many bytes.
     pub log_max_bytes: u64,
     /// Rotated files kept beside the live one (`NAME.log.1` … `NAME.log.N`).
@@ -180,6 +182,7 @@ impl OrchestratorConfig {
             log_level: LogLevel::Info,
             log_format: LogFormat::Text,
             start_discovered: true,
+            restart_on_binary_change: true,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             log_max_files: DEFAULT_LOG_MAX_FILES,
             state_max_bytes: DEFAULT_STATE_MAX_BYTES,

@@ -27,6 +27,9 @@ pub struct ServiceDefinition {
     pub configured: bool,
     /// Started by `run` and by start-all.
     pub enabled: bool,
+    /// The file `spawn.program` named at plan time, when
+    /// `restart_on_binary_change` is on.
+    pub binary: Option<crate::plan::BinaryId>,
     pub spawn: SpawnSpec,
     pub policy: Policy,
     pub log_path: PathBuf,
@@ -77,6 +80,13 @@ enum Command {
     Shutdown(Reply),
     /// As Shutdown, but SIGKILL at once.
     Kill(Reply),
+    /// A reload's new definition. `respawn`: what the process was started
+    /// with changed, so a process that runs (or waits to) restarts on it.
+    Reconfigure {
+        definition: Arc<ServiceDefinition>,
+        respawn: bool,
+        reply: Reply,
+    },
 }
 
 /// A cheap, cloneable way to talk to one service's actor.
@@ -95,10 +105,13 @@ impl ServiceHandle {
         &self.name
     }
 
+    /// As first defined: a reload may have changed it since, and the
+    /// supervisor's `info` has the current value.
     pub fn configured(&self) -> bool {
         self.configured
     }
 
+    /// As first defined (see `configured`).
     pub fn enabled(&self) -> bool {
         self.enabled
     }
@@ -144,6 +157,26 @@ impl ServiceHandle {
     /// As `shutdown`, with SIGKILL at once.
     pub async fn kill(&self) -> Result<(), ServiceError> {
         self.request(Command::Kill).await
+    }
+
+    /// Run with a reload's new definition: the policy applies at once,
+    /// keeping the process and its counters; an `enabled` change starts or
+    /// stops it; `respawn` restarts a process that runs. Returns once that
+    /// is done.
+    pub async fn reconfigure(
+        &self,
+        definition: Arc<ServiceDefinition>,
+        respawn: bool,
+    ) -> Result<(), ServiceError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Reconfigure {
+                definition,
+                respawn,
+                reply,
+            })
+            .map_err(|_| self.gone())?;
+        answer.await.map_err(|_| self.gone())?
     }
 
     /// Wait until the status satisfies `predicate`.
@@ -374,6 +407,17 @@ impl Actor {
             Command::Stop(reply) => (Input::Stop, reply, false),
             Command::Shutdown(reply) => (Input::Shutdown, reply, false),
             Command::Kill(reply) => (Input::Kill, reply, false),
+            Command::Reconfigure {
+                definition,
+                respawn,
+                reply,
+            } => match self.reconfigure(definition, respawn) {
+                Some((input, starts)) => (input, reply, starts),
+                None => {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+            },
         };
         let by = match input {
             Input::Start | Input::AutoStart => "start",
@@ -398,6 +442,36 @@ impl Actor {
             self.stop_waiters.push(reply);
         }
         self.publish();
+    }
+
+    /// Swap in a reload's definition; returns what the machine must do
+    /// about it, if anything, and whether that is a start.
+    fn reconfigure(
+        &mut self,
+        definition: Arc<ServiceDefinition>,
+        respawn: bool,
+    ) -> Option<(Input, bool)> {
+        let was_enabled = self.definition.enabled;
+        self.machine.set_policy(definition.policy.clone());
+        self.definition = definition;
+        let enabled = self.definition.enabled;
+        let name = &self.definition.name;
+        if was_enabled && !enabled {
+            info!(service = %name, "disabled by a reload: stopping");
+            return Some((Input::Stop, false));
+        }
+        if enabled && !was_enabled {
+            info!(service = %name, "enabled by a reload: starting");
+            return Some((Input::AutoStart, true));
+        }
+        // A stop in progress stays a stop (no lost stop); a service that
+        // gave up gets one more try, since its new spec may be the fix.
+        let failed = self.machine.state() == State::Failed;
+        if respawn && (self.machine.wants_to_run() || (enabled && failed)) {
+            info!(service = %name, "its spec changed in a reload: restarting");
+            return Some((Input::Restart, true));
+        }
+        None
     }
 
     /// The last lines of a process are in its pipes when it exits: read

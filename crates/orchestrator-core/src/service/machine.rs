@@ -146,6 +146,12 @@ impl Machine {
         &self.policy
     }
 
+    /// A reload's live change: the phase, the pid, the counters and any
+    /// deadline already set stay; the next decision follows the new rules.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
     pub fn state(&self) -> State {
         match self.phase {
             Phase::Stopped => State::Stopped,

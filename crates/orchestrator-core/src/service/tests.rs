@@ -345,6 +345,7 @@ pub(crate) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDe
         name: ServiceName::parse("svc").unwrap(),
         configured: true,
         enabled: true,
+        binary: None,
         spawn: SpawnSpec {
             service: "svc".into(),
             program: PathBuf::from("/bin/true"),

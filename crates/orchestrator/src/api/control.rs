@@ -7,6 +7,7 @@ use std::sync::Arc;
 use orchestrator_core::daemon::DaemonEvent;
 use orchestrator_core::events::{Event, EventBus};
 use orchestrator_core::output::{LogBlock, LogLine};
+use orchestrator_core::reload::{ReloadHandle, ReloadOutcome};
 use orchestrator_core::service::ServiceError;
 use orchestrator_core::state::StateStore;
 use orchestrator_core::supervisor::{SupervisorError, SupervisorHandle};
@@ -46,6 +47,7 @@ impl From<SupervisorError> for ControlError {
             SupervisorError::UnknownService(name) => ControlError::UnknownService(name),
             SupervisorError::AlreadyExists(_) => ControlError::Failed(error.to_string()),
             SupervisorError::Gone
+            | SupervisorError::ShuttingDown
             | SupervisorError::Service(
                 ServiceError::ShuttingDown { .. } | ServiceError::Gone { .. },
             ) => ControlError::ShuttingDown,
@@ -76,6 +78,9 @@ pub trait Control: Clone + Send + Sync + 'static {
     /// The daemon's own facts: its pid, version and crash-record health.
     fn daemon(&self) -> DaemonInfo;
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
+    /// Re-read the configuration and apply the difference; returns once
+    /// it is applied.
+    fn reload(&self) -> impl Future<Output = ReloadOutcome> + Send;
     /// Cancelled once the daemon has stopped every service and is about to
     /// exit: follow streams end cleanly then, instead of being cut.
     fn closing(&self) -> CancellationToken;
@@ -89,6 +94,7 @@ pub struct DaemonControl {
     pub daemon: mpsc::Sender<DaemonEvent>,
     pub closing: CancellationToken,
     pub state: StateStore,
+    pub reloader: ReloadHandle,
 }
 
 impl Control for DaemonControl {
@@ -132,6 +138,10 @@ impl Control for DaemonControl {
 
     async fn shutdown(&self) {
         let _ = self.daemon.send(DaemonEvent::Shutdown).await;
+    }
+
+    async fn reload(&self) -> ReloadOutcome {
+        self.reloader.reload().await
     }
 
     fn closing(&self) -> CancellationToken {

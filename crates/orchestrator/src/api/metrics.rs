@@ -132,6 +132,7 @@ mod tests {
             last_error: None,
             health: None,
             log_dropped_bytes: 0,
+            generation: 1,
         }
     }
 

@@ -24,6 +24,7 @@ use hyper_util::service::TowerToHyperService;
 use orchestrator_core::events::{Event, rfc3339};
 use orchestrator_core::name::ServiceName;
 use orchestrator_core::output::{LogBlock, LogLine};
+use orchestrator_core::reload::ReloadError;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -57,7 +58,7 @@ pub fn router<C: Control>(control: C) -> Router {
         .route("/v1/services/{name}/{action}", post(act::<C>))
         .route("/v1/events", get(events::<C>))
         .route("/v1/daemon", get(daemon_info::<C>))
-        .route("/v1/reload", post(reload))
+        .route("/v1/reload", post(reload::<C>))
         .route("/v1/shutdown", post(shutdown::<C>))
         .fallback(|| async {
             error(
@@ -372,12 +373,20 @@ async fn events<C: Control>(
     Sse::new(history.chain(live)).into_response()
 }
 
-async fn reload() -> Response {
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        ErrorCode::NotImplemented,
-        "reload is not supported yet by this version: restart the daemon to apply a new configuration",
-    )
+async fn reload<C: Control>(State(control): State<C>) -> Response {
+    match control.reload().await {
+        Ok(report) => Json(report).into_response(),
+        // One problem a line: the CLI prints the message as it comes.
+        Err(ReloadError::Invalid(problems)) => error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidConfig,
+            format!(
+                "the new configuration is invalid; nothing was changed:\n  {}",
+                problems.join("\n  ")
+            ),
+        ),
+        Err(ReloadError::ShuttingDown) => control_error(ControlError::ShuttingDown),
+    }
 }
 
 async fn shutdown<C: Control>(State(control): State<C>) -> Response {

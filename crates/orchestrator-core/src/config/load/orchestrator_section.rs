@@ -62,6 +62,16 @@ pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
         |cx, f, out| set(&mut out.start_discovered, cx.boolean(&f.path, f.value)),
     ),
     Key::new(
+        "restart_on_binary_change",
+        "whether a reload restarts a service whose binary was replaced",
+        |cx, f, out| {
+            set(
+                &mut out.restart_on_binary_change,
+                cx.boolean(&f.path, f.value),
+            )
+        },
+    ),
+    Key::new(
         "log_max_bytes",
         "the size at which a service's log file is rotated",
         |cx, f, out| {

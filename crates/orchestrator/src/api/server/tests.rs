@@ -45,6 +45,7 @@ fn info(name: &str, state: &str) -> ServiceInfo {
         last_error: None,
         health: None,
         log_dropped_bytes: 0,
+        generation: 1,
     }
 }
 
@@ -112,6 +113,13 @@ impl Control for FakeControl {
 
     async fn shutdown(&self) {
         *self.shutdowns.lock().unwrap() += 1;
+    }
+
+    async fn reload(&self) -> orchestrator_core::reload::ReloadOutcome {
+        Err(orchestrator_core::reload::ReloadError::Invalid(vec![
+            "first problem".into(),
+            "second problem".into(),
+        ]))
     }
 }
 
@@ -275,15 +283,19 @@ async fn huge_bodies_are_refused_unread() {
 }
 
 #[tokio::test]
-async fn reload_is_not_built_yet_and_shutdown_is_accepted() {
+async fn an_invalid_reload_lists_every_problem_and_shutdown_is_accepted() {
     let served = serve().await;
-    let (status, code, _) = api_error(
+    let (status, code, message) = api_error(
         served
             .client
             .json::<serde_json::Value>(Method::POST, "/v1/reload")
             .await,
     );
-    assert_eq!((status, code.as_str()), (501, "not_implemented"));
+    assert_eq!((status, code.as_str()), (400, "invalid_config"));
+    assert!(
+        message.contains("first problem") && message.contains("second problem"),
+        "{message}"
+    );
     let response = served
         .client
         .request(Method::POST, "/v1/shutdown")

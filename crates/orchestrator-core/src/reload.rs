@@ -1,0 +1,417 @@
+//! Reload as a difference: the definitions a new configuration plans are
+//! compared per service with the ones running, and only what changed is
+//! touched. Every trigger (the verb, SIGHUP, the watchers) goes through one
+//! `Reloader`, which runs one reload at a time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, OrchestratorConfig};
+use crate::discovery::discover;
+use crate::events::EventBus;
+use crate::name::ServiceName;
+use crate::plan::{HostEnv, plan};
+use crate::service::ServiceDefinition;
+use crate::supervisor::{SupervisorError, SupervisorHandle};
+use crate::wire::{AppliedChange, ChangeAction, EventKind, ReloadReport};
+
+/// What to do with one service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Added(ServiceDefinition),
+    Removed(ServiceName),
+    /// What it is spawned with changed: it restarts on the new definition.
+    Restarted(ServiceDefinition, String),
+    /// Only what applies live changed: same process, same counters.
+    Updated(ServiceDefinition, String),
+    Unchanged(ServiceName),
+}
+
+impl Change {
+    pub fn service(&self) -> &str {
+        match self {
+            Change::Added(d) | Change::Restarted(d, _) | Change::Updated(d, _) => &d.name,
+            Change::Removed(name) | Change::Unchanged(name) => name,
+        }
+    }
+
+    pub fn action(&self) -> ChangeAction {
+        match self {
+            Change::Added(_) => ChangeAction::Added,
+            Change::Removed(_) => ChangeAction::Removed,
+            Change::Restarted(..) => ChangeAction::Restarted,
+            Change::Updated(..) => ChangeAction::Updated,
+            Change::Unchanged(_) => ChangeAction::Unchanged,
+        }
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Change::Added(_) => Some("new in the configuration".to_owned()),
+            Change::Removed(_) => Some("no longer in the configuration".to_owned()),
+            Change::Restarted(_, reason) | Change::Updated(_, reason) => Some(reason.clone()),
+            Change::Unchanged(_) => None,
+        }
+    }
+}
+
+/// Per service, sorted by name: what turns `old` into `new`.
+pub fn diff(old: &[Arc<ServiceDefinition>], new: Vec<ServiceDefinition>) -> Vec<Change> {
+    let mut old: BTreeMap<&str, &ServiceDefinition> =
+        old.iter().map(|d| (d.name.as_str(), d.as_ref())).collect();
+    let mut changes = Vec::new();
+    for definition in new {
+        let Some(before) = old.remove(definition.name.as_str()) else {
+            changes.push(Change::Added(definition));
+            continue;
+        };
+        let spawn = spawn_changes(before, &definition);
+        let live = live_changes(before, &definition);
+        changes.push(if !spawn.is_empty() {
+            let mut reason = spawn;
+            reason.extend(live);
+            Change::Restarted(definition, reason.join(", "))
+        } else if !live.is_empty() {
+            Change::Updated(definition, live.join(", "))
+        } else {
+            Change::Unchanged(definition.name)
+        });
+    }
+    changes.extend(old.into_values().map(|d| Change::Removed(d.name.clone())));
+    changes.sort_by(|a, b| a.service().cmp(b.service()));
+    changes
+}
+
+/// What a new process would see differently.
+fn spawn_changes(old: &ServiceDefinition, new: &ServiceDefinition) -> Vec<String> {
+    let mut changed = Vec::new();
+    let (a, b) = (&old.spawn, &new.spawn);
+    if a.program != b.program {
+        changed.push(format!(
+            "program {} → {}",
+            a.program.display(),
+            b.program.display()
+        ));
+    }
+    if a.args != b.args {
+        changed.push("arguments".to_owned());
+    }
+    if a.env != b.env {
+        changed.push("environment".to_owned());
+    }
+    if a.cwd != b.cwd {
+        changed.push(format!(
+            "data_dir {} → {}",
+            a.cwd.display(),
+            b.cwd.display()
+        ));
+    }
+    // Only when both are known: with restart_on_binary_change off (or the
+    // file unreadable) there is nothing to compare, and no reason to restart.
+    if let (Some(a), Some(b)) = (&old.binary, &new.binary)
+        && a != b
+    {
+        changed.push("binary replaced on disk".to_owned());
+    }
+    changed
+}
+
+/// What the machine can take without a new process.
+fn live_changes(old: &ServiceDefinition, new: &ServiceDefinition) -> Vec<String> {
+    let mut changed = Vec::new();
+    let (a, b) = (&old.policy, &new.policy);
+    let mut field = |differs: bool, name: &str| {
+        if differs {
+            changed.push(name.to_owned());
+        }
+    };
+    field(a.restart != b.restart, "restart");
+    field(a.max_restarts != b.max_restarts, "max_restarts");
+    field(a.backoff != b.backoff, "backoff");
+    field(a.start_limit != b.start_limit, "start_limit");
+    field(a.stop_signal != b.stop_signal, "stop_signal");
+    field(a.stop_timeout != b.stop_timeout, "stop_timeout");
+    field(old.configured != new.configured, "configured");
+    if old.enabled != new.enabled {
+        changed.push(format!("enabled {} → {}", old.enabled, new.enabled));
+    }
+    changed
+}
+
+/// Global options the running daemon cannot take: each named, so the
+/// operator knows a daemon restart is due.
+pub fn needs_restart(old: &OrchestratorConfig, new: &OrchestratorConfig) -> Vec<String> {
+    let mut changed = Vec::new();
+    let mut field = |differs: bool, name: &str| {
+        if differs {
+            changed.push(format!(
+                "[orchestrator] {name} changed: it needs a daemon restart"
+            ));
+        }
+    };
+    field(
+        old.data_dir != new.data_dir,
+        "data_dir (and the socket in it)",
+    );
+    field(old.http_listen != new.http_listen, "http_listen");
+    field(
+        old.http_token_file != new.http_token_file,
+        "http_token_file",
+    );
+    field(
+        old.api_max_connections != new.api_max_connections,
+        "api_max_connections",
+    );
+    field(
+        old.api_header_timeout != new.api_header_timeout,
+        "api_header_timeout",
+    );
+    field(
+        old.api_idle_timeout != new.api_idle_timeout,
+        "api_idle_timeout",
+    );
+    field(
+        old.state_max_bytes != new.state_max_bytes,
+        "state_max_bytes",
+    );
+    // The log writers are made with their service's actor.
+    field(old.log_max_bytes != new.log_max_bytes, "log_max_bytes");
+    field(old.log_max_files != new.log_max_files, "log_max_files");
+    field(old.log_format != new.log_format, "log_format");
+    field(
+        old.log_level != new.log_level,
+        "log_level (the daemon's own log; services get the new --log-level)",
+    );
+    field(
+        old.shutdown_timeout != new.shutdown_timeout,
+        "shutdown_timeout (the daemon's own; the services' stop_timeout default applied)",
+    );
+    changed
+}
+
+/// Carry out `changes`, all services at once; one that fails to start or
+/// stop is a warning, never a reason to stop the others.
+pub async fn apply(
+    supervisor: &SupervisorHandle,
+    changes: Vec<Change>,
+) -> Result<ReloadReport, SupervisorError> {
+    let mut report = ReloadReport::default();
+    let mut tasks = JoinSet::new();
+    for change in changes {
+        report.applied.push(AppliedChange {
+            service: change.service().to_owned(),
+            action: change.action(),
+            reason: change.reason(),
+        });
+        let supervisor = supervisor.clone();
+        let work = async move {
+            let name = change.service().to_owned();
+            let result = match change {
+                Change::Unchanged(_) => Ok(()),
+                Change::Removed(name) => supervisor.remove(&name).await,
+                Change::Added(definition) => {
+                    let enabled = definition.enabled;
+                    match supervisor.add(definition).await {
+                        Ok(handle) if enabled => handle.auto_start().await.map_err(Into::into),
+                        Ok(_) => Ok(()),
+                        Err(error) => Err(error),
+                    }
+                }
+                Change::Restarted(definition, _) => supervisor.reconfigure(definition, true).await,
+                Change::Updated(definition, _) => supervisor.reconfigure(definition, false).await,
+            };
+            result.err().map(|error| (name, error))
+        };
+        tasks.spawn(work);
+    }
+    let mut gone = false;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Some((_, SupervisorError::Gone))) => gone = true,
+            Ok(Some((name, error))) => report.warnings.push(format!("{name}: {error}")),
+            Ok(None) => {}
+            Err(error) => report.warnings.push(format!("internal error: {error}")),
+        }
+    }
+    if gone {
+        return Err(SupervisorError::Gone);
+    }
+    report.warnings.sort();
+    Ok(report)
+}
+
+/// Why a reload was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the new configuration is invalid; nothing was changed: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("the daemon is shutting down; nothing was reloaded")]
+    ShuttingDown,
+}
+
+pub type ReloadOutcome = Result<ReloadReport, ReloadError>;
+
+/// Reads and validates the configuration anew, the way the daemon started:
+/// the configuration with the problems that only keep one service from
+/// starting (warnings, as at start-up), or every error that rejects it.
+pub type Loader = Arc<dyn Fn() -> Result<(Config, Vec<String>), Vec<String>> + Send + Sync>;
+
+/// Asks for reloads; cheap to clone.
+#[derive(Clone)]
+pub struct ReloadHandle {
+    requests: mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>,
+    closing: Arc<AtomicBool>,
+}
+
+impl ReloadHandle {
+    /// Asks now (not when first polled); the future gives the report of a
+    /// reload that began after this call. Requests made while one runs
+    /// share the one run that follows it.
+    pub fn reload(&self) -> impl std::future::Future<Output = ReloadOutcome> + use<> {
+        let (reply, answer) = oneshot::channel();
+        let sent = !self.closing.load(Ordering::Acquire) && self.requests.send(reply).is_ok();
+        async move {
+            if !sent {
+                return Err(ReloadError::ShuttingDown);
+            }
+            answer.await.unwrap_or(Err(ReloadError::ShuttingDown))
+        }
+    }
+
+    /// Ask for a reload and do not wait for it (a signal).
+    pub fn trigger(&self) {
+        let (reply, _) = oneshot::channel();
+        if !self.closing.load(Ordering::Acquire) {
+            let _ = self.requests.send(reply);
+        }
+    }
+
+    /// Refuse every later reload (the daemon is shutting down).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+}
+
+/// The task that runs reloads one at a time.
+pub fn spawn_reloader(
+    loader: Loader,
+    host: HostEnv,
+    current: OrchestratorConfig,
+    supervisor: SupervisorHandle,
+    events: EventBus,
+) -> ReloadHandle {
+    let (requests, mut pending) = mpsc::unbounded_channel::<oneshot::Sender<ReloadOutcome>>();
+    let closing = Arc::new(AtomicBool::new(false));
+    let handle = ReloadHandle {
+        requests,
+        closing: Arc::clone(&closing),
+    };
+    tokio::spawn(async move {
+        while let Some(first) = pending.recv().await {
+            // Everyone who asked before this run began is answered by it:
+            // a burst of requests costs one reload (plus one for those
+            // that come in while it runs).
+            let mut waiters = vec![first];
+            while let Ok(more) = pending.try_recv() {
+                waiters.push(more);
+            }
+            let outcome = if closing.load(Ordering::Acquire) {
+                Err(ReloadError::ShuttingDown)
+            } else {
+                reload_once(&loader, &host, &current, &supervisor, &events).await
+            };
+            for waiter in waiters {
+                let _ = waiter.send(outcome.clone());
+            }
+        }
+    });
+    handle
+}
+
+async fn reload_once(
+    loader: &Loader,
+    host: &HostEnv,
+    // What the daemon started with, never updated: an option that needs a
+    // restart is reported on every reload until the daemon restarts.
+    current: &OrchestratorConfig,
+    supervisor: &SupervisorHandle,
+    events: &EventBus,
+) -> ReloadOutcome {
+    info!("reloading the configuration");
+    let loader = Arc::clone(loader);
+    let host = host.clone();
+    // Reading files and scanning services_dir block: off the runtime.
+    let planned = tokio::task::spawn_blocking(move || {
+        let (config, warnings) = loader()?;
+        let discovered = discover(&config.orchestrator.services_dir)
+            .map_err(|error| vec![format!("services_dir: {error}")])?;
+        let definitions = plan(&config, &discovered, &host);
+        Ok::<_, Vec<String>>((config.orchestrator, definitions, warnings))
+    })
+    .await
+    .unwrap_or_else(|error| Err(vec![format!("internal error while loading: {error}")]));
+    let (orchestrator, definitions, found) = match planned {
+        Ok(planned) => planned,
+        Err(errors) => {
+            for problem in &errors {
+                error!("reload rejected: {problem}");
+            }
+            events.emit(
+                None,
+                EventKind::ReloadRejected {
+                    errors: errors.clone(),
+                },
+            );
+            return Err(ReloadError::Invalid(errors));
+        }
+    };
+    let old = supervisor
+        .definitions()
+        .await
+        .map_err(|_| ReloadError::ShuttingDown)?;
+    let changes = diff(&old, definitions);
+    let mut warnings = needs_restart(current, &orchestrator);
+    warnings.extend(found);
+    let mut report = match apply(supervisor, changes).await {
+        Ok(report) => report,
+        Err(_) => return Err(ReloadError::ShuttingDown),
+    };
+    report.warnings.splice(0..0, warnings);
+    for change in &report.applied {
+        if change.action != ChangeAction::Unchanged {
+            info!(
+                service = %change.service,
+                action = ?change.action,
+                reason = change.reason.as_deref().unwrap_or(""),
+                "reload"
+            );
+        }
+    }
+    for warning in &report.warnings {
+        warn!("reload: {warning}");
+    }
+    let unchanged = report
+        .applied
+        .iter()
+        .filter(|change| change.action == ChangeAction::Unchanged)
+        .count();
+    info!(
+        "reload applied: {} changed, {unchanged} unchanged",
+        report.applied.len() - unchanged
+    );
+    events.emit(
+        None,
+        EventKind::Reloaded {
+            report: report.clone(),
+        },
+    );
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests;
