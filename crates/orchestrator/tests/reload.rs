@@ -14,8 +14,19 @@ fn workspace(label: &str, services: &[&str], toml: &str) -> TestDir {
     for name in services {
         dir.add_fixture_service(name);
     }
-    dir.write_file(CONFIG, toml, 0o644);
+    write_config(&dir, toml, 0o644);
     dir
+}
+
+/// These tests drive reloads by the verb and SIGHUP, and check what each
+/// one reports: the watchers, which would race them to every change, are
+/// off (the last tests of this file cover them).
+fn write_config(dir: &TestDir, toml: &str, mode: u32) -> std::path::PathBuf {
+    dir.write_file(
+        CONFIG,
+        &format!("[orchestrator]\nwatch = false\n{toml}"),
+        mode,
+    )
 }
 
 fn service(name: &str, extra: &str) -> String {
@@ -111,7 +122,7 @@ fn added_removed_changed_live_and_unchanged_each_get_their_due() {
         service("new", ""),
     ]
     .concat();
-    dir.write_file(CONFIG, &second, 0o644);
+    write_config(&dir, &second, 0o644);
     let out = cli_ok(&dir, &["reload"]);
     for line in [
         "restarted  edit (environment)",
@@ -151,7 +162,7 @@ fn an_invalid_file_changes_nothing_and_exits_2_with_every_problem() {
         "{}[services.b]\nargs = [\"--ready\"]\nmax_restarts = -1\nrestart = \"sometimes\"\n",
         service("a", "")
     );
-    dir.write_file(CONFIG, &broken, 0o644);
+    write_config(&dir, &broken, 0o644);
     let (code, stdout, stderr) = client(&dir, &["reload"]);
     assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
     assert!(
@@ -191,7 +202,7 @@ fn sighup_applies_the_edited_file() {
         "[services.b]\n",
         1,
     );
-    dir.write_file(CONFIG, &edited, 0o644);
+    write_config(&dir, &edited, 0o644);
     daemon.signal(SIGHUP);
     daemon.wait_for_log(&["reload applied", "1 changed"]);
     let after = running(&dir, &["a", "b"]);
@@ -206,7 +217,7 @@ fn sighup_applies_the_edited_file() {
 fn a_binary_dropped_into_services_dir_is_started_by_reload() {
     let dir = TestDir::new("reload-dropped");
     dir.add_fixture_service("first");
-    dir.write_file(CONFIG, "", 0o644);
+    write_config(&dir, "", 0o644);
     let daemon = start(&dir);
     running(&dir, &["first"]);
     dir.add_fixture_service("second");
@@ -229,8 +240,8 @@ fn a_replaced_binary_restarts_its_service_and_only_that_one() {
         0o755,
     );
     dir.add_fixture_service("up");
-    dir.write_file(
-        CONFIG,
+    write_config(
+        &dir,
         &[service("up", ""), service("other", "")].concat(),
         0o644,
     );
@@ -267,8 +278,8 @@ fn a_burst_of_reloads_ends_in_the_right_state_without_a_duplicate() {
     let daemon = start(&dir);
     let before = running(&dir, &["steady", "edit"]);
     dir.add_fixture_service("extra");
-    dir.write_file(
-        CONFIG,
+    write_config(
+        &dir,
         &[
             service("steady", ""),
             service("edit", "environment = { V = \"2\" }"),
@@ -299,5 +310,37 @@ fn a_burst_of_reloads_ends_in_the_right_state_without_a_duplicate() {
     one_process_each(&dir, &["steady", "edit", "extra"]);
     let env = environ(pid(&after["edit"]) as u32).unwrap();
     assert_eq!(env.get("V").map(String::as_str), Some("2"));
+    stop(daemon);
+}
+
+// ---------------------------------------------------------------------------
+// The watchers (watch = true, the default): no verb, no signal
+
+#[test]
+fn an_edited_file_and_a_dropped_binary_are_applied_by_the_watchers_alone() {
+    let dir = TestDir::new("reload-watched");
+    dir.add_fixture_service("first");
+    dir.write_file(CONFIG, &service("first", ""), 0o644);
+    let daemon = start(&dir);
+    let before = running(&dir, &["first"]);
+    // An editor's write-to-temp-and-rename of the config: a new service.
+    dir.add_fixture_service("second");
+    std::fs::remove_file(dir.join("services/second/second")).unwrap();
+    let temp = dir.write_file(
+        "orchestrator.toml.swp",
+        &format!(
+            "{}[services.second]\ncommand = [\"sleep\", \"300\"]\n",
+            service("first", "")
+        ),
+        0o644,
+    );
+    std::fs::rename(&temp, dir.join(CONFIG)).unwrap();
+    daemon.wait_for_log(&["reload applied"]);
+    running(&dir, &["first", "second"]);
+    // A binary dropped into services_dir: discovered and started.
+    dir.add_fixture_service("third");
+    let after = running(&dir, &["first", "second", "third"]);
+    assert_eq!(after["first"]["pid"], before["first"]["pid"], "untouched");
+    one_process_each(&dir, &["first", "third"]);
     stop(daemon);
 }
