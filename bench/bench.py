@@ -155,6 +155,42 @@ def bench_fleet(n, idle_seconds):
         shutil.rmtree(dir, ignore_errors=True)
 
 
+def bench_reload(n, rounds=5):
+    """n `sleep` services; one changes per round: the time from `orchestrator
+    reload` to its reply, and whether any of the others lost its pid."""
+    def config(version):
+        services = "".join(
+            f'[services.s{i}]\ncommand = ["{SLEEP}", "100000"]\n' for i in range(n)
+        )
+        # s0's environment is what changes: a restart of that one service.
+        return services + f'\n[services.changed]\ncommand = ["{SLEEP}", "100000"]\nenvironment = {{ V = "{version}" }}\n'
+
+    dir = workspace(config(0), 'log_level = "warn"\nshutdown_timeout = "10s"\nwatch = false\n')
+    path = os.path.join(dir, "orchestrator.toml")
+    daemon = run_daemon(dir)
+    try:
+        if not wait_for(lambda: len(children(daemon.pid)) >= n + 1, 60):
+            raise RuntimeError("the fleet did not start")
+        before = set(children(daemon.pid))
+        times = []
+        for version in range(1, rounds + 1):
+            with open(path) as f:
+                text = f.read()
+            with open(path, "w") as f:
+                f.write(text.replace(f'V = "{version - 1}"', f'V = "{version}"'))
+            t0 = time.monotonic()
+            subprocess.run([ORCH, "-c", path, "reload"], stdout=DEVNULL, check=True, cwd=dir)
+            times.append((time.monotonic() - t0) * 1000)
+        after = set(children(daemon.pid))
+        # Only the changed service's process differs: n untouched.
+        untouched = len(before & after)
+        return {"ms": times, "untouched": untouched}
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        shutil.rmtree(dir, ignore_errors=True)
+
+
 def bench_fleet_floor(n):
     """xargs -P0 starting and then losing n sleeps: the fork/exec floor."""
     feeder = subprocess.Popen(
@@ -373,7 +409,7 @@ def main():
     parser.add_argument("--restarts", type=int, default=200)
     parser.add_argument("--crash-services", type=int, default=50)
     parser.add_argument("--crash-seconds", type=int, default=10)
-    parser.add_argument("--only", default="fleet,restart,crashloops,log")
+    parser.add_argument("--only", default="fleet,reload,restart,crashloops,log")
     args = parser.parse_args()
     only = set(args.only.split(","))
     print(f"machine: {os.cpu_count()} cores, {os.uname().release}; repeats {args.repeats}")
@@ -389,6 +425,11 @@ def main():
             (f"idle, {args.n} children: daemon PSS", summary([r["pss_mib"] for r in runs], "MiB", 1), "–"),
             (f"stop {args.n} services", summary([r["stop"] for r in runs], "s", 3), summary([f["stop"] for f in floors], "s", 3)),
         ]
+    if "reload" in only:
+        runs = [bench_reload(args.n) for _ in range(args.repeats)]
+        times = [t for r in runs for t in r["ms"]]
+        rows.append((f"reload, {args.n} + 1 services, 1 changed: verb → reply ({len(times)} reloads)", summary(times, "ms", 1), "–"))
+        rows.append((f"  services untouched by those reloads (of {args.n})", summary([r["untouched"] for r in runs], "", 0), "–"))
     if "restart" in only:
         gaps, floor = [], []
         for _ in range(args.repeats):
