@@ -147,6 +147,9 @@ pub async fn run(
                     let running = enabled.saturating_sub(failures.len());
                     info!(running, failed = failures.len(), "all services started");
                 }
+                // The parse, the plan and a thousand spawns freed a lot the
+                // idle daemon will not need again.
+                tokio::task::spawn_blocking(crate::memory::return_free_memory);
             }
             event = events.recv() => match event {
                 // Not awaited: the funnel must stay free for a shutdown
@@ -514,7 +517,7 @@ enabled = false
                 .events
                 .history()
                 .iter()
-                .any(|event| matches!(event.kind, EventKind::ReloadRejected { .. }))
+                .any(|event| matches!(event.kind, EventKind::ReloadFailed { .. }))
         );
         assert_eq!(daemon.handles.supervisor.list().await.unwrap(), before);
         assert_eq!(daemon.spawner.spawn_count(), 2);

@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod events;
+pub mod memory;
 pub mod name;
 pub mod output;
 pub mod plan;

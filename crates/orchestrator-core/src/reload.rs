@@ -159,6 +159,12 @@ pub fn needs_restart(old: &OrchestratorConfig, new: &OrchestratorConfig) -> Vec<
         "data_dir (and the socket in it)",
     );
     field(old.http_listen != new.http_listen, "http_listen");
+    // The watchers are armed at start-up on what they watch.
+    field(old.watch != new.watch, "watch");
+    field(
+        old.services_dir != new.services_dir,
+        "services_dir (for the watchers; the services are planned from the new one now)",
+    );
     field(
         old.http_token_file != new.http_token_file,
         "http_token_file",
@@ -363,7 +369,7 @@ async fn reload_once(
             }
             events.emit(
                 None,
-                EventKind::ReloadRejected {
+                EventKind::ReloadFailed {
                     errors: errors.clone(),
                 },
             );

@@ -302,7 +302,7 @@ pub enum EventKind {
     /// SIGKILL after stop_timeout.
     StopTimedOut,
     Stopped,
-    ReloadRejected {
+    ReloadFailed {
         errors: Vec<String>,
     },
     /// The task supervising the service ended unexpectedly (a bug): the
@@ -395,7 +395,7 @@ impl Event {
                 }
                 text
             }
-            EventKind::ReloadRejected { errors } => {
+            EventKind::ReloadFailed { errors } => {
                 format!("reload rejected: {}", errors.join("; "))
             }
             EventKind::StateWriteFailed { path, error } => format!(

@@ -687,23 +687,8 @@ impl Drop for OpenConnection {
             && SERVED_SINCE_TRIM.load(Ordering::Relaxed) >= TRIM_AFTER_SERVED
             && SERVED_SINCE_TRIM.swap(0, Ordering::Relaxed) >= TRIM_AFTER_SERVED
         {
-            tokio::task::spawn_blocking(return_free_memory);
+            tokio::task::spawn_blocking(orchestrator_core::memory::return_free_memory);
         }
-    }
-}
-
-/// glibc keeps what a burst of connections freed in its arenas (one per
-/// runtime worker), so RSS stays at the burst's peak; malloc_trim hands the
-/// free pages back. Other allocators return memory on their own.
-fn return_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: malloc_trim takes no pointers and may run at any time.
-        let released = unsafe { libc::malloc_trim(0) };
-        tracing::debug!(
-            released,
-            "returned free memory to the system after a burst of API connections"
-        );
     }
 }
 
