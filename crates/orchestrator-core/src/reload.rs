@@ -111,12 +111,15 @@ fn spawn_changes(old: &ServiceDefinition, new: &ServiceDefinition) -> Vec<String
             b.cwd.display()
         ));
     }
-    // Only when both are known: with restart_on_binary_change off (or the
-    // file unreadable) there is nothing to compare, and no reason to restart.
-    if let (Some(a), Some(b)) = (&old.binary, &new.binary)
-        && a != b
-    {
-        changed.push("binary replaced on disk".to_owned());
+    // With restart_on_binary_change off, both are None: a reload plans
+    // with the setting the daemon started with (it needs a restart).
+    match (&old.binary, &new.binary) {
+        (Some(a), Some(b)) if a != b => changed.push("binary replaced on disk".to_owned()),
+        // Absent (or unreadable) when last planned, there now: a deploy
+        // after the daemon started; a failed service gets its start.
+        (None, Some(_)) => changed.push("binary now on disk".to_owned()),
+        // Gone: the running process goes on; its next start says why not.
+        _ => {}
     }
     changed
 }
@@ -159,6 +162,10 @@ pub fn needs_restart(old: &OrchestratorConfig, new: &OrchestratorConfig) -> Vec<
         "data_dir (and the socket in it)",
     );
     field(old.http_listen != new.http_listen, "http_listen");
+    field(
+        old.restart_on_binary_change != new.restart_on_binary_change,
+        "restart_on_binary_change",
+    );
     // The watchers are armed at start-up on what they watch.
     field(old.watch != new.watch, "watch");
     field(
@@ -351,12 +358,19 @@ async fn reload_once(
     info!("reloading the configuration");
     let loader = Arc::clone(loader);
     let host = host.clone();
+    // Binaries are tracked (or not) as they were at start: the running
+    // definitions were planned so, and comparing like with like is what
+    // tells a binary that appeared from one that was never looked at.
+    let tracking = current.restart_on_binary_change;
     // Reading files and scanning services_dir block: off the runtime.
     let planned = tokio::task::spawn_blocking(move || {
-        let (config, warnings) = loader()?;
+        let (mut config, warnings) = loader()?;
         let discovered = discover(&config.orchestrator.services_dir)
             .map_err(|error| vec![format!("services_dir: {error}")])?;
+        let asked = config.orchestrator.restart_on_binary_change;
+        config.orchestrator.restart_on_binary_change = tracking;
         let definitions = plan(&config, &discovered, &host);
+        config.orchestrator.restart_on_binary_change = asked;
         Ok::<_, Vec<String>>((config.orchestrator, definitions, warnings))
     })
     .await

@@ -286,6 +286,12 @@ impl Watch {
                 && watched.identity == identity
             {
                 watched.relevant = relevant;
+                // notify drops its watch of a directory that was moved or
+                // deleted; one that came back as the same inode (moved away
+                // and back) must be watched again. inotify hands back the
+                // same watch for an inode already watched, so this costs
+                // nothing when the watch is still there.
+                let _ = self.watcher.watch(&dir, RecursiveMode::NonRecursive);
                 continue;
             }
             if self.watched.remove(&dir).is_some() {
@@ -782,5 +788,19 @@ mod tests {
             chain(&root.join("missing").join("file")),
             vec![(root.clone(), "missing".into())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_name_dir_moved_away_and_back_is_still_watched() {
+        let s = setup();
+        binary(&s.services, "api", b"one");
+        let (_handle, mut rx) = watch(None, &s.services, DEBOUNCE).await;
+        let aside = s.services.join("api.aside");
+        fs::rename(s.services.join("api"), &aside).unwrap();
+        fs::rename(&aside, s.services.join("api")).unwrap();
+        // The move may or may not settle into a reload of its own.
+        let _ = tokio::time::timeout(QUIET, rx.recv()).await;
+        fs::write(s.services.join("api").join("api"), b"two, longer").unwrap();
+        expect_reload(&mut rx, "binary rewritten after its dir came back").await;
     }
 }

@@ -407,3 +407,44 @@ async fn measure_a_reload_of_a_thousand_services_with_one_changed() {
     assert_eq!(spawner.spawn_count(), 1001);
     println!("reload of 1000 services, one changed: {took:?}");
 }
+
+/// A binary that was absent (or unreadable) when last planned and is there
+/// now is compared from then on: a deploy after the daemon started counts.
+#[tokio::test(start_paused = true)]
+async fn a_binary_unknown_once_is_compared_once_it_appears() {
+    let (supervisor, spawner) = running(vec![named("svc")]).await;
+    let mut deployed = named("svc");
+    deployed.binary = binary(1);
+    let report = reload(&supervisor, vec![deployed]).await;
+    assert_eq!(report.applied[0].action, ChangeAction::Restarted);
+    let mut upgraded = named("svc");
+    upgraded.binary = binary(2);
+    let report = reload(&supervisor, vec![upgraded]).await;
+    assert_eq!(report.applied[0].action, ChangeAction::Restarted);
+    assert_eq!(spawner.spawn_count(), 3);
+}
+
+/// `restart = "never"` taken live during a backoff gives the pending
+/// restart up instead of carrying it out.
+#[tokio::test(start_paused = true)]
+async fn restart_never_taken_live_during_a_backoff_gives_up() {
+    let (supervisor, spawner) = running(vec![named("svc")]).await;
+    let service = supervisor.service("svc").await.unwrap();
+    spawner.children()[0].exit(crate::process::ExitReason::Exited(1));
+    service
+        .wait_for(|s| s.state == State::Restarting)
+        .await
+        .unwrap();
+    let mut never = named("svc");
+    never.policy.restart = RestartPolicy::Never;
+    let report = reload(&supervisor, vec![never]).await;
+    assert_eq!(report.applied[0].action, ChangeAction::Updated);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(spawner.spawn_count(), 1, "no restart after the change");
+    let status = service.status();
+    assert_eq!(status.state, State::Failed);
+    assert!(
+        status.last_error.unwrap().contains("never"),
+        "the reason names the new rule"
+    );
+}

@@ -414,6 +414,8 @@ impl Actor {
             } => match self.reconfigure(definition, respawn) {
                 Some((input, starts)) => (input, reply, starts),
                 None => {
+                    // A live change may have settled the state (gave up).
+                    self.publish();
                     let _ = reply.send(Ok(()));
                     return;
                 }
@@ -452,7 +454,11 @@ impl Actor {
         respawn: bool,
     ) -> Option<(Input, bool)> {
         let was_enabled = self.definition.enabled;
-        self.machine.set_policy(definition.policy.clone());
+        for effect in self.machine.set_policy(definition.policy.clone()) {
+            if let Effect::Publish(kind) = effect {
+                self.announce(kind);
+            }
+        }
         self.definition = definition;
         let enabled = self.definition.enabled;
         let name = &self.definition.name;

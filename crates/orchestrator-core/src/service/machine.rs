@@ -148,8 +148,33 @@ impl Machine {
 
     /// A reload's live change: the phase, the pid, the counters and any
     /// deadline already set stay; the next decision follows the new rules.
-    pub fn set_policy(&mut self, policy: Policy) {
+    /// A reload's rules, taken live: phase, pid, counters and timers stay.
+    /// A pending restart that the new rules no longer allow (`never`, or
+    /// fewer restarts than already made) is given up at once rather than
+    /// carried out. Returns the events that publishes.
+    pub fn set_policy(&mut self, policy: Policy) -> Vec<Effect> {
         self.policy = policy;
+        let mut out = Vec::new();
+        if let Phase::Backoff { .. } = self.phase {
+            let error = self
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "it failed".to_owned());
+            if self.policy.restart == RestartPolicy::Never {
+                self.give_up(
+                    format!("restart = \"never\" since a reload: {error}"),
+                    &mut out,
+                );
+            } else if self.failures > self.policy.max_restarts {
+                let restarts = self.policy.max_restarts;
+                let plural = if restarts == 1 { "" } else { "s" };
+                self.give_up(
+                    format!("gave up after {restarts} restart{plural}: {error}"),
+                    &mut out,
+                );
+            }
+        }
+        out
     }
 
     pub fn state(&self) -> State {
