@@ -126,9 +126,13 @@ fn main() -> ExitCode {
     // passes `run` can start; `run` stops only for problems of the daemon
     // itself and starts every service it can.
     let mut validation = None;
+    // The config file as it was read, to tell an edit made before the
+    // watchers are armed (they take the file as it is then as unchanged).
+    let mut config_stamp = None;
     let config = if needs_config {
         match config::load_all(cli.config.as_deref()) {
             Ok(loaded) if matches!(cli.command, Command::Check | Command::Run) => {
+                config_stamp = loaded.config.source.as_deref().and_then(file_stamp);
                 let found = validate(&loaded, &HostEnv::from_process(), Some(resolve_program));
                 let stop = match cli.command {
                     Command::Check => found.errors().next().is_some(),
@@ -172,6 +176,7 @@ fn main() -> ExitCode {
             reloader(cli.config.clone()),
             socket,
             validation.expect("validated for run").findings,
+            config_stamp,
         ) {
             Ok(()) => {
                 console::flush();
@@ -417,6 +422,7 @@ fn run(
     loader: Loader,
     socket: PathBuf,
     findings: Vec<Finding>,
+    config_stamp: Option<FileStamp>,
 ) -> anyhow::Result<()> {
     // Whatever our parent leaked to us must not reach the services. First,
     // while this is the only thread (the console's starts next).
@@ -458,7 +464,7 @@ fn run(
         forward_signals(events_tx.clone()).context("cannot install signal handlers")?;
         // Held to the end: dropping it stops the watchers.
         let _watching = match config.orchestrator.watch {
-            true => start_watching(&config, events_tx.clone()).await,
+            true => start_watching(&config, config_stamp, events_tx.clone()).await,
             false => None,
         };
         reap_orphans_on_sigchld().context("cannot install the SIGCHLD handler")?;
@@ -614,16 +620,39 @@ fn reap_orphans_on_sigchld() -> std::io::Result<()> {
 /// Editing the config file or dropping a binary into services_dir asks for
 /// a reload, as SIGHUP does. Without watchers the daemon still runs: only
 /// the automatic part is lost.
-async fn start_watching(config: &Config, events: mpsc::Sender<DaemonEvent>) -> Option<WatchHandle> {
+/// What tells a file's version apart without reading it.
+type FileStamp = (u64, u64, std::time::SystemTime);
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.ino(), metadata.len(), metadata.modified().ok()?))
+}
+
+async fn start_watching(
+    config: &Config,
+    loaded: Option<FileStamp>,
+    events: mpsc::Sender<DaemonEvent>,
+) -> Option<WatchHandle> {
     match spawn_watcher(
         config.source.clone(),
         config.orchestrator.services_dir.clone(),
         DEFAULT_DEBOUNCE,
-        events,
+        events.clone(),
     )
     .await
     {
-        Ok(handle) => Some(handle),
+        Ok(handle) => {
+            // The watchers take the file as they first see it as the known
+            // version: an edit between our read and that moment would never
+            // be applied. Compare, and reload once if it moved.
+            let now = config.source.as_deref().and_then(file_stamp);
+            if now != loaded {
+                tracing::info!("the config file changed while the daemon started; reloading");
+                let _ = events.send(DaemonEvent::Reload).await;
+            }
+            Some(handle)
+        }
         Err(error) => {
             tracing::warn!(
                 "{error} (inotify limits: fs.inotify.max_user_instances, max_user_watches); changes are not picked up by themselves: reload with `orchestrator reload` or SIGHUP"
