@@ -1027,3 +1027,91 @@ impl Drop for CliFollower {
         let _ = self.child.wait();
     }
 }
+
+/// A mount made for a test (a tmpfs, or a read-only bind); unmounted on
+/// drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` (as `mount -o size=`) on `dir`, or say why
+    /// not.
+    pub fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        if !running_as_root() {
+            return Err("not running as root".to_owned());
+        }
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let output = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mount failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut command = std::process::Command::new("umount");
+            if lazy {
+                command.arg("-l");
+            }
+            command
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !umount(false) {
+            umount(true);
+        }
+    }
+}
+
+impl Tmpfs {
+    /// `dir` bound read-only onto itself (unmounted on drop), or why not.
+    pub fn bind_read_only(dir: &Path) -> Result<Tmpfs, String> {
+        if !running_as_root() {
+            return Err("not running as root".to_owned());
+        }
+        let run = |args: &[&str]| -> Result<(), String> {
+            let output = std::process::Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .output()
+                .map_err(|e| format!("cannot run mount: {e}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "mount failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        };
+        run(&["--bind"])?;
+        let mounted = Tmpfs(dir.to_owned());
+        run(&["-o", "remount,bind,ro"])?;
+        Ok(mounted)
+    }
+}
+
+/// Whether this process runs as root (mounts need it): /proc/self belongs
+/// to the process's effective uid.
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}

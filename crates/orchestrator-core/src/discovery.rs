@@ -176,21 +176,16 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    /// A fresh directory (tempfile's: unique, removed on drop), and its path.
+    struct TempDir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
     impl TempDir {
         fn new(tag: &str) -> Self {
-            use std::sync::atomic::{AtomicUsize, Ordering};
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "orchestrator-discovery-{tag}-{}-{}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&path);
-            fs::create_dir_all(&path).unwrap();
-            TempDir(path)
+            let guard = tempfile::Builder::new()
+                .prefix(&format!("orchestrator-discovery-{tag}-"))
+                .tempdir()
+                .unwrap();
+            TempDir(guard.path().to_owned(), guard)
         }
 
         fn file(&self, relative: &str, mode: u32) -> PathBuf {
@@ -199,12 +194,6 @@ mod tests {
             fs::write(&path, "#!/bin/sh\n").unwrap();
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
             path
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
         }
     }
 

@@ -413,21 +413,16 @@ mod tests {
     use super::*;
     use crate::config::parse_all;
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    /// A fresh directory (tempfile's: unique, removed on drop), and its path.
+    struct TempDir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
     impl TempDir {
         fn new(tag: &str) -> Self {
-            use std::sync::atomic::{AtomicUsize, Ordering};
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "orchestrator-validate-{tag}-{}-{}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&path);
-            fs::create_dir_all(&path).unwrap();
-            TempDir(path)
+            let guard = tempfile::Builder::new()
+                .prefix(&format!("orchestrator-validate-{tag}-"))
+                .tempdir()
+                .unwrap();
+            TempDir(guard.path().to_owned(), guard)
         }
 
         fn file(&self, relative: &str, contents: &[u8], mode: u32) -> PathBuf {
@@ -441,12 +436,6 @@ mod tests {
         fn validate(&self, text: &str) -> Validation {
             let loaded = parse_all(text, Some(&self.0.join("o.toml")), &self.0).unwrap();
             validate(&loaded, &host(), Some(fake_lookup))
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
         }
     }
 

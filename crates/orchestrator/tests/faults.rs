@@ -8,7 +8,7 @@
 //! only turn a hang into a failure.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -636,57 +636,6 @@ fn orphans_are_reaped_by_the_daemon_and_leave_no_zombie() {
 
 // ---------------------------------------------------------------------------
 // B4 R3: a full disk
-
-/// A tmpfs mounted for the test; unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// Mount a tmpfs of `size` (as `mount -o size=`) on `dir`, or say why
-    /// not.
-    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err("not running as root".to_owned());
-        }
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let output = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "mount failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs(dir.to_owned()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let umount = |lazy: bool| {
-            let mut command = Command::new("umount");
-            if lazy {
-                command.arg("-l");
-            }
-            command
-                .arg(&self.0)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !umount(false) {
-            umount(true);
-        }
-    }
-}
 
 #[test]
 fn a_full_disk_costs_log_lines_not_the_service_nor_the_daemon() {

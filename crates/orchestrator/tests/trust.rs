@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use orchestrator_core::state::{PersistedState, ProcessRecord};
@@ -335,55 +335,6 @@ fn deleting_data_dir_does_not_let_a_second_daemon_run_the_services_again() {
 // ---------------------------------------------------------------------------
 // Item 6: a full disk, then a SIGKILL
 
-/// A tmpfs mounted for the test, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
-        if !is_root() {
-            return Err("not running as root".to_owned());
-        }
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let output = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "mount failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs(dir.to_owned()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let umount = |lazy: bool| {
-            let mut command = Command::new("umount");
-            if lazy {
-                command.arg("-l");
-            }
-            command
-                .arg(&self.0)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !umount(false) {
-            umount(true);
-        }
-    }
-}
-
 /// `rm -rf path` once: whether the path is gone.
 fn remove_all(path: &Path) -> bool {
     match std::fs::remove_dir_all(path) {
@@ -512,35 +463,6 @@ fn a_read_only_data_dir_is_refused_with_the_reason() {
     let log = daemon.stderr_text();
     assert!(log.contains("Read-only file system"), "{log}");
     assert!(live_processes_with_home(&dir.service_data_dir("api")).is_empty());
-}
-
-impl Tmpfs {
-    /// `dir` bound read-only onto itself (unmounted on drop), or why not.
-    fn bind_read_only(dir: &Path) -> Result<Tmpfs, String> {
-        if !is_root() {
-            return Err("not running as root".to_owned());
-        }
-        let run = |args: &[&str]| -> Result<(), String> {
-            let output = Command::new("mount")
-                .args(args)
-                .arg(dir)
-                .arg(dir)
-                .output()
-                .map_err(|e| format!("cannot run mount: {e}"))?;
-            if output.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "mount failed: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ))
-            }
-        };
-        run(&["--bind"])?;
-        let mounted = Tmpfs(dir.to_owned());
-        run(&["-o", "remount,bind,ro"])?;
-        Ok(mounted)
-    }
 }
 
 /// The lock's abstract name held by a process that is not a daemon (a
