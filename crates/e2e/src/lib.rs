@@ -1115,3 +1115,39 @@ pub fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
+
+/// A process of the test's own (a stranger to the daemon), SIGKILLed and
+/// reaped on drop.
+pub struct Stranger(std::process::Child);
+
+impl Stranger {
+    /// `sleep 60` in a process group of its own, like a service leader.
+    pub fn start() -> Stranger {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        Stranger(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        self.0
+            .try_wait()
+            .expect("try_wait on the stranger")
+            .is_none()
+    }
+}
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use orchestrator_core::state::{PersistedState, ProcessRecord};
@@ -165,42 +165,6 @@ impl Proc {
     /// Still this process, and not a zombie.
     fn is_alive(self) -> bool {
         is_alive(self.pid) && start_time(self.pid) == Some(self.start)
-    }
-}
-
-/// A process of the test's own (a stranger to the daemon), SIGKILLed and
-/// reaped on drop.
-struct Stranger(Child);
-
-impl Stranger {
-    /// `sleep 60` in a process group of its own, like a service leader.
-    fn start() -> Stranger {
-        use std::os::unix::process::CommandExt;
-        let child = Command::new("sleep")
-            .arg("60")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn sleep");
-        Stranger(child)
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    fn is_alive(&mut self) -> bool {
-        self.0
-            .try_wait()
-            .expect("try_wait on the stranger")
-            .is_none()
-    }
-}
-
-impl Drop for Stranger {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 use orchestrator_core::state::{PersistedState, ProcessRecord};
 use orchestrator_e2e::*;
@@ -83,28 +82,21 @@ fn shutdown(dir: &TestDir, daemon: &mut Daemon) {
 
 /// A process of the test's own that a hostile user would like the daemon
 /// to kill: `sleep 60` leading its own group, SIGKILLed on drop.
-struct Victim(Child);
+struct Victim(Stranger);
 
 impl Victim {
     fn start() -> Victim {
-        use std::os::unix::process::CommandExt;
-        let child = Command::new("sleep")
-            .arg("60")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn sleep");
-        Victim(child)
+        Victim(Stranger::start())
     }
 
     fn is_alive(&mut self) -> bool {
-        self.0.try_wait().expect("try_wait on the victim").is_none()
+        self.0.is_alive()
     }
 
     /// Exactly what a daemon records for it: with this, only where the
     /// record comes from can protect it.
     fn record(&self) -> PersistedState {
-        let pid = self.0.id();
+        let pid = self.0.pid();
         let mut start = None;
         assert!(wait_until(DEADLINE, || {
             start = start_time(pid);
@@ -123,13 +115,6 @@ impl Victim {
                 },
             )]),
         }
-    }
-}
-
-impl Drop for Victim {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -175,7 +160,7 @@ fn a_data_dir_others_can_write_is_refused_and_a_planted_state_kills_nothing() {
     chmod(&data, 0o700);
     let mut daemon = run_daemon(&dir);
     let pid = wait_running(&dir, &daemon);
-    assert_ne!(pid, victim.0.id());
+    assert_ne!(pid, victim.0.pid());
     assert!(victim.is_alive(), "the victim was signalled");
     let line = daemon.wait_for_log(&["ignoring", "state", "owned by uid 65534"]);
     assert!(line.contains("ERROR"), "said loudly: {line}");
