@@ -58,6 +58,7 @@ async fn a_child_starts_with_default_dispositions_and_an_empty_mask() {
         args: vec!["1000".to_owned()],
         env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
         cwd: dir.path().to_owned(),
+        ..SpawnSpec::default()
     };
     let mut child = UnixSpawner.spawn(&spec).expect("spawn /bin/sleep");
     let pid = child.pid();

@@ -2,6 +2,7 @@
 //! spawning, the per-service actors and the supervisor that owns them. No CLI,
 //! no sockets, no printing: the binary wires those around it.
 
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod discovery;

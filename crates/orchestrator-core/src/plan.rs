@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, RestartPolicy, ServiceConfig};
 use crate::discovery::Discovered;
-use crate::process::SpawnSpec;
+use crate::process::{Limits, SpawnSpec, StrictCheck, UserSpec};
 use crate::service::{Policy, ServiceDefinition};
 
 /// PATH for children when the daemon itself has none.
@@ -154,6 +154,23 @@ fn define(
             args,
             env: env.into_iter().collect(),
             cwd,
+            limits: Limits {
+                memory_mib: service.memory_limit,
+                // Thousandths of a core: finer than any quota a period takes.
+                cpu_millicores: service
+                    .cpu_limit
+                    .map(|cores| (cores * 1000.0).round().max(1.0) as u64),
+                pids: service.pids_limit,
+            },
+            rlimits: service.rlimits.iter().map(|(&r, &v)| (r, v)).collect(),
+            user: service.user.as_ref().map(|user| UserSpec {
+                user: user.clone(),
+                group: service.group.clone(),
+            }),
+            sha256: service.sha256,
+            strict: service.strict.then(|| StrictCheck {
+                services_dir: orchestrator.services_dir.clone(),
+            }),
         },
         policy: Policy {
             restart,

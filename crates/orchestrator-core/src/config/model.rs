@@ -51,6 +51,11 @@ pub struct OrchestratorConfig {
     pub api_idle_timeout: Duration,
     /// Follow the config file and services_dir, reloading on a change.
     pub watch: bool,
+    /// Relative to the daemon's own cgroup; each service gets
+    /// `cgroup_parent/NAME`. Checked at load: relative, no `..`, no empty part.
+    pub cgroup_parent: PathBuf,
+    /// A limit that cannot be enforced fails the start instead of a warning.
+    pub require_limits: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +71,23 @@ pub struct ServiceConfig {
     pub environment: BTreeMap<String, String>,
     /// MiB.
     pub memory_limit: Option<u64>,
+    /// Cores (1.5 = one and a half CPUs of time per period); > 0.
+    pub cpu_limit: Option<f64>,
+    /// Most processes (and threads) the service may have at once; >= 1.
+    pub pids_limit: Option<u64>,
+    /// setrlimit before exec, by resource; each sets soft and hard alike.
+    pub rlimits: BTreeMap<Rlimit, RlimitValue>,
+    /// Run as this user (a name or a numeric uid); needs the daemon to be root
+    /// unless it is the daemon's own user.
+    pub user: Option<String>,
+    /// Run with this group (a name or a numeric gid) instead of the user's
+    /// primary group.
+    pub group: Option<String>,
+    /// Refuse a binary or services_dir writable by group or others while the
+    /// daemon runs as root.
+    pub strict: bool,
+    /// The binary's SHA-256; a binary that does not match is never run.
+    pub sha256: Option<Sha256>,
     pub stop_signal: Signal,
     /// `None`: the orchestrator's shutdown_timeout.
     pub stop_timeout: Option<Duration>,
@@ -139,6 +161,7 @@ pub const DEFAULT_LOG_MAX_FILES: u32 = 5;
 pub const DEFAULT_STATE_MAX_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_API_MAX_CONNECTIONS: usize = 256;
 pub const DEFAULT_API_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CGROUP_PARENT: &str = "orchestrator";
 pub const DEFAULT_API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for BackoffConfig {
@@ -161,6 +184,13 @@ impl Default for ServiceConfig {
             data_dir: None,
             environment: BTreeMap::new(),
             memory_limit: None,
+            cpu_limit: None,
+            pids_limit: None,
+            rlimits: BTreeMap::new(),
+            user: None,
+            group: None,
+            strict: true,
+            sha256: None,
             stop_signal: Signal::SIGTERM,
             stop_timeout: None,
             restart: None,
@@ -192,6 +222,8 @@ impl OrchestratorConfig {
             api_header_timeout: DEFAULT_API_HEADER_TIMEOUT,
             api_idle_timeout: DEFAULT_API_IDLE_TIMEOUT,
             watch: true,
+            cgroup_parent: PathBuf::from(DEFAULT_CGROUP_PARENT),
+            require_limits: false,
         }
     }
 }
@@ -215,5 +247,86 @@ impl RestartPolicy {
             RestartPolicy::OnFailure => "on-failure",
             RestartPolicy::Never => "never",
         }
+    }
+}
+
+/// A resource `rlimits` can set, as setrlimit(2) names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rlimit {
+    Nofile,
+    Nproc,
+    Core,
+    Memlock,
+    Stack,
+    As,
+    Cpu,
+    Fsize,
+}
+
+impl Rlimit {
+    pub const ALL: [Rlimit; 8] = [
+        Rlimit::Nofile,
+        Rlimit::Nproc,
+        Rlimit::Core,
+        Rlimit::Memlock,
+        Rlimit::Stack,
+        Rlimit::As,
+        Rlimit::Cpu,
+        Rlimit::Fsize,
+    ];
+
+    /// The key in `rlimits = { ... }`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rlimit::Nofile => "nofile",
+            Rlimit::Nproc => "nproc",
+            Rlimit::Core => "core",
+            Rlimit::Memlock => "memlock",
+            Rlimit::Stack => "stack",
+            Rlimit::As => "as",
+            Rlimit::Cpu => "cpu",
+            Rlimit::Fsize => "fsize",
+        }
+    }
+}
+
+/// One resource's limit: a number (bytes, seconds or a count, as
+/// setrlimit(2) counts that resource) or no limit at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RlimitValue {
+    Limited(u64),
+    Unlimited,
+}
+
+/// A SHA-256 digest, parsed from 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sha256(pub [u8; 32]);
+
+impl Sha256 {
+    /// 64 hex digits, either case; `None` otherwise.
+    pub fn from_hex(text: &str) -> Option<Sha256> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 64 {
+            return None;
+        }
+        let mut digest = [0u8; 32];
+        for (out, pair) in digest.iter_mut().zip(bytes.chunks_exact(2)) {
+            let high = (pair[0] as char).to_digit(16)?;
+            let low = (pair[1] as char).to_digit(16)?;
+            *out = u8::try_from(high * 16 + low).ok()?;
+        }
+        Some(Sha256(digest))
+    }
+}
+
+impl std::fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+    }
+}
+
+impl std::fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sha256({self})")
     }
 }

@@ -13,11 +13,16 @@ use std::pin::Pin;
 
 use nix::sys::signal::Signal;
 
+pub use crate::cgroup::Limits;
+use crate::config::{Rlimit, RlimitValue, Sha256};
+
 pub use fake::{FakeChildControl, FakeSpawner};
 pub use unix::{ExitWatch, UnixSpawner, become_subreaper, reap_orphans, resolve_program};
 
 /// Everything needed to start one process: plain data, so tests can assert on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Default` is nothing but an empty argv: the posix_spawn fast path once
+/// program, args, env and cwd are filled in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpawnSpec {
     pub service: String,
     pub program: PathBuf,
@@ -26,13 +31,48 @@ pub struct SpawnSpec {
     /// The complete environment: nothing else is inherited.
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
+    /// Enforced through the service's cgroup; empty: no limit.
+    pub limits: Limits,
+    /// Applied in the child before exec, soft and hard alike.
+    pub rlimits: Vec<(Rlimit, RlimitValue)>,
+    /// Drop to this user (and group) before exec; `None`: the daemon's own.
+    pub user: Option<UserSpec>,
+    /// Run only a binary with this digest, executing the very descriptor
+    /// that was hashed.
+    pub sha256: Option<Sha256>,
+    /// Refuse a binary (or `services_dir`) writable by group or others while
+    /// the daemon is root; `None`: no check.
+    pub strict: Option<StrictCheck>,
+}
+
+/// Who a service runs as: names or numeric ids, resolved at each spawn (an
+/// account may be created after the daemon started).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSpec {
+    pub user: String,
+    /// `None`: the user's primary group. Supplementary groups are the user's.
+    pub group: Option<String>,
+}
+
+/// Where a strict check stops walking up from the binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StrictCheck {
+    pub services_dir: PathBuf,
 }
 
 /// Why a process ended. Never encoded as a magic negative number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
     Exited(i32),
-    Signaled { signal: i32, core_dumped: bool },
+    Signaled {
+        signal: i32,
+        core_dumped: bool,
+    },
+    /// SIGKILLed by the kernel's OOM killer for going past its cgroup's
+    /// memory limit (MiB, when one was set).
+    OomKilled {
+        memory_limit_mib: Option<u64>,
+    },
 }
 
 impl ExitReason {
@@ -45,6 +85,7 @@ impl ExitReason {
         match self {
             ExitReason::Exited(code) => code,
             ExitReason::Signaled { signal, .. } => 128 + signal,
+            ExitReason::OomKilled { .. } => 128 + libc::SIGKILL,
         }
     }
 
@@ -66,6 +107,13 @@ impl fmt::Display for ExitReason {
                 write!(f, "killed by {}", Self::signal_name(signal))?;
                 if core_dumped {
                     write!(f, " (core dumped)")?;
+                }
+                Ok(())
+            }
+            ExitReason::OomKilled { memory_limit_mib } => {
+                write!(f, "killed by the OOM killer")?;
+                if let Some(mib) = memory_limit_mib {
+                    write!(f, " (memory_limit {mib} MiB)")?;
                 }
                 Ok(())
             }

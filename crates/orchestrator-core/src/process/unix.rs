@@ -406,6 +406,7 @@ mod tests {
             args: vec!["60".to_owned()],
             env: vec![],
             cwd: dir.clone(),
+            ..SpawnSpec::default()
         };
         let child = UnixSpawner.spawn(&spec).expect("spawn /bin/sleep");
         let pid = child.pid();

@@ -352,6 +352,7 @@ pub(crate) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDe
             args: vec![],
             env: vec![],
             cwd: dir.join("data"),
+            ..SpawnSpec::default()
         },
         policy: policy(restart, max_restarts),
         log_path: dir.join("logs/svc.log"),
