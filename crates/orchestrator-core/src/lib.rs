@@ -16,6 +16,7 @@ pub mod reload;
 pub mod service;
 pub mod state;
 pub mod supervisor;
+pub mod usage;
 pub mod validate;
 pub mod watch;
 pub mod wire;

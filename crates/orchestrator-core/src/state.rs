@@ -435,6 +435,10 @@ pub struct ProcStat {
     pub sid: u32,
     /// Clock ticks after boot (field 22): with the pid, a process's identity.
     pub start_time: u64,
+    /// CPU time in user and kernel mode, in clock ticks (fields 14 and 15).
+    pub cpu_ticks: u64,
+    /// Resident pages (field 24).
+    pub rss_pages: u64,
 }
 
 pub fn proc_stat(pid: u32) -> Option<ProcStat> {
@@ -454,10 +458,13 @@ fn parse_stat(pid: u32, text: &str) -> Option<ProcStat> {
         pgid: fields.get(2)?.parse().ok()?,
         sid: fields.get(3)?.parse().ok()?,
         start_time: fields.get(19)?.parse().ok()?,
+        cpu_ticks: fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
+        rss_pages: fields.get(21)?.parse().ok()?,
     })
 }
 
-fn all_processes() -> Vec<ProcStat> {
+/// Every process of the host, as /proc lists them now.
+pub fn all_processes() -> Vec<ProcStat> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -1192,6 +1199,7 @@ mod tests {
             (stat.state, stat.pgid, stat.sid, stat.start_time),
             ('S', 1234, 1200, 987654)
         );
+        assert_eq!((stat.cpu_ticks, stat.rss_pages), (1 + 2, 100));
     }
 
     #[test]
@@ -1684,6 +1692,8 @@ mod tests {
             pgid: 100,
             sid: 50,
             start_time,
+            cpu_ticks: 0,
+            rss_pages: 0,
         };
         let all = [
             process(200, 1, 20),   // the service's worker, orphaned

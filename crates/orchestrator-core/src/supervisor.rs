@@ -14,6 +14,7 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::cgroup::Usage;
 use crate::events::{EventBus, EventKind};
 use crate::name::ServiceName;
 use crate::process::Spawner;
@@ -280,7 +281,15 @@ fn info_of(entry: &Entry) -> ServiceInfo {
         health: None,
         log_dropped_bytes: handle.output().dropped_bytes(),
         generation: entry.generation,
+        memory_bytes: None,
+        cpu_seconds: None,
+        oom_kills: handle.resources().oom_kills(),
     };
+    if status.pid.is_some()
+        && let Some(usage) = handle.resources().cgroup_usage()
+    {
+        set_usage(&mut info, usage);
+    }
     if let Some(panic) = &entry.panic {
         info.state = State::Failed;
         info.last_error = Some(format!(
@@ -288,6 +297,40 @@ fn info_of(entry: &Entry) -> ServiceInfo {
         ));
     }
     info
+}
+
+fn set_usage(info: &mut ServiceInfo, usage: Usage) {
+    info.memory_bytes = usage.memory_bytes;
+    // Microseconds to seconds: exact enough for a column and a counter.
+    info.cpu_seconds = usage.cpu_usec.map(|usec| usec as f64 / 1e6);
+}
+
+/// Services without a cgroup (or whose cgroup does not count memory or
+/// CPU): their process groups' use, from one /proc scan for all of them, in
+/// the caller's task rather than the supervisor's.
+fn fill_usage_from_proc(infos: &mut [ServiceInfo]) {
+    let lacking = |info: &ServiceInfo| {
+        info.pid.is_some() && (info.memory_bytes.is_none() || info.cpu_seconds.is_none())
+    };
+    let groups: Vec<u32> = infos
+        .iter()
+        .filter(|i| lacking(i))
+        .filter_map(|i| i.pid)
+        .collect();
+    if groups.is_empty() {
+        return;
+    }
+    let usage = crate::usage::process_group_usage(&groups);
+    for info in infos.iter_mut().filter(|i| lacking(i)) {
+        if let Some(found) = info.pid.and_then(|pid| usage.get(&pid)) {
+            if info.memory_bytes.is_none() {
+                info.memory_bytes = found.memory_bytes;
+            }
+            if info.cpu_seconds.is_none() {
+                info.cpu_seconds = found.cpu_usec.map(|usec| usec as f64 / 1e6);
+            }
+        }
+    }
 }
 
 impl SupervisorHandle {
@@ -391,18 +434,24 @@ impl SupervisorHandle {
     }
 
     pub async fn info(&self, name: &str) -> Result<ServiceInfo, SupervisorError> {
-        self.ask(|reply| Command::Info(Some(name.to_owned()), reply))
+        let mut infos = self
+            .ask(|reply| Command::Info(Some(name.to_owned()), reply))
             .await?
-            .and_then(|mut infos| infos.pop())
+            .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))?;
+        fill_usage_from_proc(&mut infos);
+        infos
+            .pop()
             .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))
     }
 
     /// Every service's info, sorted by name.
     pub async fn list(&self) -> Result<Vec<ServiceInfo>, SupervisorError> {
-        Ok(self
+        let mut infos = self
             .ask(|reply| Command::Info(None, reply))
             .await?
-            .unwrap_or_default())
+            .unwrap_or_default();
+        fill_usage_from_proc(&mut infos);
+        Ok(infos)
     }
 
     /// Start every enabled service, all at once; one that cannot start

@@ -101,6 +101,18 @@ pub struct ServiceInfo {
     /// each reload that changed it.
     #[serde(default = "first_generation")]
     pub generation: u64,
+    /// Memory the service uses now, in bytes: its cgroup's count (page
+    /// cache included) where it has one, else the resident memory of its
+    /// process group. `None` when nothing runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU time its processes have used, in seconds: the cgroup's count,
+    /// else that of the live processes of its process group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// Times the kernel's OOM killer ended it since the daemon started.
+    #[serde(default)]
+    pub oom_kills: u64,
 }
 
 fn first_generation() -> u64 {
@@ -284,6 +296,11 @@ pub enum EventKind {
     GaveUp {
         error: String,
     },
+    /// The kernel's OOM killer ended it: it went past its memory limit.
+    OomKilled {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_limit_mib: Option<u64>,
+    },
     /// A process left running by a daemon that died was stopped at start.
     LeftoverStopped {
         pid: u32,
@@ -364,6 +381,10 @@ impl Event {
                 format!("restart in {delay_ms} ms (failure {failures}{limited})")
             }
             EventKind::GaveUp { error } => format!("gave up: {error}"),
+            EventKind::OomKilled { memory_limit_mib } => match memory_limit_mib {
+                Some(mib) => format!("killed by the OOM killer (memory_limit {mib} MiB)"),
+                None => "killed by the OOM killer".to_owned(),
+            },
             EventKind::LeftoverStopped { pid } => {
                 format!("stopped pid {pid}, left running by a daemon that died")
             }

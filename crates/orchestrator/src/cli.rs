@@ -146,11 +146,13 @@ pub fn status_table(services: &[ServiceInfo]) -> String {
         "STATE",
         "PID",
         "UPTIME",
+        "CPU",
+        "MEM",
         "RESTARTS",
         "LAST-EXIT",
         "HEALTH",
     ];
-    let rows: Vec<[String; 7]> = services
+    let rows: Vec<[String; 9]> = services
         .iter()
         .map(|s| {
             [
@@ -158,6 +160,8 @@ pub fn status_table(services: &[ServiceInfo]) -> String {
                 s.state.to_string(),
                 s.pid.map_or("-".to_owned(), |p| p.to_string()),
                 s.uptime.map_or("-".to_owned(), format_uptime),
+                s.cpu_seconds.map_or("-".to_owned(), format_cpu),
+                s.memory_bytes.map_or("-".to_owned(), format_bytes),
                 s.restarts.to_string(),
                 s.last_exit_code.map_or("-".to_owned(), |c| c.to_string()),
                 s.health.map_or("-".to_owned(), |h| h.to_string()),
@@ -185,6 +189,35 @@ pub fn status_table(services: &[ServiceInfo]) -> String {
         line(&row.each_ref().map(String::as_str));
     }
     out
+}
+
+/// CPU time used, as `0.42s`, `12.3s` or `5m07s`.
+pub fn format_cpu(seconds: f64) -> String {
+    match seconds {
+        s if s < 10.0 => format!("{s:.2}s"),
+        s if s < 60.0 => format!("{s:.1}s"),
+        s => format_uptime(s as u64),
+    }
+}
+
+/// Binary units as `ps` and `top` show them: `812K`, `12.4M`, `1.5G`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    let mut value = bytes as f64 / 1024.0;
+    if value < 1.0 {
+        return format!("{bytes}B");
+    }
+    for (i, unit) in UNITS.iter().enumerate() {
+        if value < 1024.0 || i == UNITS.len() - 1 {
+            return if value < 10.0 {
+                format!("{value:.1}{unit}")
+            } else {
+                format!("{value:.0}{unit}")
+            };
+        }
+        value /= 1024.0;
+    }
+    unreachable!("the last unit returns")
 }
 
 pub fn format_uptime(seconds: u64) -> String {
@@ -557,6 +590,9 @@ mod tests {
             health: None,
             log_dropped_bytes: 0,
             generation: 1,
+            memory_bytes: Some(13 * 1024 * 1024 + 300 * 1024),
+            cpu_seconds: Some(0.5),
+            oom_kills: 0,
         }]);
         let mut lines = table.lines();
         assert_eq!(
@@ -566,6 +602,8 @@ mod tests {
                 "STATE",
                 "PID",
                 "UPTIME",
+                "CPU",
+                "MEM",
                 "RESTARTS",
                 "LAST-EXIT",
                 "HEALTH"
@@ -573,7 +611,20 @@ mod tests {
         );
         assert_eq!(
             lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-            ["api", "running", "42", "1m01s", "2", "1", "-"]
+            [
+                "api", "running", "42", "1m01s", "0.50s", "13M", "2", "1", "-"
+            ]
         );
+    }
+
+    #[test]
+    fn sizes_read_as_ps_shows_them() {
+        assert_eq!(format_bytes(512), "512B");
+        assert_eq!(format_bytes(812 * 1024), "812K");
+        assert_eq!(format_bytes(5 * 1024 * 1024 + 512 * 1024), "5.5M");
+        assert_eq!(format_bytes(3 << 30), "3.0G");
+        assert_eq!(format_cpu(0.0), "0.00s");
+        assert_eq!(format_cpu(42.25), "42.2s");
+        assert_eq!(format_cpu(307.0), "5m07s");
     }
 }

@@ -462,6 +462,8 @@ fn status_prints_a_table_json_and_single_services() {
             "STATE",
             "PID",
             "UPTIME",
+            "CPU",
+            "MEM",
             "RESTARTS",
             "LAST-EXIT",
             "HEALTH"
@@ -471,9 +473,13 @@ fn status_prints_a_table_json_and_single_services() {
     assert_eq!(rows.len(), 4, "a header and one row per service:\n{table}");
     for (row, name) in rows[1..].iter().zip(["alpha", "beta", "gamma"]) {
         let pid = pids[name].to_string();
-        assert_eq!(row.len(), 7, "{table}");
+        assert_eq!(row.len(), 9, "{table}");
+        assert!(
+            row[4].ends_with('s') && row[5] != "-",
+            "CPU and MEM of a running service: {table}"
+        );
         assert_eq!(
-            [row[0], row[1], row[2], row[4], row[5], row[6]],
+            [row[0], row[1], row[2], row[6], row[7], row[8]],
             [name, "running", pid.as_str(), "0", "-", "-"],
             "{table}"
         );
@@ -509,6 +515,9 @@ fn status_prints_a_table_json_and_single_services() {
         assert!(info["last_exit_code"].is_null(), "{info}");
         assert!(info["last_error"].is_null(), "{info}");
         assert!(info["health"].is_null(), "{info}");
+        assert!(info["memory_bytes"].as_u64().unwrap_or(0) > 0, "{info}");
+        assert!(info["cpu_seconds"].is_f64(), "{info}");
+        assert_eq!(info["oom_kills"], 0);
     }
 
     // One service, as a table and as JSON; several, in the order given.

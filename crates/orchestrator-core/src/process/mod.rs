@@ -147,6 +147,11 @@ pub trait ChildProcess: Send {
     /// has returned: until the leader is reaped its pid, and so the group id,
     /// cannot be recycled.
     fn signal_group(&mut self, signal: Signal) -> io::Result<()>;
+
+    /// The cgroup it runs in, when it has one: for the API to read its use.
+    fn cgroup(&self) -> Option<std::sync::Arc<dyn crate::cgroup::ServiceCgroup>> {
+        None
+    }
 }
 
 /// Why a process could not be started.

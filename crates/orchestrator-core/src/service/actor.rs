@@ -5,7 +5,8 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -14,6 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use super::inbox::{self, inbox};
 use super::machine::{Effect, Input, Machine, Policy, State};
+use crate::cgroup::{ServiceCgroup, Usage};
 use crate::events::{EventBus, EventKind};
 use crate::name::ServiceName;
 use crate::output::{ServiceOutput, spawn_pump};
@@ -98,6 +100,37 @@ pub struct ServiceHandle {
     commands: inbox::Sender<Command>,
     status: watch::Receiver<ServiceStatus>,
     output: Arc<ServiceOutput>,
+    resources: Arc<Resources>,
+}
+
+/// What the API reads of a service's current process without asking its
+/// actor (which may be busy stopping it): its cgroup, and its OOM deaths.
+#[derive(Debug, Default)]
+pub struct Resources {
+    /// Set by the actor while a process runs in a cgroup. A std mutex: held
+    /// only to clone or replace the Arc, never across an await.
+    cgroup: std::sync::Mutex<Option<Arc<dyn ServiceCgroup>>>,
+    oom_kills: AtomicU64,
+}
+
+impl Resources {
+    fn set_cgroup(&self, cgroup: Option<Arc<dyn ServiceCgroup>>) {
+        *self.cgroup.lock().unwrap_or_else(PoisonError::into_inner) = cgroup;
+    }
+
+    /// The cgroup's count of the running process's use; `None` without one.
+    pub fn cgroup_usage(&self) -> Option<Usage> {
+        let cgroup = self
+            .cgroup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        Some(cgroup.usage())
+    }
+
+    pub fn oom_kills(&self) -> u64 {
+        self.oom_kills.load(Ordering::Relaxed)
+    }
 }
 
 impl ServiceHandle {
@@ -122,6 +155,10 @@ impl ServiceHandle {
 
     pub fn output(&self) -> &Arc<ServiceOutput> {
         &self.output
+    }
+
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// A receiver that sees every status change (tests wait on it).
@@ -284,6 +321,7 @@ fn new_actor(
         commands: commands_tx,
         status: status_rx,
         output: Arc::clone(&output),
+        resources: Arc::default(),
     };
     let actor = Actor {
         definition,
@@ -295,6 +333,7 @@ fn new_actor(
         output,
         commands,
         status: status_tx,
+        resources: Arc::clone(&handle.resources),
         start_waiters: Vec::new(),
         stop_waiters: Vec::new(),
     };
@@ -324,6 +363,7 @@ struct Actor {
     output: Arc<ServiceOutput>,
     commands: inbox::Receiver<Command>,
     status: watch::Sender<ServiceStatus>,
+    resources: Arc<Resources>,
     start_waiters: Vec<Reply>,
     stop_waiters: Vec<Reply>,
 }
@@ -507,6 +547,11 @@ impl Actor {
         // Reaped: its group was emptied by `wait`, and nothing may signal
         // it again.
         self.child = None;
+        self.resources.set_cgroup(None);
+        if let ExitReason::OomKilled { memory_limit_mib } = reason {
+            self.resources.oom_kills.fetch_add(1, Ordering::Relaxed);
+            self.announce(EventKind::OomKilled { memory_limit_mib });
+        }
         self.drain_output().await;
         self.feed(Input::Exited(reason));
     }
@@ -554,6 +599,9 @@ impl Actor {
                 info!(service = %name, "restarting in {delay:.1?}");
             }
             EventKind::GaveUp { error } => error!(service = %name, "failed: {error}"),
+            EventKind::OomKilled { .. } => {
+                warn!(service = %name, "killed by the OOM killer: it went past memory_limit")
+            }
             EventKind::StopRequested => info!(service = %name, "stop requested"),
             EventKind::StopTimedOut => warn!(
                 service = %name,
@@ -586,6 +634,7 @@ impl Actor {
                     ));
                 }
                 let pid = child.pid();
+                self.resources.set_cgroup(child.cgroup());
                 self.child = Some(child);
                 Input::Spawned { pid }
             }

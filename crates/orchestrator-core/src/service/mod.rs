@@ -7,6 +7,7 @@ mod machine;
 pub(crate) mod tests;
 
 pub use actor::{
-    ServiceDefinition, ServiceError, ServiceHandle, ServiceStatus, service_actor, spawn_service,
+    Resources, ServiceDefinition, ServiceError, ServiceHandle, ServiceStatus, service_actor,
+    spawn_service,
 };
 pub use machine::{BACKOFF_JITTER, Effect, Input, Machine, Policy, State};

@@ -945,3 +945,36 @@ async fn an_actor_whose_process_dies_at_once_with_no_backoff_does_not_spin() {
     // 5 quick ones, then one a second: about 15 in 10 s, not thousands.
     assert!((5..=20).contains(&spawns), "{spawns} spawns in 10 s");
 }
+
+/// An OOM kill is named as such (event, counter, last_error) and handled by
+/// the restart policy like any other failure.
+#[tokio::test(start_paused = true)]
+async fn an_oom_kill_is_named_counted_and_restarted() {
+    let spawner = FakeSpawner::new();
+    let def = definition(RestartPolicy::OnFailure, 3);
+    let machine = Machine::new(def.policy.clone()).without_jitter();
+    let bus = EventBus::in_memory();
+    let (handle, _task) = spawn_with_machine(def, Arc::new(spawner.clone()), bus.clone(), machine);
+    handle.start().await.unwrap();
+    spawner.last_child().unwrap().exit(ExitReason::OomKilled {
+        memory_limit_mib: Some(256),
+    });
+    let status = handle
+        .wait_for(|s| s.state == State::Restarting)
+        .await
+        .unwrap();
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("killed by the OOM killer (memory_limit 256 MiB)")
+    );
+    assert_eq!(handle.resources().oom_kills(), 1);
+    let kinds: Vec<EventKind> = bus.history().iter().map(|e| e.kind.clone()).collect();
+    assert!(
+        kinds.contains(&EventKind::OomKilled {
+            memory_limit_mib: Some(256)
+        }),
+        "{kinds:?}"
+    );
+    spawner.wait_for_spawns(2).await;
+    assert_eq!(handle.status().restarts, 1);
+}

@@ -48,6 +48,9 @@ pub fn render(daemon: &DaemonInfo, services: &[ServiceInfo]) -> String {
     let uptime = Family::<Labels, Gauge>::default();
     let healthy = Family::<Labels, Gauge>::default();
     let log_dropped = Family::<Labels, Counter>::default();
+    let memory = Family::<Labels, Gauge>::default();
+    let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    let oom_kills = Family::<Labels, Counter>::default();
     for service in services {
         let name = || vec![("service", service.name.clone())];
         up.get_or_create(&name())
@@ -71,6 +74,15 @@ pub fn render(daemon: &DaemonInfo, services: &[ServiceInfo]) -> String {
         log_dropped
             .get_or_create(&name())
             .inc_by(service.log_dropped_bytes);
+        oom_kills.get_or_create(&name()).inc_by(service.oom_kills);
+        if let Some(bytes) = service.memory_bytes {
+            memory
+                .get_or_create(&name())
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        if let Some(seconds) = service.cpu_seconds {
+            cpu.get_or_create(&name()).inc_by(seconds);
+        }
         if let Some(health) = service.health {
             healthy
                 .get_or_create(&name())
@@ -104,6 +116,21 @@ pub fn render(daemon: &DaemonInfo, services: &[ServiceInfo]) -> String {
         healthy,
     );
     registry.register(
+        "service_memory_bytes",
+        "Memory the service uses: its cgroup's count, else its processes' resident memory",
+        memory,
+    );
+    registry.register(
+        "service_cpu_seconds",
+        "CPU time the service's processes have used",
+        cpu,
+    );
+    registry.register(
+        "service_oom_kills",
+        "Times the kernel's OOM killer ended the service (memory_limit)",
+        oom_kills,
+    );
+    registry.register(
         "service_log_dropped_bytes",
         "Output bytes the service's log file could not take (disk full, ...)",
         log_dropped,
@@ -133,6 +160,9 @@ mod tests {
             health: None,
             log_dropped_bytes: 0,
             generation: 1,
+            memory_bytes: None,
+            cpu_seconds: None,
+            oom_kills: 0,
         }
     }
 
@@ -148,8 +178,15 @@ mod tests {
         let text = render(
             &daemon,
             &[
-                info("api", "running", 3, Some(1)),
-                info("db", "failed", 10, Some(137)),
+                ServiceInfo {
+                    memory_bytes: Some(1 << 20),
+                    cpu_seconds: Some(1.5),
+                    ..info("api", "running", 3, Some(1))
+                },
+                ServiceInfo {
+                    oom_kills: 2,
+                    ..info("db", "failed", 10, Some(137))
+                },
             ],
         );
         for expected in [
@@ -166,6 +203,9 @@ mod tests {
             "orchestrator_state_record_stale 1",
             "orchestrator_state_write_failures_total 4",
             "orchestrator_events_file_dropped_total 0",
+            "orchestrator_service_oom_kills_total{service=\"db\"} 2",
+            "orchestrator_service_memory_bytes{service=\"api\"} 1048576",
+            "orchestrator_service_cpu_seconds_total{service=\"api\"} 1.5",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

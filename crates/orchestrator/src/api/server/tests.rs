@@ -46,6 +46,9 @@ fn info(name: &str, state: &str) -> ServiceInfo {
         health: None,
         log_dropped_bytes: 0,
         generation: 1,
+        memory_bytes: None,
+        cpu_seconds: None,
+        oom_kills: 0,
     }
 }
 
