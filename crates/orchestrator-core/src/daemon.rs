@@ -111,6 +111,17 @@ pub async fn run(
         &bus,
     )
     .await;
+    // After the graceful stop of what the record named: whatever is still
+    // in the services' cgroups escaped its process group (setsid, double
+    // fork) and would otherwise run on, unsupervised.
+    let sweeper = Arc::clone(&spawner);
+    let swept = tokio::task::spawn_blocking(move || sweeper.sweep_leftovers())
+        .await
+        .unwrap_or_default();
+    for pid in swept {
+        warn!(pid, "killed a process a previous daemon left in a service's cgroup");
+        bus.emit(None, EventKind::LeftoverStopped { pid });
+    }
     // Twice the services: a reload that adds some on a full disk still fits.
     let store = StateStore::start(state_path, definitions.len() * 2, Some(bus.clone()));
     // The file is reserved (or its failure said) before the first spawn, so

@@ -195,6 +195,14 @@ fn spawn_hint(program: &std::path::Path, error: &io::Error) -> &'static str {
 
 pub trait Spawner: Send + Sync {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError>;
+
+    /// Kill whatever a previous daemon left in the services' cgroups (a
+    /// setsid or double-forked process its process group did not hold), and
+    /// remove those cgroups. Called once at start, before any spawn; may
+    /// block for a few seconds. Returns the pids it killed.
+    fn sweep_leftovers(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// Mark every descriptor above stderr close-on-exec, so nothing the daemon
