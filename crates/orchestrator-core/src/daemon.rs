@@ -119,7 +119,10 @@ pub async fn run(
         .await
         .unwrap_or_default();
     for pid in swept {
-        warn!(pid, "killed a process a previous daemon left in a service's cgroup");
+        warn!(
+            pid,
+            "killed a process a previous daemon left in a service's cgroup"
+        );
         bus.emit(None, EventKind::LeftoverStopped { pid });
     }
     // Twice the services: a reload that adds some on a full disk still fits.

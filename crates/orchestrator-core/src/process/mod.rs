@@ -173,6 +173,19 @@ pub enum SpawnError {
     Injected(String),
 }
 
+impl SpawnError {
+    /// Whether retrying cannot help until the spec or the file changes (a
+    /// reload then gives the service its next start): the service fails at
+    /// once instead of backing off.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            SpawnError::Exec { .. } | SpawnError::WorkingDir { .. } | SpawnError::Injected(_) => {
+                false
+            }
+        }
+    }
+}
+
 /// What to do about a failed exec. A program without a slash can only come
 /// from `command` (binaries are always paths), so binary_path is no advice.
 fn spawn_hint(program: &std::path::Path, error: &io::Error) -> &'static str {

@@ -622,6 +622,7 @@ impl Actor {
             };
             return Input::SpawnFailed {
                 error: error.to_string(),
+                permanent: error.is_permanent(),
             };
         }
         match self.spawner.spawn(spec) {
@@ -640,6 +641,7 @@ impl Actor {
             }
             Err(error) => Input::SpawnFailed {
                 error: error.to_string(),
+                permanent: error.is_permanent(),
             },
         }
     }

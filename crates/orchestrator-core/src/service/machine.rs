@@ -42,8 +42,10 @@ pub enum Input {
     Kill,
     /// The requested spawn succeeded.
     Spawned { pid: u32 },
-    /// The requested spawn failed; the message says why.
-    SpawnFailed { error: String },
+    /// The requested spawn failed; the message says why. `permanent`: no
+    /// retry can succeed until the spec or the file changes (a checksum
+    /// mismatch, a refused binary): the service fails at once.
+    SpawnFailed { error: String, permanent: bool },
     /// The process ended (and was reaped).
     Exited(ExitReason),
     /// The deadline from [`Machine::deadline`] passed.
@@ -377,14 +379,14 @@ impl Machine {
                 | Phase::Stopping { .. }
                 | Phase::Backoff { .. } => {}
             },
-            Input::SpawnFailed { error } => match self.phase {
+            Input::SpawnFailed { error, permanent } => match self.phase {
                 Phase::Spawning => {
                     // last_exit stays: it is the last process's, and a
                     // failed spawn made none.
                     out.push(Effect::Publish(EventKind::SpawnFailed {
                         error: error.clone(),
                     }));
-                    let may_retry = self.policy.restart != RestartPolicy::Never;
+                    let may_retry = !permanent && self.policy.restart != RestartPolicy::Never;
                     self.after_failure(error, may_retry, true, now, &mut out);
                 }
                 Phase::Stopped

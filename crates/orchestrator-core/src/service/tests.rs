@@ -296,6 +296,7 @@ fn spawn_failures_back_off_unless_never() {
         &mut m,
         Input::SpawnFailed {
             error: "no such file".into(),
+            permanent: false,
         },
         now,
     );
@@ -306,6 +307,7 @@ fn spawn_failures_back_off_unless_never() {
         &mut m,
         Input::SpawnFailed {
             error: "no such file".into(),
+            permanent: false,
         },
         now + 100 * MS,
     );
@@ -317,10 +319,34 @@ fn spawn_failures_back_off_unless_never() {
         &mut never,
         Input::SpawnFailed {
             error: "denied".into(),
+            permanent: false,
         },
         now,
     );
     assert_eq!(never.state(), State::Failed);
+}
+
+/// A checksum mismatch (or a refused binary) cannot pass on a retry: the
+/// service fails at once, with the reason, and no timer is left.
+#[test]
+fn a_permanent_spawn_failure_gives_up_at_once() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 10);
+    io(&mut m, Input::Start, now);
+    let effects = io(
+        &mut m,
+        Input::SpawnFailed {
+            error: "checksum mismatch".into(),
+            permanent: true,
+        },
+        now,
+    );
+    assert_eq!(m.state(), State::Failed);
+    assert_eq!(m.last_error(), Some("checksum mismatch"));
+    assert_eq!(m.deadline(), None);
+    assert!(!effects.contains(&Effect::Spawn), "{effects:?}");
+    // A user's start tries again (the binary may have been fixed).
+    assert!(io(&mut m, Input::Start, now + MS).contains(&Effect::Spawn));
 }
 
 #[test]
@@ -693,6 +719,7 @@ fn a_spawn_failure_is_published_with_its_backoff() {
     let events = published(m.step(
         Input::SpawnFailed {
             error: "denied".into(),
+            permanent: false,
         },
         now,
     ));
@@ -767,6 +794,7 @@ fn stale_answers_and_exits_change_nothing_in_any_phase() {
         Input::Spawned { pid: 1 },
         Input::SpawnFailed {
             error: "late".into(),
+            permanent: false,
         },
         Input::Timer,
     ];
@@ -887,6 +915,7 @@ fn spawn_failures_count_as_quick_deaths() {
             &mut m,
             Input::SpawnFailed {
                 error: "no such file".into(),
+                permanent: false,
             },
             now,
         );
@@ -914,6 +943,7 @@ fn a_failed_spawn_keeps_the_last_exit_code() {
     m.step(
         Input::SpawnFailed {
             error: "no such file".into(),
+            permanent: false,
         },
         now,
     );
