@@ -196,6 +196,10 @@ pub fn needs_restart(old: &OrchestratorConfig, new: &OrchestratorConfig) -> Vec<
     field(old.log_max_bytes != new.log_max_bytes, "log_max_bytes");
     field(old.log_max_files != new.log_max_files, "log_max_files");
     field(old.log_format != new.log_format, "log_format");
+    // The resource controller (and the lock on its parent) is made once,
+    // before the first spawn.
+    field(old.cgroup_parent != new.cgroup_parent, "cgroup_parent");
+    field(old.require_limits != new.require_limits, "require_limits");
     field(
         old.log_level != new.log_level,
         "log_level (the daemon's own log; services get the new --log-level)",

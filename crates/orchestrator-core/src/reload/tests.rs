@@ -167,8 +167,16 @@ fn global_options_that_cannot_apply_live_are_named() {
     new.http_listen = Some("127.0.0.1:1".parse().unwrap());
     new.state_max_bytes += 1;
     new.auto_restart = !new.auto_restart;
+    new.cgroup_parent = "elsewhere".into();
+    new.require_limits = true;
     let warnings = needs_restart(&old, &new).join("\n");
-    for name in ["data_dir", "http_listen", "state_max_bytes"] {
+    for name in [
+        "data_dir",
+        "http_listen",
+        "state_max_bytes",
+        "cgroup_parent",
+        "require_limits",
+    ] {
         assert!(warnings.contains(name), "{warnings}");
     }
     assert!(!warnings.contains("auto_restart"), "{warnings}");
