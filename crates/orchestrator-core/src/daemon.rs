@@ -103,28 +103,7 @@ pub async fn run(
         },
     );
     let state_path = orchestrator.data_dir.join("state");
-    clean_up_after_a_crash(
-        &state_path,
-        orchestrator.state_max_bytes,
-        &definitions,
-        orchestrator.shutdown_timeout,
-        &bus,
-    )
-    .await;
-    // After the graceful stop of what the record named: whatever is still
-    // in the services' cgroups escaped its process group (setsid, double
-    // fork) and would otherwise run on, unsupervised.
-    let sweeper = Arc::clone(&spawner);
-    let swept = tokio::task::spawn_blocking(move || sweeper.sweep_leftovers())
-        .await
-        .unwrap_or_default();
-    for pid in swept {
-        warn!(
-            pid,
-            "killed a process a previous daemon left in a service's cgroup"
-        );
-        bus.emit(None, EventKind::LeftoverStopped { pid });
-    }
+    stop_what_a_dead_daemon_left(&orchestrator, &definitions, &spawner, &bus).await;
     // Twice the services: a reload that adds some on a full disk still fits.
     let store = StateStore::start(state_path, definitions.len() * 2, Some(bus.clone()));
     // The file is reserved (or its failure said) before the first spawn, so
@@ -193,6 +172,76 @@ pub async fn run(
     Ok(())
 }
 
+/// What a daemon that died left running is stopped: the processes its
+/// record names (gracefully, by their current definitions' stop_signal and
+/// stop_timeout), then whatever is still in the services' cgroups (escaped
+/// from its process group: setsid, double fork).
+async fn stop_what_a_dead_daemon_left(
+    orchestrator: &crate::config::OrchestratorConfig,
+    definitions: &[ServiceDefinition],
+    spawner: &Arc<dyn Spawner>,
+    bus: &EventBus,
+) -> usize {
+    let recorded = clean_up_after_a_crash(
+        &orchestrator.data_dir.join("state"),
+        orchestrator.state_max_bytes,
+        definitions,
+        orchestrator.shutdown_timeout,
+        bus,
+    )
+    .await;
+    let sweeper = Arc::clone(spawner);
+    let swept = tokio::task::spawn_blocking(move || sweeper.sweep_leftovers())
+        .await
+        .unwrap_or_default();
+    let count = recorded + swept.len();
+    for pid in swept {
+        warn!(
+            pid,
+            "killed a process a previous daemon left in a service's cgroup"
+        );
+        bus.emit(None, EventKind::LeftoverStopped { pid });
+    }
+    count
+}
+
+/// In the guardian, once the daemon it watched died without stopping its
+/// services: stop them now, as the next daemon would at its start, and
+/// record it in the daemon's events. `config` is read anew for the
+/// services' stop policies.
+pub async fn recover_after_death(config: Config, spawner: Arc<dyn Spawner>, host: HostEnv) {
+    let orchestrator = config.orchestrator.clone();
+    let discovered = discover(&orchestrator.services_dir).unwrap_or_default();
+    let definitions = plan(&config, &discovered, &host);
+    drop(config);
+    let bus = EventBus::persisted(orchestrator.data_dir.join("events.jsonl"));
+    let died = crate::state::read_state_at_most(
+        &orchestrator.data_dir.join("state"),
+        orchestrator.state_max_bytes,
+    )
+    .ok()
+    .flatten()
+    .map(|state| state.daemon_pid);
+    let stopped = stop_what_a_dead_daemon_left(&orchestrator, &definitions, &spawner, &bus).await;
+    if stopped > 0 {
+        warn!(
+            daemon = died,
+            stopped,
+            "the daemon ended without stopping its services (killed or crashed): its guardian stopped them"
+        );
+        bus.emit(
+            None,
+            EventKind::DaemonStopping {
+                reason: format!(
+                    "the daemon{} ended without stopping its services (killed or crashed); its guardian stopped {stopped} process(es)",
+                    died.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+                ),
+            },
+        );
+    }
+    bus.flush().await;
+}
+
 /// Stop whatever a daemon that died left running, before anything starts:
 /// no orphan survives and no service runs twice. Only processes whose pid
 /// and start time match the record are touched.
@@ -202,10 +251,10 @@ async fn clean_up_after_a_crash(
     definitions: &[ServiceDefinition],
     default_timeout: std::time::Duration,
     bus: &EventBus,
-) {
+) -> usize {
     let previous = match read_state_at_most(state_path, state_max_bytes) {
         Ok(Some(previous)) => previous,
-        Ok(None) => return,
+        Ok(None) => return 0,
         Err(error @ StateError::Untrusted { .. }) => {
             tracing::error!("{error}");
             let aside = set_aside(state_path);
@@ -219,16 +268,16 @@ async fn clean_up_after_a_crash(
                     reason: error.to_string(),
                 },
             );
-            return;
+            return 0;
         }
         Err(error) => {
             warn!("{error}");
-            return;
+            return 0;
         }
     };
     let leftovers = find_leftovers(&previous);
     if leftovers.is_empty() {
-        return;
+        return 0;
     }
     warn!(
         processes = leftovers.len(),
@@ -248,10 +297,12 @@ async fn clean_up_after_a_crash(
             })
     })
     .await;
+    let count = found.len();
     for (service, pid) in found {
         bus.emit(Some(&service), EventKind::LeftoverStopped { pid });
     }
     info!(stopped, killed, "cleaned up after the previous daemon");
+    count
 }
 
 /// A graceful shutdown that a ForceShutdown event cuts short.

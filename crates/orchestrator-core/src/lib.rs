@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod events;
+pub mod guardian;
 pub mod memory;
 pub mod name;
 pub mod output;

@@ -325,8 +325,14 @@ const ABSTRACT_NAME_MAX: usize = 107;
 /// `orchestrator-lock:` and the canonical data_dir path; a long path is
 /// shortened to a hash of it and its tail (still shown in messages).
 fn abstract_name(canonical: &Path) -> String {
+    abstract_name_for("orchestrator-lock", canonical)
+}
+
+/// `PREFIX:` and a path, shortened as [`abstract_name`] describes: the name
+/// of an abstract Unix socket that stands for a lock on that path.
+pub(crate) fn abstract_name_for(prefix: &str, canonical: &Path) -> String {
     let path = canonical.display().to_string();
-    let full = format!("orchestrator-lock:{path}");
+    let full = format!("{prefix}:{path}");
     if full.len() <= ABSTRACT_NAME_MAX {
         return full;
     }
@@ -335,7 +341,7 @@ fn abstract_name(canonical: &Path) -> String {
     for byte in path.bytes() {
         hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    let head = format!("orchestrator-lock:{hash:016x}:");
+    let head = format!("{prefix}:{hash:016x}:");
     let mut tail_start = path.len() - (ABSTRACT_NAME_MAX - head.len());
     while !path.is_char_boundary(tail_start) {
         tail_start += 1;
@@ -1037,6 +1043,13 @@ pub fn find_leftovers(state: &PersistedState) -> Vec<Leftover> {
     for (service, record) in &state.services {
         let mut pids = Vec::new();
         match proc_stat(record.pid) {
+            // Dead already (a zombie nobody reaped yet, e.g. after a
+            // guardian stopped it): nothing to stop, but its pid is taken,
+            // so its group's other members are still ours to find.
+            Some(stat) if stat.start_time == record.start_time && stat.state == 'Z' => {
+                let all = processes.get_or_insert_with(all_processes);
+                pids.extend(members(all, record, true));
+            }
             Some(stat)
                 if stat.start_time == record.start_time
                     && (stat.pgid, stat.sid) == (record.pgid, record.sid) =>

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use orchestrator_core::config::{self, Config, ConfigErrors, ConfigProblem, LogFormat};
 use orchestrator_core::daemon::{self, DaemonEvent};
 use orchestrator_core::discovery::{discover, scan};
+use orchestrator_core::guardian;
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
     UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans, resolve_program,
@@ -92,6 +93,9 @@ enum Command {
     },
     /// Stop every service and the daemon; returns once it is gone
     Shutdown,
+    /// Internal: started by `run`; stops the services if the daemon dies
+    #[command(hide = true)]
+    Guardian,
 }
 
 #[derive(clap::Args)]
@@ -120,7 +124,7 @@ fn main() -> ExitCode {
     let needs_config = cli.socket.is_none()
         || matches!(
             cli.command,
-            Command::Run | Command::Check | Command::Discover
+            Command::Run | Command::Check | Command::Discover | Command::Guardian
         );
     // `check` and `run` go through one validation, so that what `check`
     // passes `run` can start; `run` stops only for problems of the daemon
@@ -171,6 +175,7 @@ fn main() -> ExitCode {
             &validation.expect("validated for check"),
         ),
         Command::Discover => discover_command(config.as_ref().expect("loaded for discover")),
+        Command::Guardian => guardian(config.expect("loaded for guardian"), cli.config.clone()),
         Command::Run => match run(
             config.expect("loaded for run"),
             reloader(cli.config.clone()),
@@ -231,7 +236,7 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
             Command::Reload => cli::reload(&client).await,
             Command::Events { follow } => cli::events(&client, follow).await,
             Command::Shutdown => cli::shutdown(&client, shutdown_wait).await,
-            Command::Run | Command::Check | Command::Discover => {
+            Command::Run | Command::Check | Command::Discover | Command::Guardian => {
                 unreachable!("handled before")
             }
         }
@@ -439,6 +444,14 @@ fn run(
         // Taken before anything else: a second daemon on the same data_dir
         // stops here and disturbs nothing.
         let _lock = DaemonLock::acquire(&config.orchestrator.data_dir)?;
+        // A previous daemon's guardian may still be stopping what it left:
+        // nothing of ours starts before it is done.
+        guardian::wait_for_previous(
+            &config.orchestrator.data_dir,
+            guardian::PREVIOUS_GUARDIAN_WAIT,
+        )
+        .await?;
+        let guardian = start_guardian(config.source.as_deref()).await;
         // TCP first: if it fails, no control socket is left behind.
         let tcp = match config.orchestrator.http_listen {
             Some(addr) => {
@@ -555,8 +568,92 @@ fn run(
         }
         let _ = std::fs::remove_file(&socket);
         result?;
+        // Every service is stopped: nothing for the guardian to do.
+        if let Some(guardian) = guardian {
+            guardian.dismiss();
+        }
         Ok(())
     })
+}
+
+/// Our own binary in its guardian mode, with the same configuration. A
+/// daemon without one still runs: what it leaves if killed is stopped by
+/// the next daemon at its start instead.
+async fn start_guardian(config: Option<&Path>) -> Option<guardian::Guardian> {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(config) = config {
+        args.push("--config".into());
+        args.push(config.into());
+    }
+    args.push("guardian".into());
+    // Our own file, so the guardian shows as `orchestrator guardian`;
+    // /proc/self/exe when that file was replaced or removed since.
+    let program = std::env::current_exe()
+        .ok()
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+    match guardian::Guardian::spawn(&program, &args).await {
+        Ok(guardian) => {
+            tracing::debug!(pid = guardian.pid(), "guardian started");
+            Some(guardian)
+        }
+        Err(error) => {
+            tracing::warn!("{error}");
+            None
+        }
+    }
+}
+
+/// The guardian process: wait for the daemon to dismiss us or to die, and
+/// in the second case stop what it left running.
+fn guardian(config: Config, explicit: Option<PathBuf>) -> ExitCode {
+    init_tracing(&config);
+    let data_dir = config.orchestrator.data_dir.clone();
+    // Only the daemon's section is kept while waiting (the services are
+    // read anew if they are needed).
+    let orchestrator = config.orchestrator.clone();
+    drop(config);
+    let (lock, end) = match guardian::watch_daemon(&data_dir) {
+        Ok(watched) => watched,
+        Err(error) => {
+            tracing::error!("guardian: cannot watch the daemon: {error}");
+            console::flush();
+            return ExitCode::FAILURE;
+        }
+    };
+    if end == guardian::DaemonEnd::Dismissed {
+        return ExitCode::SUCCESS;
+    }
+    // Read anew for the services' stop policies; the data_dir we watched
+    // for wins, whatever the file says now.
+    let config = match config::load_all(explicit.as_deref()) {
+        Ok(loaded) if loaded.config.orchestrator.data_dir == data_dir => loaded.config,
+        _ => Config {
+            source: None,
+            orchestrator,
+            services: Default::default(),
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!("guardian: cannot start the async runtime: {error}");
+            console::flush();
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(daemon::recover_after_death(
+        config,
+        Arc::new(UnixSpawner),
+        HostEnv::from_process(),
+    ));
+    // Held until the clean-up is done: a new daemon waits for it.
+    drop(lock);
+    console::flush();
+    ExitCode::SUCCESS
 }
 
 /// What `check` would fail on but `run` lives with: the service concerned

@@ -171,6 +171,31 @@ impl Proc {
 // ---------------------------------------------------------------------------
 // B2 D1: the daemon killed with SIGKILL
 
+/// The daemon's guardian: its child `orchestrator ... guardian`, started
+/// before any service.
+fn guardian_of(daemon: &Daemon) -> u32 {
+    let find = || {
+        all_pids().into_iter().find(|&pid| {
+            stat(pid).is_some_and(|s| s.ppid == daemon.pid() as i32)
+                && cmdline(pid)
+                    .is_some_and(|argv| argv.last().map(String::as_str) == Some("guardian"))
+        })
+    };
+    let mut found = None;
+    assert!(
+        wait_until(DEADLINE, || {
+            found = find();
+            found.is_some()
+        }),
+        "daemon {} has no guardian",
+        daemon.pid()
+    );
+    found.expect("found")
+}
+
+/// With its guardian gone too (both killed, as by `kill -9` of the whole
+/// tree or the OOM killer), the next daemon stops what the first left, by
+/// its record, before it starts anything.
 #[test]
 fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
     const NAMES: [&str; 3] = ["family", "stubborn", "plain"];
@@ -206,12 +231,15 @@ fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
         std::fs::read_to_string(dir.data_dir().join("state"))
     );
 
+    let guardian = guardian_of(&first);
+    assert!(send_signal(guardian, SIGKILL));
+    assert!(wait_until(DEADLINE, || !is_alive(guardian)));
     first.signal(SIGKILL);
     first.wait_exit();
     for process in &old_procs {
         assert!(
             process.is_alive(),
-            "{process:?} outlives a SIGKILLed daemon"
+            "{process:?} outlives a SIGKILLed daemon without its guardian"
         );
     }
 
@@ -305,6 +333,98 @@ fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
         [] as [u32; 0],
         "nothing of either generation survives"
     );
+}
+
+/// The daemon alone killed: its guardian stops every service at once (the
+/// stubborn one after its stop_timeout), records it in the events, and a
+/// daemon started meanwhile waits for it, then finds nothing left.
+#[test]
+fn a_killed_daemons_guardian_stops_its_services_at_once() {
+    const NAMES: [&str; 3] = ["family", "stubborn", "plain"];
+    let dir = workspace(
+        "flt-guardian",
+        &[
+            ("family", &["--grandchild", "--ready", "--sleep"], ""),
+            ("stubborn", &["--ignore-term", "--ready", "--sleep"], ""),
+            ("plain", SLEEPER, ""),
+        ],
+        "",
+    );
+    let mut first = run_daemon(&dir);
+    let old = wait_running(&dir, &first, &NAMES);
+    for name in NAMES {
+        wait_lines(&dir, name, "READY", 1);
+    }
+    let grandchild = field(&lines_starting(&dir, "family", "GRANDCHILD")[0], "pid");
+    let mut old_procs: Vec<Proc> = old.values().map(|&pid| Proc::of(pid)).collect();
+    old_procs.push(Proc::of(grandchild));
+    let recorded = wait_until(DEADLINE, || {
+        read_state(&dir.data_dir()).is_some_and(|state| {
+            NAMES
+                .iter()
+                .all(|n| state.services.get(*n).map(|r| r.pid) == Some(old[*n]))
+        })
+    });
+    assert!(recorded, "the state file never named {old:?}");
+    let guardian = guardian_of(&first);
+
+    first.signal(SIGKILL);
+    first.wait_exit();
+    // A daemon started now waits for the guardian, then starts anew.
+    let mut second = run_daemon(&dir);
+    for process in &old_procs {
+        assert!(
+            wait_until(DEADLINE, || !process.is_alive()),
+            "{process:?} outlived its SIGKILLed daemon: {:?}",
+            stat(process.pid)
+        );
+    }
+    assert!(
+        wait_until(DEADLINE, || !is_alive(guardian)),
+        "the guardian {guardian} stays after its clean-up"
+    );
+    let new = wait_running(&dir, &second, &NAMES);
+    for name in NAMES {
+        assert_ne!(new[name], old[name]);
+        assert_eq!(
+            live_processes_with_home(&dir.service_data_dir(name)).len(),
+            if name == "family" { 2 } else { 1 },
+            "{name} runs exactly once"
+        );
+    }
+    let events = events_file(&dir);
+    let by_guardian = events
+        .iter()
+        .position(|e| {
+            e["event"] == "daemon_stopping"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("its guardian stopped 4"))
+        })
+        .unwrap_or_else(|| panic!("no guardian event in {events:#?}"));
+    let restarted = events
+        .iter()
+        .rposition(|e| e["event"] == "daemon_started")
+        .expect("daemon_started");
+    assert!(by_guardian < restarted, "{events:#?}");
+    let stopped: Vec<u64> = events[..by_guardian]
+        .iter()
+        .filter(|e| e["event"] == "leftover_stopped")
+        .filter_map(|e| e["pid"].as_u64())
+        .collect();
+    assert!(
+        stopped.contains(&u64::from(grandchild)) && stopped.contains(&u64::from(old["stubborn"])),
+        "{events:#?}"
+    );
+    // The second daemon found nothing to clean.
+    assert!(
+        !second
+            .stderr_text()
+            .contains("cleaned up after the previous daemon"),
+        "{}",
+        second.stderr_text()
+    );
+    shutdown(&dir, &mut second);
 }
 
 // ---------------------------------------------------------------------------
