@@ -6,12 +6,18 @@
 //! Done with blocking file I/O, so only at start-up (before the runtime
 //! serves) or from `check`.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{ConfigProblem, Loaded, Locations, service_key};
+use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::config::{
+    ConfigProblem, Loaded, Locations, Rlimit, RlimitValue, ServiceConfig, service_key,
+};
 use crate::discovery::{Scan, scan};
 use crate::name::ServiceName;
 use crate::plan::{HostEnv, plan};
@@ -74,13 +80,111 @@ impl Validation {
     }
 }
 
+/// Who the daemon is, for what only root may grant a service: another user
+/// or group, a limit above the daemon's own hard limit. A value rather than
+/// a question asked of the process, so that tests (which run as root, here
+/// and in CI) can play an unprivileged daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Privileges {
+    /// Effective uid; 0 may do all of the above.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// The daemon's hard limit for each resource `rlimits` can set; a
+    /// resource missing here (getrlimit failed) is not checked.
+    pub hard_limits: BTreeMap<Rlimit, RlimitValue>,
+}
+
+impl Privileges {
+    /// This process's.
+    pub fn of_process() -> Self {
+        let hard_limits = Rlimit::ALL
+            .into_iter()
+            .filter_map(|rlimit| {
+                let (_, hard) = getrlimit(resource(rlimit)).ok()?;
+                let hard = match hard {
+                    RLIM_INFINITY => RlimitValue::Unlimited,
+                    hard => RlimitValue::Limited(hard),
+                };
+                Some((rlimit, hard))
+            })
+            .collect();
+        Privileges {
+            uid: crate::state::our_uid(),
+            gid: nix::unistd::getegid().as_raw(),
+            // Not knowing our groups only makes the group check stricter.
+            groups: nix::unistd::getgroups()
+                .map(|groups| groups.into_iter().map(Gid::as_raw).collect())
+                .unwrap_or_default(),
+            hard_limits,
+        }
+    }
+
+    fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// Whether a service may run as `uid`: root may switch to anyone,
+    /// anyone else only "switch" to itself.
+    pub fn may_run_as(&self, uid: u32) -> bool {
+        self.is_root() || uid == self.uid
+    }
+
+    /// Whether a service may run with group `gid`: root may switch to any;
+    /// anyone else only to a group it already has.
+    pub fn may_use_group(&self, gid: u32) -> bool {
+        self.is_root() || gid == self.gid || self.groups.contains(&gid)
+    }
+
+    /// The hard limit `limit` would raise, if only root could set it:
+    /// anyone may lower a hard limit, only root may raise one.
+    pub fn hard_limit_below(&self, rlimit: Rlimit, limit: RlimitValue) -> Option<RlimitValue> {
+        if self.is_root() {
+            return None;
+        }
+        let hard = *self.hard_limits.get(&rlimit)?;
+        let above = match (limit, hard) {
+            (_, RlimitValue::Unlimited) => false,
+            (RlimitValue::Unlimited, RlimitValue::Limited(_)) => true,
+            (RlimitValue::Limited(limit), RlimitValue::Limited(hard)) => limit > hard,
+        };
+        above.then_some(hard)
+    }
+}
+
+/// The resource setrlimit(2) knows `rlimit` as.
+fn resource(rlimit: Rlimit) -> Resource {
+    match rlimit {
+        Rlimit::Nofile => Resource::RLIMIT_NOFILE,
+        Rlimit::Nproc => Resource::RLIMIT_NPROC,
+        Rlimit::Core => Resource::RLIMIT_CORE,
+        Rlimit::Memlock => Resource::RLIMIT_MEMLOCK,
+        Rlimit::Stack => Resource::RLIMIT_STACK,
+        Rlimit::As => Resource::RLIMIT_AS,
+        Rlimit::Cpu => Resource::RLIMIT_CPU,
+        Rlimit::Fsize => Resource::RLIMIT_FSIZE,
+    }
+}
+
 /// Validate `loaded`: its schema problems, then every service's program
-/// (a binary or `command`), the services directory and the daemon's own
-/// paths. `lookup` resolves a `command` without a slash; `None` leaves
-/// such programs to the spawn. A service whose keys already have schema
-/// problems is not checked further: its values are defaults, not what the
-/// file meant.
+/// (a binary or `command`), what it asks that only root may grant, the
+/// services directory and the daemon's own paths. `lookup` resolves a
+/// `command` without a slash; `None` leaves such programs to the spawn. A
+/// service whose keys already have schema problems is not checked further:
+/// its values are defaults, not what the file meant.
 pub fn validate(loaded: &Loaded, host: &HostEnv, lookup: Option<Lookup>) -> Validation {
+    validate_as(loaded, host, lookup, &Privileges::of_process())
+}
+
+/// `validate` for a daemon with `privileges`.
+pub fn validate_as(
+    loaded: &Loaded,
+    host: &HostEnv,
+    lookup: Option<Lookup>,
+    privileges: &Privileges,
+) -> Validation {
     let config = &loaded.config;
     let at = &loaded.locations;
     let mut findings: Vec<Finding> = loaded
@@ -260,6 +364,17 @@ pub fn validate(loaded: &Loaded, host: &HostEnv, lookup: Option<Lookup>) -> Vali
         }
     }
 
+    for (name, service) in &config.services {
+        let section = service_key(name);
+        if has_problem(&section) {
+            continue;
+        }
+        for (key, message) in privilege_problems(service, privileges) {
+            let key = format!("{section}.{key}");
+            findings.push(service_finding(service.enabled, name, at, &key, message));
+        }
+    }
+
     for skipped in &scanned.skipped {
         // A configured service's own finding already says why.
         if covered.contains(&skipped.path) {
@@ -289,6 +404,119 @@ pub fn validate(loaded: &Loaded, host: &HostEnv, lookup: Option<Lookup>) -> Vali
     Validation {
         findings,
         scan: scanned,
+    }
+}
+
+/// What `service` asks that this host or `privileges` cannot grant, as
+/// (key within the section, message): a user or group that does not exist,
+/// another user or group while the daemon is not root, a limit above the
+/// daemon's hard limit. Accounts are looked up here so that `check` finds a
+/// typo; the spawn looks them up again, since an account may change.
+fn privilege_problems(service: &ServiceConfig, privileges: &Privileges) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let not_root = format!("the daemon runs as uid {}, not root,", privileges.uid);
+    if let Some(name) = &service.user {
+        match find_user(name) {
+            Ok(user) if !privileges.may_run_as(user.uid.as_raw()) => problems.push((
+                "user".to_owned(),
+                format!(
+                    "user = {name:?}{}: {not_root} and cannot switch users: run it as root or \
+                     remove user",
+                    shown_id(name, "uid", user.uid.as_raw())
+                ),
+            )),
+            Ok(_) => {}
+            Err(message) => problems.push(("user".to_owned(), message)),
+        }
+    }
+    if let Some(name) = &service.group {
+        match find_group(name) {
+            Ok(group) if !privileges.may_use_group(group.gid.as_raw()) => problems.push((
+                "group".to_owned(),
+                format!(
+                    "group = {name:?}{}: {not_root} and is not in that group, so it cannot \
+                     switch to it: run it as root, add the daemon's user to the group, or \
+                     remove group",
+                    shown_id(name, "gid", group.gid.as_raw())
+                ),
+            )),
+            Ok(_) => {}
+            Err(message) => problems.push(("group".to_owned(), message)),
+        }
+    }
+    for (&rlimit, &limit) in &service.rlimits {
+        if let Some(hard) = privileges.hard_limit_below(rlimit, limit) {
+            let name = rlimit.as_str();
+            let hard = shown_limit(hard);
+            problems.push((
+                format!("rlimits.{name}"),
+                format!(
+                    "{name} = {} is above the daemon's hard limit ({hard}) and only root can \
+                     raise a hard limit: lower it to at most {hard}, or run the daemon as root",
+                    shown_limit(limit)
+                ),
+            ));
+        }
+    }
+    problems
+}
+
+/// ` (uid 33)` after a name, nothing after a number (it says it already).
+fn shown_id(name: &str, kind: &str, id: u32) -> String {
+    if name.parse::<u32>().is_ok() {
+        String::new()
+    } else {
+        format!(" ({kind} {id})")
+    }
+}
+
+fn shown_limit(limit: RlimitValue) -> String {
+    match limit {
+        RlimitValue::Limited(limit) => limit.to_string(),
+        RlimitValue::Unlimited => "\"unlimited\"".to_owned(),
+    }
+}
+
+/// `user`: a name, or a numeric uid that must have an account too (the
+/// spawn needs its groups).
+fn find_user(name: &str) -> Result<User, String> {
+    let (found, shown) = match name.parse::<u32>() {
+        Ok(uid) => (
+            User::from_uid(Uid::from_raw(uid)),
+            format!("with uid {uid}"),
+        ),
+        Err(_) => (User::from_name(name), format!("{name:?}")),
+    };
+    match found {
+        Ok(Some(user)) => Ok(user),
+        Ok(None) => Err(format!(
+            "no such user {shown} on this host; create it or fix user"
+        )),
+        Err(errno) => Err(format!(
+            "cannot look up user {shown}: {errno}; check the host's user database \
+             (/etc/passwd, NSS) or fix user"
+        )),
+    }
+}
+
+/// `group`: a name or a numeric gid with a group entry.
+fn find_group(name: &str) -> Result<Group, String> {
+    let (found, shown) = match name.parse::<u32>() {
+        Ok(gid) => (
+            Group::from_gid(Gid::from_raw(gid)),
+            format!("with gid {gid}"),
+        ),
+        Err(_) => (Group::from_name(name), format!("{name:?}")),
+    };
+    match found {
+        Ok(Some(group)) => Ok(group),
+        Ok(None) => Err(format!(
+            "no such group {shown} on this host; create it or fix group"
+        )),
+        Err(errno) => Err(format!(
+            "cannot look up group {shown}: {errno}; check the host's group database \
+             (/etc/group, NSS) or fix group"
+        )),
     }
 }
 
@@ -436,6 +664,41 @@ mod tests {
         fn validate(&self, text: &str) -> Validation {
             let loaded = parse_all(text, Some(&self.0.join("o.toml")), &self.0).unwrap();
             validate(&loaded, &host(), Some(fake_lookup))
+        }
+
+        /// `validate` with `privileges` and an empty services_dir, so that
+        /// only the configured services are said.
+        fn validate_as(&self, text: &str, privileges: &Privileges) -> Validation {
+            fs::create_dir_all(self.0.join("services")).unwrap();
+            let loaded = parse_all(text, Some(&self.0.join("o.toml")), &self.0).unwrap();
+            validate_as(&loaded, &host(), Some(fake_lookup), privileges)
+        }
+    }
+
+    /// Root, with every hard limit at 1024 (nofile) or unlimited.
+    fn root() -> Privileges {
+        Privileges {
+            uid: 0,
+            gid: 0,
+            groups: vec![0],
+            hard_limits: Rlimit::ALL
+                .into_iter()
+                .map(|rlimit| match rlimit {
+                    Rlimit::Nofile => (rlimit, RlimitValue::Limited(1024)),
+                    _ => (rlimit, RlimitValue::Unlimited),
+                })
+                .collect(),
+        }
+    }
+
+    /// An ordinary user, uid 1000, in groups 1000 and 27, whatever this
+    /// test process really is.
+    fn unprivileged() -> Privileges {
+        Privileges {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![1000, 27],
+            ..root()
         }
     }
 
@@ -659,5 +922,160 @@ enabled = false
         let validation = dir.validate("[services.web]\ncommand = [\"sh\", \"-c\", \"true\"]\n");
         assert!(validation.findings.is_empty(), "{:#?}", validation.findings);
         assert_eq!(validation.scan.found.len(), 1);
+    }
+
+    #[test]
+    fn only_root_may_switch_users_or_groups_or_raise_a_hard_limit() {
+        let root = root();
+        let user = unprivileged();
+        assert!(root.may_run_as(0) && root.may_run_as(1000) && root.may_run_as(65534));
+        assert!(user.may_run_as(1000));
+        assert!(!user.may_run_as(0) && !user.may_run_as(1001));
+        assert!(root.may_use_group(0) && root.may_use_group(5));
+        assert!(user.may_use_group(1000) && user.may_use_group(27));
+        assert!(!user.may_use_group(0) && !user.may_use_group(28));
+        let same_gid_other_groups = Privileges {
+            gid: 50,
+            groups: Vec::new(),
+            ..unprivileged()
+        };
+        assert!(same_gid_other_groups.may_use_group(50));
+
+        use RlimitValue::{Limited, Unlimited};
+        for limit in [Limited(0), Limited(1024), Limited(u64::MAX >> 1), Unlimited] {
+            assert_eq!(root.hard_limit_below(Rlimit::Nofile, limit), None);
+        }
+        assert_eq!(user.hard_limit_below(Rlimit::Nofile, Limited(1024)), None);
+        assert_eq!(user.hard_limit_below(Rlimit::Nofile, Limited(10)), None);
+        assert_eq!(
+            user.hard_limit_below(Rlimit::Nofile, Limited(1025)),
+            Some(Limited(1024))
+        );
+        assert_eq!(
+            user.hard_limit_below(Rlimit::Nofile, Unlimited),
+            Some(Limited(1024))
+        );
+        assert_eq!(user.hard_limit_below(Rlimit::Core, Unlimited), None);
+        let unknown = Privileges {
+            hard_limits: BTreeMap::new(),
+            ..unprivileged()
+        };
+        assert_eq!(unknown.hard_limit_below(Rlimit::Nofile, Unlimited), None);
+    }
+
+    #[test]
+    fn the_process_privileges_are_its_own() {
+        let privileges = Privileges::of_process();
+        assert_eq!(privileges.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(privileges.gid, nix::unistd::getegid().as_raw());
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let expected = match hard {
+            RLIM_INFINITY => RlimitValue::Unlimited,
+            hard => RlimitValue::Limited(hard),
+        };
+        assert_eq!(privileges.hard_limits.get(&Rlimit::Nofile), Some(&expected));
+        assert_eq!(privileges.hard_limits.len(), Rlimit::ALL.len());
+    }
+
+    #[test]
+    fn users_and_groups_must_exist_on_this_host() {
+        let dir = TempDir::new("accounts");
+        // root (uid 0, gid 0) exists everywhere.
+        for (user, group) in [("root", "root"), ("0", "0")] {
+            let text = format!(
+                "[services.a]\ncommand = [\"sh\"]\nuser = \"{user}\"\ngroup = \"{group}\"\n"
+            );
+            let validation = dir.validate_as(&text, &root());
+            assert!(validation.findings.is_empty(), "{:#?}", validation.findings);
+        }
+        let validation = dir.validate_as(
+            "[services.a]\ncommand = [\"sh\"]\nuser = \"no-such-user-orch\"\n\
+             group = \"no-such-group-orch\"\n[services.b]\ncommand = [\"sh\"]\n\
+             user = 3999999999\ngroup = \"3999999999\"\n",
+            &root(),
+        );
+        let errors = lines(&validation, Severity::Error);
+        assert_eq!(
+            errors,
+            [
+                "3:8 services.a.user: no such user \"no-such-user-orch\" on this host; create \
+                 it or fix user",
+                "4:9 services.a.group: no such group \"no-such-group-orch\" on this host; \
+                 create it or fix group",
+                "7:8 services.b.user: no such user with uid 3999999999 on this host; create it \
+                 or fix user",
+                "8:9 services.b.group: no such group with gid 3999999999 on this host; create \
+                 it or fix group",
+            ]
+        );
+        for finding in validation.errors() {
+            // Only that service is kept from starting, not the daemon.
+            assert!(matches!(finding.scope, Scope::Service(_)), "{finding:#?}");
+        }
+        assert!(!validation.stops_the_daemon());
+    }
+
+    #[test]
+    fn an_unprivileged_daemon_cannot_switch_users_or_raise_hard_limits() {
+        let dir = TempDir::new("unprivileged");
+        let text = "[services.a]\ncommand = [\"sh\"]\nuser = \"root\"\ngroup = \"0\"\n\
+                    rlimits = { nofile = 4096, core = \"unlimited\" }\n\
+                    [services.b]\ncommand = [\"sh\"]\nuser = \"0\"\n\
+                    rlimits = { nofile = \"unlimited\" }\n";
+        let validation = dir.validate_as(text, &unprivileged());
+        let errors = lines(&validation, Severity::Error);
+        assert_eq!(
+            errors,
+            [
+                "3:8 services.a.user: user = \"root\" (uid 0): the daemon runs as uid 1000, \
+                 not root, and cannot switch users: run it as root or remove user",
+                "4:9 services.a.group: group = \"0\": the daemon runs as uid 1000, not root, \
+                 and is not in that group, so it cannot switch to it: run it as root, add the \
+                 daemon's user to the group, or remove group",
+                "5:22 services.a.rlimits.nofile: nofile = 4096 is above the daemon's hard limit \
+                 (1024) and only root can raise a hard limit: lower it to at most 1024, or run \
+                 the daemon as root",
+                "8:8 services.b.user: user = \"0\": the daemon runs as uid 1000, not root, and \
+                 cannot switch users: run it as root or remove user",
+                "9:22 services.b.rlimits.nofile: nofile = \"unlimited\" is above the daemon's \
+                 hard limit (1024) and only root can raise a hard limit: lower it to at most \
+                 1024, or run the daemon as root",
+            ]
+        );
+        assert!(!validation.stops_the_daemon());
+        // As root, all of it is allowed.
+        let validation = dir.validate_as(text, &root());
+        assert!(validation.findings.is_empty(), "{:#?}", validation.findings);
+        // Lowering a limit needs no privilege.
+        let validation = dir.validate_as(
+            "[services.a]\ncommand = [\"sh\"]\nrlimits = { nofile = 1024, core = 0 }\n",
+            &unprivileged(),
+        );
+        assert!(validation.findings.is_empty(), "{:#?}", validation.findings);
+    }
+
+    #[test]
+    fn privilege_problems_of_a_disabled_or_broken_service() {
+        let dir = TempDir::new("privileges-off");
+        // Disabled: said, but it does not fail `check`.
+        let validation = dir.validate_as(
+            "[services.a]\nenabled = false\ncommand = [\"sh\"]\nuser = \"root\"\n",
+            &unprivileged(),
+        );
+        assert_eq!(validation.errors().count(), 0);
+        let warnings = lines(&validation, Severity::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        assert!(warnings[0].starts_with("4:8 services.a.user: user = \"root\" (uid 0): "));
+        assert!(
+            warnings[0].ends_with("(the service is disabled: it only matters once it is started)")
+        );
+        // A section with schema problems is not looked at further.
+        let validation = dir.validate_as(
+            "[services.a]\ncommand = [\"sh\"]\nuser = \"no-such-user-orch\"\nbogus = 1\n",
+            &root(),
+        );
+        let errors = lines(&validation, Severity::Error);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains("unknown key \"bogus\""), "{errors:#?}");
     }
 }

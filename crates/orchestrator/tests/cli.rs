@@ -104,7 +104,7 @@ fn check_rejects_an_unknown_key_and_a_feature_not_built_yet() {
     let dir = TestDir::new("check-unknown");
     let file = dir.write_file(
         "orchestrator.toml",
-        "[orchestrator]\nlog_levle = \"info\"\n[services.api]\nsha256 = \"00\"\n",
+        "[orchestrator]\nlog_levle = \"info\"\n[services.api]\ndepends_on = [\"db\"]\n",
         0o644,
     );
     let file = file.display().to_string();
@@ -112,7 +112,7 @@ fn check_rejects_an_unknown_key_and_a_feature_not_built_yet() {
     assert_eq!(code, 2, "{stderr}");
     let typo = problem_line(&stderr, &file, 2, "orchestrator.log_levle").expect(&stderr);
     assert!(typo.contains("did you mean \"log_level\"?"), "{typo}");
-    let later = problem_line(&stderr, &file, 4, "services.api.sha256").expect(&stderr);
+    let later = problem_line(&stderr, &file, 4, "services.api.depends_on").expect(&stderr);
     assert!(later.contains("not supported yet"), "{later}");
 }
 

@@ -226,5 +226,30 @@ mod tests {
         check("orchestrator", super::super::orchestrator_section::KEYS);
         check("service", super::super::service_section::KEYS);
         check("backoff", super::super::service_section::BACKOFF_KEYS);
+        check("rlimits", super::super::service_section::RLIMIT_KEYS);
+        check(
+            "start_limit",
+            super::super::service_section::START_LIMIT_KEYS,
+        );
+    }
+
+    #[test]
+    fn rlimits_has_a_row_for_each_resource_under_its_name() {
+        let names: Vec<&str> = super::super::service_section::RLIMIT_KEYS
+            .iter()
+            .map(|key| key.name)
+            .collect();
+        let resources: Vec<&str> = Rlimit::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names, resources);
+        // And each row sets its own resource, not a neighbour's.
+        for resource in Rlimit::ALL {
+            let name = resource.as_str();
+            let svc = service(&format!("[services.api]\nrlimits = {{ {name} = 7 }}\n"));
+            assert_eq!(
+                svc.rlimits.into_iter().collect::<Vec<_>>(),
+                [(resource, RlimitValue::Limited(7))],
+                "{name}"
+            );
+        }
     }
 }

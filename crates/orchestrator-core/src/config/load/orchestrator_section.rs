@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use toml::de::DeTable;
 
@@ -171,6 +171,24 @@ pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
         "whether changes to the config file and services_dir trigger a reload",
         |cx, f, out| set(&mut out.watch, cx.boolean(&f.path, f.value)),
     ),
+    Key::new(
+        "cgroup_parent",
+        "the cgroup, relative to the daemon's own, under which each service gets NAME",
+        |cx, f, out| {
+            let Some(text) = cx.string(&f.path, f.value) else {
+                return;
+            };
+            match cgroup_parent(text) {
+                Ok(parent) => out.cgroup_parent = parent,
+                Err(message) => cx.report(f.value.span(), &f.path, message),
+            }
+        },
+    ),
+    Key::new(
+        "require_limits",
+        "whether a limit that cannot be enforced fails the start instead of a warning",
+        |cx, f, out| set(&mut out.require_limits, cx.boolean(&f.path, f.value)),
+    ),
 ];
 
 /// A zero timeout would close every connection at once: refused.
@@ -189,6 +207,50 @@ fn positive_duration(
         return None;
     }
     Some(duration)
+}
+
+/// Longest name a cgroup (a directory of cgroupfs) may have, in bytes.
+const MAX_CGROUP_NAME: usize = 255;
+
+/// `cgroup_parent` as a path below the daemon's own cgroup: plain names
+/// joined by single slashes, so that it can neither climb out of the
+/// daemon's cgroup (`..`, an absolute path) nor mean something other than
+/// what it says (`.`, empty parts the kernel would collapse).
+fn cgroup_parent(text: &str) -> Result<PathBuf, String> {
+    const WHY: &str = "cgroup_parent is relative to the daemon's own cgroup";
+    const EXAMPLE: &str = "e.g. \"orchestrator\" or \"orchestrator/web\"";
+    if text.is_empty() {
+        return Err(format!(
+            "empty cgroup_parent; {WHY}: name it, {EXAMPLE}, or remove the key for the default"
+        ));
+    }
+    if text.starts_with('/') {
+        return Err(format!(
+            "{text:?} is an absolute path, but {WHY} (services must stay inside it); \
+             drop the leading '/', {EXAMPLE}"
+        ));
+    }
+    for part in text.split('/') {
+        let problem = match part {
+            "" => "an empty part (a doubled or trailing '/')".to_owned(),
+            "." | ".." => format!("a {part:?} part"),
+            _ if part.chars().any(char::is_control) => {
+                // The kernel refuses a newline in a cgroup's name, and
+                // /proc/PID/cgroup (one cgroup a line) could not show it.
+                "a control character (a newline, a tab...)".to_owned()
+            }
+            _ if part.len() > MAX_CGROUP_NAME => format!(
+                "a part of {} bytes, longer than a cgroup's name may be ({MAX_CGROUP_NAME})",
+                part.len()
+            ),
+            _ => continue,
+        };
+        return Err(format!(
+            "{text:?} has {problem}; {WHY}, so it must be plain names joined by single '/', \
+             {EXAMPLE}"
+        ));
+    }
+    Ok(PathBuf::from(text))
 }
 
 /// Reads `[orchestrator]` into `out`, then checks what no single key can.
@@ -306,6 +368,75 @@ watch = false
         assert_eq!(orchestrator.api_header_timeout, Duration::from_secs(2));
         assert_eq!(orchestrator.api_idle_timeout, Duration::from_secs(60));
         assert!(!orchestrator.watch);
+    }
+
+    #[test]
+    fn cgroup_parent_and_require_limits() {
+        let config = ok("[orchestrator]\n");
+        assert_eq!(config.orchestrator.cgroup_parent, Path::new("orchestrator"));
+        assert!(!config.orchestrator.require_limits);
+        let config =
+            ok("[orchestrator]\ncgroup_parent = \"apps.slice/orch-1\"\nrequire_limits = true\n");
+        assert_eq!(
+            config.orchestrator.cgroup_parent,
+            Path::new("apps.slice/orch-1")
+        );
+        assert!(config.orchestrator.require_limits);
+
+        let key = "orchestrator.cgroup_parent";
+        let why = "cgroup_parent is relative to the daemon's own cgroup";
+        let long = "x".repeat(256);
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "/sys/fs/cgroup/orch",
+                &[
+                    "\"/sys/fs/cgroup/orch\" is an absolute path",
+                    why,
+                    "drop the leading '/'",
+                ],
+            ),
+            (
+                "",
+                &["empty cgroup_parent", why, "remove the key for the default"],
+            ),
+            (
+                "a//b",
+                &["has an empty part (a doubled or trailing '/')", why],
+            ),
+            ("a/", &["has an empty part"]),
+            (
+                "..",
+                &["has a \"..\" part", why, "plain names joined by single '/'"],
+            ),
+            ("orch/../..", &["has a \"..\" part"]),
+            ("./orch", &["has a \".\" part"]),
+            ("a\\nb", &["has a control character"]),
+            (
+                &long,
+                &["a part of 256 bytes, longer than a cgroup's name may be (255)"],
+            ),
+        ];
+        for &(value, parts) in cases {
+            let text = format!("[orchestrator]\ncgroup_parent = \"{value}\"\n");
+            let message = one_problem(&text, 2, key);
+            for part in parts {
+                assert!(
+                    message.contains(part),
+                    "{value:?}: {message}\nlacks {part:?}"
+                );
+            }
+        }
+        let message = one_problem("[orchestrator]\ncgroup_parent = 1\n", 2, key);
+        assert!(
+            message.contains("expected a string, found integer"),
+            "{message}"
+        );
+        let message = one_problem(
+            "[orchestrator]\nrequire_limits = \"yes\"\n",
+            2,
+            "orchestrator.require_limits",
+        );
+        assert!(message.contains("expected a boolean"), "{message}");
     }
 
     #[test]

@@ -5,10 +5,12 @@ use std::path::Path;
 
 use toml::de::{DeTable, DeValue};
 
-use super::cx::Cx;
+use super::cx::{Cx, Value};
 use super::keys::{Field, Key, join_key};
 use super::values::set;
-use crate::config::model::{BackoffConfig, RestartPolicy, ServiceConfig, StartLimit};
+use crate::config::model::{
+    BackoffConfig, RestartPolicy, Rlimit, RlimitValue, ServiceConfig, Sha256, StartLimit,
+};
 use crate::name::ServiceName;
 
 const RESTART_POLICIES: &[(&str, RestartPolicy)] = &[
@@ -20,6 +22,17 @@ const RESTART_POLICIES: &[(&str, RestartPolicy)] = &[
 /// memory_limit is turned into bytes (cgroup, GOMEMLIMIT); this keeps that
 /// product inside an i64.
 const MAX_MEMORY_MIB: i64 = i64::MAX >> 20;
+
+/// The kernel's largest pid_max (PID_MAX_LIMIT on 64-bit): a pids_limit
+/// above it could never be reached, so it is surely a typo.
+const MAX_PIDS: i64 = 4_194_304;
+
+/// cgroups take a quota of at least 1ms per period, and the period used is
+/// 100ms (see `cgroup::Limits`): a smaller limit cannot be written.
+const MIN_CORES: f64 = 0.01;
+/// More than any machine has: a larger value is a typo, not a wish.
+const MAX_CORES: f64 = 4096.0;
+const CORES_HINT: &str = "a positive number of cores, e.g. 0.5 or 2";
 
 /// `command` is the exact argv, so these would be silently ignored beside it.
 const NOT_WITH_COMMAND: &[&str] = &["binary_path", "args"];
@@ -99,13 +112,103 @@ pub(super) const KEYS: &[Key<ServiceConfig>] = &[
         "the start-rate limit: { burst, interval }",
         start_limit,
     ),
-    Key::later("cpu_limit", "the CPU limit in cores"),
-    Key::later("pids_limit", "the limit on the service's processes"),
-    Key::later("rlimits", "resource limits such as { nofile = 4096 }"),
-    Key::later("user", "the user the service runs as"),
-    Key::later("sha256", "the checksum the binary must match"),
+    Key::new(
+        "cpu_limit",
+        "the CPU limit in cores, e.g. 1.5 for one and a half CPUs' time",
+        |cx, f, out| out.cpu_limit = cpu_limit(cx, &f.path, f.value),
+    ),
+    Key::new(
+        "pids_limit",
+        "the most processes and threads the service may have at once",
+        |cx, f, out| {
+            let pids = cx.integer_in(
+                &f.path,
+                f.value,
+                1,
+                MAX_PIDS,
+                "a number of processes from 1 to 4194304 (the kernel's largest pid_max)",
+            );
+            out.pids_limit = pids.map(i64::unsigned_abs);
+        },
+    ),
+    Key::new(
+        "rlimits",
+        "setrlimit limits before exec, e.g. { nofile = 4096, core = 0 }",
+        rlimits,
+    ),
+    Key::new(
+        "user",
+        "the user the service runs as, a name or a numeric uid (another user needs a root daemon)",
+        |cx, f, out| out.user = account(cx, &f.path, f.value, "user", "uid"),
+    ),
+    Key::new(
+        "group",
+        "the group the service runs as, a name or a numeric gid (default: the user's primary group)",
+        |cx, f, out| out.group = account(cx, &f.path, f.value, "group", "gid"),
+    ),
+    Key::new(
+        "strict",
+        "whether a binary or services_dir writable by group or others is refused (daemon as root)",
+        |cx, f, out| set(&mut out.strict, cx.boolean(&f.path, f.value)),
+    ),
+    Key::new(
+        "sha256",
+        "the SHA-256 the binary must match, as sha256sum prints it",
+        |cx, f, out| {
+            let Some(text) = cx.string(&f.path, f.value) else {
+                return;
+            };
+            match Sha256::from_hex(text) {
+                Some(digest) => out.sha256 = Some(digest),
+                None => cx.report(f.value.span(), &f.path, sha256_problem(text)),
+            }
+        },
+    ),
     Key::later("depends_on", "the services this one starts after"),
     Key::later("health", "the service's health check"),
+];
+
+/// One row per resource, named as `Rlimit::as_str` names it (a test holds
+/// them together); the doc says the unit, which differs between resources.
+pub(super) const RLIMIT_KEYS: &[Key<BTreeMap<Rlimit, RlimitValue>>] = &[
+    Key::new(
+        "nofile",
+        "the most open file descriptors, a count",
+        |cx, f, out| rlimit(cx, f, out, Rlimit::Nofile),
+    ),
+    Key::new(
+        "nproc",
+        "the most processes of the service's user, a count",
+        |cx, f, out| rlimit(cx, f, out, Rlimit::Nproc),
+    ),
+    Key::new(
+        "core",
+        "the largest core dump, in bytes (0: none)",
+        |cx, f, out| rlimit(cx, f, out, Rlimit::Core),
+    ),
+    Key::new(
+        "memlock",
+        "the most locked memory, in bytes",
+        |cx, f, out| rlimit(cx, f, out, Rlimit::Memlock),
+    ),
+    Key::new(
+        "stack",
+        "the largest main-thread stack, in bytes",
+        |cx, f, out| rlimit(cx, f, out, Rlimit::Stack),
+    ),
+    Key::new(
+        "as",
+        "the largest address space (virtual memory), in bytes",
+        |cx, f, out| rlimit(cx, f, out, Rlimit::As),
+    ),
+    Key::new("cpu", "the most CPU time, in seconds", |cx, f, out| {
+        rlimit(cx, f, out, Rlimit::Cpu)
+    }),
+    Key::new(
+        "fsize",
+        "the largest file the service may write, in bytes",
+        |cx, f, out| rlimit(cx, f, out, Rlimit::Fsize),
+    ),
 ];
 
 pub(super) const BACKOFF_KEYS: &[Key<BackoffConfig>] = &[
@@ -157,6 +260,125 @@ pub(super) const START_LIMIT_KEYS: &[Key<StartLimit>] = &[
         },
     ),
 ];
+
+fn cpu_limit(cx: &mut Cx<'_>, path: &str, value: &Value<'_>) -> Option<f64> {
+    let cores = cx.number(path, value, CORES_HINT)?;
+    let problem = if !cores.is_finite() || cores <= 0.0 {
+        format!("{cores} is not a CPU limit; use {CORES_HINT}")
+    } else if cores < MIN_CORES {
+        format!(
+            "{cores} cores is below the smallest CPU quota cgroups take (1ms per 100ms \
+             period); use at least {MIN_CORES}"
+        )
+    } else if cores > MAX_CORES {
+        format!("{cores} cores is more than any machine has; use {CORES_HINT}, at most {MAX_CORES}")
+    } else {
+        return Some(cores);
+    };
+    cx.report(value.span(), path, problem);
+    None
+}
+
+/// `rlimits = { ... }`, an inline table or a `[services.NAME.rlimits]`
+/// section: unknown resources are reported like unknown keys.
+fn rlimits(cx: &mut Cx<'_>, f: &Field<'_, '_>, out: &mut ServiceConfig) {
+    let Some(table) = f.value.get_ref().as_table() else {
+        cx.mismatch(
+            &f.path,
+            f.value,
+            "a table of resource limits, e.g. { nofile = 4096 }",
+        );
+        return;
+    };
+    let mut limits = BTreeMap::new();
+    let place = format!("in {}", f.path);
+    cx.section(table, &f.path, &place, RLIMIT_KEYS, f.base_dir, &mut limits);
+    out.rlimits = limits;
+}
+
+/// One resource's limit: an integer of 0 or more, or "unlimited".
+fn rlimit(
+    cx: &mut Cx<'_>,
+    f: &Field<'_, '_>,
+    out: &mut BTreeMap<Rlimit, RlimitValue>,
+    resource: Rlimit,
+) {
+    let unit = match resource {
+        Rlimit::Nofile | Rlimit::Nproc => "a count",
+        Rlimit::Cpu => "a number of seconds",
+        Rlimit::Core | Rlimit::Memlock | Rlimit::Stack | Rlimit::As | Rlimit::Fsize => {
+            "a number of bytes"
+        }
+    };
+    let expected = format!("{unit} (0 or more) or \"unlimited\"");
+    let limit = match f.value.get_ref() {
+        DeValue::Integer(_) => cx
+            .integer_in(&f.path, f.value, 0, i64::MAX, &expected)
+            .map(|limit| RlimitValue::Limited(limit.unsigned_abs())),
+        DeValue::String(text) if text == "unlimited" => Some(RlimitValue::Unlimited),
+        DeValue::String(text) => {
+            cx.report(
+                f.value.span(),
+                &f.path,
+                format!("invalid value {text:?}; use {expected}"),
+            );
+            None
+        }
+        _ => {
+            cx.mismatch(&f.path, f.value, &expected);
+            None
+        }
+    };
+    if let Some(limit) = limit {
+        out.insert(resource, limit);
+    }
+}
+
+/// `user` or `group`: a name or a numeric id (quoted or not), looked up
+/// later (by `check` and at each spawn), since an account may be created
+/// after the file is written.
+fn account(cx: &mut Cx<'_>, path: &str, value: &Value<'_>, what: &str, id: &str) -> Option<String> {
+    if value.get_ref().is_integer() {
+        // A numeric id written unquoted means the same as quoted. The
+        // largest u32 is left out: as an id it means "no change" to
+        // setresuid(2), not a user.
+        let id = cx.integer_in(
+            path,
+            value,
+            0,
+            i64::from(u32::MAX - 1),
+            &format!("a numeric {id} from 0 to 4294967294, or a {what} name"),
+        )?;
+        return Some(id.to_string());
+    }
+    let text = cx.string(path, value)?;
+    let problem = if text.is_empty() {
+        format!("empty {what}; give a {what} name or a numeric {id}, or remove {what}")
+    } else if text.contains('\0') {
+        format!("the {what} contains a NUL character; remove it")
+    } else {
+        return Some(text.to_owned());
+    };
+    cx.report(value.span(), path, problem);
+    None
+}
+
+/// What is wrong with a `sha256` that is not 64 hex digits, with the likely
+/// slip named: sha256sum prints the file's name after the digest.
+fn sha256_problem(text: &str) -> String {
+    const WHAT: &str = "sha256 must be 64 hex digits (sha256sum's output)";
+    let mut words = text.split_whitespace();
+    if let (Some(first), Some(_)) = (words.next(), words.next())
+        && Sha256::from_hex(first).is_some()
+    {
+        return format!("{WHAT}: keep only the digits, not the file name after them");
+    }
+    let length = text.chars().count();
+    match text.chars().find(|c| !c.is_ascii_hexdigit()) {
+        Some(bad) => format!("{WHAT}; {bad:?} is not a hex digit"),
+        None => format!("{WHAT}; this is {length} digits"),
+    }
+}
 
 fn start_limit(cx: &mut Cx<'_>, f: &Field<'_, '_>, out: &mut ServiceConfig) {
     let Some(table) = f.value.get_ref().as_table() else {
@@ -227,6 +449,17 @@ fn read(cx: &mut Cx<'_>, prefix: &str, table: &DeTable<'_>, base_dir: &Path) -> 
         .filter(|name| NOT_WITH_COMMAND.contains(name))
         .map(|name| format!("{name:?}"))
         .collect();
+    // A group is switched only together with its user (the spawn's
+    // UserSpec), so a group alone would be silently ignored.
+    if let Some((group, _)) = table.get_key_value("group")
+        && !table.contains_key("user")
+    {
+        cx.report(
+            group.span(),
+            &join_key(prefix, "group"),
+            "group needs user; set user too, or remove group (a group is only switched together with a user)",
+        );
+    }
     if let Some((command, _)) = table.get_key_value("command")
         && !combined_with.is_empty()
     {
@@ -396,8 +629,14 @@ max = "1s"
 
     #[test]
     fn later_keys_are_not_supported_yet() {
-        let later = KEYS.iter().filter(|key| key.read.is_none());
-        for key in later.map(|key| key.name) {
+        let later: Vec<&str> = KEYS
+            .iter()
+            .filter(|key| key.read.is_none())
+            .map(|key| key.name)
+            .collect();
+        // Issue 13's; every other key of the contract is read.
+        assert_eq!(later, ["depends_on", "health"]);
+        for key in later {
             let text = format!("[services.api]\n{key} = 1\n");
             let message = one_problem(&text, 2, &format!("services.api.{key}"));
             assert!(
@@ -414,6 +653,340 @@ max = "1s"
             message.contains("\"health\" is not supported yet"),
             "{message}"
         );
+    }
+
+    /// Each (file text, line, key, parts of the message) yields exactly
+    /// that one problem.
+    fn each_problem(cases: &[(&str, usize, &str, &[&str])]) {
+        for &(text, line, key, parts) in cases {
+            let message = one_problem(text, line, key);
+            for part in parts {
+                assert!(message.contains(part), "{text}:\n{message}\nlacks {part:?}");
+            }
+        }
+    }
+
+    const DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn containment_keys_are_read() {
+        let svc = service(&format!(
+            r#"
+[services.api]
+cpu_limit = 1.5
+pids_limit = 128
+rlimits = {{ nofile = 4096, core = 0, as = "unlimited", cpu = 0x10 }}
+user = "nobody"
+group = "nogroup"
+strict = false
+sha256 = "{}"
+"#,
+            DIGEST.to_uppercase()
+        ));
+        assert_eq!(svc.cpu_limit, Some(1.5));
+        assert_eq!(svc.pids_limit, Some(128));
+        assert_eq!(
+            svc.rlimits,
+            BTreeMap::from([
+                (Rlimit::Nofile, RlimitValue::Limited(4096)),
+                (Rlimit::Core, RlimitValue::Limited(0)),
+                (Rlimit::As, RlimitValue::Unlimited),
+                (Rlimit::Cpu, RlimitValue::Limited(16)),
+            ])
+        );
+        assert_eq!(svc.user.as_deref(), Some("nobody"));
+        assert_eq!(svc.group.as_deref(), Some("nogroup"));
+        assert!(!svc.strict);
+        assert_eq!(
+            svc.sha256.map(|digest| digest.to_string()).as_deref(),
+            Some(DIGEST)
+        );
+
+        // Other forms: whole cores, a section of limits, numeric ids.
+        let svc = service(
+            "[services.api]\ncpu_limit = 2\nuser = 1000\ngroup = \"100\"\nstrict = true\n\n\
+             [services.api.rlimits]\nstack = 8388608\nfsize = \"unlimited\"\n",
+        );
+        assert_eq!(svc.cpu_limit, Some(2.0));
+        assert_eq!(svc.user.as_deref(), Some("1000"));
+        assert_eq!(svc.group.as_deref(), Some("100"));
+        assert!(svc.strict);
+        assert_eq!(
+            svc.rlimits,
+            BTreeMap::from([
+                (Rlimit::Stack, RlimitValue::Limited(8_388_608)),
+                (Rlimit::Fsize, RlimitValue::Unlimited),
+            ])
+        );
+        assert_eq!(
+            service("[services.api]\ncpu_limit = 0.01\npids_limit = 4194304\n").cpu_limit,
+            Some(0.01)
+        );
+        assert_eq!(
+            service("[services.api]\ncpu_limit = 4096\n").cpu_limit,
+            Some(4096.0)
+        );
+
+        // Unset: no limits, no other user, strict.
+        let svc = service("[services.api]\n");
+        assert_eq!(svc.cpu_limit, None);
+        assert_eq!(svc.pids_limit, None);
+        assert!(svc.rlimits.is_empty());
+        assert_eq!((svc.user, svc.group), (None, None));
+        assert!(svc.strict);
+        assert_eq!(svc.sha256, None);
+    }
+
+    #[test]
+    fn cpu_limit_is_a_positive_number_of_cores() {
+        let key = "services.api.cpu_limit";
+        let hint = "use a positive number of cores, e.g. 0.5 or 2";
+        each_problem(&[
+            (
+                "[services.api]\ncpu_limit = 0\n",
+                2,
+                key,
+                &["0 is not a CPU limit", hint],
+            ),
+            (
+                "[services.api]\ncpu_limit = -1.5\n",
+                2,
+                key,
+                &["-1.5 is not a CPU limit", hint],
+            ),
+            (
+                "[services.api]\ncpu_limit = nan\n",
+                2,
+                key,
+                &["NaN is not a CPU limit", hint],
+            ),
+            (
+                "[services.api]\ncpu_limit = inf\n",
+                2,
+                key,
+                &["inf is not a CPU limit", hint],
+            ),
+            (
+                "[services.api]\n\ncpu_limit = -inf\n",
+                3,
+                key,
+                &["-inf is not a CPU limit"],
+            ),
+            (
+                "[services.api]\ncpu_limit = 0.005\n",
+                2,
+                key,
+                &[
+                    "0.005 cores is below the smallest CPU quota",
+                    "use at least 0.01",
+                ],
+            ),
+            (
+                "[services.api]\ncpu_limit = 4096.5\n",
+                2,
+                key,
+                &["4096.5 cores is more than any machine has", "at most 4096"],
+            ),
+            (
+                "[services.api]\ncpu_limit = \"1.5\"\n",
+                2,
+                key,
+                &["expected a positive number of cores, e.g. 0.5 or 2, found string"],
+            ),
+            (
+                "[services.api]\ncpu_limit = 99999999999999999999\n",
+                2,
+                key,
+                &["too large"],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn pids_limit_is_a_count_within_pid_max() {
+        let key = "services.api.pids_limit";
+        let hint = "use a number of processes from 1 to 4194304 (the kernel's largest pid_max)";
+        each_problem(&[
+            (
+                "[services.api]\npids_limit = 0\n",
+                2,
+                key,
+                &["0 is out of range", hint],
+            ),
+            (
+                "[services.api]\npids_limit = 4194305\n",
+                2,
+                key,
+                &["out of range", hint],
+            ),
+            (
+                "[services.api]\npids_limit = 1.5\n",
+                2,
+                key,
+                &["expected an integer, found float"],
+            ),
+        ]);
+        assert_eq!(
+            service("[services.api]\npids_limit = 1\n").pids_limit,
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn rlimits_name_known_resources_and_their_units() {
+        each_problem(&[
+            (
+                "[services.api]\nrlimits = { nofiles = 10 }\n",
+                2,
+                "services.api.rlimits.nofiles",
+                &[
+                    "unknown key \"nofiles\" in services.api.rlimits",
+                    "did you mean \"nofile\"? (the most open file descriptors, a count)",
+                    "valid keys: nofile, nproc, core, memlock, stack, as, cpu, fsize",
+                ],
+            ),
+            (
+                "[services.api]\n[services.api.rlimits]\nrss = 1\n",
+                3,
+                "services.api.rlimits.rss",
+                &["unknown key \"rss\"", "valid keys: nofile, nproc, core"],
+            ),
+            (
+                "[services.api]\nrlimits = { nofile = -1 }\n",
+                2,
+                "services.api.rlimits.nofile",
+                &["-1 is out of range; use a count (0 or more) or \"unlimited\""],
+            ),
+            (
+                "[services.api]\nrlimits = { core = \"none\" }\n",
+                2,
+                "services.api.rlimits.core",
+                &["invalid value \"none\"; use a number of bytes (0 or more) or \"unlimited\""],
+            ),
+            (
+                "[services.api]\nrlimits = { cpu = 1.5 }\n",
+                2,
+                "services.api.rlimits.cpu",
+                &["expected a number of seconds (0 or more) or \"unlimited\", found float"],
+            ),
+            (
+                "[services.api]\nrlimits = { memlock = \"Unlimited\" }\n",
+                2,
+                "services.api.rlimits.memlock",
+                &["invalid value \"Unlimited\""],
+            ),
+            (
+                "[services.api]\nrlimits = 4096\n",
+                2,
+                "services.api.rlimits",
+                &["expected a table of resource limits, e.g. { nofile = 4096 }, found integer"],
+            ),
+        ]);
+        // One bad resource leaves the others read.
+        let found = problems("[services.api]\nrlimits = { nofile = 1, bogus = 2, core = -3 }\n");
+        assert_eq!(found.len(), 2, "{found:#?}");
+    }
+
+    #[test]
+    fn user_and_group_are_names_or_ids() {
+        each_problem(&[
+            (
+                "[services.api]\nuser = \"\"\n",
+                2,
+                "services.api.user",
+                &["empty user; give a user name or a numeric uid, or remove user"],
+            ),
+            (
+                "[services.api]\nuser = \"a\"\ngroup = \"\"\n",
+                3,
+                "services.api.group",
+                &["empty group; give a group name or a numeric gid, or remove group"],
+            ),
+            (
+                "[services.api]\nuser = \"a\\u0000b\"\n",
+                2,
+                "services.api.user",
+                &["the user contains a NUL character; remove it"],
+            ),
+            (
+                "[services.api]\nuser = -1\n",
+                2,
+                "services.api.user",
+                &["-1 is out of range; use a numeric uid from 0 to 4294967294, or a user name"],
+            ),
+            (
+                "[services.api]\nuser = \"a\"\ngroup = 4294967295\n",
+                3,
+                "services.api.group",
+                &["use a numeric gid from 0 to 4294967294, or a group name"],
+            ),
+            (
+                "[services.api]\nuser = [\"a\"]\n",
+                2,
+                "services.api.user",
+                &["expected a string, found array"],
+            ),
+            (
+                "[services.api]\nenabled = true\ngroup = \"staff\"\n",
+                3,
+                "services.api.group",
+                &["group needs user; set user too, or remove group"],
+            ),
+        ]);
+        assert_eq!(
+            service("[services.api]\nuser = 0\n").user.as_deref(),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn strict_is_a_boolean() {
+        let message = one_problem("[services.api]\nstrict = 1\n", 2, "services.api.strict");
+        assert!(
+            message.contains("expected a boolean (true or false), found integer"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn sha256_is_64_hex_digits() {
+        let key = "services.api.sha256";
+        let what = "sha256 must be 64 hex digits (sha256sum's output)";
+        let short = &DIGEST[..63];
+        let with_file = format!("{DIGEST}  api");
+        let not_hex = format!("{}g", &DIGEST[..63]);
+        each_problem(&[
+            (
+                &format!("[services.api]\nsha256 = \"{short}\"\n"),
+                2,
+                key,
+                &[what, "this is 63 digits"],
+            ),
+            (
+                &format!("[services.api]\nsha256 = \"{with_file}\"\n"),
+                2,
+                key,
+                &[what, "keep only the digits, not the file name after them"],
+            ),
+            (
+                &format!("[services.api]\nsha256 = \"{not_hex}\"\n"),
+                2,
+                key,
+                &[what, "'g' is not a hex digit"],
+            ),
+            (
+                "[services.api]\nsha256 = \"\"\n",
+                2,
+                key,
+                &[what, "this is 0 digits"],
+            ),
+            (
+                "[services.api]\nsha256 = 1\n",
+                2,
+                key,
+                &["expected a string, found integer"],
+            ),
+        ]);
     }
 
     #[test]

@@ -80,6 +80,32 @@ impl Cx<'_> {
         }
     }
 
+    /// An integer or a float, as f64 (`2` and `2.0` alike). NaN and the
+    /// infinities are passed on: what they mean is the caller's to say.
+    pub(super) fn number(&mut self, path: &str, value: &Value<'_>, expected: &str) -> Option<f64> {
+        match value.get_ref() {
+            // Exact up to 2^53, far beyond any range a caller accepts.
+            DeValue::Integer(_) => self.integer(path, value).map(|integer| integer as f64),
+            DeValue::Float(float) => {
+                // The parser hands over Rust's float syntax ("1.5", "1e3",
+                // "nan", "-inf"), so this only fails on what it already refused.
+                let parsed = float.as_str().parse::<f64>().ok();
+                if parsed.is_none() {
+                    self.report(
+                        value.span(),
+                        path,
+                        format!("cannot read {float} as a number; use {expected}"),
+                    );
+                }
+                parsed
+            }
+            _ => {
+                self.mismatch(path, value, expected);
+                None
+            }
+        }
+    }
+
     pub(super) fn choice<T: Copy>(
         &mut self,
         path: &str,
