@@ -4,12 +4,33 @@
 //! outlives it) and removed after. v2 (unified) and v1 (one hierarchy per
 //! controller) behind one trait; where neither can be used, `NoCgroups`
 //! runs services without, and says which limit is not enforced and why.
+//!
+//! [`detect`] picks the hierarchy once at start. A service's cgroup is
+//! `<the daemon's own cgroup>/<cgroup_parent>/<NAME>` (on v1, in the pids
+//! hierarchy always, and in the memory and cpu ones for a service with that
+//! limit). Each daemon owns its parent through a lock (an abstract socket
+//! named after it); a second daemon on the same parent takes
+//! `<cgroup_parent>-<hash of its data_dir>` instead, so that the start-up
+//! sweep of leftovers never kills another daemon's services.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+mod detect;
+pub mod fake;
+mod files;
+mod lock;
+mod v1;
+mod v2;
+
+pub use detect::{Host, Settings, detect, detect_with};
 
 /// What the cgroup enforces for one service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -169,4 +190,110 @@ impl ResourceController for NoCgroups {
     fn sweep_leftovers(&self) -> Vec<u32> {
         Vec::new()
     }
+}
+
+/// The cpu limit's period (cpu.max, cpu.cfs_period_us): the kernel's default.
+const CPU_PERIOD_USEC: u64 = 100_000;
+
+/// The quota per period for `millicores`; the kernel refuses one under 1 ms,
+/// so a smaller limit gets that.
+fn cpu_quota_usec(millicores: u64) -> u64 {
+    millicores.saturating_mul(CPU_PERIOD_USEC / 1000).max(1000)
+}
+
+fn mib_to_bytes(mib: u64) -> u64 {
+    mib.saturating_mul(1 << 20)
+}
+
+/// How often a blocking wait for a cgroup to empty looks again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Kill passes until `cgroup` is empty or `timeout` has passed, blocking
+/// the thread (start-up, tests, or `spawn_blocking`); `Ok(true)` when it
+/// is empty.
+pub fn kill_until_empty(cgroup: &dyn ServiceCgroup, timeout: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cgroup.is_empty()? {
+            return Ok(true);
+        }
+        cgroup.kill_all()?;
+        if Instant::now() >= deadline {
+            return cgroup.is_empty();
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A cgroup that `create` found already there (a previous daemon's that the
+/// sweep could not remove) is reused, but not with its processes in it.
+/// Bounded: what survives a second is killed again at the service's stop.
+fn empty_reused(cgroup: &dyn ServiceCgroup, service: &str) {
+    match kill_until_empty(cgroup, Duration::from_secs(1)) {
+        Ok(true) => {}
+        Ok(false) => warn!(
+            service,
+            "processes left in {} by an earlier daemon are still there after SIGKILL; they are killed again when service {service} stops",
+            cgroup.path().display()
+        ),
+        Err(error) => warn!(
+            service,
+            "cannot empty {} (left by an earlier daemon): {error}; its processes are killed again when service {service} stops",
+            cgroup.path().display()
+        ),
+    }
+}
+
+/// How long the start-up sweep waits for leftovers to die.
+const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Kill everything in `leftovers` until empty (bounded) and remove them;
+/// the pids killed.
+fn sweep(leftovers: Vec<Box<dyn ServiceCgroup>>) -> Vec<u32> {
+    let deadline = Instant::now() + SWEEP_TIMEOUT;
+    let mut killed = BTreeSet::new();
+    let mut busy: Vec<&dyn ServiceCgroup> = leftovers.iter().map(|cgroup| &**cgroup).collect();
+    while !busy.is_empty() {
+        busy.retain(|cgroup| {
+            if cgroup.is_empty().unwrap_or(true) {
+                return false;
+            }
+            if let Ok(pids) = cgroup.pids() {
+                killed.extend(pids);
+            }
+            let _ = cgroup.kill_all();
+            true
+        });
+        if busy.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for cgroup in &busy {
+                warn!(
+                    "processes left in {} by an earlier daemon survive SIGKILL after {:?} (stuck in the kernel, state D?): find them in its cgroup.procs",
+                    cgroup.path().display(),
+                    SWEEP_TIMEOUT
+                );
+            }
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    for cgroup in &leftovers {
+        match cgroup.remove() {
+            Ok(()) => {}
+            Err(error) => warn!(
+                "cannot remove {} (left by an earlier daemon): {error}; the next start tries again",
+                cgroup.path().display()
+            ),
+        }
+    }
+    let killed: Vec<u32> = killed.into_iter().collect();
+    if !killed.is_empty() {
+        info!(
+            "killed {} processes left in service cgroups by an earlier daemon: {killed:?}",
+            killed.len()
+        );
+    }
+    killed
 }
