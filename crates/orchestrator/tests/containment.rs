@@ -1,0 +1,371 @@
+//! Containment and limits, end to end on the machine's real cgroups (issue
+//! 12): an OOM kill named and restarted, a fork loop stopped by pids_limit,
+//! a busy loop held to its cpu_limit, and processes that escape their
+//! process group (setsid) gone after a stop, after the daemon is killed (its
+//! guardian), and after the daemon and its guardian are both killed (the
+//! next daemon's sweep). Also a checksum mismatch that never runs.
+//!
+//! These need root and a cgroup hierarchy (v1 pids or v2); elsewhere each
+//! test prints why it skips.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use orchestrator_e2e::*;
+use serde_json::Value;
+
+const SIGKILL: i32 = 9;
+
+/// Why cgroup tests cannot run here, if they cannot.
+fn no_cgroups() -> Option<&'static str> {
+    if !running_as_root() {
+        return Some("not root: no cgroup can be created");
+    }
+    let v1 = Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists();
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    (!v1 && !v2).then_some("no cgroup v1 pids hierarchy and no cgroup v2 at /sys/fs/cgroup")
+}
+
+macro_rules! require_cgroups {
+    () => {
+        if let Some(reason) = no_cgroups() {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+}
+
+/// A workspace with script services `(name, body, extra config lines)`.
+fn workspace(label: &str, services: &[(&str, &str, &str)]) -> TestDir {
+    let dir = TestDir::new(label);
+    let mut toml = String::from("[orchestrator]\nshutdown_timeout = \"5s\"\n");
+    for (name, body, extra) in services {
+        dir.add_script_service(name, body);
+        toml.push_str(&format!(
+            "\n[services.{name}]\nstop_timeout = \"2s\"\nbackoff = {{ initial = \"100ms\", max = \"200ms\" }}\n{extra}\n"
+        ));
+    }
+    dir.write_file(CONFIG, &toml, 0o644);
+    dir
+}
+
+fn run_daemon(dir: &TestDir) -> Daemon {
+    Daemon::start(dir.path(), &["-c", CONFIG, "run"])
+}
+
+/// Poll `status --json NAME` until `predicate` holds; returns that status.
+fn wait_status(
+    dir: &TestDir,
+    daemon: &Daemon,
+    name: &str,
+    predicate: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(DEADLINE, || {
+        let (_, stdout, _) = cli(dir, &["status", "--json", name]);
+        if let Ok(mut services) = serde_json::from_str::<Vec<Value>>(&stdout)
+            && let Some(service) = services.pop()
+        {
+            last = service;
+        }
+        predicate(&last)
+    });
+    assert!(
+        ok,
+        "{name}: last status {last:#}\ndaemon log:\n{}",
+        daemon.stderr_text()
+    );
+    last
+}
+
+fn pid_of(status: &Value) -> u32 {
+    u32::try_from(status["pid"].as_u64().expect("a pid")).unwrap()
+}
+
+fn events_file(dir: &TestDir) -> Vec<Value> {
+    read_lines(&dir.data_dir().join("events.jsonl"))
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The first line of the service's log that starts with `prefix`, waited for.
+fn wait_line(dir: &TestDir, service: &str, prefix: &str) -> String {
+    let mut found = None;
+    let ok = wait_until(DEADLINE, || {
+        found = read_lines(&dir.log_path(service))
+            .into_iter()
+            .find(|l| l.starts_with(prefix));
+        found.is_some()
+    });
+    assert!(
+        ok,
+        "{service}: no line starting with {prefix:?}: {:?}",
+        read_lines(&dir.log_path(service))
+    );
+    found.expect("found")
+}
+
+/// The directory of `pid`'s cgroup in the hierarchy whose /proc/PID/cgroup
+/// line names `controller` (v1), or the unified one (v2).
+fn cgroup_dir(pid: u32, controller: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == controller) {
+            return Some(
+                Path::new("/sys/fs/cgroup")
+                    .join(controller)
+                    .join(path.trim_start_matches('/')),
+            );
+        }
+    }
+    let unified = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = Path::new("/sys/fs/cgroup").join(unified.trim_start_matches('/'));
+    dir.join("cgroup.controllers").exists().then_some(dir)
+}
+
+/// The escapee script: a `setsid` child (its own session and group) that
+/// prints its pid, then the leader sleeps.
+const ESCAPING: &str = "setsid sh -c 'echo ESCAPEE pid=$$; exec sleep 1000' &\nexec sleep 999";
+
+#[test]
+fn an_oom_kill_is_named_counted_and_handled_by_the_restart_policy() {
+    require_cgroups!();
+    let dir = workspace(
+        "cg-oom",
+        &[(
+            "hog",
+            "exec python3 -c \"b = b'x' * (256 << 20); print('survived')\"",
+            "memory_limit = 48\nrestart = \"on-failure\"\nmax_restarts = 1",
+        )],
+    );
+    let mut daemon = run_daemon(&dir);
+    let status = wait_status(&dir, &daemon, "hog", |s| s["state"] == "failed");
+    assert_eq!(
+        status["last_error"], "killed by the OOM killer (memory_limit 48 MiB)",
+        "{status:#}"
+    );
+    assert_eq!(status["last_exit_code"], 137, "{status:#}");
+    assert_eq!(status["oom_kills"], 2, "both runs: {status:#}");
+    assert_eq!(
+        status["restarts"], 1,
+        "restarted once, as max_restarts says"
+    );
+    assert!(
+        !read_lines(&dir.log_path("hog"))
+            .iter()
+            .any(|l| l == "survived"),
+        "the allocation went through a 48 MiB limit"
+    );
+    let oom_events = events_file(&dir)
+        .iter()
+        .filter(|e| e["event"] == "oom_killed" && e["memory_limit_mib"] == 48)
+        .count();
+    assert_eq!(oom_events, 2);
+    cli_ok(&dir, &["shutdown"]);
+    daemon.wait_exit();
+}
+
+#[test]
+fn pids_limit_stops_a_fork_loop() {
+    require_cgroups!();
+    let dir = workspace(
+        "cg-pids",
+        &[(
+            "forker",
+            "i=0\nwhile [ $i -lt 60 ]; do sleep 1000 & i=$((i+1)); done\necho FORKED\nexec sleep 1000",
+            "pids_limit = 12",
+        )],
+    );
+    let mut daemon = run_daemon(&dir);
+    let status = wait_status(&dir, &daemon, "forker", |s| s["state"] == "running");
+    wait_line(&dir, "forker", "FORKED");
+    let live = live_processes_with_home(&dir.service_data_dir("forker"));
+    assert!(
+        !live.is_empty() && live.len() <= 12,
+        "{} processes under a pids_limit of 12",
+        live.len()
+    );
+    let pids_max = cgroup_dir(pid_of(&status), "pids").map(|dir| dir.join("pids.max"));
+    if let Some(file) = pids_max.filter(|f| f.exists()) {
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap().trim(),
+            "12",
+            "{file:?}"
+        );
+    }
+    cli_ok(&dir, &["stop", "forker"]);
+    assert!(
+        wait_until(DEADLINE, || live_processes_with_home(
+            &dir.service_data_dir("forker")
+        )
+        .is_empty()),
+        "the forked sleeps outlived the stop"
+    );
+    cli_ok(&dir, &["shutdown"]);
+    daemon.wait_exit();
+}
+
+#[test]
+fn a_busy_loop_is_held_to_its_cpu_limit() {
+    require_cgroups!();
+    let dir = workspace(
+        "cg-cpu",
+        &[("spinner", "while :; do :; done", "cpu_limit = 0.2")],
+    );
+    let mut daemon = run_daemon(&dir);
+    let status = wait_status(&dir, &daemon, "spinner", |s| s["state"] == "running");
+    let pid = pid_of(&status);
+    if let Some(dir) = cgroup_dir(pid, "cpu") {
+        let quota = dir.join("cpu.cfs_quota_us");
+        let max = dir.join("cpu.max");
+        if quota.exists() {
+            assert_eq!(std::fs::read_to_string(&quota).unwrap().trim(), "20000");
+            assert_eq!(
+                std::fs::read_to_string(dir.join("cpu.cfs_period_us"))
+                    .unwrap()
+                    .trim(),
+                "100000"
+            );
+        } else if max.exists() {
+            assert_eq!(
+                std::fs::read_to_string(&max).unwrap().trim(),
+                "20000 100000"
+            );
+        }
+    }
+    // The quota is a ceiling, whatever the load: over any stretch the loop
+    // gets at most 0.2 of a core (plus a period of slack).
+    let ticks = |pid: u32| -> f64 {
+        (stat_field(pid, 14).unwrap() + stat_field(pid, 15).unwrap()) as f64 / 100.0
+    };
+    let (began, cpu_before) = (Instant::now(), ticks(pid));
+    assert!(wait_until(DEADLINE, || began.elapsed() >= Duration::from_secs(2)));
+    let (wall, cpu) = (began.elapsed().as_secs_f64(), ticks(pid) - cpu_before);
+    assert!(
+        cpu <= 0.2 * wall + 0.15,
+        "{cpu:.2} s of CPU in {wall:.2} s under cpu_limit 0.2"
+    );
+    let status = wait_status(&dir, &daemon, "spinner", |s| s["cpu_seconds"].is_f64());
+    assert!(
+        status["memory_bytes"].as_u64().unwrap_or(0) > 0,
+        "{status:#}"
+    );
+    cli_ok(&dir, &["shutdown"]);
+    daemon.wait_exit();
+}
+
+#[test]
+fn an_escaped_process_dies_with_its_service_on_stop() {
+    require_cgroups!();
+    let dir = workspace("cg-stop", &[("escaper", ESCAPING, "")]);
+    let mut daemon = run_daemon(&dir);
+    wait_status(&dir, &daemon, "escaper", |s| s["state"] == "running");
+    let escapee = field(&wait_line(&dir, "escaper", "ESCAPEE"), "pid");
+    assert!(is_alive(escapee));
+    assert_ne!(
+        session_id(escapee),
+        session_id(daemon.pid()),
+        "it left our session"
+    );
+    cli_ok(&dir, &["stop", "escaper"]);
+    assert!(
+        wait_until(DEADLINE, || !is_alive(escapee)),
+        "the setsid escapee {escapee} outlived its service's stop"
+    );
+    cli_ok(&dir, &["shutdown"]);
+    daemon.wait_exit();
+}
+
+/// The guardian of a daemon killed with SIGKILL stops everything, escapees
+/// included (through the cgroups).
+#[test]
+fn escaped_processes_die_with_a_killed_daemon() {
+    require_cgroups!();
+    let dir = workspace("cg-kill9", &[("escaper", ESCAPING, "")]);
+    let mut daemon = run_daemon(&dir);
+    let status = wait_status(&dir, &daemon, "escaper", |s| s["state"] == "running");
+    let leader = pid_of(&status);
+    let escapee = field(&wait_line(&dir, "escaper", "ESCAPEE"), "pid");
+    daemon.signal(SIGKILL);
+    daemon.wait_exit();
+    for pid in [leader, escapee] {
+        assert!(
+            wait_until(DEADLINE, || !is_alive(pid)),
+            "{pid} outlived its SIGKILLed daemon"
+        );
+    }
+}
+
+/// Both the daemon and its guardian killed: the next daemon's sweep of the
+/// services' cgroups finds the escapee the state record did not name.
+#[test]
+fn the_next_daemon_sweeps_what_the_record_could_not_name() {
+    require_cgroups!();
+    let dir = workspace("cg-sweep", &[("escaper", ESCAPING, "")]);
+    let mut first = run_daemon(&dir);
+    wait_status(&dir, &first, "escaper", |s| s["state"] == "running");
+    let escapee = field(&wait_line(&dir, "escaper", "ESCAPEE"), "pid");
+    let guardian = all_pids()
+        .into_iter()
+        .find(|&pid| {
+            stat(pid).is_some_and(|s| s.ppid == first.pid() as i32)
+                && cmdline(pid).is_some_and(|a| a.last().map(String::as_str) == Some("guardian"))
+        })
+        .expect("the daemon's guardian");
+    assert!(send_signal(guardian, SIGKILL));
+    assert!(wait_until(DEADLINE, || !is_alive(guardian)));
+    first.signal(SIGKILL);
+    first.wait_exit();
+    assert!(is_alive(escapee), "nothing stopped it yet");
+
+    let mut second = run_daemon(&dir);
+    wait_status(&dir, &second, "escaper", |s| s["state"] == "running");
+    assert!(
+        wait_until(DEADLINE, || !is_alive(escapee)),
+        "the escapee {escapee} survived the next daemon's start"
+    );
+    assert!(
+        events_file(&dir)
+            .iter()
+            .any(|e| e["event"] == "leftover_stopped" && e["pid"] == escapee),
+        "no leftover_stopped for {escapee}"
+    );
+    cli_ok(&dir, &["shutdown"]);
+    second.wait_exit();
+}
+
+/// A binary whose checksum does not match is never executed: the service
+/// fails at once with both digests, and the binary's side effect never
+/// appears.
+#[test]
+fn a_checksum_mismatch_never_runs_the_binary() {
+    let dir = TestDir::new("cg-sha");
+    let marker = dir.join("ran");
+    dir.add_script_service(
+        "tampered",
+        &format!("touch {}\nexec sleep 1000", marker.display()),
+    );
+    let wrong = "0".repeat(64);
+    dir.write_file(
+        CONFIG,
+        &format!("[services.tampered]\nsha256 = \"{wrong}\"\n"),
+        0o644,
+    );
+    let mut daemon = run_daemon(&dir);
+    let status = wait_status(&dir, &daemon, "tampered", |s| s["state"] == "failed");
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("checksum mismatch: expected 0000") && error.contains(" got "),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["restarts"], 0,
+        "a mismatch is not retried: {status:#}"
+    );
+    assert!(!marker.exists(), "the tampered binary ran");
+    cli_ok(&dir, &["shutdown"]);
+    daemon.wait_exit();
+}
