@@ -17,7 +17,8 @@ use orchestrator_core::daemon::{self, DaemonEvent};
 use orchestrator_core::discovery::{discover, scan};
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
-    UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans, resolve_program,
+    UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
+    record_original_nofile, resolve_program,
 };
 use orchestrator_core::reload::Loader;
 use orchestrator_core::state::DaemonLock;
@@ -483,7 +484,7 @@ fn run(
         let daemon = daemon::run(
             config,
             Some(loader),
-            Arc::new(UnixSpawner),
+            Arc::new(UnixSpawner::plain()),
             HostEnv::from_process(),
             events,
             Some(ready_tx),
@@ -588,9 +589,11 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Each service costs the daemon three descriptors (two pipes and a pidfd),
 /// so the usual soft limit of 1024 would cap us near 300 services: take the
-/// hard limit, as systemd and most servers do.
+/// hard limit, as systemd and most servers do. The services get the
+/// original back (recorded first), not the raised one.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    record_original_nofile();
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
             if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
