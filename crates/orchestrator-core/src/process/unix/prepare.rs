@@ -265,7 +265,8 @@ fn check_not_writable_by_others(service: &str, path: &Path) -> Result<(), SpawnE
         action: "check the permissions of",
         path: path.to_owned(),
         source,
-    })?;
+    });
+    let metadata = metadata.map_err(|error| missing_is_exec_error(service, path, error))?;
     let mode = metadata.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(SpawnError::Strict {
@@ -275,6 +276,21 @@ fn check_not_writable_by_others(service: &str, path: &Path) -> Result<(), SpawnE
         });
     }
     Ok(())
+}
+
+/// A binary (or a directory above it) that does not exist fails the start
+/// as its exec would, with the same advice, whichever stage looked first.
+fn missing_is_exec_error(service: &str, path: &Path, error: SpawnError) -> SpawnError {
+    match error {
+        SpawnError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+            SpawnError::Exec {
+                service: service.to_owned(),
+                program: path.to_owned(),
+                source,
+            }
+        }
+        other => other,
+    }
 }
 
 /// Open the binary, hash it through that descriptor and keep the descriptor
@@ -291,7 +307,8 @@ fn open_verified(service: &str, path: &Path, expected: Sha256) -> Result<ExecFd,
     };
     // Close-on-exec (std's default), so that no other spawn running now
     // can leak it; the child clears the flag for a script (see `ExecFd`).
-    let mut file = File::open(path).map_err(|e| io_error("open", e))?;
+    let mut file =
+        File::open(path).map_err(|e| missing_is_exec_error(service, path, io_error("open", e)))?;
     let mut hasher = sha2::Sha256::new();
     let mut head = [0u8; 2];
     let mut head_len = 0;
@@ -494,6 +511,17 @@ mod tests {
         chmod(&root.path().join("services/api"), 0o770);
         assert!(strict_check("api", &binary, &elsewhere).is_err());
         chmod(root.path(), 0o700);
+        // A missing binary is an exec failure, with its advice, not a
+        // strict one (nor a checksum one).
+        let missing = services.join("api/missing");
+        let error = strict_check("api", &missing, &services).unwrap_err();
+        assert_eq!(error.stage(), "exec");
+        assert!(error.to_string().contains("no such file"), "{error}");
+        let digest = Sha256([0; 32]);
+        assert_eq!(
+            open_verified("api", &missing, digest).unwrap_err().stage(),
+            "exec"
+        );
     }
 
     #[test]
