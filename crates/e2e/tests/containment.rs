@@ -16,7 +16,7 @@ use orchestrator_core::cgroup::{
 use orchestrator_core::config::{Rlimit, RlimitValue, Sha256};
 use orchestrator_core::process::{
     ChildProcess, ExitReason, Signal, SpawnError, SpawnSpec, Spawner, StrictCheck, UnixSpawner,
-    UserSpec,
+    UserSpec, mark_inherited_fds_cloexec,
 };
 use orchestrator_e2e::*;
 
@@ -570,6 +570,76 @@ async fn the_child_joins_its_cgroup_before_exec_and_it_is_removed_after() {
     };
     assert_eq!(spawn_error(&spawner, &failing).stage(), "chdir");
     assert!(controller.last().removed.load(Ordering::SeqCst));
+}
+
+/// The open descriptors of `pid` and what they point at.
+fn open_fds(pid: u32) -> Vec<(i32, String)> {
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list /proc/PID/fd")
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let fd = entry.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            Some((fd, target.display().to_string()))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+#[tokio::test]
+async fn the_clone_path_leaks_no_descriptor_but_a_scripts_own() {
+    // What the daemon does at start (see fds.rs): descriptors this test
+    // process inherited from cargo are not the spawner's to close. Only
+    // adds close-on-exec, which no test here relies on not having.
+    mark_inherited_fds_cloexec().unwrap();
+    let dir = TestDir::new("clonefds");
+    let guard = ProcessGuard::new();
+    let script = dir.join("services/script/script");
+    write_executable(
+        &script,
+        "#!/bin/sh
+exec sleep 1000\n",
+        0o755,
+    );
+    let spawner = UnixSpawner::new(Arc::new(PipeController::default()), true);
+    // Everything the clone path opens for the child: the hashed binary, a
+    // cgroup's join descriptor, /dev/null, the pipes.
+    let sleep = Path::new("/bin/sleep");
+    let elf = SpawnSpec {
+        sha256: Some(digest(&sha256_hex(sleep))),
+        rlimits: vec![(Rlimit::Core, RlimitValue::Limited(0))],
+        ..sleeper(&dir, "elf")
+    };
+    let child = spawn(&spawner, &guard, &elf);
+    let fds = open_fds(child.pid());
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(numbers, [0, 1, 2], "{fds:?}");
+    assert_eq!(fds[0].1, "/dev/null");
+    assert!(
+        fds[1].1.starts_with("pipe:") && fds[2].1.starts_with("pipe:"),
+        "{fds:?}"
+    );
+    kill_and_wait(child).await;
+
+    // A script's interpreter reads it from /dev/fd/N, the one descriptor
+    // left open for it (sh execs sleep, which inherits it).
+    let hashed_script = SpawnSpec {
+        sha256: Some(digest(&sha256_hex(&script))),
+        ..spec(&dir, "script", &script, &[])
+    };
+    let child = spawn(&spawner, &guard, &hashed_script);
+    let pid = child.pid();
+    assert!(
+        wait_until(DEADLINE, || cmdline(pid)
+            .is_some_and(|argv| argv.first().is_some_and(|a| a == "sleep"))),
+        "the script did not exec sleep"
+    );
+    let fds = open_fds(pid);
+    let extra: Vec<&(i32, String)> = fds.iter().filter(|(fd, _)| *fd > 2).collect();
+    assert_eq!(extra.len(), 1, "{fds:?}");
+    assert_eq!(extra[0].1, script.display().to_string());
+    kill_and_wait(child).await;
 }
 
 #[tokio::test]
