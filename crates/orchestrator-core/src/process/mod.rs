@@ -47,7 +47,8 @@ pub struct SpawnSpec {
     /// that was hashed.
     pub sha256: Option<Sha256>,
     /// Refuse a binary (or `services_dir`) writable by group or others while
-    /// the daemon is root; `None`: no check.
+    /// the daemon is root, and set no_new_privs for a service that does not
+    /// run as root; `None` (`strict = false`): neither.
     pub strict: Option<StrictCheck>,
 }
 

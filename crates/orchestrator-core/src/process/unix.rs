@@ -645,6 +645,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
     }
 
+    #[test]
+    fn unenforced_limits_are_warned_about_once_per_service() {
+        let spawner = UnixSpawner::plain();
+        assert!(spawner.first_warning("api"));
+        assert!(!spawner.first_warning("api"));
+        assert!(spawner.first_warning("db"));
+    }
+
     /// A child dropped unreaped (an actor that panicked) is killed with its
     /// group and reaped as an orphan: nothing runs on unsupervised.
     #[tokio::test]
