@@ -524,6 +524,124 @@ pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
     })
 }
 
+/// The words of a `KEY:` line of `/proc/PID/status` (`Uid` gives the real,
+/// effective, saved and filesystem uids; `Groups` the supplementary groups).
+pub fn status_words(pid: u32, key: &str) -> Option<Vec<String>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(key)?.strip_prefix(':')?;
+        Some(value.split_whitespace().map(str::to_owned).collect())
+    })
+}
+
+/// The soft and hard values of a row of `/proc/PID/limits`, by its name
+/// (`Max open files`, `Max core file size`...): numbers or `unlimited`.
+pub fn proc_limit(pid: u32, name: &str) -> Option<(String, String)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        // The name is followed by padding: a longer name sharing the prefix
+        // would go on with a letter.
+        if !rest.starts_with(' ') {
+            return None;
+        }
+        let mut words = rest.split_whitespace();
+        Some((words.next()?.to_owned(), words.next()?.to_owned()))
+    })
+}
+
+/// Write an executable file from another process (`sh`), so that no
+/// descriptor open for writing on it is ever ours: a spawn on another test
+/// thread that copied such a descriptor would make its exec fail with
+/// ETXTBSY. Creates the parent directories.
+pub fn write_executable(path: &Path, contents: &str, mode: u32) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).expect("create the parent directory");
+    }
+    let status = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "printf '%s' \"$2\" > \"$1\" && chmod \"$3\" \"$1\"",
+            "sh",
+        ])
+        .arg(path)
+        .arg(contents)
+        .arg(format!("{mode:o}"))
+        .stdin(Stdio::null())
+        .status()
+        .expect("run sh to write an executable");
+    assert!(status.success(), "writing {} failed", path.display());
+}
+
+/// Copy a file from another process (`cp`), for the reason given at
+/// `write_executable`.
+pub fn copy_executable(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .stdin(Stdio::null())
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "copying {} failed", from.display());
+}
+
+/// The SHA-256 of a file as 64 hex digits, by `sha256sum`: an oracle
+/// independent of the code under test.
+pub fn sha256_hex(path: &Path) -> String {
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sha256sum");
+    assert!(
+        output.status.success(),
+        "sha256sum {} failed",
+        path.display()
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_owned()
+}
+
+/// Everything a child writes to the pipe `fd` until it closes (the child
+/// and everything it started exited), within `DEADLINE`.
+pub fn read_to_end(fd: std::os::fd::OwnedFd) -> String {
+    use std::io::Read;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let result = fs::File::from(fd).read_to_string(&mut text).map(|_| text);
+        let _ = sender.send(result);
+    });
+    receiver
+        .recv_timeout(DEADLINE)
+        .expect("the pipe was not closed in time")
+        .expect("read the pipe")
+}
+
+/// The first line a child writes to the pipe `fd` (without its newline),
+/// within `DEADLINE`. The rest of the pipe is read and dropped in the
+/// background, so the child never blocks on a full pipe.
+pub fn first_line(fd: std::os::fd::OwnedFd) -> String {
+    use std::io::BufRead;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(fs::File::from(fd));
+        let mut line = String::new();
+        let result = reader.read_line(&mut line).map(|_| line);
+        let _ = sender.send(result);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    receiver
+        .recv_timeout(DEADLINE)
+        .expect("no line in time")
+        .expect("read the pipe")
+        .trim_end_matches('\n')
+        .to_owned()
+}
+
 /// How many descriptors the process has open.
 pub fn fd_count(pid: u32) -> Option<usize> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())

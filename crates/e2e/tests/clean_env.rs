@@ -59,7 +59,7 @@ async fn the_child_environment_is_exactly_the_contract() {
     );
     let supervisor = spawn_supervisor(
         definitions(&config),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     for handle in within("list", supervisor.services()).await.unwrap() {

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use orchestrator_core::config::{Rlimit, RlimitValue};
 use orchestrator_core::process::{ExitReason, SpawnSpec, Spawner, UnixSpawner};
 use orchestrator_e2e::*;
 
@@ -52,7 +53,7 @@ async fn a_child_starts_with_default_dispositions_and_an_empty_mask() {
     let guard = ProcessGuard::new();
     // /bin/sleep installs no handler and ignores nothing of its own, so
     // whatever shows in its masks came from the spawn.
-    let spec = SpawnSpec {
+    let plain = SpawnSpec {
         service: "probe".to_owned(),
         program: PathBuf::from("/bin/sleep"),
         args: vec!["1000".to_owned()],
@@ -60,32 +61,62 @@ async fn a_child_starts_with_default_dispositions_and_an_empty_mask() {
         cwd: dir.path().to_owned(),
         ..SpawnSpec::default()
     };
-    let mut child = UnixSpawner.spawn(&spec).expect("spawn /bin/sleep");
-    let pid = child.pid();
-    guard.add_pgid(i32::try_from(pid).unwrap());
-    // The spawn returns only after the exec succeeded: these masks are the
-    // ones /bin/sleep started with.
-    for field in ["SigIgn:", "SigBlk:", "SigCgt:"] {
-        let mask = signal_mask(pid, field);
+    // An rlimit takes the clone path, whose child resets the signals itself.
+    let cloned = SpawnSpec {
+        rlimits: vec![(Rlimit::Core, RlimitValue::Limited(0))],
+        ..plain.clone()
+    };
+    for (path, spec) in [("posix_spawn", plain), ("clone", cloned)] {
+        let mut child = UnixSpawner::plain()
+            .spawn(&spec)
+            .unwrap_or_else(|e| panic!("spawn /bin/sleep ({path}): {e}"));
+        let pid = child.pid();
+        guard.add_pgid(i32::try_from(pid).unwrap());
+        // The spawn returns only after the exec succeeded: these masks are
+        // the ones /bin/sleep started with.
+        for field in ["SigIgn:", "SigBlk:", "SigCgt:"] {
+            let mask = signal_mask(pid, field);
+            assert_eq!(
+                mask,
+                0,
+                "{path}: {field} {mask:016x}: signals {:?} of /proc/{pid}/status",
+                set_bits(mask)
+            );
+        }
+        // A real-time signal at its default ends the process, and the exit
+        // still says which one (nix, for one, has no name for it).
+        let realtime = libc::SIGRTMIN() + 4;
+        assert!(
+            signal_group(i32::try_from(pid).unwrap(), realtime),
+            "signal the probe's group"
+        );
         assert_eq!(
-            mask,
-            0,
-            "{field} {mask:016x}: signals {:?} of /proc/{pid}/status",
-            set_bits(mask)
+            within("reap the probe", child.wait()).await.unwrap(),
+            ExitReason::Signaled {
+                signal: realtime,
+                core_dumped: false
+            },
+            "{path}"
         );
     }
-    // A real-time signal at its default ends the process, and the exit
-    // still says which one (nix, for one, has no name for it).
-    let realtime = libc::SIGRTMIN() + 4;
-    assert!(
-        signal_group(i32::try_from(pid).unwrap(), realtime),
-        "signal the probe's group"
-    );
-    assert_eq!(
-        within("reap the probe", child.wait()).await.unwrap(),
-        ExitReason::Signaled {
-            signal: realtime,
-            core_dumped: false
-        }
-    );
+    // The clone path blocked every signal in this thread around the clone:
+    // it is back as it was.
+    let mut current: libc::sigset_t = unsafe_zeroed_sigset();
+    // SAFETY: a null new set only reads the mask into `current`, a local.
+    let error = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut current) };
+    assert_eq!(error, 0);
+    for signal in 1..32 {
+        // SAFETY: `current` is an initialised sigset_t.
+        let blocked = unsafe { libc::sigismember(&current, signal) } == 1;
+        assert_eq!(
+            blocked,
+            signal == libc::SIGUSR1,
+            "signal {signal} in the test's mask"
+        );
+    }
+}
+
+fn unsafe_zeroed_sigset() -> libc::sigset_t {
+    // SAFETY: a sigset_t is plain integers: all zeros is a valid (empty) set.
+    unsafe { std::mem::zeroed() }
 }

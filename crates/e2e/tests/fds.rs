@@ -37,7 +37,7 @@ async fn only_stdin_stdout_and_stderr_reach_the_child() {
     );
     let (handle, _task) = spawn_service(
         definition(&config, "fds"),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     guard.watch(&handle);

@@ -21,7 +21,7 @@ async fn run_to_exit(
     let config = config_in(dir, vec![(name, fixture(&all))]);
     let (handle, _task) = spawn_service(
         definition(&config, name),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     guard.watch(&handle);

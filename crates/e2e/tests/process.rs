@@ -21,7 +21,7 @@ async fn start_one(
     let config = config_in(dir, vec![(name, service)]);
     let (handle, _task) = spawn_service(
         definition(&config, name),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     guard.watch(&handle);
@@ -120,7 +120,7 @@ async fn argv_is_injected_flags_then_args_verbatim_without_a_shell() {
     config.orchestrator.log_level = LogLevel::Debug;
     let (handle, _task) = spawn_service(
         definition(&config, "argv"),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     guard.watch(&handle);
@@ -292,7 +292,7 @@ async fn what_the_leader_leaves_behind_is_killed_when_it_exits() {
     );
     let (handle, _task) = spawn_service(
         definition(&config, "leaver"),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     guard.watch(&handle);
@@ -326,7 +326,7 @@ async fn a_crash_loop_spawns_exactly_one_plus_max_restarts_then_fails() {
     let config = config_in(&dir, vec![("crashy", service)]);
     let (handle, _task) = spawn_service(
         definition(&config, "crashy"),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     guard.watch(&handle);
@@ -455,7 +455,7 @@ async fn a_stop_during_backoff_cancels_the_pending_restart() {
     let config = config_in(&dir, vec![("flappy", service)]);
     let (handle, _task) = spawn_service(
         definition(&config, "flappy"),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     guard.watch(&handle);

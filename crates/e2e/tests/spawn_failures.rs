@@ -48,7 +48,7 @@ async fn spawn_failures_are_explained_and_isolated() {
     );
     let supervisor = spawn_supervisor(
         definitions(&config),
-        Arc::new(UnixSpawner),
+        Arc::new(UnixSpawner::plain()),
         EventBus::in_memory(),
     );
     for handle in within("list", supervisor.services()).await.unwrap() {

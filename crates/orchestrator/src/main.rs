@@ -18,7 +18,8 @@ use orchestrator_core::discovery::{discover, scan};
 use orchestrator_core::guardian;
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
-    UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans, resolve_program,
+    UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
+    record_original_nofile, resolve_program,
 };
 use orchestrator_core::reload::Loader;
 use orchestrator_core::state::DaemonLock;
@@ -451,6 +452,12 @@ fn run(
             guardian::PREVIOUS_GUARDIAN_WAIT,
         )
         .await?;
+        // Before the guardian: on cgroup v2 the daemon may move itself into
+        // a leaf cgroup, and the guardian must be born there with it.
+        let spawner = Arc::new(UnixSpawner::new(
+            resource_controller(&config.orchestrator),
+            config.orchestrator.require_limits,
+        ));
         let guardian = start_guardian(config.source.as_deref()).await;
         // TCP first: if it fails, no control socket is left behind.
         let tcp = match config.orchestrator.http_listen {
@@ -496,7 +503,7 @@ fn run(
         let daemon = daemon::run(
             config,
             Some(loader),
-            Arc::new(UnixSpawner),
+            spawner,
             HostEnv::from_process(),
             events,
             Some(ready_tx),
@@ -576,6 +583,17 @@ fn run(
     })
 }
 
+/// The services' cgroups, detected once (and logged once) for the
+/// daemon's life.
+fn resource_controller(
+    orchestrator: &config::OrchestratorConfig,
+) -> Arc<dyn orchestrator_core::cgroup::ResourceController> {
+    orchestrator_core::cgroup::detect(&orchestrator_core::cgroup::Settings {
+        cgroup_parent: &orchestrator.cgroup_parent,
+        data_dir: &orchestrator.data_dir,
+    })
+}
+
 /// Our own binary in its guardian mode, with the same configuration. A
 /// daemon without one still runs: what it leaves if killed is stopped by
 /// the next daemon at its start instead.
@@ -645,9 +663,15 @@ fn guardian(config: Config, explicit: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The daemon is gone, and its lock on the cgroup parent with it:
+    // detection finds and claims the same parent, whose cgroups are swept.
+    let spawner = Arc::new(UnixSpawner::new(
+        resource_controller(&config.orchestrator),
+        false,
+    ));
     runtime.block_on(daemon::recover_after_death(
         config,
-        Arc::new(UnixSpawner),
+        spawner,
         HostEnv::from_process(),
     ));
     // Held until the clean-up is done: a new daemon waits for it.
@@ -685,9 +709,11 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Each service costs the daemon three descriptors (two pipes and a pidfd),
 /// so the usual soft limit of 1024 would cap us near 300 services: take the
-/// hard limit, as systemd and most servers do.
+/// hard limit, as systemd and most servers do. The services get the
+/// original back (recorded first), not the raised one.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    record_original_nofile();
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
             if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {

@@ -8,6 +8,8 @@
 //!   --print-env           print `ENV K=V` per environment variable
 //!   --print-cwd           print `CWD <dir>`
 //!   --print-fds           print `FD <n> <target>` per open descriptor
+//!   --print-cgroup        print `CGROUP <line>` per line of /proc/self/cgroup
+//!   --touch PATH          create the file PATH (a side effect to look for)
 //!   --lines N             print N numbered lines, alternating stdout/stderr
 //!   --flood N             print N numbered 100-byte lines on stdout, fast
 //!   --long-line N         print one line of N bytes `x`
@@ -139,6 +141,19 @@ fn main() {
                 for (fd, target) in fds {
                     writeln!(out, "FD {fd} {target}").unwrap();
                 }
+            }
+            "--print-cgroup" => {
+                for line in std::fs::read_to_string("/proc/self/cgroup")
+                    .unwrap()
+                    .lines()
+                {
+                    writeln!(out, "CGROUP {line}").unwrap();
+                }
+                out.flush().unwrap();
+            }
+            "--touch" => {
+                std::fs::write(value(i), "").unwrap();
+                i += 1;
             }
             "--lines" => {
                 let n: u64 = value(i).parse().unwrap();

@@ -10,14 +10,20 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use nix::sys::signal::Signal;
+/// What `ChildProcess::signal_group` takes.
+pub use nix::sys::signal::Signal;
 
 pub use crate::cgroup::Limits;
+use crate::cgroup::{CgroupError, ServiceCgroup, Unenforced};
 use crate::config::{Rlimit, RlimitValue, Sha256};
 
 pub use fake::{FakeChildControl, FakeSpawner};
-pub use unix::{ExitWatch, UnixSpawner, become_subreaper, reap_orphans, resolve_program};
+pub use unix::{
+    ExitWatch, Prepared, UnixSpawner, become_subreaper, reap_orphans, record_original_nofile,
+    resolve_program,
+};
 
 /// Everything needed to start one process: plain data, so tests can assert on it.
 /// `Default` is nothing but an empty argv: the posix_spawn fast path once
@@ -41,7 +47,8 @@ pub struct SpawnSpec {
     /// that was hashed.
     pub sha256: Option<Sha256>,
     /// Refuse a binary (or `services_dir`) writable by group or others while
-    /// the daemon is root; `None`: no check.
+    /// the daemon is root, and set no_new_privs for a service that does not
+    /// run as root; `None` (`strict = false`): neither.
     pub strict: Option<StrictCheck>,
 }
 
@@ -54,7 +61,12 @@ pub struct UserSpec {
     pub group: Option<String>,
 }
 
-/// Where a strict check stops walking up from the binary.
+/// The default hardening of a service (`strict = true`): while the daemon is
+/// root, a binary, or a directory above it up to `services_dir`, writable by
+/// group or others is refused; and a service that does not run as root gets
+/// no_new_privs, so a setuid binary or file capabilities cannot raise it
+/// back. `strict = false` (a `None` here) opts out of both, for a service
+/// that must run, say, a setuid helper.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StrictCheck {
     pub services_dir: PathBuf,
@@ -143,25 +155,111 @@ pub trait ChildProcess: Send {
     /// completes loses nothing.
     fn wait(&mut self) -> WaitFuture<'_>;
 
-    /// Send `signal` to the whole process group. Only called before `wait`
-    /// has returned: until the leader is reaped its pid, and so the group id,
-    /// cannot be recycled.
+    /// Send `signal` to the whole process group (SIGKILL: and to everything
+    /// in its cgroup). Only called before `wait` has returned: until the
+    /// leader is reaped its pid, and so the group id, cannot be recycled.
     fn signal_group(&mut self, signal: Signal) -> io::Result<()>;
 
-    /// The cgroup it runs in, when it has one: for the API to read its use.
-    fn cgroup(&self) -> Option<std::sync::Arc<dyn crate::cgroup::ServiceCgroup>> {
+    /// The service's cgroup while it runs, for its resource usage; `None`
+    /// without cgroups, and once `wait` has removed it.
+    fn cgroup(&self) -> Option<Arc<dyn ServiceCgroup>> {
         None
     }
 }
 
-/// Why a process could not be started.
+/// Why a process could not be started. Every variant but the two that
+/// come from elsewhere (`WorkingDir`, the actor's; `Injected`, the fake's)
+/// names the service and the stage that failed (see `stage`), and its text
+/// says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    #[error("cannot start {program}: {source}{hint}", program = .program.display(), hint = spawn_hint(.program, .source))]
+    /// The program was not found, or the kernel refused to execute it.
+    #[error(
+        "service {service}: cannot start {program} (stage \"exec\"): {source}{hint}",
+        program = .program.display(),
+        hint = spawn_hint(.program, .source)
+    )]
     Exec {
+        service: String,
         program: PathBuf,
         #[source]
         source: io::Error,
+    },
+    /// A step of the child between clone and exec failed; the program never ran.
+    #[error(
+        "service {service}: cannot start {program}: stage \"{stage}\" failed in the child \
+         before exec: {source}{hint}",
+        program = .program.display(),
+        hint = .stage.hint(.source)
+    )]
+    Child {
+        service: String,
+        program: PathBuf,
+        stage: ChildStage,
+        #[source]
+        source: io::Error,
+    },
+    /// An OS call of the preparation (opening or hashing the binary, a
+    /// strict check's stat, the pipes, the clone itself) failed.
+    #[error(
+        "service {service}: cannot {action} {path} (stage \"{stage}\"): {source}",
+        path = .path.display()
+    )]
+    Io {
+        service: String,
+        stage: &'static str,
+        /// What was being done, as a verb phrase: "open", "hash", ...
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "service {service}: cannot create its cgroup (stage \"cgroup\"): {source}; \
+         check cgroup_parent and that the daemon may create cgroups there"
+    )]
+    Cgroup {
+        service: String,
+        #[source]
+        source: CgroupError,
+    },
+    #[error(
+        "service {service}: require_limits is set and {list} (stage \"limits\"): run the \
+         daemon where those cgroup controllers are available, remove the limits, or set \
+         require_limits = false",
+        list = join_unenforced(.unenforced)
+    )]
+    LimitsUnenforced {
+        service: String,
+        unenforced: Vec<Unenforced>,
+    },
+    /// The user or group is unknown, or its look-up failed; `detail` says
+    /// which and what to do.
+    #[error("service {service}: cannot resolve user/group (stage \"user\"): {detail}")]
+    User { service: String, detail: String },
+    #[error(
+        "service {service}: refusing to run: {path} is writable by group or others \
+         (mode {mode:04o}) and the daemon runs as root (stage \"strict\"); run \
+         `chmod go-w {path}` or set strict = false for the service",
+        path = .path.display()
+    )]
+    Strict {
+        service: String,
+        path: PathBuf,
+        /// The permission bits (`st_mode & 0o7777`).
+        mode: u32,
+    },
+    #[error(
+        "checksum mismatch: expected {expected} got {actual} for {path} (service {service}, \
+         stage \"checksum\"): it was not run; deploy the binary that sha256 names, or set \
+         sha256 to the new binary's digest",
+        path = .path.display()
+    )]
+    Checksum {
+        service: String,
+        path: PathBuf,
+        expected: Sha256,
+        actual: Sha256,
     },
     #[error("cannot prepare working directory {dir}: {source}", dir = .dir.display())]
     WorkingDir {
@@ -174,15 +272,124 @@ pub enum SpawnError {
 }
 
 impl SpawnError {
-    /// Whether retrying cannot help until the spec or the file changes (a
-    /// reload then gives the service its next start): the service fails at
-    /// once instead of backing off.
+    /// Whether retrying cannot help until the spec, the file or the host
+    /// changes (a start or a reload then gives the service its next try):
+    /// the service fails at once instead of backing off.
     pub fn is_permanent(&self) -> bool {
         match self {
-            SpawnError::Exec { .. } | SpawnError::WorkingDir { .. } | SpawnError::Injected(_) => {
-                false
-            }
+            SpawnError::Checksum { .. }
+            | SpawnError::Strict { .. }
+            | SpawnError::LimitsUnenforced { .. } => true,
+            // A binary, an account or a directory may appear; a cgroup or a
+            // descriptor may be had on the next try.
+            SpawnError::Exec { .. }
+            | SpawnError::Child { .. }
+            | SpawnError::Io { .. }
+            | SpawnError::Cgroup { .. }
+            | SpawnError::User { .. }
+            | SpawnError::WorkingDir { .. }
+            | SpawnError::Injected(_) => false,
         }
+    }
+
+    /// Which stage failed, as the message quotes it.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            SpawnError::Exec { .. } => "exec",
+            SpawnError::Child { stage, .. } => stage.as_str(),
+            SpawnError::Io { stage, .. } => stage,
+            SpawnError::Cgroup { .. } => "cgroup",
+            SpawnError::LimitsUnenforced { .. } => "limits",
+            SpawnError::User { .. } => "user",
+            SpawnError::Strict { .. } => "strict",
+            SpawnError::Checksum { .. } => "checksum",
+            SpawnError::WorkingDir { .. } => "working directory",
+            SpawnError::Injected(_) => "injected",
+        }
+    }
+}
+
+fn join_unenforced(unenforced: &[Unenforced]) -> String {
+    let parts: Vec<String> = unenforced.iter().map(ToString::to_string).collect();
+    parts.join("; ")
+}
+
+/// A step the child takes between clone and exec, in that order (exec
+/// failures are `SpawnError::Exec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildStage {
+    ProcessGroup,
+    JoinCgroup,
+    Rlimit(Rlimit),
+    Stdio,
+    Chdir,
+    Setgroups,
+    Setgid,
+    Setuid,
+    NoNewPrivs,
+    Exec,
+}
+
+impl ChildStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildStage::ProcessGroup => "setpgid",
+            ChildStage::JoinCgroup => "join cgroup",
+            ChildStage::Rlimit(rlimit) => match rlimit {
+                Rlimit::Nofile => "rlimit nofile",
+                Rlimit::Nproc => "rlimit nproc",
+                Rlimit::Core => "rlimit core",
+                Rlimit::Memlock => "rlimit memlock",
+                Rlimit::Stack => "rlimit stack",
+                Rlimit::As => "rlimit as",
+                Rlimit::Cpu => "rlimit cpu",
+                Rlimit::Fsize => "rlimit fsize",
+            },
+            ChildStage::Stdio => "stdio",
+            ChildStage::Chdir => "chdir",
+            ChildStage::Setgroups => "setgroups",
+            ChildStage::Setgid => "setgid",
+            ChildStage::Setuid => "setuid",
+            ChildStage::NoNewPrivs => "no_new_privs",
+            ChildStage::Exec => "exec",
+        }
+    }
+
+    /// What to do about it.
+    fn hint(self, error: &io::Error) -> &'static str {
+        let errno = error.raw_os_error();
+        match self {
+            ChildStage::JoinCgroup => {
+                " (the service's cgroup refused the process: was it removed, or is a limit \
+                 such as pids_limit already reached? check cgroup_parent)"
+            }
+            ChildStage::Rlimit(Rlimit::Nofile) if errno == Some(libc::EPERM) => {
+                " (raising a hard limit needs root, and nofile can never exceed \
+                 /proc/sys/fs/nr_open: lower rlimits.nofile)"
+            }
+            ChildStage::Rlimit(_) if errno == Some(libc::EPERM) => {
+                " (raising a hard limit above the daemon's needs root: lower the value in \
+                 rlimits or run the daemon as root)"
+            }
+            ChildStage::Chdir => {
+                " (the working directory must be a directory the daemon can enter: check \
+                 the service's data_dir)"
+            }
+            ChildStage::Setgroups | ChildStage::Setgid | ChildStage::Setuid
+                if errno == Some(libc::EPERM) =>
+            {
+                " (changing user or group needs the daemon to run as root: remove user and \
+                 group from the service, or run the daemon as root)"
+            }
+            ChildStage::Exec => spawn_hint(std::path::Path::new("/"), error),
+            _ => "",
+        }
+    }
+}
+
+impl fmt::Display for ChildStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -253,6 +460,7 @@ mod hint_tests {
     fn a_command_not_found_is_not_blamed_on_binary_path() {
         let enoent = || io::Error::from_raw_os_error(libc::ENOENT);
         let bare = SpawnError::Exec {
+            service: "api".to_owned(),
             program: PathBuf::from("no-such-program"),
             source: enoent(),
         }
@@ -260,6 +468,7 @@ mod hint_tests {
         assert!(!bare.contains("binary_path"), "{bare}");
         assert!(bare.contains("not found in the service's PATH"), "{bare}");
         let path = SpawnError::Exec {
+            service: "api".to_owned(),
             program: PathBuf::from("/srv/api/api"),
             source: enoent(),
         }

@@ -4,18 +4,22 @@
 //! (and closed again) by every spawn. Not `std::process` either: it leaves
 //! signals ignored in the child (see `posix_spawn`).
 
+mod clone_spawn;
 mod posix_spawn;
+mod prepare;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
+use nix::sys::resource::{Resource, getrlimit};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{AccessFlags, Pid, access, pipe2};
 use rustix::process::{PidfdFlags, WaitId, WaitIdOptions, WaitOptions};
@@ -23,33 +27,86 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use super::{ChildOutput, ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner, WaitFuture};
+use crate::cgroup::{NoCgroups, ResourceController, ServiceCgroup};
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct UnixSpawner;
+pub use prepare::Prepared;
 
-impl Spawner for UnixSpawner {
-    fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
-        let exec_error = |source| SpawnError::Exec {
-            program: spec.program.clone(),
-            source,
+/// Starts services: a preparation stage in the daemon (resolve the program
+/// and the user, the strict check, open and hash the binary, create the
+/// cgroup), then the launch. The launch is posix_spawn when nothing but a
+/// clean start is asked for, else a clone that shares our memory (see
+/// `clone_spawn`) and takes the extra steps between clone and exec.
+#[derive(Debug)]
+pub struct UnixSpawner {
+    controller: Arc<dyn ResourceController>,
+    require_limits: bool,
+    /// Services already warned about limits their cgroup cannot enforce:
+    /// one warning per service and daemon, not one per restart.
+    warned: Mutex<HashSet<String>>,
+}
+
+impl UnixSpawner {
+    /// `controller` places every service in a cgroup of its own (unless its
+    /// flavor is `None`); `require_limits` turns a limit it cannot enforce
+    /// into a failed start instead of a warning.
+    pub fn new(controller: Arc<dyn ResourceController>, require_limits: bool) -> UnixSpawner {
+        UnixSpawner {
+            controller,
+            require_limits,
+            warned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Without cgroups (tests, and hosts where none can be used).
+    pub fn plain() -> UnixSpawner {
+        UnixSpawner::new(
+            Arc::new(NoCgroups {
+                reason: "this daemon places no service in a cgroup".to_owned(),
+            }),
+            false,
+        )
+    }
+
+    /// Everything that may allocate, block or fail before the process
+    /// exists. Split from `launch` so a test can change the file system in
+    /// between (a binary swapped after its hash must not be what runs).
+    pub fn prepare(&self, spec: &SpawnSpec) -> Result<Prepared, SpawnError> {
+        prepare::prepare(self, spec)
+    }
+
+    /// Start what `prepare` made ready. Its cgroup, if any, goes with the
+    /// child, or is removed again when the start fails.
+    pub fn launch(&self, mut prepared: Prepared) -> Result<Box<dyn ChildProcess>, SpawnError> {
+        let (stdout, stdout_child) = output_pipe(&prepared)?;
+        let (stderr, stderr_child) = output_pipe(&prepared)?;
+        let stdin = match prepared.needs_clone() {
+            true => Some(dev_null(&prepared)?),
+            false => None,
         };
-        let launch = Launch::new(spec).map_err(exec_error)?;
-        let (stdout, stdout_child) = pipe2(OFlag::O_CLOEXEC).map_err(|e| exec_error(e.into()))?;
-        let (stderr, stderr_child) = pipe2(OFlag::O_CLOEXEC).map_err(|e| exec_error(e.into()))?;
-        // posix_spawn, not fork: a big daemon starting many services would
-        // pay for copying its page tables each time. Steps that must run in
-        // the child between fork and exec (limits, a cgroup, another user)
-        // need a fork+exec path of their own, started from the same `Launch`.
         // Spawned and registered under one lock, so the orphan reaper can
         // never mistake a service that died at once for an orphan.
         let mut own = own_children();
-        let pid = posix_spawn::spawn(&launch, stdout_child.as_fd(), stderr_child.as_fd())
-            .map_err(exec_error)?;
-        let pid = u32::try_from(pid).expect("posix_spawn returns a positive pid");
+        let pid = match &stdin {
+            Some(stdin) => clone_spawn::spawn(
+                &prepared,
+                [stdin.as_fd(), stdout_child.as_fd(), stderr_child.as_fd()],
+            )
+            .map_err(|failure| failure.into_error(&prepared))?,
+            // posix_spawn, not fork: see `clone_spawn` for why.
+            None => {
+                posix_spawn::spawn(&prepared.launch, stdout_child.as_fd(), stderr_child.as_fd())
+                    .map_err(|source| SpawnError::Exec {
+                        service: prepared.service.clone(),
+                        program: prepared.program.clone(),
+                        source,
+                    })?
+            }
+        };
+        let pid = u32::try_from(pid).expect("a spawn returns a positive pid");
         own.insert(pid);
         drop(own);
         // Only the child writes: its exit must close the pipes.
-        drop((stdout_child, stderr_child));
+        drop((stdout_child, stderr_child, stdin));
         // A pidfd tells us the leader exited while it is still a zombie, so
         // its group id is still certainly ours to signal. Kernels before 5.3
         // have none: then the exit is polled for (see `wait`).
@@ -62,12 +119,83 @@ impl Spawner for UnixSpawner {
             output: Some(ChildOutput { stdout, stderr }),
             exited,
             reaped: false,
+            outcome: None,
+            cgroup: prepared.cgroup.take(),
+            memory_limit_mib: prepared.memory_limit_mib,
+            oom_kills_at_start: prepared.oom_kills_at_start,
         }))
     }
+
+    /// Whether this is the first time `service` is warned about.
+    fn first_warning(&self, service: &str) -> bool {
+        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+        !warned.contains(service) && warned.insert(service.to_owned())
+    }
+}
+
+impl Spawner for UnixSpawner {
+    fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
+        let prepared = self.prepare(spec)?;
+        self.launch(prepared)
+    }
+
+    fn sweep_leftovers(&self) -> Vec<u32> {
+        self.controller.sweep_leftovers()
+    }
+}
+
+/// A pipe for the child's stdout or stderr: (our read end, the child's end).
+fn output_pipe(prepared: &Prepared) -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let error =
+        |source: io::Error| prepared.io_error("spawn", "create the output pipes for", source);
+    let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(|e| error(e.into()))?;
+    Ok((read, above_stdio(write).map_err(error)?))
+}
+
+/// The child's stdin.
+fn dev_null(prepared: &Prepared) -> Result<OwnedFd, SpawnError> {
+    let error =
+        |source: io::Error| prepared.io_error("spawn", "open /dev/null as stdin of", source);
+    let file = std::fs::File::open("/dev/null").map_err(error)?;
+    above_stdio(file.into()).map_err(error)
+}
+
+/// `fd`, or a copy numbered 3 or more when it is 0, 1 or 2 (a daemon
+/// started with its stdio closed): the child moves its descriptors onto 0,
+/// 1 and 2, and one already there would be overwritten by another's move,
+/// or keep its close-on-exec flag (dup2 onto itself changes nothing).
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?)
+}
+
+/// The daemon's RLIMIT_NOFILE soft limit from before it raised its own.
+static ORIGINAL_NOFILE: OnceLock<u64> = OnceLock::new();
+
+/// Record the open-files soft limit the daemon was started with. Call it
+/// before raising that limit (only the first call counts): each service then
+/// gets this one back, not the daemon's raised one, unless it sets
+/// rlimits.nofile. Programs written for the usual 1024 (select(2) users)
+/// break past it, and a service that wants more says so.
+pub fn record_original_nofile() {
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = ORIGINAL_NOFILE.set(soft);
+    }
+}
+
+/// The recorded original soft limit, when it differs from the current one
+/// (which the child inherits); with the current hard limit.
+fn nofile_to_restore() -> Option<(u64, u64)> {
+    let original = *ORIGINAL_NOFILE.get()?;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    (soft != original).then_some((original.min(hard), hard))
 }
 
 /// A `SpawnSpec` as the C calls take it, prepared before the spawn lock is
 /// taken.
+#[derive(Debug)]
 struct Launch {
     /// The file to execute: `program` itself, or where the service's PATH
     /// finds it.
@@ -80,8 +208,7 @@ struct Launch {
 }
 
 impl Launch {
-    fn new(spec: &SpawnSpec) -> io::Result<Launch> {
-        let path = resolve_program(&spec.program, &spec.env, &spec.cwd)?;
+    fn new(spec: &SpawnSpec, path: &Path) -> io::Result<Launch> {
         let argv = std::iter::once(spec.program.as_os_str().as_bytes())
             .chain(spec.args.iter().map(|arg| arg.as_bytes()))
             .map(c_string)
@@ -266,7 +393,24 @@ struct UnixChild {
     /// Readable once the leader has exited (before it is reaped).
     exited: Option<AsyncFd<OwnedFd>>,
     reaped: bool,
+    /// The leader's end, once reaped, kept until its cgroup is cleaned up
+    /// too: `wait` stays cancel-safe through the cleanup.
+    outcome: Option<io::Result<ExitReason>>,
+    /// `None` without cgroups, and once `wait` has removed it.
+    cgroup: Option<Arc<dyn ServiceCgroup>>,
+    memory_limit_mib: Option<u64>,
+    /// The cgroup's OOM kill count when it was made: more at the end means
+    /// the OOM killer struck during this run.
+    oom_kills_at_start: u64,
 }
+
+/// How long `wait` keeps killing what is left in the cgroup of a service
+/// whose leader ended, and retrying its removal, before leaving it to the
+/// next start's sweep.
+const CGROUP_EMPTY_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Between two passes of that.
+const CGROUP_POLL: Duration = Duration::from_millis(5);
 
 /// A child dropped unreaped (its actor panicked, or the daemon is leaving
 /// on an error path) would run on unsupervised. While it is unreaped its
@@ -275,19 +419,145 @@ struct UnixChild {
 impl Drop for UnixChild {
     fn drop(&mut self) {
         if self.reaped {
+            // Dropped during the cleanup of `wait`: one more pass over the
+            // cgroup, nothing that waits.
+            if let Some(cgroup) = &self.cgroup {
+                let _ = cgroup.kill_all();
+            }
             return;
         }
         // All under the registry's lock, which the orphan reaper takes
         // too: it cannot reap the leader between our check and the kill
         // (which would free the group id for reuse). A leader already dead
         // is reaped here; one still dying is left out of the registry, so
-        // the orphan reaper takes it on the SIGCHLD of its death.
+        // the orphan reaper takes it on the SIGCHLD of its death. The kill
+        // includes one pass over the cgroup; the cgroup itself is left in
+        // place (it cannot be removed before its processes are gone, and
+        // this must not wait): the next daemon's sweep removes it.
         let mut own = own_children();
         let _ = self.signal_group(Signal::SIGKILL);
         if let Ok(Some(_)) = reap(self.pid) {
             self.reaped = true;
         }
         own.remove(&self.pid);
+    }
+}
+
+impl UnixChild {
+    /// Wait for the leader's exit, kill its group and reap it.
+    async fn reap_leader(&mut self) -> io::Result<ExitReason> {
+        loop {
+            match &self.exited {
+                // Readiness is not cleared: if this future is dropped
+                // and polled again, it passes straight through.
+                Some(exited) => drop(exited.readable().await?),
+                None => {
+                    while !has_exited(self.pid)? {
+                        tokio::time::sleep(EXIT_POLL_WITHOUT_PIDFD).await;
+                    }
+                }
+            }
+            // The leader is a zombie now: whatever it left in its group
+            // dies with it while the group id is certainly ours, so two
+            // generations never run side by side and the pipes close.
+            let _ = self.signal_group(Signal::SIGKILL);
+            match reap(self.pid) {
+                Ok(Some(reason)) => {
+                    self.reaped = true;
+                    own_children().remove(&self.pid);
+                    return Ok(self.oom_or(reason));
+                }
+                Ok(None) => {}
+                // Reaped by someone else (ECHILD): no longer ours to
+                // signal, not even from Drop.
+                Err(error) => {
+                    self.reaped = true;
+                    own_children().remove(&self.pid);
+                    return Err(error);
+                }
+            }
+            // Readable yet not reapable should not happen; never spin.
+            tokio::time::sleep(EXIT_POLL_WITHOUT_PIDFD).await;
+        }
+    }
+
+    /// A SIGKILL is the OOM killer's when the cgroup counted a kill during
+    /// this run (it counts before it sends the signal).
+    fn oom_or(&self, reason: ExitReason) -> ExitReason {
+        match (reason, &self.cgroup) {
+            (
+                ExitReason::Signaled {
+                    signal: libc::SIGKILL,
+                    ..
+                },
+                Some(cgroup),
+            ) if cgroup.oom_kills() > self.oom_kills_at_start => ExitReason::OomKilled {
+                memory_limit_mib: self.memory_limit_mib,
+            },
+            _ => reason,
+        }
+    }
+
+    /// Empty the cgroup of whatever escaped the process group (a setsid or
+    /// double-forked descendant), then remove it. Gives up after
+    /// `CGROUP_EMPTY_DEADLINE`, with a warning: the next daemon's sweep
+    /// finds it. Idempotent, so a cancelled `wait` can run it again.
+    async fn clean_up_cgroup(&mut self) {
+        let Some(cgroup) = self.cgroup.clone() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + CGROUP_EMPTY_DEADLINE;
+        let path = cgroup.path().display().to_string();
+        loop {
+            let _ = cgroup.kill_all();
+            match cgroup.is_empty() {
+                Ok(true) => break,
+                Ok(false) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(CGROUP_POLL).await;
+                }
+                Ok(false) => {
+                    tracing::warn!(
+                        cgroup = %path,
+                        "processes left in cgroup {path} survived SIGKILL for {CGROUP_EMPTY_DEADLINE:?} \
+                         after the service ended (stage \"cgroup cleanup\"): left for the next \
+                         start's sweep; look for processes stuck in the D state"
+                    );
+                    self.cgroup = None;
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        cgroup = %path,
+                        "cannot list the processes of cgroup {path} after the service ended \
+                         (stage \"cgroup cleanup\"): {error}; left for the next start's sweep"
+                    );
+                    self.cgroup = None;
+                    return;
+                }
+            }
+        }
+        loop {
+            match cgroup.remove() {
+                Ok(()) => break,
+                // The kernel frees a cgroup's last process a little after
+                // it stops being listed.
+                Err(error)
+                    if error.raw_os_error() == Some(libc::EBUSY)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(CGROUP_POLL).await;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        cgroup = %path,
+                        "cannot remove cgroup {path} after the service ended \
+                         (stage \"cgroup cleanup\"): {error}; left for the next start's sweep"
+                    );
+                    break;
+                }
+            }
+        }
+        self.cgroup = None;
     }
 }
 
@@ -302,43 +572,24 @@ impl ChildProcess for UnixChild {
 
     fn wait(&mut self) -> WaitFuture<'_> {
         Box::pin(async move {
-            loop {
-                match &self.exited {
-                    // Readiness is not cleared: if this future is dropped
-                    // and polled again, it passes straight through.
-                    Some(exited) => drop(exited.readable().await?),
-                    None => {
-                        while !has_exited(self.pid)? {
-                            tokio::time::sleep(EXIT_POLL_WITHOUT_PIDFD).await;
-                        }
-                    }
-                }
-                // The leader is a zombie now: whatever it left in its group
-                // dies with it while the group id is certainly ours, so two
-                // generations never run side by side and the pipes close.
-                let _ = self.signal_group(Signal::SIGKILL);
-                match reap(self.pid) {
-                    Ok(Some(reason)) => {
-                        self.reaped = true;
-                        own_children().remove(&self.pid);
-                        return Ok(reason);
-                    }
-                    Ok(None) => {}
-                    // Reaped by someone else (ECHILD): no longer ours to
-                    // signal, not even from Drop.
-                    Err(error) => {
-                        self.reaped = true;
-                        own_children().remove(&self.pid);
-                        return Err(error);
-                    }
-                }
-                // Readable yet not reapable should not happen; never spin.
-                tokio::time::sleep(EXIT_POLL_WITHOUT_PIDFD).await;
+            if self.outcome.is_none() {
+                let outcome = self.reap_leader().await;
+                self.outcome = Some(outcome);
             }
+            self.clean_up_cgroup().await;
+            self.outcome
+                .take()
+                .unwrap_or_else(|| Err(io::Error::other("wait called again after it returned")))
         })
     }
 
     fn signal_group(&mut self, signal: Signal) -> io::Result<()> {
+        if signal == Signal::SIGKILL
+            && let Some(cgroup) = &self.cgroup
+        {
+            // What escaped the group (setsid) is still in the cgroup.
+            let _ = cgroup.kill_all();
+        }
         let pgid = i32::try_from(self.pid)
             .ok()
             .filter(|&pid| pid > 1)
@@ -349,6 +600,10 @@ impl ChildProcess for UnixChild {
             Err(Errno::ESRCH) => Ok(()),
             Err(errno) => Err(io::Error::from(errno)),
         }
+    }
+
+    fn cgroup(&self) -> Option<Arc<dyn ServiceCgroup>> {
+        self.cgroup.clone()
     }
 }
 
@@ -394,6 +649,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
     }
 
+    #[test]
+    fn unenforced_limits_are_warned_about_once_per_service() {
+        let spawner = UnixSpawner::plain();
+        assert!(spawner.first_warning("api"));
+        assert!(!spawner.first_warning("api"));
+        assert!(spawner.first_warning("db"));
+    }
+
     /// A child dropped unreaped (an actor that panicked) is killed with its
     /// group and reaped as an orphan: nothing runs on unsupervised.
     #[tokio::test]
@@ -408,7 +671,7 @@ mod tests {
             cwd: dir.clone(),
             ..SpawnSpec::default()
         };
-        let child = UnixSpawner.spawn(&spec).expect("spawn /bin/sleep");
+        let child = UnixSpawner::plain().spawn(&spec).expect("spawn /bin/sleep");
         let pid = child.pid();
         drop(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
