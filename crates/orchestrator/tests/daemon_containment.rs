@@ -144,7 +144,8 @@ fn an_oom_kill_is_named_counted_and_handled_by_the_restart_policy() {
     let mut daemon = run_daemon(&dir);
     let status = wait_status(&dir, &daemon, "hog", |s| s["state"] == "failed");
     assert_eq!(
-        status["last_error"], "killed by the OOM killer (memory_limit 48 MiB)",
+        status["last_error"],
+        "gave up after 1 restart: killed by the OOM killer (memory_limit 48 MiB)",
         "{status:#}"
     );
     assert_eq!(status["last_exit_code"], 137, "{status:#}");
@@ -168,20 +169,33 @@ fn an_oom_kill_is_named_counted_and_handled_by_the_restart_policy() {
     daemon.wait_exit();
 }
 
+/// Forks 60 sleepers, or as many as it may, and says when a fork fails (a
+/// shell would exit at its first failed fork).
+const FORK_LOOP: &str = r#"exec python3 -c '
+import os, sys, time
+for i in range(60):
+    try:
+        if os.fork() == 0:
+            time.sleep(1000)
+            os._exit(0)
+    except OSError as error:
+        print("FORK FAILED after", i, error, flush=True)
+        break
+print("FORKED", flush=True)
+time.sleep(1000)
+'"#;
+
 #[test]
 fn pids_limit_stops_a_fork_loop() {
     require_cgroups!();
-    let dir = workspace(
-        "cg-pids",
-        &[(
-            "forker",
-            "i=0\nwhile [ $i -lt 60 ]; do sleep 1000 & i=$((i+1)); done\necho FORKED\nexec sleep 1000",
-            "pids_limit = 12",
-        )],
-    );
+    let dir = workspace("cg-pids", &[("forker", FORK_LOOP, "pids_limit = 12")]);
     let mut daemon = run_daemon(&dir);
     let status = wait_status(&dir, &daemon, "forker", |s| s["state"] == "running");
-    wait_line(&dir, "forker", "FORKED");
+    let failed = wait_line(&dir, "forker", "FORK FAILED");
+    assert!(
+        failed.contains("Resource temporarily unavailable"),
+        "{failed}"
+    );
     let live = live_processes_with_home(&dir.service_data_dir("forker"));
     assert!(
         !live.is_empty() && live.len() <= 12,
@@ -366,6 +380,60 @@ fn a_checksum_mismatch_never_runs_the_binary() {
         "a mismatch is not retried: {status:#}"
     );
     assert!(!marker.exists(), "the tampered binary ran");
+    cli_ok(&dir, &["shutdown"]);
+    daemon.wait_exit();
+}
+
+/// `user` drops the service to that account, in a working directory it was
+/// given, with no_new_privs; the daemon stays root.
+#[test]
+fn a_service_runs_as_its_user_in_a_directory_it_owns() {
+    if !running_as_root() {
+        eprintln!("skipped: not root, so no user can be switched to");
+        return;
+    }
+    let Some(nobody) = nix::unistd::User::from_name("nobody").ok().flatten() else {
+        eprintln!("skipped: no user nobody on this host");
+        return;
+    };
+    let dir = TestDir::new("cg-user");
+    // The directories above the service's must be searchable by nobody.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    dir.add_script_service("dropped", "id -u > whoami\necho WROTE\nexec sleep 1000");
+    dir.write_file(CONFIG, "[services.dropped]\nuser = \"nobody\"\n", 0o644);
+    let mut daemon = run_daemon(&dir);
+    let status = wait_status(&dir, &daemon, "dropped", |s| s["state"] == "running");
+    wait_line(&dir, "dropped", "WROTE");
+    let data = dir.service_data_dir("dropped");
+    assert_eq!(
+        std::fs::read_to_string(data.join("whoami")).unwrap().trim(),
+        nobody.uid.to_string()
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&data).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (nobody.uid.as_raw(), nobody.gid.as_raw())
+        );
+    }
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", pid_of(&status))).unwrap();
+    let line = |key: &str| {
+        proc_status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+    };
+    let uid = nobody.uid.to_string();
+    assert_eq!(line("Uid:"), [uid.as_str(); 4], "{proc_status}");
+    assert_eq!(line("NoNewPrivs:"), ["1"], "{proc_status}");
     cli_ok(&dir, &["shutdown"]);
     daemon.wait_exit();
 }

@@ -113,6 +113,30 @@ impl Drop for Prepared {
     }
 }
 
+/// A service that runs as another user gets its working directory (its
+/// data_dir and HOME) when the daemon made it for it: an empty directory of
+/// root's. Anything else (a directory with content, another owner, a
+/// symlink) is left as it is: the operator set that up.
+fn hand_over_working_dir(dir: &Path, credentials: &Credentials) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
+    if !meta.is_dir() || meta.uid() != 0 || !empty {
+        return;
+    }
+    if let Err(error) = std::os::unix::fs::lchown(dir, Some(credentials.uid), Some(credentials.gid))
+    {
+        tracing::warn!(
+            "cannot give {} to uid {} gid {}: {error}; the service may not be able to write its own directory",
+            dir.display(),
+            credentials.uid,
+            credentials.gid
+        );
+    }
+}
+
 pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepared, SpawnError> {
     let service = spec.service.as_str();
     let exec_error = |source| SpawnError::Exec {
@@ -141,6 +165,11 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
             .as_ref()
             .map(|user| resolve_user(service, user))
             .transpose()?;
+        if let Some(credentials) = &credentials
+            && euid == 0
+        {
+            hand_over_working_dir(&spec.cwd, credentials);
+        }
         Ok::<_, SpawnError>((exec_fd, credentials))
     })?;
     let final_uid = credentials.as_ref().map_or(euid, |c| c.uid);
