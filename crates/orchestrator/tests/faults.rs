@@ -168,6 +168,14 @@ impl Proc {
     }
 }
 
+/// Whether the daemon here puts services in cgroups (root, and a v1 pids
+/// or a v2 hierarchy): then nothing escapes a stop.
+fn cgroups_here() -> bool {
+    running_as_root()
+        && (Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists()
+            || Path::new("/sys/fs/cgroup/cgroup.controllers").exists())
+}
+
 // ---------------------------------------------------------------------------
 // B2 D1: the daemon killed with SIGKILL
 
@@ -691,11 +699,19 @@ fn orphans_are_reaped_by_the_daemon_and_leave_no_zombie() {
 
     std::fs::write(&go, b"").unwrap();
     cli_ok(&dir, &["stop", "killed", "escaper"]);
-    // The escaped child outlives its service (no cgroups yet) and comes to
-    // the daemon.
-    assert!(is_alive(escaped), "the escaped child outlives its service");
-    assert!(wait_until(DEADLINE, || stat(escaped)
-        .is_some_and(|s| u32::try_from(s.ppid) == Ok(me))));
+    if cgroups_here() {
+        // In the service's cgroup: killed with it, however it left its group.
+        assert!(
+            wait_until(DEADLINE, || !is_alive(escaped)),
+            "the escaped child outlived its service's cgroup"
+        );
+    } else {
+        // Only its process group is the service's: it outlives the stop
+        // and comes to the daemon.
+        assert!(is_alive(escaped), "the escaped child outlives its service");
+        assert!(wait_until(DEADLINE, || stat(escaped)
+            .is_some_and(|s| u32::try_from(s.ppid) == Ok(me))));
+    }
     std::fs::write(&go_escaped, b"").unwrap();
 
     for &pid in natural.iter().chain(&killed).chain([&escaped]) {
