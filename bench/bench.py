@@ -19,7 +19,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
-ORCH = os.path.join(RELEASE, "orchestrator")
+# BENCH_ORCHESTRATOR: another build (or a wrapper that execs one) to compare.
+ORCH = os.environ.get("BENCH_ORCHESTRATOR", os.path.join(RELEASE, "orchestrator"))
 FIXTURE = os.path.join(RELEASE, "fixture-service")
 STAMP = os.path.join(RELEASE, "bench-stamp")
 SLEEP = shutil.which("sleep")

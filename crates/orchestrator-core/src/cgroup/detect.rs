@@ -162,12 +162,19 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The cgroup mounts of mountinfo that are still visible: a mount is
+/// hidden by a later one on its mount point or on a directory above it (a
+/// tmpfs over /sys/fs/cgroup in a container, say), and a directory made
+/// there would be a plain one, not a cgroup.
 pub(super) fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
+    // (mount point, the cgroup mount when it is one), in mount order.
+    let all: Vec<(PathBuf, Option<Mount>)> = text
+        .lines()
         .filter_map(|line| {
             // The optional fields end at a lone "-".
             let (left, right) = line.split_once(" - ")?;
             let left: Vec<&str> = left.split(' ').collect();
+            let point = PathBuf::from(unescape(left.get(4)?));
             let mut right = right.split(' ');
             let fstype = right.next()?;
             let _source = right.next()?;
@@ -175,14 +182,24 @@ pub(super) fn parse_mountinfo(text: &str) -> Vec<Mount> {
             let v2 = match fstype {
                 "cgroup2" => true,
                 "cgroup" => false,
-                _ => return None,
+                _ => return Some((point, None)),
             };
-            Some(Mount {
+            let mount = Mount {
                 root: unescape(left.get(3)?),
-                point: PathBuf::from(unescape(left.get(4)?)),
+                point: point.clone(),
                 v2,
                 options: options.split(',').map(str::to_owned).collect(),
-            })
+            };
+            Some((point, Some(mount)))
+        })
+        .collect();
+    all.iter()
+        .enumerate()
+        .filter_map(|(i, (point, mount))| {
+            let hidden = all[i + 1..]
+                .iter()
+                .any(|(later, _)| point.starts_with(later));
+            mount.clone().filter(|_| !hidden)
         })
         .collect()
 }
@@ -357,6 +374,24 @@ mod tests {
 28 25 0:25 / /sys/fs/cgroup/memory rw,nosuid master:10 - cgroup cgroup rw,memory
 29 25 0:26 /docker/abc /sys/fs/cgroup/pids rw,nosuid master:11 - cgroup cgroup rw,pids
 ";
+
+    /// A tmpfs mounted over /sys/fs/cgroup after the cgroup mounts (a
+    /// container hiding them) leaves nothing to use: directories made there
+    /// would be plain ones.
+    #[test]
+    fn mounts_hidden_by_a_later_mount_are_not_used() {
+        let hidden = format!(
+            "{V1_COMOUNTED}90 24 0:99 / /sys/fs/cgroup rw - tmpfs none rw\n\
+             91 24 0:98 / /sys/fs/cgroup/pidsx rw - cgroup cgroup rw,pids\n"
+        );
+        let mounts = parse_mountinfo(&hidden);
+        assert_eq!(
+            mounts.iter().map(|m| m.point.clone()).collect::<Vec<_>>(),
+            [PathBuf::from("/sys/fs/cgroup/pidsx")],
+            "only the one mounted after the tmpfs is visible"
+        );
+        assert_eq!(parse_mountinfo(V1_COMOUNTED).len(), 3);
+    }
 
     #[test]
     fn pure_v2_uses_our_own_cgroup_in_the_unified_hierarchy() {

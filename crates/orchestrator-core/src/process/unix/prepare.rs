@@ -15,7 +15,7 @@ use nix::unistd::{Gid, Group, Uid, User, geteuid, getgrouplist};
 use sha2::Digest;
 
 use super::{Launch, UnixSpawner, nofile_to_restore, resolve_program};
-use crate::cgroup::{Flavor, ServiceCgroup};
+use crate::cgroup::{Flavor, Placement, ServiceCgroup, Unenforced};
 use crate::config::{Rlimit, RlimitValue, Sha256};
 use crate::process::{SpawnError, SpawnSpec, UserSpec};
 
@@ -188,13 +188,21 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
     // Last: the one step with an effect outside the daemon, so no later
     // step of the preparation can fail and leave it behind.
     if spawner.controller.flavor() != Flavor::None || !spec.limits.is_empty() {
-        let placement = spawner
-            .controller
-            .create(service, &spec.limits)
-            .map_err(|source| SpawnError::Cgroup {
-                service: service.to_owned(),
-                source,
-            })?;
+        let placement = match spawner.controller.create(service, &spec.limits) {
+            Ok(placement) => placement,
+            Err(source) if spawner.require_limits => {
+                return Err(SpawnError::Cgroup {
+                    service: service.to_owned(),
+                    source,
+                });
+            }
+            // As where cgroups cannot be used at all: the service runs,
+            // without its cgroup, and the warning below says what that costs.
+            Err(error) => Placement {
+                cgroup: None,
+                unenforced: without_a_cgroup(&spec.limits, &error),
+            },
+        };
         if let Some(cgroup) = &placement.cgroup {
             prepared.oom_kills_at_start = cgroup.oom_kills();
         }
@@ -220,6 +228,34 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
         }
     }
     Ok(prepared)
+}
+
+/// Every limit of `limits`, and containment itself, as not enforced
+/// because the service's cgroup could not be made.
+fn without_a_cgroup(
+    limits: &crate::cgroup::Limits,
+    error: &crate::cgroup::CgroupError,
+) -> Vec<Unenforced> {
+    let reason = format!("its cgroup could not be made ({error})");
+    let mut unenforced = vec![Unenforced {
+        limit: "containment",
+        reason: format!(
+            "{reason}, so a process that leaves its process group is not stopped with it"
+        ),
+    }];
+    for (limit, set) in [
+        ("memory_limit", limits.memory_mib.is_some()),
+        ("cpu_limit", limits.cpu_millicores.is_some()),
+        ("pids_limit", limits.pids.is_some()),
+    ] {
+        if set {
+            unenforced.push(Unenforced {
+                limit,
+                reason: reason.clone(),
+            });
+        }
+    }
+    unenforced
 }
 
 /// Run `work` where blocking is harmless: on a multi-thread runtime's
@@ -452,6 +488,41 @@ fn resolve_user(service: &str, spec: &UserSpec) -> Result<Credentials, SpawnErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cgroup that cannot be made costs the service its containment and
+    /// limits (said once), not its start; under require_limits it fails.
+    #[test]
+    fn a_cgroup_that_cannot_be_made_fails_the_start_only_under_require_limits() {
+        use crate::cgroup::fake::FakeController;
+        let controller = Arc::new(FakeController::new(Flavor::V1));
+        controller.fail_create("svc");
+        let spec = SpawnSpec {
+            service: "svc".to_owned(),
+            program: "/bin/true".into(),
+            cwd: "/".into(),
+            limits: crate::cgroup::Limits {
+                pids: Some(5),
+                ..Default::default()
+            },
+            ..SpawnSpec::default()
+        };
+        let lenient = UnixSpawner::new(controller.clone(), false);
+        let prepared = prepare(&lenient, &spec).expect("runs without its cgroup");
+        assert!(prepared.cgroup.is_none());
+        let unenforced = without_a_cgroup(
+            &spec.limits,
+            &crate::cgroup::CgroupError::Io {
+                action: "create".to_owned(),
+                path: "/x".into(),
+                source: io::Error::from_raw_os_error(libc::EACCES),
+            },
+        );
+        let limits: Vec<&str> = unenforced.iter().map(|u| u.limit).collect();
+        assert_eq!(limits, ["containment", "pids_limit"]);
+        let strict = UnixSpawner::new(controller, true);
+        let error = prepare(&strict, &spec).map(|_| ()).unwrap_err();
+        assert_eq!(error.stage(), "cgroup", "{error}");
+    }
 
     fn spec(user: &str, group: Option<&str>) -> UserSpec {
         UserSpec {
