@@ -542,13 +542,10 @@ async fn the_child_joins_its_cgroup_before_exec_and_it_is_removed_after() {
     assert_eq!(read_available(read_end), b"0");
     assert!(!cgroup.removed.load(Ordering::SeqCst));
 
-    // The OOM killer's kill is told from any other SIGKILL.
+    // The OOM killer's kill (the kernel's SIGKILL, not ours) is told from
+    // any other SIGKILL.
     cgroup.oom_kills.store(1, Ordering::SeqCst);
-    child.signal_group(Signal::SIGKILL).unwrap();
-    assert!(
-        cgroup.kill_passes.load(Ordering::SeqCst) >= 1,
-        "SIGKILL covers the cgroup"
-    );
+    assert!(send_signal(child.pid(), 9));
     assert_eq!(
         within("wait", child.wait()).await.unwrap(),
         ExitReason::OomKilled {
@@ -560,6 +557,32 @@ async fn the_child_joins_its_cgroup_before_exec_and_it_is_removed_after() {
         "removed after the end"
     );
     assert!(child.cgroup().is_none());
+    assert!(
+        cgroup.kill_passes.load(Ordering::SeqCst) >= 1,
+        "what the leader left in its cgroup is killed"
+    );
+
+    // Our own SIGKILL (stop_timeout) is ours, whatever the OOM count says.
+    let mut child = spawn(
+        &spawner,
+        &guard,
+        &SpawnSpec {
+            limits: Limits {
+                memory_mib: Some(64),
+                ..Limits::default()
+            },
+            ..sleeper(&dir, "stopped")
+        },
+    );
+    controller.last().oom_kills.store(1, Ordering::SeqCst);
+    child.signal_group(Signal::SIGKILL).unwrap();
+    assert_eq!(
+        within("wait", child.wait()).await.unwrap(),
+        ExitReason::Signaled {
+            signal: 9,
+            core_dumped: false
+        }
+    );
 
     // A start that fails after the cgroup was made removes it again.
     let controller = Arc::new(PipeController::default());

@@ -123,6 +123,7 @@ impl UnixSpawner {
             cgroup: prepared.cgroup.take(),
             memory_limit_mib: prepared.memory_limit_mib,
             oom_kills_at_start: prepared.oom_kills_at_start,
+            killed_by_us: false,
         }))
     }
 
@@ -402,6 +403,9 @@ struct UnixChild {
     /// The cgroup's OOM kill count when it was made: more at the end means
     /// the OOM killer struck during this run.
     oom_kills_at_start: u64,
+    /// We sent SIGKILL (stop_timeout, kill): a SIGKILL death is then ours,
+    /// even if the OOM killer took some other process of the service.
+    killed_by_us: bool,
 }
 
 /// How long `wait` keeps killing what is left in the cgroup of a service
@@ -459,8 +463,11 @@ impl UnixChild {
             }
             // The leader is a zombie now: whatever it left in its group
             // dies with it while the group id is certainly ours, so two
-            // generations never run side by side and the pipes close.
+            // generations never run side by side and the pipes close. Not
+            // counted as our kill: the leader's own death came first.
+            let killed_by_us = self.killed_by_us;
             let _ = self.signal_group(Signal::SIGKILL);
+            self.killed_by_us = killed_by_us;
             match reap(self.pid) {
                 Ok(Some(reason)) => {
                     self.reaped = true;
@@ -491,9 +498,11 @@ impl UnixChild {
                     ..
                 },
                 Some(cgroup),
-            ) if cgroup.oom_kills() > self.oom_kills_at_start => ExitReason::OomKilled {
-                memory_limit_mib: self.memory_limit_mib,
-            },
+            ) if !self.killed_by_us && cgroup.oom_kills() > self.oom_kills_at_start => {
+                ExitReason::OomKilled {
+                    memory_limit_mib: self.memory_limit_mib,
+                }
+            }
             _ => reason,
         }
     }
@@ -584,11 +593,18 @@ impl ChildProcess for UnixChild {
     }
 
     fn signal_group(&mut self, signal: Signal) -> io::Result<()> {
-        if signal == Signal::SIGKILL
-            && let Some(cgroup) = &self.cgroup
-        {
-            // What escaped the group (setsid) is still in the cgroup.
-            let _ = cgroup.kill_all();
+        if signal == Signal::SIGKILL {
+            // Ours: a later death by SIGKILL is not the OOM killer's.
+            self.killed_by_us = true;
+            if let Some(cgroup) = &self.cgroup {
+                // What escaped the group (setsid) is still in the cgroup.
+                let _ = cgroup.kill_all();
+            }
+        }
+        // Reaped (a `wait` cut short while it emptied the cgroup): the
+        // group id may belong to someone else by now; the cgroup is ours.
+        if self.reaped {
+            return Ok(());
         }
         let pgid = i32::try_from(self.pid)
             .ok()

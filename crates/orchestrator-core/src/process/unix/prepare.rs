@@ -172,6 +172,10 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
         }
         Ok::<_, SpawnError>((exec_fd, credentials))
     })?;
+    // A daemon that is not root may name its own account (validate allows
+    // it): there is nothing to switch, and setgroups would need CAP_SETGID.
+    let credentials = credentials
+        .filter(|c| euid == 0 || c.uid != euid || c.gid != nix::unistd::getegid().as_raw());
     let final_uid = credentials.as_ref().map_or(euid, |c| c.uid);
     let mut prepared = Prepared {
         service: service.to_owned(),
@@ -402,7 +406,9 @@ fn open_verified(service: &str, path: &Path, expected: Sha256) -> Result<ExecFd,
         });
     }
     Ok(ExecFd {
-        fd: file.into(),
+        // Never 0, 1 or 2 (a daemon started with one of them closed): the
+        // child's dup3 of its stdio would replace it before the exec.
+        fd: super::above_stdio(file.into()).map_err(|e| io_error("open", e))?,
         script: head_len == 2 && head == *b"#!",
     })
 }
