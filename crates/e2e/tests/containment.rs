@@ -515,7 +515,7 @@ impl ResourceController for PipeController {
             unenforced: Vec::new(),
         })
     }
-    fn sweep_leftovers(&self) -> Vec<u32> {
+    fn sweep_leftovers(&self, _services: &std::collections::BTreeSet<String>) -> Vec<u32> {
         Vec::new()
     }
 }
@@ -782,7 +782,7 @@ impl ResourceController for PidsV1 {
             unenforced: Vec::new(),
         })
     }
-    fn sweep_leftovers(&self) -> Vec<u32> {
+    fn sweep_leftovers(&self, _services: &std::collections::BTreeSet<String>) -> Vec<u32> {
         Vec::new()
     }
 }

@@ -190,8 +190,18 @@ async fn stop_what_a_dead_daemon_left(
         bus,
     )
     .await;
+    // The cgroups of services known now or recorded by the daemon that
+    // died (one removed from the config since still had its cgroup).
+    let mut services: std::collections::BTreeSet<String> =
+        definitions.iter().map(|d| d.name.to_string()).collect();
+    if let Ok(Some(previous)) = read_state_at_most(
+        &orchestrator.data_dir.join("state"),
+        orchestrator.state_max_bytes,
+    ) {
+        services.extend(previous.services.into_keys());
+    }
     let sweeper = Arc::clone(spawner);
-    let swept = tokio::task::spawn_blocking(move || sweeper.sweep_leftovers())
+    let swept = tokio::task::spawn_blocking(move || sweeper.sweep_leftovers(&services))
         .await
         .unwrap_or_default();
     let count = recorded + swept.len();

@@ -444,7 +444,19 @@ fn the_next_daemon_kills_what_a_killed_one_left() {
         drop(next);
         std::thread::sleep(Duration::from_millis(10));
     };
-    let killed: BTreeSet<u32> = next.sweep_leftovers().into_iter().collect();
+    // Only the named services' cgroups are swept: "other" stays.
+    let other = next
+        .create("other", &Limits::default())
+        .expect("create a cgroup that is not a service of ours")
+        .cgroup
+        .expect("a cgroup");
+    let known = BTreeSet::from(["svc".to_owned(), "probe".to_owned()]);
+    let killed: BTreeSet<u32> = next.sweep_leftovers(&known).into_iter().collect();
+    assert!(
+        other.path().is_dir(),
+        "a cgroup of an unknown name was swept"
+    );
+    other.remove().expect("remove the other cgroup");
     assert!(
         pids.iter().all(|pid| killed.contains(pid)),
         "{pids:?} not all in {killed:?}"

@@ -440,7 +440,12 @@ fn run(
         tracing::warn!("cannot become the subreaper of the services' orphans: {error}");
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    // Outlives the runtime: on an error the guardian wakes only once every
+    // task (and the locks and cgroup parent they hold) is gone, so it never
+    // acts beside a daemon that is still there.
+    let mut guardian: Option<guardian::Guardian> = None;
+    let guardian_slot = &mut guardian;
+    let outcome = runtime.block_on(async move {
         create_private_dir(&config.orchestrator.data_dir)?;
         // Taken before anything else: a second daemon on the same data_dir
         // stops here and disturbs nothing.
@@ -458,7 +463,7 @@ fn run(
             resource_controller(&config.orchestrator),
             config.orchestrator.require_limits,
         ));
-        let guardian = start_guardian(config.source.as_deref()).await;
+        *guardian_slot = start_guardian(config.source.as_deref()).await;
         // TCP first: if it fails, no control socket is left behind.
         let tcp = match config.orchestrator.http_listen {
             Some(addr) => {
@@ -576,11 +581,14 @@ fn run(
         let _ = std::fs::remove_file(&socket);
         result?;
         // Every service is stopped: nothing for the guardian to do.
-        if let Some(guardian) = guardian {
+        if let Some(guardian) = guardian_slot.take() {
             guardian.dismiss();
         }
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    });
+    drop(runtime);
+    drop(guardian);
+    outcome
 }
 
 /// The services' cgroups, detected once (and logged once) for the

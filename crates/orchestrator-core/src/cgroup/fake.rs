@@ -104,7 +104,7 @@ impl ResourceController for FakeController {
         })
     }
 
-    fn sweep_leftovers(&self) -> Vec<u32> {
+    fn sweep_leftovers(&self, _services: &std::collections::BTreeSet<String>) -> Vec<u32> {
         let mut state = lock(&self.state);
         state.sweeps += 1;
         std::mem::take(&mut state.leftovers)
@@ -251,7 +251,7 @@ mod tests {
         fake.fail_create("db");
         assert!(fake.create("db", &Limits::default()).is_err());
         fake.set_leftovers(vec![7]);
-        assert_eq!(fake.sweep_leftovers(), vec![7]);
+        assert_eq!(fake.sweep_leftovers(&Default::default()), vec![7]);
         assert_eq!(fake.sweeps(), 1);
     }
 }

@@ -119,11 +119,13 @@ pub trait ResourceController: Send + Sync + fmt::Debug {
     /// errors; an error means the cgroup itself could not be made.
     fn create(&self, service: &str, limits: &Limits) -> Result<Placement, CgroupError>;
 
-    /// Kill every process left in a service cgroup under the parent (a
-    /// previous daemon's, killed before it could stop them) and remove
-    /// those cgroups. Called once at start, before any service is spawned.
-    /// Returns the pids that were killed.
-    fn sweep_leftovers(&self) -> Vec<u32>;
+    /// Kill every process left in the cgroup of one of `services` under the
+    /// parent (a previous daemon's, killed before it could stop them) and
+    /// remove those cgroups. Only those names: a parent set by mistake to a
+    /// directory of others' cgroups (a systemd slice, another daemon's
+    /// parent above ours) must not have them killed. Called once at start,
+    /// before any service is spawned. Returns the pids that were killed.
+    fn sweep_leftovers(&self, services: &BTreeSet<String>) -> Vec<u32>;
 }
 
 /// One service's cgroup (on v1, its directory in each hierarchy used).
@@ -187,7 +189,7 @@ impl ResourceController for NoCgroups {
         })
     }
 
-    fn sweep_leftovers(&self) -> Vec<u32> {
+    fn sweep_leftovers(&self, _services: &BTreeSet<String>) -> Vec<u32> {
         Vec::new()
     }
 }

@@ -278,7 +278,7 @@ impl ResourceController for V1Controller {
         })
     }
 
-    fn sweep_leftovers(&self) -> Vec<u32> {
+    fn sweep_leftovers(&self, services: &BTreeSet<String>) -> Vec<u32> {
         let mut levels = vec![&self.pids];
         for level in [&self.memory, &self.cpu].into_iter().flatten() {
             if !levels.iter().any(|known| known.parent == level.parent) {
@@ -288,6 +288,7 @@ impl ResourceController for V1Controller {
         let names: BTreeSet<String> = levels
             .iter()
             .flat_map(|level| files::subdirs(&level.parent))
+            .filter(|name| services.contains(name))
             .collect();
         let leftovers = names
             .into_iter()

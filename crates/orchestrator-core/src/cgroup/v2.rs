@@ -356,9 +356,10 @@ impl ResourceController for V2Controller {
         })
     }
 
-    fn sweep_leftovers(&self) -> Vec<u32> {
+    fn sweep_leftovers(&self, services: &std::collections::BTreeSet<String>) -> Vec<u32> {
         let leftovers: Vec<Box<dyn ServiceCgroup>> = files::subdirs(&self.parent)
             .into_iter()
+            .filter(|name| services.contains(name))
             .map(|name| {
                 Box::new(V2Cgroup {
                     dir: self.parent.join(name),

@@ -416,11 +416,11 @@ fn spawn_hint(program: &std::path::Path, error: &io::Error) -> &'static str {
 pub trait Spawner: Send + Sync {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError>;
 
-    /// Kill whatever a previous daemon left in the services' cgroups (a
+    /// Kill whatever a previous daemon left in the cgroups of `services` (a
     /// setsid or double-forked process its process group did not hold), and
     /// remove those cgroups. Called once at start, before any spawn; may
     /// block for a few seconds. Returns the pids it killed.
-    fn sweep_leftovers(&self) -> Vec<u32> {
+    fn sweep_leftovers(&self, _services: &std::collections::BTreeSet<String>) -> Vec<u32> {
         Vec::new()
     }
 }

@@ -140,8 +140,8 @@ impl Spawner for UnixSpawner {
         self.launch(prepared)
     }
 
-    fn sweep_leftovers(&self) -> Vec<u32> {
-        self.controller.sweep_leftovers()
+    fn sweep_leftovers(&self, services: &std::collections::BTreeSet<String>) -> Vec<u32> {
+        self.controller.sweep_leftovers(services)
     }
 }
 
