@@ -197,6 +197,7 @@ async fn a_service_runs_as_its_user_with_no_new_privs() {
     let nobody = |user: &str, group: Option<&str>| UserSpec {
         user: user.to_owned(),
         group: group.map(str::to_owned),
+        owns_working_dir: false,
     };
     let ids = vec!["65534".to_owned(); 4];
     let groups_of_nobody = ["65534".to_owned()];

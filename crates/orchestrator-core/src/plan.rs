@@ -166,6 +166,7 @@ fn define(
             user: service.user.as_ref().map(|user| UserSpec {
                 user: user.clone(),
                 group: service.group.clone(),
+                owns_working_dir: service.data_dir.is_none(),
             }),
             sha256: service.sha256,
             strict: service.strict.then(|| StrictCheck {
@@ -247,6 +248,27 @@ mod tests {
             defs[0].log_path,
             PathBuf::from("/srv/.orchestrator/logs/api.log")
         );
+    }
+
+    /// Only the default data_dir, which the daemon makes, may be handed to
+    /// the service's user; a configured one is the operator's.
+    #[test]
+    fn only_the_default_working_dir_is_handed_to_the_user() {
+        let mut services = BTreeMap::new();
+        let user = |data_dir: Option<&str>| ServiceConfig {
+            user: Some("nobody".into()),
+            data_dir: data_dir.map(PathBuf::from),
+            ..ServiceConfig::default()
+        };
+        services.insert(name("own"), user(None));
+        services.insert(name("given"), user(Some("/var/empty")));
+        let defs = plan(&config(services), &[], &host());
+        let owns = |n: &str| {
+            let def = defs.iter().find(|d| d.name.as_str() == n).unwrap();
+            def.spawn.user.as_ref().unwrap().owns_working_dir
+        };
+        assert!(owns("own"));
+        assert!(!owns("given"));
     }
 
     #[test]

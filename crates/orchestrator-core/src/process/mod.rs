@@ -59,6 +59,11 @@ pub struct UserSpec {
     pub user: String,
     /// `None`: the user's primary group. Supplementary groups are the user's.
     pub group: Option<String>,
+    /// The working directory is the default one the daemon makes
+    /// (`services_dir/NAME/data`): while it is empty and root's, it is given
+    /// to the user. A configured data_dir is never chowned: its owner is
+    /// the operator's choice (and it could be `/var/empty` or `/mnt`).
+    pub owns_working_dir: bool,
 }
 
 /// The default hardening of a service (`strict = true`): while the daemon is

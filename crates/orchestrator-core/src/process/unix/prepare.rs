@@ -113,10 +113,11 @@ impl Drop for Prepared {
     }
 }
 
-/// A service that runs as another user gets its working directory (its
-/// data_dir and HOME) when the daemon made it for it: an empty directory of
-/// root's. Anything else (a directory with content, another owner, a
-/// symlink) is left as it is: the operator set that up.
+/// A service that runs as another user gets its default working directory
+/// (its data_dir and HOME, `services_dir/NAME/data`) while that is an empty
+/// directory of root's, as the daemon made it. Anything else (a directory
+/// with content, another owner, a symlink, a configured data_dir) is left as
+/// it is: the operator set that up.
 fn hand_over_working_dir(dir: &Path, credentials: &Credentials) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
@@ -167,6 +168,7 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
             .transpose()?;
         if let Some(credentials) = &credentials
             && euid == 0
+            && spec.user.as_ref().is_some_and(|user| user.owns_working_dir)
         {
             hand_over_working_dir(&spec.cwd, credentials);
         }
@@ -534,6 +536,7 @@ mod tests {
         UserSpec {
             user: user.to_owned(),
             group: group.map(str::to_owned),
+            owns_working_dir: false,
         }
     }
 
