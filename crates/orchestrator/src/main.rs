@@ -464,6 +464,10 @@ fn run(
             config.orchestrator.require_limits,
         ));
         *guardian_slot = start_guardian(config.source.as_deref()).await;
+        let dismissing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(guardian) = guardian_slot.as_ref() {
+            watch_guardian(guardian.pid(), Arc::clone(&dismissing));
+        }
         // TCP first: if it fails, no control socket is left behind.
         let tcp = match config.orchestrator.http_listen {
             Some(addr) => {
@@ -582,6 +586,7 @@ fn run(
         result?;
         // Every service is stopped: nothing for the guardian to do.
         if let Some(guardian) = guardian_slot.take() {
+            dismissing.store(true, std::sync::atomic::Ordering::Relaxed);
             guardian.dismiss();
         }
         Ok::<(), anyhow::Error>(())
@@ -628,6 +633,23 @@ async fn start_guardian(config: Option<&Path>) -> Option<guardian::Guardian> {
             None
         }
     }
+}
+
+/// A guardian that ends while the daemon runs (killed, OOM) leaves the
+/// services unprotected against a SIGKILL of the daemon: say so once.
+fn watch_guardian(pid: u32, dismissing: Arc<std::sync::atomic::AtomicBool>) {
+    let Ok(exit) = orchestrator_core::process::ExitWatch::new(pid) else {
+        return;
+    };
+    tokio::spawn(async move {
+        exit.exited().await;
+        if !dismissing.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                guardian = pid,
+                "the guardian ended: until the daemon restarts, a SIGKILL of the daemon would leave its services running until the next daemon starts"
+            );
+        }
+    });
 }
 
 /// The guardian process: wait for the daemon to dismiss us or to die, and

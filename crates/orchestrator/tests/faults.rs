@@ -242,6 +242,8 @@ fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
     let guardian = guardian_of(&first);
     assert!(send_signal(guardian, SIGKILL));
     assert!(wait_until(DEADLINE, || !is_alive(guardian)));
+    // The daemon notices that it lost its guardian, and says what it costs.
+    first.wait_for_log(&["the guardian ended"]);
     first.signal(SIGKILL);
     first.wait_exit();
     for process in &old_procs {
