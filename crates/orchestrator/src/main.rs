@@ -96,7 +96,11 @@ enum Command {
     Shutdown,
     /// Internal: started by `run`; stops the services if the daemon dies
     #[command(hide = true)]
-    Guardian,
+    Guardian {
+        /// The cgroup parent the daemon claimed (maybe its fallback name)
+        #[arg(long, value_name = "PATH")]
+        cgroup_parent: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -125,7 +129,7 @@ fn main() -> ExitCode {
     let needs_config = cli.socket.is_none()
         || matches!(
             cli.command,
-            Command::Run | Command::Check | Command::Discover | Command::Guardian
+            Command::Run | Command::Check | Command::Discover | Command::Guardian { .. }
         );
     // `check` and `run` go through one validation, so that what `check`
     // passes `run` can start; `run` stops only for problems of the daemon
@@ -176,7 +180,11 @@ fn main() -> ExitCode {
             &validation.expect("validated for check"),
         ),
         Command::Discover => discover_command(config.as_ref().expect("loaded for discover")),
-        Command::Guardian => guardian(config.expect("loaded for guardian"), cli.config.clone()),
+        Command::Guardian { cgroup_parent } => guardian(
+            config.expect("loaded for guardian"),
+            cli.config.clone(),
+            cgroup_parent,
+        ),
         Command::Run => match run(
             config.expect("loaded for run"),
             reloader(cli.config.clone()),
@@ -237,7 +245,7 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
             Command::Reload => cli::reload(&client).await,
             Command::Events { follow } => cli::events(&client, follow).await,
             Command::Shutdown => cli::shutdown(&client, shutdown_wait).await,
-            Command::Run | Command::Check | Command::Discover | Command::Guardian => {
+            Command::Run | Command::Check | Command::Discover | Command::Guardian { .. } => {
                 unreachable!("handled before")
             }
         }
@@ -459,11 +467,13 @@ fn run(
         .await?;
         // Before the guardian: on cgroup v2 the daemon may move itself into
         // a leaf cgroup, and the guardian must be born there with it.
+        let controller = resource_controller(&config.orchestrator);
+        let claimed = controller.claimed_parent().map(Path::to_owned);
         let spawner = Arc::new(UnixSpawner::new(
-            resource_controller(&config.orchestrator),
+            controller,
             config.orchestrator.require_limits,
         ));
-        *guardian_slot = start_guardian(config.source.as_deref()).await;
+        *guardian_slot = start_guardian(config.source.as_deref(), claimed.as_deref()).await;
         let dismissing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some(guardian) = guardian_slot.as_ref() {
             watch_guardian(guardian.pid(), Arc::clone(&dismissing));
@@ -610,13 +620,22 @@ fn resource_controller(
 /// Our own binary in its guardian mode, with the same configuration. A
 /// daemon without one still runs: what it leaves if killed is stopped by
 /// the next daemon at its start instead.
-async fn start_guardian(config: Option<&Path>) -> Option<guardian::Guardian> {
+async fn start_guardian(
+    config: Option<&Path>,
+    cgroup_parent: Option<&Path>,
+) -> Option<guardian::Guardian> {
     let mut args: Vec<std::ffi::OsString> = Vec::new();
     if let Some(config) = config {
         args.push("--config".into());
         args.push(config.into());
     }
     args.push("guardian".into());
+    // The parent we hold, which may be the fallback name: the guardian
+    // claims and sweeps that one, not whatever is free when we die.
+    if let Some(parent) = cgroup_parent {
+        args.push("--cgroup-parent".into());
+        args.push(parent.into());
+    }
     // Our own file, so the guardian shows as `orchestrator guardian`;
     // /proc/self/exe when that file was replaced or removed since.
     let program = std::env::current_exe()
@@ -654,7 +673,7 @@ fn watch_guardian(pid: u32, dismissing: Arc<std::sync::atomic::AtomicBool>) {
 
 /// The guardian process: wait for the daemon to dismiss us or to die, and
 /// in the second case stop what it left running.
-fn guardian(config: Config, explicit: Option<PathBuf>) -> ExitCode {
+fn guardian(config: Config, explicit: Option<PathBuf>, cgroup_parent: Option<PathBuf>) -> ExitCode {
     init_tracing(&config);
     let data_dir = config.orchestrator.data_dir.clone();
     // Only the daemon's section is kept while waiting (the services are
@@ -674,7 +693,7 @@ fn guardian(config: Config, explicit: Option<PathBuf>) -> ExitCode {
     }
     // Read anew for the services' stop policies; the data_dir we watched
     // for wins, whatever the file says now.
-    let config = match config::load_all(explicit.as_deref()) {
+    let mut config = match config::load_all(explicit.as_deref()) {
         Ok(loaded) if loaded.config.orchestrator.data_dir == data_dir => loaded.config,
         _ => Config {
             source: None,
@@ -682,6 +701,9 @@ fn guardian(config: Config, explicit: Option<PathBuf>) -> ExitCode {
             services: Default::default(),
         },
     };
+    if let Some(parent) = cgroup_parent {
+        config.orchestrator.cgroup_parent = parent;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

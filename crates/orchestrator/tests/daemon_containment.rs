@@ -303,6 +303,10 @@ fn escaped_processes_die_with_a_killed_daemon() {
     let status = wait_status(&dir, &daemon, "escaper", |s| s["state"] == "running");
     let leader = pid_of(&status);
     let escapee = field(&wait_line(&dir, "escaper", "ESCAPEE"), "pid");
+    // Whichever parent the daemon claimed (the configured one, or its
+    // fallback when parallel tests hold that), the guardian sweeps it.
+    let cgroup = cgroup_dir(leader, "pids").expect("the service's cgroup");
+    assert!(cgroup.ends_with("escaper"), "{cgroup:?}");
     daemon.signal(SIGKILL);
     daemon.wait_exit();
     for pid in [leader, escapee] {
@@ -311,6 +315,10 @@ fn escaped_processes_die_with_a_killed_daemon() {
             "{pid} outlived its SIGKILLed daemon"
         );
     }
+    assert!(
+        wait_until(DEADLINE, || !cgroup.exists()),
+        "{cgroup:?} is left after the guardian's clean-up"
+    );
 }
 
 /// Both the daemon and its guardian killed: the next daemon's sweep of the
@@ -326,7 +334,7 @@ fn the_next_daemon_sweeps_what_the_record_could_not_name() {
         .into_iter()
         .find(|&pid| {
             stat(pid).is_some_and(|s| s.ppid == first.pid() as i32)
-                && cmdline(pid).is_some_and(|a| a.last().map(String::as_str) == Some("guardian"))
+                && cmdline(pid).is_some_and(|a| a.iter().any(|arg| arg == "guardian"))
         })
         .expect("the daemon's guardian");
     assert!(send_signal(guardian, SIGKILL));

@@ -185,8 +185,7 @@ fn guardian_of(daemon: &Daemon) -> u32 {
     let find = || {
         all_pids().into_iter().find(|&pid| {
             stat(pid).is_some_and(|s| s.ppid == daemon.pid() as i32)
-                && cmdline(pid)
-                    .is_some_and(|argv| argv.last().map(String::as_str) == Some("guardian"))
+                && cmdline(pid).is_some_and(|argv| argv.iter().any(|arg| arg == "guardian"))
         })
     };
     let mut found = None;

@@ -126,6 +126,13 @@ pub trait ResourceController: Send + Sync + fmt::Debug {
     /// parent above ours) must not have them killed. Called once at start,
     /// before any service is spawned. Returns the pids that were killed.
     fn sweep_leftovers(&self, services: &BTreeSet<String>) -> Vec<u32>;
+
+    /// The parent this daemon claimed, relative to its own cgroup (the
+    /// configured one or its hashed fallback): the guardian is told it, so
+    /// that after the daemon's death it claims and sweeps that same one.
+    fn claimed_parent(&self) -> Option<&Path> {
+        None
+    }
 }
 
 /// One service's cgroup (on v1, its directory in each hierarchy used).

@@ -40,6 +40,8 @@ pub(super) struct V1Controller {
     pids: Level,
     memory: Result<Level, String>,
     cpu: Result<Level, String>,
+    /// The claimed parent, relative to the daemon's own cgroup.
+    relative: PathBuf,
     _lock: ParentLock,
 }
 
@@ -92,6 +94,7 @@ pub(super) fn setup(
         pids,
         memory,
         cpu,
+        relative,
         _lock: lock,
     })
 }
@@ -276,6 +279,10 @@ impl ResourceController for V1Controller {
             cgroup: Some(Arc::new(cgroup)),
             unenforced,
         })
+    }
+
+    fn claimed_parent(&self) -> Option<&Path> {
+        Some(&self.relative)
     }
 
     fn sweep_leftovers(&self, services: &BTreeSet<String>) -> Vec<u32> {

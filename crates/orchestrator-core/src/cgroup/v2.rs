@@ -32,6 +32,8 @@ pub(super) struct V2Controller {
     parent: PathBuf,
     /// Controllers not enabled for the services' cgroups, and why.
     missing: BTreeMap<&'static str, String>,
+    /// `parent` relative to `base`.
+    relative: PathBuf,
     _lock: ParentLock,
 }
 
@@ -103,6 +105,7 @@ pub(super) fn setup(
         base,
         parent,
         missing,
+        relative,
         _lock: lock,
     })
 }
@@ -354,6 +357,10 @@ impl ResourceController for V2Controller {
             })),
             unenforced,
         })
+    }
+
+    fn claimed_parent(&self) -> Option<&Path> {
+        Some(&self.relative)
     }
 
     fn sweep_leftovers(&self, services: &std::collections::BTreeSet<String>) -> Vec<u32> {
