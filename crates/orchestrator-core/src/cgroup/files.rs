@@ -59,20 +59,44 @@ pub(super) fn read_pids(procs: &Path) -> io::Result<Vec<u32>> {
     }
 }
 
-/// SIGKILL each pid. Never pid 0 or 1 (a cgroup.procs lists 0 for a process
-/// outside our pid namespace, and kill(0) would hit our own group) and never
-/// ourselves, whatever a file says.
-pub(super) fn kill_pids(pids: &[u32]) {
+/// SIGKILL each pid that is still in the cgroup once pinned. A listed
+/// process may exit (and its number be reused by someone else's) between
+/// the read of cgroup.procs and the kill: each is pinned with a pidfd first,
+/// then `still_listed` reads the cgroup again, and only a pinned process
+/// whose number is still listed is signalled, through its pidfd — while a
+/// pidfd pins a process its number cannot go to another. Never pid 0 or 1
+/// (a cgroup.procs lists 0 for a process outside our pid namespace) and
+/// never ourselves, whatever a file says. Kernels without pidfds (before
+/// 5.3) get a plain kill by number.
+pub(super) fn kill_pids(pids: &[u32], still_listed: impl FnOnce() -> io::Result<Vec<u32>>) {
     let own = std::process::id();
-    for &pid in pids {
-        if pid <= 1 || pid == own {
-            continue;
+    let candidates: Vec<rustix::process::Pid> = pids
+        .iter()
+        .filter(|&&pid| pid > 1 && pid != own)
+        .filter_map(|&pid| i32::try_from(pid).ok())
+        .filter_map(rustix::process::Pid::from_raw)
+        .collect();
+    let mut pinned = Vec::with_capacity(candidates.len());
+    for pid in candidates {
+        match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Ok(pidfd) => pinned.push((pid, pidfd)),
+            // Gone already: the goal.
+            Err(rustix::io::Errno::SRCH) => {}
+            Err(_) => {
+                // ESRCH from the kill: it died meanwhile, which is the goal.
+                let _ = kill(Pid::from_raw(pid.as_raw_nonzero().get()), Signal::SIGKILL);
+            }
         }
-        let Ok(raw) = i32::try_from(pid) else {
-            continue;
-        };
-        // ESRCH: it died meanwhile, which is the goal.
-        let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+    }
+    if pinned.is_empty() {
+        return;
+    }
+    let listed: std::collections::BTreeSet<u32> =
+        still_listed().unwrap_or_default().into_iter().collect();
+    for (pid, pidfd) in pinned {
+        if listed.contains(&pid.as_raw_nonzero().get().unsigned_abs()) {
+            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+        }
     }
 }
 
@@ -145,5 +169,31 @@ pub(super) fn explain_mkdir(path: &Path, error: &io::Error) -> String {
             path.display()
         ),
         _ => format!("cannot create {}: {error}", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pid read from a cgroup is killed only if the cgroup still lists it
+    /// once pinned: a number that left (and might now be someone else's) is
+    /// spared.
+    #[test]
+    fn only_pids_still_listed_once_pinned_are_killed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        kill_pids(&[pid], || Ok(Vec::new()));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "killed although no longer listed"
+        );
+        kill_pids(&[pid, 0, 1, std::process::id()], || Ok(vec![pid]));
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 }

@@ -362,7 +362,7 @@ impl ServiceCgroup for V1Cgroup {
     /// No freezer: a SIGKILLed process cannot complete a fork, so what one
     /// pass misses (a child forked after the list was read) the next finds.
     fn kill_all(&self) -> io::Result<()> {
-        files::kill_pids(&self.pids()?);
+        files::kill_pids(&self.pids()?, || self.pids());
         Ok(())
     }
 

@@ -432,7 +432,9 @@ impl ServiceCgroup for V2Cgroup {
         // killed; SIGKILL still ends frozen tasks. cgroup.freeze needs 5.2.
         let freeze = self.dir.join("cgroup.freeze");
         let frozen = files::write(&freeze, "1").is_ok();
-        let outcome = self.pids().map(|pids| files::kill_pids(&pids));
+        let outcome = self
+            .pids()
+            .map(|pids| files::kill_pids(&pids, || self.pids()));
         if frozen {
             let _ = files::write(&freeze, "0");
         }
