@@ -235,21 +235,18 @@ pub fn kill_until_empty(cgroup: &dyn ServiceCgroup, timeout: Duration) -> io::Re
 }
 
 /// A cgroup that `create` found already there (a previous daemon's that the
-/// sweep could not remove) is reused, but not with its processes in it.
-/// Bounded: what survives a second is killed again at the service's stop.
+/// sweep could not remove) is reused, but not with its processes in it: one
+/// SIGKILL pass, without waiting for them to be gone (this runs on the
+/// service's spawn path, on a runtime worker). A SIGKILLed process runs no
+/// more code of its own; what survives is killed again at the service's
+/// stop.
 fn empty_reused(cgroup: &dyn ServiceCgroup, service: &str) {
-    match kill_until_empty(cgroup, Duration::from_secs(1)) {
-        Ok(true) => {}
-        Ok(false) => warn!(
-            service,
-            "processes left in {} by an earlier daemon are still there after SIGKILL; they are killed again when service {service} stops",
-            cgroup.path().display()
-        ),
-        Err(error) => warn!(
+    if let Err(error) = cgroup.kill_all() {
+        warn!(
             service,
             "cannot empty {} (left by an earlier daemon): {error}; its processes are killed again when service {service} stops",
             cgroup.path().display()
-        ),
+        );
     }
 }
 
