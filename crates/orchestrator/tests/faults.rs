@@ -203,11 +203,15 @@ fn guardian_of(daemon: &Daemon) -> u32 {
 /// With its guardian gone too (both killed, as by `kill -9` of the whole
 /// tree or the OOM killer), the next daemon stops what the first left, by
 /// its record, before it starts anything.
-#[test]
-fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
-    const NAMES: [&str; 3] = ["family", "stubborn", "plain"];
+const NAMES: [&str; 3] = ["family", "stubborn", "plain"];
+
+/// A daemon of three services (one with a grandchild, one that ignores
+/// SIGTERM), each READY and recorded in the state file: what a crash would
+/// leave. Returns the workspace, the daemon, the leaders' pids by name, the
+/// grandchild's pid and every process of theirs.
+fn a_recorded_family(label: &str) -> (TestDir, Daemon, BTreeMap<String, u32>, u32, Vec<Proc>) {
     let dir = workspace(
-        "flt-sigkill",
+        label,
         &[
             ("family", &["--grandchild", "--ready", "--sleep"], ""),
             ("stubborn", &["--ignore-term", "--ready", "--sleep"], ""),
@@ -215,14 +219,14 @@ fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
         ],
         "",
     );
-    let mut first = run_daemon(&dir);
-    let old = wait_running(&dir, &first, &NAMES);
+    let daemon = run_daemon(&dir);
+    let old = wait_running(&dir, &daemon, &NAMES);
     for name in NAMES {
         wait_lines(&dir, name, "READY", 1);
     }
-    let old_grandchild = field(&lines_starting(&dir, "family", "GRANDCHILD")[0], "pid");
-    let mut old_procs: Vec<Proc> = old.values().map(|&pid| Proc::of(pid)).collect();
-    old_procs.push(Proc::of(old_grandchild));
+    let grandchild = field(&lines_starting(&dir, "family", "GRANDCHILD")[0], "pid");
+    let mut procs: Vec<Proc> = old.values().map(|&pid| Proc::of(pid)).collect();
+    procs.push(Proc::of(grandchild));
     // The record must be on disk before the crash: a daemon killed in the
     // instant between a spawn and its record is a documented gap.
     let recorded = wait_until(DEADLINE, || {
@@ -237,7 +241,12 @@ fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
         "the state file never named {old:?}: {:?}",
         std::fs::read_to_string(dir.data_dir().join("state"))
     );
+    (dir, daemon, old, grandchild, procs)
+}
 
+#[test]
+fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
+    let (dir, mut first, old, old_grandchild, old_procs) = a_recorded_family("flt-sigkill");
     let guardian = guardian_of(&first);
     assert!(send_signal(guardian, SIGKILL));
     assert!(wait_until(DEADLINE, || !is_alive(guardian)));
@@ -349,32 +358,7 @@ fn a_killed_daemon_leaves_nothing_behind_and_nothing_runs_twice() {
 /// daemon started meanwhile waits for it, then finds nothing left.
 #[test]
 fn a_killed_daemons_guardian_stops_its_services_at_once() {
-    const NAMES: [&str; 3] = ["family", "stubborn", "plain"];
-    let dir = workspace(
-        "flt-guardian",
-        &[
-            ("family", &["--grandchild", "--ready", "--sleep"], ""),
-            ("stubborn", &["--ignore-term", "--ready", "--sleep"], ""),
-            ("plain", SLEEPER, ""),
-        ],
-        "",
-    );
-    let mut first = run_daemon(&dir);
-    let old = wait_running(&dir, &first, &NAMES);
-    for name in NAMES {
-        wait_lines(&dir, name, "READY", 1);
-    }
-    let grandchild = field(&lines_starting(&dir, "family", "GRANDCHILD")[0], "pid");
-    let mut old_procs: Vec<Proc> = old.values().map(|&pid| Proc::of(pid)).collect();
-    old_procs.push(Proc::of(grandchild));
-    let recorded = wait_until(DEADLINE, || {
-        read_state(&dir.data_dir()).is_some_and(|state| {
-            NAMES
-                .iter()
-                .all(|n| state.services.get(*n).map(|r| r.pid) == Some(old[*n]))
-        })
-    });
-    assert!(recorded, "the state file never named {old:?}");
+    let (dir, mut first, old, grandchild, old_procs) = a_recorded_family("flt-guardian");
     let guardian = guardian_of(&first);
 
     first.signal(SIGKILL);

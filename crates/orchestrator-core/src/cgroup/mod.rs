@@ -47,6 +47,17 @@ impl Limits {
     pub fn is_empty(&self) -> bool {
         *self == Limits::default()
     }
+
+    /// The config keys of the limits that are set.
+    pub fn keys(&self) -> impl Iterator<Item = &'static str> {
+        [
+            ("memory_limit", self.memory_mib.is_some()),
+            ("cpu_limit", self.cpu_millicores.is_some()),
+            ("pids_limit", self.pids.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+    }
 }
 
 /// Which kind of hierarchy a controller drives; logged once at start.
@@ -177,19 +188,13 @@ impl ResourceController for NoCgroups {
     }
 
     fn create(&self, _service: &str, limits: &Limits) -> Result<Placement, CgroupError> {
-        let mut unenforced = Vec::new();
-        for (limit, set) in [
-            ("memory_limit", limits.memory_mib.is_some()),
-            ("cpu_limit", limits.cpu_millicores.is_some()),
-            ("pids_limit", limits.pids.is_some()),
-        ] {
-            if set {
-                unenforced.push(Unenforced {
-                    limit,
-                    reason: self.reason.clone(),
-                });
-            }
-        }
+        let unenforced = limits
+            .keys()
+            .map(|limit| Unenforced {
+                limit,
+                reason: self.reason.clone(),
+            })
+            .collect();
         Ok(Placement {
             cgroup: None,
             unenforced,

@@ -249,18 +249,10 @@ fn without_a_cgroup(
             "{reason}, so a process that leaves its process group is not stopped with it"
         ),
     }];
-    for (limit, set) in [
-        ("memory_limit", limits.memory_mib.is_some()),
-        ("cpu_limit", limits.cpu_millicores.is_some()),
-        ("pids_limit", limits.pids.is_some()),
-    ] {
-        if set {
-            unenforced.push(Unenforced {
-                limit,
-                reason: reason.clone(),
-            });
-        }
-    }
+    unenforced.extend(limits.keys().map(|limit| Unenforced {
+        limit,
+        reason: reason.clone(),
+    }));
     unenforced
 }
 
