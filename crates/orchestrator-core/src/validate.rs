@@ -133,9 +133,10 @@ impl Privileges {
     }
 
     /// Whether a service may run with group `gid`: root may switch to any;
-    /// anyone else only to a group it already has.
+    /// anyone else only keep its own (an unprivileged setresgid cannot take
+    /// a supplementary group, and setgroups needs CAP_SETGID).
     pub fn may_use_group(&self, gid: u32) -> bool {
-        self.is_root() || gid == self.gid || self.groups.contains(&gid)
+        self.is_root() || gid == self.gid
     }
 
     /// The hard limit `limit` would raise, if only root could set it:
@@ -434,9 +435,9 @@ fn privilege_problems(service: &ServiceConfig, privileges: &Privileges) -> Vec<(
             Ok(group) if !privileges.may_use_group(group.gid.as_raw()) => problems.push((
                 "group".to_owned(),
                 format!(
-                    "group = {name:?}{}: {not_root} and is not in that group, so it cannot \
-                     switch to it: run it as root, add the daemon's user to the group, or \
-                     remove group",
+                    "group = {name:?}{}: {not_root} and runs with another group, so it cannot \
+                     switch to it: run it as root, run the daemon with that group, or remove \
+                     group",
                     shown_id(name, "gid", group.gid.as_raw())
                 ),
             )),
@@ -932,7 +933,7 @@ enabled = false
         assert!(user.may_run_as(1000));
         assert!(!user.may_run_as(0) && !user.may_run_as(1001));
         assert!(root.may_use_group(0) && root.may_use_group(5));
-        assert!(user.may_use_group(1000) && user.may_use_group(27));
+        assert!(user.may_use_group(1000) && !user.may_use_group(27));
         assert!(!user.may_use_group(0) && !user.may_use_group(28));
         let same_gid_other_groups = Privileges {
             gid: 50,
@@ -1030,8 +1031,8 @@ enabled = false
                 "3:8 services.a.user: user = \"root\" (uid 0): the daemon runs as uid 1000, \
                  not root, and cannot switch users: run it as root or remove user",
                 "4:9 services.a.group: group = \"0\": the daemon runs as uid 1000, not root, \
-                 and is not in that group, so it cannot switch to it: run it as root, add the \
-                 daemon's user to the group, or remove group",
+                 and runs with another group, so it cannot switch to it: run it as root, run \
+                 the daemon with that group, or remove group",
                 "5:22 services.a.rlimits.nofile: nofile = 4096 is above the daemon's hard limit \
                  (1024) and only root can raise a hard limit: lower it to at most 1024, or run \
                  the daemon as root",

@@ -447,11 +447,12 @@ fn run(
     if let Err(error) = become_subreaper() {
         tracing::warn!("cannot become the subreaper of the services' orphans: {error}");
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    // Outlives the runtime: on an error the guardian wakes only once every
-    // task (and the locks and cgroup parent they hold) is gone, so it never
-    // acts beside a daemon that is still there.
+    // Declared before the runtime, so dropped after it even when a panic
+    // unwinds through here: the guardian wakes only once every task (and
+    // the locks and cgroup parent they hold) is gone, so it never acts
+    // beside a daemon that is still there.
     let mut guardian: Option<guardian::Guardian> = None;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let guardian_slot = &mut guardian;
     let outcome = runtime.block_on(async move {
         create_private_dir(&config.orchestrator.data_dir)?;
@@ -632,9 +633,12 @@ async fn start_guardian(
     args.push("guardian".into());
     // The parent we hold, which may be the fallback name: the guardian
     // claims and sweeps that one, not whatever is free when we die.
+    // One argument, `--cgroup-parent=PATH`: a parent starting with `-`
+    // would otherwise be taken for a flag.
     if let Some(parent) = cgroup_parent {
-        args.push("--cgroup-parent".into());
-        args.push(parent.into());
+        let mut arg = std::ffi::OsString::from("--cgroup-parent=");
+        arg.push(parent);
+        args.push(arg);
     }
     // Our own file, so the guardian shows as `orchestrator guardian`;
     // /proc/self/exe when that file was replaced or removed since.

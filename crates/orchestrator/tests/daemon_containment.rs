@@ -445,3 +445,39 @@ fn a_service_runs_as_its_user_in_a_directory_it_owns() {
     cli_ok(&dir, &["shutdown"]);
     daemon.wait_exit();
 }
+
+/// A cgroup_parent that looks like a flag still reaches the guardian as a
+/// value (`--cgroup-parent=-odd`), and the services live under it.
+#[test]
+fn a_parent_that_starts_with_a_dash_is_handed_to_the_guardian() {
+    require_cgroups!();
+    let dir = TestDir::new("cg-dash");
+    dir.add_script_service("dashed", "exec sleep 1000");
+    let parent = format!("-odd-{}", std::process::id());
+    dir.write_file(
+        CONFIG,
+        &format!("[orchestrator]\ncgroup_parent = \"{parent}\"\n[services.dashed]\n"),
+        0o644,
+    );
+    let mut daemon = run_daemon(&dir);
+    let status = wait_status(&dir, &daemon, "dashed", |s| s["state"] == "running");
+    let cgroup = cgroup_dir(pid_of(&status), "pids").expect("the service's cgroup");
+    assert!(
+        cgroup.to_string_lossy().contains(&parent),
+        "{cgroup:?} is not under {parent}"
+    );
+    let guardian = all_pids().into_iter().find(|&pid| {
+        stat(pid).is_some_and(|s| s.ppid == daemon.pid() as i32)
+            && cmdline(pid).is_some_and(|a| a.iter().any(|arg| arg == "guardian"))
+    });
+    let guardian = guardian.unwrap_or_else(|| panic!("no guardian:\n{}", daemon.stderr_text()));
+    assert!(
+        cmdline(guardian)
+            .unwrap()
+            .contains(&format!("--cgroup-parent={parent}")),
+        "{:?}",
+        cmdline(guardian)
+    );
+    cli_ok(&dir, &["shutdown"]);
+    daemon.wait_exit();
+}

@@ -63,8 +63,10 @@ pub(super) fn read_pids(procs: &Path) -> io::Result<Vec<u32>> {
 /// process may exit (and its number be reused by someone else's) between
 /// the read of cgroup.procs and the kill: each is pinned with a pidfd first,
 /// then `still_listed` reads the cgroup again, and only a pinned process
-/// whose number is still listed is signalled, through its pidfd — while a
-/// pidfd pins a process its number cannot go to another. Never pid 0 or 1
+/// whose number is still listed is signalled, through its pidfd: a number
+/// still listed after the pin is the pinned process's (it cannot have been
+/// reused while that one was unreaped), and the signal goes to the pinned
+/// process whatever its number does afterwards. Never pid 0 or 1
 /// (a cgroup.procs lists 0 for a process outside our pid namespace) and
 /// never ourselves, whatever a file says. Kernels without pidfds (before
 /// 5.3) get a plain kill by number.
@@ -82,10 +84,14 @@ pub(super) fn kill_pids(pids: &[u32], still_listed: impl FnOnce() -> io::Result<
             Ok(pidfd) => pinned.push((pid, pidfd)),
             // Gone already: the goal.
             Err(rustix::io::Errno::SRCH) => {}
-            Err(_) => {
-                // ESRCH from the kill: it died meanwhile, which is the goal.
+            // No pidfds at all (before 5.3): by number, as before them.
+            // ESRCH from the kill: it died meanwhile, which is the goal.
+            Err(rustix::io::Errno::NOSYS) => {
                 let _ = kill(Pid::from_raw(pid.as_raw_nonzero().get()), Signal::SIGKILL);
             }
+            // Out of descriptors (EMFILE...): never by number; the caller's
+            // next pass tries again.
+            Err(_) => {}
         }
     }
     if pinned.is_empty() {

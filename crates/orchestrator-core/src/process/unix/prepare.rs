@@ -174,10 +174,10 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
         }
         Ok::<_, SpawnError>((exec_fd, credentials))
     })?;
-    // A daemon that is not root may name its own account (validate allows
-    // it): there is nothing to switch, and setgroups would need CAP_SETGID.
-    let credentials = credentials
-        .filter(|c| euid == 0 || c.uid != euid || c.gid != nix::unistd::getegid().as_raw());
+    // A daemon that is not root may name only its own account and group
+    // (validate refuses the rest): there is nothing to switch, and setgroups
+    // would need CAP_SETGID.
+    let credentials = credentials.filter(|c| euid == 0 || c.uid != euid);
     let final_uid = credentials.as_ref().map_or(euid, |c| c.uid);
     let mut prepared = Prepared {
         service: service.to_owned(),
