@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use orchestrator_core::cgroup::{
-    Flavor, Host, Limits, ServiceCgroup, Settings, detect_with, kill_until_empty,
+    Flavor, Host, Limits, ResourceController, ServiceCgroup, Settings, detect_with,
+    kill_until_empty,
 };
 
 /// Generous: the suite also runs on a loaded 2-core machine.
@@ -177,6 +178,17 @@ fn cgroup_of(pid: u32, controllers: &str) -> Option<String> {
     })
 }
 
+/// The controller a daemon with this parent and data_dir would get on `host`.
+fn detect_in(parent: &Path, data_dir: &Path, host: &Host) -> Arc<dyn ResourceController> {
+    detect_with(
+        &Settings {
+            cgroup_parent: parent,
+            data_dir,
+        },
+        host,
+    )
+}
+
 fn read(path: impl AsRef<Path>) -> String {
     let path = path.as_ref();
     std::fs::read_to_string(path)
@@ -206,13 +218,7 @@ fn v1_limits_are_written_and_nothing_outlives_the_kill() {
     let Some(host) = v1_host() else { return };
     let data_dir = tempfile::tempdir().unwrap();
     let parent = unique_parent("v1");
-    let controller = detect_with(
-        &Settings {
-            cgroup_parent: Path::new(&parent),
-            data_dir: data_dir.path(),
-        },
-        &host,
-    );
+    let controller = detect_in(Path::new(&parent), data_dir.path(), &host);
     let mut cleanup = Cleanup::default();
     assert_eq!(controller.flavor(), Flavor::V1);
     let limits = Limits {
@@ -265,13 +271,7 @@ fn v1_an_oom_kill_is_counted() {
     let Some(host) = v1_host() else { return };
     let data_dir = tempfile::tempdir().unwrap();
     let parent = unique_parent("oom");
-    let controller = detect_with(
-        &Settings {
-            cgroup_parent: Path::new(&parent),
-            data_dir: data_dir.path(),
-        },
-        &host,
-    );
+    let controller = detect_in(Path::new(&parent), data_dir.path(), &host);
     let mut cleanup = Cleanup::default();
     let limits = Limits {
         memory_mib: Some(16),
@@ -295,13 +295,7 @@ fn v2_containment_and_limits_it_cannot_take() {
         return;
     };
     let parent = unique_parent("v2");
-    let controller = detect_with(
-        &Settings {
-            cgroup_parent: Path::new(&parent),
-            data_dir: files.path(),
-        },
-        &host,
-    );
+    let controller = detect_in(Path::new(&parent), files.path(), &host);
     let mut cleanup = Cleanup::default();
     assert_eq!(controller.flavor(), Flavor::V2);
     let limits = Limits {
@@ -497,13 +491,7 @@ fn cost_of_a_service_cgroup() {
     for host in hosts.into_iter().flatten() {
         let data_dir = tempfile::tempdir().unwrap();
         let parent = unique_parent("cost");
-        let controller = detect_with(
-            &Settings {
-                cgroup_parent: Path::new(&parent),
-                data_dir: data_dir.path(),
-            },
-            &host,
-        );
+        let controller = detect_in(Path::new(&parent), data_dir.path(), &host);
         for (label, limits) in [
             ("no limits", Limits::default()),
             (

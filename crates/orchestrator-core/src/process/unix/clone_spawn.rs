@@ -233,7 +233,8 @@ fn stage_code(stage: ChildStage) -> u32 {
     }
 }
 
-fn stage_of(code: u32) -> Option<ChildStage> {
+/// Every stage the child reports, once each.
+fn all_stages() -> impl Iterator<Item = ChildStage> {
     [
         ChildStage::ProcessGroup,
         ChildStage::JoinCgroup,
@@ -247,7 +248,10 @@ fn stage_of(code: u32) -> Option<ChildStage> {
     ]
     .into_iter()
     .chain(Rlimit::ALL.into_iter().map(ChildStage::Rlimit))
-    .find(|&stage| stage_code(stage) == code)
+}
+
+fn stage_of(code: u32) -> Option<ChildStage> {
+    all_stages().find(|&stage| stage_code(stage) == code)
 }
 
 fn resource(rlimit: Rlimit) -> c_long {
@@ -531,22 +535,13 @@ mod tests {
 
     #[test]
     fn every_stage_round_trips_through_its_code() {
-        let mut stages = vec![
-            ChildStage::ProcessGroup,
-            ChildStage::JoinCgroup,
-            ChildStage::Stdio,
-            ChildStage::Chdir,
-            ChildStage::Setgroups,
-            ChildStage::Setgid,
-            ChildStage::Setuid,
-            ChildStage::NoNewPrivs,
-            ChildStage::Exec,
-        ];
-        stages.extend(Rlimit::ALL.map(ChildStage::Rlimit));
-        for stage in stages {
+        for stage in all_stages() {
             assert_ne!(stage_code(stage), 0);
             assert_eq!(stage_of(stage_code(stage)), Some(stage));
         }
+        // Nine steps and eight rlimits, each with a code of its own.
+        let codes: std::collections::BTreeSet<u32> = all_stages().map(stage_code).collect();
+        assert_eq!(codes.len(), 9 + Rlimit::ALL.len());
         assert_eq!(stage_of(0), None);
     }
 }
