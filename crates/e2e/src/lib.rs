@@ -1028,6 +1028,9 @@ pub struct CliFollower {
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
     stderr: std::sync::Arc<Mutex<String>>,
+    /// Closed by the stderr reader at end of file: after the exit, what it
+    /// printed is complete only once this is disconnected.
+    stderr_done: std::sync::mpsc::Receiver<()>,
 }
 
 impl CliFollower {
@@ -1056,18 +1059,23 @@ impl CliFollower {
         let stderr = std::sync::Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().expect("piped stderr");
         let kept = std::sync::Arc::clone(&stderr);
+        let (done, stderr_done) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            kept.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_str(&text);
+            let _done = done;
+            let mut chunk = [0u8; 4096];
+            // Kept as it arrives so a failing wait shows what was said so far.
+            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
+                kept.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&String::from_utf8_lossy(&chunk[..read]));
+            }
         });
         CliFollower {
             child,
             lines,
             seen: Vec::new(),
             stderr,
+            stderr_done,
         }
     }
 
@@ -1106,6 +1114,11 @@ impl CliFollower {
             status = self.child.try_wait().expect("try_wait on the follower");
             status.is_some()
         });
+        if status.is_some() {
+            // The exit can be seen before the reader thread has taken the
+            // last of stderr; wait for its end of file so `stderr_text` is whole.
+            let _ = self.stderr_done.recv_timeout(DEADLINE);
+        }
         status
     }
 
@@ -1122,7 +1135,8 @@ impl CliFollower {
         &self.seen
     }
 
-    /// What it wrote on stderr so far.
+    /// What it wrote on stderr so far (all of it once [`CliFollower::wait_exit`]
+    /// has returned a status).
     pub fn stderr_text(&self) -> String {
         self.stderr
             .lock()

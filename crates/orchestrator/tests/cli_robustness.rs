@@ -304,7 +304,13 @@ fn every_verb_gives_up_on_a_stopped_daemon() {
         }));
         for run in runs {
             let (verb, (code, _, stderr, _)) = run.join().unwrap();
-            assert_eq!(code, 3, "`{}`: {stderr}", verb.join(" "));
+            assert_eq!(
+                code,
+                3,
+                "`{}`: {stderr}; the daemon's log:\n{}",
+                verb.join(" "),
+                daemon.stderr_text()
+            );
             assert!(
                 stderr.contains("is not responding") && stderr.contains("orchestrator.sock"),
                 "`{}`: {stderr}",
