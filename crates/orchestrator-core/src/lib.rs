@@ -5,9 +5,11 @@
 pub mod cgroup;
 pub mod config;
 pub mod daemon;
+pub mod deps;
 pub mod discovery;
 pub mod events;
 pub mod guardian;
+pub mod health;
 pub mod memory;
 pub mod name;
 pub mod output;

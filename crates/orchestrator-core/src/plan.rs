@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, RestartPolicy, ServiceConfig};
 use crate::discovery::Discovered;
 use crate::process::{Limits, SpawnSpec, StrictCheck, UserSpec};
-use crate::service::{Policy, ServiceDefinition};
+use crate::service::{Policy, ReadyWhen, ServiceDefinition};
 
 /// PATH for children when the daemon itself has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -182,6 +182,13 @@ fn define(
             stop_timeout: service
                 .stop_timeout
                 .unwrap_or(orchestrator.shutdown_timeout),
+            ready: if service.notify || service.health.is_some() {
+                ReadyWhen::Signalled {
+                    timeout: service.start_timeout,
+                }
+            } else {
+                ReadyWhen::Grace(service.start_grace)
+            },
         },
         log_path: orchestrator
             .data_dir
@@ -189,6 +196,10 @@ fn define(
             .join(format!("{name}.log")),
         log_max_bytes: orchestrator.log_max_bytes,
         log_max_files: orchestrator.log_max_files,
+        notify: service.notify,
+        watchdog: service.watchdog.filter(|_| service.notify),
+        health: service.health.clone(),
+        depends_on: service.depends_on.clone(),
     }
 }
 

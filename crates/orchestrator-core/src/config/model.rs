@@ -9,6 +9,9 @@ use nix::sys::signal::Signal;
 
 use crate::name::ServiceName;
 
+pub use crate::deps::{Condition, Dependency};
+pub use crate::health::{HealthCheck, OnUnhealthy, Probe};
+
 /// A whole, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -96,7 +99,21 @@ pub struct ServiceConfig {
     pub max_restarts: u32,
     pub backoff: BackoffConfig,
     pub start_limit: StartLimit,
+    /// Without a probe or notify: up once it has run this long.
+    pub start_grace: Duration,
+    /// sd_notify: NOTIFY_SOCKET is set, and it is starting until READY=1.
+    pub notify: bool,
+    /// How long READY=1 or a first passing probe may take; > 0.
+    pub start_timeout: Duration,
+    /// WATCHDOG=1 pings expected at least this often (needs notify).
+    pub watchdog: Option<Duration>,
+    /// In the order written; names checked against the other services.
+    pub depends_on: Vec<Dependency>,
+    pub health: Option<HealthCheck>,
 }
+
+pub const DEFAULT_START_GRACE: Duration = Duration::from_secs(1);
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A start-rate limit, as systemd's StartLimitBurst/StartLimitIntervalSec:
 /// once `burst` runs in `interval` died at once (or failed to spawn), every
@@ -197,6 +214,12 @@ impl Default for ServiceConfig {
             max_restarts: DEFAULT_MAX_RESTARTS,
             backoff: BackoffConfig::default(),
             start_limit: StartLimit::default(),
+            start_grace: DEFAULT_START_GRACE,
+            notify: false,
+            start_timeout: DEFAULT_START_TIMEOUT,
+            watchdog: None,
+            depends_on: Vec::new(),
+            health: None,
         }
     }
 }

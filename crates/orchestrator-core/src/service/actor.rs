@@ -37,6 +37,13 @@ pub struct ServiceDefinition {
     pub log_path: PathBuf,
     pub log_max_bytes: u64,
     pub log_max_files: u32,
+    /// sd_notify: the process gets NOTIFY_SOCKET, and READY=1 makes it up
+    /// (`policy.ready` says so too).
+    pub notify: bool,
+    /// WATCHDOG=1 pings expected at least this often (with `notify`).
+    pub watchdog: Option<std::time::Duration>,
+    pub health: Option<crate::health::HealthCheck>,
+    pub depends_on: Vec<crate::deps::Dependency>,
 }
 
 /// A snapshot of a service, published on every change.

@@ -22,6 +22,18 @@ pub struct Policy {
     pub start_limit: StartLimit,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
+    pub ready: ReadyWhen,
+}
+
+/// When a started process counts as up (state `running`, a start answered,
+/// its dependents free to start); until then it is `starting`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyWhen {
+    /// Once it has run this long (start_grace; zero: at once).
+    Grace(Duration),
+    /// On [`Input::Ready`] (READY=1, or a first passing probe); not ready
+    /// within `timeout` is a failed start.
+    Signalled { timeout: Duration },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

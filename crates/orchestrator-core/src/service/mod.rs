@@ -10,4 +10,4 @@ pub use actor::{
     Resources, ServiceDefinition, ServiceError, ServiceHandle, ServiceStatus, service_actor,
     spawn_service,
 };
-pub use machine::{BACKOFF_JITTER, Effect, Input, Machine, Policy, State};
+pub use machine::{BACKOFF_JITTER, Effect, Input, Machine, Policy, ReadyWhen, State};

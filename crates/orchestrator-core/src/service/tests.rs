@@ -29,6 +29,8 @@ fn policy(restart: RestartPolicy, max_restarts: u32) -> Policy {
         start_limit: crate::config::StartLimit::default(),
         stop_signal: Signal::SIGTERM,
         stop_timeout: 1000 * MS,
+        // Up at once: these tests are about the lifecycle, not readiness.
+        ready: crate::service::ReadyWhen::Grace(Duration::ZERO),
     }
 }
 
@@ -384,6 +386,10 @@ pub(crate) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDe
         log_path: dir.join("logs/svc.log"),
         log_max_bytes: 1 << 20,
         log_max_files: 1,
+        notify: false,
+        watchdog: None,
+        health: None,
+        depends_on: Vec::new(),
     }
 }
 

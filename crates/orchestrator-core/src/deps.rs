@@ -1,0 +1,48 @@
+//! Dependencies between services (`depends_on`): what one waits for, and
+//! the graph they form.
+
+use crate::name::ServiceName;
+
+/// One entry of `depends_on`: `name` must meet `condition` before the
+/// service that names it starts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dependency {
+    pub name: ServiceName,
+    pub condition: Condition,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Condition {
+    /// Running past its start_grace (or ready by notify or probe).
+    #[default]
+    Started,
+    /// Its health check passes, or it sent READY=1.
+    Healthy,
+    /// It exited 0.
+    Completed,
+}
+
+impl Condition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Condition::Started => "started",
+            Condition::Healthy => "healthy",
+            Condition::Completed => "completed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Condition> {
+        match text {
+            "started" => Some(Condition::Started),
+            "healthy" => Some(Condition::Healthy),
+            "completed" => Some(Condition::Completed),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
