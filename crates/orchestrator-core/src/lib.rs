@@ -12,6 +12,7 @@ pub mod guardian;
 pub mod health;
 pub mod memory;
 pub mod name;
+pub mod notify;
 pub mod output;
 pub mod plan;
 pub mod process;

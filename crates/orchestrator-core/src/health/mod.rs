@@ -88,3 +88,6 @@ pub struct HealthReport {
     /// Why, for `unhealthy` (the last failure: "GET /healthz: status 500").
     pub detail: Option<String>,
 }
+
+pub mod monitor;
+pub mod probe;
