@@ -11,7 +11,20 @@ pub struct Dependency {
     pub condition: Condition,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Condition {
     /// Running past its start_grace (or ready by notify or probe).
     #[default]
@@ -45,4 +58,48 @@ impl std::fmt::Display for Condition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(self.as_str())
     }
+}
+// TEMP STUB (not to be committed)
+use std::collections::BTreeMap;
+pub fn dependency_closure(
+    graph: &BTreeMap<ServiceName, Vec<ServiceName>>,
+    roots: &[ServiceName],
+) -> Vec<ServiceName> {
+    fn visit(
+        g: &BTreeMap<ServiceName, Vec<ServiceName>>,
+        n: &ServiceName,
+        seen: &mut Vec<ServiceName>,
+    ) {
+        if seen.contains(n) {
+            return;
+        }
+        for d in g.get(n).into_iter().flatten() {
+            visit(g, d, seen);
+        }
+        if !seen.contains(n) {
+            seen.push(n.clone());
+        }
+    }
+    let mut seen = Vec::new();
+    for r in roots {
+        visit(graph, r, &mut seen);
+    }
+    seen
+}
+pub fn dependents_closure(
+    graph: &BTreeMap<ServiceName, Vec<ServiceName>>,
+    roots: &[ServiceName],
+) -> Vec<ServiceName> {
+    let mut out: Vec<ServiceName> = Vec::new();
+    let mut frontier: Vec<ServiceName> = roots.to_vec();
+    while let Some(n) = frontier.pop() {
+        for (k, v) in graph {
+            if v.contains(&n) && !out.contains(k) && !roots.contains(k) {
+                out.push(k.clone());
+                frontier.push(k.clone());
+            }
+        }
+    }
+    out.reverse();
+    out
 }

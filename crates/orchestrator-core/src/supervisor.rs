@@ -69,6 +69,8 @@ enum Command {
     /// The daemon is shutting down: refuse every later Add, so a reload
     /// racing the shutdown cannot leave a new service running.
     Close(oneshot::Sender<()>),
+    /// Every service's handle and definition, for the dependency order.
+    Members(oneshot::Sender<BTreeMap<ServiceName, order::Member>>),
 }
 
 /// A cheap, cloneable way to act on the services.
@@ -189,6 +191,20 @@ impl Supervisor {
                 self.closing = true;
                 let _ = reply.send(());
             }
+            Command::Members(reply) => {
+                let _ = reply.send(
+                    self.services
+                        .iter()
+                        .map(|(name, entry)| {
+                            let member = order::Member {
+                                handle: entry.handle.clone(),
+                                definition: Arc::clone(&entry.definition),
+                            };
+                            (name.clone(), member)
+                        })
+                        .collect(),
+                );
+            }
         }
     }
 
@@ -278,18 +294,40 @@ fn info_of(entry: &Entry) -> ServiceInfo {
         requested_starts: status.requested_starts,
         last_exit_code: status.last_exit.map(|reason| reason.code()),
         last_error: status.last_error,
-        health: None,
+        health: status.health,
         log_dropped_bytes: handle.output().dropped_bytes(),
         generation: entry.generation,
         memory_bytes: None,
         cpu_seconds: None,
         oom_kills: handle.resources().oom_kills(),
+        reason: None,
+        notify_rejected: handle.resources().notify_rejected(),
+        depends_on: BTreeMap::new(),
     };
     if status.pid.is_some()
         && let Some(usage) = handle.resources().cgroup_usage()
     {
         set_usage(&mut info, usage);
     }
+    info.reason = status.notify_status;
+    if let Some(waiting) = handle.resources().waiting()
+        && matches!(
+            info.state,
+            State::Stopped | State::Failed | State::Restarting
+        )
+    {
+        // A waiting start shows as one; one given up shows as not started.
+        if waiting.starts_with("waiting") {
+            info.state = State::Starting;
+        }
+        info.reason = Some(waiting);
+    }
+    info.depends_on = entry
+        .definition
+        .depends_on
+        .iter()
+        .map(|dependency| (dependency.name.to_string(), dependency.condition))
+        .collect();
     if let Some(panic) = &entry.panic {
         info.state = State::Failed;
         info.last_error = Some(format!(
@@ -413,12 +451,26 @@ impl SupervisorHandle {
         self.ask(Command::Close).await
     }
 
+    /// Start `name` after whatever it depends on (see `order`); returns
+    /// once it is up, or why it could not start.
     pub async fn start(&self, name: &str) -> Result<(), SupervisorError> {
-        Ok(self.service(name).await?.start().await?)
+        let name = ServiceName::parse(name)
+            .map_err(|_| SupervisorError::UnknownService(name.to_owned()))?;
+        let outcomes = self
+            .start_ordered(std::slice::from_ref(&name), StartedBy::User)
+            .await?;
+        for (_, result) in outcomes {
+            result?;
+        }
+        Ok(())
     }
 
+    /// Stop `name` alone: what depends on it keeps running (the caller
+    /// says so; no surprise cascade).
     pub async fn stop(&self, name: &str) -> Result<(), SupervisorError> {
-        Ok(self.service(name).await?.stop().await?)
+        let handle = self.service(name).await?;
+        handle.resources().set_waiting(None);
+        Ok(handle.stop().await?)
     }
 
     pub async fn restart(&self, name: &str) -> Result<(), SupervisorError> {
@@ -460,34 +512,29 @@ impl SupervisorHandle {
         // The current definitions decide, not the handles' copies: a reload
         // may have changed `enabled` since.
         let handles = self.ask(Command::Enabled).await?;
-        // Every request goes out first, so the actors start in parallel;
-        // the answers are then collected here, with no task per service.
-        let starts: Vec<_> = handles.iter().map(ServiceHandle::auto_start).collect();
-        let mut failures = Vec::new();
-        for start in starts {
-            if let Err(error) = start.await {
-                failures.push(error);
-            }
-        }
-        Ok(failures)
+        let names: Vec<ServiceName> = handles
+            .iter()
+            .filter_map(|handle| ServiceName::parse(handle.name()).ok())
+            .collect();
+        let outcomes = self.start_ordered(&names, StartedBy::Daemon).await?;
+        Ok(outcomes
+            .into_iter()
+            .filter_map(|(_, result)| result.err())
+            .collect())
     }
 
-    /// Stop every service in parallel; returns when all are down.
+    /// Stop every service, dependents before their dependencies, the rest
+    /// in parallel; returns when all are down.
     pub async fn stop_all(&self) -> Result<(), SupervisorError> {
-        let handles = self.services().await?;
-        for_each_parallel(handles, |handle| async move { handle.stop().await }).await;
-        Ok(())
+        self.stop_ordered(None, |handle| async move { handle.stop().await })
+            .await
     }
 
     /// Stop everything within `timeout`; whatever still runs then is killed.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), SupervisorError> {
         self.close().await?;
-        let handles = self.services().await?;
-        info!(services = handles.len(), "stopping every service");
-        let stops = for_each_parallel(
-            handles.clone(),
-            |handle| async move { handle.shutdown().await },
-        );
+        info!("stopping every service");
+        let stops = self.stop_ordered(None, |handle| async move { handle.shutdown().await });
         if tokio::time::timeout(timeout, stops).await.is_err() {
             warn!("shutdown_timeout of {timeout:?} passed: killing what is left");
             self.kill_all().await?;
@@ -519,6 +566,9 @@ where
         }
     }
 }
+
+mod order;
+pub use order::StartedBy;
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,7 @@
 //! and the tests all speak these types; nothing on the wire is a free-form
 //! string that a reader has to compare against a literal.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -113,6 +114,21 @@ pub struct ServiceInfo {
     /// Times the kernel's OOM killer ended it since the daemon started.
     #[serde(default)]
     pub oom_kills: u64,
+    /// Why it is in its state, when there is more to say: "waiting for db
+    /// (healthy)", a dependency that failed, or the STATUS= it sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// sd_notify datagrams dropped since the daemon started: not sent by
+    /// the service's own processes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub notify_rejected: u64,
+    /// Its `depends_on`: each service and the condition it waits for.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub depends_on: BTreeMap<String, crate::deps::Condition>,
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
 }
 
 fn first_generation() -> u64 {
@@ -315,6 +331,21 @@ pub enum EventKind {
         /// Dropped from the file so far, in all.
         dropped_bytes: u64,
     },
+    /// A starting process is up: start_grace passed, READY=1 came, or its
+    /// health check passed for the first time.
+    Ready,
+    /// It runs but must not go on (unhealthy with on_unhealthy = restart,
+    /// a silent watchdog, not ready within start_timeout): it is stopped
+    /// and that counts as a failure.
+    Faulted {
+        reason: String,
+    },
+    /// The verdict of its health check changed.
+    HealthChanged {
+        health: Health,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
     StopRequested,
     /// SIGKILL after stop_timeout.
     StopTimedOut,
@@ -397,6 +428,12 @@ impl Event {
                 path,
                 dropped_bytes,
             } => format!("writing {path} again ({dropped_bytes} bytes dropped so far)"),
+            EventKind::Ready => "ready".to_owned(),
+            EventKind::Faulted { reason } => format!("stopping it as failed: {reason}"),
+            EventKind::HealthChanged { health, detail } => match detail {
+                Some(detail) => format!("{health}: {detail}"),
+                None => health.to_string(),
+            },
             EventKind::StopRequested => "stop requested".to_owned(),
             EventKind::StopTimedOut => "did not stop in time: sent SIGKILL".to_owned(),
             EventKind::Stopped => "stopped".to_owned(),

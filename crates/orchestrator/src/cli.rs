@@ -141,7 +141,9 @@ pub fn daemon_warning(daemon: &DaemonInfo) -> Option<String> {
 }
 
 pub fn status_table(services: &[ServiceInfo]) -> String {
-    let header = [
+    // HEALTH only when some service has a check (SPEC: status).
+    let with_health = services.iter().any(|s| s.health.is_some());
+    let mut header = vec![
         "NAME",
         "STATE",
         "PID",
@@ -150,12 +152,15 @@ pub fn status_table(services: &[ServiceInfo]) -> String {
         "MEM",
         "RESTARTS",
         "LAST-EXIT",
-        "HEALTH",
     ];
-    let rows: Vec<[String; 9]> = services
+    if with_health {
+        header.push("HEALTH");
+    }
+    header.push("REASON");
+    let rows: Vec<Vec<String>> = services
         .iter()
         .map(|s| {
-            [
+            let mut row = vec![
                 s.name.clone(),
                 s.state.to_string(),
                 s.pid.map_or("-".to_owned(), |p| p.to_string()),
@@ -164,31 +169,54 @@ pub fn status_table(services: &[ServiceInfo]) -> String {
                 s.memory_bytes.map_or("-".to_owned(), format_bytes),
                 s.restarts.to_string(),
                 s.last_exit_code.map_or("-".to_owned(), |c| c.to_string()),
-                s.health.map_or("-".to_owned(), |h| h.to_string()),
-            ]
+            ];
+            if with_health {
+                row.push(s.health.map_or("-".to_owned(), |h| h.to_string()));
+            }
+            row.push(reason_of(s));
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
+            *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
     let mut line = |cells: &[&str]| {
         let text: Vec<String> = cells
             .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:width$}"))
+            .zip(&widths)
+            .map(|(cell, &width)| format!("{cell:width$}"))
             .collect();
         out.push_str(text.join("  ").trim_end());
         out.push('\n');
     };
     line(&header);
     for row in &rows {
-        line(&row.each_ref().map(String::as_str));
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&cells);
     }
     out
+}
+
+/// Why a service is where it is: what it waits for or said (STATUS=), else
+/// its last error while it is not running; control characters escaped.
+fn reason_of(service: &ServiceInfo) -> String {
+    let text = match (&service.reason, service.state) {
+        (Some(reason), _) => reason.as_str(),
+        (
+            None,
+            orchestrator_core::wire::State::Failed
+            | orchestrator_core::wire::State::Restarting
+            | orchestrator_core::wire::State::Stopped,
+        ) => service.last_error.as_deref().unwrap_or("-"),
+        (None, _) => "-",
+    };
+    let mut shown = Vec::new();
+    escape_controls(text, &mut shown);
+    String::from_utf8_lossy(&shown).into_owned()
 }
 
 /// CPU time used, as `0.42s`, `12.3s` or `5m07s`.
@@ -308,11 +336,15 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
     }
     results.sort_by_key(|(index, _, _)| *index);
     let mut code = ExitCode::SUCCESS;
+    let mut stopped = Vec::new();
     for (_, name, result) in results {
         match result {
             Ok(info) => {
                 let pid = info.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
                 outln!("{name}: {}{pid}", info.state);
+                if action == "stop" {
+                    stopped.push(name);
+                }
             }
             Err(error) => {
                 eprintln!("orchestrator: {}", about_service(&name, &error.to_string()));
@@ -320,7 +352,37 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
             }
         }
     }
+    if !stopped.is_empty() {
+        note_running_dependents(&watch, &stopped).await;
+    }
     code
+}
+
+/// A stop stops what was named and nothing else: say which running
+/// services depend on what was stopped, so that is no surprise either.
+async fn note_running_dependents(client: &Client, stopped: &[String]) {
+    let Ok(services) = client
+        .json::<Vec<ServiceInfo>>(Method::GET, "/v1/services")
+        .await
+    else {
+        return;
+    };
+    for service in services {
+        if matches!(
+            service.state,
+            orchestrator_core::wire::State::Stopped | orchestrator_core::wire::State::Failed
+        ) {
+            continue;
+        }
+        for dependency in service.depends_on.keys() {
+            if stopped.contains(dependency) {
+                eprintln!(
+                    "orchestrator: note: {} depends on {dependency} and still runs (stop it too, or `restart {dependency} --with-dependents` to restart both)",
+                    service.name
+                );
+            }
+        }
+    }
 }
 
 /// `message` with the service's name in front, unless it names the service
@@ -593,6 +655,9 @@ mod tests {
             memory_bytes: Some(13 * 1024 * 1024 + 300 * 1024),
             cpu_seconds: Some(0.5),
             oom_kills: 0,
+            reason: None,
+            notify_rejected: 0,
+            depends_on: Default::default(),
         }]);
         let mut lines = table.lines();
         assert_eq!(

@@ -73,7 +73,13 @@ enum Command {
     /// Stop services; returns once their processes are gone
     Stop(Targets),
     /// Restart services; returns once the new processes run
-    Restart(Targets),
+    Restart {
+        #[command(flatten)]
+        targets: Targets,
+        /// Also stop what depends on them first, and start it again after
+        #[arg(long)]
+        with_dependents: bool,
+    },
     /// Show a service's recent output
     Logs {
         name: String,
@@ -234,8 +240,16 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
             Command::Status { names, json } => cli::status(&client, &names, json).await,
             Command::Start(targets) => cli::act(client, "start", targets.names, targets.all).await,
             Command::Stop(targets) => cli::act(client, "stop", targets.names, targets.all).await,
-            Command::Restart(targets) => {
-                cli::act(client, "restart", targets.names, targets.all).await
+            Command::Restart {
+                targets,
+                with_dependents,
+            } => {
+                let action = if with_dependents {
+                    "restart?with_dependents=true"
+                } else {
+                    "restart"
+                };
+                cli::act(client, action, targets.names, targets.all).await
             }
             Command::Logs {
                 name,

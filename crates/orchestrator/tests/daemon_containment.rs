@@ -145,7 +145,7 @@ fn an_oom_kill_is_named_counted_and_handled_by_the_restart_policy() {
     let status = wait_status(&dir, &daemon, "hog", |s| s["state"] == "failed");
     assert_eq!(
         status["last_error"],
-        "gave up after 1 restart: killed by the OOM killer (memory_limit 48 MiB)",
+        "gave up after 1 restart: killed by the OOM killer (memory_limit 48 MiB) while starting",
         "{status:#}"
     );
     assert_eq!(status["last_exit_code"], 137, "{status:#}");

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -17,7 +17,9 @@ use super::inbox::{self, inbox};
 use super::machine::{Effect, Input, Machine, Policy, State};
 use crate::cgroup::{ServiceCgroup, Usage};
 use crate::events::{EventBus, EventKind};
+use crate::health::{Health, HealthReport, OnUnhealthy, monitor};
 use crate::name::ServiceName;
+use crate::notify::{NotifyReport, NotifySocket};
 use crate::output::{ServiceOutput, spawn_pump};
 use crate::process::{ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner};
 
@@ -59,6 +61,11 @@ pub struct ServiceStatus {
     pub requested_starts: u64,
     pub last_exit: Option<ExitReason>,
     pub last_error: Option<String>,
+    /// The health check's verdict on the current process; `None` without a
+    /// check (or while nothing runs).
+    pub health: Option<Health>,
+    /// The last STATUS= the current process sent (sd_notify).
+    pub notify_status: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,7 +78,21 @@ pub enum ServiceError {
     Gone { service: String },
     #[error("service {service}: the daemon is shutting down; nothing starts any more")]
     ShuttingDown { service: String },
+    #[error(
+        "service {service}: not started: its dependency {dependency} ({condition}) cannot be met: {reason}; start {dependency} (see `orchestrator status {dependency}`), then {service}"
+    )]
+    DependencyFailed {
+        service: String,
+        dependency: String,
+        condition: crate::deps::Condition,
+        reason: String,
+    },
 }
+
+/// How far back an exit during start-up looks for its last stderr line.
+const LAST_WORDS_SEARCH: usize = 64;
+/// A last line quoted in an error is cut here (a line may be 64 KiB).
+const LAST_WORDS_MAX_CHARS: usize = 300;
 
 /// How long an exit waits for the process's remaining output.
 const OUTPUT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -118,6 +139,11 @@ pub struct Resources {
     /// only to clone or replace the Arc, never across an await.
     cgroup: std::sync::Mutex<Option<Arc<dyn ServiceCgroup>>>,
     oom_kills: AtomicU64,
+    /// sd_notify datagrams dropped: not sent by the service's own processes.
+    notify_rejected: AtomicU64,
+    /// Set while an ordered start waits on this service's dependencies (or
+    /// gave up on them): why it is not started yet.
+    waiting: std::sync::Mutex<Option<String>>,
 }
 
 impl Resources {
@@ -137,6 +163,21 @@ impl Resources {
 
     pub fn oom_kills(&self) -> u64 {
         self.oom_kills.load(Ordering::Relaxed)
+    }
+
+    pub fn set_waiting(&self, why: Option<String>) {
+        *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn notify_rejected(&self) -> u64 {
+        self.notify_rejected.load(Ordering::Relaxed)
     }
 }
 
@@ -320,7 +361,7 @@ fn new_actor(
         definition.log_max_files,
     );
     output.attach_events(events.clone());
-    let (status_tx, status_rx) = watch::channel(snapshot(&machine));
+    let (status_tx, status_rx) = watch::channel(snapshot(&machine, &Watchers::default()));
     let handle = ServiceHandle {
         name: definition.name.clone(),
         configured: definition.configured,
@@ -343,12 +384,15 @@ fn new_actor(
         resources: Arc::clone(&handle.resources),
         start_waiters: Vec::new(),
         stop_waiters: Vec::new(),
+        watchers: Watchers::default(),
     };
     (handle, actor)
 }
 
-fn snapshot(machine: &Machine) -> ServiceStatus {
+fn snapshot(machine: &Machine, watchers: &Watchers) -> ServiceStatus {
     ServiceStatus {
+        health: watchers.health,
+        notify_status: watchers.notify_status.clone(),
         state: machine.state(),
         pid: machine.pid(),
         running_since: machine.running_since(),
@@ -373,6 +417,39 @@ struct Actor {
     resources: Arc<Resources>,
     start_waiters: Vec<Reply>,
     stop_waiters: Vec<Reply>,
+    watchers: Watchers,
+}
+
+/// The tasks that watch the current process from outside (its health
+/// check, its sd_notify socket) and what they said. Each process gets new
+/// channels: a report from an earlier process cannot arrive.
+#[derive(Default)]
+struct Watchers {
+    health_task: Option<JoinHandle<()>>,
+    health_reports: Option<mpsc::UnboundedReceiver<HealthReport>>,
+    notify_task: Option<JoinHandle<()>>,
+    notify_reports: Option<mpsc::UnboundedReceiver<NotifyReport>>,
+    health: Option<Health>,
+    notify_status: Option<String>,
+    /// The sequence number of the last line the previous process printed:
+    /// later lines are this process's.
+    lines_before: Option<u64>,
+}
+
+impl Watchers {
+    /// The process is gone: so are the watchers and what they said.
+    fn stop(&mut self) {
+        for task in [self.health_task.take(), self.notify_task.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+        self.health_reports = None;
+        self.notify_reports = None;
+        self.health = None;
+        self.notify_status = None;
+    }
 }
 
 /// Whether the machine took an input or refused it.
@@ -387,6 +464,15 @@ enum Wakeup {
     HandlesGone,
     Exited(io::Result<ExitReason>),
     Timer,
+    Health(Option<HealthReport>),
+    Notify(Option<NotifyReport>),
+}
+
+async fn next_report<T>(receiver: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match receiver {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn wait_child(child: &mut Option<Box<dyn ChildProcess>>) -> io::Result<ExitReason> {
@@ -424,6 +510,8 @@ impl Actor {
                         },
                         result = wait_child(&mut self.child) => Wakeup::Exited(result),
                         () = sleep_until(deadline) => Wakeup::Timer,
+                        report = next_report(&mut self.watchers.health_reports) => Wakeup::Health(report),
+                        report = next_report(&mut self.watchers.notify_reports) => Wakeup::Notify(report),
                     }
                 };
                 match wakeup {
@@ -432,6 +520,11 @@ impl Actor {
                     Wakeup::Timer => {
                         self.feed(Input::Timer);
                     }
+                    Wakeup::Health(Some(report)) => self.on_health(report),
+                    Wakeup::Notify(Some(report)) => self.on_notify(report),
+                    // A watcher ended on its own: nothing more will come from it.
+                    Wakeup::Health(None) => self.watchers.health_reports = None,
+                    Wakeup::Notify(None) => self.watchers.notify_reports = None,
                     Wakeup::HandlesGone => {
                         self.abandon().await;
                         return;
@@ -555,12 +648,96 @@ impl Actor {
         // it again.
         self.child = None;
         self.resources.set_cgroup(None);
+        self.watchers.stop();
         if let ExitReason::OomKilled { memory_limit_mib } = reason {
             self.resources.oom_kills.fetch_add(1, Ordering::Relaxed);
             self.announce(EventKind::OomKilled { memory_limit_mib });
         }
         self.drain_output().await;
+        if self.machine.state() == State::Starting
+            && let Some(words) = self.last_words()
+        {
+            self.machine.step(Input::LastWords(words), Instant::now());
+        }
         self.feed(Input::Exited(reason));
+    }
+
+    /// The last line the current process printed on stderr, if any.
+    fn last_words(&self) -> Option<String> {
+        let before = self.watchers.lines_before;
+        self.output
+            .tail(LAST_WORDS_SEARCH)
+            .into_iter()
+            .rev()
+            .take_while(|line| before.is_none_or(|before| line.seq > before))
+            .find(|line| line.stream == crate::wire::Stream::Stderr && !line.text.is_empty())
+            .map(|line| {
+                let text = String::from_utf8_lossy(&line.text);
+                let mut words: String = text.chars().take(LAST_WORDS_MAX_CHARS).collect();
+                if words.len() < text.len() {
+                    words.push('…');
+                }
+                words
+            })
+    }
+
+    fn on_health(&mut self, report: HealthReport) {
+        if self.child.is_none() || self.watchers.health == Some(report.health) {
+            return;
+        }
+        self.watchers.health = Some(report.health);
+        self.announce(EventKind::HealthChanged {
+            health: report.health,
+            detail: report.detail.clone(),
+        });
+        let on_unhealthy = self
+            .definition
+            .health
+            .as_ref()
+            .map(|check| check.on_unhealthy);
+        match report.health {
+            // With notify, READY=1 makes it up; the check only reports.
+            Health::Healthy if !self.definition.notify => self.feed(Input::Ready),
+            Health::Unhealthy
+                if on_unhealthy == Some(OnUnhealthy::Restart) && self.machine.is_ready() =>
+            {
+                let detail = report
+                    .detail
+                    .unwrap_or_else(|| "its check failed".to_owned());
+                self.feed(Input::Faulted {
+                    reason: format!("unhealthy: {detail}"),
+                });
+            }
+            _ => self.publish(),
+        }
+    }
+
+    fn on_notify(&mut self, report: NotifyReport) {
+        if self.child.is_none() {
+            return;
+        }
+        match report {
+            NotifyReport::Ready => self.feed(Input::Ready),
+            NotifyReport::Status(text) => {
+                self.watchers.notify_status = Some(text);
+                self.publish();
+            }
+            NotifyReport::WatchdogExpired { after } => self.feed(Input::Faulted {
+                reason: format!("watchdog: no WATCHDOG=1 for {after:?}"),
+            }),
+            NotifyReport::Rejected { pid } => {
+                let count = self
+                    .resources
+                    .notify_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                // Said once, then counted: a flood of foreign datagrams must not flood the log.
+                if count == 0 {
+                    warn!(service = %self.definition.name, sender = ?pid, "dropped an sd_notify message not sent by the service's own processes (further ones are only counted)");
+                }
+            }
+            // Reported for completeness; nothing to do about them.
+            _ => {}
+        }
     }
 
     /// Run `input` through the machine, carry out the effects, publish.
@@ -632,8 +809,61 @@ impl Actor {
                 permanent: error.is_permanent(),
             };
         }
+        let notify = if self.definition.notify {
+            match NotifySocket::bind(&self.definition.name) {
+                Ok(socket) => Some(socket),
+                Err(error) => {
+                    return Input::SpawnFailed {
+                        error: error.to_string(),
+                        permanent: false,
+                    };
+                }
+            }
+        } else {
+            None
+        };
+        let with_notify;
+        let spec = match &notify {
+            Some(socket) => {
+                let mut spec = spec.clone();
+                spec.env
+                    .extend(crate::notify::environment(socket, self.definition.watchdog));
+                with_notify = spec;
+                &with_notify
+            }
+            None => spec,
+        };
+        self.watchers.lines_before = self.output.tail(1).last().map(|line| line.seq);
         match self.spawner.spawn(spec) {
             Ok(mut child) => {
+                let cgroup = child.cgroup();
+                if let Some(socket) = notify {
+                    let (reports, receiver) = mpsc::unbounded_channel();
+                    self.watchers.notify_task = Some(crate::notify::spawn_listener(
+                        socket,
+                        self.definition.name.to_string(),
+                        child.pid(),
+                        cgroup.clone(),
+                        self.definition.watchdog,
+                        reports,
+                    ));
+                    self.watchers.notify_reports = Some(receiver);
+                }
+                if let Some(check) = &self.definition.health {
+                    let (reports, receiver) = mpsc::unbounded_channel();
+                    self.watchers.health_task = Some(monitor::spawn_monitor(
+                        self.definition.name.to_string(),
+                        check.clone(),
+                        monitor::ExecContext {
+                            spawner: Arc::clone(&self.spawner),
+                            spec: spec.clone(),
+                            cgroup: cgroup.clone(),
+                        },
+                        reports,
+                    ));
+                    self.watchers.health_reports = Some(receiver);
+                    self.watchers.health = Some(Health::Unknown);
+                }
                 if let Some(output) = child.take_output() {
                     self.pump = Some(spawn_pump(
                         Arc::clone(&self.output),
@@ -642,7 +872,7 @@ impl Actor {
                     ));
                 }
                 let pid = child.pid();
-                self.resources.set_cgroup(child.cgroup());
+                self.resources.set_cgroup(cgroup);
                 self.child = Some(child);
                 Input::Spawned { pid }
             }
@@ -667,7 +897,7 @@ impl Actor {
     }
 
     fn publish(&mut self) {
-        let next = snapshot(&self.machine);
+        let next = snapshot(&self.machine, &self.watchers);
         self.status.send_if_modified(|current| {
             if *current == next {
                 false
@@ -693,6 +923,11 @@ impl Actor {
                         .unwrap_or("it exited at once")
                         .to_owned(),
                 })),
+                // A one-shot that did its work (exit 0, not restarted): a
+                // stop request would have answered these waiters already.
+                State::Stopped if self.machine.last_exit().is_some_and(|e| e.is_success()) => {
+                    Some(Ok(()))
+                }
                 State::Stopped => Some(Err(ServiceError::Superseded {
                     service: self.definition.name.to_string(),
                     by: "stop",
@@ -714,6 +949,7 @@ impl Actor {
 
     /// Every handle is gone: nobody can stop this process later, so kill it now.
     async fn abandon(&mut self) {
+        self.watchers.stop();
         if let Some(child) = &mut self.child {
             let _ = child.signal_group(nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait().await;
@@ -737,8 +973,8 @@ mod size_tests {
 
     /// A thousand idle services each keep this future: it must hold the
     /// actor once, not twice as an `async fn` taking `self` by value would
-    /// (the select's own state, two timers and a boxed wait, is about 310
-    /// bytes on top of the actor).
+    /// (the select's own state, two timers, a boxed wait and the two
+    /// watchers' receives, is about 400 bytes on top of the actor).
     #[test]
     fn the_actor_task_holds_its_state_once() {
         let definition = crate::service::tests::definition(crate::config::RestartPolicy::Always, 3);
@@ -751,7 +987,7 @@ mod size_tests {
         );
         let future = actor.run();
         assert!(
-            std::mem::size_of_val(&future) < std::mem::size_of::<Actor>() + 400,
+            std::mem::size_of_val(&future) < std::mem::size_of::<Actor>() + 512,
             "actor future {} bytes, actor {} bytes",
             std::mem::size_of_val(&future),
             std::mem::size_of::<Actor>()

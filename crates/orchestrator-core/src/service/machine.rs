@@ -62,6 +62,15 @@ pub enum Input {
     Exited(ExitReason),
     /// The deadline from [`Machine::deadline`] passed.
     Timer,
+    /// It said it is ready (READY=1), or its health check passed for the
+    /// first time: a starting process is up.
+    Ready,
+    /// It runs but must not go on (unhealthy with on_unhealthy = restart,
+    /// watchdog expired): stop it, then treat the end as a failure.
+    Faulted { reason: String },
+    /// What the process printed last on stderr, if anything: named with an
+    /// exit during start-up. Sent just before its `Exited`.
+    LastWords(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +90,9 @@ pub enum Effect {
 enum AfterStop {
     StayStopped,
     Start,
+    /// A stop the machine made because the process faulted (the reason is
+    /// in `Machine::fault`): its end is a failure for the restart policy.
+    Fail,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,9 +101,12 @@ enum Phase {
     Failed,
     /// A Spawn effect is out; its answer comes next.
     Spawning,
+    /// The process runs; `ready` once it is up (by `policy.ready`); until
+    /// then the state is `starting`.
     Running {
         since: Instant,
         pid: u32,
+        ready: bool,
     },
     /// The stop signal was sent; waiting for the exit. `killed` once SIGKILL went out.
     Stopping {
@@ -124,6 +139,10 @@ pub struct Machine {
     quick_failures: VecDeque<Instant>,
     last_exit: Option<ExitReason>,
     last_error: Option<String>,
+    /// Why the machine is stopping the process (with `AfterStop::Fail`).
+    fault: Option<String>,
+    /// The process's last line on stderr, for an exit during start-up.
+    last_words: Option<String>,
     jitter: f64,
     rng: fastrand::Rng,
 }
@@ -140,6 +159,8 @@ impl Machine {
             quick_failures: VecDeque::new(),
             last_exit: None,
             last_error: None,
+            fault: None,
+            last_words: None,
             jitter: BACKOFF_JITTER,
             rng: fastrand::Rng::new(),
         }
@@ -196,7 +217,8 @@ impl Machine {
             Phase::Stopped => State::Stopped,
             Phase::Failed => State::Failed,
             Phase::Spawning => State::Starting,
-            Phase::Running { .. } => State::Running,
+            Phase::Running { ready: false, .. } => State::Starting,
+            Phase::Running { ready: true, .. } => State::Running,
             Phase::Stopping { .. } => State::Stopping,
             Phase::Backoff { .. } => State::Restarting,
         }
@@ -216,7 +238,7 @@ impl Machine {
     pub fn wants_to_run(&self) -> bool {
         match self.phase {
             Phase::Spawning | Phase::Running { .. } | Phase::Backoff { .. } => true,
-            Phase::Stopping { then, .. } => then == AfterStop::Start,
+            Phase::Stopping { then, .. } => then != AfterStop::StayStopped,
             Phase::Stopped | Phase::Failed => false,
         }
     }
@@ -256,11 +278,27 @@ impl Machine {
         self.last_error.as_deref()
     }
 
-    /// The one timer this machine needs, if any: the end of a backoff or
-    /// of a stop's grace period.
+    /// True once the current process is up (state `running`).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Running { ready: true, .. })
+    }
+
+    /// The one timer this machine needs, if any: the end of a backoff, of
+    /// a stop's grace period, or of a start's wait for readiness.
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
             Phase::Backoff { until } => Some(until),
+            Phase::Running {
+                since,
+                ready: false,
+                ..
+            } => Some(
+                since
+                    + match self.policy.ready {
+                        ReadyWhen::Grace(grace) => grace,
+                        ReadyWhen::Signalled { timeout } => timeout,
+                    },
+            ),
             Phase::Stopping {
                 deadline,
                 killed: false,
@@ -343,7 +381,7 @@ impl Machine {
                         self.begin_stop(pid, AfterStop::StayStopped, now, &mut out);
                     }
                     Phase::Stopping { then, .. } => {
-                        if then == AfterStop::Start {
+                        if then != AfterStop::StayStopped {
                             out.push(Effect::Publish(EventKind::StopRequested));
                         }
                         self.set_after_stop(AfterStop::StayStopped);
@@ -381,7 +419,13 @@ impl Machine {
             Input::Spawned { pid } => match self.phase {
                 Phase::Spawning => {
                     self.last_error = None;
-                    self.phase = Phase::Running { since: now, pid };
+                    self.last_words = None;
+                    let ready = self.policy.ready == ReadyWhen::Grace(Duration::ZERO);
+                    self.phase = Phase::Running {
+                        since: now,
+                        pid,
+                        ready,
+                    };
                     out.push(Effect::Publish(EventKind::Started { pid }));
                 }
                 // Answers only ever follow a Spawn effect.
@@ -408,9 +452,10 @@ impl Machine {
                 | Phase::Backoff { .. } => {}
             },
             Input::Exited(reason) => match self.phase {
-                Phase::Running { since, .. } => {
+                Phase::Running { since, ready, .. } => {
                     self.last_exit = Some(reason);
                     out.push(exited(reason, false));
+                    let last_words = self.last_words.take();
                     if now.saturating_duration_since(since) >= self.policy.backoff.reset_after {
                         self.failures = 0;
                     }
@@ -424,14 +469,32 @@ impl Machine {
                         self.phase = Phase::Stopped;
                     } else {
                         let quick = now.saturating_duration_since(since) < QUICK_FAILURE;
-                        self.after_failure(reason.to_string(), allowed, quick, now, &mut out);
+                        let error = match (ready, last_words) {
+                            (true, _) => reason.to_string(),
+                            (false, None) => format!("{reason} while starting"),
+                            (false, Some(words)) => {
+                                format!("{reason} while starting; its last words: {words}")
+                            }
+                        };
+                        self.after_failure(error, allowed, quick, now, &mut out);
                     }
                 }
                 Phase::Stopping { then, .. } => {
                     self.last_exit = Some(reason);
                     self.last_error = None;
-                    out.push(exited(reason, true));
+                    self.last_words = None;
+                    out.push(exited(reason, then != AfterStop::Fail));
+                    let fault = self.fault.take();
                     match then {
+                        AfterStop::Fail if !self.closing => {
+                            let error = fault.unwrap_or_else(|| "it faulted".to_owned());
+                            let allowed = self.policy.restart != RestartPolicy::Never;
+                            self.after_failure(error, allowed, false, now, &mut out);
+                        }
+                        AfterStop::Fail => {
+                            self.phase = Phase::Stopped;
+                            out.push(Effect::Publish(EventKind::Stopped));
+                        }
                         AfterStop::StayStopped => {
                             self.phase = Phase::Stopped;
                             out.push(Effect::Publish(EventKind::Stopped));
@@ -451,6 +514,21 @@ impl Machine {
                 Phase::Stopped | Phase::Failed | Phase::Spawning | Phase::Backoff { .. } => {}
             },
             Input::Timer => match self.phase {
+                Phase::Running {
+                    since,
+                    pid,
+                    ready: false,
+                } if self.deadline().is_some_and(|deadline| now >= deadline) => {
+                    match self.policy.ready {
+                        ReadyWhen::Grace(_) => self.become_ready(since, pid, &mut out),
+                        ReadyWhen::Signalled { timeout } => self.fault(
+                            pid,
+                            format!("not ready within {timeout:?} of its start"),
+                            now,
+                            &mut out,
+                        ),
+                    }
+                }
                 Phase::Backoff { until } if now >= until => {
                     self.restarts += 1;
                     self.spawn(&mut out);
@@ -478,8 +556,54 @@ impl Machine {
                 | Phase::Spawning
                 | Phase::Running { .. } => {}
             },
+            Input::Ready => match self.phase {
+                Phase::Running {
+                    since,
+                    pid,
+                    ready: false,
+                } => self.become_ready(since, pid, &mut out),
+                // Late (a stop began) or repeated: nothing changes.
+                Phase::Running { ready: true, .. }
+                | Phase::Stopping { .. }
+                | Phase::Stopped
+                | Phase::Failed
+                | Phase::Spawning
+                | Phase::Backoff { .. } => {}
+            },
+            Input::Faulted { reason } => match self.phase {
+                Phase::Running { pid, .. } => self.fault(pid, reason, now, &mut out),
+                // A stop is under way already, or nothing runs.
+                Phase::Stopping { .. }
+                | Phase::Stopped
+                | Phase::Failed
+                | Phase::Spawning
+                | Phase::Backoff { .. } => {}
+            },
+            Input::LastWords(words) => {
+                if let Phase::Running { .. } = self.phase {
+                    self.last_words = Some(words);
+                }
+            }
         }
         out
+    }
+
+    fn become_ready(&mut self, since: Instant, pid: u32, out: &mut Vec<Effect>) {
+        self.phase = Phase::Running {
+            since,
+            pid,
+            ready: true,
+        };
+        out.push(Effect::Publish(EventKind::Ready));
+    }
+
+    /// Stop a process that must not go on; its end counts as a failure.
+    fn fault(&mut self, pid: u32, reason: String, now: Instant, out: &mut Vec<Effect>) {
+        out.push(Effect::Publish(EventKind::Faulted {
+            reason: reason.clone(),
+        }));
+        self.fault = Some(reason);
+        self.begin_stop(pid, AfterStop::Fail, now, out);
     }
 
     fn spawn(&mut self, out: &mut Vec<Effect>) {

@@ -365,6 +365,172 @@ fn kill_skips_the_grace_period() {
     assert_eq!(m.deadline(), None);
 }
 
+// ---- readiness: start_grace, READY=1 / first probe pass, faults ----
+
+fn with_ready(restart: RestartPolicy, ready: crate::service::ReadyWhen) -> Machine {
+    let mut policy = policy(restart, 3);
+    policy.ready = ready;
+    Machine::new(policy).without_jitter()
+}
+
+fn spawned(machine: &mut Machine, now: Instant) {
+    assert_eq!(io(machine, Input::Start, now), [Effect::Spawn]);
+    io(machine, Input::Spawned { pid: 42 }, now);
+}
+
+#[test]
+fn a_service_is_starting_until_its_grace_has_passed() {
+    let now = Instant::now();
+    let mut m = with_ready(
+        RestartPolicy::Always,
+        crate::service::ReadyWhen::Grace(1000 * MS),
+    );
+    spawned(&mut m, now);
+    assert_eq!((m.state(), m.pid()), (State::Starting, Some(42)));
+    assert_eq!(m.deadline(), Some(now + 1000 * MS));
+    assert_eq!(published(m.step(Input::Timer, now + 999 * MS)), []);
+    assert_eq!(m.state(), State::Starting, "an early timer changes nothing");
+    assert_eq!(
+        published(m.step(Input::Timer, now + 1000 * MS)),
+        [EventKind::Ready]
+    );
+    assert_eq!((m.state(), m.deadline()), (State::Running, None));
+}
+
+#[test]
+fn an_exit_within_the_grace_is_a_failed_start_naming_its_last_words() {
+    let now = Instant::now();
+    let mut m = with_ready(
+        RestartPolicy::Never,
+        crate::service::ReadyWhen::Grace(1000 * MS),
+    );
+    spawned(&mut m, now);
+    m.step(Input::LastWords("cannot bind :8080".into()), now + 10 * MS);
+    m.step(code(3), now + 10 * MS);
+    assert_eq!(m.state(), State::Failed);
+    assert_eq!(
+        m.last_error(),
+        Some("exited with code 3 while starting; its last words: cannot bind :8080")
+    );
+    // The words belong to that process: the next start's exit does not repeat them.
+    spawned(&mut m, now + 20 * MS);
+    m.step(code(4), now + 30 * MS);
+    assert_eq!(m.last_error(), Some("exited with code 4 while starting"));
+}
+
+#[test]
+fn a_signalled_start_waits_for_ready_and_fails_at_its_timeout() {
+    let now = Instant::now();
+    let ready = crate::service::ReadyWhen::Signalled { timeout: 5000 * MS };
+    let mut m = with_ready(RestartPolicy::Always, ready);
+    spawned(&mut m, now);
+    assert_eq!(m.state(), State::Starting);
+    assert_eq!(
+        published(m.step(Input::Ready, now + MS)),
+        [EventKind::Ready]
+    );
+    assert_eq!(m.state(), State::Running);
+    assert_eq!(
+        published(m.step(Input::Ready, now + 2 * MS)),
+        [],
+        "once only"
+    );
+
+    let mut m = with_ready(RestartPolicy::Always, ready);
+    spawned(&mut m, now);
+    let at = now + 5000 * MS;
+    assert_eq!(
+        m.step(Input::Timer, at),
+        [
+            Effect::Publish(EventKind::Faulted {
+                reason: "not ready within 5s of its start".into()
+            }),
+            Effect::SignalGroup(Signal::SIGTERM),
+        ]
+    );
+    assert_eq!(m.state(), State::Stopping);
+    assert!(m.wants_to_run(), "a fault's stop is followed by a restart");
+    m.step(code(143), at + MS);
+    assert_eq!(m.state(), State::Restarting);
+    assert_eq!(m.last_error(), Some("not ready within 5s of its start"));
+    assert_eq!(m.consecutive_failures(), 1);
+}
+
+#[test]
+fn a_fault_stops_the_process_and_the_restart_policy_decides() {
+    for (restart, after) in [
+        (RestartPolicy::Always, State::Restarting),
+        (RestartPolicy::OnFailure, State::Restarting),
+        (RestartPolicy::Never, State::Failed),
+    ] {
+        let now = Instant::now();
+        let mut m = exact(restart, 3);
+        running(&mut m, now);
+        let effects = m.step(
+            Input::Faulted {
+                reason: "unhealthy: status 500".into(),
+            },
+            now + MS,
+        );
+        assert!(effects.contains(&Effect::SignalGroup(Signal::SIGTERM)));
+        assert_eq!(m.state(), State::Stopping);
+        // A second fault while stopping changes nothing.
+        assert_eq!(m.step(Input::Faulted { reason: "x".into() }, now + MS), []);
+        // Exit 0 after the stop signal is still a failure: it was made to stop.
+        let events = published(m.step(code(0), now + 2 * MS));
+        assert!(
+            matches!(
+                &events[0],
+                EventKind::Exited {
+                    expected: false,
+                    ..
+                }
+            ),
+            "{events:?}"
+        );
+        assert_eq!(m.state(), after, "{restart:?}");
+        assert!(m.last_error().unwrap().contains("unhealthy: status 500"));
+    }
+}
+
+#[test]
+fn a_stop_or_shutdown_during_a_faults_stop_stays_stopped() {
+    for input in [Input::Stop, Input::Shutdown] {
+        let now = Instant::now();
+        let mut m = exact(RestartPolicy::Always, 3);
+        running(&mut m, now);
+        m.step(
+            Input::Faulted {
+                reason: "watchdog".into(),
+            },
+            now,
+        );
+        assert_eq!(
+            published(m.step(input.clone(), now + MS)),
+            [EventKind::StopRequested]
+        );
+        assert!(!m.wants_to_run());
+        m.step(code(0), now + 2 * MS);
+        assert_eq!(m.state(), State::Stopped, "{input:?}");
+    }
+}
+
+#[test]
+fn ready_and_faults_for_no_running_process_are_ignored() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    for input in [
+        Input::Ready,
+        Input::Faulted {
+            reason: "late".into(),
+        },
+        Input::LastWords("late".into()),
+    ] {
+        assert_eq!(m.step(input, now), []);
+        assert_eq!(m.state(), State::Stopped);
+    }
+}
+
 // ---- the actor, with the fake spawner and the paused clock ----
 
 pub(crate) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDefinition {

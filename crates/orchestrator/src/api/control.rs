@@ -20,6 +20,9 @@ pub enum Action {
     Start,
     Stop,
     Restart,
+    /// Restart, stopping what depends on it first and starting that again
+    /// after (`?with_dependents=true`).
+    RestartWithDependents,
 }
 
 impl Action {
@@ -107,13 +110,15 @@ impl Control for DaemonControl {
     }
 
     async fn act(&self, name: &str, action: Action) -> Result<ServiceInfo, ControlError> {
-        let service = self.supervisor.service(name).await?;
-        let result = match action {
-            Action::Start => service.start().await,
-            Action::Stop => service.stop().await,
-            Action::Restart => service.restart().await,
-        };
-        result.map_err(SupervisorError::from)?;
+        match action {
+            Action::Start => self.supervisor.start(name).await?,
+            Action::Stop => self.supervisor.stop(name).await?,
+            Action::Restart => {
+                let service = self.supervisor.service(name).await?;
+                service.restart().await.map_err(SupervisorError::from)?;
+            }
+            Action::RestartWithDependents => self.supervisor.restart_with_dependents(name).await?,
+        }
         Ok(self.supervisor.info(name).await?)
     }
 

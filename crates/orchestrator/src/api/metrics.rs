@@ -51,6 +51,7 @@ pub fn render(daemon: &DaemonInfo, services: &[ServiceInfo]) -> String {
     let memory = Family::<Labels, Gauge>::default();
     let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
     let oom_kills = Family::<Labels, Counter>::default();
+    let notify_rejected = Family::<Labels, Counter>::default();
     for service in services {
         let name = || vec![("service", service.name.clone())];
         up.get_or_create(&name())
@@ -75,6 +76,9 @@ pub fn render(daemon: &DaemonInfo, services: &[ServiceInfo]) -> String {
             .get_or_create(&name())
             .inc_by(service.log_dropped_bytes);
         oom_kills.get_or_create(&name()).inc_by(service.oom_kills);
+        notify_rejected
+            .get_or_create(&name())
+            .inc_by(service.notify_rejected);
         if let Some(bytes) = service.memory_bytes {
             memory
                 .get_or_create(&name())
@@ -131,6 +135,11 @@ pub fn render(daemon: &DaemonInfo, services: &[ServiceInfo]) -> String {
         oom_kills,
     );
     registry.register(
+        "service_notify_rejected",
+        "sd_notify datagrams dropped because the service's own processes did not send them",
+        notify_rejected,
+    );
+    registry.register(
         "service_log_dropped_bytes",
         "Output bytes the service's log file could not take (disk full, ...)",
         log_dropped,
@@ -163,6 +172,9 @@ mod tests {
             memory_bytes: None,
             cpu_seconds: None,
             oom_kills: 0,
+            reason: None,
+            notify_rejected: 0,
+            depends_on: Default::default(),
         }
     }
 

@@ -186,14 +186,29 @@ async fn info<C: Control>(State(control): State<C>, UrlPath(name): UrlPath<Strin
 async fn act<C: Control>(
     State(control): State<C>,
     UrlPath((name, action)): UrlPath<(String, String)>,
+    parsed: Result<Query<ActQuery>, QueryRejection>,
 ) -> Response {
-    let Some(action) = Action::parse(&action) else {
+    let with_dependents = match query(parsed, "with_dependents=true|false (restart only)") {
+        Ok(ActQuery { with_dependents }) => with_dependents.is_some_and(|Flag(on)| on),
+        Err(bad) => return bad.into_response(),
+    };
+    let Some(mut action) = Action::parse(&action) else {
         return error(
             StatusCode::NOT_FOUND,
             ErrorCode::NotFound,
             format!("no action {action:?}; use start, stop or restart"),
         );
     };
+    if with_dependents {
+        if action != Action::Restart {
+            return error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadQuery,
+                "with_dependents applies to restart only".to_owned(),
+            );
+        }
+        action = Action::RestartWithDependents;
+    }
     let name = match checked_name(&name) {
         Ok(name) => name,
         Err(bad) => return bad.into_response(),
@@ -233,15 +248,20 @@ struct EventsQuery {
     follow: Option<Flag>,
 }
 
+#[derive(Debug, Deserialize)]
+struct ActQuery {
+    with_dependents: Option<Flag>,
+}
+
 /// The framework decodes the query (percent-encoding included); a value
 /// that does not parse is answered in our error format, with its key.
-fn query<T>(parsed: Result<Query<T>, QueryRejection>) -> Result<T, BadRequest> {
+fn query<T>(parsed: Result<Query<T>, QueryRejection>, accepted: &str) -> Result<T, BadRequest> {
     parsed
         .map(|Query(query)| query)
         .map_err(|rejection| BadRequest {
             code: ErrorCode::BadQuery,
             message: format!(
-                "{}; the parameters are tail=N and follow=true|false (README: Control API)",
+                "{}; the parameters are {accepted} (README: Control API)",
                 rejection.body_text()
             ),
         })
@@ -271,7 +291,7 @@ async fn logs<C: Control>(
         Ok(name) => name,
         Err(bad) => return bad.into_response(),
     };
-    let (tail, follow) = match query(parsed) {
+    let (tail, follow) = match query(parsed, "tail=N and follow=true|false") {
         Ok(LogsQuery { tail, follow }) => (
             tail.unwrap_or(DEFAULT_TAIL).min(MAX_TAIL),
             follow.is_some_and(|Flag(follow)| follow),
@@ -348,7 +368,7 @@ async fn events<C: Control>(
     State(control): State<C>,
     parsed: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Response {
-    let follow = match query(parsed) {
+    let follow = match query(parsed, "tail=N and follow=true|false") {
         Ok(EventsQuery { follow }) => follow.is_none_or(|Flag(follow)| follow),
         Err(bad) => return bad.into_response(),
     };

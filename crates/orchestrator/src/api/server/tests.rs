@@ -49,6 +49,9 @@ fn info(name: &str, state: &str) -> ServiceInfo {
         memory_bytes: None,
         cpu_seconds: None,
         oom_kills: 0,
+        reason: None,
+        notify_rejected: 0,
+        depends_on: Default::default(),
     }
 }
 
