@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::config::RestartPolicy;
 use crate::events::{EventBus, EventKind};
-use crate::process::FakeSpawner;
+use crate::process::{ExitReason, FakeSpawner};
 use crate::service::tests::definition;
 
 fn named(name: &str, enabled: bool) -> ServiceDefinition {
@@ -182,4 +182,159 @@ async fn a_service_whose_actor_panicked_can_be_removed_and_added_again() {
     supervisor.add(named("a", true)).await.unwrap();
     supervisor.start("a").await.unwrap();
     assert_eq!(supervisor.status("a").await.unwrap(), State::Running);
+}
+
+// ---- dependency order ----
+
+fn depending(name: &str, on: &[(&str, crate::deps::Condition)]) -> ServiceDefinition {
+    let mut definition = named(name, true);
+    definition.policy.ready = crate::service::ReadyWhen::Grace(Duration::from_millis(500));
+    definition.depends_on = on
+        .iter()
+        .map(|(dependency, condition)| crate::deps::Dependency {
+            name: ServiceName::parse(dependency).unwrap(),
+            condition: *condition,
+        })
+        .collect();
+    definition
+}
+
+/// The spawn of `service`, by the specs the fake spawner saw, in order.
+fn spawn_order(spawner: &FakeSpawner) -> Vec<String> {
+    spawner
+        .specs()
+        .into_iter()
+        .map(|spec| spec.service)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_starts_the_dependencies_first_and_waits_until_they_are_up() {
+    use crate::deps::Condition::Started;
+    let (supervisor, spawner, _) = supervisor(vec![
+        depending("api", &[("db", Started), ("cache", Started)]),
+        depending("cache", &[]),
+        depending("db", &[]),
+        depending("web", &[("api", Started)]),
+    ]);
+    let started = Instant::now();
+    supervisor.start("web").await.unwrap();
+    // Three grace periods one after the other: db and cache together, then
+    // api, then web.
+    assert_eq!(started.elapsed(), Duration::from_millis(1500));
+    let order = spawn_order(&spawner);
+    assert_eq!(order.len(), 4, "{order:?}");
+    assert_eq!(order[2..], ["api", "web"]);
+    let times = spawner.spawn_times();
+    assert_eq!(times[0], times[1], "independent services start together");
+    assert_eq!(times[2] - times[0], Duration::from_millis(500));
+    for name in ["api", "cache", "db", "web"] {
+        assert_eq!(supervisor.status(name).await.unwrap(), State::Running);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_service_shows_what_it_waits_for() {
+    use crate::deps::Condition::Started;
+    let (supervisor, _, _) = supervisor(vec![
+        depending("api", &[("db", Started)]),
+        depending("db", &[]),
+    ]);
+    let starting = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move { supervisor.start("api").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let info = supervisor.info("api").await.unwrap();
+    assert_eq!(info.state, State::Starting);
+    assert_eq!(info.reason.as_deref(), Some("waiting for db (started)"));
+    starting.await.unwrap().unwrap();
+    let info = supervisor.info("api").await.unwrap();
+    assert_eq!((info.state, info.reason), (State::Running, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dependency_that_fails_leaves_its_dependents_not_started_saying_why() {
+    use crate::deps::Condition::Healthy;
+    let mut db = depending("db", &[]);
+    db.policy.restart = RestartPolicy::Never;
+    let (supervisor, spawner, _) = supervisor(vec![depending("api", &[("db", Healthy)]), db]);
+    spawner.fail_next("no such file");
+    let error = supervisor.start("api").await.unwrap_err().to_string();
+    assert!(
+        error.contains(
+            "service api: not started: its dependency db (healthy) cannot be met: db failed"
+        ),
+        "{error}"
+    );
+    assert_eq!(spawn_order(&spawner), ["db"], "api never spawned");
+    let info = supervisor.info("api").await.unwrap();
+    assert_eq!(info.state, State::Stopped);
+    assert!(info.reason.unwrap().starts_with("not started: "));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_completed_dependency_is_not_run_again() {
+    use crate::deps::Condition::Completed;
+    let mut migrate = depending("migrate", &[]);
+    migrate.policy.restart = RestartPolicy::OnFailure;
+    let (supervisor, spawner, _) =
+        supervisor(vec![depending("api", &[("migrate", Completed)]), migrate]);
+    let starting = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move { supervisor.start("api").await })
+    };
+    while spawner.spawn_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    spawner.last_child().unwrap().exit(ExitReason::Exited(0));
+    starting.await.unwrap().unwrap();
+    assert_eq!(spawn_order(&spawner), ["migrate", "api"]);
+    supervisor.stop("api").await.unwrap();
+    supervisor.start("api").await.unwrap();
+    assert_eq!(spawn_order(&spawner), ["migrate", "api", "api"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_dependents_before_their_dependencies() {
+    use crate::deps::Condition::Started;
+    let (supervisor, spawner, _) = supervisor(vec![
+        depending("api", &[("db", Started)]),
+        depending("db", &[]),
+        depending("web", &[("api", Started)]),
+    ]);
+    supervisor.start_all().await.unwrap();
+    // Each takes 100 ms to stop: the order shows in the signal times.
+    for child in spawner.children() {
+        child.ignore_stop_signal_from_now();
+    }
+    let children: Vec<(String, _)> = spawn_order(&spawner)
+        .into_iter()
+        .zip(spawner.children())
+        .collect();
+    let stopper = {
+        let children = children.clone();
+        tokio::spawn(async move {
+            loop {
+                for (_, child) in &children {
+                    if !child.signals().is_empty() && !child.is_reaped() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        child.exit(ExitReason::Exited(0));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    supervisor.shutdown(Duration::from_secs(30)).await.unwrap();
+    stopper.abort();
+    let first_signal = |name: &str| {
+        children
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, child)| child.signals().first().map(|(at, _)| *at))
+            .unwrap()
+    };
+    assert!(first_signal("web") < first_signal("api"));
+    assert!(first_signal("api") < first_signal("db"));
 }
