@@ -17,7 +17,7 @@ use crate::events::EventBus;
 use crate::name::ServiceName;
 use crate::plan::{HostEnv, plan};
 use crate::service::ServiceDefinition;
-use crate::supervisor::{SupervisorError, SupervisorHandle};
+use crate::supervisor::{StartedBy, SupervisorError, SupervisorHandle};
 use crate::wire::{AppliedChange, ChangeAction, EventKind, ReloadReport};
 
 /// What to do with one service.
@@ -212,12 +212,16 @@ pub fn needs_restart(old: &OrchestratorConfig, new: &OrchestratorConfig) -> Vec<
 }
 
 /// Carry out `changes`, all services at once; one that fails to start or
-/// stop is a warning, never a reason to stop the others.
+/// stop is a warning, never a reason to stop the others. Removed services
+/// stop dependents first; added ones start in dependency order, after
+/// every addition is known (one may depend on another added with it).
 pub async fn apply(
     supervisor: &SupervisorHandle,
     changes: Vec<Change>,
 ) -> Result<ReloadReport, SupervisorError> {
     let mut report = ReloadReport::default();
+    let mut removed = Vec::new();
+    let mut added = Vec::new();
     let mut tasks = JoinSet::new();
     for change in changes {
         report.applied.push(AppliedChange {
@@ -225,38 +229,68 @@ pub async fn apply(
             action: change.action(),
             reason: change.reason(),
         });
-        let supervisor = supervisor.clone();
-        let work = async move {
-            let name = change.service().to_owned();
-            let result = match change {
-                Change::Unchanged(_) => Ok(()),
-                Change::Removed(name) => supervisor.remove(&name).await,
-                Change::Added(definition) => {
-                    let enabled = definition.enabled;
-                    match supervisor.add(definition).await {
-                        Ok(handle) if enabled => handle.auto_start().await.map_err(Into::into),
-                        Ok(_) => Ok(()),
-                        Err(error) => Err(error),
-                    }
-                }
-                Change::Restarted(definition, _) => supervisor.reconfigure(definition, true).await,
-                Change::Updated(definition, _) => supervisor.reconfigure(definition, false).await,
-            };
-            result.err().map(|error| (name, error))
-        };
-        tasks.spawn(work);
+        match change {
+            Change::Unchanged(_) => {}
+            Change::Removed(name) => removed.push(name),
+            Change::Added(definition) => added.push(definition),
+            Change::Restarted(definition, _) | Change::Updated(definition, _) => {
+                let respawn =
+                    matches!(report.applied.last(), Some(c) if c.action == ChangeAction::Restarted);
+                let supervisor = supervisor.clone();
+                tasks.spawn(async move {
+                    let name = definition.name.to_string();
+                    let result = supervisor.reconfigure(definition, respawn).await;
+                    result.err().map(|error| (name, error))
+                });
+            }
+        }
     }
-    let mut gone = false;
+    let mut failures: Vec<(String, SupervisorError)> = Vec::new();
+    if !removed.is_empty() {
+        supervisor
+            .stop_ordered(
+                Some(&removed),
+                |handle| async move { handle.shutdown().await },
+            )
+            .await?;
+        for name in removed {
+            if let Err(error) = supervisor.remove(&name).await {
+                failures.push((name.to_string(), error));
+            }
+        }
+    }
+    let mut to_start = Vec::new();
+    for definition in added {
+        let name = definition.name.clone();
+        let enabled = definition.enabled;
+        match supervisor.add(definition).await {
+            Ok(_) if enabled => to_start.push(name),
+            Ok(_) => {}
+            Err(error) => failures.push((name.to_string(), error)),
+        }
+    }
+    if !to_start.is_empty() {
+        for (name, result) in supervisor
+            .start_ordered(&to_start, StartedBy::Daemon)
+            .await?
+        {
+            if let Err(error) = result {
+                failures.push((name.to_string(), error.into()));
+            }
+        }
+    }
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok(Some((_, SupervisorError::Gone))) => gone = true,
-            Ok(Some((name, error))) => report.warnings.push(format!("{name}: {error}")),
+            Ok(Some(failure)) => failures.push(failure),
             Ok(None) => {}
             Err(error) => report.warnings.push(format!("internal error: {error}")),
         }
     }
-    if gone {
-        return Err(SupervisorError::Gone);
+    for (name, error) in failures {
+        if error == SupervisorError::Gone {
+            return Err(SupervisorError::Gone);
+        }
+        report.warnings.push(format!("{name}: {error}"));
     }
     report.warnings.sort();
     Ok(report)

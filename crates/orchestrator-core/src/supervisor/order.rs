@@ -213,7 +213,7 @@ impl SupervisorHandle {
     /// Stop `names` (all of them when `None`) with `stop`, each once every
     /// service depending on it (among those stopped here) is down; the rest
     /// in parallel. Returns when all are done.
-    pub(super) async fn stop_ordered<F, Fut>(
+    pub async fn stop_ordered<F, Fut>(
         &self,
         names: Option<&[ServiceName]>,
         stop: F,
