@@ -26,6 +26,8 @@ pub enum Condition {
 }
 
 impl Condition {
+    pub const ALL: [Condition; 3] = [Condition::Started, Condition::Healthy, Condition::Completed];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Condition::Started => "started",

@@ -7,6 +7,7 @@
 //! sections (durations, paths, signals...) are read by `values`.
 
 mod cx;
+mod health_section;
 mod keys;
 mod orchestrator_section;
 mod service_section;
