@@ -585,3 +585,16 @@ backoff = { initial = "10s", max = "1s" }
 pub fn service_key(name: &str) -> String {
     keys::join_key("services", name)
 }
+
+/// The dotted key of entry `index` of service `name`'s depends_on, which
+/// names `dependency`, as the file wrote it: `depends_on.DEPENDENCY` for
+/// the table form (which `locations` knows), else `depends_on[INDEX]`.
+pub fn depends_on_key(locations: &Locations, name: &str, index: usize, dependency: &str) -> String {
+    let field = keys::join_key(&service_key(name), "depends_on");
+    let in_table = keys::join_key(&field, dependency);
+    if locations.get(&in_table).is_some() {
+        in_table
+    } else {
+        format!("{field}[{index}]")
+    }
+}
