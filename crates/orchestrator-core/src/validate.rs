@@ -173,8 +173,9 @@ fn resource(rlimit: Rlimit) -> Resource {
 }
 
 /// Validate `loaded`: its schema problems, then every service's program
-/// (a binary or `command`), what it asks that only root may grant, the
-/// services directory and the daemon's own paths. `lookup` resolves a
+/// (a binary or `command`), what it asks that only root may grant, what
+/// its depends_on asks of the other services (configured or discovered),
+/// the services directory and the daemon's own paths. `lookup` resolves a
 /// `command` without a slash; `None` leaves such programs to the spawn. A
 /// service whose keys already have schema problems is not checked further:
 /// its values are defaults, not what the file meant.

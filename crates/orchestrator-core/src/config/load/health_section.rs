@@ -192,7 +192,8 @@ pub(super) fn read(cx: &mut Cx<'_>, f: &Field<'_, '_>, out: &mut ServiceConfig) 
                 &join_key(&f.path, second),
                 format!(
                     "{} each set a probe, and a health check has exactly one; keep one of them \
-                     (several checks: an exec probe running a script that makes them all)",
+                     (to check several things, use an exec probe running a script that checks \
+                     them all)",
                     kinds.join(" and ")
                 ),
             );
