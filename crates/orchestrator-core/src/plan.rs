@@ -314,4 +314,64 @@ mod tests {
         assert!(!defs[0].enabled);
         assert_eq!(defs[0].policy.restart, RestartPolicy::Never);
     }
+
+    #[test]
+    fn readiness_follows_notify_and_health() {
+        use crate::config::{Condition, Dependency, HealthCheck, OnUnhealthy, Probe};
+        use std::time::Duration;
+
+        let check = HealthCheck {
+            probe: Probe::Exec {
+                argv: vec!["true".into()],
+            },
+            interval: HealthCheck::DEFAULT_INTERVAL,
+            timeout: HealthCheck::DEFAULT_TIMEOUT,
+            retries: HealthCheck::DEFAULT_RETRIES,
+            start_period: HealthCheck::DEFAULT_START_PERIOD,
+            on_unhealthy: OnUnhealthy::Nothing,
+        };
+        let depends_on = vec![Dependency {
+            name: name("db"),
+            condition: Condition::Healthy,
+        }];
+        let base = ServiceConfig {
+            start_grace: Duration::from_millis(250),
+            start_timeout: Duration::from_secs(7),
+            ..ServiceConfig::default()
+        };
+        let mut services = BTreeMap::new();
+        services.insert(name("plain"), base.clone());
+        services.insert(
+            name("notifying"),
+            ServiceConfig {
+                notify: true,
+                watchdog: Some(Duration::from_secs(2)),
+                ..base.clone()
+            },
+        );
+        services.insert(
+            name("checked"),
+            ServiceConfig {
+                health: Some(check.clone()),
+                depends_on: depends_on.clone(),
+                ..base.clone()
+            },
+        );
+        let defs = plan(&config(services), &[], &host());
+        let def = |n: &str| defs.iter().find(|d| d.name.as_str() == n).unwrap();
+        let signalled = ReadyWhen::Signalled {
+            timeout: Duration::from_secs(7),
+        };
+        assert_eq!(
+            def("plain").policy.ready,
+            ReadyWhen::Grace(Duration::from_millis(250))
+        );
+        assert_eq!(def("notifying").policy.ready, signalled);
+        assert!(def("notifying").notify);
+        assert_eq!(def("notifying").watchdog, Some(Duration::from_secs(2)));
+        assert_eq!(def("checked").policy.ready, signalled);
+        assert_eq!(def("checked").health, Some(check));
+        assert_eq!(def("checked").depends_on, depends_on);
+        assert!(!def("checked").notify);
+    }
 }

@@ -6,6 +6,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use humantime::format_duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -16,7 +19,7 @@ use crate::discovery::discover;
 use crate::events::EventBus;
 use crate::name::ServiceName;
 use crate::plan::{HostEnv, plan};
-use crate::service::ServiceDefinition;
+use crate::service::{ReadyWhen, ServiceDefinition};
 use crate::supervisor::{StartedBy, SupervisorError, SupervisorHandle};
 use crate::wire::{AppliedChange, ChangeAction, EventKind, ReloadReport};
 
@@ -111,6 +114,24 @@ fn spawn_changes(old: &ServiceDefinition, new: &ServiceDefinition) -> Vec<String
             b.cwd.display()
         ));
     }
+    // NOTIFY_SOCKET and WATCHDOG_USEC are in the process's environment,
+    // read once at its start: only a new process sees them change.
+    if old.notify != new.notify {
+        changed.push(format!("notify {} → {}", old.notify, new.notify));
+    }
+    if old.watchdog != new.watchdog {
+        let shown = |watchdog: Option<Duration>| {
+            watchdog.map_or_else(
+                || "off".to_owned(),
+                |period| format_duration(period).to_string(),
+            )
+        };
+        changed.push(format!(
+            "watchdog {} → {}",
+            shown(old.watchdog),
+            shown(new.watchdog)
+        ));
+    }
     // With restart_on_binary_change off, both are None: a reload plans
     // with the setting the daemon started with (it needs a restart).
     match (&old.binary, &new.binary) {
@@ -139,6 +160,16 @@ fn live_changes(old: &ServiceDefinition, new: &ServiceDefinition) -> Vec<String>
     field(a.start_limit != b.start_limit, "start_limit");
     field(a.stop_signal != b.stop_signal, "stop_signal");
     field(a.stop_timeout != b.stop_timeout, "stop_timeout");
+    // Readiness is the machine's to judge, from the next start on.
+    let ready = match (a.ready, b.ready) {
+        (ReadyWhen::Grace(_), ReadyWhen::Grace(_)) => "start_grace",
+        (ReadyWhen::Signalled { .. }, ReadyWhen::Signalled { .. }) => "start_timeout",
+        _ => "readiness (start_grace, or notify and health within start_timeout)",
+    };
+    field(a.ready != b.ready, ready);
+    // The probes and the dependencies are the daemon's, not the process's.
+    field(old.health != new.health, "health");
+    field(old.depends_on != new.depends_on, "depends_on");
     field(old.configured != new.configured, "configured");
     if old.enabled != new.enabled {
         changed.push(format!("enabled {} → {}", old.enabled, new.enabled));

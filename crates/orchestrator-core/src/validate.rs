@@ -16,11 +16,14 @@ use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
 use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::config::{
-    ConfigProblem, Loaded, Locations, Rlimit, RlimitValue, ServiceConfig, service_key,
+    Condition, Config, ConfigProblem, Loaded, Locations, RestartPolicy, Rlimit, RlimitValue,
+    ServiceConfig, depends_on_key, service_key,
 };
+use crate::deps::{Dependency, Graph, find_cycles};
 use crate::discovery::{Scan, scan};
 use crate::name::ServiceName;
 use crate::plan::{HostEnv, plan};
+use crate::service::ServiceDefinition;
 
 /// Where a program without a slash is found: `(program, env, cwd)` as the
 /// spawner resolves it (the service's own PATH, not the daemon's).
@@ -170,8 +173,9 @@ fn resource(rlimit: Rlimit) -> Resource {
 }
 
 /// Validate `loaded`: its schema problems, then every service's program
-/// (a binary or `command`), what it asks that only root may grant, the
-/// services directory and the daemon's own paths. `lookup` resolves a
+/// (a binary or `command`), what it asks that only root may grant, what
+/// its depends_on asks of the other services (configured or discovered),
+/// the services directory and the daemon's own paths. `lookup` resolves a
 /// `command` without a slash; `None` leaves such programs to the spawn. A
 /// service whose keys already have schema problems is not checked further:
 /// its values are defaults, not what the file meant.
@@ -285,7 +289,8 @@ pub fn validate_as(
         }
     }
     let mut covered = Vec::new();
-    for definition in plan(config, &scanned.found, host) {
+    let definitions = plan(config, &scanned.found, host);
+    for definition in &definitions {
         let name = &definition.name;
         let section = service_key(name);
         if has_problem(&section) {
@@ -365,6 +370,8 @@ pub fn validate_as(
         }
     }
 
+    findings.extend(dependency_findings(config, &definitions, at, &has_problem));
+
     for (name, service) in &config.services {
         let section = service_key(name);
         if has_problem(&section) {
@@ -406,6 +413,148 @@ pub fn validate_as(
         findings,
         scan: scanned,
     }
+}
+
+/// What the services' depends_on ask that cannot be: a service that is
+/// neither configured nor discovered, a service depending on itself, a
+/// cycle (one finding each, at its least service), and a condition the
+/// dependency can never meet. Each is the dependent's; a disabled service
+/// may still be a dependency (it is started for its dependents).
+fn dependency_findings(
+    config: &Config,
+    definitions: &[ServiceDefinition],
+    at: &Locations,
+    has_problem: &dyn Fn(&str) -> bool,
+) -> Vec<Finding> {
+    let by_name: BTreeMap<&ServiceName, &ServiceDefinition> = definitions
+        .iter()
+        .map(|definition| (&definition.name, definition))
+        .collect();
+    let mut findings = Vec::new();
+    let mut graph = Graph::new();
+    for definition in definitions {
+        let name = &definition.name;
+        // With schema problems, its depends_on is what could be read, not
+        // what the file meant.
+        if has_problem(&service_key(name)) {
+            continue;
+        }
+        let mut edges = Vec::new();
+        for (index, dependency) in definition.depends_on.iter().enumerate() {
+            let target = &dependency.name;
+            let problem = if target == name {
+                Some(format!(
+                    "service {name} depends on itself; remove {name} from its depends_on"
+                ))
+            } else if let Some(&needed) = by_name.get(target) {
+                edges.push(target.clone());
+                // Its values are defaults where the file was wrong: its
+                // own problems say what to fix first.
+                if has_problem(&service_key(target)) {
+                    None
+                } else {
+                    condition_problem(config, name, dependency, needed)
+                }
+            } else {
+                Some(unknown_dependency(config, name, target, &by_name))
+            };
+            if let Some(message) = problem {
+                let key = depends_on_key(at, name, index, target);
+                findings.push(service_finding(definition.enabled, name, at, &key, message));
+            }
+        }
+        graph.insert(name.clone(), edges);
+    }
+    for cycle in find_cycles(&graph) {
+        let first = &cycle[0];
+        let next = &cycle[1 % cycle.len()];
+        let index = by_name[first]
+            .depends_on
+            .iter()
+            .position(|dependency| &dependency.name == next)
+            .unwrap_or_default();
+        let shown: Vec<&str> = cycle
+            .iter()
+            .chain([first])
+            .map(ServiceName::as_str)
+            .collect();
+        let message = format!(
+            "depends_on forms a cycle: {}; none of them can start before the others: remove \
+             one of these dependencies",
+            shown.join(" -> ")
+        );
+        // Started for its dependents, a disabled service in the cycle is
+        // as stuck as an enabled one.
+        let enabled = cycle.iter().any(|member| by_name[member].enabled);
+        let key = depends_on_key(at, first, index, next);
+        findings.push(service_finding(enabled, first, at, &key, message));
+    }
+    findings
+}
+
+/// Why `needed` can never meet the condition `name` puts on it, if so.
+fn condition_problem(
+    config: &Config,
+    name: &ServiceName,
+    dependency: &Dependency,
+    needed: &ServiceDefinition,
+) -> Option<String> {
+    let target = &dependency.name;
+    match dependency.condition {
+        Condition::Started => None,
+        Condition::Healthy if needed.health.is_none() && !needed.notify => Some(format!(
+            "service {name} waits for {target} to be healthy, but {target} has neither a \
+             health check nor notify = true, so it never is; add [services.{target}.health] \
+             or notify = true to {target}, or wait for \"started\" instead"
+        )),
+        Condition::Healthy => None,
+        Condition::Completed if needed.policy.restart == RestartPolicy::Always => {
+            let explicit = config
+                .services
+                .get(target)
+                .is_some_and(|service| service.restart.is_some());
+            let why = if explicit {
+                "restart = \"always\""
+            } else {
+                "restart is \"always\" by orchestrator.auto_restart = true"
+            };
+            Some(format!(
+                "service {name} waits for {target} to complete, but {target} is restarted \
+                 whenever it exits ({why}), so it never stays completed; set restart = \
+                 \"never\" or \"on-failure\" in [services.{target}]"
+            ))
+        }
+        Condition::Completed => None,
+    }
+}
+
+/// `name` depends on `target`, which no section and no binary defines.
+fn unknown_dependency(
+    config: &Config,
+    name: &ServiceName,
+    target: &ServiceName,
+    known: &BTreeMap<&ServiceName, &ServiceDefinition>,
+) -> String {
+    let binary = config
+        .orchestrator
+        .services_dir
+        .join(target.as_str())
+        .join(target.as_str());
+    let mut message = format!(
+        "service {name} depends on {target}, which is neither configured ([services.{target}]) \
+         nor found in services_dir ({}); add that service or fix the name",
+        binary.display()
+    );
+    // Two edits away, and not merely because both names are short.
+    let close = known
+        .keys()
+        .map(|known| (strsim::levenshtein(target, known), known))
+        .filter(|&(distance, known)| distance <= 2 && distance < known.len())
+        .min_by_key(|&(distance, _)| distance);
+    if let Some((_, close)) = close {
+        message.push_str(&format!(" (did you mean {:?}?)", close.as_str()));
+    }
+    message
 }
 
 /// What `service` asks that this host or `privileges` cannot grant, as
@@ -1078,5 +1227,241 @@ enabled = false
         let errors = lines(&validation, Severity::Error);
         assert_eq!(errors.len(), 1, "{errors:#?}");
         assert!(errors[0].contains("unknown key \"bogus\""), "{errors:#?}");
+    }
+
+    /// `[services.NAME]` sections that run `sh`, each with `extra` lines.
+    fn sections(services: &[(&str, &str)]) -> String {
+        services
+            .iter()
+            .map(|(name, extra)| format!("[services.{name}]\ncommand = [\"sh\"]\n{extra}"))
+            .collect()
+    }
+
+    #[test]
+    fn depends_on_names_configured_or_discovered_services() {
+        let dir = TempDir::new("deps-unknown");
+        dir.file("services/db/db", b"#!/bin/sh\nexec sleep 1\n", 0o755);
+        let text = sections(&[
+            ("api", "depends_on = [\"db\", \"cach\", \"queue\"]\n"),
+            ("cache", ""),
+            (
+                "web",
+                "depends_on = { api = \"started\", nope = \"started\" }\n",
+            ),
+        ]);
+        let validation = dir.validate_as(&text, &root());
+        let errors = lines(&validation, Severity::Error);
+        let services_dir = dir.0.join("services").display().to_string();
+        assert_eq!(
+            errors,
+            [
+                format!(
+                    "3:21 services.api.depends_on[1]: service api depends on cach, which is \
+                     neither configured ([services.cach]) nor found in services_dir \
+                     ({services_dir}/cach/cach); add that service or fix the name (did you mean \
+                     \"cache\"?)"
+                ),
+                format!(
+                    "3:29 services.api.depends_on[2]: service api depends on queue, which is \
+                     neither configured ([services.queue]) nor found in services_dir \
+                     ({services_dir}/queue/queue); add that service or fix the name"
+                ),
+                format!(
+                    "8:33 services.web.depends_on.nope: service web depends on nope, which is \
+                     neither configured ([services.nope]) nor found in services_dir \
+                     ({services_dir}/nope/nope); add that service or fix the name"
+                ),
+            ]
+        );
+        for finding in validation.errors() {
+            assert!(matches!(finding.scope, Scope::Service(_)), "{finding:#?}");
+        }
+        assert!(!validation.stops_the_daemon());
+    }
+
+    #[test]
+    fn a_service_cannot_depend_on_itself() {
+        let dir = TempDir::new("deps-self");
+        let validation = dir.validate_as(
+            &sections(&[("api", "depends_on = { api = \"healthy\" }\n")]),
+            &root(),
+        );
+        assert_eq!(
+            lines(&validation, Severity::Error),
+            [
+                "3:16 services.api.depends_on.api: service api depends on itself; remove api from \
+              its depends_on"
+            ]
+        );
+    }
+
+    #[test]
+    fn each_cycle_is_one_finding_naming_every_service_in_it() {
+        let dir = TempDir::new("deps-cycles");
+        let text = sections(&[
+            ("c", "depends_on = [\"a\"]\n"),
+            ("a", "depends_on = [\"x\", \"b\"]\n"),
+            ("b", "depends_on = [\"c\"]\n"),
+            ("x", ""),
+            ("p", "depends_on = [\"q\"]\n"),
+            ("q", "depends_on = [\"p\"]\nenabled = false\n"),
+        ]);
+        let validation = dir.validate_as(&text, &root());
+        assert_eq!(
+            lines(&validation, Severity::Error),
+            [
+                "6:20 services.a.depends_on[1]: depends_on forms a cycle: a -> b -> c -> a; none \
+                 of them can start before the others: remove one of these dependencies",
+                "14:15 services.p.depends_on[0]: depends_on forms a cycle: p -> q -> p; none of \
+                 them can start before the others: remove one of these dependencies",
+            ]
+        );
+        // Only disabled services: said, but not an error.
+        let text = sections(&[
+            ("p", "depends_on = [\"q\"]\nenabled = false\n"),
+            ("q", "depends_on = [\"p\"]\nenabled = false\n"),
+        ]);
+        let validation = dir.validate_as(&text, &root());
+        assert_eq!(validation.errors().count(), 0);
+        let warnings = lines(&validation, Severity::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        assert!(warnings[0].contains("p -> q -> p"), "{warnings:#?}");
+    }
+
+    #[test]
+    fn healthy_needs_a_health_check_or_notify() {
+        let dir = TempDir::new("deps-healthy");
+        let text = sections(&[
+            (
+                "api",
+                "depends_on = { plain = \"healthy\", checked = \"healthy\", notifying = \"healthy\", \
+                 off = \"healthy\" }\n",
+            ),
+            ("plain", ""),
+            (
+                "checked",
+                "[services.checked.health]\ntcp = \"127.0.0.1:5432\"\n",
+            ),
+            ("notifying", "notify = true\n"),
+            ("off", "enabled = false\nnotify = true\n"),
+        ]);
+        let validation = dir.validate_as(&text, &root());
+        assert_eq!(
+            lines(&validation, Severity::Error),
+            [
+                "3:16 services.api.depends_on.plain: service api waits for plain to be healthy, but \
+              plain has neither a health check nor notify = true, so it never is; add \
+              [services.plain.health] or notify = true to plain, or wait for \"started\" instead"
+            ]
+        );
+        assert!(
+            validation.warnings().next().is_none(),
+            "{:#?}",
+            validation.findings
+        );
+    }
+
+    #[test]
+    fn completed_needs_a_service_that_is_not_always_restarted() {
+        let dir = TempDir::new("deps-completed");
+        let text = sections(&[
+            (
+                "api",
+                "depends_on = { always = \"completed\", default = \"completed\", \
+                 once = \"completed\", retried = \"completed\" }\n",
+            ),
+            ("always", "restart = \"always\"\n"),
+            ("default", ""),
+            ("once", "restart = \"never\"\n"),
+            ("retried", "restart = \"on-failure\"\n"),
+        ]);
+        let validation = dir.validate_as(&text, &root());
+        assert_eq!(
+            lines(&validation, Severity::Error),
+            [
+                "3:16 services.api.depends_on.always: service api waits for always to complete, \
+                 but always is restarted whenever it exits (restart = \"always\"), so it never \
+                 stays completed; set restart = \"never\" or \"on-failure\" in [services.always]",
+                "3:38 services.api.depends_on.default: service api waits for default to \
+                 complete, but default is restarted whenever it exits (restart is \"always\" by \
+                 orchestrator.auto_restart = true), so it never stays completed; set restart = \
+                 \"never\" or \"on-failure\" in [services.default]",
+            ]
+        );
+        // Without auto_restart, a service is not restarted by default.
+        let text = format!(
+            "[orchestrator]\nauto_restart = false\n{}",
+            sections(&[
+                ("api", "depends_on = { migrate = \"completed\" }\n"),
+                ("migrate", ""),
+            ])
+        );
+        let validation = dir.validate_as(&text, &root());
+        assert!(validation.findings.is_empty(), "{:#?}", validation.findings);
+    }
+
+    #[test]
+    fn dependency_problems_of_a_disabled_or_broken_service() {
+        let dir = TempDir::new("deps-quiet");
+        // A disabled dependent: said, but it does not fail `check`.
+        let validation = dir.validate_as(
+            &sections(&[("api", "enabled = false\ndepends_on = [\"ghost\"]\n")]),
+            &root(),
+        );
+        assert_eq!(validation.errors().count(), 0);
+        let warnings = lines(&validation, Severity::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        assert!(
+            warnings[0]
+                .starts_with("4:15 services.api.depends_on[0]: service api depends on ghost")
+        );
+        assert!(
+            warnings[0].ends_with("(the service is disabled: it only matters once it is started)")
+        );
+        // A dependency whose section is broken: only its own problem.
+        let validation = dir.validate_as(
+            &sections(&[
+                ("api", "depends_on = { db = \"healthy\" }\n"),
+                ("db", "[services.db.health]\nhttp = \"https://db\"\n"),
+            ]),
+            &root(),
+        );
+        let errors = lines(&validation, Severity::Error);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].contains("services.db.health.http: https is not supported"),
+            "{errors:#?}"
+        );
+        // A dependent whose section is broken is not looked at further.
+        let validation = dir.validate_as(
+            &sections(&[("api", "depends_on = [\"ghost\"]\nbogus = 1\n")]),
+            &root(),
+        );
+        let errors = lines(&validation, Severity::Error);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains("unknown key \"bogus\""), "{errors:#?}");
+    }
+
+    #[test]
+    fn a_valid_dependency_graph_has_no_findings() {
+        let dir = TempDir::new("deps-valid");
+        dir.file("services/db/db", b"#!/bin/sh\nexec sleep 1\n", 0o755);
+        let text = sections(&[
+            ("web", "depends_on = [\"api\", \"db\"]\n"),
+            (
+                "api",
+                "depends_on = { db = \"started\", migrate = \"completed\", cache = \"healthy\" }\n",
+            ),
+            (
+                "migrate",
+                "restart = \"on-failure\"\ndepends_on = [\"db\"]\n",
+            ),
+            (
+                "cache",
+                "enabled = false\n[services.cache.health]\nexec = [\"true\"]\n",
+            ),
+        ]);
+        let validation = dir.validate_as(&text, &root());
+        assert!(validation.findings.is_empty(), "{:#?}", validation.findings);
     }
 }

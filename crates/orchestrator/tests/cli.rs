@@ -100,7 +100,7 @@ fn output_to_a_reader_that_went_away_is_not_a_crash() {
 }
 
 #[test]
-fn check_rejects_an_unknown_key_and_a_feature_not_built_yet() {
+fn check_rejects_an_unknown_key_and_an_unknown_dependency() {
     let dir = TestDir::new("check-unknown");
     let file = dir.write_file(
         "orchestrator.toml",
@@ -112,8 +112,11 @@ fn check_rejects_an_unknown_key_and_a_feature_not_built_yet() {
     assert_eq!(code, 2, "{stderr}");
     let typo = problem_line(&stderr, &file, 2, "orchestrator.log_levle").expect(&stderr);
     assert!(typo.contains("did you mean \"log_level\"?"), "{typo}");
-    let later = problem_line(&stderr, &file, 4, "services.api.depends_on").expect(&stderr);
-    assert!(later.contains("not supported yet"), "{later}");
+    let unknown = problem_line(&stderr, &file, 4, "services.api.depends_on[0]").expect(&stderr);
+    assert!(
+        unknown.contains("depends on db, which is neither configured"),
+        "{unknown}"
+    );
 }
 
 #[test]

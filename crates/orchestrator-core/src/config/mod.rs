@@ -6,5 +6,7 @@ mod load;
 mod model;
 
 pub use error::{ConfigErrors, ConfigProblem, Locations};
-pub use load::{Loaded, load, load_all, parse, parse_all, parse_located, service_key};
+pub use load::{
+    Loaded, depends_on_key, load, load_all, parse, parse_all, parse_located, service_key,
+};
 pub use model::*;

@@ -8,6 +8,8 @@ use nix::sys::signal::Signal;
 
 use super::*;
 use crate::config::RestartPolicy;
+use crate::deps::{Condition, Dependency};
+use crate::health::{HealthCheck, OnUnhealthy, Probe};
 use crate::plan::BinaryId;
 use crate::process::FakeSpawner;
 use crate::service::State;
@@ -31,6 +33,26 @@ fn binary(ino: u64) -> Option<BinaryId> {
 }
 
 type Edit = fn(&mut ServiceDefinition);
+
+fn tcp_check() -> HealthCheck {
+    HealthCheck {
+        probe: Probe::Tcp {
+            address: "127.0.0.1:5432".into(),
+        },
+        interval: HealthCheck::DEFAULT_INTERVAL,
+        timeout: HealthCheck::DEFAULT_TIMEOUT,
+        retries: HealthCheck::DEFAULT_RETRIES,
+        start_period: HealthCheck::DEFAULT_START_PERIOD,
+        on_unhealthy: OnUnhealthy::Restart,
+    }
+}
+
+fn dependency(name: &str, condition: Condition) -> Dependency {
+    Dependency {
+        name: ServiceName::parse(name).unwrap(),
+        condition,
+    }
+}
 
 #[test]
 fn each_change_gets_its_action_and_a_reason_naming_it() {
@@ -113,6 +135,58 @@ fn each_change_gets_its_action_and_a_reason_naming_it() {
             |d| d.enabled = false,
             ChangeAction::Updated,
             "enabled true → false",
+        ),
+        (
+            "notify",
+            |d| d.notify = true,
+            ChangeAction::Restarted,
+            "notify false → true",
+        ),
+        (
+            "watchdog",
+            |d| d.watchdog = Some(Duration::from_millis(1500)),
+            ChangeAction::Restarted,
+            "watchdog off → 1s 500ms",
+        ),
+        (
+            "notify and its readiness",
+            |d| {
+                d.notify = true;
+                d.policy.ready = ReadyWhen::Signalled {
+                    timeout: Duration::from_secs(30),
+                };
+            },
+            ChangeAction::Restarted,
+            "notify false → true, readiness",
+        ),
+        (
+            "start_grace",
+            |d| d.policy.ready = ReadyWhen::Grace(Duration::from_secs(5)),
+            ChangeAction::Updated,
+            "start_grace",
+        ),
+        (
+            "health",
+            |d| d.health = Some(tcp_check()),
+            ChangeAction::Updated,
+            "health",
+        ),
+        (
+            "health and its readiness",
+            |d| {
+                d.health = Some(tcp_check());
+                d.policy.ready = ReadyWhen::Signalled {
+                    timeout: Duration::from_secs(30),
+                };
+            },
+            ChangeAction::Updated,
+            "readiness (start_grace, or notify and health within start_timeout), health",
+        ),
+        (
+            "depends_on",
+            |d| d.depends_on = vec![dependency("db", Condition::Healthy)],
+            ChangeAction::Updated,
+            "depends_on",
         ),
         (
             "both",
@@ -265,6 +339,45 @@ async fn a_live_change_keeps_the_process_and_its_counters() {
     supervisor.stop("svc").await.unwrap();
     let last = spawner.children().last().unwrap().clone();
     assert_eq!(last.signals()[0].1, Signal::SIGINT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_changes_wait_for_the_next_start_and_notify_restarts_at_once() {
+    let (supervisor, spawner) = running(vec![named("svc")]).await;
+    let before = supervisor.info("svc").await.unwrap();
+    let mut checked = named("svc");
+    checked.health = Some(tcp_check());
+    checked.depends_on = vec![dependency("db", Condition::Started)];
+    checked.policy.ready = ReadyWhen::Grace(Duration::from_secs(3));
+    let report = reload(&supervisor, vec![checked.clone()]).await;
+    assert_eq!(
+        report.applied[0].action,
+        ChangeAction::Updated,
+        "{report:?}"
+    );
+    let after = supervisor.info("svc").await.unwrap();
+    assert_eq!(after.pid, before.pid);
+    assert_eq!(spawner.spawn_count(), 1);
+    // The definition the supervisor holds is the new one.
+    let held = supervisor.definitions().await.unwrap();
+    assert_eq!(held[0].health, checked.health);
+    assert_eq!(held[0].depends_on, checked.depends_on);
+
+    let mut notifying = checked;
+    notifying.notify = true;
+    notifying.watchdog = Some(Duration::from_secs(10));
+    let report = reload(&supervisor, vec![notifying]).await;
+    assert_eq!(
+        report.applied[0].action,
+        ChangeAction::Restarted,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.applied[0].reason.as_deref(),
+        Some("notify false → true, watchdog off → 10s")
+    );
+    assert_eq!(spawner.spawn_count(), 2);
+    assert_ne!(supervisor.info("svc").await.unwrap().pid, before.pid);
 }
 
 #[tokio::test(start_paused = true)]

@@ -143,15 +143,6 @@ impl<'t> Cx<'t> {
             format!("expected {expected}, found {found}"),
         );
     }
-
-    pub(super) fn not_yet(&mut self, path: &str, key: &TomlKey<'_>) {
-        let name: &str = key.get_ref();
-        self.report(
-            key.span(),
-            path,
-            format!("{name:?} is not supported yet by this version; remove it"),
-        );
-    }
 }
 
 /// The table a `[header]` or `[[header]]` line names, spaces removed.

@@ -1,7 +1,7 @@
 //! A section's keys as one table: each key's name, what it is for, and how
-//! its value is read into the model. The walk, the list of valid keys, the
-//! "did you mean" suggestion and the "not supported yet" answer all come
-//! from that table, so a new key is one row.
+//! its value is read into the model. The walk, the list of valid keys and
+//! the "did you mean" suggestion all come from that table, so a new key is
+//! one row.
 
 use std::path::Path;
 
@@ -18,26 +18,12 @@ pub(super) struct Key<M: 'static> {
     pub(super) name: &'static str,
     /// What the key is for, said when a typo looks like it.
     pub(super) doc: &'static str,
-    /// `None`: a key of the contract that this version does not implement
-    /// yet, so a correct file gets "too old" rather than "typo".
-    pub(super) read: Option<Read<M>>,
+    pub(super) read: Read<M>,
 }
 
 impl<M> Key<M> {
     pub(super) const fn new(name: &'static str, doc: &'static str, read: Read<M>) -> Self {
-        Key {
-            name,
-            doc,
-            read: Some(read),
-        }
-    }
-
-    pub(super) const fn later(name: &'static str, doc: &'static str) -> Self {
-        Key {
-            name,
-            doc,
-            read: None,
-        }
+        Key { name, doc, read }
     }
 }
 
@@ -74,10 +60,7 @@ impl Cx<'_> {
             };
             self.locate(&field.path, value.span());
             match keys.iter().find(|known| known.name == name) {
-                Some(Key {
-                    read: Some(read), ..
-                }) => read(self, &field, out),
-                Some(Key { read: None, .. }) => self.not_yet(&field.path, key),
+                Some(known) => (known.read)(self, &field, out),
                 None => self.unknown(&field, place, keys),
             }
         }
@@ -85,13 +68,12 @@ impl Cx<'_> {
 
     fn unknown<M>(&mut self, field: &Field<'_, '_>, place: &str, keys: &[Key<M>]) {
         let name: &str = field.key.get_ref();
-        let valid: Vec<&Key<M>> = keys.iter().filter(|key| key.read.is_some()).collect();
         let mut message = format!("unknown key {:?} {place}; ", shorten(name));
-        if let Some(close) = closest(name, &valid) {
+        if let Some(close) = closest(name, keys) {
             message.push_str(&format!("did you mean {:?}? ({}); ", close.name, close.doc));
         }
         message.push_str("valid keys: ");
-        let names: Vec<&str> = valid.iter().map(|key| key.name).collect();
+        let names: Vec<&str> = keys.iter().map(|key| key.name).collect();
         message.push_str(&names.join(", "));
         self.report(field.key.span(), &field.path, message);
     }
@@ -129,7 +111,7 @@ fn shorten(name: &str) -> String {
 
 /// A likely intended key for a typo: at most two edits away, and not merely
 /// because both are short.
-fn closest<'k, M>(name: &str, valid: &[&'k Key<M>]) -> Option<&'k Key<M>> {
+fn closest<'k, M>(name: &str, valid: &'k [Key<M>]) -> Option<&'k Key<M>> {
     // Two edits from a key name is never this long, and the edit distance
     // costs length × length: a megabyte-long key would take seconds.
     if name.len() > MAX_SHOWN {
@@ -137,7 +119,7 @@ fn closest<'k, M>(name: &str, valid: &[&'k Key<M>]) -> Option<&'k Key<M>> {
     }
     valid
         .iter()
-        .map(|&key| (strsim::levenshtein(name, key.name), key))
+        .map(|key| (strsim::levenshtein(name, key.name), key))
         .filter(|&(distance, key)| distance <= 2 && distance < key.name.len())
         .min_by_key(|&(distance, _)| distance)
         .map(|(_, key)| key)
@@ -231,6 +213,7 @@ mod tests {
             "start_limit",
             super::super::service_section::START_LIMIT_KEYS,
         );
+        check("health", super::super::health_section::HEALTH_KEYS);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! sections (durations, paths, signals...) are read by `values`.
 
 mod cx;
+mod health_section;
 mod keys;
 mod orchestrator_section;
 mod service_section;
@@ -583,4 +584,17 @@ backoff = { initial = "10s", max = "1s" }
 /// The dotted key of service `name`'s section, quoted as in problems.
 pub fn service_key(name: &str) -> String {
     keys::join_key("services", name)
+}
+
+/// The dotted key of entry `index` of service `name`'s depends_on, which
+/// names `dependency`, as the file wrote it: `depends_on.DEPENDENCY` for
+/// the table form (which `locations` knows), else `depends_on[INDEX]`.
+pub fn depends_on_key(locations: &Locations, name: &str, index: usize, dependency: &str) -> String {
+    let field = keys::join_key(&service_key(name), "depends_on");
+    let in_table = keys::join_key(&field, dependency);
+    if locations.get(&in_table).is_some() {
+        in_table
+    } else {
+        format!("{field}[{index}]")
+    }
 }

@@ -1,15 +1,19 @@
-//! `[services.NAME]`: one section per service, and its `backoff` table.
+//! `[services.NAME]`: one section per service, its `backoff`, `rlimits`
+//! and `start_limit` tables, and its `depends_on`.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 
 use toml::de::{DeTable, DeValue};
 
 use super::cx::{Cx, Value};
+use super::health_section;
 use super::keys::{Field, Key, join_key};
 use super::values::set;
 use crate::config::model::{
-    BackoffConfig, RestartPolicy, Rlimit, RlimitValue, ServiceConfig, Sha256, StartLimit,
+    BackoffConfig, Condition, Dependency, RestartPolicy, Rlimit, RlimitValue, ServiceConfig,
+    Sha256, StartLimit,
 };
 use crate::name::ServiceName;
 
@@ -164,8 +168,48 @@ pub(super) const KEYS: &[Key<ServiceConfig>] = &[
             }
         },
     ),
-    Key::later("depends_on", "the services this one starts after"),
-    Key::later("health", "the service's health check"),
+    Key::new(
+        "start_grace",
+        "how long a service without notify or a health check must run to count as up",
+        |cx, f, out| set(&mut out.start_grace, cx.duration(&f.path, f.value)),
+    ),
+    Key::new(
+        "notify",
+        "whether the service says it is ready by sd_notify (READY=1 to NOTIFY_SOCKET)",
+        |cx, f, out| set(&mut out.notify, cx.boolean(&f.path, f.value)),
+    ),
+    Key::new(
+        "start_timeout",
+        "how long READY=1 or a first passing health check may take",
+        |cx, f, out| {
+            let timeout = cx.positive_duration(
+                &f.path,
+                f.value,
+                "would fail every start before it could be ready",
+                "30s",
+            );
+            set(&mut out.start_timeout, timeout);
+        },
+    ),
+    Key::new(
+        "watchdog",
+        "how often a notify service must send WATCHDOG=1 (\"0s\": no watchdog)",
+        |cx, f, out| {
+            if let Some(period) = cx.duration(&f.path, f.value) {
+                out.watchdog = (!period.is_zero()).then_some(period);
+            }
+        },
+    ),
+    Key::new(
+        "depends_on",
+        "the services this one starts after, e.g. [\"db\"] or { db = \"healthy\" }",
+        depends_on,
+    ),
+    Key::new(
+        "health",
+        "the service's health check, a [services.NAME.health] section",
+        health_section::read,
+    ),
 ];
 
 /// One row per resource, named as `Rlimit::as_str` names it (a test holds
@@ -460,6 +504,22 @@ fn read(cx: &mut Cx<'_>, prefix: &str, table: &DeTable<'_>, base_dir: &Path) -> 
             "group needs user; set user too, or remove group (a group is only switched together with a user)",
         );
     }
+    // The pings come over the notify socket, which only notify sets up.
+    // A notify that is not a boolean has its own problem already.
+    if let Some((watchdog, _)) = table.get_key_value("watchdog")
+        && out.watchdog.is_some()
+        && !out.notify
+        && table
+            .get("notify")
+            .is_none_or(|notify| notify.get_ref().is_bool())
+    {
+        cx.report(
+            watchdog.span(),
+            &join_key(prefix, "watchdog"),
+            "watchdog needs notify = true: the WATCHDOG=1 pings come over the sd_notify \
+             socket; set notify = true, or remove watchdog",
+        );
+    }
     if let Some((command, _)) = table.get_key_value("command")
         && !combined_with.is_empty()
     {
@@ -474,6 +534,92 @@ fn read(cx: &mut Cx<'_>, prefix: &str, table: &DeTable<'_>, base_dir: &Path) -> 
         );
     }
     out
+}
+
+/// `depends_on`: an array of names (each to be started), or a table of
+/// name = condition; kept in the order written, each name once. Whether
+/// the names exist is for validation, which sees every service.
+fn depends_on(cx: &mut Cx<'_>, f: &Field<'_, '_>, out: &mut ServiceConfig) {
+    // Each entry's key path, where its name is, the name, and (in the
+    // table form) its condition.
+    let mut entries: Vec<(String, Range<usize>, &str, Option<&Value<'_>>)> = Vec::new();
+    match f.value.get_ref() {
+        DeValue::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                let path = format!("{}[{index}]", f.path);
+                match item.get_ref().as_str() {
+                    Some(name) => entries.push((path, item.span(), name, None)),
+                    None => cx.mismatch(&path, item, "a service name (a string)"),
+                }
+            }
+        }
+        DeValue::Table(table) => {
+            for (key, value) in table.iter() {
+                let name: &str = key.get_ref();
+                entries.push((join_key(&f.path, name), key.span(), name, Some(value)));
+            }
+            // The table iterates in key order.
+            entries.sort_by_key(|(_, span, ..)| span.start);
+        }
+        _ => {
+            cx.mismatch(
+                &f.path,
+                f.value,
+                "an array of service names, e.g. [\"db\"], or a table of conditions, e.g. \
+                 { db = \"healthy\" }",
+            );
+            return;
+        }
+    }
+    let mut dependencies: Vec<Dependency> = Vec::with_capacity(entries.len());
+    for (path, span, text, condition) in entries {
+        cx.locate(&path, span.clone());
+        let name = match ServiceName::parse(text) {
+            Ok(name) => Some(name),
+            Err(invalid) => {
+                cx.report(span.clone(), &path, format!("depends_on: {invalid}"));
+                None
+            }
+        };
+        let condition = match condition {
+            None => Some(Condition::Started),
+            Some(value) => dependency_condition(cx, &path, value),
+        };
+        let (Some(name), Some(condition)) = (name, condition) else {
+            continue;
+        };
+        if dependencies.iter().any(|known| known.name == name) {
+            cx.report(
+                span,
+                &path,
+                format!("{name} is named twice in depends_on; keep one"),
+            );
+            continue;
+        }
+        dependencies.push(Dependency { name, condition });
+    }
+    out.depends_on = dependencies;
+}
+
+fn dependency_condition(cx: &mut Cx<'_>, path: &str, value: &Value<'_>) -> Option<Condition> {
+    let all: Vec<&str> = Condition::ALL
+        .iter()
+        .map(|condition| condition.as_str())
+        .collect();
+    let all = all.join(", ");
+    let Some(text) = value.get_ref().as_str() else {
+        cx.mismatch(path, value, &format!("a condition: one of {all}"));
+        return None;
+    };
+    let condition = Condition::parse(text);
+    if condition.is_none() {
+        cx.report(
+            value.span(),
+            path,
+            format!("invalid condition {text:?}; use one of {all}"),
+        );
+    }
+    condition
 }
 
 /// `backoff = { ... }`: its members, then whether they make sense together.
@@ -625,34 +771,6 @@ max = "1s"
         assert_eq!(web.stop_signal, Signal::SIGQUIT);
         assert_eq!(web.environment["A"], "1");
         assert_eq!(config.services["db"].backoff.max, Duration::from_secs(1));
-    }
-
-    #[test]
-    fn later_keys_are_not_supported_yet() {
-        let later: Vec<&str> = KEYS
-            .iter()
-            .filter(|key| key.read.is_none())
-            .map(|key| key.name)
-            .collect();
-        // Issue 13's; every other key of the contract is read.
-        assert_eq!(later, ["depends_on", "health"]);
-        for key in later {
-            let text = format!("[services.api]\n{key} = 1\n");
-            let message = one_problem(&text, 2, &format!("services.api.{key}"));
-            assert!(
-                message.contains("is not supported yet by this version"),
-                "{message}"
-            );
-        }
-        let message = one_problem(
-            "[services.api]\n\n[services.api.health]\nhttp = \"http://x\"\n",
-            3,
-            "services.api.health",
-        );
-        assert!(
-            message.contains("\"health\" is not supported yet"),
-            "{message}"
-        );
     }
 
     /// Each (file text, line, key, parts of the message) yields exactly
@@ -1061,5 +1179,171 @@ sha256 = "{}"
         assert!(message.contains("invalid duration"), "{message}");
         let svc = service("[services.api]\nbackoff = { initial = \"2s\", max = \"2s\" }\n");
         assert_eq!(svc.backoff.max, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn readiness_keys_are_read() {
+        let svc = service(
+            "[services.api]\nstart_grace = \"500ms\"\nnotify = true\nstart_timeout = 90\nwatchdog = \"10s\"\n",
+        );
+        assert_eq!(svc.start_grace, Duration::from_millis(500));
+        assert!(svc.notify);
+        assert_eq!(svc.start_timeout, Duration::from_secs(90));
+        assert_eq!(svc.watchdog, Some(Duration::from_secs(10)));
+        // "0s" turns the watchdog off, and then needs no notify.
+        let svc = service("[services.api]\nwatchdog = \"0s\"\nstart_grace = 0\n");
+        assert_eq!(svc.watchdog, None);
+        assert_eq!(svc.start_grace, Duration::ZERO);
+        let svc = service("[services.api]\n");
+        assert_eq!(
+            (svc.start_grace, svc.notify, svc.start_timeout, svc.watchdog),
+            (DEFAULT_START_GRACE, false, DEFAULT_START_TIMEOUT, None)
+        );
+    }
+
+    #[test]
+    fn readiness_values_are_checked() {
+        each_problem(&[
+            (
+                "[services.api]\nstart_timeout = \"0s\"\n",
+                2,
+                "services.api.start_timeout",
+                &[
+                    "0 would fail every start before it could be ready; use a positive duration, e.g. \"30s\"",
+                ],
+            ),
+            (
+                "[services.api]\nstart_grace = \"-1s\"\n",
+                2,
+                "services.api.start_grace",
+                &["negative"],
+            ),
+            (
+                "[services.api]\nnotify = \"yes\"\n",
+                2,
+                "services.api.notify",
+                &["expected a boolean (true or false), found string"],
+            ),
+            (
+                "[services.api]\nwatchdog = \"5s\"\n",
+                2,
+                "services.api.watchdog",
+                &[
+                    "watchdog needs notify = true",
+                    "set notify = true, or remove watchdog",
+                ],
+            ),
+            (
+                "[services.api]\nnotify = false\n\nwatchdog = 5\n",
+                4,
+                "services.api.watchdog",
+                &["watchdog needs notify = true"],
+            ),
+            (
+                "[services.api]\nwatchdog = \"5 parsecs\"\n",
+                2,
+                "services.api.watchdog",
+                &["invalid duration"],
+            ),
+            // A notify that is wrong is said once, not again by watchdog.
+            (
+                "[services.api]\nnotify = 1\nwatchdog = \"5s\"\n",
+                2,
+                "services.api.notify",
+                &["expected a boolean"],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn depends_on_as_names_or_conditions_in_the_order_written() {
+        let dependency = |name: &str, condition| Dependency {
+            name: ServiceName::parse(name).unwrap(),
+            condition,
+        };
+        let svc = service("[services.api]\ndepends_on = [\"db\", \"cache\", \"a.b\"]\n");
+        assert_eq!(
+            svc.depends_on,
+            [
+                dependency("db", Condition::Started),
+                dependency("cache", Condition::Started),
+                dependency("a.b", Condition::Started),
+            ]
+        );
+        let svc = service(
+            "[services.api]\ndepends_on = { migrate = \"completed\", db = \"healthy\", cache = \"started\" }\n",
+        );
+        assert_eq!(
+            svc.depends_on,
+            [
+                dependency("migrate", Condition::Completed),
+                dependency("db", Condition::Healthy),
+                dependency("cache", Condition::Started),
+            ]
+        );
+        let svc = service("[services.api.depends_on]\nz = \"healthy\"\ny = \"started\"\n");
+        assert_eq!(
+            svc.depends_on,
+            [
+                dependency("z", Condition::Healthy),
+                dependency("y", Condition::Started),
+            ]
+        );
+        assert!(
+            service("[services.api]\ndepends_on = []\n")
+                .depends_on
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn depends_on_names_are_valid_and_once_and_conditions_known() {
+        each_problem(&[
+            (
+                "[services.api]\ndepends_on = [\"db\", \"cache\", \"db\"]\n",
+                2,
+                "services.api.depends_on[2]",
+                &["db is named twice in depends_on; keep one"],
+            ),
+            (
+                "[services.api]\ndepends_on = [\"a/b\"]\n",
+                2,
+                "services.api.depends_on[0]",
+                &["depends_on: invalid service name \"a/b\": '/' (character 2) is not allowed"],
+            ),
+            (
+                "[services.api]\ndepends_on = { \".db\" = \"started\" }\n",
+                2,
+                "services.api.depends_on.\".db\"",
+                &["must not start with '.' or '-'"],
+            ),
+            (
+                "[services.api]\ndepends_on = { db = \"ready\" }\n",
+                2,
+                "services.api.depends_on.db",
+                &["invalid condition \"ready\"; use one of started, healthy, completed"],
+            ),
+            (
+                "[services.api]\ndepends_on = { db = true }\n",
+                2,
+                "services.api.depends_on.db",
+                &["expected a condition: one of started, healthy, completed, found boolean"],
+            ),
+            (
+                "[services.api]\ndepends_on = [\"db\", 1]\n",
+                2,
+                "services.api.depends_on[1]",
+                &["expected a service name (a string), found integer"],
+            ),
+            (
+                "[services.api]\ndepends_on = \"db\"\n",
+                2,
+                "services.api.depends_on",
+                &["expected an array of service names, e.g. [\"db\"], or a table of conditions"],
+            ),
+        ]);
+        // Each entry is placed at its own line.
+        let found = problems("[services.api]\ndepends_on = [\n  \"ok\",\n  \"b/ad\",\n]\n");
+        assert_eq!(found[0].line, Some(4), "{found:#?}");
     }
 }

@@ -313,6 +313,27 @@ impl Cx<'_> {
             }
         }
     }
+
+    /// A duration that must not be zero (a deadline, a period): `zero`
+    /// says what 0 would do, `example` is a sensible value instead.
+    pub(super) fn positive_duration(
+        &mut self,
+        path: &str,
+        value: &Value<'_>,
+        zero: &str,
+        example: &str,
+    ) -> Option<Duration> {
+        let duration = self.duration(path, value)?;
+        if duration.is_zero() {
+            self.report(
+                value.span(),
+                path,
+                format!("0 {zero}; use a positive duration, e.g. {example:?}"),
+            );
+            return None;
+        }
+        Some(duration)
+    }
 }
 
 /// Accepts "SIGTERM", "TERM" and "term": people write all three.
