@@ -71,7 +71,17 @@ impl UnixSpawner {
     /// exists. Split from `launch` so a test can change the file system in
     /// between (a binary swapped after its hash must not be what runs).
     pub fn prepare(&self, spec: &SpawnSpec) -> Result<Prepared, SpawnError> {
-        prepare::prepare(self, spec)
+        prepare::prepare(self, spec, prepare::Cgroup::Own)
+    }
+
+    /// `prepare` for a health check's command (see `Spawner::spawn_probe`):
+    /// it joins `cgroup` rather than getting one of its own.
+    pub fn prepare_probe(
+        &self,
+        spec: &SpawnSpec,
+        cgroup: Option<&Arc<dyn ServiceCgroup>>,
+    ) -> Result<Prepared, SpawnError> {
+        prepare::prepare(self, spec, prepare::Cgroup::Join(cgroup))
     }
 
     /// Start what `prepare` made ready. Its cgroup, if any, goes with the
@@ -137,6 +147,15 @@ impl UnixSpawner {
 impl Spawner for UnixSpawner {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
         let prepared = self.prepare(spec)?;
+        self.launch(prepared)
+    }
+
+    fn spawn_probe(
+        &self,
+        spec: &SpawnSpec,
+        cgroup: Option<&Arc<dyn ServiceCgroup>>,
+    ) -> Result<Box<dyn ChildProcess>, SpawnError> {
+        let prepared = self.prepare_probe(spec, cgroup)?;
         self.launch(prepared)
     }
 
