@@ -462,7 +462,10 @@ pub trait Spawner: Send + Sync {
     /// cgroup's, not applied again), no hash check (`spec.sha256` is the
     /// service binary's digest, not the probe's), no working directory
     /// handed over. The child is not the owner of `cgroup`: its `wait`
-    /// neither empties nor removes it, and its `cgroup()` is `None`.
+    /// neither empties nor removes it, and its `cgroup()` is `None`. Its
+    /// stdout and stderr share one pipe (as `2>&1`), so its output reads
+    /// in the order it was written: `take_output` gives that pipe as
+    /// `stdout`, and a `stderr` that reads as ended at once.
     ///
     /// An `Arc` rather than a borrow: the unix spawner's prepared spawn
     /// holds the cgroup's join descriptors until the launch.

@@ -88,7 +88,15 @@ impl UnixSpawner {
     /// child, or is removed again when the start fails.
     pub fn launch(&self, mut prepared: Prepared) -> Result<Box<dyn ChildProcess>, SpawnError> {
         let (stdout, stdout_child) = output_pipe(&prepared)?;
-        let (stderr, stderr_child) = output_pipe(&prepared)?;
+        let (stderr, stderr_child) = match prepared.merge_output {
+            false => {
+                let (read, write) = output_pipe(&prepared)?;
+                (read, Some(write))
+            }
+            // The child's stderr is its stdout; ours reads as ended.
+            true => (output_pipe(&prepared)?.0, None),
+        };
+        let stderr_child_fd = stderr_child.as_ref().unwrap_or(&stdout_child).as_fd();
         let stdin = match prepared.needs_clone() {
             true => Some(dev_null(&prepared)?),
             false => None,
@@ -99,18 +107,16 @@ impl UnixSpawner {
         let pid = match &stdin {
             Some(stdin) => clone_spawn::spawn(
                 &prepared,
-                [stdin.as_fd(), stdout_child.as_fd(), stderr_child.as_fd()],
+                [stdin.as_fd(), stdout_child.as_fd(), stderr_child_fd],
             )
             .map_err(|failure| failure.into_error(&prepared))?,
             // posix_spawn, not fork: see `clone_spawn` for why.
-            None => {
-                posix_spawn::spawn(&prepared.launch, stdout_child.as_fd(), stderr_child.as_fd())
-                    .map_err(|source| SpawnError::Exec {
-                        service: prepared.service.clone(),
-                        program: prepared.program.clone(),
-                        source,
-                    })?
-            }
+            None => posix_spawn::spawn(&prepared.launch, stdout_child.as_fd(), stderr_child_fd)
+                .map_err(|source| SpawnError::Exec {
+                    service: prepared.service.clone(),
+                    program: prepared.program.clone(),
+                    source,
+                })?,
         };
         let pid = u32::try_from(pid).expect("a spawn returns a positive pid");
         own.insert(pid);

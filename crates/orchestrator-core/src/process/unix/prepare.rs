@@ -35,6 +35,9 @@ pub struct Prepared {
     /// Another's cgroup the child joins without owning it (a health probe
     /// joins its service's): never removed here.
     pub(super) joined: Option<Arc<dyn ServiceCgroup>>,
+    /// stdout and stderr on one pipe, as `2>&1` (a probe: see
+    /// `Spawner::spawn_probe`).
+    pub(super) merge_output: bool,
     pub(super) memory_limit_mib: Option<u64>,
     pub(super) oom_kills_at_start: u64,
     /// Set in the child, in this order.
@@ -210,6 +213,7 @@ pub(super) fn prepare(
         exec_fd,
         cgroup: None,
         joined,
+        merge_output: !own,
         memory_limit_mib: spec.limits.memory_mib.filter(|_| own),
         oom_kills_at_start: 0,
         rlimits: child_rlimits(&spec.rlimits),
@@ -581,6 +585,7 @@ mod tests {
         assert!(prepared.cgroup.is_none() && prepared.exec_fd.is_none());
         assert_eq!(prepared.memory_limit_mib, None);
         assert!(prepared.needs_clone(), "joining takes a step in the child");
+        assert!(prepared.merge_output);
         drop(prepared);
         assert_eq!(controller.created().len(), 1, "only the service's own");
         assert!(!controller.cgroup("svc").unwrap().removed());
