@@ -121,6 +121,30 @@ async fn http_2xx_is_healthy_and_the_request_is_a_plain_get() {
 }
 
 #[tokio::test]
+async fn http_an_ipv6_host_is_reached_and_named_in_brackets() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let listener = TcpListener::bind("[::1]:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (heads, mut received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let _ = heads.send(read_head(&mut stream).await);
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await;
+    });
+    run(&http(address, "/", None), ROOMY).await.unwrap();
+    let head = received.recv().await.unwrap().to_ascii_lowercase();
+    assert!(
+        head.contains(&format!("\r\nhost: [::1]:{}\r\n", address.port())),
+        "{head}"
+    );
+}
+
+#[tokio::test]
 async fn http_500_is_unhealthy_with_its_status() {
     let (address, _heads) =
         serve_http("HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\nboom").await;
