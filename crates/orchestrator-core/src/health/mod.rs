@@ -91,3 +91,6 @@ pub struct HealthReport {
 
 pub mod monitor;
 pub mod probe;
+
+pub use monitor::{ProbeRunner, Prober, spawn_monitor, spawn_monitor_with};
+pub use probe::{ExecContext, ProbeError};

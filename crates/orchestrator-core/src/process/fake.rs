@@ -4,11 +4,14 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::sys::signal::Signal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::cgroup::ServiceCgroup;
 
 use super::{ChildOutput, ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner, WaitFuture};
 
@@ -28,6 +31,20 @@ struct FakeSpawnerState {
     panic_next: Option<String>,
     ignore_stop_signal: bool,
     next_pid: u32,
+    probes: FakeProbes,
+}
+
+/// What `spawn_probe` was asked for and does, apart from the services'
+/// spawns (whose counts and specs the actor tests assert on).
+#[derive(Default)]
+struct FakeProbes {
+    specs: Vec<SpawnSpec>,
+    /// The path of the cgroup each probe joined, if any.
+    cgroups: Vec<Option<PathBuf>>,
+    children: Vec<FakeChildControl>,
+    /// Probes exit at once with this; `None`: they run until the test ends them.
+    exit: Option<ExitReason>,
+    fail: Option<String>,
 }
 
 impl FakeSpawner {
@@ -88,6 +105,45 @@ impl FakeSpawner {
         self.state().children.last().cloned()
     }
 
+    /// Probes spawned from now on exit at once with `reason`; `None`: they
+    /// run until the test ends them (through `probe_children`).
+    pub fn set_probe_exit(&self, reason: Option<ExitReason>) {
+        self.state().probes.exit = reason;
+    }
+
+    /// Every probe spawn fails with `message`; `None`: they succeed.
+    pub fn fail_probes(&self, message: Option<&str>) {
+        self.state().probes.fail = message.map(str::to_owned);
+    }
+
+    /// Every probe spawn attempt, failed ones included.
+    pub fn probe_specs(&self) -> Vec<SpawnSpec> {
+        self.state().probes.specs.clone()
+    }
+
+    /// For each probe spawn attempt, the cgroup it was to join.
+    pub fn probe_cgroups(&self) -> Vec<Option<PathBuf>> {
+        self.state().probes.cgroups.clone()
+    }
+
+    /// Controls of the probes that did start, oldest first.
+    pub fn probe_children(&self) -> Vec<FakeChildControl> {
+        self.state().probes.children.clone()
+    }
+
+    /// A new child's control; its pid comes from the one sequence.
+    fn new_child(state: &mut FakeSpawnerState) -> FakeChildControl {
+        state.next_pid += 1;
+        FakeChildControl {
+            pid: 1000 + state.next_pid,
+            inner: Arc::new(Mutex::new(FakeChildState {
+                ignore_stop_signal: state.ignore_stop_signal,
+                ..FakeChildState::default()
+            })),
+            exited: Arc::new(Notify::new()),
+        }
+    }
+
     /// Wait until at least `count` spawn attempts were made.
     pub async fn wait_for_spawns(&self, count: usize) {
         loop {
@@ -117,15 +173,7 @@ impl Spawner for FakeSpawner {
             match failure {
                 Some(message) => Err(SpawnError::Injected(message)),
                 None => {
-                    state.next_pid += 1;
-                    let control = FakeChildControl {
-                        pid: 1000 + state.next_pid,
-                        inner: Arc::new(Mutex::new(FakeChildState {
-                            ignore_stop_signal: state.ignore_stop_signal,
-                            ..FakeChildState::default()
-                        })),
-                        exited: Arc::new(Notify::new()),
-                    };
+                    let control = Self::new_child(&mut state);
                     state.children.push(control.clone());
                     Ok(Box::new(FakeChild { control }) as Box<dyn ChildProcess>)
                 }
@@ -133,6 +181,28 @@ impl Spawner for FakeSpawner {
         };
         self.spawned.notify_waiters();
         result
+    }
+
+    fn spawn_probe(
+        &self,
+        spec: &SpawnSpec,
+        cgroup: Option<&Arc<dyn ServiceCgroup>>,
+    ) -> Result<Box<dyn ChildProcess>, SpawnError> {
+        let mut state = self.state();
+        state.probes.specs.push(spec.clone());
+        state
+            .probes
+            .cgroups
+            .push(cgroup.map(|cgroup| cgroup.path().to_owned()));
+        if let Some(message) = state.probes.fail.clone() {
+            return Err(SpawnError::Injected(message));
+        }
+        let control = Self::new_child(&mut state);
+        if let Some(reason) = state.probes.exit {
+            control.exit(reason);
+        }
+        state.probes.children.push(control.clone());
+        Ok(Box::new(FakeChild { control }))
     }
 }
 

@@ -52,6 +52,40 @@ pub struct SpawnSpec {
     pub strict: Option<StrictCheck>,
 }
 
+impl SpawnSpec {
+    /// The spec of a health check's command `argv` (no shell) run for this
+    /// service: its user, environment, working directory, rlimits and
+    /// strict mode, with `argv` as program and arguments. What belongs to
+    /// the service's own binary or cgroup is cleared: its sha256, its
+    /// limits (the probe joins the cgroup that enforces them), and the
+    /// hand-over of its working directory (done at the service's start).
+    /// `None` for an empty argv.
+    ///
+    /// Strict mode stays: while the daemon is root, a probe binary that
+    /// others may write would run their code as the service's user (and in
+    /// its cgroup), which is what strict refuses for the service's own
+    /// binary; it costs a few stat calls per check, nothing next to the
+    /// spawn.
+    pub fn for_probe(&self, argv: &[String]) -> Option<SpawnSpec> {
+        let (program, args) = argv.split_first()?;
+        Some(SpawnSpec {
+            service: self.service.clone(),
+            program: PathBuf::from(program),
+            args: args.to_vec(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            limits: Limits::default(),
+            rlimits: self.rlimits.clone(),
+            user: self.user.as_ref().map(|user| UserSpec {
+                owns_working_dir: false,
+                ..user.clone()
+            }),
+            sha256: None,
+            strict: self.strict.clone(),
+        })
+    }
+}
+
 /// Who a service runs as: names or numeric ids, resolved at each spawn (an
 /// account may be created after the daemon started).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -420,6 +454,26 @@ fn spawn_hint(program: &std::path::Path, error: &io::Error) -> &'static str {
 
 pub trait Spawner: Send + Sync {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError>;
+
+    /// Start a health check's command for a running service: `spec` is the
+    /// service's own (see `SpawnSpec::for_probe`), and the child joins
+    /// `cgroup`, the service's existing cgroup, when there is one. Nothing
+    /// is created for it: no cgroup (so `spec.limits` are the service's
+    /// cgroup's, not applied again), no hash check (`spec.sha256` is the
+    /// service binary's digest, not the probe's), no working directory
+    /// handed over. The child is not the owner of `cgroup`: its `wait`
+    /// neither empties nor removes it, and its `cgroup()` is `None`. Its
+    /// stdout and stderr share one pipe (as `2>&1`), so its output reads
+    /// in the order it was written: `take_output` gives that pipe as
+    /// `stdout`, and a `stderr` that reads as ended at once.
+    ///
+    /// An `Arc` rather than a borrow: the unix spawner's prepared spawn
+    /// holds the cgroup's join descriptors until the launch.
+    fn spawn_probe(
+        &self,
+        spec: &SpawnSpec,
+        cgroup: Option<&Arc<dyn ServiceCgroup>>,
+    ) -> Result<Box<dyn ChildProcess>, SpawnError>;
 
     /// Kill whatever a previous daemon left in the cgroups of `services` (a
     /// setsid or double-forked process its process group did not hold), and

@@ -71,14 +71,32 @@ impl UnixSpawner {
     /// exists. Split from `launch` so a test can change the file system in
     /// between (a binary swapped after its hash must not be what runs).
     pub fn prepare(&self, spec: &SpawnSpec) -> Result<Prepared, SpawnError> {
-        prepare::prepare(self, spec)
+        prepare::prepare(self, spec, prepare::Cgroup::Own)
+    }
+
+    /// `prepare` for a health check's command (see `Spawner::spawn_probe`):
+    /// it joins `cgroup` rather than getting one of its own.
+    pub fn prepare_probe(
+        &self,
+        spec: &SpawnSpec,
+        cgroup: Option<&Arc<dyn ServiceCgroup>>,
+    ) -> Result<Prepared, SpawnError> {
+        prepare::prepare(self, spec, prepare::Cgroup::Join(cgroup))
     }
 
     /// Start what `prepare` made ready. Its cgroup, if any, goes with the
     /// child, or is removed again when the start fails.
     pub fn launch(&self, mut prepared: Prepared) -> Result<Box<dyn ChildProcess>, SpawnError> {
         let (stdout, stdout_child) = output_pipe(&prepared)?;
-        let (stderr, stderr_child) = output_pipe(&prepared)?;
+        let (stderr, stderr_child) = match prepared.merge_output {
+            false => {
+                let (read, write) = output_pipe(&prepared)?;
+                (read, Some(write))
+            }
+            // The child's stderr is its stdout; ours reads as ended.
+            true => (output_pipe(&prepared)?.0, None),
+        };
+        let stderr_child_fd = stderr_child.as_ref().unwrap_or(&stdout_child).as_fd();
         let stdin = match prepared.needs_clone() {
             true => Some(dev_null(&prepared)?),
             false => None,
@@ -89,18 +107,16 @@ impl UnixSpawner {
         let pid = match &stdin {
             Some(stdin) => clone_spawn::spawn(
                 &prepared,
-                [stdin.as_fd(), stdout_child.as_fd(), stderr_child.as_fd()],
+                [stdin.as_fd(), stdout_child.as_fd(), stderr_child_fd],
             )
             .map_err(|failure| failure.into_error(&prepared))?,
             // posix_spawn, not fork: see `clone_spawn` for why.
-            None => {
-                posix_spawn::spawn(&prepared.launch, stdout_child.as_fd(), stderr_child.as_fd())
-                    .map_err(|source| SpawnError::Exec {
-                        service: prepared.service.clone(),
-                        program: prepared.program.clone(),
-                        source,
-                    })?
-            }
+            None => posix_spawn::spawn(&prepared.launch, stdout_child.as_fd(), stderr_child_fd)
+                .map_err(|source| SpawnError::Exec {
+                    service: prepared.service.clone(),
+                    program: prepared.program.clone(),
+                    source,
+                })?,
         };
         let pid = u32::try_from(pid).expect("a spawn returns a positive pid");
         own.insert(pid);
@@ -137,6 +153,15 @@ impl UnixSpawner {
 impl Spawner for UnixSpawner {
     fn spawn(&self, spec: &SpawnSpec) -> Result<Box<dyn ChildProcess>, SpawnError> {
         let prepared = self.prepare(spec)?;
+        self.launch(prepared)
+    }
+
+    fn spawn_probe(
+        &self,
+        spec: &SpawnSpec,
+        cgroup: Option<&Arc<dyn ServiceCgroup>>,
+    ) -> Result<Box<dyn ChildProcess>, SpawnError> {
+        let prepared = self.prepare_probe(spec, cgroup)?;
         self.launch(prepared)
     }
 

@@ -854,7 +854,7 @@ impl Actor {
                     self.watchers.health_task = Some(monitor::spawn_monitor(
                         self.definition.name.to_string(),
                         check.clone(),
-                        monitor::ExecContext {
+                        crate::health::probe::ExecContext {
                             spawner: Arc::clone(&self.spawner),
                             spec: spec.clone(),
                             cgroup: cgroup.clone(),

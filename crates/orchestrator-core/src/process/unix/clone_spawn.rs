@@ -116,6 +116,7 @@ pub(super) fn spawn(
     let join_fds: Vec<RawFd> = prepared
         .cgroup
         .iter()
+        .chain(&prepared.joined)
         .flat_map(|cgroup| cgroup.join_fds().iter().map(AsRawFd::as_raw_fd))
         .collect();
     let [stdin, stdout, stderr] = stdio;

@@ -32,6 +32,12 @@ pub struct Prepared {
     /// what the child executes.
     pub(super) exec_fd: Option<ExecFd>,
     pub(super) cgroup: Option<Arc<dyn ServiceCgroup>>,
+    /// Another's cgroup the child joins without owning it (a health probe
+    /// joins its service's): never removed here.
+    pub(super) joined: Option<Arc<dyn ServiceCgroup>>,
+    /// stdout and stderr on one pipe, as `2>&1` (a probe: see
+    /// `Spawner::spawn_probe`).
+    pub(super) merge_output: bool,
     pub(super) memory_limit_mib: Option<u64>,
     pub(super) oom_kills_at_start: u64,
     /// Set in the child, in this order.
@@ -75,6 +81,7 @@ impl Prepared {
     pub(super) fn needs_clone(&self) -> bool {
         self.exec_fd.is_some()
             || self.cgroup.is_some()
+            || self.joined.is_some()
             || !self.rlimits.is_empty()
             || self.credentials.is_some()
             || self.no_new_privs
@@ -138,7 +145,27 @@ fn hand_over_working_dir(dir: &Path, credentials: &Credentials) {
     }
 }
 
-pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepared, SpawnError> {
+/// Where the child is placed.
+pub(super) enum Cgroup<'a> {
+    /// A service: in a cgroup of its own, made now (where the controller
+    /// makes any), after its binary's hash check.
+    Own,
+    /// A health probe: in its service's existing cgroup, if it has one;
+    /// nothing made, no hash check, no working directory handed over (see
+    /// `Spawner::spawn_probe`).
+    Join(Option<&'a Arc<dyn ServiceCgroup>>),
+}
+
+pub(super) fn prepare(
+    spawner: &UnixSpawner,
+    spec: &SpawnSpec,
+    cgroup: Cgroup<'_>,
+) -> Result<Prepared, SpawnError> {
+    let (own, joined) = match cgroup {
+        Cgroup::Own => (true, None),
+        Cgroup::Join(joined) => (false, joined.cloned()),
+    };
+    let sha256 = spec.sha256.filter(|_| own);
     let service = spec.service.as_str();
     let exec_error = |source| SpawnError::Exec {
         service: service.to_owned(),
@@ -150,15 +177,14 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
     // A relative path with a slash is executed from the service's directory.
     let file = spec.cwd.join(&resolved);
     let euid = geteuid().as_raw();
-    let slow = spec.sha256.is_some() || spec.user.is_some();
+    let slow = sha256.is_some() || spec.user.is_some();
     let (exec_fd, credentials) = off_the_runtime(slow, || {
         if let Some(strict) = &spec.strict
             && euid == 0
         {
             strict_check(service, &file, &strict.services_dir)?;
         }
-        let exec_fd = spec
-            .sha256
+        let exec_fd = sha256
             .map(|expected| open_verified(service, &file, expected))
             .transpose()?;
         let credentials = spec
@@ -168,6 +194,7 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
             .transpose()?;
         if let Some(credentials) = &credentials
             && euid == 0
+            && own
             && spec.user.as_ref().is_some_and(|user| user.owns_working_dir)
         {
             hand_over_working_dir(&spec.cwd, credentials);
@@ -185,7 +212,9 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
         launch,
         exec_fd,
         cgroup: None,
-        memory_limit_mib: spec.limits.memory_mib,
+        joined,
+        merge_output: !own,
+        memory_limit_mib: spec.limits.memory_mib.filter(|_| own),
         oom_kills_at_start: 0,
         rlimits: child_rlimits(&spec.rlimits),
         credentials,
@@ -193,7 +222,7 @@ pub(super) fn prepare(spawner: &UnixSpawner, spec: &SpawnSpec) -> Result<Prepare
     };
     // Last: the one step with an effect outside the daemon, so no later
     // step of the preparation can fail and leave it behind.
-    if spawner.controller.flavor() != Flavor::None || !spec.limits.is_empty() {
+    if own && (spawner.controller.flavor() != Flavor::None || !spec.limits.is_empty()) {
         let placement = match spawner.controller.create(service, &spec.limits) {
             Ok(placement) => placement,
             Err(source) if spawner.require_limits => {
@@ -507,7 +536,7 @@ mod tests {
             ..SpawnSpec::default()
         };
         let lenient = UnixSpawner::new(controller.clone(), false);
-        let prepared = prepare(&lenient, &spec).expect("runs without its cgroup");
+        let prepared = prepare(&lenient, &spec, Cgroup::Own).expect("runs without its cgroup");
         assert!(prepared.cgroup.is_none());
         let unenforced = without_a_cgroup(
             &spec.limits,
@@ -520,8 +549,49 @@ mod tests {
         let limits: Vec<&str> = unenforced.iter().map(|u| u.limit).collect();
         assert_eq!(limits, ["containment", "pids_limit"]);
         let strict = UnixSpawner::new(controller, true);
-        let error = prepare(&strict, &spec).map(|_| ()).unwrap_err();
+        let error = prepare(&strict, &spec, Cgroup::Own)
+            .map(|_| ())
+            .unwrap_err();
         assert_eq!(error.stage(), "cgroup", "{error}");
+    }
+
+    /// A probe joins its service's cgroup: nothing is created, its binary
+    /// is not held to the service's digest, and dropping the preparation
+    /// leaves the service's cgroup in place.
+    #[test]
+    fn a_probe_joins_the_services_cgroup_and_makes_none() {
+        use crate::cgroup::fake::FakeController;
+        use crate::cgroup::{Limits, ResourceController};
+        let controller = Arc::new(FakeController::new(Flavor::V1));
+        let service_cgroup = controller
+            .create("svc", &Limits::default())
+            .unwrap()
+            .cgroup
+            .unwrap();
+        let spawner = UnixSpawner::new(controller.clone(), true);
+        let spec = SpawnSpec {
+            service: "svc".to_owned(),
+            program: "/bin/true".into(),
+            cwd: "/".into(),
+            limits: Limits {
+                memory_mib: Some(64),
+                ..Limits::default()
+            },
+            sha256: Some(Sha256([0; 32])),
+            ..SpawnSpec::default()
+        };
+        let prepared = prepare(&spawner, &spec, Cgroup::Join(Some(&service_cgroup)))
+            .expect("no digest check, no cgroup of its own");
+        assert!(prepared.cgroup.is_none() && prepared.exec_fd.is_none());
+        assert_eq!(prepared.memory_limit_mib, None);
+        assert!(prepared.needs_clone(), "joining takes a step in the child");
+        assert!(prepared.merge_output);
+        drop(prepared);
+        assert_eq!(controller.created().len(), 1, "only the service's own");
+        assert!(!controller.cgroup("svc").unwrap().removed());
+        let alone = prepare(&spawner, &spec, Cgroup::Join(None)).unwrap();
+        assert!(alone.joined.is_none() && !alone.needs_clone());
+        assert_eq!(controller.created().len(), 1);
     }
 
     fn spec(user: &str, group: Option<&str>) -> UserSpec {
