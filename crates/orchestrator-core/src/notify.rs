@@ -356,7 +356,7 @@ struct Datagram {
     bytes: Vec<u8>,
     /// Descriptors it carried (BARRIER=1): closed once it has been handled,
     /// which tells a sd_notify_barrier caller that everything it sent
-    /// before has been.
+    /// before has been. Whatever else a sender passes is closed as well.
     fds: Vec<OwnedFd>,
 }
 
@@ -552,12 +552,16 @@ async fn run<S: Source>(
                 }
             }
             received = source.next() => match received {
-                Ok(datagram) => {
+                Ok(mut datagram) => {
+                    // Closed once its reports are sent: a barrier then
+                    // tells the sender that the actor can see them.
+                    let barrier = std::mem::take(&mut datagram.fds);
                     for report in listener.handle(datagram, Instant::now()) {
                         if reports.send(report).is_err() {
                             return;
                         }
                     }
+                    drop(barrier);
                 }
                 Err(e) => {
                     warn!(
@@ -616,17 +620,11 @@ impl Listener {
         }
     }
 
-    /// The reports for one datagram, in the order of its assignments. Its
-    /// descriptors are closed on return, after it has been acted on.
+    /// The reports for one datagram, in the order of its assignments.
     fn handle(&mut self, datagram: Datagram, now: Instant) -> Vec<NotifyReport> {
         let Datagram {
-            pid,
-            len,
-            bytes,
-            fds,
+            pid, len, bytes, ..
         } = datagram;
-        // Closed when this returns, whichever way.
-        let _barrier = fds;
         let mut reports = Vec::new();
         // A ping that comes after the deadline does not undo the expiry.
         if let Some(report) = self.watchdog.expire(now) {
