@@ -41,13 +41,52 @@
 //!   --tick-ms N           forever: print `tick K` on stdout (K = 0, 1, ...)
 //!                         every N ms
 //!   --exit CODE           exit with CODE
+//!   --eprint TEXT         print TEXT and a newline on stderr
+//!
+//! Readiness (sd_notify, probes). The background ones start a thread and
+//! go on with the next flag; they keep running while later flags (--sleep,
+//! --until-file...) do.
+//!
+//!   --notify TEXT         send TEXT as one datagram to $NOTIFY_SOCKET (a
+//!                         path, or `@name` for an abstract socket), e.g.
+//!                         `--notify READY=1`, `--notify "STATUS=warming up"`
+//!   --notify-from-child TEXT
+//!                         the same, sent by a child process of ours, in our
+//!                         process group, that exits at once. It is left
+//!                         unreaped (a zombie) until we exit: so its pid
+//!                         still names a member of our group whenever the
+//!                         daemon looks the sender up
+//!   --watchdog-ping-ms N  background: send WATCHDOG=1 every N ms (the first
+//!                         at once)
+//!   --watchdog-stop-file PATH
+//!                         the pinger stops for good once PATH exists
+//!                         (looked at before each ping; applies wherever
+//!                         it is among the flags)
+//!   --http-health PORT    background: serve HTTP on 127.0.0.1:PORT (0 =
+//!                         any free port) and print `HTTP port=P`. GET of
+//!                         any path: 200 `ok`, or 500 `unhealthy` while the
+//!                         --unhealthy-file exists; other methods: 405
+//!   --unhealthy-file PATH looked at per request (applies wherever it is
+//!                         among the flags)
+//!   --tcp-listen PORT     background: listen on 127.0.0.1:PORT (0 = any free
+//!                         port), print `TCP port=P`, accept and drop
+//!                         connections
 //!
 //! No flags after the injected ones: sleep forever.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+
+/// Whether `path` is set and exists.
+fn exists(path: Option<&PathBuf>) -> bool {
+    path.is_some_and(|p| p.exists())
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,6 +99,11 @@ fn main() {
         println!("{}", child.id());
         return;
     }
+    // Internal: the child of --notify-from-child.
+    if args.first().map(String::as_str) == Some("--send-notify") {
+        notify(args.get(1).expect("--send-notify needs a value"));
+        return;
+    }
     let mut out = std::io::stdout().lock();
     let mut i = 0;
     let mut acted = false;
@@ -70,6 +114,15 @@ fn main() {
         "--exit".to_owned(),
         "0".to_owned(),
     ];
+    // Settings rather than actions: read before the first flag runs, so
+    // that a background thread started earlier sees them at once.
+    let setting = |flag: &str| -> Option<PathBuf> {
+        args.windows(2)
+            .find(|pair| pair[0] == flag)
+            .map(|pair| PathBuf::from(&pair[1]))
+    };
+    let watchdog_stop_file = setting("--watchdog-stop-file");
+    let unhealthy_file = setting("--unhealthy-file");
     let value = |i: usize| -> String {
         args.get(i + 1)
             .cloned()
@@ -304,6 +357,73 @@ fn main() {
                     std::thread::sleep(Duration::from_millis(ms));
                 }
             }
+            "--eprint" => {
+                eprintln!("{}", value(i));
+                i += 1;
+            }
+            "--notify" => {
+                notify(&value(i));
+                i += 1;
+            }
+            "--notify-from-child" => {
+                // Not waited for: see the header.
+                #[allow(clippy::zombie_processes)]
+                let mut child = Command::new(std::env::current_exe().unwrap())
+                    .args(["--send-notify", &value(i)])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                i += 1;
+                // EOF once it has exited: its datagram is queued before any
+                // we send after this flag.
+                let mut sink = Vec::new();
+                child.stdout.take().unwrap().read_to_end(&mut sink).unwrap();
+            }
+            // Read before the loop.
+            "--watchdog-stop-file" | "--unhealthy-file" => i += 1,
+            "--watchdog-ping-ms" => {
+                let ms: u64 = value(i).parse().unwrap();
+                i += 1;
+                let stop = watchdog_stop_file.clone();
+                let socket = notify_socket();
+                std::thread::spawn(move || {
+                    while !exists(stop.as_ref()) {
+                        // A daemon that is restarting us may have closed the
+                        // socket already: not our failure.
+                        let _ = socket.send(b"WATCHDOG=1");
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                });
+            }
+            "--http-health" => {
+                let listener = listen(&value(i));
+                i += 1;
+                let port = listener.local_addr().unwrap().port();
+                writeln!(out, "HTTP port={port}").unwrap();
+                out.flush().unwrap();
+                let unhealthy = unhealthy_file.clone();
+                std::thread::spawn(move || {
+                    for stream in listener.incoming().flatten() {
+                        let unhealthy = unhealthy.clone();
+                        // One thread each: a client that sends nothing must
+                        // not hold up the next probe.
+                        std::thread::spawn(move || answer_http(stream, unhealthy.as_ref()));
+                    }
+                });
+            }
+            "--tcp-listen" => {
+                let listener = listen(&value(i));
+                i += 1;
+                let port = listener.local_addr().unwrap().port();
+                writeln!(out, "TCP port={port}").unwrap();
+                out.flush().unwrap();
+                std::thread::spawn(move || {
+                    for stream in listener.incoming() {
+                        drop(stream);
+                    }
+                });
+            }
             "--exit" => {
                 let code: i32 = value(i).parse().unwrap();
                 out.flush().unwrap();
@@ -317,6 +437,58 @@ fn main() {
         sleep_forever(&mut out);
     }
     out.flush().unwrap();
+}
+
+/// A socket connected to $NOTIFY_SOCKET: a path, or `@name` for an
+/// abstract one, as sd_notify takes it.
+fn notify_socket() -> UnixDatagram {
+    let address = std::env::var("NOTIFY_SOCKET").expect("NOTIFY_SOCKET is not set");
+    let socket = UnixDatagram::unbound().unwrap();
+    match address.strip_prefix('@') {
+        Some(name) => socket
+            .connect_addr(&SocketAddr::from_abstract_name(name).unwrap())
+            .unwrap_or_else(|e| panic!("cannot reach NOTIFY_SOCKET={address}: {e}")),
+        None => socket
+            .connect(&address)
+            .unwrap_or_else(|e| panic!("cannot reach NOTIFY_SOCKET={address}: {e}")),
+    }
+    socket
+}
+
+fn notify(text: &str) {
+    notify_socket().send(text.as_bytes()).unwrap();
+}
+
+fn listen(port: &str) -> TcpListener {
+    let port: u16 = port.parse().unwrap();
+    TcpListener::bind(("127.0.0.1", port)).unwrap()
+}
+
+/// One HTTP/1.0-style exchange: the request head, then a response that
+/// closes the connection.
+fn answer_http(mut stream: TcpStream, unhealthy: Option<&PathBuf>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let (status, body) = if !head.starts_with(b"GET ") {
+        ("405 Method Not Allowed", "method not allowed")
+    } else if exists(unhealthy) {
+        ("500 Internal Server Error", "unhealthy")
+    } else {
+        ("200 OK", "ok")
+    };
+    let response = format!(
+        "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes());
 }
 
 /// `ME ARGS...` with stdio on /dev/null, so that it holds none of our pipes.
