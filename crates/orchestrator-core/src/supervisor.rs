@@ -469,7 +469,7 @@ impl SupervisorHandle {
     /// says so; no surprise cascade).
     pub async fn stop(&self, name: &str) -> Result<(), SupervisorError> {
         let handle = self.service(name).await?;
-        handle.resources().set_waiting(None);
+        handle.resources().cancel_waiting();
         Ok(handle.stop().await?)
     }
 

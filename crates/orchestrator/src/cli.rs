@@ -671,14 +671,72 @@ mod tests {
                 "MEM",
                 "RESTARTS",
                 "LAST-EXIT",
-                "HEALTH"
-            ]
+                "REASON"
+            ],
+            "no HEALTH without a check"
         );
         assert_eq!(
             lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
             [
                 "api", "running", "42", "1m01s", "0.50s", "13M", "2", "1", "-"
             ]
+        );
+    }
+
+    #[test]
+    fn health_shows_when_a_service_has_a_check_and_reason_says_why() {
+        let running = ServiceInfo {
+            name: "api".into(),
+            configured: true,
+            enabled: true,
+            state: orchestrator_core::wire::State::Running,
+            pid: Some(42),
+            uptime: Some(1),
+            restarts: 0,
+            requested_starts: 0,
+            last_exit_code: None,
+            last_error: None,
+            health: Some(orchestrator_core::wire::Health::Healthy),
+            log_dropped_bytes: 0,
+            generation: 1,
+            memory_bytes: None,
+            cpu_seconds: None,
+            oom_kills: 0,
+            reason: Some("serving \u{1b}[2J".into()),
+            notify_rejected: 0,
+            depends_on: Default::default(),
+        };
+        let waiting = ServiceInfo {
+            name: "web".into(),
+            state: orchestrator_core::wire::State::Starting,
+            pid: None,
+            health: None,
+            reason: Some("waiting for api (healthy)".into()),
+            ..running.clone()
+        };
+        let failed = ServiceInfo {
+            name: "job".into(),
+            state: orchestrator_core::wire::State::Failed,
+            pid: None,
+            health: None,
+            reason: None,
+            last_error: Some("exited with code 3 while starting".into()),
+            ..running.clone()
+        };
+        let table = status_table(&[running, waiting, failed]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].contains("HEALTH") && lines[0].ends_with("REASON"),
+            "{table}"
+        );
+        assert!(
+            lines[1].contains("healthy") && lines[1].ends_with("serving \\x1b[2J"),
+            "{table}"
+        );
+        assert!(lines[2].ends_with("waiting for api (healthy)"), "{table}");
+        assert!(
+            lines[3].ends_with("exited with code 3 while starting"),
+            "{table}"
         );
     }
 

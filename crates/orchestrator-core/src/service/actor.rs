@@ -143,7 +143,17 @@ pub struct Resources {
     notify_rejected: AtomicU64,
     /// Set while an ordered start waits on this service's dependencies (or
     /// gave up on them): why it is not started yet.
-    waiting: std::sync::Mutex<Option<String>>,
+    waiting: std::sync::Mutex<Waiting>,
+}
+
+/// Why an ordered start waits, and how many stops came: a stop ends every
+/// ordered start in progress (each sees the count move on and does not
+/// start the service after all); concurrent starts of the same service
+/// do not end each other.
+#[derive(Debug, Default)]
+struct Waiting {
+    stops: u64,
+    reason: Option<String>,
 }
 
 impl Resources {
@@ -165,14 +175,45 @@ impl Resources {
         self.oom_kills.load(Ordering::Relaxed)
     }
 
-    pub fn set_waiting(&self, why: Option<String>) {
-        *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = why;
+    /// An ordered start begins; its token for `set_waiting` and
+    /// `still_wanted`.
+    pub fn begin_waiting(&self) -> u64 {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stops
+    }
+
+    /// Say why the start `epoch` waits (or gave up); ignored once a stop or
+    /// a later start has taken over.
+    pub fn set_waiting(&self, epoch: u64, why: Option<String>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if waiting.stops == epoch {
+            waiting.reason = why;
+        }
+    }
+
+    /// The start `epoch` is still the one wanted: no stop came since.
+    pub fn still_wanted(&self, epoch: u64) -> bool {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stops
+            == epoch
+    }
+
+    /// A stop: any ordered start in progress will not start the service.
+    pub fn cancel_waiting(&self) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.stops += 1;
+        waiting.reason = None;
     }
 
     pub fn waiting(&self) -> Option<String> {
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .reason
             .clone()
     }
 

@@ -260,7 +260,7 @@ impl SupervisorHandle {
                     // A dropped sender is a dependent whose stop ended too.
                     let _ = wait.wait_for(|finished| *finished).await;
                 }
-                member.handle.resources().set_waiting(None);
+                member.handle.resources().cancel_waiting();
                 let result = stopping.await;
                 let _ = finished.send(true);
                 if let Err(error) = result {
@@ -317,11 +317,19 @@ async fn start_member(
     by: StartedBy,
 ) -> Result<(), ServiceError> {
     let resources = member.handle.resources();
+    let epoch = resources.begin_waiting();
+    let stopped = || ServiceError::Superseded {
+        service: member.definition.name.to_string(),
+        by: "stop",
+    };
     for (dependency, target, finished) in dependencies {
-        resources.set_waiting(Some(format!(
-            "waiting for {} ({})",
-            dependency.name, dependency.condition
-        )));
+        resources.set_waiting(
+            epoch,
+            Some(format!(
+                "waiting for {} ({})",
+                dependency.name, dependency.condition
+            )),
+        );
         if let Some(mut finished) = finished {
             let _ = finished.wait_for(|finished| *finished).await;
         }
@@ -332,11 +340,17 @@ async fn start_member(
                 condition: dependency.condition,
                 reason: why,
             };
-            resources.set_waiting(Some(format!("not started: {error}")));
+            resources.set_waiting(epoch, Some(format!("not started: {error}")));
             return Err(error);
         }
+        if !resources.still_wanted(epoch) {
+            return Err(stopped());
+        }
     }
-    resources.set_waiting(None);
+    if !resources.still_wanted(epoch) {
+        return Err(stopped());
+    }
+    resources.set_waiting(epoch, None);
     if !is_root {
         let status = member.handle.status();
         let all_met = !asked_of_it.is_empty()

@@ -338,3 +338,38 @@ async fn shutdown_stops_dependents_before_their_dependencies() {
     assert!(first_signal("web") < first_signal("api"));
     assert!(first_signal("api") < first_signal("db"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_waiting_for_dependencies_means_it_does_not_start_later() {
+    use crate::deps::Condition::Started;
+    let (supervisor, spawner, _) = supervisor(vec![
+        depending("api", &[("db", Started)]),
+        depending("db", &[]),
+    ]);
+    let starting = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move { supervisor.start("api").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(supervisor.status("api").await.unwrap(), State::Starting);
+    supervisor.stop("api").await.unwrap();
+    let error = starting.await.unwrap().unwrap_err().to_string();
+    assert!(error.contains("a later stop request overrode"), "{error}");
+    assert_eq!(spawn_order(&spawner), ["db"], "api never spawned");
+    let info = supervisor.info("api").await.unwrap();
+    assert_eq!((info.state, info.reason), (State::Stopped, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_starts_of_the_same_dependent_both_succeed() {
+    use crate::deps::Condition::Started;
+    let (supervisor, spawner, _) = supervisor(vec![
+        depending("api", &[("db", Started)]),
+        depending("db", &[]),
+        depending("web", &[("api", Started)]),
+    ]);
+    let (api, web) = tokio::join!(supervisor.start("api"), supervisor.start("web"));
+    api.unwrap();
+    web.unwrap();
+    assert_eq!(spawner.spawn_count(), 3, "{:?}", spawn_order(&spawner));
+}
