@@ -466,9 +466,9 @@ fn status_prints_a_table_json_and_single_services() {
             "MEM",
             "RESTARTS",
             "LAST-EXIT",
-            "HEALTH"
+            "REASON"
         ],
-        "{table}"
+        "no HEALTH column without a check:\n{table}"
     );
     assert_eq!(rows.len(), 4, "a header and one row per service:\n{table}");
     for (row, name) in rows[1..].iter().zip(["alpha", "beta", "gamma"]) {

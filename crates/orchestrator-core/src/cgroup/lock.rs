@@ -75,13 +75,24 @@ impl ParentLock {
 
 /// Take the configured parent, else the hashed one; returns the parent
 /// (relative to `base`) that this daemon now owns, or why it owns none.
+///
+/// A hashed parent that exists and is free comes first: only a daemon with
+/// this data_dir makes it, so it holds what an earlier life of this daemon
+/// left (killed with its guardian while it ran on the fallback), and the
+/// start-up sweep must look there, not in a configured parent that has
+/// become free since.
 pub(super) fn claim(
     base: &Path,
     cgroup_parent: &Path,
     data_dir: &Path,
 ) -> Result<(PathBuf, ParentLock), String> {
     let hashed = hashed_parent(cgroup_parent, data_dir);
-    for relative in [cgroup_parent.to_owned(), hashed.clone()] {
+    let order = if base.join(&hashed).is_dir() {
+        [hashed.clone(), cgroup_parent.to_owned()]
+    } else {
+        [cgroup_parent.to_owned(), hashed.clone()]
+    };
+    for relative in order {
         let parent = base.join(&relative);
         match ParentLock::try_acquire(&parent) {
             Ok(Some(lock)) => return Ok((relative, lock)),
@@ -129,6 +140,19 @@ mod tests {
         let suffix = name.strip_prefix("orchestrator-").unwrap();
         assert_eq!(suffix.len(), 8);
         assert!(suffix.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn an_existing_hashed_parent_is_claimed_first() {
+        let base = std::env::temp_dir().join(format!("lock-test-hashed-{}", std::process::id()));
+        let data_dir = Path::new("/nonexistent/data-hashed");
+        let hashed = hashed_parent(Path::new("orch"), data_dir);
+        std::fs::create_dir_all(base.join(&hashed)).unwrap();
+        let (first, _a) = claim(&base, Path::new("orch"), data_dir).unwrap();
+        assert_eq!(first, hashed, "where the last life left its services");
+        let (second, _b) = claim(&base, Path::new("orch"), data_dir).unwrap();
+        assert_eq!(second, Path::new("orch"));
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
