@@ -19,7 +19,7 @@ use crate::discovery::discover;
 use crate::events::EventBus;
 use crate::name::ServiceName;
 use crate::plan::{HostEnv, plan};
-use crate::service::{ReadyWhen, ServiceDefinition};
+use crate::service::{ReadyWhen, ServiceDefinition, ServiceHandle};
 use crate::supervisor::{StartedBy, SupervisorError, SupervisorHandle};
 use crate::wire::{AppliedChange, ChangeAction, EventKind, ReloadReport};
 
@@ -253,6 +253,7 @@ pub async fn apply(
     let mut report = ReloadReport::default();
     let mut removed = Vec::new();
     let mut added = Vec::new();
+    let mut enabled_now = Vec::new();
     let mut tasks = JoinSet::new();
     for change in changes {
         report.applied.push(AppliedChange {
@@ -265,6 +266,15 @@ pub async fn apply(
             Change::Removed(name) => removed.push(name),
             Change::Added(definition) => added.push(definition),
             Change::Restarted(definition, _) | Change::Updated(definition, _) => {
+                // Enabled now, with dependencies: its actor leaves the
+                // start to the dependency order below.
+                if definition.enabled
+                    && !definition.depends_on.is_empty()
+                    && let Ok(before) = supervisor.definition(&definition.name).await
+                    && !before.enabled
+                {
+                    enabled_now.push(definition.name.clone());
+                }
                 let respawn =
                     matches!(report.applied.last(), Some(c) if c.action == ChangeAction::Restarted);
                 let supervisor = supervisor.clone();
@@ -278,12 +288,14 @@ pub async fn apply(
     }
     let mut failures: Vec<(String, SupervisorError)> = Vec::new();
     if !removed.is_empty() {
-        supervisor
-            .stop_ordered(
-                Some(&removed),
-                |handle| async move { handle.shutdown().await },
-            )
-            .await?;
+        // An error here is the supervisor gone: said below, after the
+        // reconfigurations under way have been waited for.
+        if let Err(error) = supervisor
+            .stop_ordered(Some(&removed), ServiceHandle::shutdown_request)
+            .await
+        {
+            failures.push(("-".to_owned(), error));
+        }
         for name in removed {
             if let Err(error) = supervisor.remove(&name).await {
                 failures.push((name.to_string(), error));
@@ -300,21 +312,24 @@ pub async fn apply(
             Err(error) => failures.push((name.to_string(), error)),
         }
     }
-    if !to_start.is_empty() {
-        for (name, result) in supervisor
-            .start_ordered(&to_start, StartedBy::Daemon)
-            .await?
-        {
-            if let Err(error) = result {
-                failures.push((name.to_string(), error.into()));
-            }
-        }
-    }
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok(Some(failure)) => failures.push(failure),
             Ok(None) => {}
             Err(error) => report.warnings.push(format!("internal error: {error}")),
+        }
+    }
+    to_start.extend(enabled_now);
+    if !to_start.is_empty() {
+        match supervisor.start_ordered(&to_start, StartedBy::Daemon).await {
+            Ok(outcomes) => {
+                for (name, result) in outcomes {
+                    if let Err(error) = result {
+                        failures.push((name.to_string(), error.into()));
+                    }
+                }
+            }
+            Err(error) => failures.push(("-".to_owned(), error)),
         }
     }
     for (name, error) in failures {

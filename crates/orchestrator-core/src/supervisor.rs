@@ -294,7 +294,13 @@ fn info_of(entry: &Entry) -> ServiceInfo {
         requested_starts: status.requested_starts,
         last_exit_code: status.last_exit.map(|reason| reason.code()),
         last_error: status.last_error,
-        health: status.health,
+        // SPEC: healthy, unhealthy or unknown whenever a check is set (a
+        // stopped service's is unknown), none only without one.
+        health: status.health.or(entry
+            .definition
+            .health
+            .as_ref()
+            .map(|_| crate::wire::Health::Unknown)),
         log_dropped_bytes: handle.output().dropped_bytes(),
         generation: entry.generation,
         memory_bytes: None,
@@ -469,8 +475,8 @@ impl SupervisorHandle {
     /// says so; no surprise cascade).
     pub async fn stop(&self, name: &str) -> Result<(), SupervisorError> {
         let handle = self.service(name).await?;
-        handle.resources().cancel_waiting();
-        Ok(handle.stop().await?)
+        let stop = handle.resources().cancel_then(|| handle.stop_request());
+        Ok(stop.await?)
     }
 
     pub async fn restart(&self, name: &str) -> Result<(), SupervisorError> {
@@ -526,15 +532,14 @@ impl SupervisorHandle {
     /// Stop every service, dependents before their dependencies, the rest
     /// in parallel; returns when all are down.
     pub async fn stop_all(&self) -> Result<(), SupervisorError> {
-        self.stop_ordered(None, |handle| async move { handle.stop().await })
-            .await
+        self.stop_ordered(None, ServiceHandle::stop_request).await
     }
 
     /// Stop everything within `timeout`; whatever still runs then is killed.
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), SupervisorError> {
         self.close().await?;
         info!("stopping every service");
-        let stops = self.stop_ordered(None, |handle| async move { handle.shutdown().await });
+        let stops = self.stop_ordered(None, ServiceHandle::shutdown_request);
         if tokio::time::timeout(timeout, stops).await.is_err() {
             warn!("shutdown_timeout of {timeout:?} passed: killing what is left");
             self.kill_all().await?;

@@ -267,16 +267,28 @@ const MAX_REFUSALS: u32 = 300;
 /// start/stop/restart on each name (or every service), in parallel; each
 /// returns once applied.
 pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) -> ExitCode {
-    let names = if all {
+    // Several stops go dependents first (SPEC: stop dependents before their
+    // dependencies): in waves, each once the services that depend on it
+    // (among those named) are down.
+    let ordered = action == "stop" && (all || names.len() > 1);
+    let listing = if all || ordered {
         match client
             .json::<Vec<ServiceInfo>>(Method::GET, "/v1/services")
             .await
         {
-            Ok(services) => services.into_iter().map(|s| s.name).collect(),
+            Ok(services) => Some(services),
             Err(error) => return fail(&error),
         }
     } else {
-        names
+        None
+    };
+    let names = match (&listing, all) {
+        (Some(services), true) => services.iter().map(|s| s.name.clone()).collect(),
+        _ => names,
+    };
+    let waves = match &listing {
+        Some(services) if ordered => stop_waves(services, names),
+        _ => vec![names],
     };
     let client = std::sync::Arc::new(client);
     let watch = std::sync::Arc::clone(&client);
@@ -284,55 +296,59 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
     // under the daemon's cap (api_max_connections, 256 by default), so that
     // `stop --all` on a large host is not refused by the daemon.
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(ACTIONS_IN_FLIGHT));
-    let mut requests = JoinSet::new();
-    for (index, name) in names.into_iter().enumerate() {
-        let client = std::sync::Arc::clone(&client);
-        let slots = std::sync::Arc::clone(&slots);
-        let path = format!("/v1/services/{}/{action}", segment(&name));
-        requests.spawn(async move {
-            let _slot = slots.acquire_owned().await;
-            let mut refusals = 0;
-            let result = loop {
-                let result = client
-                    .json_unbounded::<ServiceInfo>(Method::POST, &path)
-                    .await;
-                // A daemon at its connection cap answers 503 busy, or closes
-                // the connection before the request went out (then the
-                // daemon still answers its health check): either way
-                // nothing was done, so asking again is safe.
-                let refused = match &result {
-                    Err(ClientError::Api { body, .. }) => body.code == ErrorCode::Busy,
-                    // Closed by a live daemon: its socket still takes
-                    // connections (a dead daemon's refuses them) and answers
-                    // or refuses within the timeout.
-                    Err(ClientError::Cut { .. }) => matches!(
-                        client.alive().await,
-                        Ok(()) | Err(ClientError::Api { .. } | ClientError::Cut { .. })
-                    ),
-                    _ => false,
-                };
-                if !refused || refusals == MAX_REFUSALS {
-                    break result;
-                }
-                refusals += 1;
-                tokio::time::sleep(BUSY_RETRY).await;
-            };
-            (index, name, result)
-        });
-    }
     let mut results = Vec::new();
-    let collect = async {
-        while let Some(joined) = requests.join_next().await {
-            if let Ok(result) = joined {
-                results.push(result);
-            }
+    let mut index = 0;
+    for wave in waves {
+        let mut requests = JoinSet::new();
+        for name in wave {
+            index += 1;
+            let client = std::sync::Arc::clone(&client);
+            let slots = std::sync::Arc::clone(&slots);
+            let path = format!("/v1/services/{}/{action}", segment(&name));
+            requests.spawn(async move {
+                let _slot = slots.acquire_owned().await;
+                let mut refusals = 0;
+                let result = loop {
+                    let result = client
+                        .json_unbounded::<ServiceInfo>(Method::POST, &path)
+                        .await;
+                    // A daemon at its connection cap answers 503 busy, or closes
+                    // the connection before the request went out (then the
+                    // daemon still answers its health check): either way
+                    // nothing was done, so asking again is safe.
+                    let refused = match &result {
+                        Err(ClientError::Api { body, .. }) => body.code == ErrorCode::Busy,
+                        // Closed by a live daemon: its socket still takes
+                        // connections (a dead daemon's refuses them) and answers
+                        // or refuses within the timeout.
+                        Err(ClientError::Cut { .. }) => matches!(
+                            client.alive().await,
+                            Ok(()) | Err(ClientError::Api { .. } | ClientError::Cut { .. })
+                        ),
+                        _ => false,
+                    };
+                    if !refused || refusals == MAX_REFUSALS {
+                        break result;
+                    }
+                    refusals += 1;
+                    tokio::time::sleep(BUSY_RETRY).await;
+                };
+                (index, name, result)
+            });
         }
-    };
-    // The answers come once applied, unbounded; meanwhile one liveness
-    // check for all the requests stands for the timeout.
-    tokio::select! {
-        () = collect => {}
-        error = watch.until_unresponsive() => return fail(&error),
+        let collect = async {
+            while let Some(joined) = requests.join_next().await {
+                if let Ok(result) = joined {
+                    results.push(result);
+                }
+            }
+        };
+        // The answers come once applied, unbounded; meanwhile one liveness
+        // check for all the requests stands for the timeout.
+        tokio::select! {
+            () = collect => {}
+            error = watch.until_unresponsive() => return fail(&error),
+        }
     }
     results.sort_by_key(|(index, _, _)| *index);
     let mut code = ExitCode::SUCCESS;
@@ -356,6 +372,53 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
         note_running_dependents(&watch, &stopped).await;
     }
     code
+}
+
+/// `names` in waves for stopping: a service comes after every named
+/// service that depends on it (transitively, through the listing); a wave
+/// stops in parallel. A cycle (which `check` rejects) ends in one last wave.
+fn stop_waves(services: &[ServiceInfo], names: Vec<String>) -> Vec<Vec<String>> {
+    let depends_on: std::collections::BTreeMap<&str, Vec<&str>> = services
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.depends_on.keys().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    // Whether `from` depends on `to`, directly or through others.
+    let reaches = |from: &str, to: &str| {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stack = vec![from];
+        while let Some(at) = stack.pop() {
+            for &next in depends_on.get(at).into_iter().flatten() {
+                if next == to {
+                    return true;
+                }
+                if seen.insert(next) {
+                    stack.push(next);
+                }
+            }
+        }
+        false
+    };
+    let mut left = names;
+    let mut waves = Vec::new();
+    while !left.is_empty() {
+        let (wave, rest): (Vec<String>, Vec<String>) = left.iter().cloned().partition(|name| {
+            !left
+                .iter()
+                .any(|other| other != name && reaches(other, name))
+        });
+        if wave.is_empty() {
+            waves.push(rest);
+            break;
+        }
+        waves.push(wave);
+        left = rest;
+    }
+    waves
 }
 
 /// A stop stops what was named and nothing else: say which running
@@ -737,6 +800,50 @@ mod tests {
         assert!(
             lines[3].ends_with("exited with code 3 while starting"),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn several_stops_go_dependents_first_in_waves() {
+        let service = |name: &str, deps: &[&str]| ServiceInfo {
+            name: name.into(),
+            configured: true,
+            enabled: true,
+            state: orchestrator_core::wire::State::Running,
+            pid: Some(1),
+            uptime: None,
+            restarts: 0,
+            requested_starts: 0,
+            last_exit_code: None,
+            last_error: None,
+            health: None,
+            log_dropped_bytes: 0,
+            generation: 1,
+            memory_bytes: None,
+            cpu_seconds: None,
+            oom_kills: 0,
+            reason: None,
+            notify_rejected: 0,
+            depends_on: deps
+                .iter()
+                .map(|d| (d.to_string(), orchestrator_core::deps::Condition::Started))
+                .collect(),
+        };
+        let services = [
+            service("db", &[]),
+            service("api", &["db"]),
+            service("web", &["api"]),
+            service("cron", &[]),
+        ];
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            stop_waves(&services, names(&["db", "api", "web", "cron"])),
+            [names(&["web", "cron"]), names(&["api"]), names(&["db"])]
+        );
+        // Through a service not named: web still goes before db.
+        assert_eq!(
+            stop_waves(&services, names(&["db", "web"])),
+            [names(&["web"]), names(&["db"])]
         );
     }
 

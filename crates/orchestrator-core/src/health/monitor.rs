@@ -62,17 +62,22 @@ impl Prober for ProbeRunner {
 /// Run `check` for `service`'s running process (see the module's rules),
 /// sending each change of verdict to `reports`. Abort the handle when the
 /// process ends.
+/// `gates_readiness`: the first pass makes the service up (no notify), so
+/// failures before it do not count (the start is bounded by start_timeout);
+/// with notify, READY=1 does that, and failures count from the start (after
+/// start_period), or a check that never passes could never be unhealthy.
 pub fn spawn_monitor(
     service: String,
     check: HealthCheck,
     exec: ExecContext,
     reports: UnboundedSender<HealthReport>,
+    gates_readiness: bool,
 ) -> JoinHandle<()> {
     let prober = ProbeRunner {
         probe: check.probe.clone(),
         exec,
     };
-    spawn_monitor_with(service, check, prober, reports)
+    spawn_monitor_with(service, check, prober, reports, gates_readiness)
 }
 
 /// `spawn_monitor` with the checks carried out by `prober` (`check.probe`
@@ -82,8 +87,9 @@ pub fn spawn_monitor_with<P: Prober>(
     check: HealthCheck,
     prober: P,
     reports: UnboundedSender<HealthReport>,
+    gates_readiness: bool,
 ) -> JoinHandle<()> {
-    tokio::spawn(run(service, check, prober, reports))
+    tokio::spawn(run(service, check, prober, reports, gates_readiness))
 }
 
 async fn run<P: Prober>(
@@ -91,8 +97,9 @@ async fn run<P: Prober>(
     check: HealthCheck,
     mut prober: P,
     reports: UnboundedSender<HealthReport>,
+    gates_readiness: bool,
 ) {
-    let mut tracker = Tracker::new(&check, Instant::now());
+    let mut tracker = Tracker::new(&check, Instant::now(), gates_readiness);
     let window = check.interval.min(STARTING_INTERVAL);
     if !pause(spread(&service, window), &reports).await {
         return;
@@ -152,16 +159,19 @@ struct Tracker {
     verdict: Health,
     /// Consecutive failures that count, since the last pass.
     failures: u32,
+    /// The first pass makes the service up: failures before it don't count.
+    gates_readiness: bool,
 }
 
 impl Tracker {
-    fn new(check: &HealthCheck, started: Instant) -> Tracker {
+    fn new(check: &HealthCheck, started: Instant, gates_readiness: bool) -> Tracker {
         Tracker {
             retries: check.retries.max(1),
             interval: check.interval,
             counts_from: started + check.start_period,
             verdict: Health::Unknown,
             failures: 0,
+            gates_readiness,
         }
     }
 
@@ -174,7 +184,7 @@ impl Tracker {
                 self.change(Health::Healthy, None)
             }
             // Still starting: its start_timeout is the actor's business.
-            Err(_) if self.verdict == Health::Unknown => None,
+            Err(_) if self.gates_readiness && self.verdict == Health::Unknown => None,
             Err(_) if at < self.counts_from => None,
             Err(error) => {
                 self.failures = self.failures.saturating_add(1);
@@ -250,9 +260,19 @@ mod tests {
     // --- Tracker ------------------------------------------------------------
 
     #[test]
+    fn without_readiness_by_check_failures_count_from_the_start() {
+        let start = Instant::now();
+        let mut tracker = Tracker::new(&health_check(5 * SECOND, 2, Duration::ZERO), start, false);
+        let failed = || Err(ProbeError::Failed("status 500".into()));
+        assert_eq!(tracker.record(failed(), start), None);
+        let report = tracker.record(failed(), start + SECOND).unwrap();
+        assert_eq!(report.health, Health::Unhealthy);
+    }
+
+    #[test]
     fn failures_before_the_first_pass_never_count() {
         let start = Instant::now();
-        let mut tracker = Tracker::new(&health_check(5 * SECOND, 1, Duration::ZERO), start);
+        let mut tracker = Tracker::new(&health_check(5 * SECOND, 1, Duration::ZERO), start, true);
         assert_eq!(tracker.next_delay(), SECOND, "starting: every second");
         for n in 0..10 {
             assert_eq!(tracker.record(failed("no"), start + n * SECOND), None);
@@ -261,7 +281,7 @@ mod tests {
         assert_eq!(tracker.record(Ok(()), start + 10 * SECOND), healthy());
         assert_eq!(tracker.next_delay(), 5 * SECOND);
         // Those failures were not kept: one more is the first of a run.
-        let mut three = Tracker::new(&health_check(5 * SECOND, 3, Duration::ZERO), start);
+        let mut three = Tracker::new(&health_check(5 * SECOND, 3, Duration::ZERO), start, true);
         three.record(failed("a"), start);
         three.record(failed("b"), start);
         three.record(Ok(()), start);
@@ -271,7 +291,7 @@ mod tests {
     #[test]
     fn retries_consecutive_failures_make_it_unhealthy_and_a_pass_heals() {
         let start = Instant::now();
-        let mut tracker = Tracker::new(&health_check(5 * SECOND, 3, Duration::ZERO), start);
+        let mut tracker = Tracker::new(&health_check(5 * SECOND, 3, Duration::ZERO), start, true);
         assert_eq!(tracker.record(Ok(()), start), healthy());
         assert_eq!(tracker.record(Ok(()), start), None, "only changes");
         assert_eq!(tracker.record(failed("a"), start), None);
@@ -290,7 +310,7 @@ mod tests {
     fn failures_within_the_start_period_do_not_count() {
         let start = Instant::now();
         let period = 10 * SECOND;
-        let mut tracker = Tracker::new(&health_check(SECOND, 1, period), start);
+        let mut tracker = Tracker::new(&health_check(SECOND, 1, period), start, true);
         assert_eq!(tracker.record(Ok(()), start), healthy());
         let inside = start + period - Duration::from_millis(1);
         assert_eq!(tracker.record(failed("early"), inside), None);
@@ -300,7 +320,7 @@ mod tests {
             unhealthy("late")
         );
         // Nor does one inside it break a run of failures that count.
-        let mut two = Tracker::new(&health_check(SECOND, 2, period), start);
+        let mut two = Tracker::new(&health_check(SECOND, 2, period), start, true);
         two.record(Ok(()), start);
         two.record(failed("ignored"), inside);
         assert_eq!(two.record(failed("1"), start + period), None);
@@ -398,7 +418,7 @@ mod tests {
             let (sender, reports) = mpsc::unbounded_channel();
             let window = check.interval.min(STARTING_INTERVAL);
             let start = Instant::now();
-            let handle = spawn_monitor_with("svc".to_owned(), check, script.clone(), sender);
+            let handle = spawn_monitor_with("svc".to_owned(), check, script.clone(), sender, true);
             Running {
                 start,
                 offset: spread("svc", window),
@@ -551,7 +571,7 @@ mod tests {
             ..health_check(5 * SECOND, 1, Duration::ZERO)
         };
         let (sender, mut reports) = mpsc::unbounded_channel();
-        let handle = spawn_monitor("svc".to_owned(), check, exec, sender);
+        let handle = spawn_monitor("svc".to_owned(), check, exec, sender, true);
         assert_eq!(reports.recv().await, healthy());
         let probe = &spawner.probe_specs()[0];
         assert_eq!(probe.program, std::path::Path::new("check"));

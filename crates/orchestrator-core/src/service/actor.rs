@@ -209,6 +209,30 @@ impl Resources {
         waiting.reason = None;
     }
 
+    fn clear_waiting_reason(&self) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reason = None;
+    }
+
+    /// Send a start (`send`) unless a stop came since the ordered start
+    /// `epoch` began; checked and sent under one lock, as `cancel_then`
+    /// cancels and sends, so a stop and a start never cross.
+    pub fn start_if_wanted<F>(&self, epoch: u64, send: impl FnOnce() -> F) -> Option<F> {
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        (waiting.stops == epoch).then(send)
+    }
+
+    /// Cancel any ordered start in progress and send the stop (`send`)
+    /// under the same lock (see `start_if_wanted`).
+    pub fn cancel_then<F>(&self, send: impl FnOnce() -> F) -> F {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.stops += 1;
+        waiting.reason = None;
+        send()
+    }
+
     pub fn waiting(&self) -> Option<String> {
         self.waiting
             .lock()
@@ -320,6 +344,27 @@ impl ServiceHandle {
 
     async fn request(&self, make: fn(Reply) -> Command) -> Result<(), ServiceError> {
         self.send(make).await
+    }
+
+    /// `start`, sent now (not when the future is first polled).
+    pub fn start_request(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + use<> {
+        self.send(Command::Start)
+    }
+
+    /// `stop`, sent now (not when the future is first polled).
+    pub fn stop_request(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + use<> {
+        self.send(Command::Stop)
+    }
+
+    /// `shutdown`, sent now (not when the future is first polled).
+    pub fn shutdown_request(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), ServiceError>> + use<> {
+        self.send(Command::Shutdown)
     }
 
     /// The daemon's own start (at start-up), sent now; the returned future
@@ -610,11 +655,17 @@ impl Actor {
         };
         // The machine decides first: a refused request changes nothing,
         // not even the waiters of the request it would have overridden.
+        let stops = matches!(input, Input::Stop | Input::Shutdown | Input::Kill);
         if self.apply(input) == Outcome::Refused {
             let _ = reply.send(Err(ServiceError::ShuttingDown {
                 service: name.to_string(),
             }));
             return;
+        }
+        if stops {
+            // Stopped, whoever asked: an ordered start still waiting on its
+            // dependencies must not start it later.
+            self.resources.cancel_waiting();
         }
         // The reply waits for the outcome, which `publish` settles.
         if starts {
@@ -635,6 +686,7 @@ impl Actor {
         respawn: bool,
     ) -> Option<(Input, bool)> {
         let was_enabled = self.definition.enabled;
+        let health_changed = self.definition.health != definition.health;
         for effect in self.machine.set_policy(definition.policy.clone()) {
             if let Effect::Publish(kind) = effect {
                 self.announce(kind);
@@ -647,7 +699,14 @@ impl Actor {
             info!(service = %name, "disabled by a reload: stopping");
             return Some((Input::Stop, false));
         }
-        if enabled && !was_enabled {
+        if health_changed && self.child.is_some() {
+            // The running process is checked by the new rules from now on.
+            let cgroup = self.child.as_ref().and_then(|child| child.cgroup());
+            self.start_health_monitor(cgroup);
+        }
+        let name = &self.definition.name;
+        // One with dependencies is started by the reload in dependency order.
+        if enabled && !was_enabled && self.definition.depends_on.is_empty() {
             info!(service = %name, "enabled by a reload: starting");
             return Some((Input::AutoStart, true));
         }
@@ -720,6 +779,34 @@ impl Actor {
                 }
                 words
             })
+    }
+
+    /// The health check of the current process, on a task of its own. Its
+    /// exec probes get the service's spec without NOTIFY_SOCKET: a probe
+    /// must not be able to say READY=1 or feed the watchdog for it.
+    fn start_health_monitor(&mut self, cgroup: Option<Arc<dyn ServiceCgroup>>) {
+        if let Some(task) = self.watchers.health_task.take() {
+            task.abort();
+        }
+        self.watchers.health_reports = None;
+        self.watchers.health = None;
+        let Some(check) = &self.definition.health else {
+            return;
+        };
+        let (reports, receiver) = mpsc::unbounded_channel();
+        self.watchers.health_task = Some(monitor::spawn_monitor(
+            self.definition.name.to_string(),
+            check.clone(),
+            crate::health::probe::ExecContext {
+                spawner: Arc::clone(&self.spawner),
+                spec: self.definition.spawn.clone(),
+                cgroup,
+            },
+            reports,
+            !self.definition.notify,
+        ));
+        self.watchers.health_reports = Some(receiver);
+        self.watchers.health = Some(Health::Unknown);
     }
 
     fn on_health(&mut self, report: HealthReport) {
@@ -890,21 +977,9 @@ impl Actor {
                     ));
                     self.watchers.notify_reports = Some(receiver);
                 }
-                if let Some(check) = &self.definition.health {
-                    let (reports, receiver) = mpsc::unbounded_channel();
-                    self.watchers.health_task = Some(monitor::spawn_monitor(
-                        self.definition.name.to_string(),
-                        check.clone(),
-                        crate::health::probe::ExecContext {
-                            spawner: Arc::clone(&self.spawner),
-                            spec: spec.clone(),
-                            cgroup: cgroup.clone(),
-                        },
-                        reports,
-                    ));
-                    self.watchers.health_reports = Some(receiver);
-                    self.watchers.health = Some(Health::Unknown);
-                }
+                self.start_health_monitor(cgroup.clone());
+                // Whatever an ordered start said while it waited is moot now.
+                self.resources.clear_waiting_reason();
                 if let Some(output) = child.take_output() {
                     self.pump = Some(spawn_pump(
                         Arc::clone(&self.output),

@@ -1180,3 +1180,55 @@ async fn an_oom_kill_is_named_counted_and_restarted() {
     spawner.wait_for_spawns(2).await;
     assert_eq!(handle.status().restarts, 1);
 }
+
+/// A service with notify and an exec check: the check passes (the fake's
+/// probes exit 0), yet with notify only READY=1 makes it up; and the probe
+/// runs without NOTIFY_SOCKET, so it cannot say READY=1 for the service.
+#[tokio::test(start_paused = true)]
+async fn an_exec_probe_of_a_notify_service_gets_no_notify_socket() {
+    let spawner = FakeSpawner::new();
+    spawner.set_probe_exit(Some(ExitReason::Exited(0)));
+    let mut def = definition(RestartPolicy::Always, 3);
+    def.notify = true;
+    def.policy.ready = crate::service::ReadyWhen::Signalled {
+        timeout: Duration::from_secs(30),
+    };
+    def.health = Some(crate::health::HealthCheck {
+        probe: crate::health::Probe::Exec {
+            argv: vec!["/bin/true".into()],
+        },
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_secs(1),
+        retries: 1,
+        start_period: Duration::ZERO,
+        on_unhealthy: crate::health::OnUnhealthy::Restart,
+    });
+    let machine = Machine::new(def.policy.clone()).without_jitter();
+    let (handle, _task) = spawn_with_machine(
+        def,
+        Arc::new(spawner.clone()),
+        EventBus::in_memory(),
+        machine,
+    );
+    let _ = handle.auto_start();
+    let status = handle
+        .wait_for(|s| s.health == Some(crate::wire::Health::Healthy))
+        .await
+        .unwrap();
+    assert_eq!(
+        status.state,
+        State::Starting,
+        "notify: only READY=1 makes it up"
+    );
+    let service_env = &spawner.specs()[0].env;
+    assert!(service_env.iter().any(|(k, _)| k == "NOTIFY_SOCKET"));
+    let probe = &spawner.probe_specs()[0];
+    assert!(
+        !probe
+            .env
+            .iter()
+            .any(|(k, _)| k == "NOTIFY_SOCKET" || k == "WATCHDOG_USEC"),
+        "{:?}",
+        probe.env
+    );
+}

@@ -219,7 +219,7 @@ impl SupervisorHandle {
         stop: F,
     ) -> Result<(), SupervisorError>
     where
-        F: Fn(ServiceHandle) -> Fut,
+        F: Fn(&ServiceHandle) -> Fut + Clone + Send + 'static,
         Fut: std::future::Future<Output = Result<(), ServiceError>> + Send + 'static,
     {
         let mut members = self.members().await?;
@@ -254,13 +254,16 @@ impl SupervisorHandle {
                 .flatten()
                 .filter_map(|dependent| done.get(dependent).cloned())
                 .collect();
-            let stopping = stop(member.handle.clone());
+            let handle = member.handle.clone();
+            let stop = stop.clone();
             tasks.spawn(async move {
                 for mut wait in waits {
                     // A dropped sender is a dependent whose stop ended too.
                     let _ = wait.wait_for(|finished| *finished).await;
                 }
-                member.handle.resources().cancel_waiting();
+                // `stop` sends its request when called (not when awaited):
+                // under the lock, so no ordered start crosses it.
+                let stopping = handle.resources().cancel_then(|| stop(&handle));
                 let result = stopping.await;
                 let _ = finished.send(true);
                 if let Err(error) = result {
@@ -292,11 +295,8 @@ impl SupervisorHandle {
                     })
                 })
                 .collect();
-        self.stop_ordered(
-            Some(&dependents),
-            |handle| async move { handle.stop().await },
-        )
-        .await?;
+        self.stop_ordered(Some(&dependents), ServiceHandle::stop_request)
+            .await?;
         member.handle.restart().await?;
         if !dependents.is_empty() {
             for (dependent, result) in self.start_ordered(&dependents, StartedBy::User).await? {
@@ -318,6 +318,9 @@ async fn start_member(
 ) -> Result<(), ServiceError> {
     let resources = member.handle.resources();
     let epoch = resources.begin_waiting();
+    // Dropped (the request's connection closed, the daemon's start-up
+    // abandoned) or done: what it said it waits for is no longer true.
+    let _clear = ClearWaiting { member, epoch };
     let stopped = || ServiceError::Superseded {
         service: member.definition.name.to_string(),
         by: "stop",
@@ -341,14 +344,12 @@ async fn start_member(
                 reason: why,
             };
             resources.set_waiting(epoch, Some(format!("not started: {error}")));
+            std::mem::forget(_clear);
             return Err(error);
         }
         if !resources.still_wanted(epoch) {
             return Err(stopped());
         }
-    }
-    if !resources.still_wanted(epoch) {
-        return Err(stopped());
     }
     resources.set_waiting(epoch, None);
     if !is_root {
@@ -357,12 +358,43 @@ async fn start_member(
             && asked_of_it
                 .iter()
                 .all(|dependency| verdict(dependency, &member.definition, &status) == Verdict::Met);
-        if all_met {
+        // A dependency in its backoff restarts on its own: starting it now
+        // would reset its failure count, and a crash loop would never end
+        // in `failed` for its dependents to see.
+        if all_met
+            || matches!(
+                status.state,
+                State::Restarting | State::Starting | State::Stopping
+            )
+        {
             return Ok(());
         }
     }
-    match by {
-        StartedBy::User if is_root => member.handle.start().await,
-        _ => member.handle.auto_start().await,
+    let user = by == StartedBy::User && is_root;
+    let start = resources.start_if_wanted(epoch, || {
+        // Both futures are boxed into one type; the request goes out now.
+        let start: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = if user {
+            Box::pin(member.handle.start_request())
+        } else {
+            Box::pin(member.handle.auto_start())
+        };
+        start
+    });
+    match start {
+        Some(start) => start.await,
+        None => Err(stopped()),
+    }
+}
+
+/// Clears the waiting reason of an ordered start that ends without saying
+/// more (done, stopped, or dropped mid-wait).
+struct ClearWaiting<'a> {
+    member: &'a Member,
+    epoch: u64,
+}
+
+impl Drop for ClearWaiting<'_> {
+    fn drop(&mut self) {
+        self.member.handle.resources().set_waiting(self.epoch, None);
     }
 }

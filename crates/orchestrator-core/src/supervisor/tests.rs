@@ -373,3 +373,69 @@ async fn two_starts_of_the_same_dependent_both_succeed() {
     web.unwrap();
     assert_eq!(spawner.spawn_count(), 3, "{:?}", spawn_order(&spawner));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_service_disabled_by_a_reload_while_waiting_does_not_start_later() {
+    use crate::deps::Condition::Started;
+    let (supervisor, spawner, _) = supervisor(vec![
+        depending("api", &[("db", Started)]),
+        depending("db", &[]),
+    ]);
+    let starting = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move { supervisor.start_all().await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut disabled = depending("api", &[("db", Started)]);
+    disabled.enabled = false;
+    supervisor.reconfigure(disabled, false).await.unwrap();
+    starting.await.unwrap().unwrap();
+    assert_eq!(spawn_order(&spawner), ["db"], "api never spawned");
+    assert_eq!(supervisor.status("api").await.unwrap(), State::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_ordered_start_leaves_no_waiting_reason() {
+    use crate::deps::Condition::Started;
+    let (supervisor, _, _) = supervisor(vec![
+        depending("api", &[("db", Started)]),
+        depending("db", &[]),
+    ]);
+    let starting = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move { supervisor.start("api").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(supervisor.status("api").await.unwrap(), State::Starting);
+    // The client went away: the request's future is dropped mid-wait.
+    starting.abort();
+    let _ = starting.await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let info = supervisor.info("api").await.unwrap();
+    assert_eq!((info.state, info.reason), (State::Stopped, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dependency_in_its_backoff_is_waited_for_not_restarted_at_once() {
+    use crate::deps::Condition::Started;
+    let (supervisor, spawner, _) = supervisor(vec![
+        depending("api", &[("db", Started)]),
+        depending("db", &[]),
+    ]);
+    spawner.fail_next("no such file");
+    let _ = supervisor.start("db").await;
+    assert_eq!(supervisor.status("db").await.unwrap(), State::Restarting);
+    let failures_before = spawner.spawn_count();
+    let starting = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move { supervisor.start("api").await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        spawner.spawn_count(),
+        failures_before,
+        "the backoff was cut short"
+    );
+    starting.await.unwrap().unwrap();
+    assert_eq!(spawn_order(&spawner)[1..], ["db", "api"]);
+}
