@@ -1210,7 +1210,8 @@ async fn an_exec_probe_of_a_notify_service_gets_no_notify_socket() {
         EventBus::in_memory(),
         machine,
     );
-    let _ = handle.auto_start();
+    // The request goes out now; its answer (after READY=1) is not awaited.
+    drop(handle.auto_start());
     let status = handle
         .wait_for(|s| s.health == Some(crate::wire::Health::Healthy))
         .await
