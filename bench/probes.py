@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import CLK_TCK, DEVNULL, FIXTURE, ORCH, SLEEP, cpu_ticks, run_daemon, wait_for, workspace  # noqa: E402
+from bench import CLK_TCK, DEVNULL, FIXTURE, ORCH, SLEEP, run_daemon, stat_fields, wait_for, workspace  # noqa: E402
 
 
 def free_port():
@@ -66,10 +66,15 @@ def measure(n, interval, seconds, kind, port):
         if not wait_for(ready, 120, interval=0.5):
             raise RuntimeError(f"not all {n} services healthy within 120 s")
         time.sleep(2)
-        cpu0, t0 = cpu_ticks(daemon.pid), time.monotonic()
+        def user_system():
+            fields = stat_fields(daemon.pid)
+            return int(fields[11]), int(fields[12])
+
+        (u0, s0), t0 = user_system(), time.monotonic()
         time.sleep(seconds)
-        cpu1, t1 = cpu_ticks(daemon.pid), time.monotonic()
-        return (cpu1 - cpu0) / CLK_TCK / (t1 - t0) * 100
+        (u1, s1), t1 = user_system(), time.monotonic()
+        share = lambda ticks: ticks / CLK_TCK / (t1 - t0) * 100  # noqa: E731
+        return share(u1 - u0), share(s1 - s0)
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -99,10 +104,11 @@ def main():
     finally:
         if server:
             server.kill()
-    print(f"{args.n} services, {args.kind} checks every {args.interval} over {args.seconds} s:")
-    print(f"  daemon CPU without checks: {floor:.2f} % of one core")
-    print(f"  daemon CPU with checks:    {with_checks:.2f} % of one core")
-    print(f"  the checks' cost:          {with_checks - floor:.2f} % of one core")
+    print(f"{args.n} services, {args.kind} checks every {args.interval} over {args.seconds} s (% of one core):")
+    for label, (user, system) in (("without checks", floor), ("with checks", with_checks)):
+        print(f"  daemon CPU {label:15} user {user:5.2f}  system {system:5.2f}  total {user + system:5.2f}")
+    cost = sum(with_checks) - sum(floor)
+    print(f"  the checks' cost: {cost:.2f} % of one core")
 
 
 if __name__ == "__main__":
