@@ -104,6 +104,7 @@ async fn run<P: Prober>(
     if !pause(spread(&service, window), &reports).await {
         return;
     }
+    let mut spread_over_interval = false;
     loop {
         let started = Instant::now();
         let result = tokio::time::timeout(check.timeout, prober.check(check.timeout))
@@ -117,7 +118,16 @@ async fn run<P: Prober>(
         {
             return;
         }
-        if !pause(tracker.next_delay(), &reports).await {
+        // The first verdict of 1000 services started together comes within
+        // about a second; once, each waits its own share of the interval,
+        // so that from then on their checks are spread over all of it.
+        let delay = if !spread_over_interval && tracker.verdict != Health::Unknown {
+            spread_over_interval = true;
+            spread(&service, check.interval)
+        } else {
+            tracker.next_delay()
+        };
+        if !pause(delay, &reports).await {
             return;
         }
     }
@@ -451,11 +461,13 @@ mod tests {
         assert_eq!(Some(report), healthy());
         assert_eq!(at, o + 2 * SECOND);
         assert_eq!(running.call_times(), [o, o + SECOND, o + 2 * SECOND]);
-        // Then every interval, and nothing sent while it stays healthy.
+        // Then, after its share of the interval once, every interval; and
+        // nothing sent while it stays healthy.
+        let p = spread("svc", 5 * SECOND);
         tokio::time::sleep(11 * SECOND).await;
         assert!(running.reports.try_recv().is_err());
         let times = running.call_times();
-        assert_eq!(&times[3..], [o + 7 * SECOND, o + 12 * SECOND]);
+        assert_eq!(&times[3..5], [o + 2 * SECOND + p, o + 7 * SECOND + p]);
         running.handle.abort();
     }
 
@@ -470,23 +482,26 @@ mod tests {
         ];
         let mut running = Running::start(check, &steps);
         let o = running.offset;
+        let p = spread("svc", 5 * SECOND);
         let (report, at) = running.next().await;
         assert_eq!((Some(report), at), (healthy(), o));
         let (report, at) = running.next().await;
         assert_eq!(Some(report), unhealthy("b"));
-        assert_eq!(at, o + 10 * SECOND);
+        assert_eq!(at, o + p + 5 * SECOND);
         // "c" changes nothing; the pass after it does.
         let (report, at) = running.next().await;
         assert_eq!(Some(report), healthy());
-        assert_eq!(at, o + 20 * SECOND);
+        assert_eq!(at, o + p + 15 * SECOND);
         running.handle.abort();
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_start_period_is_counted_from_the_monitors_start() {
-        let check = health_check(5 * SECOND, 1, 12 * SECOND);
+        let p = spread("svc", 5 * SECOND);
+        let check = health_check(5 * SECOND, 1, p + 12 * SECOND);
         let steps = [
             Step::Pass,
+            Step::Fail("early"),
             Step::Fail("early"),
             Step::Fail("early"),
             Step::Fail("late"),
@@ -494,9 +509,9 @@ mod tests {
         let mut running = Running::start(check, &steps);
         let o = running.offset;
         assert_eq!(Some(running.next().await.0), healthy());
-        // Checks at o+5 and o+10 are within 12 s; o+15 is not.
+        // Checks at o+p, o+p+5 and o+p+10 start within p+12 s; o+p+15 does not.
         let (report, at) = running.next().await;
-        assert_eq!((Some(report), at), (unhealthy("late"), o + 15 * SECOND));
+        assert_eq!((Some(report), at), (unhealthy("late"), o + p + 15 * SECOND));
         running.handle.abort();
     }
 
@@ -505,13 +520,14 @@ mod tests {
         let check = health_check(5 * SECOND, 1, Duration::ZERO);
         let mut running = Running::start(check, &[Step::Pass, Step::Hang, Step::Pass]);
         let o = running.offset;
+        let p = spread("svc", 5 * SECOND);
         running.next().await;
         let (report, at) = running.next().await;
         assert_eq!(Some(report), unhealthy("timed out after 1s"));
-        assert_eq!(at, o + 5 * SECOND + SECOND);
+        assert_eq!(at, o + p + SECOND);
         // The next check starts an interval after that one gave up.
         let (report, at) = running.next().await;
-        assert_eq!((Some(report), at), (healthy(), o + 11 * SECOND));
+        assert_eq!((Some(report), at), (healthy(), o + p + 6 * SECOND));
         running.handle.abort();
     }
 
@@ -521,14 +537,15 @@ mod tests {
         let slow = Duration::from_millis(800);
         let mut running = Running::start(check, &[Step::Slow(slow), Step::Slow(slow)]);
         let o = running.offset;
+        let p = spread("svc", 5 * SECOND);
         let (_, at) = running.next().await;
         assert_eq!(at, o + slow);
-        // Past the third check's start (o + 2·slow + 10 s).
+        // Past the third check's start (o + 2·slow + p + 5 s).
         tokio::time::sleep(11 * SECOND).await;
         let times = running.call_times();
         assert_eq!(
             &times[..3],
-            [o, o + slow + 5 * SECOND, o + 2 * slow + 10 * SECOND]
+            [o, o + slow + p, o + 2 * slow + p + 5 * SECOND]
         );
         running.handle.abort();
     }
