@@ -346,11 +346,17 @@ impl ServiceHandle {
         self.send(make).await
     }
 
-    /// `start`, sent now (not when the future is first polled).
-    pub fn start_request(
+    /// A start sent now: a user's (`start`) or the daemon's (`auto_start`).
+    pub fn start_by(
         &self,
+        user: bool,
     ) -> impl std::future::Future<Output = Result<(), ServiceError>> + use<> {
-        self.send(Command::Start)
+        let make: fn(Reply) -> Command = if user {
+            Command::Start
+        } else {
+            Command::AutoStart
+        };
+        self.send(make)
     }
 
     /// `stop`, sent now (not when the future is first polled).

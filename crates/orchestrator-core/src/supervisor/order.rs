@@ -166,10 +166,21 @@ impl SupervisorHandle {
         }
         let mut done: BTreeMap<ServiceName, watch::Receiver<bool>> = BTreeMap::new();
         let mut tasks = JoinSet::new();
+        // A root that depends on nothing and that nothing here waits for
+        // (most services, all of them without depends_on): its request goes
+        // out now and its answer is collected below, with no task, channel
+        // or guard of its own — a thousand short-lived tasks at start-up
+        // would leave the daemon's heap larger for good.
+        let mut direct = Vec::new();
         for name in order {
             let Some(member) = members.get(&name).cloned() else {
                 continue;
             };
+            let is_root = roots.contains(&name);
+            if is_root && member.definition.depends_on.is_empty() && !asked.contains_key(&name) {
+                direct.push((name, member.handle.start_by(by == StartedBy::User)));
+                continue;
+            }
             let dependencies: Vec<(Dependency, Member, Option<watch::Receiver<bool>>)> = member
                 .definition
                 .depends_on
@@ -185,7 +196,6 @@ impl SupervisorHandle {
                 .collect();
             let (finished, receiver) = watch::channel(false);
             done.insert(name.clone(), receiver);
-            let is_root = roots.contains(&name);
             let asked_of_it = asked.remove(&name).unwrap_or_default();
             tasks.spawn(async move {
                 let result = start_member(&member, dependencies, is_root, &asked_of_it, by).await;
@@ -196,6 +206,9 @@ impl SupervisorHandle {
             });
         }
         let mut outcomes = BTreeMap::new();
+        for (name, start) in direct {
+            outcomes.insert(name, start.await);
+        }
         while let Some(joined) = tasks.join_next().await {
             if let Ok((name, true, result)) = joined {
                 outcomes.insert(name, result);
@@ -371,15 +384,7 @@ async fn start_member(
         }
     }
     let user = by == StartedBy::User && is_root;
-    let start = resources.start_if_wanted(epoch, || {
-        // Both futures are boxed into one type; the request goes out now.
-        let start: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = if user {
-            Box::pin(member.handle.start_request())
-        } else {
-            Box::pin(member.handle.auto_start())
-        };
-        start
-    });
+    let start = resources.start_if_wanted(epoch, || member.handle.start_by(user));
     match start {
         Some(start) => start.await,
         None => Err(stopped()),
