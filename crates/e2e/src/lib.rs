@@ -980,6 +980,45 @@ pub fn status_json(dir: &TestDir, names: &[&str]) -> Vec<serde_json::Value> {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status --json: {e}\n{stdout}"))
 }
 
+/// `orchestrator -c orchestrator.toml run` in the workspace, once its
+/// control socket exists.
+pub fn run_daemon_in(dir: &TestDir) -> Daemon {
+    let daemon = Daemon::start(dir.path(), &["-c", CONFIG, "run"]);
+    let socket = dir.data_dir().join("orchestrator.sock");
+    assert!(
+        wait_until(DEADLINE, || socket.exists()),
+        "no control socket; daemon log:\n{}",
+        daemon.stderr_text()
+    );
+    daemon
+}
+
+/// Poll `status --json NAME` until `predicate` holds; returns that status.
+/// On a timeout, the last status and the daemon's log.
+pub fn wait_for_status(
+    dir: &TestDir,
+    daemon: &Daemon,
+    name: &str,
+    predicate: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let met = wait_until(DEADLINE, || {
+        let (_, stdout, _) = cli(dir, &["status", "--json", name]);
+        if let Ok(mut services) = serde_json::from_str::<Vec<serde_json::Value>>(&stdout)
+            && let Some(service) = services.pop()
+        {
+            last = service;
+        }
+        predicate(&last)
+    });
+    assert!(
+        met,
+        "{name}: condition not met within {DEADLINE:?}; last status: {last:#}\ndaemon log:\n{}",
+        daemon.stderr_text()
+    );
+    last
+}
+
 /// The one ServiceInfo of `name`, as JSON.
 pub fn status_of(dir: &TestDir, name: &str) -> serde_json::Value {
     let mut services = status_json(dir, &[name]);

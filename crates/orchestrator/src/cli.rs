@@ -699,28 +699,40 @@ mod tests {
         assert_eq!(segment("a?b"), "a%3Fb");
     }
 
-    #[test]
-    fn table_has_the_spec_columns() {
-        let table = status_table(&[ServiceInfo {
-            name: "api".into(),
+    /// A running service with nothing special about it.
+    fn running(name: &str) -> ServiceInfo {
+        ServiceInfo {
+            name: name.into(),
             configured: true,
             enabled: true,
             state: orchestrator_core::wire::State::Running,
             pid: Some(42),
-            uptime: Some(61),
-            restarts: 2,
+            uptime: None,
+            restarts: 0,
             requested_starts: 0,
-            last_exit_code: Some(1),
+            last_exit_code: None,
             last_error: None,
             health: None,
             log_dropped_bytes: 0,
             generation: 1,
-            memory_bytes: Some(13 * 1024 * 1024 + 300 * 1024),
-            cpu_seconds: Some(0.5),
+            memory_bytes: None,
+            cpu_seconds: None,
             oom_kills: 0,
             reason: None,
             notify_rejected: 0,
             depends_on: Default::default(),
+        }
+    }
+
+    #[test]
+    fn table_has_the_spec_columns() {
+        let table = status_table(&[ServiceInfo {
+            uptime: Some(61),
+            restarts: 2,
+            last_exit_code: Some(1),
+            memory_bytes: Some(13 * 1024 * 1024 + 300 * 1024),
+            cpu_seconds: Some(0.5),
+            ..running("api")
         }]);
         let mut lines = table.lines();
         assert_eq!(
@@ -749,25 +761,10 @@ mod tests {
     #[test]
     fn health_shows_when_a_service_has_a_check_and_reason_says_why() {
         let running = ServiceInfo {
-            name: "api".into(),
-            configured: true,
-            enabled: true,
-            state: orchestrator_core::wire::State::Running,
-            pid: Some(42),
             uptime: Some(1),
-            restarts: 0,
-            requested_starts: 0,
-            last_exit_code: None,
-            last_error: None,
             health: Some(orchestrator_core::wire::Health::Healthy),
-            log_dropped_bytes: 0,
-            generation: 1,
-            memory_bytes: None,
-            cpu_seconds: None,
-            oom_kills: 0,
             reason: Some("serving \u{1b}[2J".into()),
-            notify_rejected: 0,
-            depends_on: Default::default(),
+            ..running("api")
         };
         let waiting = ServiceInfo {
             name: "web".into(),
@@ -806,28 +803,11 @@ mod tests {
     #[test]
     fn several_stops_go_dependents_first_in_waves() {
         let service = |name: &str, deps: &[&str]| ServiceInfo {
-            name: name.into(),
-            configured: true,
-            enabled: true,
-            state: orchestrator_core::wire::State::Running,
-            pid: Some(1),
-            uptime: None,
-            restarts: 0,
-            requested_starts: 0,
-            last_exit_code: None,
-            last_error: None,
-            health: None,
-            log_dropped_bytes: 0,
-            generation: 1,
-            memory_bytes: None,
-            cpu_seconds: None,
-            oom_kills: 0,
-            reason: None,
-            notify_rejected: 0,
             depends_on: deps
                 .iter()
                 .map(|d| (d.to_string(), orchestrator_core::deps::Condition::Started))
                 .collect(),
+            ..running(name)
         };
         let services = [
             service("db", &[]),

@@ -71,14 +71,7 @@ fn workspace_of(
 }
 
 fn start_daemon(dir: &TestDir) -> Daemon {
-    let daemon = Daemon::start(dir.path(), &["-c", CONFIG, "run"]);
-    let socket = dir.data_dir().join("orchestrator.sock");
-    assert!(
-        wait_until(DEADLINE, || socket.exists()),
-        "no control socket; daemon log:\n{}",
-        daemon.stderr_text()
-    );
-    daemon
+    run_daemon_in(dir)
 }
 
 /// `orchestrator -c orchestrator.toml ARGS` to completion, output as bytes

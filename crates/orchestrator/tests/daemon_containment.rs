@@ -53,31 +53,6 @@ fn run_daemon(dir: &TestDir) -> Daemon {
     Daemon::start(dir.path(), &["-c", CONFIG, "run"])
 }
 
-/// Poll `status --json NAME` until `predicate` holds; returns that status.
-fn wait_status(
-    dir: &TestDir,
-    daemon: &Daemon,
-    name: &str,
-    predicate: impl Fn(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    let ok = wait_until(DEADLINE, || {
-        let (_, stdout, _) = cli(dir, &["status", "--json", name]);
-        if let Ok(mut services) = serde_json::from_str::<Vec<Value>>(&stdout)
-            && let Some(service) = services.pop()
-        {
-            last = service;
-        }
-        predicate(&last)
-    });
-    assert!(
-        ok,
-        "{name}: last status {last:#}\ndaemon log:\n{}",
-        daemon.stderr_text()
-    );
-    last
-}
-
 fn pid_of(status: &Value) -> u32 {
     u32::try_from(status["pid"].as_u64().expect("a pid")).unwrap()
 }
@@ -142,7 +117,7 @@ fn an_oom_kill_is_named_counted_and_handled_by_the_restart_policy() {
         )],
     );
     let mut daemon = run_daemon(&dir);
-    let status = wait_status(&dir, &daemon, "hog", |s| s["state"] == "failed");
+    let status = wait_for_status(&dir, &daemon, "hog", |s| s["state"] == "failed");
     assert_eq!(
         status["last_error"],
         "gave up after 1 restart: killed by the OOM killer (memory_limit 48 MiB) while starting",
@@ -190,7 +165,7 @@ fn pids_limit_stops_a_fork_loop() {
     require_cgroups!();
     let dir = workspace("cg-pids", &[("forker", FORK_LOOP, "pids_limit = 12")]);
     let mut daemon = run_daemon(&dir);
-    let status = wait_status(&dir, &daemon, "forker", |s| s["state"] == "running");
+    let status = wait_for_status(&dir, &daemon, "forker", |s| s["state"] == "running");
     let failed = wait_line(&dir, "forker", "FORK FAILED");
     assert!(
         failed.contains("Resource temporarily unavailable"),
@@ -230,7 +205,7 @@ fn a_busy_loop_is_held_to_its_cpu_limit() {
         &[("spinner", "while :; do :; done", "cpu_limit = 0.2")],
     );
     let mut daemon = run_daemon(&dir);
-    let status = wait_status(&dir, &daemon, "spinner", |s| s["state"] == "running");
+    let status = wait_for_status(&dir, &daemon, "spinner", |s| s["state"] == "running");
     let pid = pid_of(&status);
     if let Some(dir) = cgroup_dir(pid, "cpu") {
         let quota = dir.join("cpu.cfs_quota_us");
@@ -262,7 +237,7 @@ fn a_busy_loop_is_held_to_its_cpu_limit() {
         cpu <= 0.2 * wall + 0.15,
         "{cpu:.2} s of CPU in {wall:.2} s under cpu_limit 0.2"
     );
-    let status = wait_status(&dir, &daemon, "spinner", |s| s["cpu_seconds"].is_f64());
+    let status = wait_for_status(&dir, &daemon, "spinner", |s| s["cpu_seconds"].is_f64());
     assert!(
         status["memory_bytes"].as_u64().unwrap_or(0) > 0,
         "{status:#}"
@@ -276,7 +251,7 @@ fn an_escaped_process_dies_with_its_service_on_stop() {
     require_cgroups!();
     let dir = workspace("cg-stop", &[("escaper", ESCAPING, "")]);
     let mut daemon = run_daemon(&dir);
-    wait_status(&dir, &daemon, "escaper", |s| s["state"] == "running");
+    wait_for_status(&dir, &daemon, "escaper", |s| s["state"] == "running");
     let escapee = field(&wait_line(&dir, "escaper", "ESCAPEE"), "pid");
     assert!(is_alive(escapee));
     assert_ne!(
@@ -300,7 +275,7 @@ fn escaped_processes_die_with_a_killed_daemon() {
     require_cgroups!();
     let dir = workspace("cg-kill9", &[("escaper", ESCAPING, "")]);
     let mut daemon = run_daemon(&dir);
-    let status = wait_status(&dir, &daemon, "escaper", |s| s["state"] == "running");
+    let status = wait_for_status(&dir, &daemon, "escaper", |s| s["state"] == "running");
     let leader = pid_of(&status);
     let escapee = field(&wait_line(&dir, "escaper", "ESCAPEE"), "pid");
     // Whichever parent the daemon claimed (the configured one, or its
@@ -328,7 +303,7 @@ fn the_next_daemon_sweeps_what_the_record_could_not_name() {
     require_cgroups!();
     let dir = workspace("cg-sweep", &[("escaper", ESCAPING, "")]);
     let mut first = run_daemon(&dir);
-    wait_status(&dir, &first, "escaper", |s| s["state"] == "running");
+    wait_for_status(&dir, &first, "escaper", |s| s["state"] == "running");
     let escapee = field(&wait_line(&dir, "escaper", "ESCAPEE"), "pid");
     let guardian = all_pids()
         .into_iter()
@@ -344,7 +319,7 @@ fn the_next_daemon_sweeps_what_the_record_could_not_name() {
     assert!(is_alive(escapee), "nothing stopped it yet");
 
     let mut second = run_daemon(&dir);
-    wait_status(&dir, &second, "escaper", |s| s["state"] == "running");
+    wait_for_status(&dir, &second, "escaper", |s| s["state"] == "running");
     assert!(
         wait_until(DEADLINE, || !is_alive(escapee)),
         "the escapee {escapee} survived the next daemon's start"
@@ -377,7 +352,7 @@ fn a_checksum_mismatch_never_runs_the_binary() {
         0o644,
     );
     let mut daemon = run_daemon(&dir);
-    let status = wait_status(&dir, &daemon, "tampered", |s| s["state"] == "failed");
+    let status = wait_for_status(&dir, &daemon, "tampered", |s| s["state"] == "failed");
     let error = status["last_error"].as_str().unwrap_or_default();
     assert!(
         error.contains("checksum mismatch: expected 0000") && error.contains(" got "),
@@ -414,7 +389,7 @@ fn a_service_runs_as_its_user_in_a_directory_it_owns() {
     dir.add_script_service("dropped", "id -u > whoami\necho WROTE\nexec sleep 1000");
     dir.write_file(CONFIG, "[services.dropped]\nuser = \"nobody\"\n", 0o644);
     let mut daemon = run_daemon(&dir);
-    let status = wait_status(&dir, &daemon, "dropped", |s| s["state"] == "running");
+    let status = wait_for_status(&dir, &daemon, "dropped", |s| s["state"] == "running");
     wait_line(&dir, "dropped", "WROTE");
     let data = dir.service_data_dir("dropped");
     assert_eq!(
@@ -460,7 +435,7 @@ fn a_parent_that_starts_with_a_dash_is_handed_to_the_guardian() {
         0o644,
     );
     let mut daemon = run_daemon(&dir);
-    let status = wait_status(&dir, &daemon, "dashed", |s| s["state"] == "running");
+    let status = wait_for_status(&dir, &daemon, "dashed", |s| s["state"] == "running");
     let cgroup = cgroup_dir(pid_of(&status), "pids").expect("the service's cgroup");
     assert!(
         cgroup.to_string_lossy().contains(&parent),

@@ -24,45 +24,6 @@ fn workspace(label: &str, services: &[&str], toml: &str) -> TestDir {
     dir
 }
 
-fn run(dir: &TestDir) -> Daemon {
-    let daemon = Daemon::start(dir.path(), &["-c", CONFIG, "run"]);
-    let socket = dir.data_dir().join("orchestrator.sock");
-    assert!(
-        wait_until(DEADLINE, || socket.exists()),
-        "no control socket; daemon log:\n{}",
-        daemon.stderr_text()
-    );
-    daemon
-}
-
-/// Poll `status --json NAME` until `predicate` holds; the last status
-/// and the daemon's log on failure.
-fn wait_status(
-    dir: &TestDir,
-    daemon: &Daemon,
-    name: &str,
-    predicate: impl Fn(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    let met = wait_until(DEADLINE, || {
-        let (code, stdout, _) = cli(dir, &["status", "--json", name]);
-        if code > 1 {
-            return false;
-        }
-        let Ok(mut services) = serde_json::from_str::<Vec<Value>>(&stdout) else {
-            return false;
-        };
-        last = services.pop().unwrap_or(Value::Null);
-        predicate(&last)
-    });
-    assert!(
-        met,
-        "{name}: condition not met within {DEADLINE:?}; last status: {last:#}\ndaemon log:\n{}",
-        daemon.stderr_text()
-    );
-    last
-}
-
 /// Every event recorded so far (data_dir/events.jsonl).
 fn events(dir: &TestDir) -> Vec<Value> {
     read_lines(&dir.data_dir().join("events.jsonl"))
@@ -101,8 +62,8 @@ fn an_http_check_turns_unhealthy_and_the_service_is_restarted() {
         ),
         0o644,
     );
-    let daemon = run(&dir);
-    let healthy = wait_status(&dir, &daemon, "web", |s| {
+    let daemon = run_daemon_in(&dir);
+    let healthy = wait_for_status(&dir, &daemon, "web", |s| {
         s["state"] == "running" && s["health"] == "healthy"
     });
     let first_pid = healthy["pid"].as_u64().unwrap();
@@ -132,7 +93,7 @@ fn an_http_check_turns_unhealthy_and_the_service_is_restarted() {
         "{reason}"
     );
     std::fs::remove_file(&flag).unwrap();
-    let again = wait_status(&dir, &daemon, "web", |s| {
+    let again = wait_for_status(&dir, &daemon, "web", |s| {
         s["health"] == "healthy" && s["pid"].as_u64().is_some_and(|pid| pid != first_pid)
     });
     assert_eq!(again["restarts"], 1, "{again:#}");
@@ -164,9 +125,9 @@ fn tcp_and_exec_checks_make_their_services_healthy() {
              [services.exec.health]\nexec = [\"sh\", \"-c\", \"test \\\"$HOME\\\" = \\\"$(pwd)\\\"\"]\ninterval = \"200ms\"\n"
         ),
     );
-    let daemon = run(&dir);
+    let daemon = run_daemon_in(&dir);
     for name in ["tcp", "exec"] {
-        wait_status(&dir, &daemon, name, |s| {
+        wait_for_status(&dir, &daemon, name, |s| {
             s["state"] == "running" && s["health"] == "healthy"
         });
     }
@@ -183,8 +144,8 @@ fn a_service_with_a_check_is_starting_until_it_passes_and_fails_at_start_timeout
              [services.never.health]\ntcp = \"127.0.0.1:{port}\"\ninterval = \"200ms\"\n"
         ),
     );
-    let daemon = run(&dir);
-    let failed = wait_status(&dir, &daemon, "never", |s| s["state"] == "failed");
+    let daemon = run_daemon_in(&dir);
+    let failed = wait_for_status(&dir, &daemon, "never", |s| s["state"] == "failed");
     let error = failed["last_error"].as_str().unwrap();
     assert!(error.contains("not ready within 1s"), "{failed:#}");
 }
@@ -214,11 +175,11 @@ fn ready_by_notify_gates_a_dependent_and_a_foreign_datagram_is_ignored() {
         ),
     );
     let go = dir.service_data_dir("db").join("go");
-    let daemon = run(&dir);
+    let daemon = run_daemon_in(&dir);
     let socket = notify_socket_of(&dir, "db");
     // A datagram from another process (this test): dropped, counted.
     send_notify(&socket, "READY=1");
-    let db = wait_status(&dir, &daemon, "db", |s| s["notify_rejected"] == 1);
+    let db = wait_for_status(&dir, &daemon, "db", |s| s["notify_rejected"] == 1);
     assert_eq!(db["state"], "starting", "{db:#}");
     let api = status_of(&dir, "api");
     assert_eq!(api["state"], "starting", "{api:#}");
@@ -228,7 +189,7 @@ fn ready_by_notify_gates_a_dependent_and_a_foreign_datagram_is_ignored() {
         "api must not run before db is ready: {api:#}"
     );
     std::fs::write(&go, "").unwrap();
-    wait_status(&dir, &daemon, "api", |s| s["state"] == "running");
+    wait_for_status(&dir, &daemon, "api", |s| s["state"] == "running");
     let db = status_of(&dir, "db");
     assert_eq!(
         (db["state"].as_str(), db["reason"].as_str()),
@@ -251,8 +212,8 @@ fn a_silent_watchdog_restarts_the_service() {
          args = [\"--print-env\", \"--notify\", \"READY=1\", \"--watchdog-ping-ms\", \"100\", \"--watchdog-stop-file\", \"quiet\", \"--sleep\"]\n",
     );
     let quiet = dir.service_data_dir("dog").join("quiet");
-    let daemon = run(&dir);
-    let first = wait_status(&dir, &daemon, "dog", |s| s["state"] == "running");
+    let daemon = run_daemon_in(&dir);
+    let first = wait_for_status(&dir, &daemon, "dog", |s| s["state"] == "running");
     let env = wait_for_line(&dir.log_path("dog"), "ENV WATCHDOG_USEC=");
     assert!(env.ends_with("WATCHDOG_USEC=1000000"), "{env}");
     // Pinging every 100 ms: more than a watchdog period passes without a fault.
@@ -269,7 +230,7 @@ fn a_silent_watchdog_restarts_the_service() {
         .unwrap()
         .to_owned();
     assert!(reason.contains("watchdog"), "{reason}");
-    wait_status(&dir, &daemon, "dog", |s| {
+    wait_for_status(&dir, &daemon, "dog", |s| {
         s["pid"] != first["pid"] && s["restarts"] == 1
     });
 }
@@ -283,8 +244,8 @@ fn dependencies_start_in_order_and_stop_in_reverse() {
          [services.api]\ndepends_on = [\"db\"]\nargs = [\"--ignore-term\", \"--sleep\"]\nstart_grace = \"300ms\"\nstop_timeout = \"300ms\"\n\
          [services.web]\ndepends_on = { api = \"started\" }\nargs = [\"--ignore-term\", \"--sleep\"]\nstart_grace = \"300ms\"\nstop_timeout = \"300ms\"\n",
     );
-    let mut daemon = run(&dir);
-    wait_status(&dir, &daemon, "web", |s| s["state"] == "running");
+    let mut daemon = run_daemon_in(&dir);
+    wait_for_status(&dir, &daemon, "web", |s| s["state"] == "running");
     let started: Vec<String> = ["db", "api", "web"]
         .iter()
         .map(|name| time_of(&events_of(&dir, name, "started")[0]))
@@ -339,7 +300,7 @@ fn a_start_of_a_service_that_dies_at_once_fails_with_its_last_stderr_line() {
         "[services.crash]\nenabled = false\nrestart = \"never\"\n\
          args = [\"--eprint\", \"listen tcp :8080: address already in use\", \"--sleep-ms\", \"200\", \"--exit\", \"3\"]\n",
     );
-    let daemon = run(&dir);
+    let daemon = run_daemon_in(&dir);
     let (code, stdout, stderr) = cli(&dir, &["start", "crash"]);
     assert_eq!(code, 1, "{stdout}{stderr}\nlog:\n{}", daemon.stderr_text());
     assert!(
@@ -357,8 +318,8 @@ fn stop_names_the_running_dependents_and_restart_with_dependents_restarts_them()
         "[services.db]\nstart_grace = \"0s\"\nargs = [\"--sleep\"]\n\
          [services.api]\nstart_grace = \"0s\"\ndepends_on = [\"db\"]\nargs = [\"--sleep\"]\n",
     );
-    let daemon = run(&dir);
-    let api = wait_status(&dir, &daemon, "api", |s| s["state"] == "running");
+    let daemon = run_daemon_in(&dir);
+    let api = wait_for_status(&dir, &daemon, "api", |s| s["state"] == "running");
     let db = status_of(&dir, "db");
     let (code, _, stderr) = cli(&dir, &["restart", "db", "--with-dependents"]);
     assert_eq!(code, 0, "{stderr}");

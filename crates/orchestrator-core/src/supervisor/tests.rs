@@ -199,6 +199,15 @@ fn depending(name: &str, on: &[(&str, crate::deps::Condition)]) -> ServiceDefini
     definition
 }
 
+/// `start NAME` on a task of its own, as a client's request would be.
+fn start_in_background(
+    supervisor: &SupervisorHandle,
+    name: &'static str,
+) -> tokio::task::JoinHandle<Result<(), SupervisorError>> {
+    let supervisor = supervisor.clone();
+    tokio::spawn(async move { supervisor.start(name).await })
+}
+
 /// The spawn of `service`, by the specs the fake spawner saw, in order.
 fn spawn_order(spawner: &FakeSpawner) -> Vec<String> {
     spawner
@@ -240,10 +249,7 @@ async fn a_waiting_service_shows_what_it_waits_for() {
         depending("api", &[("db", Started)]),
         depending("db", &[]),
     ]);
-    let starting = {
-        let supervisor = supervisor.clone();
-        tokio::spawn(async move { supervisor.start("api").await })
-    };
+    let starting = start_in_background(&supervisor, "api");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let info = supervisor.info("api").await.unwrap();
     assert_eq!(info.state, State::Starting);
@@ -280,10 +286,7 @@ async fn a_completed_dependency_is_not_run_again() {
     migrate.policy.restart = RestartPolicy::OnFailure;
     let (supervisor, spawner, _) =
         supervisor(vec![depending("api", &[("migrate", Completed)]), migrate]);
-    let starting = {
-        let supervisor = supervisor.clone();
-        tokio::spawn(async move { supervisor.start("api").await })
-    };
+    let starting = start_in_background(&supervisor, "api");
     while spawner.spawn_count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -346,10 +349,7 @@ async fn a_stop_while_waiting_for_dependencies_means_it_does_not_start_later() {
         depending("api", &[("db", Started)]),
         depending("db", &[]),
     ]);
-    let starting = {
-        let supervisor = supervisor.clone();
-        tokio::spawn(async move { supervisor.start("api").await })
-    };
+    let starting = start_in_background(&supervisor, "api");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(supervisor.status("api").await.unwrap(), State::Starting);
     supervisor.stop("api").await.unwrap();
@@ -401,10 +401,7 @@ async fn an_abandoned_ordered_start_leaves_no_waiting_reason() {
         depending("api", &[("db", Started)]),
         depending("db", &[]),
     ]);
-    let starting = {
-        let supervisor = supervisor.clone();
-        tokio::spawn(async move { supervisor.start("api").await })
-    };
+    let starting = start_in_background(&supervisor, "api");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(supervisor.status("api").await.unwrap(), State::Starting);
     // The client went away: the request's future is dropped mid-wait.
@@ -426,10 +423,7 @@ async fn a_dependency_in_its_backoff_is_waited_for_not_restarted_at_once() {
     let _ = supervisor.start("db").await;
     assert_eq!(supervisor.status("db").await.unwrap(), State::Restarting);
     let failures_before = spawner.spawn_count();
-    let starting = {
-        let supervisor = supervisor.clone();
-        tokio::spawn(async move { supervisor.start("api").await })
-    };
+    let starting = start_in_background(&supervisor, "api");
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(
         spawner.spawn_count(),
