@@ -25,6 +25,9 @@ use crate::state::abstract_name_for;
 /// What the daemon writes before it exits normally: its services are
 /// stopped already, and the guardian leaves without doing anything.
 const DISMISS: u8 = b'q';
+/// Where the guardian finds its daemon's cgroup-parent lock (the first
+/// descriptor after stdio); it keeps it open until it exits.
+pub const PARENT_LOCK_FD: i32 = 3;
 /// What the guardian writes once it holds its lock.
 const READY: u8 = b'r';
 
@@ -116,19 +119,52 @@ impl Guardian {
     /// Start `program ARGS` (our own binary in its guardian mode) in a
     /// process group of its own (a Ctrl-C to the daemon's terminal is not
     /// for it), and return once it holds its lock.
-    pub async fn spawn(program: &Path, args: &[OsString]) -> Result<Guardian, GuardianError> {
+    /// `parent_lock`: the daemon's lock on its cgroup parent, given to the
+    /// guardian as descriptor [`PARENT_LOCK_FD`]: the guardian holds the
+    /// parent from then on, so no daemon started after ours died can claim
+    /// it (and have its new services swept) before the guardian is done.
+    pub async fn spawn(
+        program: &Path,
+        args: &[OsString],
+        parent_lock: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<Guardian, GuardianError> {
         let spawn_error = |action| move |source| GuardianError::Spawn { action, source };
         let (control_read, control_write) = std::io::pipe().map_err(spawn_error("pipe"))?;
         let (ready_read, ready_write) = std::io::pipe().map_err(spawn_error("pipe"))?;
         let child = {
+            use std::os::fd::AsRawFd;
             use std::os::unix::process::CommandExt;
-            Command::new(program)
+            let mut command = Command::new(program);
+            command
                 .args(args)
                 .stdin(Stdio::from(control_read))
                 .stdout(Stdio::from(ready_write))
-                .process_group(0)
-                .spawn()
-                .map_err(spawn_error("spawn"))?
+                .process_group(0);
+            if let Some(lock) = parent_lock {
+                let lock = lock.as_raw_fd();
+                // SAFETY: runs in the child between fork and exec, where
+                // only async-signal-safe calls are allowed: dup2 and fcntl
+                // are. `lock` is a descriptor the parent keeps open for the
+                // whole spawn (borrowed for this call), so it is valid in
+                // the child's copy of the table. dup2 onto itself would
+                // keep close-on-exec, hence the fcntl in that case.
+                unsafe {
+                    command.pre_exec(move || {
+                        if lock == PARENT_LOCK_FD {
+                            let flags = libc::fcntl(lock, libc::F_GETFD);
+                            if flags < 0
+                                || libc::fcntl(lock, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                            {
+                                return Err(io::Error::last_os_error());
+                            }
+                        } else if libc::dup2(lock, PARENT_LOCK_FD) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            command.spawn().map_err(spawn_error("spawn"))?
         };
         let pid = child.id();
         // Reaped by the orphan reaper if it ever ends before us.

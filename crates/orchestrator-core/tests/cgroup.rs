@@ -184,6 +184,7 @@ fn detect_in(parent: &Path, data_dir: &Path, host: &Host) -> Arc<dyn ResourceCon
         &Settings {
             cgroup_parent: parent,
             data_dir,
+            parent_lock_inherited: false,
         },
         host,
     )
@@ -347,6 +348,7 @@ fn a_second_daemon_on_the_same_parent_takes_the_hashed_one() {
     let settings = Settings {
         cgroup_parent: Path::new(&parent),
         data_dir: data_dir.path(),
+        parent_lock_inherited: false,
     };
     let first = detect_with(&settings, &Host::default());
     if first.flavor() == Flavor::None {
@@ -398,6 +400,7 @@ fn the_next_daemon_kills_what_a_killed_one_left() {
     let settings = Settings {
         cgroup_parent: Path::new(&parent),
         data_dir: data_dir.path(),
+        parent_lock_inherited: false,
     };
     let first = detect_with(&settings, &Host::default());
     if first.flavor() == Flavor::None {

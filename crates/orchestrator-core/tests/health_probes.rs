@@ -537,6 +537,7 @@ async fn exec_a_probe_runs_in_the_services_cgroup_and_leaves_it_there() {
     let controller = detect(&Settings {
         cgroup_parent: Path::new(&parent),
         data_dir: dir.path(),
+        parent_lock_inherited: false,
     });
     if controller.flavor() == Flavor::None {
         eprintln!("skipped: no cgroup hierarchy can be used here");

@@ -482,13 +482,18 @@ fn run(
         .await?;
         // Before the guardian: on cgroup v2 the daemon may move itself into
         // a leaf cgroup, and the guardian must be born there with it.
-        let controller = resource_controller(&config.orchestrator);
+        let controller = resource_controller(&config.orchestrator, false);
         let claimed = controller.claimed_parent().map(Path::to_owned);
+        *guardian_slot = start_guardian(
+            config.source.as_deref(),
+            claimed.as_deref(),
+            controller.parent_lock(),
+        )
+        .await;
         let spawner = Arc::new(UnixSpawner::new(
             controller,
             config.orchestrator.require_limits,
         ));
-        *guardian_slot = start_guardian(config.source.as_deref(), claimed.as_deref()).await;
         let dismissing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some(guardian) = guardian_slot.as_ref() {
             watch_guardian(guardian.pid(), Arc::clone(&dismissing));
@@ -625,10 +630,12 @@ fn run(
 /// daemon's life.
 fn resource_controller(
     orchestrator: &config::OrchestratorConfig,
+    parent_lock_inherited: bool,
 ) -> Arc<dyn orchestrator_core::cgroup::ResourceController> {
     orchestrator_core::cgroup::detect(&orchestrator_core::cgroup::Settings {
         cgroup_parent: &orchestrator.cgroup_parent,
         data_dir: &orchestrator.data_dir,
+        parent_lock_inherited,
     })
 }
 
@@ -638,6 +645,7 @@ fn resource_controller(
 async fn start_guardian(
     config: Option<&Path>,
     cgroup_parent: Option<&Path>,
+    parent_lock: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Option<guardian::Guardian> {
     let mut args: Vec<std::ffi::OsString> = Vec::new();
     if let Some(config) = config {
@@ -660,7 +668,7 @@ async fn start_guardian(
         .ok()
         .filter(|path| path.exists())
         .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
-    match guardian::Guardian::spawn(&program, &args).await {
+    match guardian::Guardian::spawn(&program, &args, parent_lock).await {
         Ok(guardian) => {
             tracing::debug!(pid = guardian.pid(), "guardian started");
             Some(guardian)
@@ -719,6 +727,10 @@ fn guardian(config: Config, explicit: Option<PathBuf>, cgroup_parent: Option<Pat
             services: Default::default(),
         },
     };
+    // With the parent comes its lock, inherited as descriptor 3 and held
+    // until this process exits: no other daemon can claim the parent
+    // before the sweep below is done.
+    let parent_lock_inherited = cgroup_parent.is_some();
     if let Some(parent) = cgroup_parent {
         config.orchestrator.cgroup_parent = parent;
     }
@@ -733,10 +745,11 @@ fn guardian(config: Config, explicit: Option<PathBuf>, cgroup_parent: Option<Pat
             return ExitCode::FAILURE;
         }
     };
-    // The daemon is gone, and its lock on the cgroup parent with it:
-    // detection finds and claims the same parent, whose cgroups are swept.
+    // The daemon is gone; the parent it held is still locked by the
+    // descriptor we inherited, so detection uses it as it is and its
+    // cgroups are swept.
     let spawner = Arc::new(UnixSpawner::new(
-        resource_controller(&config.orchestrator),
+        resource_controller(&config.orchestrator, parent_lock_inherited),
         false,
     ));
     runtime.block_on(daemon::recover_after_death(

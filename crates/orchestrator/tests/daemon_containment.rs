@@ -456,3 +456,93 @@ fn a_parent_that_starts_with_a_dash_is_handed_to_the_guardian() {
     cli_ok(&dir, &["shutdown"]);
     daemon.wait_exit();
 }
+
+/// The daemon's guardian holds the daemon's cgroup parent from the moment
+/// the daemon dies until its sweep is done: a daemon started meanwhile with
+/// the same cgroup_parent gets the fallback name, never the parent whose
+/// leftovers are about to be swept (and its services with them). The
+/// guardian is kept busy by a leader that ignores SIGTERM for its whole
+/// stop_timeout. (Not SIGSTOP: a stopped guardian whose parent dies is in
+/// an orphaned process group, which the kernel sends SIGHUP, and it dies.)
+#[test]
+fn a_killed_daemons_parent_stays_held_by_its_guardian_until_the_sweep() {
+    require_cgroups!();
+    let parent = format!("orch-held-{}", std::process::id());
+    let config = |service: &str| {
+        format!(
+            "[orchestrator]\ncgroup_parent = \"{parent}\"\nshutdown_timeout = \"5s\"\n[services.{service}]\nstop_timeout = \"6s\"\n"
+        )
+    };
+    let first = TestDir::new("cg-held-1");
+    first.add_script_service(
+        "escaper",
+        "trap '' TERM\nsetsid sh -c 'echo ESCAPEE pid=$$; exec sleep 1000' &\nwhile :; do sleep 1; done",
+    );
+    first.write_file(CONFIG, &config("escaper"), 0o644);
+    let mut daemon = run_daemon(&first);
+    let status = wait_for_status(&first, &daemon, "escaper", |s| s["state"] == "running");
+    let held = cgroup_dir(pid_of(&status), "pids").expect("the service's cgroup");
+    assert!(held.parent().unwrap().ends_with(&parent), "{held:?}");
+    let escapee = field(&wait_line(&first, "escaper", "ESCAPEE"), "pid");
+    let guardian = all_pids()
+        .into_iter()
+        .find(|&pid| {
+            stat(pid).is_some_and(|s| s.ppid == daemon.pid() as i32)
+                && cmdline(pid).is_some_and(|a| a.iter().any(|arg| arg == "guardian"))
+        })
+        .expect("the daemon's guardian");
+    // It holds the parent's lock from the start, by the descriptor the
+    // daemon gave it: nothing can claim the parent between the daemon's
+    // death and the guardian's sweep (a window too short to hit on purpose).
+    let lock = format!("@orchestrator-cgroup:{}", held.parent().unwrap().display());
+    assert_eq!(
+        unix_socket_name(guardian, 3).as_deref(),
+        Some(lock.as_str()),
+        "the guardian's descriptor 3"
+    );
+    daemon.signal(SIGKILL);
+    daemon.wait_exit();
+    // The guardian now waits out the leader's 6 s stop_timeout.
+
+    let second = TestDir::new("cg-held-2");
+    second.add_script_service("other", "exec sleep 1000");
+    second.write_file(CONFIG, &config("other"), 0o644);
+    let mut other = run_daemon(&second);
+    let status = wait_for_status(&second, &other, "other", |s| s["state"] == "running");
+    let elsewhere = cgroup_dir(pid_of(&status), "pids").expect("the service's cgroup");
+    assert_ne!(
+        elsewhere.parent(),
+        held.parent(),
+        "a new daemon took the parent the guardian is to sweep"
+    );
+    assert!(
+        is_alive(guardian),
+        "the guardian ended too soon for this test"
+    );
+    assert!(
+        wait_until(DEADLINE, || !is_alive(escapee)),
+        "the guardian did not sweep {escapee}"
+    );
+    assert!(
+        is_alive(pid_of(&status)),
+        "the new daemon's service was left alone"
+    );
+    cli_ok(&second, &["shutdown"]);
+    other.wait_exit();
+}
+
+/// The address a Unix socket descriptor of `pid` is bound to
+/// (`@name` for an abstract one), from /proc/net/unix.
+fn unix_socket_name(pid: u32, fd: u32) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    let inode = link
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .to_owned();
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(6) == Some(&inode.as_str())).then(|| fields.get(7).map(|s| s.to_string()))?
+    })
+}

@@ -17,6 +17,10 @@ pub struct Settings<'a> {
     /// The daemon's data_dir: names the fallback parent when the configured
     /// one is held by another daemon.
     pub data_dir: &'a Path,
+    /// `cgroup_parent` is already locked for this process: a guardian holds
+    /// its daemon's lock by an inherited descriptor, so the parent it
+    /// sweeps cannot be claimed by another daemon in the meantime.
+    pub parent_lock_inherited: bool,
 }
 
 /// Where detection looks; the real /proc and /sys unless a test lays out
@@ -509,6 +513,7 @@ mod tests {
         let settings = Settings {
             cgroup_parent: Path::new("orchestrator"),
             data_dir: dir.path(),
+            parent_lock_inherited: false,
         };
         let controller = detect_with(&settings, &host);
         assert_eq!(controller.flavor(), super::super::Flavor::None);

@@ -61,6 +61,13 @@ pub(super) fn hashed_parent(cgroup_parent: &Path, data_dir: &Path) -> PathBuf {
 }
 
 impl ParentLock {
+    /// The bound socket: a process that holds a copy (the guardian) holds
+    /// the lock too, for as long as it keeps it open.
+    pub(super) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._socket.as_fd()
+    }
+
     /// `Ok(None)` when another process holds it.
     pub(super) fn try_acquire(parent: &Path) -> io::Result<Option<ParentLock>> {
         let name = lock_name(parent);

@@ -144,6 +144,11 @@ pub trait ResourceController: Send + Sync + fmt::Debug {
     fn claimed_parent(&self) -> Option<&Path> {
         None
     }
+
+    /// The lock on the claimed parent, for the guardian to inherit.
+    fn parent_lock(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// One service's cgroup (on v1, its directory in each hierarchy used).

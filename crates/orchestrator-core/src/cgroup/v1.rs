@@ -42,7 +42,8 @@ pub(super) struct V1Controller {
     cpu: Result<Level, String>,
     /// The claimed parent, relative to the daemon's own cgroup.
     relative: PathBuf,
-    _lock: ParentLock,
+    /// `None` when the lock was inherited (a guardian's).
+    lock: Option<ParentLock>,
 }
 
 pub(super) fn setup(
@@ -51,8 +52,13 @@ pub(super) fn setup(
     cpu: Result<Hierarchy, String>,
     settings: &Settings<'_>,
 ) -> Result<V1Controller, Failure> {
-    let (relative, lock) = lock::claim(&pids.base, settings.cgroup_parent, settings.data_dir)
-        .map_err(Failure::Locked)?;
+    let (relative, lock) = if settings.parent_lock_inherited {
+        (settings.cgroup_parent.to_owned(), None)
+    } else {
+        let (relative, lock) = lock::claim(&pids.base, settings.cgroup_parent, settings.data_dir)
+            .map_err(Failure::Locked)?;
+        (relative, Some(lock))
+    };
     let level = |hierarchy: Hierarchy| -> Result<Level, String> {
         let parent = hierarchy.base.join(&relative);
         std::fs::create_dir_all(&parent).map_err(|error| files::explain_mkdir(&parent, &error))?;
@@ -95,7 +101,7 @@ pub(super) fn setup(
         memory,
         cpu,
         relative,
-        _lock: lock,
+        lock,
     })
 }
 
@@ -283,6 +289,10 @@ impl ResourceController for V1Controller {
 
     fn claimed_parent(&self) -> Option<&Path> {
         Some(&self.relative)
+    }
+
+    fn parent_lock(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.lock.as_ref().map(ParentLock::as_fd)
     }
 
     fn sweep_leftovers(&self, services: &BTreeSet<String>) -> Vec<u32> {

@@ -34,7 +34,8 @@ pub(super) struct V2Controller {
     missing: BTreeMap<&'static str, String>,
     /// `parent` relative to `base`.
     relative: PathBuf,
-    _lock: ParentLock,
+    /// `None` when the lock was inherited (a guardian's).
+    lock: Option<ParentLock>,
 }
 
 pub(super) fn setup(
@@ -55,8 +56,13 @@ pub(super) fn setup(
             base.join("cgroup.controllers").display()
         ))
     })?;
-    let (relative, lock) =
-        lock::claim(&base, settings.cgroup_parent, settings.data_dir).map_err(Failure::Locked)?;
+    let (relative, lock) = if settings.parent_lock_inherited {
+        (settings.cgroup_parent.to_owned(), None)
+    } else {
+        let (relative, lock) = lock::claim(&base, settings.cgroup_parent, settings.data_dir)
+            .map_err(Failure::Locked)?;
+        (relative, Some(lock))
+    };
     let parent = base.join(&relative);
     std::fs::create_dir_all(&parent)
         .map_err(|error| Failure::Unusable(files::explain_mkdir(&parent, &error)))?;
@@ -106,7 +112,7 @@ pub(super) fn setup(
         parent,
         missing,
         relative,
-        _lock: lock,
+        lock,
     })
 }
 
@@ -363,6 +369,10 @@ impl ResourceController for V2Controller {
         Some(&self.relative)
     }
 
+    fn parent_lock(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.lock.as_ref().map(ParentLock::as_fd)
+    }
+
     fn sweep_leftovers(&self, services: &std::collections::BTreeSet<String>) -> Vec<u32> {
         let leftovers: Vec<Box<dyn ServiceCgroup>> = files::subdirs(&self.parent)
             .into_iter()
@@ -517,6 +527,7 @@ mod tests {
             let settings = Settings {
                 cgroup_parent: Path::new(parent),
                 data_dir: self.dir.path(),
+                parent_lock_inherited: false,
             };
             detect_with(&settings, &host)
         }
