@@ -853,6 +853,11 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout).expect("create the stdout file"))
             .stderr(fs::File::create(&stderr).expect("create the stderr file"));
+        // Its own process group, as under systemd or a shell's job control:
+        // in the test's group, a daemon a test has stopped (SIGSTOP) would
+        // get the kernel's SIGHUP + SIGCONT whenever that group became
+        // orphaned by some other exit, and wake up mid-test.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         adjust(&mut command);
         let child = command.spawn().expect("spawn the orchestrator binary");
         Daemon {
