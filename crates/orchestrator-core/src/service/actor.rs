@@ -856,6 +856,7 @@ impl Actor {
                 self.watchers.notify_status = Some(text);
                 self.publish();
             }
+            NotifyReport::ExtendTimeout { by } => self.feed(Input::ExtendStart(by)),
             NotifyReport::WatchdogExpired { after } => self.feed(Input::Faulted {
                 reason: format!("watchdog: no WATCHDOG=1 for {after:?}"),
             }),

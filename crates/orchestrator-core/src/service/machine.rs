@@ -71,6 +71,9 @@ pub enum Input {
     /// What the process printed last on stderr, if anything: named with an
     /// exit during start-up. Sent just before its `Exited`.
     LastWords(String),
+    /// EXTEND_TIMEOUT_USEC: a starting process needs this much longer from
+    /// now (as systemd: the deadline moves out, never in).
+    ExtendStart(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +146,9 @@ pub struct Machine {
     fault: Option<String>,
     /// The process's last line on stderr, for an exit during start-up.
     last_words: Option<String>,
+    /// A starting process asked for more time (EXTEND_TIMEOUT_USEC): its
+    /// readiness deadline is at least this.
+    start_extended_to: Option<Instant>,
     jitter: f64,
     rng: fastrand::Rng,
 }
@@ -161,6 +167,7 @@ impl Machine {
             last_error: None,
             fault: None,
             last_words: None,
+            start_extended_to: None,
             jitter: BACKOFF_JITTER,
             rng: fastrand::Rng::new(),
         }
@@ -292,13 +299,12 @@ impl Machine {
                 since,
                 ready: false,
                 ..
-            } => Some(
-                since
-                    + match self.policy.ready {
-                        ReadyWhen::Grace(grace) => grace,
-                        ReadyWhen::Signalled { timeout } => timeout,
-                    },
-            ),
+            } => Some(match self.policy.ready {
+                ReadyWhen::Grace(grace) => since + grace,
+                ReadyWhen::Signalled { timeout } => {
+                    (since + timeout).max(self.start_extended_to.unwrap_or(since))
+                }
+            }),
             Phase::Stopping {
                 deadline,
                 killed: false,
@@ -420,6 +426,7 @@ impl Machine {
                 Phase::Spawning => {
                     self.last_error = None;
                     self.last_words = None;
+                    self.start_extended_to = None;
                     let ready = self.policy.ready == ReadyWhen::Grace(Duration::ZERO);
                     self.phase = Phase::Running {
                         since: now,
@@ -582,6 +589,13 @@ impl Machine {
             Input::LastWords(words) => {
                 if let Phase::Running { .. } = self.phase {
                     self.last_words = Some(words);
+                }
+            }
+            Input::ExtendStart(more) => {
+                if let Phase::Running { ready: false, .. } = self.phase {
+                    let until = now + more;
+                    self.start_extended_to =
+                        Some(self.start_extended_to.map_or(until, |at| at.max(until)));
                 }
             }
         }

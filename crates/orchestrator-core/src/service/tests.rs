@@ -457,6 +457,32 @@ fn a_signalled_start_waits_for_ready_and_fails_at_its_timeout() {
 }
 
 #[test]
+fn extend_timeout_moves_a_starts_deadline_out_never_in() {
+    let now = Instant::now();
+    let ready = crate::service::ReadyWhen::Signalled { timeout: 5000 * MS };
+    let mut m = with_ready(RestartPolicy::Always, ready);
+    spawned(&mut m, now);
+    m.step(Input::ExtendStart(1000 * MS), now + MS);
+    assert_eq!(m.deadline(), Some(now + 5000 * MS), "never in");
+    m.step(Input::ExtendStart(8000 * MS), now + 2000 * MS);
+    assert_eq!(m.deadline(), Some(now + 10_000 * MS));
+    assert_eq!(published(m.step(Input::Timer, now + 5000 * MS)), []);
+    assert_eq!(m.state(), State::Starting);
+    m.step(Input::Timer, now + 10_000 * MS);
+    assert_eq!(
+        m.state(),
+        State::Stopping,
+        "then it fails as any late start"
+    );
+    // The next process starts with the plain timeout.
+    m.step(code(143), now + 10_001 * MS);
+    let retry = m.deadline().unwrap();
+    m.step(Input::Timer, retry);
+    io(&mut m, Input::Spawned { pid: 43 }, retry);
+    assert_eq!(m.deadline(), Some(retry + 5000 * MS));
+}
+
+#[test]
 fn a_fault_stops_the_process_and_the_restart_policy_decides() {
     for (restart, after) in [
         (RestartPolicy::Always, State::Restarting),
