@@ -128,6 +128,22 @@ pub async fn run(
         });
     }
 
+    let systemd = crate::systemd::SystemdNotifier::from_env().map(std::sync::Arc::new);
+    // From the runtime, not a thread: a stuck runtime stops the pings, and
+    // systemd's watchdog then restarts the daemon.
+    let watchdog = match (&systemd, crate::systemd::SystemdNotifier::watchdog_every()) {
+        (Some(systemd), Some(every)) => {
+            let systemd = std::sync::Arc::clone(systemd);
+            Some(tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                loop {
+                    ticks.tick().await;
+                    systemd.send("WATCHDOG=1");
+                }
+            }))
+        }
+        _ => None,
+    };
     let starter = supervisor.clone();
     let mut starting = tokio::spawn(async move { starter.start_all().await });
     let mut started = false;
@@ -135,10 +151,16 @@ pub async fn run(
         tokio::select! {
             joined = &mut starting, if !started => {
                 started = true;
+                let mut status = "services started".to_owned();
                 if let Ok(Ok(failures)) = joined {
                     // A reload during the start may have added services.
                     let running = enabled.saturating_sub(failures.len());
                     info!(running, failed = failures.len(), "all services started");
+                    status = format!("{running} of {enabled} services up");
+                }
+                // Type=notify: the unit is started once its services are.
+                if let Some(systemd) = &systemd {
+                    systemd.send(&format!("READY=1\nSTATUS={status}"));
                 }
                 // The parse, the plan and a thousand spawns freed a lot the
                 // idle daemon will not need again.
@@ -151,6 +173,9 @@ pub async fn run(
                 Some(DaemonEvent::ForceShutdown) => {
                     reloader.close();
                     starting.abort();
+                    if let Some(systemd) = &systemd {
+                        systemd.send("STOPPING=1\nSTATUS=killing every service");
+                    }
                     bus.emit(None, EventKind::DaemonStopping { reason: "forced".to_owned() });
                     supervisor.kill_all().await?;
                     break;
@@ -159,12 +184,18 @@ pub async fn run(
                     reloader.close();
                     starting.abort();
                     info!("shutting down");
+                    if let Some(systemd) = &systemd {
+                        systemd.send("STOPPING=1\nSTATUS=stopping every service");
+                    }
                     bus.emit(None, EventKind::DaemonStopping { reason: "shutdown requested".to_owned() });
                     shutdown(&supervisor, orchestrator.shutdown_timeout, &mut events).await?;
                     break;
                 }
             }
         }
+    }
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
     }
     store.flush().await;
     bus.flush().await;

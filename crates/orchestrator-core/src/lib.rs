@@ -20,6 +20,7 @@ pub mod reload;
 pub mod service;
 pub mod state;
 pub mod supervisor;
+pub mod systemd;
 pub mod usage;
 pub mod validate;
 pub mod watch;
