@@ -374,49 +374,36 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
     code
 }
 
-/// `names` in waves for stopping: a service comes after every named
-/// service that depends on it (transitively, through the listing); a wave
-/// stops in parallel. A cycle (which `check` rejects) ends in one last wave.
+/// `names` in waves for stopping, dependents first (the engine's
+/// `deps::stop_order_levels`, on the graph the listing gives); a wave stops
+/// in parallel. A name that is not a valid service name goes in the first
+/// wave, for the daemon to refuse.
 fn stop_waves(services: &[ServiceInfo], names: Vec<String>) -> Vec<Vec<String>> {
-    let depends_on: std::collections::BTreeMap<&str, Vec<&str>> = services
+    use orchestrator_core::name::ServiceName;
+    let graph: orchestrator_core::deps::Graph = services
         .iter()
-        .map(|s| {
-            (
-                s.name.as_str(),
-                s.depends_on.keys().map(String::as_str).collect(),
-            )
+        .filter_map(|s| {
+            let deps = s
+                .depends_on
+                .keys()
+                .filter_map(|d| ServiceName::parse(d).ok())
+                .collect();
+            Some((ServiceName::parse(&s.name).ok()?, deps))
         })
         .collect();
-    // Whether `from` depends on `to`, directly or through others.
-    let reaches = |from: &str, to: &str| {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut stack = vec![from];
-        while let Some(at) = stack.pop() {
-            for &next in depends_on.get(at).into_iter().flatten() {
-                if next == to {
-                    return true;
-                }
-                if seen.insert(next) {
-                    stack.push(next);
-                }
-            }
-        }
-        false
-    };
-    let mut left = names;
-    let mut waves = Vec::new();
-    while !left.is_empty() {
-        let (wave, rest): (Vec<String>, Vec<String>) = left.iter().cloned().partition(|name| {
-            !left
-                .iter()
-                .any(|other| other != name && reaches(other, name))
-        });
-        if wave.is_empty() {
-            waves.push(rest);
-            break;
-        }
-        waves.push(wave);
-        left = rest;
+    let (valid, invalid): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|name| ServiceName::parse(name).is_ok());
+    let valid: Vec<ServiceName> = valid
+        .iter()
+        .filter_map(|name| ServiceName::parse(name).ok())
+        .collect();
+    let mut waves: Vec<Vec<String>> = orchestrator_core::deps::stop_order_levels(&graph, &valid)
+        .into_iter()
+        .map(|wave| wave.iter().map(ToString::to_string).collect())
+        .collect();
+    if !invalid.is_empty() {
+        waves.insert(0, invalid);
     }
     waves
 }
@@ -818,7 +805,7 @@ mod tests {
         let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
             stop_waves(&services, names(&["db", "api", "web", "cron"])),
-            [names(&["web", "cron"]), names(&["api"]), names(&["db"])]
+            [names(&["cron", "web"]), names(&["api"]), names(&["db"])]
         );
         // Through a service not named: web still goes before db.
         assert_eq!(

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{SupervisorError, SupervisorHandle};
-use crate::deps::{Condition, Dependency};
+use crate::deps::{Condition, Dependency, Graph};
 use crate::name::ServiceName;
 use crate::service::{ServiceDefinition, ServiceError, ServiceHandle, ServiceStatus, State};
 use crate::wire::Health;
@@ -40,8 +40,6 @@ pub enum StartedBy {
     User,
     Daemon,
 }
-
-type Graph = BTreeMap<ServiceName, Vec<ServiceName>>;
 
 fn graph_of(members: &BTreeMap<ServiceName, Member>) -> Graph {
     members
@@ -236,19 +234,33 @@ impl SupervisorHandle {
         Fut: std::future::Future<Output = Result<(), ServiceError>> + Send + 'static,
     {
         let mut members = self.members().await?;
-        if let Some(names) = names {
-            let keep: BTreeSet<&ServiceName> = names.iter().collect();
-            members.retain(|name, _| keep.contains(name));
-        }
-        // Who must stop before each service: those that depend on it.
+        // Who must stop before each service: those of the set that depend
+        // on it; for a part of the services, also through services left
+        // out of it (web -> api -> db, stopping web and db: db waits for web).
         let mut dependents: BTreeMap<ServiceName, Vec<ServiceName>> = BTreeMap::new();
-        for (name, member) in &members {
-            for dependency in &member.definition.depends_on {
-                if members.contains_key(&dependency.name) {
-                    dependents
-                        .entry(dependency.name.clone())
-                        .or_default()
-                        .push(name.clone());
+        match names {
+            Some(names) => {
+                let graph = graph_of(&members);
+                let keep: BTreeSet<&ServiceName> = names.iter().collect();
+                members.retain(|name, _| keep.contains(name));
+                for name in members.keys() {
+                    let waits = crate::deps::dependents_closure(&graph, std::slice::from_ref(name))
+                        .into_iter()
+                        .filter(|dependent| keep.contains(dependent))
+                        .collect();
+                    dependents.insert(name.clone(), waits);
+                }
+            }
+            None => {
+                for (name, member) in &members {
+                    for dependency in &member.definition.depends_on {
+                        if members.contains_key(&dependency.name) {
+                            dependents
+                                .entry(dependency.name.clone())
+                                .or_default()
+                                .push(name.clone());
+                        }
+                    }
                 }
             }
         }

@@ -433,3 +433,47 @@ async fn a_dependency_in_its_backoff_is_waited_for_not_restarted_at_once() {
     starting.await.unwrap().unwrap();
     assert_eq!(spawn_order(&spawner)[1..], ["db", "api"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_partial_ordered_stop_keeps_the_order_through_a_service_left_out() {
+    use crate::deps::Condition::Started;
+    let (supervisor, spawner, _) = supervisor(vec![
+        depending("api", &[("db", Started)]),
+        depending("db", &[]),
+        depending("web", &[("api", Started)]),
+    ]);
+    supervisor.start_all().await.unwrap();
+    let children: Vec<(String, _)> = spawn_order(&spawner)
+        .into_iter()
+        .zip(spawner.children())
+        .collect();
+    for (_, child) in &children {
+        child.ignore_stop_signal_from_now();
+    }
+    let stopper = {
+        let children = children.clone();
+        tokio::spawn(async move {
+            loop {
+                for (_, child) in &children {
+                    if !child.signals().is_empty() && !child.is_reaped() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        child.exit(ExitReason::Exited(0));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let names = [ServiceName::parse("db").unwrap(), ServiceName::parse("web").unwrap()];
+    supervisor
+        .stop_ordered(Some(&names), ServiceHandle::stop_request)
+        .await
+        .unwrap();
+    stopper.abort();
+    let first_signal = |name: &str| {
+        let (_, child) = children.iter().find(|(n, _)| n == name).unwrap();
+        child.signals().first().map(|(at, _)| *at)
+    };
+    assert!(first_signal("web").unwrap() < first_signal("db").unwrap());
+    assert_eq!(first_signal("api"), None, "api was not asked to stop");
+}
