@@ -464,7 +464,10 @@ async fn a_partial_ordered_stop_keeps_the_order_through_a_service_left_out() {
             }
         })
     };
-    let names = [ServiceName::parse("db").unwrap(), ServiceName::parse("web").unwrap()];
+    let names = [
+        ServiceName::parse("db").unwrap(),
+        ServiceName::parse("web").unwrap(),
+    ];
     supervisor
         .stop_ordered(Some(&names), ServiceHandle::stop_request)
         .await
