@@ -293,7 +293,8 @@ fn info_of(entry: &Entry) -> ServiceInfo {
         restarts: status.restarts,
         requested_starts: status.requested_starts,
         last_exit_code: status.last_exit.map(|reason| reason.code()),
-        last_error: status.last_error,
+        last_exit_signal: status.last_exit.and_then(|reason| reason.signal_name()),
+        last_error: status.last_error.clone(),
         // SPEC: healthy, unhealthy or unknown whenever a check is set (a
         // stopped service's is unknown), none only without one.
         health: status.health.or(entry
@@ -316,6 +317,17 @@ fn info_of(entry: &Entry) -> ServiceInfo {
         set_usage(&mut info, usage);
     }
     info.reason = status.notify_status;
+    if let Some(at) = status.retry_at
+        && info.state == State::Restarting
+    {
+        // Whole seconds, rounded up: "retry in 0s" would read as overdue.
+        let left = at.saturating_duration_since(Instant::now());
+        let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        info.reason = Some(match &status.last_error {
+            Some(error) => format!("retry in {seconds}s: {error}"),
+            None => format!("retry in {seconds}s"),
+        });
+    }
     if let Some(waiting) = handle.resources().waiting()
         && matches!(
             info.state,

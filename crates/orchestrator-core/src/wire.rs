@@ -92,6 +92,10 @@ pub struct ServiceInfo {
     #[serde(default)]
     pub requested_starts: u64,
     pub last_exit_code: Option<i32>,
+    /// The signal that ended the last process (`SIGKILL`), when one did;
+    /// `last_exit_code` is then 128 + its number, as a shell reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit_signal: Option<String>,
     pub last_error: Option<String>,
     /// `None` when no check is set.
     pub health: Option<Health>,

@@ -93,39 +93,94 @@ fn segment(name: &str) -> String {
 }
 
 pub async fn status(client: &Client, names: &[String], json: bool) -> ExitCode {
-    let services: Vec<ServiceInfo> = if names.is_empty() {
-        match client.json(Method::GET, "/v1/services").await {
-            Ok(services) => services,
-            Err(error) => return fail(&error),
-        }
-    } else {
-        let mut services = Vec::new();
-        for name in names {
-            match client
-                .json(Method::GET, &format!("/v1/services/{}", segment(name)))
-                .await
-            {
-                Ok(info) => services.push(info),
-                Err(error) => return fail(&error),
-            }
-        }
-        services
+    let services = match fetch_status(client, names).await {
+        Ok(services) => services,
+        Err(error) => return fail(&error),
     };
     if json {
         outln!(
             "{}",
             serde_json::to_string_pretty(&services).unwrap_or_else(|_| "[]".to_owned())
         );
-        return ExitCode::SUCCESS;
+    } else {
+        write_stdout(&status_table(&services));
+        // A daemon too old to answer for itself is no reason to fail `status`.
+        if let Ok(daemon) = client.json::<DaemonInfo>(Method::GET, "/v1/daemon").await
+            && let Some(warning) = daemon_warning(&daemon)
+        {
+            eprintln!("orchestrator: warning: {warning}");
+        }
     }
-    write_stdout(&status_table(&services));
-    // A daemon too old to answer for itself is no reason to fail `status`.
-    if let Ok(daemon) = client.json::<DaemonInfo>(Method::GET, "/v1/daemon").await
-        && let Some(warning) = daemon_warning(&daemon)
-    {
-        eprintln!("orchestrator: warning: {warning}");
+    status_exit(&services)
+}
+
+/// The services asked for (all of them without names), in the daemon's order.
+async fn fetch_status(client: &Client, names: &[String]) -> Result<Vec<ServiceInfo>, ClientError> {
+    if names.is_empty() {
+        return client.json(Method::GET, "/v1/services").await;
     }
-    ExitCode::SUCCESS
+    let mut services = Vec::new();
+    for name in names {
+        services.push(
+            client
+                .json(Method::GET, &format!("/v1/services/{}", segment(name)))
+                .await?,
+        );
+    }
+    Ok(services)
+}
+
+/// SPEC: `status` exits 1 when an enabled service is not running, so that
+/// `orchestrator status && deploy` and monitoring checks can use it. A
+/// one-shot that ended by itself with code 0 counts as fine (it is done,
+/// not down).
+pub fn status_exit(services: &[ServiceInfo]) -> ExitCode {
+    use orchestrator_core::wire::State;
+    let down = services.iter().any(|service| {
+        let completed = service.state == State::Stopped
+            && service.last_exit_code == Some(0)
+            && service.last_error.is_none();
+        service.enabled && service.state != State::Running && !completed
+    });
+    if down {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `status -w`: the table, redrawn in place every `every` until
+/// interrupted (as `watch orchestrator status`). On a terminal the screen
+/// is cleared and the table drawn from its top; piped, each table follows
+/// the last after a blank line. Ends with exit 3 when the daemon goes.
+pub async fn status_watch(client: &Client, names: &[String], every: Duration) -> ExitCode {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut first = true;
+    loop {
+        let services = match fetch_status(client, names).await {
+            Ok(services) => services,
+            Err(error) => return fail(&error),
+        };
+        let mut screen = String::new();
+        if terminal {
+            // Home, then clear to the end: no flicker of a blank screen.
+            screen.push_str("\x1b[H\x1b[2J");
+        } else if !first {
+            screen.push('\n');
+        }
+        first = false;
+        let now = orchestrator_core::events::rfc3339(std::time::SystemTime::now());
+        screen.push_str(&format!(
+            "every {}s; {now}; Ctrl-C to stop\n\n",
+            every.as_secs_f64()
+        ));
+        screen.push_str(&status_table(&services));
+        write_stdout(&screen);
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+        }
+    }
 }
 
 /// What `status` must tell about the daemon itself, if anything.
@@ -141,39 +196,37 @@ pub fn daemon_warning(daemon: &DaemonInfo) -> Option<String> {
 }
 
 pub fn status_table(services: &[ServiceInfo]) -> String {
-    // HEALTH only when some service has a check (SPEC: status).
+    // SPEC column order; HEALTH only when some service has a check.
     let with_health = services.iter().any(|s| s.health.is_some());
-    let mut header = vec![
-        "NAME",
-        "STATE",
-        "PID",
-        "UPTIME",
-        "CPU",
-        "MEM",
-        "RESTARTS",
-        "LAST-EXIT",
-    ];
+    let mut header = vec!["NAME", "STATE"];
     if with_health {
         header.push("HEALTH");
     }
-    header.push("REASON");
+    header.extend([
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "LAST-EXIT",
+        "CPU",
+        "MEM",
+        "REASON",
+    ]);
     let rows: Vec<Vec<String>> = services
         .iter()
         .map(|s| {
-            let mut row = vec![
-                s.name.clone(),
-                s.state.to_string(),
-                s.pid.map_or("-".to_owned(), |p| p.to_string()),
-                s.uptime.map_or("-".to_owned(), format_uptime),
-                s.cpu_seconds.map_or("-".to_owned(), format_cpu),
-                s.memory_bytes.map_or("-".to_owned(), format_bytes),
-                s.restarts.to_string(),
-                s.last_exit_code.map_or("-".to_owned(), |c| c.to_string()),
-            ];
+            let mut row = vec![s.name.clone(), s.state.to_string()];
             if with_health {
                 row.push(s.health.map_or("-".to_owned(), |h| h.to_string()));
             }
-            row.push(reason_of(s));
+            row.extend([
+                s.pid.map_or("-".to_owned(), |p| p.to_string()),
+                s.uptime.map_or("-".to_owned(), format_uptime),
+                s.restarts.to_string(),
+                last_exit_of(s),
+                s.cpu_seconds.map_or("-".to_owned(), format_cpu),
+                s.memory_bytes.map_or("-".to_owned(), format_bytes),
+                reason_of(s),
+            ]);
             row
         })
         .collect();
@@ -199,6 +252,16 @@ pub fn status_table(services: &[ServiceInfo]) -> String {
         line(&cells);
     }
     out
+}
+
+/// The last exit as a person reads it: the signal's name when a signal
+/// ended it (`SIGKILL`, not 137), else the exit code.
+fn last_exit_of(service: &ServiceInfo) -> String {
+    match (&service.last_exit_signal, service.last_exit_code) {
+        (Some(signal), _) => signal.clone(),
+        (None, Some(code)) => code.to_string(),
+        (None, None) => "-".to_owned(),
+    }
 }
 
 /// Why a service is where it is: what it waits for or said (STATUS=), else
@@ -270,25 +333,31 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
     // Several stops go dependents first (SPEC: stop dependents before their
     // dependencies): in waves, each once the services that depend on it
     // (among those named) are down.
-    let ordered = action == "stop" && (all || names.len() > 1);
-    let listing = if all || ordered {
-        match client
-            .json::<Vec<ServiceInfo>>(Method::GET, "/v1/services")
-            .await
-        {
-            Ok(services) => Some(services),
-            Err(error) => return fail(&error),
+    // One listing first: every name is checked before anything is done
+    // (`stop a nope` stops nothing), instance groups are expanded, and
+    // several stops go in dependency order.
+    let services = match client
+        .json::<Vec<ServiceInfo>>(Method::GET, "/v1/services")
+        .await
+    {
+        Ok(services) => services,
+        Err(error) => return fail(&error),
+    };
+    let names = match targets(&services, action, names, all) {
+        Ok(names) => names,
+        Err(unknown) => {
+            for name in &unknown {
+                eprintln!(
+                    "orchestrator: unknown service {name:?} (see `orchestrator status` for the services there are); nothing was done"
+                );
+            }
+            return ExitCode::from(EXIT_FAILED);
         }
-    } else {
-        None
     };
-    let names = match (&listing, all) {
-        (Some(services), true) => services.iter().map(|s| s.name.clone()).collect(),
-        _ => names,
-    };
-    let waves = match &listing {
-        Some(services) if ordered => stop_waves(services, names),
-        _ => vec![names],
+    let ordered = action == "stop" && names.len() > 1;
+    let waves = match ordered {
+        true => stop_waves(&services, names),
+        false => vec![names],
     };
     let client = std::sync::Arc::new(client);
     let watch = std::sync::Arc::clone(&client);
@@ -357,7 +426,15 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
         match result {
             Ok(info) => {
                 let pid = info.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-                outln!("{name}: {}{pid}", info.state);
+                // A stop that had to SIGKILL says so (the service ignored
+                // its stop signal): the machine left that as last_error.
+                let killed = match (&info.last_error, action) {
+                    (Some(error), "stop") if error.starts_with("stopped with SIGKILL") => {
+                        format!(": {error}")
+                    }
+                    _ => String::new(),
+                };
+                outln!("{name}: {}{pid}{killed}", info.state);
                 if action == "stop" {
                     stopped.push(name);
                 }
@@ -372,6 +449,64 @@ pub async fn act(client: Client, action: &str, names: Vec<String>, all: bool) ->
         note_running_dependents(&watch, &stopped).await;
     }
     code
+}
+
+/// What an action applies to, from the daemon's listing: `--all` is every
+/// service for `stop`, but only the enabled ones (and, for `restart`, those
+/// running anyway) for `start` and `restart`, so `start --all` leaves
+/// `enabled = false` services alone. A name that is no service but has
+/// instances (`web` for `web@0`, `web@1`) stands for all of them. Names
+/// that match nothing come back as the error, so that nothing is done.
+pub fn targets(
+    services: &[ServiceInfo],
+    action: &str,
+    names: Vec<String>,
+    all: bool,
+) -> Result<Vec<String>, Vec<String>> {
+    use orchestrator_core::wire::State;
+    if all {
+        return Ok(services
+            .iter()
+            .filter(|s| match action {
+                "stop" => true,
+                "start" => s.enabled,
+                _ => s.enabled || !matches!(s.state, State::Stopped | State::Failed),
+            })
+            .map(|s| s.name.clone())
+            .collect());
+    }
+    let mut found = Vec::new();
+    let mut unknown = Vec::new();
+    for name in names {
+        if services.iter().any(|s| s.name == name) {
+            found.push(name);
+            continue;
+        }
+        let instances: Vec<String> = services
+            .iter()
+            .filter(|s| {
+                s.name
+                    .strip_prefix(name.as_str())
+                    .and_then(|rest| rest.strip_prefix('@'))
+                    .is_some_and(|index| {
+                        !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())
+                    })
+            })
+            .map(|s| s.name.clone())
+            .collect();
+        if instances.is_empty() {
+            unknown.push(name);
+        } else {
+            found.extend(instances);
+        }
+    }
+    if unknown.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        found.retain(|name| seen.insert(name.clone()));
+        Ok(found)
+    } else {
+        Err(unknown)
+    }
 }
 
 /// `names` in waves for stopping, dependents first (the engine's
@@ -698,6 +833,7 @@ mod tests {
             restarts: 0,
             requested_starts: 0,
             last_exit_code: None,
+            last_exit_signal: None,
             last_error: None,
             health: None,
             log_dropped_bytes: 0,
@@ -711,38 +847,143 @@ mod tests {
         }
     }
 
+    /// A snapshot of the table: a change to its look is a visible diff here.
     #[test]
-    fn table_has_the_spec_columns() {
-        let table = status_table(&[ServiceInfo {
-            uptime: Some(61),
-            restarts: 2,
-            last_exit_code: Some(1),
-            memory_bytes: Some(13 * 1024 * 1024 + 300 * 1024),
-            cpu_seconds: Some(0.5),
-            ..running("api")
-        }]);
-        let mut lines = table.lines();
+    fn table_has_the_spec_columns_in_order() {
+        use orchestrator_core::wire::State;
+        let table = status_table(&[
+            ServiceInfo {
+                uptime: Some(61),
+                restarts: 2,
+                last_exit_code: Some(1),
+                memory_bytes: Some(13 * 1024 * 1024 + 300 * 1024),
+                cpu_seconds: Some(0.5),
+                ..running("api")
+            },
+            ServiceInfo {
+                state: State::Restarting,
+                pid: None,
+                restarts: 3,
+                last_exit_code: Some(137),
+                last_exit_signal: Some("SIGKILL".into()),
+                reason: Some("retry in 8s: killed by SIGKILL".into()),
+                ..running("worker")
+            },
+            ServiceInfo {
+                state: State::Failed,
+                pid: None,
+                restarts: 5,
+                last_exit_code: Some(3),
+                last_error: Some("gave up after 5 restarts: exited with code 3".into()),
+                ..running("cron@0")
+            },
+        ]);
         assert_eq!(
-            lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-            [
-                "NAME",
-                "STATE",
-                "PID",
-                "UPTIME",
-                "CPU",
-                "MEM",
-                "RESTARTS",
-                "LAST-EXIT",
-                "REASON"
-            ],
-            "no HEALTH without a check"
+            table,
+            "\
+NAME    STATE       PID  UPTIME  RESTARTS  LAST-EXIT  CPU    MEM  REASON
+api     running     42   1m01s   2         1          0.50s  13M  -
+worker  restarting  -    -       3         SIGKILL    -      -    retry in 8s: killed by SIGKILL
+cron@0  failed      -    -       5         3          -      -    gave up after 5 restarts: exited with code 3
+"
+        );
+    }
+
+    #[test]
+    fn status_fails_while_an_enabled_service_is_down() {
+        use orchestrator_core::wire::State;
+        let up = running("api");
+        assert_eq!(status_exit(std::slice::from_ref(&up)), ExitCode::SUCCESS);
+        let disabled = ServiceInfo {
+            enabled: false,
+            state: State::Stopped,
+            pid: None,
+            ..running("spare")
+        };
+        assert_eq!(
+            status_exit(&[up.clone(), disabled.clone()]),
+            ExitCode::SUCCESS
+        );
+        let done = ServiceInfo {
+            state: State::Stopped,
+            pid: None,
+            last_exit_code: Some(0),
+            ..running("migrate")
+        };
+        assert_eq!(status_exit(&[up.clone(), done]), ExitCode::SUCCESS);
+        for state in [
+            State::Stopped,
+            State::Starting,
+            State::Stopping,
+            State::Restarting,
+            State::Failed,
+        ] {
+            let down = ServiceInfo {
+                state,
+                ..running("db")
+            };
+            assert_eq!(
+                status_exit(&[up.clone(), down]),
+                ExitCode::from(EXIT_FAILED),
+                "{state}"
+            );
+        }
+        let killed = ServiceInfo {
+            state: State::Stopped,
+            pid: None,
+            last_exit_code: Some(0),
+            last_error: Some(
+                "stopped with SIGKILL: still running 10s (stop_timeout) after SIGTERM".into(),
+            ),
+            ..running("stubborn")
+        };
+        assert_eq!(status_exit(&[killed]), ExitCode::from(EXIT_FAILED));
+    }
+
+    #[test]
+    fn every_name_is_checked_before_acting_and_groups_expand() {
+        use orchestrator_core::wire::State;
+        let services = [
+            running("api"),
+            running("web@0"),
+            running("web@1"),
+            running("web@1x"),
+            ServiceInfo {
+                enabled: false,
+                state: State::Stopped,
+                ..running("spare")
+            },
+            ServiceInfo {
+                enabled: false,
+                ..running("manual")
+            },
+        ];
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            targets(&services, "stop", names(&["api", "nope", "other"]), false),
+            Err(names(&["nope", "other"])),
+            "one unknown name stops the whole action"
         );
         assert_eq!(
-            lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-            [
-                "api", "running", "42", "1m01s", "0.50s", "13M", "2", "1", "-"
-            ]
+            targets(&services, "stop", names(&["web", "api", "web@0"]), false),
+            Ok(names(&["web@0", "web@1", "api"])),
+            "a group name stands for its instances, each once"
         );
+        assert_eq!(
+            targets(&services, "stop", names(&["web@"]), false),
+            Err(names(&["web@"]))
+        );
+        assert_eq!(
+            targets(&services, "start", vec![], true),
+            Ok(names(&["api", "web@0", "web@1", "web@1x"])),
+            "start --all leaves enabled = false alone"
+        );
+        assert_eq!(
+            targets(&services, "restart", vec![], true),
+            Ok(names(&["api", "web@0", "web@1", "web@1x", "manual"])),
+            "restart --all restarts what runs, but starts nothing disabled"
+        );
+        assert_eq!(targets(&services, "stop", vec![], true).unwrap().len(), 6);
     }
 
     #[test]

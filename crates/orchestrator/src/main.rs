@@ -61,12 +61,26 @@ enum Command {
     Check,
     /// List service binaries found in services_dir
     Discover,
-    /// Show services: NAME STATE PID UPTIME RESTARTS LAST-EXIT HEALTH
+    /// Show services: NAME STATE PID UPTIME RESTARTS LAST-EXIT CPU MEM REASON
+    ///
+    /// HEALTH shows when some service has a check; LAST-EXIT names the signal that ended the last process (SIGKILL) or gives its exit code; REASON says why a service is where it is. Exits 1 when an enabled service is not running (a one-shot that ended with code 0 counts as fine), 3 when the daemon cannot be reached.
+    #[command(after_help = "Examples:
+  orchestrator status                 every service
+  orchestrator status api db          two of them (exit 1 if either is down)
+  orchestrator status -w              refresh every 2s, like `watch`
+  orchestrator status --json | jq '.[] | select(.state != \"running\") | .name'")]
     Status {
+        /// Services to show [default: all]
         names: Vec<String>,
         /// Print an array of ServiceInfo as JSON
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw the table in place until interrupted
+        #[arg(short, long)]
+        watch: bool,
+        /// How often -w redraws ("2s", "500ms")
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = cli::parse_timeout, requires = "watch")]
+        interval: std::time::Duration,
     },
     /// Start services; returns once they run
     Start(Targets),
@@ -237,7 +251,13 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
     }) + std::time::Duration::from_secs(5);
     runtime.block_on(async move {
         match command {
-            Command::Status { names, json } => cli::status(&client, &names, json).await,
+            Command::Status {
+                names,
+                watch: true,
+                interval,
+                ..
+            } => cli::status_watch(&client, &names, interval).await,
+            Command::Status { names, json, .. } => cli::status(&client, &names, json).await,
             Command::Start(targets) => cli::act(client, "start", targets.names, targets.all).await,
             Command::Stop(targets) => cli::act(client, "stop", targets.names, targets.all).await,
             Command::Restart {

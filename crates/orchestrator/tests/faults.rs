@@ -929,13 +929,14 @@ fn fifty_crash_loops_are_each_restarted_and_counted() {
         wait_until(DEADLINE * 2, || {
             let (code, stdout, _) = cli(&dir, &["status", "--json"]);
             last = serde_json::from_str(&stdout).unwrap_or_default();
-            code == 0 && last.len() == N && last.iter().all(|s| s["restarts"].as_u64() >= Some(3))
+            code <= 1 && last.len() == N && last.iter().all(|s| s["restarts"].as_u64() >= Some(3))
         }),
         "not all looping: {last:?}\nlog:\n{}",
         daemon.stderr_text()
     );
+    // Exit 1: looping services are down part of the time.
     let (code, stdout, stderr) = cli(&dir, &["status"]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(code <= 1, "{stdout}{stderr}");
     assert_eq!(stdout.lines().count(), N + 1, "{stdout}");
 
     // Stopped, the counters hold still and can be checked against the
@@ -1006,7 +1007,7 @@ fn a_stop_racing_a_crash_loop_always_wins() {
     dir.write_file(CONFIG, &toml, 0o644);
     let mut daemon = run_daemon(&dir);
     assert!(
-        wait_until(DEADLINE, || cli(&dir, &["status"]).0 == 0),
+        wait_until(DEADLINE, || cli(&dir, &["status"]).0 <= 1),
         "the daemon never answered; its log:\n{}",
         daemon.stderr_text()
     );

@@ -140,7 +140,17 @@ impl ExitReason {
         }
     }
 
-    fn signal_name(signal: i32) -> String {
+    /// The signal that ended the process, by name (`SIGKILL`; the OOM
+    /// killer's too); `None` for an exit.
+    pub fn signal_name(self) -> Option<String> {
+        match self {
+            ExitReason::Exited(_) => None,
+            ExitReason::Signaled { signal, .. } => Some(Self::name_of(signal)),
+            ExitReason::OomKilled { .. } => Some(Self::name_of(libc::SIGKILL)),
+        }
+    }
+
+    fn name_of(signal: i32) -> String {
         Signal::try_from(signal)
             .map(|s| s.as_str().to_owned())
             .unwrap_or_else(|_| format!("signal {signal}"))
@@ -155,7 +165,7 @@ impl fmt::Display for ExitReason {
                 signal,
                 core_dumped,
             } => {
-                write!(f, "killed by {}", Self::signal_name(signal))?;
+                write!(f, "killed by {}", Self::name_of(signal))?;
                 if core_dumped {
                     write!(f, " (core dumped)")?;
                 }

@@ -61,6 +61,8 @@ pub struct ServiceStatus {
     pub requested_starts: u64,
     pub last_exit: Option<ExitReason>,
     pub last_error: Option<String>,
+    /// When a restart waiting out its backoff is due (state `restarting`).
+    pub retry_at: Option<Instant>,
     /// The health check's verdict on the current process; `None` without a
     /// check (or while nothing runs).
     pub health: Option<Health>,
@@ -492,6 +494,7 @@ fn snapshot(machine: &Machine, watchers: &Watchers) -> ServiceStatus {
         requested_starts: machine.requested_starts(),
         last_exit: machine.last_exit(),
         last_error: machine.last_error().map(str::to_owned),
+        retry_at: machine.retry_at(),
     }
 }
 

@@ -285,6 +285,14 @@ impl Machine {
         self.last_error.as_deref()
     }
 
+    /// When a restart waiting out its backoff is due.
+    pub fn retry_at(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Backoff { until } => Some(until),
+            _ => None,
+        }
+    }
+
     /// True once the current process is up (state `running`).
     pub fn is_ready(&self) -> bool {
         matches!(self.phase, Phase::Running { ready: true, .. })
@@ -486,9 +494,17 @@ impl Machine {
                         self.after_failure(error, allowed, quick, now, &mut out);
                     }
                 }
-                Phase::Stopping { then, .. } => {
+                Phase::Stopping { then, killed, .. } => {
                     self.last_exit = Some(reason);
-                    self.last_error = None;
+                    // A stop that had to kill says so: the service ignores
+                    // its stop signal, which its operator wants to know.
+                    self.last_error = killed.then(|| {
+                        format!(
+                            "stopped with SIGKILL: still running {:?} (stop_timeout) after {}",
+                            self.policy.stop_timeout,
+                            self.policy.stop_signal.as_str()
+                        )
+                    });
                     self.last_words = None;
                     out.push(exited(reason, then != AfterStop::Fail));
                     let fault = self.fault.take();

@@ -229,6 +229,30 @@ fn stop_signals_then_kills_after_the_timeout() {
     });
     assert_eq!(io(&mut m, killed, now + 1001 * MS), []);
     assert_eq!(m.state(), State::Stopped);
+    assert_eq!(
+        m.last_error(),
+        Some("stopped with SIGKILL: still running 1s (stop_timeout) after SIGTERM"),
+        "a stop that had to kill says so"
+    );
+    // The next clean stop forgets it.
+    running(&mut m, now + 2000 * MS);
+    assert_eq!(m.last_error(), None);
+    io(&mut m, Input::Stop, now + 2000 * MS);
+    io(&mut m, code(0), now + 2001 * MS);
+    assert_eq!(m.last_error(), None);
+}
+
+#[test]
+fn a_restart_waiting_out_its_backoff_says_when() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, now);
+    assert_eq!(m.retry_at(), None);
+    io(&mut m, code(1), now + MS);
+    assert_eq!(m.state(), State::Restarting);
+    assert_eq!(m.retry_at(), Some(now + 101 * MS));
+    io(&mut m, Input::Timer, now + 101 * MS);
+    assert_eq!(m.retry_at(), None);
 }
 
 #[test]

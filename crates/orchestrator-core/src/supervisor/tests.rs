@@ -56,6 +56,13 @@ async fn start_all_starts_the_enabled_ones_and_reports_each_failure() {
             ("c".to_owned(), State::Running),
         ]
     );
+    // Its reason says when the next try comes, and why it is needed.
+    let a = supervisor.info("a").await.unwrap();
+    let reason = a.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("retry in ") && reason.contains("no such file"),
+        "{reason}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -165,6 +165,7 @@ mod tests {
             restarts,
             requested_starts: 0,
             last_exit_code: code,
+            last_exit_signal: None,
             last_error: None,
             health: None,
             log_dropped_bytes: 0,

@@ -42,6 +42,7 @@ fn info(name: &str, state: &str) -> ServiceInfo {
         restarts: 1,
         requested_starts: 0,
         last_exit_code: Some(0),
+        last_exit_signal: None,
         last_error: None,
         health: None,
         log_dropped_bytes: 0,
