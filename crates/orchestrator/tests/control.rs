@@ -462,10 +462,10 @@ fn status_prints_a_table_json_and_single_services() {
             "STATE",
             "PID",
             "UPTIME",
-            "CPU",
-            "MEM",
             "RESTARTS",
             "LAST-EXIT",
+            "CPU",
+            "MEM",
             "REASON"
         ],
         "no HEALTH column without a check:\n{table}"
@@ -475,11 +475,11 @@ fn status_prints_a_table_json_and_single_services() {
         let pid = pids[name].to_string();
         assert_eq!(row.len(), 9, "{table}");
         assert!(
-            row[4].ends_with('s') && row[5] != "-",
+            row[6].ends_with('s') && row[7] != "-",
             "CPU and MEM of a running service: {table}"
         );
         assert_eq!(
-            [row[0], row[1], row[2], row[6], row[7], row[8]],
+            [row[0], row[1], row[2], row[4], row[5], row[8]],
             [name, "running", pid.as_str(), "0", "-", "-"],
             "{table}"
         );

@@ -118,11 +118,15 @@ fn an_oom_kill_is_named_counted_and_handled_by_the_restart_policy() {
     );
     let mut daemon = run_daemon(&dir);
     let status = wait_for_status(&dir, &daemon, "hog", |s| s["state"] == "failed");
-    assert_eq!(
-        status["last_error"],
-        "gave up after 1 restart: killed by the OOM killer (memory_limit 48 MiB) while starting",
+    // "while starting" when the kill came within start_grace, which
+    // depends on how fast a loaded machine gets the memory.
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error
+            .starts_with("gave up after 1 restart: killed by the OOM killer (memory_limit 48 MiB)"),
         "{status:#}"
     );
+    assert_eq!(status["last_exit_signal"], "SIGKILL", "{status:#}");
     assert_eq!(status["last_exit_code"], 137, "{status:#}");
     assert_eq!(status["oom_kills"], 2, "both runs: {status:#}");
     assert_eq!(
