@@ -199,9 +199,16 @@ pub async fn run(
     }
     store.flush().await;
     bus.flush().await;
+    // The last services' cgroups may still be going (their removal is off
+    // the exit path): nothing is left behind, and the parent can go too.
+    crate::process::cgroup_removals_settled(CGROUP_REMOVAL_WAIT).await;
     info!("all services stopped; exiting");
     Ok(())
 }
+
+/// How long the daemon waits at its exit for its services' cgroups to be
+/// removed; what is left then, the next start's sweep removes.
+const CGROUP_REMOVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a daemon that died left running is stopped: the processes its
 /// record names (gracefully, by their current definitions' stop_signal and

@@ -13,12 +13,13 @@
 //! `<cgroup_parent>-<hash of its data_dir>` instead, so that the start-up
 //! sweep of leftovers never kills another daemon's services.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -244,6 +245,64 @@ pub fn kill_until_empty(cgroup: &dyn ServiceCgroup, timeout: Duration) -> io::Re
     }
 }
 
+/// Which run of a service owns its cgroup directory. A service's exit is
+/// reported once its cgroup is empty, but the kernel frees the last process
+/// a moment after it stops being listed, and rmdir fails with EBUSY until
+/// then: so the removal may finish in the background while the service's
+/// next run makes the directory again. Both go through here, so a late
+/// removal never takes a directory that a newer run has claimed.
+#[derive(Debug, Default)]
+pub(crate) struct Owners {
+    /// The ticket of the run that last claimed each directory.
+    runs: Mutex<HashMap<PathBuf, u64>>,
+    next_ticket: AtomicU64,
+}
+
+/// A run's claim on its cgroup directory, for [`Owners::release`].
+#[derive(Debug)]
+pub(crate) struct Claim {
+    owners: Arc<Owners>,
+    key: PathBuf,
+    ticket: u64,
+}
+
+impl Owners {
+    /// Claims `key` for a new run. The guard keeps every removal out until
+    /// it is dropped: hold it while the directories are made.
+    pub(crate) fn claim(
+        self: &Arc<Self>,
+        key: &Path,
+    ) -> (Claim, MutexGuard<'_, HashMap<PathBuf, u64>>) {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        runs.insert(key.to_owned(), ticket);
+        let claim = Claim {
+            owners: Arc::clone(self),
+            key: key.to_owned(),
+            ticket,
+        };
+        (claim, runs)
+    }
+}
+
+impl Claim {
+    /// Runs `remove` unless a newer run claimed the directory since (then
+    /// it is that run's, and this is `Ok`).
+    pub(crate) fn release(&self, remove: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let mut runs = self
+            .owners
+            .runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if runs.get(&self.key) != Some(&self.ticket) {
+            return Ok(());
+        }
+        remove()?;
+        runs.remove(&self.key);
+        Ok(())
+    }
+}
+
 /// A cgroup that `create` found already there (a previous daemon's that the
 /// sweep could not remove) is reused, but not with its processes in it: one
 /// SIGKILL pass, without waiting for them to be gone (this runs on the
@@ -312,4 +371,74 @@ fn sweep(leftovers: Vec<Box<dyn ServiceCgroup>>) -> Vec<u32> {
         );
     }
     killed
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    #[test]
+    fn a_late_removal_leaves_a_directory_a_newer_run_claimed() {
+        let owners = Arc::new(Owners::default());
+        let key = Path::new("/sys/fs/cgroup/orchestrator/api");
+        let (first, making) = owners.claim(key);
+        drop(making);
+        let (second, making) = owners.claim(key);
+        drop(making);
+        let removed = Cell::new(0);
+        let remove = || {
+            removed.set(removed.get() + 1);
+            Ok(())
+        };
+        first.release(remove).unwrap();
+        assert_eq!(removed.get(), 0, "the second run owns it now");
+        second.release(remove).unwrap();
+        assert_eq!(removed.get(), 1, "its own run removes it");
+        // Released: a second removal of the same run is harmless.
+        second.release(remove).unwrap();
+        assert_eq!(removed.get(), 1);
+    }
+
+    #[test]
+    fn a_removal_that_fails_keeps_the_claim_for_the_next_try() {
+        let owners = Arc::new(Owners::default());
+        let key = Path::new("/sys/fs/cgroup/orchestrator/api");
+        let (claim, making) = owners.claim(key);
+        drop(making);
+        let busy = || Err(io::Error::from_raw_os_error(libc::EBUSY));
+        assert_eq!(
+            claim.release(busy).unwrap_err().raw_os_error(),
+            Some(libc::EBUSY)
+        );
+        let removed = Cell::new(false);
+        claim
+            .release(|| {
+                removed.set(true);
+                Ok(())
+            })
+            .unwrap();
+        assert!(removed.get(), "still its own after the failed try");
+    }
+
+    #[test]
+    fn removals_wait_while_a_run_makes_its_directory() {
+        let owners = Arc::new(Owners::default());
+        let key = Path::new("/sys/fs/cgroup/orchestrator/api");
+        let (old, making) = owners.claim(key);
+        drop(making);
+        let (_new, making) = owners.claim(key);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let remover = std::thread::spawn(move || {
+            old.release(|| Ok(())).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "the removal waits for the directory to be made"
+        );
+        drop(making);
+        remover.join().unwrap();
+    }
 }

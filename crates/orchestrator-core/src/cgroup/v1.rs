@@ -44,6 +44,7 @@ pub(super) struct V1Controller {
     relative: PathBuf,
     /// `None` when the lock was inherited (a guardian's).
     lock: Option<ParentLock>,
+    owners: Arc<super::Owners>,
 }
 
 pub(super) fn setup(
@@ -102,6 +103,7 @@ pub(super) fn setup(
         cpu,
         relative,
         lock,
+        owners: Arc::default(),
     })
 }
 
@@ -173,6 +175,9 @@ impl ResourceController for V1Controller {
 
     fn create(&self, service: &str, limits: &Limits) -> Result<Placement, CgroupError> {
         let pids_dir = self.pids.parent.join(service);
+        // Held while the directories are made: the previous run's removal,
+        // if it is still under way, cannot take them from under us.
+        let (claim, making) = self.owners.claim(&pids_dir);
         let reused = files::mkdir(&pids_dir).map_err(|source| CgroupError::Io {
             action: format!("create service {service}'s cgroup"),
             path: pids_dir.clone(),
@@ -200,11 +205,13 @@ impl ResourceController for V1Controller {
             _ if self.pids.has("cpuacct") => Some(pids_dir.clone()),
             _ => None,
         };
+        drop(making);
         let mut cgroup = V1Cgroup {
             dirs: dirs.iter().map(|(dir, _)| dir.clone()).collect(),
             memory: memory.clone(),
             cpuacct,
             procs: Vec::new(),
+            claim: Some(claim),
         };
         if dirs.iter().any(|(_, reused)| *reused) {
             super::empty_reused(&cgroup, service);
@@ -320,6 +327,7 @@ impl ResourceController for V1Controller {
                     memory: None,
                     cpuacct: None,
                     procs: Vec::new(),
+                    claim: None,
                 }) as Box<dyn ServiceCgroup>
             })
             .collect();
@@ -344,6 +352,8 @@ pub(super) struct V1Cgroup {
     memory: Option<PathBuf>,
     cpuacct: Option<PathBuf>,
     procs: Vec<OwnedFd>,
+    /// `None` for a previous daemon's, found by the sweep.
+    claim: Option<super::Claim>,
 }
 
 impl ServiceCgroup for V1Cgroup {
@@ -402,14 +412,20 @@ impl ServiceCgroup for V1Cgroup {
     /// Each directory; the first failure (EBUSY: still populated) is
     /// returned after trying the rest.
     fn remove(&self) -> io::Result<()> {
-        let mut outcome = Ok(());
-        for dir in &self.dirs {
-            if let Err(error) = files::rmdir(dir)
-                && outcome.is_ok()
-            {
-                outcome = Err(error);
+        let remove = || {
+            let mut outcome = Ok(());
+            for dir in &self.dirs {
+                if let Err(error) = files::rmdir(dir)
+                    && outcome.is_ok()
+                {
+                    outcome = Err(error);
+                }
             }
+            outcome
+        };
+        match &self.claim {
+            Some(claim) => claim.release(remove),
+            None => remove(),
         }
-        outcome
     }
 }

@@ -36,6 +36,7 @@ pub(super) struct V2Controller {
     relative: PathBuf,
     /// `None` when the lock was inherited (a guardian's).
     lock: Option<ParentLock>,
+    owners: std::sync::Arc<super::Owners>,
 }
 
 pub(super) fn setup(
@@ -113,6 +114,7 @@ pub(super) fn setup(
         missing,
         relative,
         lock,
+        owners: Default::default(),
     })
 }
 
@@ -281,14 +283,19 @@ impl ResourceController for V2Controller {
 
     fn create(&self, service: &str, limits: &Limits) -> Result<Placement, CgroupError> {
         let dir = self.parent.join(service);
+        // Held while the directory is made: the previous run's removal, if
+        // it is still under way, cannot take it from under us.
+        let (claim, making) = self.owners.claim(&dir);
         let reused = files::mkdir(&dir).map_err(|source| CgroupError::Io {
             action: format!("create service {service}'s cgroup"),
             path: dir.clone(),
             source,
         })?;
+        drop(making);
         let cgroup = V2Cgroup {
             dir,
             procs: Vec::new(),
+            claim: None,
         };
         if reused {
             super::empty_reused(&cgroup, service);
@@ -360,6 +367,7 @@ impl ResourceController for V2Controller {
             cgroup: Some(std::sync::Arc::new(V2Cgroup {
                 dir: cgroup.dir,
                 procs: vec![procs],
+                claim: Some(claim),
             })),
             unenforced,
         })
@@ -381,6 +389,7 @@ impl ResourceController for V2Controller {
                 Box::new(V2Cgroup {
                     dir: self.parent.join(name),
                     procs: Vec::new(),
+                    claim: None,
                 }) as Box<dyn ServiceCgroup>
             })
             .collect();
@@ -400,6 +409,8 @@ impl Drop for V2Controller {
 pub(super) struct V2Cgroup {
     dir: PathBuf,
     procs: Vec<OwnedFd>,
+    /// `None` for a previous daemon's, found by the sweep.
+    claim: Option<super::Claim>,
 }
 
 impl ServiceCgroup for V2Cgroup {
@@ -468,7 +479,10 @@ impl ServiceCgroup for V2Cgroup {
     }
 
     fn remove(&self) -> io::Result<()> {
-        files::rmdir(&self.dir)
+        match &self.claim {
+            Some(claim) => claim.release(|| files::rmdir(&self.dir)),
+            None => files::rmdir(&self.dir),
+        }
     }
 }
 

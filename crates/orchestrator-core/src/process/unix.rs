@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -570,29 +571,85 @@ impl UnixChild {
                 }
             }
         }
-        loop {
-            match cgroup.remove() {
-                Ok(()) => break,
-                // The kernel frees a cgroup's last process a little after
-                // it stops being listed.
-                Err(error)
-                    if error.raw_os_error() == Some(libc::EBUSY)
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(CGROUP_POLL).await;
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        cgroup = %path,
-                        "cannot remove cgroup {path} after the service ended \
-                         (stage \"cgroup cleanup\"): {error}; left for the next start's sweep"
-                    );
-                    break;
-                }
-            }
-        }
         self.cgroup = None;
+        match cgroup.remove() {
+            Ok(()) => {}
+            // The kernel frees a cgroup's last process a little after it
+            // stops being listed. Nothing of the service runs any more, so
+            // its exit is reported now and the removal finishes in the
+            // background: waiting for it here cost every restart a poll
+            // period or more. A next run that makes the directory first
+            // keeps it (cgroup::Owners).
+            Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
+                PendingRemovals::start();
+                tokio::spawn(async move {
+                    let _pending = PendingRemovals;
+                    loop {
+                        tokio::time::sleep(CGROUP_POLL).await;
+                        match cgroup.remove() {
+                            Ok(()) => return,
+                            Err(error)
+                                if error.raw_os_error() == Some(libc::EBUSY)
+                                    && tokio::time::Instant::now() < deadline => {}
+                            Err(error) => {
+                                warn_not_removed(&path, &error);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+            Err(error) => warn_not_removed(&path, &error),
+        }
     }
+}
+
+fn warn_not_removed(path: &str, error: &io::Error) {
+    tracing::warn!(
+        cgroup = %path,
+        "cannot remove cgroup {path} after the service ended \
+         (stage \"cgroup cleanup\"): {error}; left for the next start's sweep"
+    );
+}
+
+/// Cgroup removals still under way in the background; one guard each.
+static PENDING_REMOVALS: AtomicUsize = AtomicUsize::new(0);
+static REMOVALS_DONE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+struct PendingRemovals;
+
+impl PendingRemovals {
+    fn start() {
+        PENDING_REMOVALS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for PendingRemovals {
+    fn drop(&mut self) {
+        if PENDING_REMOVALS.fetch_sub(1, Ordering::SeqCst) == 1 {
+            REMOVALS_DONE.notify_waiters();
+        }
+    }
+}
+
+/// Waits (at most `limit`) for the services' cgroups still being removed
+/// in the background: before the daemon exits, so that it leaves no empty
+/// cgroup behind and its parent can go too.
+pub async fn cgroup_removals_settled(limit: Duration) {
+    let settled = async {
+        loop {
+            // Registered before the count is read: a last removal ending
+            // in between still wakes us.
+            let done = REMOVALS_DONE.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if PENDING_REMOVALS.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    };
+    let _ = tokio::time::timeout(limit, settled).await;
 }
 
 impl ChildProcess for UnixChild {
