@@ -1081,4 +1081,37 @@ mod tests {
         assert_eq!(format_cpu(42.25), "42.2s");
         assert_eq!(format_cpu(307.0), "5m07s");
     }
+
+    #[test]
+    fn several_services_print_as_aligned_name_bars() {
+        use crate::logview::{Entry, Prefixer};
+        use orchestrator_core::wire::Stream;
+        let entry = |service, seq, time: &str, stream, text: &str| Entry {
+            service,
+            seq,
+            time: format!("2026-01-02T03:04:{time}Z"),
+            stream,
+            text: text.into(),
+        };
+        let entries = [
+            entry(0, 1, "05.001", Stream::Stdout, "listening on :8080"),
+            entry(1, 7, "05.002", Stream::Stderr, "slow query \u{1b}[2J"),
+            entry(0, 2, "06.000", Stream::Stdout, "GET /"),
+        ];
+        let names = ["api".to_owned(), "worker@0".to_owned()];
+        let prefixer = Prefixer::new(&names, true, false);
+        assert_eq!(
+            render_entries(&entries, prefixer.as_ref()),
+            "\
+api      | 2026-01-02T03:04:05.001Z stdout listening on :8080
+worker@0 | 2026-01-02T03:04:05.002Z stderr slow query \\x1b[2J
+api      | 2026-01-02T03:04:06.000Z stdout GET /
+"
+        );
+        // One service named alone: as `logs NAME` always printed.
+        assert_eq!(
+            render_entries(&entries[..1], None),
+            "2026-01-02T03:04:05.001Z stdout listening on :8080\n"
+        );
+    }
 }

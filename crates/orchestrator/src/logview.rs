@@ -37,7 +37,11 @@ pub fn merge(per_service: Vec<Vec<Entry>>, lines: usize) -> Vec<Entry> {
 /// UTC RFC 3339 time (`2026-01-02T03:04:05Z`, fractions allowed).
 pub fn parse_since(text: &str, now: SystemTime) -> Result<SystemTime, String> {
     if let Ok(back) = humantime::parse_duration(text) {
-        return Ok(now.checked_sub(back).unwrap_or(SystemTime::UNIX_EPOCH));
+        // Before 1970 is no time the daemon can have a line of.
+        return Ok(now
+            .checked_sub(back)
+            .filter(|since| *since >= SystemTime::UNIX_EPOCH)
+            .unwrap_or(SystemTime::UNIX_EPOCH));
     }
     parse_time(text).map_err(|_| {
         format!(
