@@ -413,7 +413,10 @@ impl Event {
                 } else {
                     ""
                 };
-                format!("restart in {delay_ms} ms (failure {failures}{limited})")
+                format!(
+                    "restart in {} (failure {failures}{limited})",
+                    seconds(*delay_ms)
+                )
             }
             EventKind::GaveUp { error } => format!("gave up: {error}"),
             EventKind::OomKilled { memory_limit_mib } => match memory_limit_mib {
@@ -471,5 +474,46 @@ impl Event {
             }
         };
         format!("{}  {service}  {what}", self.time)
+    }
+}
+
+/// Every delay in event text is in seconds, as `status` shows durations:
+/// `1.1s`, `0.05s`, `30s` (no trailing zeros), never a mix of ms and s.
+fn seconds(millis: u64) -> String {
+    let whole = millis / 1000;
+    match millis % 1000 {
+        0 => format!("{whole}s"),
+        part => {
+            let fraction = format!("{part:03}");
+            format!("{whole}.{}s", fraction.trim_end_matches('0'))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restart_text(delay_ms: u64) -> String {
+        Event {
+            seq: 1,
+            time: "T".into(),
+            service: Some("api".into()),
+            kind: EventKind::RestartScheduled {
+                delay_ms,
+                failures: 2,
+                start_limited: false,
+            },
+        }
+        .describe()
+    }
+
+    #[test]
+    fn delays_read_in_seconds_only() {
+        assert_eq!(restart_text(1100), "T  api  restart in 1.1s (failure 2)");
+        assert_eq!(restart_text(50), "T  api  restart in 0.05s (failure 2)");
+        assert_eq!(restart_text(30_000), "T  api  restart in 30s (failure 2)");
+        assert_eq!(restart_text(1234), "T  api  restart in 1.234s (failure 2)");
+        assert_eq!(restart_text(0), "T  api  restart in 0s (failure 2)");
     }
 }

@@ -582,37 +582,254 @@ fn about_service(name: &str, message: &str) -> String {
     }
 }
 
-pub async fn logs(client: &Client, name: &str, lines: usize, follow: bool) -> ExitCode {
-    let path = format!(
-        "/v1/services/{}/logs?tail={lines}&follow={follow}",
-        segment(name)
-    );
-    let stdout = std::io::stdout();
-    let mut shown = Vec::new();
-    let result = client
-        .lines_within(&path, follow, |line| {
-            let mut out = stdout.lock();
-            match serde_json::from_slice::<LogRecord>(line) {
-                Ok(LogRecord::Line {
-                    time, stream, text, ..
-                }) => {
-                    shown.clear();
-                    escape_controls(&text, &mut shown);
-                    write!(out, "{time} {stream:6} ")?;
-                    out.write_all(&shown)?;
-                    writeln!(out)?
-                }
-                Ok(LogRecord::Skipped { skipped }) => {
-                    writeln!(out, "… {skipped} lines skipped (this reader was too slow)")?
-                }
-                Err(_) => {}
-            };
-            out.flush()
-        })
-        .await;
-    streamed(client, result, follow).await
+/// Lines `logs` shows when not told (`-n`).
+pub const DEFAULT_LOG_LINES: usize = 50;
+/// Events `events` shows when not told (`-n`): as many as `logs` shows lines.
+pub const DEFAULT_EVENTS: usize = 50;
+/// All the daemon keeps of a service (its `tail=` cap): what `--grep`
+/// searches, so that `-n 10 --grep x` shows the last 10 that match.
+const WHOLE_BUFFER: usize = 100_000;
+
+/// What `logs` was asked for.
+pub struct LogsRequest {
+    pub names: Vec<String>,
+    pub all: bool,
+    /// `-n`: lines in all, over every service shown (as `journalctl -n`).
+    pub lines: Option<usize>,
+    pub follow: bool,
+    pub since: Option<std::time::SystemTime>,
+    pub grep: Option<regex::Regex>,
 }
 
+/// `--grep`: a regular expression; a bad one is a usage error (exit 2)
+/// with the reason the regex crate gives.
+pub fn parse_grep(text: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(text).map_err(|error| format!("not a valid regular expression: {error}"))
+}
+
+/// `--since`, read against the clock now.
+pub fn parse_since(text: &str) -> Result<std::time::SystemTime, String> {
+    crate::logview::parse_since(text, std::time::SystemTime::now())
+}
+
+/// The services' recent lines merged in time order, then (`-f`) every new
+/// line of each as it comes. One service named alone prints as it always
+/// has; several, or `--all`, get a `name | ` prefix.
+pub async fn logs(client: &Client, request: LogsRequest) -> ExitCode {
+    use crate::logview::{Entry, Prefixer, merge, since_param, use_colour};
+    use std::io::IsTerminal;
+
+    let names = if request.all {
+        match client
+            .json::<Vec<ServiceInfo>>(Method::GET, "/v1/services")
+            .await
+        {
+            Ok(services) => services.into_iter().map(|s| s.name).collect(),
+            Err(error) => return fail(&error),
+        }
+    } else {
+        let mut names: Vec<String> = Vec::new();
+        for name in request.names {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    };
+    if names.is_empty() {
+        eprintln!("orchestrator: the daemon has no services, so no logs to show");
+        return ExitCode::SUCCESS;
+    }
+    let colour = use_colour(
+        std::io::stdout().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let prefixer = Prefixer::new(&names, request.all || names.len() > 1, colour);
+    let since = request.since.map(since_param);
+    let matches = |text: &str| request.grep.as_ref().is_none_or(|re| re.is_match(text));
+
+    // Subscribed before the recent lines are read: a line printed between
+    // the two comes in both, and is shown once (by its number).
+    let mut streams = Vec::new();
+    if request.follow {
+        for name in &names {
+            let path = format!("/v1/services/{}/logs?tail=0&follow=true", segment(name));
+            match client.open_lines(&path, true).await {
+                Ok(lines) => streams.push(lines),
+                Err(error) => return fail(&error),
+            }
+        }
+    }
+
+    let mut query = match (&request.grep, &since, request.lines) {
+        (Some(_), _, _) => format!("tail={WHOLE_BUFFER}"),
+        // Every line since then unless told how many.
+        (None, Some(_), None) => String::new(),
+        (None, _, lines) => format!("tail={}", lines.unwrap_or(DEFAULT_LOG_LINES)),
+    };
+    if let Some(since) = &since {
+        query.push_str(&format!("&since={since}"));
+    }
+    let mut per_service = Vec::new();
+    let mut shown_up_to: Vec<Option<u64>> = Vec::new();
+    for (index, name) in names.iter().enumerate() {
+        let path = format!("/v1/services/{}/logs?{query}", segment(name));
+        let mut entries = Vec::new();
+        let result = client
+            .lines_within(&path, false, |line| {
+                if let Ok(LogRecord::Line {
+                    seq,
+                    time,
+                    stream,
+                    text,
+                }) = serde_json::from_slice::<LogRecord>(line)
+                {
+                    entries.push(Entry {
+                        service: index,
+                        seq,
+                        time,
+                        stream,
+                        text,
+                    });
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(error) = result {
+            return fail(&error);
+        }
+        shown_up_to.push(entries.last().map(|e| e.seq));
+        entries.retain(|e| matches(&e.text));
+        per_service.push(entries);
+    }
+    let lines = request.lines.unwrap_or(if since.is_some() {
+        usize::MAX
+    } else {
+        DEFAULT_LOG_LINES
+    });
+    let recent = merge(per_service, lines);
+    let printed = write_stdout_io(&render_entries(&recent, prefixer.as_ref()));
+    if let Err(error) = printed {
+        return streamed(client, Err(ClientError::Output(error)), request.follow).await;
+    }
+    if !request.follow {
+        return ExitCode::SUCCESS;
+    }
+
+    let (sender, mut received) = tokio::sync::mpsc::channel(64);
+    let mut readers = JoinSet::new();
+    for (index, mut lines) in streams.into_iter().enumerate() {
+        let sender = sender.clone();
+        readers.spawn(async move {
+            loop {
+                let next = lines.next_line().await;
+                let last = !matches!(next, Ok(Some(_)));
+                if sender.send((index, next)).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+    }
+    drop(sender);
+    let mut open = names.len();
+    let stdout = std::io::stdout();
+    let mut shown = Vec::new();
+    let mut result = Ok(());
+    while open > 0 {
+        let Some((index, next)) = received.recv().await else {
+            break;
+        };
+        let line = match next {
+            Ok(Some(line)) => line,
+            // This service's stream ended (it was removed by a reload, or
+            // the daemon is shutting down): the others go on.
+            Ok(None) => {
+                open -= 1;
+                continue;
+            }
+            Err(error) => {
+                result = Err(error);
+                break;
+            }
+        };
+        let written = match serde_json::from_slice::<LogRecord>(&line) {
+            Ok(LogRecord::Line {
+                seq,
+                time,
+                stream,
+                text,
+            }) => {
+                let old = shown_up_to[index].is_some_and(|up_to| seq <= up_to);
+                let early = since.as_deref().is_some_and(|since| time.as_str() < since);
+                if old || early || !matches(&text) {
+                    continue;
+                }
+                shown.clear();
+                let entry = Entry {
+                    service: index,
+                    seq,
+                    time,
+                    stream,
+                    text,
+                };
+                write_entry(&mut shown, &entry, prefixer.as_ref());
+                let mut out = stdout.lock();
+                out.write_all(&shown).and_then(|()| out.flush())
+            }
+            Ok(LogRecord::Skipped { skipped }) => {
+                let prefix = prefixer
+                    .as_ref()
+                    .map(|p| p.prefix(index, orchestrator_core::wire::Stream::Stdout))
+                    .unwrap_or_default();
+                let mut out = stdout.lock();
+                writeln!(
+                    out,
+                    "{prefix}… {skipped} lines skipped (this reader was too slow)"
+                )
+                .and_then(|()| out.flush())
+            }
+            Err(_) => continue,
+        };
+        if let Err(error) = written {
+            result = Err(ClientError::Output(error));
+            break;
+        }
+    }
+    readers.abort_all();
+    streamed(client, result, true).await
+}
+
+fn write_stdout_io(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// The lines as `logs` prints them: `TIME STREAM TEXT`, after `name | `
+/// when several services are shown; control characters escaped.
+pub fn render_entries(
+    entries: &[crate::logview::Entry],
+    prefixer: Option<&crate::logview::Prefixer>,
+) -> String {
+    let mut out = Vec::new();
+    for entry in entries {
+        write_entry(&mut out, entry, prefixer);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn write_entry(
+    out: &mut Vec<u8>,
+    entry: &crate::logview::Entry,
+    prefixer: Option<&crate::logview::Prefixer>,
+) {
+    if let Some(prefixer) = prefixer {
+        out.extend_from_slice(prefixer.prefix(entry.service, entry.stream).as_bytes());
+    }
+    out.extend_from_slice(format!("{} {:6} ", entry.time, entry.stream).as_bytes());
+    escape_controls(&entry.text, out);
+    out.push(b'\n');
+}
 /// A reader that went away (`logs -f | head`) ends the stream as the end
 /// of the output would, quietly: not an error, and not a reason to keep
 /// following forever.
@@ -644,20 +861,60 @@ async fn followed_to_the_end(client: &Client) -> String {
     }
 }
 
-pub async fn events(client: &Client, follow: bool) -> ExitCode {
-    let path = format!("/v1/events?follow={follow}");
+/// What `events` was asked for.
+pub struct EventsRequest {
+    pub follow: bool,
+    /// `-n`: the last N of the history (then, with `-f`, every new one).
+    pub lines: usize,
+    /// Only this service's events; the daemon's own are left out.
+    pub service: Option<String>,
+    /// One JSON object a line: the event as the API sends it.
+    pub json: bool,
+}
+
+pub async fn events(client: &Client, request: EventsRequest) -> ExitCode {
+    let mut path = format!(
+        "/v1/events?follow={}&tail={}",
+        request.follow, request.lines
+    );
+    if let Some(service) = &request.service {
+        path.push_str(&format!("&service={}", segment(service)));
+    }
     let stdout = std::io::stdout();
     let (mut shown, mut escaped) = (String::new(), Vec::new());
     let result = client
-        .lines_within(&path, follow, |line| {
+        .lines_within(&path, request.follow, |line| {
             let Some(data) = line.strip_prefix(b"data:") else {
                 return Ok(());
             };
             let data = data.strip_prefix(b" ").unwrap_or(data);
             let mut out = stdout.lock();
             match serde_json::from_slice::<Event>(data) {
+                Ok(_) if request.json => {
+                    // As the daemon sent it: fields a newer daemon added stay.
+                    out.write_all(data)?;
+                    writeln!(out)?;
+                    return out.flush();
+                }
                 Ok(event) => shown.push_str(&event.describe()),
-                Err(_) => shown.push_str(&String::from_utf8_lossy(data)),
+                Err(_) => {
+                    // The only other data: a follower that fell behind.
+                    let missed = serde_json::from_slice::<serde_json::Value>(data)
+                        .ok()
+                        .and_then(|v| v["missed"].as_u64());
+                    match missed {
+                        Some(missed) => eprintln!(
+                            "orchestrator: {missed} events missed (this reader was too slow)"
+                        ),
+                        None if !request.json => {
+                            shown.push_str(&String::from_utf8_lossy(data));
+                        }
+                        None => {}
+                    }
+                    if shown.is_empty() {
+                        return Ok(());
+                    }
+                }
             };
             // Events quote services' errors, which may hold their output.
             escaped.clear();
@@ -668,7 +925,7 @@ pub async fn events(client: &Client, follow: bool) -> ExitCode {
             out.flush()
         })
         .await;
-    streamed(client, result, follow).await
+    streamed(client, result, request.follow).await
 }
 
 /// One line per service that changed (and a count of the others), then
@@ -1064,5 +1321,38 @@ cron@0  failed      -    -       5         3          -      -    gave up after 
         assert_eq!(format_cpu(0.0), "0.00s");
         assert_eq!(format_cpu(42.25), "42.2s");
         assert_eq!(format_cpu(307.0), "5m07s");
+    }
+
+    #[test]
+    fn several_services_print_as_aligned_name_bars() {
+        use crate::logview::{Entry, Prefixer};
+        use orchestrator_core::wire::Stream;
+        let entry = |service, seq, time: &str, stream, text: &str| Entry {
+            service,
+            seq,
+            time: format!("2026-01-02T03:04:{time}Z"),
+            stream,
+            text: text.into(),
+        };
+        let entries = [
+            entry(0, 1, "05.001", Stream::Stdout, "listening on :8080"),
+            entry(1, 7, "05.002", Stream::Stderr, "slow query \u{1b}[2J"),
+            entry(0, 2, "06.000", Stream::Stdout, "GET /"),
+        ];
+        let names = ["api".to_owned(), "worker@0".to_owned()];
+        let prefixer = Prefixer::new(&names, true, false);
+        assert_eq!(
+            render_entries(&entries, prefixer.as_ref()),
+            "\
+api      | 2026-01-02T03:04:05.001Z stdout listening on :8080
+worker@0 | 2026-01-02T03:04:05.002Z stderr slow query \\x1b[2J
+api      | 2026-01-02T03:04:06.000Z stdout GET /
+"
+        );
+        // One service named alone: as `logs NAME` always printed.
+        assert_eq!(
+            render_entries(&entries[..1], None),
+            "2026-01-02T03:04:05.001Z stdout listening on :8080\n"
+        );
     }
 }

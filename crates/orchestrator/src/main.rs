@@ -3,6 +3,7 @@
 mod api;
 mod cli;
 mod console;
+mod logview;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -94,23 +95,57 @@ enum Command {
         #[arg(long)]
         with_dependents: bool,
     },
-    /// Show a service's recent output
+    /// Show services' recent output, merged in time order
+    ///
+    /// Only what the daemon keeps in memory (the last lines of each service);
+    /// older lines are in data_dir/logs/NAME.log. One service prints `TIME STREAM TEXT`;
+    /// several (or --all) print `NAME | TIME STREAM TEXT`, names aligned and, on a
+    /// terminal without NO_COLOR, coloured, with the bar red for stderr lines.
+    #[command(after_help = "Examples:
+  orchestrator logs api -n 100              the last 100 lines of api
+  orchestrator logs api worker -f           both, merged, then new lines as they come
+  orchestrator logs --all --since 10m --grep 'error|panic'
+                                            every service's errors of the last 10 minutes")]
     Logs {
-        name: String,
-        /// How many recent lines
-        #[arg(short = 'n', long = "lines", default_value_t = 50)]
-        lines: usize,
-        /// Keep printing new lines until interrupted
+        /// Services to show (several are merged in time order)
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        names: Vec<String>,
+        /// Every service the daemon runs (instances web@0... included)
+        #[arg(long)]
+        all: bool,
+        /// How many recent lines, in all (not per service) [default: 50; with --since: every line since then]
+        #[arg(short = 'n', long = "lines", value_name = "LINES")]
+        lines: Option<usize>,
+        /// Keep printing new lines of every service until interrupted
         #[arg(short, long)]
         follow: bool,
+        /// Only lines from then on: a duration back from now (90s, 10m, 2h) or a UTC RFC 3339 time (2026-01-02T03:04:05Z)
+        #[arg(long, value_name = "TIME", value_parser = cli::parse_since)]
+        since: Option<std::time::SystemTime>,
+        /// Only lines whose text matches this regular expression (also with -f)
+        #[arg(long, value_name = "RE", value_parser = cli::parse_grep)]
+        grep: Option<regex::Regex>,
     },
     /// Re-read the configuration and apply the difference
     Reload,
-    /// Lifecycle events (start, exit, restart, stop, ...)
+    /// Lifecycle events (start, exit, restart, health, reload, ...)
+    #[command(after_help = "Examples:
+  orchestrator events -n 10                 the last 10 events
+  orchestrator events -f --service api      api's last events, then new ones as they come
+  orchestrator events --json | jq .event    one JSON object a line, for scripts")]
     Events {
-        /// Keep printing new events until interrupted
+        /// Print the last events, then keep printing new ones until interrupted
         #[arg(short, long)]
         follow: bool,
+        /// How many of the last events
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = cli::DEFAULT_EVENTS)]
+        lines: usize,
+        /// Only this service's events (the daemon's own are left out)
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// One JSON object a line: each event as the API sends it
+        #[arg(long)]
+        json: bool,
     },
     /// Stop every service and the daemon; returns once it is gone
     Shutdown,
@@ -272,12 +307,38 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
                 cli::act(client, action, targets.names, targets.all).await
             }
             Command::Logs {
-                name,
+                names,
+                all,
                 lines,
                 follow,
-            } => cli::logs(&client, &name, lines, follow).await,
+                since,
+                grep,
+            } => {
+                let request = cli::LogsRequest {
+                    names,
+                    all,
+                    lines,
+                    follow,
+                    since,
+                    grep,
+                };
+                cli::logs(&client, request).await
+            }
             Command::Reload => cli::reload(&client).await,
-            Command::Events { follow } => cli::events(&client, follow).await,
+            Command::Events {
+                follow,
+                lines,
+                service,
+                json,
+            } => {
+                let request = cli::EventsRequest {
+                    follow,
+                    lines,
+                    service,
+                    json,
+                };
+                cli::events(&client, request).await
+            }
             Command::Shutdown => cli::shutdown(&client, shutdown_wait).await,
             Command::Run | Command::Check | Command::Discover | Command::Guardian { .. } => {
                 unreachable!("handled before")

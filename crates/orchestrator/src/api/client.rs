@@ -246,32 +246,29 @@ impl Client {
         follow: bool,
         mut on_line: impl FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), ClientError> {
-        let response = self.request(Method::GET, path).await?;
-        let mut body = response.into_body();
-        let mut pending: Vec<u8> = Vec::new();
-        loop {
-            let frame = if follow {
-                body.frame().await
-            } else {
-                self.bounded(async { Ok(body.frame().await) }).await?
-            };
-            let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| self.broken(e))?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            pending.extend_from_slice(&data);
-            let mut start = 0;
-            while let Some(offset) = memchr_newline(&pending[start..]) {
-                on_line(&pending[start..start + offset]).map_err(ClientError::Output)?;
-                start += offset + 1;
-            }
-            pending.drain(..start);
-        }
-        if !pending.is_empty() {
-            on_line(&pending).map_err(ClientError::Output)?;
+        let mut lines = self.open_lines(path, follow).await?;
+        while let Some(line) = lines.next_line().await? {
+            on_line(&line).map_err(ClientError::Output)?;
         }
         Ok(())
+    }
+
+    /// The answer to `path`, once its head has come (within the timeout),
+    /// to be read line by line: for a follow stream, the daemon has
+    /// subscribed by then, so nothing printed later is missed.
+    pub async fn open_lines(&self, path: &str, follow: bool) -> Result<Lines, ClientError> {
+        let response = self.request(Method::GET, path).await?;
+        Ok(Lines {
+            client: Client {
+                socket: self.socket.clone(),
+                timeout: self.timeout,
+            },
+            body: response.into_body(),
+            follow,
+            pending: Vec::new(),
+            start: 0,
+            ended: false,
+        })
     }
 
     async fn read_body(&self, response: Response<Incoming>) -> Result<Bytes, ClientError> {
@@ -281,6 +278,54 @@ impl Client {
             .await
             .map(|collected| collected.to_bytes())
             .map_err(|e| self.broken(e))
+    }
+}
+
+/// A streamed answer, line by line ([`Client::open_lines`]).
+pub struct Lines {
+    client: Client,
+    body: Incoming,
+    follow: bool,
+    pending: Vec<u8>,
+    /// Where the next line starts in `pending`.
+    start: usize,
+    ended: bool,
+}
+
+impl Lines {
+    /// The next line without its `\n`; `None` once the answer has ended
+    /// (a last line without `\n` included). A follow stream may wait as long
+    /// as the daemon is silent; any other answer must keep coming, each
+    /// wait for more of it bounded by the timeout.
+    pub async fn next_line(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        loop {
+            if let Some(offset) = memchr_newline(&self.pending[self.start..]) {
+                let line = self.pending[self.start..self.start + offset].to_vec();
+                self.start += offset + 1;
+                return Ok(Some(line));
+            }
+            self.pending.drain(..self.start);
+            self.start = 0;
+            if self.ended {
+                return Ok((!self.pending.is_empty()).then(|| std::mem::take(&mut self.pending)));
+            }
+            let frame = if self.follow {
+                self.body.frame().await
+            } else {
+                let body = &mut self.body;
+                self.client
+                    .bounded(async { Ok(body.frame().await) })
+                    .await?
+            };
+            let Some(frame) = frame else {
+                self.ended = true;
+                continue;
+            };
+            let frame = frame.map_err(|e| self.client.broken(e))?;
+            if let Ok(data) = frame.into_data() {
+                self.pending.extend_from_slice(&data);
+            }
+        }
     }
 }
 

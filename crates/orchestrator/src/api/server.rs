@@ -241,11 +241,33 @@ impl<'de> Deserialize<'de> for Flag {
 struct LogsQuery {
     tail: Option<usize>,
     follow: Option<Flag>,
+    since: Option<Since>,
+}
+
+/// `since=`: an RFC 3339 time in UTC; only lines from then on.
+#[derive(Debug, Clone, Copy)]
+struct Since(std::time::SystemTime);
+
+impl<'de> Deserialize<'de> for Since {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        crate::logview::parse_time(&text)
+            .map(Since)
+            .map_err(|error| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not an RFC 3339 time in UTC ({error}): write e.g. 2026-01-02T03:04:05Z"
+                ))
+            })
+    }
 }
 
 #[derive(Debug, Deserialize)]
 struct EventsQuery {
     follow: Option<Flag>,
+    /// Only the last N of the history (before following).
+    tail: Option<usize>,
+    /// Only this service's events (daemon-wide ones are left out).
+    service: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,17 +313,35 @@ async fn logs<C: Control>(
         Ok(name) => name,
         Err(bad) => return bad.into_response(),
     };
-    let (tail, follow) = match query(parsed, "tail=N and follow=true|false") {
-        Ok(LogsQuery { tail, follow }) => (
-            tail.unwrap_or(DEFAULT_TAIL).min(MAX_TAIL),
-            follow.is_some_and(|Flag(follow)| follow),
-        ),
-        Err(bad) => return bad.into_response(),
-    };
-    let (recent, receiver) = match control.follow_logs(&name, tail).await {
+    let (tail, follow, since) =
+        match query(parsed, "tail=N, follow=true|false and since=RFC3339-TIME") {
+            // With since=, every line from then on unless tail= says fewer.
+            Ok(LogsQuery {
+                tail,
+                follow,
+                since,
+            }) => (
+                tail.unwrap_or(if since.is_some() {
+                    MAX_TAIL
+                } else {
+                    DEFAULT_TAIL
+                })
+                .min(MAX_TAIL),
+                follow.is_some_and(|Flag(follow)| follow),
+                since,
+            ),
+            Err(bad) => return bad.into_response(),
+        };
+    let fetched = if since.is_some() { MAX_TAIL } else { tail };
+    let (mut recent, receiver) = match control.follow_logs(&name, fetched).await {
         Ok(followed) => followed,
         Err(e) => return control_error(e),
     };
+    if let Some(Since(since)) = since {
+        recent.retain(|line| line.time >= since);
+        let extra = recent.len().saturating_sub(tail);
+        recent.drain(..extra);
+    }
     let mut body = Vec::new();
     for line in &recent {
         body.extend_from_slice(&ndjson(&record(line)));
@@ -368,26 +408,55 @@ async fn events<C: Control>(
     State(control): State<C>,
     parsed: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Response {
-    let follow = match query(parsed, "tail=N and follow=true|false") {
-        Ok(EventsQuery { follow }) => follow.is_none_or(|Flag(follow)| follow),
+    let (follow, tail, service) = match query(parsed, "follow=true|false, tail=N and service=NAME")
+    {
+        Ok(EventsQuery {
+            follow,
+            tail,
+            service,
+        }) => (follow.is_none_or(|Flag(follow)| follow), tail, service),
         Err(bad) => return bad.into_response(),
     };
+    // Not looked up: a removed service's events are still in the history.
+    let service = match service.as_deref().map(checked_name).transpose() {
+        Ok(service) => service.map(|name| name.to_string()),
+        Err(bad) => return bad.into_response(),
+    };
+    let wanted = move |event: &Event| {
+        service
+            .as_deref()
+            .is_none_or(|name| event.service.as_deref() == Some(name))
+    };
     let (history, receiver) = control.events();
-    let history: Vec<Result<SseEvent, Infallible>> =
-        history.iter().map(|e| Ok(sse_event(e))).collect();
+    let mut history: Vec<Result<SseEvent, Infallible>> = history
+        .iter()
+        .filter(|e| wanted(e))
+        .map(|e| Ok(sse_event(e)))
+        .collect();
+    if let Some(tail) = tail {
+        history.drain(..history.len().saturating_sub(tail));
+    }
     let history = stream::iter(history);
     if !follow {
         return Sse::new(history).into_response();
     }
-    let live = stream::unfold(receiver, |mut receiver| async move {
-        let item = match receiver.recv().await {
-            Ok(event) => sse_event(&event),
-            Err(RecvError::Lagged(missed)) => SseEvent::default()
-                .event("lagged")
-                .data(format!("{{\"missed\":{missed}}}")),
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Ok(item), receiver))
+    let live = stream::unfold(receiver, move |mut receiver| {
+        let wanted = wanted.clone();
+        async move {
+            let item = loop {
+                match receiver.recv().await {
+                    Ok(event) if wanted(&event) => break sse_event(&event),
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(missed)) => {
+                        break SseEvent::default()
+                            .event("lagged")
+                            .data(format!("{{\"missed\":{missed}}}"));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            };
+            Some((Ok(item), receiver))
+        }
     });
     let live = live.take_until(control.closing().cancelled_owned());
     Sse::new(history.chain(live)).into_response()

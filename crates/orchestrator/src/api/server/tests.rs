@@ -59,7 +59,8 @@ fn info(name: &str, state: &str) -> ServiceInfo {
 fn line(seq: u64, text: &str) -> LogLine {
     LogLine {
         seq,
-        time: UNIX_EPOCH + Duration::from_secs(1),
+        // A second apart, for since=.
+        time: UNIX_EPOCH + Duration::from_secs(seq),
         stream: Stream::Stdout,
         text: text.as_bytes().to_vec(),
     }
@@ -337,17 +338,141 @@ async fn logs_tail_is_ndjson() {
         [
             LogRecord::Line {
                 seq: 2,
-                time: "1970-01-01T00:00:01.000Z".into(),
+                time: "1970-01-01T00:00:02.000Z".into(),
                 stream: Stream::Stdout,
                 text: "two".into()
             },
             LogRecord::Line {
                 seq: 3,
-                time: "1970-01-01T00:00:01.000Z".into(),
+                time: "1970-01-01T00:00:03.000Z".into(),
                 stream: Stream::Stdout,
                 text: "three".into()
             },
         ]
+    );
+}
+
+fn seqs(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .map(|l| match serde_json::from_str(l).unwrap() {
+            LogRecord::Line { seq, .. } => seq,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn logs_since_keeps_the_lines_from_then_on() {
+    let served = serve().await;
+    let client = &served.client;
+    let since = "/v1/services/api/logs?since=1970-01-01T00:00:02Z";
+    assert_eq!(seqs(&collect_lines(client, since).await), [2, 3]);
+    let with_tail = format!("{since}&tail=1");
+    assert_eq!(seqs(&collect_lines(client, &with_tail).await), [3]);
+    let millis = "/v1/services/api/logs?since=1970-01-01T00:00:02.001Z";
+    assert_eq!(seqs(&collect_lines(client, millis).await), [3]);
+    let later = "/v1/services/api/logs?since=2000-01-01T00:00:00Z";
+    assert!(collect_lines(client, later).await.is_empty());
+    let (status, code, message) = api_error(
+        client
+            .json::<serde_json::Value>(Method::GET, "/v1/services/api/logs?since=10m")
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (400, "bad_query"));
+    assert!(
+        message.contains("since") && message.contains("RFC 3339"),
+        "{message}"
+    );
+}
+
+/// The `data:` of each server-sent event, parsed.
+fn sse_events(lines: &[String]) -> Vec<orchestrator_core::events::Event> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|data| serde_json::from_str(data.trim()).unwrap())
+        .collect()
+}
+
+fn emit_a_few(events: &EventBus) {
+    events.emit(None, EventKind::DaemonStarted { pid: 1 });
+    events.emit(Some("api"), EventKind::Started { pid: 2 });
+    events.emit(Some("db"), EventKind::Started { pid: 3 });
+    events.emit(Some("api"), EventKind::Stopped);
+}
+
+#[tokio::test]
+async fn events_take_a_tail_and_a_service() {
+    let served = serve().await;
+    emit_a_few(&served.fake.events);
+    let client = &served.client;
+    let seqs = |events: Vec<orchestrator_core::events::Event>| {
+        events.iter().map(|e| e.seq).collect::<Vec<_>>()
+    };
+    let all = sse_events(&collect_lines(client, "/v1/events?follow=false").await);
+    assert_eq!(seqs(all), [1, 2, 3, 4], "no tail= is the whole history");
+    let last = sse_events(&collect_lines(client, "/v1/events?follow=false&tail=2").await);
+    assert_eq!(seqs(last), [3, 4]);
+    let none = sse_events(&collect_lines(client, "/v1/events?follow=false&tail=0").await);
+    assert!(none.is_empty());
+    let api = sse_events(&collect_lines(client, "/v1/events?follow=false&service=api").await);
+    assert_eq!(seqs(api), [2, 4], "only api's: the daemon's own left out");
+    let api_last =
+        sse_events(&collect_lines(client, "/v1/events?follow=false&service=api&tail=1").await);
+    assert_eq!(seqs(api_last), [4], "the tail of api's, not of all");
+    let gone = sse_events(&collect_lines(client, "/v1/events?follow=false&service=old").await);
+    assert!(gone.is_empty(), "a name not running is no error");
+
+    for (path, expected) in [
+        ("/v1/events?service=..%2Fx", "bad_name"),
+        ("/v1/events?tail=many", "bad_query"),
+        ("/v1/events?tail=-1", "bad_query"),
+    ] {
+        let (status, code, message) =
+            api_error(client.json::<serde_json::Value>(Method::GET, path).await);
+        assert_eq!(
+            (status, code.as_str()),
+            (400, expected),
+            "{path}: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn following_events_of_one_service_starts_from_its_last_ones() {
+    let served = serve().await;
+    emit_a_few(&served.fake.events);
+    let mut lines = served
+        .client
+        .open_lines("/v1/events?follow=true&service=api&tail=1", true)
+        .await
+        .unwrap();
+    let mut next_event = async || loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the stream goes on");
+        let line = String::from_utf8(line).unwrap();
+        if let Some(data) = line.strip_prefix("data:") {
+            return serde_json::from_str::<orchestrator_core::events::Event>(data.trim()).unwrap();
+        }
+    };
+    assert_eq!(next_event().await.seq, 4, "the last of api's first");
+    served
+        .fake
+        .events
+        .emit(Some("db"), EventKind::Started { pid: 5 });
+    served
+        .fake
+        .events
+        .emit(Some("api"), EventKind::Started { pid: 6 });
+    let live = next_event().await;
+    assert_eq!(
+        (live.seq, live.kind),
+        (6, EventKind::Started { pid: 6 }),
+        "db's event was left out"
     );
 }
 
