@@ -293,7 +293,8 @@ pub fn validate_as(
     for definition in &definitions {
         let name = &definition.name;
         let section = service_key(name);
-        if has_problem(&section) {
+        // An instance's problems are its section's.
+        if has_problem(&service_key(name.base())) {
             continue;
         }
         let service = config.services.get(name);
@@ -304,7 +305,7 @@ pub fn validate_as(
         } else if service.is_some_and(|service| service.binary_path.is_some()) {
             format!("{section}.binary_path")
         } else {
-            covered.push(dir.join(name.as_str()));
+            covered.push(dir.join(name.base()));
             section.clone()
         };
         let shown = if command {
@@ -356,7 +357,8 @@ pub fn validate_as(
             } else if program_key.ends_with("binary_path") {
                 "fix binary_path".to_owned()
             } else if definition.configured {
-                format!("set binary_path or install it at services_dir/{name}/{name}")
+                let base = name.base();
+                format!("set binary_path or install it at services_dir/{base}/{base}")
             } else {
                 format!("fix or remove {}", found.display())
             };
@@ -374,7 +376,7 @@ pub fn validate_as(
 
     for (name, service) in &config.services {
         let section = service_key(name);
-        if has_problem(&section) {
+        if has_problem(&service_key(name.base())) {
             continue;
         }
         for (key, message) in privilege_problems(service, privileges) {
