@@ -523,10 +523,10 @@ pub(super) fn read_all(
     }
 }
 
-/// Adds section `name` to `out`: as itself, or (with `instances = N`, N >
-/// 1) as N services `NAME@0..NAME@N-1`. `{instance}` becomes the index in
-/// args, command, environment values and data_dir (0 with `instances = 1`,
-/// which keeps the plain name).
+/// Adds section `name` to `out`: as itself, or (with `instances = N` and
+/// N above one) as N services `NAME@0..NAME@N-1`. `{instance}` becomes the
+/// index in args, command, environment values and data_dir (0 with
+/// `instances = 1`, which keeps the plain name).
 fn instantiate(
     cx: &mut Cx<'_>,
     name: ServiceName,
