@@ -503,20 +503,36 @@ pub(super) fn read_all(
     if instanced.is_empty() {
         return;
     }
-    for service in out.values_mut() {
+    for (service_name, service) in out.iter_mut() {
+        let field = join_key(&join_key("services", service_name), "depends_on");
         let mut expanded: Vec<Dependency> = Vec::with_capacity(service.depends_on.len());
-        for dependency in service.depends_on.drain(..) {
+        // Where each entry was written, for the entries it becomes: the
+        // problems about them are found by index (or name) later.
+        let mut located = Vec::new();
+        for (written, dependency) in service.depends_on.drain(..).enumerate() {
             let names = match instanced.get(&dependency.name) {
                 Some(names) => names.clone(),
                 None => vec![dependency.name.clone()],
             };
+            let at = cx.locations.get(&format!("{field}[{written}]"));
+            let in_table = cx.locations.get(&join_key(&field, &dependency.name));
             for name in names {
                 if !expanded.iter().any(|known| known.name == name) {
+                    located.push((expanded.len(), name.clone(), at, in_table));
                     expanded.push(Dependency {
                         name,
                         condition: dependency.condition,
                     });
                 }
+            }
+        }
+        for (index, name, at, in_table) in located {
+            if let Some((line, column)) = at {
+                cx.locations
+                    .insert(format!("{field}[{index}]"), line, column);
+            }
+            if let Some((line, column)) = in_table {
+                cx.locations.insert(join_key(&field, &name), line, column);
             }
         }
         service.depends_on = expanded;
