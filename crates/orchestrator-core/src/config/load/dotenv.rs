@@ -27,6 +27,12 @@ pub(super) fn parse(text: &str) -> Result<Vec<(String, String)>, BadLine> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        if line.contains('\0') {
+            return Err(bad(
+                "the line contains a NUL character, which no environment can carry; remove it"
+                    .to_owned(),
+            ));
+        }
         let line = line
             .strip_prefix("export")
             .filter(|rest| rest.starts_with([' ', '\t']))
@@ -250,6 +256,7 @@ _under_1=ok
             ("A=\"open\n", 1, "\" is not closed on this line"),
             ("A=\"x\" y\n", 1, "unexpected \"y\" after the quoted value"),
             ("A=\"\\t\"\n", 1, "unknown escape \\t"),
+            ("A=1\nB=x\0y\n", 2, "NUL character"),
         ];
         for (text, line, needle) in cases {
             let bad = parse(text).expect_err(text);
