@@ -88,7 +88,7 @@ pub fn scan(services_dir: &Path) -> Result<Scan, DiscoveryError> {
             skip("the name is not valid UTF-8; rename it".to_owned());
             continue;
         };
-        let name = match ServiceName::parse(&name) {
+        let name = match ServiceName::section(&name) {
             Ok(name) => name,
             Err(reason) => {
                 skip(format!("name invalid: {reason}"));

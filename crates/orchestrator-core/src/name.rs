@@ -21,7 +21,11 @@ const QUOTED_CHARS: usize = 40;
 
 /// A valid service name: 1–64 of `[A-Za-z0-9._-]`, not starting with `.` or
 /// `-`, so it is always a safe single path component and never looks like a
-/// flag. [`ServiceName::parse`] is the only way to make one.
+/// flag; optionally followed by `@INDEX` (a decimal 0–999 without leading
+/// zeros), which names one instance of a section with `instances = N`.
+/// [`ServiceName::parse`] (any name, e.g. from the API) and
+/// [`ServiceName::section`] (no instance suffix: a config section or a
+/// services directory entry) are the only ways to make one.
 ///
 /// Maps keyed by it can be looked up by `&str` (it borrows as `str`, and
 /// orders and hashes exactly like one).
@@ -47,10 +51,68 @@ pub enum InvalidName {
         "invalid service name {quoted}: it must not start with '.' or '-'; start it with a letter, digit or '_'"
     )]
     Start { quoted: String },
+    #[error(
+        "invalid service name {quoted}: the instance index after '@' must be a number from 0 to {max} without leading zeros, e.g. web@0"
+    , max = MAX_INSTANCES - 1)]
+    Index { quoted: String },
+    #[error(
+        "invalid service name {quoted}: '@' names one instance and cannot be part of a section's name; name the section {base:?} and set instances = N to run {base}@0 … {base}@N-1"
+    )]
+    InstanceSection { quoted: String, base: String },
 }
 
+/// The most instances one section may run (`instances = N`).
+pub const MAX_INSTANCES: u32 = 1000;
+
 impl ServiceName {
+    /// A name as services are addressed: a section's name, or one of its
+    /// instances (`web@2`).
     pub fn parse(name: &str) -> Result<ServiceName, InvalidName> {
+        let Some((base, index)) = name.split_once('@') else {
+            return Self::section(name);
+        };
+        Self::check_base(base)?;
+        if parse_index(index).is_none() {
+            return Err(InvalidName::Index {
+                quoted: quote(name),
+            });
+        }
+        Ok(ServiceName(name.into()))
+    }
+
+    /// A name without an instance suffix: what a `[services.NAME]` section
+    /// or a services directory entry may be called.
+    pub fn section(name: &str) -> Result<ServiceName, InvalidName> {
+        if let Some((base, _)) = name.split_once('@')
+            && Self::check_base(base).is_ok()
+        {
+            return Err(InvalidName::InstanceSection {
+                quoted: quote(name),
+                base: base.to_owned(),
+            });
+        }
+        Self::check_base(name)?;
+        Ok(ServiceName(name.into()))
+    }
+
+    /// Instance `index` of this (section) name: `NAME@INDEX`.
+    pub fn instance(&self, index: u32) -> ServiceName {
+        debug_assert!(self.instance_of().is_none() && index < MAX_INSTANCES);
+        ServiceName(format!("{}@{index}", self.0).into())
+    }
+
+    /// The section name and index, when this names an instance.
+    pub fn instance_of(&self) -> Option<(&str, u32)> {
+        let (base, index) = self.0.split_once('@')?;
+        Some((base, parse_index(index)?))
+    }
+
+    /// The section's name: the name itself, or what is before `@`.
+    pub fn base(&self) -> &str {
+        self.instance_of().map_or(&self.0, |(base, _)| base)
+    }
+
+    fn check_base(name: &str) -> Result<(), InvalidName> {
         if name.is_empty() {
             return Err(InvalidName::Empty);
         }
@@ -77,12 +139,22 @@ impl ServiceName {
                 quoted: quote(name),
             });
         }
-        Ok(ServiceName(name.into()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// An instance index as written after `@`: canonical decimal, so that
+/// `web@1` has one spelling (not also `web@01`).
+fn parse_index(text: &str) -> Option<u32> {
+    let canonical = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    let index: u32 = text.parse().ok().filter(|_| canonical)?;
+    (index < MAX_INSTANCES).then_some(index)
 }
 
 /// `name` in quotes, cut to its first characters with an ellipsis when long.
@@ -257,6 +329,43 @@ mod tests {
         );
         let message = ServiceName::parse(&"x".repeat(65)).unwrap_err().to_string();
         assert!(message.contains("65 characters"), "{message}");
+    }
+
+    #[test]
+    fn instance_names() {
+        for name in ["web@0", "web@1", "web@999", "a.b-c_d@10"] {
+            let parsed = ServiceName::parse(name).unwrap_or_else(|err| panic!("{name}: {err}"));
+            assert_eq!(parsed, name);
+        }
+        let web = ServiceName::section("web").unwrap();
+        let third = web.instance(2);
+        assert_eq!(third, "web@2");
+        assert_eq!(third.instance_of(), Some(("web", 2)));
+        assert_eq!(third.base(), "web");
+        assert_eq!(web.base(), "web");
+        assert_eq!(web.instance_of(), None);
+        for name in [
+            "web@", "web@01", "web@1000", "web@x", "web@-1", "web@1@2", "web@+1",
+        ] {
+            let message = ServiceName::parse(name).expect_err(name).to_string();
+            assert!(message.contains("instance index"), "{name}: {message}");
+        }
+        for name in ["@0", ".web@0", "a/b@1"] {
+            assert!(ServiceName::parse(name).is_err(), "{name}");
+        }
+        // A section (or a services_dir entry) never names an instance.
+        let message = ServiceName::section("web@1").unwrap_err().to_string();
+        assert!(
+            message.contains("name the section \"web\" and set instances = N"),
+            "{message}"
+        );
+        assert!(ServiceName::section("web@x").is_err());
+        assert!(
+            ServiceName::section("a/b@1")
+                .unwrap_err()
+                .to_string()
+                .contains("'/'")
+        );
     }
 
     #[test]

@@ -24,15 +24,23 @@ pub struct HostEnv {
 impl HostEnv {
     pub fn from_process() -> Self {
         HostEnv {
-            path: std::env::var("PATH")
-                .ok()
+            path: Self::process_var("PATH")
                 .filter(|p| !p.is_empty())
                 .unwrap_or_else(|| DEFAULT_PATH.to_owned()),
-            tmpdir: std::env::var("TMPDIR")
-                .ok()
+            tmpdir: Self::process_var("TMPDIR")
                 .filter(|p| !p.is_empty())
                 .unwrap_or_else(|| "/tmp".to_owned()),
         }
+    }
+}
+
+impl HostEnv {
+    /// One variable of the daemon's own environment: the one place it is
+    /// read (PATH and TMPDIR above, `${VAR}` when the configuration is
+    /// loaded), so that tests pass a lookup of their own instead of
+    /// mutating the process's environment.
+    pub fn process_var(name: &str) -> Option<String> {
+        std::env::var(name).ok()
     }
 }
 
@@ -76,8 +84,14 @@ pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<S
         definitions.push(define(config, name, service, true, service.enabled, host));
     }
     let defaults = ServiceConfig::default();
+    // A section with instances runs its binary as those, not also alone.
+    let sections: Vec<&str> = config
+        .services
+        .values()
+        .filter_map(|service| Some(service.instance.as_ref()?.section.as_str()))
+        .collect();
     for name in found.keys() {
-        if !config.services.contains_key(name.as_str()) {
+        if !config.services.contains_key(name.as_str()) && !sections.contains(&name.as_str()) {
             let enabled = config.orchestrator.start_discovered;
             definitions.push(define(config, name, &defaults, false, enabled, host));
         }
@@ -86,12 +100,35 @@ pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<S
     definitions
 }
 
-/// The binary a service runs when it has no `command`.
+/// The binary a service runs when it has no `command`: every instance of
+/// a section runs the section's.
 pub fn binary_of(config: &Config, name: &str, service: &ServiceConfig) -> PathBuf {
+    let name = section_of(name, service);
     service
         .binary_path
         .clone()
         .unwrap_or_else(|| config.orchestrator.services_dir.join(name).join(name))
+}
+
+fn section_of<'a>(name: &'a str, service: &'a ServiceConfig) -> &'a str {
+    service
+        .instance
+        .as_ref()
+        .map_or(name, |instance| instance.section.as_str())
+}
+
+/// Where a service runs without `data_dir`: `services_dir/NAME/data`, and
+/// for instance I of NAME `services_dir/NAME/data/I`.
+pub fn default_data_dir(config: &Config, name: &str, service: &ServiceConfig) -> PathBuf {
+    let data = config
+        .orchestrator
+        .services_dir
+        .join(section_of(name, service))
+        .join("data");
+    match &service.instance {
+        Some(instance) => data.join(instance.index.to_string()),
+        None => data,
+    }
 }
 
 fn define(
@@ -119,7 +156,7 @@ fn define(
     let cwd = service
         .data_dir
         .clone()
-        .unwrap_or_else(|| orchestrator.services_dir.join(name).join("data"));
+        .unwrap_or_else(|| default_data_dir(config, name, service));
     let cwd_text = cwd.to_string_lossy().into_owned();
     // Later entries win: the service's own environment may override PATH
     // or TMPDIR, and GOMEMLIMIT follows memory_limit whatever it says.
@@ -280,6 +317,46 @@ mod tests {
         };
         assert!(owns("own"));
         assert!(!owns("given"));
+    }
+
+    #[test]
+    fn instances_run_their_section_binary_each_in_its_own_data_dir() {
+        use crate::config::Instance;
+        let mut services = BTreeMap::new();
+        for index in 0..2 {
+            services.insert(
+                name("web").instance(index),
+                ServiceConfig {
+                    instance: Some(Instance {
+                        section: name("web"),
+                        index,
+                    }),
+                    ..ServiceConfig::default()
+                },
+            );
+        }
+        // Its binary is discovered under the section's name: it runs as
+        // the instances only, not also as a plain "web".
+        let found = [Discovered {
+            name: name("web"),
+            binary: PathBuf::from("/srv/services/web/web"),
+        }];
+        let defs = plan(&config(services), &found, &host());
+        let names: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["web@0", "web@1"]);
+        for (index, def) in defs.iter().enumerate() {
+            assert_eq!(def.spawn.program, PathBuf::from("/srv/services/web/web"));
+            assert_eq!(def.spawn.args[..2], ["--service", &format!("web@{index}")]);
+            assert_eq!(
+                def.spawn.cwd,
+                PathBuf::from(format!("/srv/services/web/data/{index}"))
+            );
+            assert_eq!(
+                def.log_path,
+                PathBuf::from(format!("/srv/.orchestrator/logs/web@{index}.log"))
+            );
+            assert_eq!(def.spawn.service, format!("web@{index}"));
+        }
     }
 
     #[test]

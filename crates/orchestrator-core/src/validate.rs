@@ -293,7 +293,8 @@ pub fn validate_as(
     for definition in &definitions {
         let name = &definition.name;
         let section = service_key(name);
-        if has_problem(&section) {
+        // An instance's problems are its section's.
+        if has_problem(&service_key(name.base())) {
             continue;
         }
         let service = config.services.get(name);
@@ -304,7 +305,7 @@ pub fn validate_as(
         } else if service.is_some_and(|service| service.binary_path.is_some()) {
             format!("{section}.binary_path")
         } else {
-            covered.push(dir.join(name.as_str()));
+            covered.push(dir.join(name.base()));
             section.clone()
         };
         let shown = if command {
@@ -356,7 +357,8 @@ pub fn validate_as(
             } else if program_key.ends_with("binary_path") {
                 "fix binary_path".to_owned()
             } else if definition.configured {
-                format!("set binary_path or install it at services_dir/{name}/{name}")
+                let base = name.base();
+                format!("set binary_path or install it at services_dir/{base}/{base}")
             } else {
                 format!("fix or remove {}", found.display())
             };
@@ -374,7 +376,7 @@ pub fn validate_as(
 
     for (name, service) in &config.services {
         let section = service_key(name);
-        if has_problem(&section) {
+        if has_problem(&service_key(name.base())) {
             continue;
         }
         for (key, message) in privilege_problems(service, privileges) {
@@ -436,7 +438,7 @@ fn dependency_findings(
         let name = &definition.name;
         // With schema problems, its depends_on is what could be read, not
         // what the file meant.
-        if has_problem(&service_key(name)) {
+        if has_problem(&service_key(name.base())) {
             continue;
         }
         let mut edges = Vec::new();
@@ -450,7 +452,7 @@ fn dependency_findings(
                 edges.push(target.clone());
                 // Its values are defaults where the file was wrong: its
                 // own problems say what to fix first.
-                if has_problem(&service_key(target)) {
+                if has_problem(&service_key(target.base())) {
                     None
                 } else {
                     condition_problem(config, name, dependency, needed)
@@ -500,12 +502,14 @@ fn condition_problem(
     needed: &ServiceDefinition,
 ) -> Option<String> {
     let target = &dependency.name;
+    // An instance's settings are its section's.
+    let section = target.base();
     match dependency.condition {
         Condition::Started => None,
         Condition::Healthy if needed.health.is_none() && !needed.notify => Some(format!(
             "service {name} waits for {target} to be healthy, but {target} has neither a \
-             health check nor notify = true, so it never is; add [services.{target}.health] \
-             or notify = true to {target}, or wait for \"started\" instead"
+             health check nor notify = true, so it never is; add [services.{section}.health] \
+             or notify = true to {section}, or wait for \"started\" instead"
         )),
         Condition::Healthy => None,
         Condition::Completed if needed.policy.restart == RestartPolicy::Always => {
@@ -891,6 +895,65 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn instances_are_checked_against_their_section() {
+        let dir = TempDir::new("instances");
+        dir.file("services/web/web", b"#!/bin/sh\nexit 0\n", 0o755);
+        let text = r#"[services.web]
+instances = 2
+
+[services.api]
+instances = 2
+
+[services.front]
+command = ["sh"]
+depends_on = { web = "healthy" }
+
+[services.back]
+command = ["sh"]
+depends_on = [
+  "web",
+  "nope",
+]
+"#;
+        let validation = dir.validate(text);
+        let errors = lines(&validation, Severity::Error);
+        let expected = [
+            // The section's line, and the section's binary.
+            "4:11 services.\"api@0\": service api@0: binary ",
+            "4:11 services.\"api@1\": service api@1: binary ",
+            "9:16 services.front.depends_on.\"web@0\": service front waits for web@0 to be \
+             healthy",
+            "9:16 services.front.depends_on.\"web@1\": service front waits for web@1 to be \
+             healthy",
+            // Written second, the third entry once web is two.
+            "15:3 services.back.depends_on[2]: service back depends on nope",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (error, start) in errors.iter().zip(expected) {
+            assert!(
+                error.starts_with(start),
+                "{error}\n  should start with\n{start}"
+            );
+        }
+        assert!(
+            errors[0].ends_with("set binary_path or install it at services_dir/api/api"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[2].contains("add [services.web.health] or notify = true to web"),
+            "{}",
+            errors[2]
+        );
+        // The discovered web/web is the instances' binary, not a service of its own.
+        assert!(
+            validation.warnings().next().is_none(),
+            "{:#?}",
+            lines(&validation, Severity::Warning)
+        );
     }
 
     #[test]

@@ -79,6 +79,21 @@ impl Locations {
         self.keys.insert(key, (line, column));
     }
 
+    /// Every key under `from` (a section's dotted key) also under `to`:
+    /// an instance of a section is located where its section is.
+    pub(crate) fn alias(&mut self, from: &str, to: &str) {
+        let aliased: Vec<(String, (usize, usize))> = self
+            .keys
+            .iter()
+            .filter_map(|(key, &at)| {
+                let rest = key.strip_prefix(from)?;
+                (rest.is_empty() || rest.starts_with(['.', '[']))
+                    .then(|| (format!("{to}{rest}"), at))
+            })
+            .collect();
+        self.keys.extend(aliased);
+    }
+
     /// Line and column of `key`, when the file set it.
     pub fn get(&self, key: &str) -> Option<(usize, usize)> {
         self.keys.get(key).copied()

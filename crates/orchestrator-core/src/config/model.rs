@@ -71,7 +71,16 @@ pub struct ServiceConfig {
     pub args: Vec<String>,
     /// Absolute when set.
     pub data_dir: Option<PathBuf>,
+    /// The `env_file` variables under the table's own (which win), with
+    /// `${VAR}` and `{instance}` already expanded.
     pub environment: BTreeMap<String, String>,
+    /// As written; already read into `environment` at load.
+    pub env_file: Vec<EnvFile>,
+    /// `instances = N` as written; the section is loaded as N services
+    /// `NAME@0..NAME@N-1` (N > 1), each with `instance` set.
+    pub instances: Option<u32>,
+    /// Which section and index this instance of it is.
+    pub instance: Option<Instance>,
     /// MiB.
     pub memory_limit: Option<u64>,
     /// Cores (1.5 = one and a half CPUs of time per period); > 0.
@@ -110,6 +119,22 @@ pub struct ServiceConfig {
     /// In the order written; names checked against the other services.
     pub depends_on: Vec<Dependency>,
     pub health: Option<HealthCheck>,
+}
+
+/// One `env_file` entry: absolute path, and whether it may be missing
+/// (written with a leading `-`, as systemd's EnvironmentFile=-).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvFile {
+    pub path: PathBuf,
+    pub optional: bool,
+}
+
+/// One instance of a section with `instances = N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// The section's name, which names the binary `services_dir/NAME/NAME`.
+    pub section: ServiceName,
+    pub index: u32,
 }
 
 pub const DEFAULT_START_GRACE: Duration = Duration::from_secs(1);
@@ -200,6 +225,9 @@ impl Default for ServiceConfig {
             args: Vec::new(),
             data_dir: None,
             environment: BTreeMap::new(),
+            env_file: Vec::new(),
+            instances: None,
+            instance: None,
             memory_limit: None,
             cpu_limit: None,
             pids_limit: None,

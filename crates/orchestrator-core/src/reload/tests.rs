@@ -315,6 +315,65 @@ async fn removed_stop_added_start_changed_restart_and_unchanged_keep_their_pid()
     assert_eq!(spawner.spawn_count(), 5);
 }
 
+/// `instances = N` of one section, loaded and planned as the reloader does.
+fn web_instances(count: u32) -> Vec<ServiceDefinition> {
+    let text = format!(
+        "[services.web]\ninstances = {count}\ncommand = [\"/bin/true\", \"--port=80{{instance}}\"]\n"
+    );
+    let config = crate::config::parse_in(&text, None, std::path::Path::new("/srv"), &|_| None)
+        .unwrap()
+        .config;
+    crate::plan::plan(
+        &config,
+        &[],
+        &HostEnv {
+            path: "/bin".into(),
+            tmpdir: "/tmp".into(),
+        },
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn fewer_instances_remove_the_last_and_leave_the_others_running() {
+    let (supervisor, _spawner) = running(web_instances(3)).await;
+    let before: Vec<_> = running_pids(&supervisor, &["web@0", "web@1"]).await;
+    let report = reload(&supervisor, web_instances(2)).await;
+    let actions: Vec<(&str, ChangeAction)> = report
+        .applied
+        .iter()
+        .map(|change| (change.service.as_str(), change.action))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("web@0", ChangeAction::Unchanged),
+            ("web@1", ChangeAction::Unchanged),
+            ("web@2", ChangeAction::Removed),
+        ]
+    );
+    assert!(supervisor.info("web@2").await.is_err());
+    assert_eq!(running_pids(&supervisor, &["web@0", "web@1"]).await, before);
+    // And back up: only web@2 is added.
+    let report = reload(&supervisor, web_instances(3)).await;
+    let added: Vec<&str> = report
+        .applied
+        .iter()
+        .filter(|change| change.action == ChangeAction::Added)
+        .map(|change| change.service.as_str())
+        .collect();
+    assert_eq!(added, ["web@2"]);
+}
+
+async fn running_pids(supervisor: &SupervisorHandle, names: &[&str]) -> Vec<Option<u32>> {
+    let mut pids = Vec::new();
+    for name in names {
+        let info = supervisor.info(name).await.unwrap();
+        assert_eq!(info.state, State::Running, "{name}");
+        pids.push(info.pid);
+    }
+    pids
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_live_change_keeps_the_process_and_its_counters() {
     let (supervisor, spawner) = running(vec![named("svc")]).await;

@@ -21,10 +21,16 @@ pub(super) struct Cx<'t> {
     /// Where each key was found, for problems found after loading (a
     /// missing binary, a services_dir that is a file).
     pub(super) locations: Locations,
+    /// The daemon's environment, for `${VAR}` (after the env files).
+    pub(super) host_var: &'t dyn Fn(&str) -> Option<String>,
 }
 
 impl<'t> Cx<'t> {
-    pub(super) fn new(text: &'t str, file: Option<&Path>) -> Self {
+    pub(super) fn new(
+        text: &'t str,
+        file: Option<&Path>,
+        host_var: &'t dyn Fn(&str) -> Option<String>,
+    ) -> Self {
         let line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(index, _)| index + 1))
             .collect();
@@ -34,6 +40,7 @@ impl<'t> Cx<'t> {
             file: file.map(Path::to_path_buf),
             problems: Vec::new(),
             locations: Locations::new(file.map(Path::to_path_buf)),
+            host_var,
         }
     }
 
@@ -76,6 +83,12 @@ impl<'t> Cx<'t> {
             key: key.to_owned(),
             message: message.into(),
         });
+    }
+
+    /// A problem at where `located` was found (else the file alone).
+    pub(super) fn report_at(&mut self, located: &str, key: &str, message: impl Into<String>) {
+        let problem = self.locations.problem(key, &[located], message.into());
+        self.problems.push(problem);
     }
 
     pub(super) fn syntax_error(&mut self, err: &toml::de::Error) {

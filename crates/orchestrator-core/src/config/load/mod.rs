@@ -7,6 +7,9 @@
 //! sections (durations, paths, signals...) are read by `values`.
 
 mod cx;
+mod dotenv;
+#[cfg(test)]
+mod env_tests;
 mod health_section;
 mod keys;
 mod orchestrator_section;
@@ -26,6 +29,7 @@ use self::keys::Key;
 use self::values::normalize;
 use super::error::{ConfigErrors, ConfigProblem, Locations};
 use super::model::{Config, OrchestratorConfig};
+use crate::plan::HostEnv;
 
 const CONFIG_ENV: &str = "ORCHESTRATOR_CONFIG";
 const DEFAULT_FILE: &str = "orchestrator.toml";
@@ -90,9 +94,21 @@ pub struct Loaded {
 
 /// `parse`, keeping the configuration beside its schema problems. Only a
 /// file that is not TOML at all gives no configuration.
+/// `${VAR}` expands from the env files, then the daemon's environment.
 pub fn parse_all(text: &str, file: Option<&Path>, base_dir: &Path) -> Result<Loaded, ConfigErrors> {
+    parse_in(text, file, base_dir, &HostEnv::process_var)
+}
+
+/// `parse_all` with `${VAR}` expanding from `host_var` rather than the
+/// daemon's own environment (after the env files).
+pub fn parse_in(
+    text: &str,
+    file: Option<&Path>,
+    base_dir: &Path,
+    host_var: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, ConfigErrors> {
     let base_dir = absolute_dir(base_dir);
-    let mut cx = Cx::new(text, file);
+    let mut cx = Cx::new(text, file, host_var);
     let root = match DeTable::parse(text) {
         Ok(root) => root,
         Err(err) => {
@@ -138,7 +154,12 @@ pub fn load_all(explicit: Option<&Path>) -> Result<Loaded, ConfigErrors> {
             ),
         )
     })?;
-    load_from(explicit, std::env::var_os(CONFIG_ENV), &cwd)
+    load_from(
+        explicit,
+        std::env::var_os(CONFIG_ENV),
+        &cwd,
+        &HostEnv::process_var,
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +175,7 @@ fn load_from(
     explicit: Option<&Path>,
     env: Option<OsString>,
     cwd: &Path,
+    host_var: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, ConfigErrors> {
     let (path, origin) = match (explicit, env.filter(|value| !value.is_empty())) {
         (Some(path), _) => (cwd.join(path), Origin::Flag),
@@ -206,7 +228,7 @@ fn load_from(
             ));
         }
     };
-    parse_all(&text, Some(&path), &base_dir)
+    parse_in(&text, Some(&path), &base_dir, host_var)
 }
 
 fn single_problem(file: Option<PathBuf>, line: Option<usize>, message: String) -> ConfigErrors {
@@ -468,6 +490,15 @@ backoff = { initial = "10s", max = "1s" }
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// Without the daemon's environment: these tests are about the file.
+    fn load_from(
+        explicit: Option<&Path>,
+        env: Option<OsString>,
+        cwd: &Path,
+    ) -> Result<Loaded, ConfigErrors> {
+        super::load_from(explicit, env, cwd, &|_| None)
     }
 
     #[test]

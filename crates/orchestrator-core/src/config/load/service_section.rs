@@ -8,6 +8,7 @@ use std::path::Path;
 use toml::de::{DeTable, DeValue};
 
 use super::cx::{Cx, Value};
+use super::dotenv::{self, ExpandError};
 use super::health_section;
 use super::keys::{Field, Key, join_key};
 use super::values::set;
@@ -15,7 +16,8 @@ use crate::config::model::{
     BackoffConfig, Condition, Dependency, RestartPolicy, Rlimit, RlimitValue, ServiceConfig,
     Sha256, StartLimit,
 };
-use crate::name::ServiceName;
+use crate::config::model::{EnvFile, Instance};
+use crate::name::{MAX_INSTANCES, ServiceName};
 
 const RESTART_POLICIES: &[(&str, RestartPolicy)] = &[
     ("always", RestartPolicy::Always),
@@ -69,6 +71,19 @@ pub(super) const KEYS: &[Key<ServiceConfig>] = &[
         "environment",
         "variables set for the service, e.g. { API_MODE = \"prod\" }",
         |cx, f, out| out.environment = cx.environment(&f.path, f.value),
+    ),
+    Key::new(
+        "env_file",
+        "dotenv files read into environment, e.g. [\"api.env\", \"-local.env\"] (\"-\": may be missing)",
+        env_file,
+    ),
+    Key::new(
+        "instances",
+        "how many copies to run, as NAME@0..NAME@N-1, with {instance} the index in args and environment",
+        |cx, f, out| {
+            let count = cx.integer_in(&f.path, f.value, 1, MAX_INSTANCES.into(), "from 1 to 1000");
+            out.instances = count.and_then(|count| u32::try_from(count).ok());
+        },
     ),
     Key::new("memory_limit", "the memory limit in MiB", |cx, f, out| {
         let mib = cx.integer_in(
@@ -457,7 +472,7 @@ pub(super) fn read_all(
         let name: &str = key.get_ref();
         let path = join_key("services", name);
         cx.locate(&path, key.span());
-        let valid_name = match ServiceName::parse(name) {
+        let valid_name = match ServiceName::section(name) {
             Ok(name) => Some(name),
             Err(invalid) => {
                 cx.report(key.span(), &path, invalid.to_string());
@@ -471,9 +486,250 @@ pub(super) fn read_all(
         // Walked even under an invalid name, so its other problems show up now.
         let service = read(cx, &path, section, base_dir);
         if let Some(name) = valid_name {
-            out.insert(name, service);
+            instantiate(cx, name, service, out);
         }
     }
+    // `depends_on = ["web"]` on a section with instances waits for each.
+    let instanced: BTreeMap<ServiceName, Vec<ServiceName>> = out
+        .iter()
+        .filter_map(|(name, service)| {
+            let instance = service.instance.as_ref()?;
+            Some((instance.section.clone(), name.clone()))
+        })
+        .fold(BTreeMap::new(), |mut all, (section, name)| {
+            all.entry(section).or_default().push(name);
+            all
+        });
+    if instanced.is_empty() {
+        return;
+    }
+    for (service_name, service) in out.iter_mut() {
+        let field = join_key(&join_key("services", service_name), "depends_on");
+        let mut expanded: Vec<Dependency> = Vec::with_capacity(service.depends_on.len());
+        // Where each entry was written, for the entries it becomes: the
+        // problems about them are found by index (or name) later.
+        let mut located = Vec::new();
+        for (written, dependency) in service.depends_on.drain(..).enumerate() {
+            let names = match instanced.get(&dependency.name) {
+                Some(names) => names.clone(),
+                None => vec![dependency.name.clone()],
+            };
+            let at = cx.locations.get(&format!("{field}[{written}]"));
+            let in_table = cx.locations.get(&join_key(&field, &dependency.name));
+            for name in names {
+                if !expanded.iter().any(|known| known.name == name) {
+                    located.push((expanded.len(), name.clone(), at, in_table));
+                    expanded.push(Dependency {
+                        name,
+                        condition: dependency.condition,
+                    });
+                }
+            }
+        }
+        for (index, name, at, in_table) in located {
+            if let Some((line, column)) = at {
+                cx.locations
+                    .insert(format!("{field}[{index}]"), line, column);
+            }
+            if let Some((line, column)) = in_table {
+                cx.locations.insert(join_key(&field, &name), line, column);
+            }
+        }
+        service.depends_on = expanded;
+    }
+}
+
+/// Adds section `name` to `out`: as itself, or (with `instances = N` and
+/// N above one) as N services `NAME@0..NAME@N-1`. `{instance}` becomes the
+/// index in args, command, environment values and data_dir (0 with
+/// `instances = 1`, which keeps the plain name).
+fn instantiate(
+    cx: &mut Cx<'_>,
+    name: ServiceName,
+    service: ServiceConfig,
+    out: &mut BTreeMap<ServiceName, ServiceConfig>,
+) {
+    let Some(count) = service.instances else {
+        out.insert(name, service);
+        return;
+    };
+    if count == 1 {
+        out.insert(name, with_index(&service, 0));
+        return;
+    }
+    let section_key = join_key("services", &name);
+    for index in 0..count {
+        let instance_name = name.instance(index);
+        cx.locations
+            .alias(&section_key, &join_key("services", &instance_name));
+        let mut instance = with_index(&service, index);
+        instance.instance = Some(Instance {
+            section: name.clone(),
+            index,
+        });
+        out.insert(instance_name, instance);
+    }
+}
+
+/// `service` with `{instance}` replaced by `index`.
+fn with_index(service: &ServiceConfig, index: u32) -> ServiceConfig {
+    let index = index.to_string();
+    let put = |text: &String| text.replace("{instance}", &index);
+    let mut out = service.clone();
+    out.args = service.args.iter().map(put).collect();
+    out.command = service
+        .command
+        .as_ref()
+        .map(|argv| argv.iter().map(put).collect());
+    out.environment = service
+        .environment
+        .iter()
+        .map(|(key, value)| (key.clone(), put(value)))
+        .collect();
+    // Paths in the file are UTF-8 (TOML strings), so nothing is lost.
+    out.data_dir = service
+        .data_dir
+        .as_ref()
+        .map(|dir| put(&dir.to_string_lossy().into_owned()).into());
+    out
+}
+
+/// `env_file = "a.env"` or `["a.env", "-b.env"]`: paths against the
+/// file's directory; a leading `-` lets the file be missing.
+fn env_file(cx: &mut Cx<'_>, f: &Field<'_, '_>, out: &mut ServiceConfig) {
+    let items: Vec<(String, &Value<'_>)> = match f.value.get_ref() {
+        DeValue::String(_) => vec![(f.path.clone(), f.value)],
+        DeValue::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| (format!("{}[{index}]", f.path), item))
+            .collect(),
+        _ => {
+            cx.mismatch(
+                &f.path,
+                f.value,
+                "a file or an array of files, e.g. [\"api.env\", \"-local.env\"]",
+            );
+            return;
+        }
+    };
+    let mut files = Vec::with_capacity(items.len());
+    for (path, item) in items {
+        let Some(text) = cx.string(&path, item) else {
+            continue;
+        };
+        let (optional, file) = match text.strip_prefix('-') {
+            Some(file) => (true, file),
+            None => (false, text),
+        };
+        if file.is_empty() || file.contains('\0') {
+            cx.report(
+                item.span(),
+                &path,
+                "an env_file must be a path (\"-\" only marks it optional); write e.g. \"api.env\"",
+            );
+            continue;
+        }
+        files.push(EnvFile {
+            path: super::values::normalize(&f.base_dir.join(file)),
+            optional,
+        });
+    }
+    out.env_file = files;
+}
+
+/// The variables of `files`, later files winning; each problem (a file
+/// missing or unreadable, a malformed line) reported at `env_file`.
+/// Blocking reads: the configuration is loaded before the runtime, by
+/// `check`, or by the reloader on a blocking thread.
+fn read_env_files(cx: &mut Cx<'_>, prefix: &str, files: &[EnvFile]) -> BTreeMap<String, String> {
+    let key = join_key(prefix, "env_file");
+    let mut vars = BTreeMap::new();
+    for file in files {
+        let shown = file.path.display();
+        let text = match std::fs::read_to_string(&file.path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && file.optional => continue,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                cx.report_at(
+                    &key,
+                    &key,
+                    format!(
+                        "env file {shown} does not exist; create it, fix the path, or write \
+                         \"-{}\" if it may be missing",
+                        file.path.display()
+                    ),
+                );
+                continue;
+            }
+            Err(err) => {
+                cx.report_at(
+                    &key,
+                    &key,
+                    format!("cannot read env file {shown}: {err}; make it a readable UTF-8 file"),
+                );
+                continue;
+            }
+        };
+        match dotenv::parse(&text) {
+            Ok(parsed) => vars.extend(parsed),
+            Err(bad) => cx.report_at(
+                &key,
+                &key,
+                format!("env file {shown}:{}: {}", bad.line, bad.message),
+            ),
+        }
+    }
+    vars
+}
+
+/// Reads the env files into `out.environment` (under its own entries)
+/// and expands `${VAR}` in args, command and the environment's own values.
+fn expand_variables(cx: &mut Cx<'_>, prefix: &str, out: &mut ServiceConfig) {
+    let files = read_env_files(cx, prefix, &out.env_file);
+    let host_var = cx.host_var;
+    let lookup = |name: &str| files.get(name).cloned().or_else(|| host_var(name));
+    let expand =
+        |cx: &mut Cx<'_>, located: &str, key: &str, text: &str| match dotenv::expand(text, &lookup)
+        {
+            Ok(text) => Some(text),
+            Err(ExpandError::Undefined(name)) => {
+                cx.report_at(
+                    located,
+                    key,
+                    format!(
+                        "undefined variable ${{{name}}}; set {name} in the daemon's environment \
+                         or in an env_file, or give a default: ${{{name}:-value}}"
+                    ),
+                );
+                None
+            }
+            Err(ExpandError::Malformed(message)) => {
+                cx.report_at(located, key, message);
+                None
+            }
+        };
+    for (field, argv) in [
+        ("args", Some(&mut out.args)),
+        ("command", out.command.as_mut()),
+    ] {
+        let Some(argv) = argv else { continue };
+        let located = join_key(prefix, field);
+        for (index, arg) in argv.iter_mut().enumerate() {
+            let key = format!("{located}[{index}]");
+            if let Some(expanded) = expand(cx, &located, &key, arg) {
+                *arg = expanded;
+            }
+        }
+    }
+    let table = join_key(prefix, "environment");
+    let mut environment = files.clone();
+    for (name, value) in &out.environment {
+        let key = join_key(&table, name);
+        let expanded = expand(cx, &key, &key, value);
+        environment.insert(name.clone(), expanded.unwrap_or_else(|| value.clone()));
+    }
+    out.environment = environment;
 }
 
 /// Reads one `[services.NAME]` section at `prefix`.
@@ -487,6 +743,7 @@ fn read(cx: &mut Cx<'_>, prefix: &str, table: &DeTable<'_>, base_dir: &Path) -> 
         base_dir,
         &mut out,
     );
+    expand_variables(cx, prefix, &mut out);
     let combined_with: Vec<String> = table
         .iter()
         .map(|(key, _)| -> &str { key.get_ref() })

@@ -220,6 +220,7 @@ impl Cx<'_> {
         for (key, item) in table.iter() {
             let name: &str = key.get_ref();
             let item_path = join_key(path, name);
+            self.locate(&item_path, item.span());
             let problem = if name.is_empty() {
                 Some("empty environment variable name; give it a name")
             } else if name.contains('=') {
