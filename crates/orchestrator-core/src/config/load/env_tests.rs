@@ -245,6 +245,9 @@ args = ["--port=80{instance}", "--host=${HOST_ONLY}"]
 environment = { ID = "web-{instance}" }
 data_dir = "state/{instance}"
 
+[services.web.health]
+http = "http://127.0.0.1:80{instance}/healthz"
+
 [services.one]
 instances = 1
 args = ["--i={instance}"]
@@ -267,6 +270,14 @@ depends_on = { web = "healthy", one = "started" }
         );
         assert_eq!(web.environment["ID"], format!("web-{index}"));
         assert_eq!(web.environment["SLOT"], format!("s{index}"));
+        assert_eq!(
+            web.health.as_ref().map(|health| &health.probe),
+            Some(&crate::health::Probe::Http {
+                url: format!("http://127.0.0.1:80{index}/healthz"),
+                expect_status: None
+            }),
+            "a port per instance in its check too"
+        );
         assert_eq!(
             web.data_dir,
             Some(dir.path().join(format!("state/{index}")))

@@ -17,6 +17,7 @@ use crate::config::model::{
     Sha256, StartLimit,
 };
 use crate::config::model::{EnvFile, Instance};
+use crate::health::Probe;
 use crate::name::{MAX_INSTANCES, ServiceName};
 
 const RESTART_POLICIES: &[(&str, RestartPolicy)] = &[
@@ -571,7 +572,7 @@ fn instantiate(
     }
 }
 
-/// `service` with `{instance}` replaced by `index`.
+/// `service` with `{instance}` replaced by `index` (in its health check too).
 fn with_index(service: &ServiceConfig, index: u32) -> ServiceConfig {
     let index = index.to_string();
     let put = |text: &String| text.replace("{instance}", &index);
@@ -586,6 +587,25 @@ fn with_index(service: &ServiceConfig, index: u32) -> ServiceConfig {
         .iter()
         .map(|(key, value)| (key.clone(), put(value)))
         .collect();
+    // A port per instance in its health check, as in its args.
+    if let Some(health) = &mut out.health {
+        health.probe = match &health.probe {
+            Probe::Http { url, expect_status } => Probe::Http {
+                url: put(url),
+                expect_status: *expect_status,
+            },
+            Probe::Tcp { address } => Probe::Tcp {
+                address: put(address),
+            },
+            Probe::Grpc { address, service } => Probe::Grpc {
+                address: put(address),
+                service: put(service),
+            },
+            Probe::Exec { argv } => Probe::Exec {
+                argv: argv.iter().map(put).collect(),
+            },
+        };
+    }
     // Paths in the file are UTF-8 (TOML strings), so nothing is lost.
     out.data_dir = service
         .data_dir
