@@ -146,6 +146,33 @@ fn env_file_problems_name_the_file_and_line() {
 }
 
 #[test]
+fn an_env_file_must_be_a_small_regular_file() {
+    let dir = Dir::new();
+    fs::create_dir(dir.path().join("a-dir")).unwrap();
+    dir.write("huge.env", &"X=1\n".repeat(300_000));
+    let fifo = dir.path().join("pipe.env");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // A FIFO would hang the load (open waits for a writer): refused first.
+    let found = dir.problems(
+        "[services.api]\nenv_file = [\"a-dir\", \"huge.env\", \"pipe.env\", \"/dev/zero\"]\n",
+    );
+    let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+    assert_eq!(found.len(), 4, "{shown:#?}");
+    for (problem, why) in found.iter().zip([
+        "not a regular file",
+        "larger than 1048576 bytes",
+        "not a regular file",
+        "not a regular file",
+    ]) {
+        assert!(
+            problem.message.starts_with("cannot read env file") && problem.message.contains(why),
+            "{}",
+            problem.message
+        );
+    }
+}
+
+#[test]
 fn variables_expand_from_env_files_then_the_host() {
     let dir = Dir::new();
     dir.write("api.env", "FILE_ONLY=from-file\nSHARED=file-shared\n");

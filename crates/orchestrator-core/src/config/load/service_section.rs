@@ -667,7 +667,7 @@ fn read_env_files(cx: &mut Cx<'_>, prefix: &str, files: &[EnvFile]) -> BTreeMap<
     let mut vars = BTreeMap::new();
     for file in files {
         let shown = file.path.display();
-        let text = match std::fs::read_to_string(&file.path) {
+        let text = match read_env_file(&file.path) {
             Ok(text) => text,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound && file.optional => continue,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -701,6 +701,34 @@ fn read_env_files(cx: &mut Cx<'_>, prefix: &str, files: &[EnvFile]) -> BTreeMap<
         }
     }
     vars
+}
+
+/// The most an env file may hold: a file meant as environment is small,
+/// and a mistaken path (a log, a device) must not be read into memory.
+const MAX_ENV_FILE_BYTES: u64 = 1 << 20;
+
+/// An env file's text. Only a regular file is opened: a FIFO would block
+/// the load until something writes to it, a device could be endless.
+fn read_env_file(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file (a directory, FIFO or device)",
+        ));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_ENV_FILE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_ENV_FILE_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {MAX_ENV_FILE_BYTES} bytes"),
+        ));
+    }
+    Ok(text)
 }
 
 /// Reads the env files into `out.environment` (under its own entries)
