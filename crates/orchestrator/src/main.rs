@@ -3,6 +3,7 @@
 mod api;
 mod cli;
 mod console;
+mod paths;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,13 +37,25 @@ use crate::api::server::{
 use crate::cli::EXIT_USAGE;
 
 #[derive(Parser)]
-#[command(version, about = "The process orchestrator of the Blackhole platform")]
+#[command(
+    version,
+    about = "The process orchestrator of the Blackhole platform",
+    after_help = "\
+Examples:
+  orchestrator run                      run the services of ./orchestrator.toml (or ./services)
+  orchestrator status                   ask that daemon, from the same folder
+  sudo orchestrator status              ask the host's daemon (/etc/orchestrator/orchestrator.toml)
+  ORCHESTRATOR_SOCKET=/srv/app/.orchestrator/orchestrator.sock orchestrator status
+                                        ask a daemon from any folder"
+)]
 struct Cli {
-    /// Configuration file [default: $ORCHESTRATOR_CONFIG, else ./orchestrator.toml, else built-in defaults]
+    /// Configuration file [default: $ORCHESTRATOR_CONFIG, else ./orchestrator.toml, else (root only) /etc/orchestrator/orchestrator.toml, else built-in defaults]
     #[arg(short, long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Control socket [default: data_dir/orchestrator.sock]
-    #[arg(long, global = true, value_name = "PATH")]
+    /// Control socket, for `run` (where to listen) and the client verbs (where the daemon is); before the verb
+    ///
+    /// Client verbs: $ORCHESTRATOR_SOCKET, else the config's socket (data_dir/orchestrator.sock; /run/orchestrator/orchestrator.sock for /etc/orchestrator/orchestrator.toml), else a zero-config daemon's in this folder, else /run/orchestrator/orchestrator.sock. `run` listens on the config's socket.
+    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// How long a client verb waits for the daemon to answer ("10s", "500ms", "2m"), then exits 3
     ///
@@ -56,10 +69,28 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground until SIGINT/SIGTERM
+    ///
+    /// Starts every enabled service (configured or discovered in services_dir), serves the control API on the socket and stops the services in dependency order at exit. SIGHUP reloads the configuration.
+    #[command(after_help = "\
+Examples:
+  orchestrator run                                     ./orchestrator.toml, or zero-config in this folder
+  orchestrator -c /etc/orchestrator/orchestrator.toml run
+                                                       host mode: /var/lib/orchestrator, /run/orchestrator
+  orchestrator --socket /tmp/orch.sock run             listen on another socket")]
     Run,
     /// Validate the configuration, print every problem, exit 0 or 2
+    #[command(after_help = "\
+Examples:
+  orchestrator check
+  orchestrator -c deploy/orchestrator.toml check && systemctl reload orchestrator")]
     Check,
     /// List service binaries found in services_dir
+    ///
+    /// A binary is services_dir/NAME/NAME, executable; the table says whether each one is configured and whether it runs without a [services.NAME] section (start_discovered).
+    #[command(after_help = "\
+Examples:
+  orchestrator discover
+  orchestrator -c /etc/orchestrator/orchestrator.toml discover")]
     Discover,
     /// Show services: NAME STATE PID UPTIME RESTARTS LAST-EXIT HEALTH
     Status {
@@ -69,10 +100,29 @@ enum Command {
         json: bool,
     },
     /// Start services; returns once they run
+    ///
+    /// What a service depends on starts first; returns once each is up (its health check or READY=1 where it has one). Exits 1 if one could not start, saying why.
+    #[command(after_help = "\
+Examples:
+  orchestrator start api
+  orchestrator start api worker
+  orchestrator start --all")]
     Start(Targets),
     /// Stop services; returns once their processes are gone
+    ///
+    /// Each gets its stop_signal, then SIGKILL after its stop_timeout. Only the services named stop: a note names the running services that depend on them.
+    #[command(after_help = "\
+Examples:
+  orchestrator stop api
+  orchestrator stop --all
+  orchestrator --timeout 2m stop db       wait longer for the daemon to answer")]
     Stop(Targets),
     /// Restart services; returns once the new processes run
+    #[command(after_help = "\
+Examples:
+  orchestrator restart api
+  orchestrator restart --with-dependents db    stop what uses db first, start it again after
+  orchestrator restart --all")]
     Restart {
         #[command(flatten)]
         targets: Targets,
@@ -91,6 +141,12 @@ enum Command {
         follow: bool,
     },
     /// Re-read the configuration and apply the difference
+    ///
+    /// Removed services stop, added ones start, changed ones restart, the others are left alone. An invalid file is refused with its errors and nothing changes. Same as SIGHUP to the daemon.
+    #[command(after_help = "\
+Examples:
+  orchestrator reload
+  orchestrator check && orchestrator reload")]
     Reload,
     /// Lifecycle events (start, exit, restart, stop, ...)
     Events {
@@ -99,7 +155,25 @@ enum Command {
         follow: bool,
     },
     /// Stop every service and the daemon; returns once it is gone
+    #[command(after_help = "\
+Examples:
+  orchestrator shutdown
+  sudo orchestrator shutdown              the host's daemon (under systemd, prefer systemctl stop orchestrator)")]
     Shutdown,
+    /// Print a shell completion script on stdout
+    #[command(after_help = "\
+Examples:
+  orchestrator completions bash > /etc/bash_completion.d/orchestrator
+  orchestrator completions zsh > \"${fpath[1]}/_orchestrator\"
+  orchestrator completions fish > ~/.config/fish/completions/orchestrator.fish")]
+    Completions {
+        /// The shell the script is for
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout; contrib/orchestrator.1 is its copy
+    #[command(hide = true)]
+    Manpage,
     /// Internal: started by `run`; stops the services if the daemon dies
     #[command(hide = true)]
     Guardian {
@@ -112,9 +186,10 @@ enum Command {
 #[derive(clap::Args)]
 #[group(required = true, multiple = false)]
 struct Targets {
-    /// Service names
+    /// Service names (as in status)
+    #[arg(value_name = "NAME")]
     names: Vec<String>,
-    /// Every service
+    /// Every service, instead of names
     #[arg(long)]
     all: bool,
 }
@@ -131,12 +206,28 @@ fn main() -> ExitCode {
             };
         }
     };
-    // A client given --socket needs no configuration at all.
-    let needs_config = cli.socket.is_none()
-        || matches!(
-            cli.command,
-            Command::Run | Command::Check | Command::Discover | Command::Guardian { .. }
+    let daemon_side = matches!(
+        cli.command,
+        Command::Run | Command::Check | Command::Discover | Command::Guardian { .. }
+    );
+    let offline = matches!(cli.command, Command::Completions { .. } | Command::Manpage);
+    // --socket is before the verb (as in SPEC), so clap cannot refuse it
+    // for the verbs that never talk to a daemon: refuse it here.
+    if cli.socket.is_some() && (offline || (daemon_side && !matches!(cli.command, Command::Run))) {
+        eprintln!(
+            "orchestrator: --socket does nothing for this command (it reads no daemon); drop --socket"
         );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match cli.command {
+        Command::Completions { shell } => return completions(shell),
+        Command::Manpage => return manpage(),
+        _ => {}
+    }
+    let socket_env = std::env::var_os(paths::SOCKET_ENV);
+    // A client given its socket needs no configuration at all.
+    let needs_config =
+        daemon_side || !paths::socket_given(cli.socket.as_deref(), socket_env.as_ref());
     // `check` and `run` go through one validation, so that what `check`
     // passes `run` can start; `run` stops only for problems of the daemon
     // itself and starts every service it can.
@@ -176,10 +267,22 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    let socket = cli.socket.clone().unwrap_or_else(|| {
-        let config = config.as_ref().expect("loaded when no --socket was given");
-        socket_path(config)
-    });
+    let host = config::HostPaths::standard();
+    let socket = paths::client_socket(
+        cli.socket.as_deref(),
+        socket_env,
+        config.as_ref(),
+        &host,
+        Path::exists,
+    );
+    // `run` listens where --socket or the config says: the variable only
+    // tells clients where to look, and a daemon started from a shell that
+    // has it set must not take over another one's socket.
+    let run_socket = match (&cli.socket, &config) {
+        (Some(flag), _) => flag.clone(),
+        (None, Some(config)) => host.socket_of(config),
+        (None, None) => socket.path.clone(),
+    };
     match cli.command {
         Command::Check => check(
             config.as_ref().expect("loaded for check"),
@@ -194,7 +297,7 @@ fn main() -> ExitCode {
         Command::Run => match run(
             config.expect("loaded for run"),
             reloader(cli.config.clone()),
-            socket,
+            run_socket,
             validation.expect("validated for run").findings,
             config_stamp,
         ) {
@@ -210,14 +313,33 @@ fn main() -> ExitCode {
         },
         command => client_command(
             command,
-            Client::new(&socket).with_timeout(cli.timeout),
+            Client::new(&socket.path)
+                .with_origin(socket.origin.to_string())
+                .with_timeout(cli.timeout),
             config.as_ref(),
         ),
     }
 }
 
-fn socket_path(config: &Config) -> PathBuf {
-    config.orchestrator.data_dir.join("orchestrator.sock")
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    clap_complete::generate(shell, &mut command, "orchestrator", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+fn manpage() -> ExitCode {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    // Rendering into memory cannot fail.
+    let _ = clap_mangen::Man::new(Cli::command()).render(&mut out);
+    match std::io::Write::write_all(&mut std::io::stdout(), &out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("orchestrator: cannot write the man page: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn client_command(command: Command, client: Client, config: Option<&Config>) -> ExitCode {
@@ -259,7 +381,12 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
             Command::Reload => cli::reload(&client).await,
             Command::Events { follow } => cli::events(&client, follow).await,
             Command::Shutdown => cli::shutdown(&client, shutdown_wait).await,
-            Command::Run | Command::Check | Command::Discover | Command::Guardian { .. } => {
+            Command::Run
+            | Command::Check
+            | Command::Discover
+            | Command::Guardian { .. }
+            | Command::Completions { .. }
+            | Command::Manpage => {
                 unreachable!("handled before")
             }
         }
@@ -517,6 +644,7 @@ fn run(
             }
             None => None,
         };
+        create_socket_dir(&socket)?;
         let listener = bind_unix(&socket).await?;
         let socket_shown = socket.display().to_string();
         let (events_tx, events) = mpsc::channel(16);
@@ -788,6 +916,21 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create data_dir {}", dir.display()))
+}
+
+/// The socket's own folder when it is not data_dir (/run/orchestrator in
+/// host mode): 0755 as systemd's RuntimeDirectory= makes it, since the
+/// socket itself is 0600 and checks its peers.
+fn create_socket_dir(socket: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match socket.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("cannot create the socket's directory {}", dir.display())),
+        _ => Ok(()),
+    }
 }
 
 /// Each service costs the daemon three descriptors (two pipes and a pidfd),
