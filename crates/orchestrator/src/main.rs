@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{FromArgMatches, Parser, Subcommand};
 use orchestrator_core::config::{self, Config, ConfigErrors, ConfigProblem, LogFormat};
 use orchestrator_core::daemon::{self, DaemonEvent};
 use orchestrator_core::discovery::{discover, scan};
@@ -50,9 +50,9 @@ Examples:
 )]
 struct Cli {
     /// Configuration file [default: $ORCHESTRATOR_CONFIG, else ./orchestrator.toml, else (root only) /etc/orchestrator/orchestrator.toml, else built-in defaults]
-    #[arg(short, long, global = true, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Control socket, for `run` (where to listen) and the client verbs (where the daemon is); before the verb
+    /// Control socket, for `run` (where to listen) and the client verbs (where the daemon is)
     ///
     /// Client verbs: $ORCHESTRATOR_SOCKET, else the config's socket (data_dir/orchestrator.sock; /run/orchestrator/orchestrator.sock for /etc/orchestrator/orchestrator.toml), else a zero-config daemon's in this folder, else /run/orchestrator/orchestrator.sock. `run` listens on the config's socket.
     #[arg(long, value_name = "PATH")]
@@ -60,7 +60,7 @@ struct Cli {
     /// How long a client verb waits for the daemon to answer ("10s", "500ms", "2m"), then exits 3
     ///
     /// start/stop/restart may take longer (a stop lasts up to the service's stop_timeout) as long as the daemon keeps answering its health check; logs -f and events -f wait this long for their first answer only.
-    #[arg(long, global = true, value_name = "DURATION", default_value = api::client::DEFAULT_TIMEOUT_ARG, value_parser = cli::parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = api::client::DEFAULT_TIMEOUT_ARG, value_parser = cli::parse_timeout)]
     timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
@@ -195,8 +195,17 @@ struct Targets {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)));
+    let cli = match parsed {
+        Ok((mut cli, matches)) => {
+            if let Err(refused) = flags_after_the_verb(&mut cli, &matches) {
+                eprintln!("orchestrator: {refused}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            cli
+        }
         Err(error) => {
             let _ = error.print();
             return if error.use_stderr() {
@@ -210,15 +219,6 @@ fn main() -> ExitCode {
         cli.command,
         Command::Run | Command::Check | Command::Discover | Command::Guardian { .. }
     );
-    let offline = matches!(cli.command, Command::Completions { .. } | Command::Manpage);
-    // --socket is before the verb (as in SPEC), so clap cannot refuse it
-    // for the verbs that never talk to a daemon: refuse it here.
-    if cli.socket.is_some() && (offline || (daemon_side && !matches!(cli.command, Command::Run))) {
-        eprintln!(
-            "orchestrator: --socket does nothing for this command (it reads no daemon); drop --socket"
-        );
-        return ExitCode::from(EXIT_USAGE);
-    }
     match cli.command {
         Command::Completions { shell } => return completions(shell),
         Command::Manpage => return manpage(),
@@ -321,18 +321,97 @@ fn main() -> ExitCode {
     }
 }
 
-fn completions(shell: clap_complete::Shell) -> ExitCode {
+/// Verbs that never talk to a daemon (--timeout does nothing for them),
+/// those that find none either (--socket; `run` listens on it), and those
+/// that read no configuration (--config).
+const NO_DAEMON: [&str; 6] = [
+    "run",
+    "check",
+    "discover",
+    "completions",
+    "manpage",
+    "guardian",
+];
+const NO_SOCKET: [&str; 5] = ["check", "discover", "completions", "manpage", "guardian"];
+const NO_CONFIG: [&str; 2] = ["completions", "manpage"];
+
+/// The flags of `Cli` that a verb may also take after its name, with the
+/// verbs they do nothing for.
+const AFTER_THE_VERB: [(&str, &[&str]); 3] = [
+    ("config", &NO_CONFIG),
+    ("socket", &NO_SOCKET),
+    ("timeout", &NO_DAEMON),
+];
+
+/// The command line, with --config, --socket and --timeout also accepted
+/// after the verbs they do something for. Not clap's global flags: those
+/// are offered to every verb, including those they would do nothing for.
+fn command() -> clap::Command {
     use clap::CommandFactory;
     let mut command = Cli::command();
+    let verbs: Vec<String> = command
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .collect();
+    for (id, except) in AFTER_THE_VERB {
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == id)
+            .expect("a flag of Cli")
+            .clone();
+        for verb in verbs.iter().filter(|verb| !except.contains(&verb.as_str())) {
+            command = command.mut_subcommand(verb, |sub| sub.arg(arg.clone()));
+        }
+    }
+    command
+}
+
+/// Takes the flags given after the verb (they win over the same flag
+/// before it); refuses them before a verb they do nothing for.
+fn flags_after_the_verb(cli: &mut Cli, matches: &clap::ArgMatches) -> Result<(), String> {
+    use clap::parser::ValueSource::CommandLine;
+    let Some((verb, sub)) = matches.subcommand() else {
+        return Ok(());
+    };
+    for (id, except) in AFTER_THE_VERB {
+        let given = |matches: &clap::ArgMatches| {
+            matches.ids().any(|known| known == id) && matches.value_source(id) == Some(CommandLine)
+        };
+        if except.contains(&verb) {
+            if given(matches) {
+                let what = match id {
+                    "config" => "reads no configuration",
+                    "socket" => "talks to no daemon",
+                    _ => "does not wait for a daemon",
+                };
+                return Err(format!(
+                    "--{id} does nothing for `{verb}`, which {what}; drop --{id}"
+                ));
+            }
+            continue;
+        }
+        if !given(sub) {
+            continue;
+        }
+        match id {
+            "config" => cli.config = sub.get_one::<PathBuf>(id).cloned(),
+            "socket" => cli.socket = sub.get_one::<PathBuf>(id).cloned(),
+            _ => cli.timeout = *sub.get_one::<std::time::Duration>(id).expect("a default"),
+        }
+    }
+    Ok(())
+}
+
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut command = command();
     clap_complete::generate(shell, &mut command, "orchestrator", &mut std::io::stdout());
     ExitCode::SUCCESS
 }
 
 fn manpage() -> ExitCode {
-    use clap::CommandFactory;
     let mut out = Vec::new();
     // Rendering into memory cannot fail.
-    let _ = clap_mangen::Man::new(Cli::command()).render(&mut out);
+    let _ = clap_mangen::Man::new(command()).render(&mut out);
     match std::io::Write::write_all(&mut std::io::stdout(), &out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
