@@ -158,7 +158,7 @@ fn with_nothing_to_go_by_the_client_tries_the_standard_socket_and_says_so() {
 }
 
 #[test]
-fn socket_is_refused_where_it_does_nothing() {
+fn global_flags_only_where_they_do_something() {
     let dir = TestDir::new("host-no-socket");
     for args in [
         &["--socket", "x.sock", "check"][..],
@@ -166,15 +166,31 @@ fn socket_is_refused_where_it_does_nothing() {
         &["check", "--socket", "x.sock"],
         &["discover", "--socket", "x.sock"],
         &["--socket", "x.sock", "completions", "bash"],
+        &["--timeout", "5s", "check"],
+        &["run", "--timeout", "5s"],
+        &["-c", "x.toml", "completions", "bash"],
     ] {
         let (code, stdout, stderr) = run_with_socket_env(dir.path(), None, args);
         assert_eq!(code, 2, "{args:?}\nstdout: {stdout}\nstderr: {stderr}");
     }
     for verb in ["check", "discover"] {
         let (_, help, _) = run_with_socket_env(dir.path(), None, &[verb, "--help"]);
+        for flag in ["--socket", "--timeout"] {
+            assert!(!help.contains(flag), "{verb} --help offers {flag}:\n{help}");
+        }
+    }
+    // Where it does something, after the verb as well as before it.
+    let gone = dir.join("gone.sock");
+    let gone = gone.to_str().unwrap();
+    for args in [
+        &["status", "--socket", gone][..],
+        &["--socket", gone, "status"],
+    ] {
+        let (code, _, stderr) = run_with_socket_env(dir.path(), None, args);
+        assert_eq!(code, 3, "{args:?}: {stderr}");
         assert!(
-            !help.contains("--socket"),
-            "{verb} --help offers --socket:\n{help}"
+            stderr.contains(&format!("{gone} (from --socket)")),
+            "{stderr}"
         );
     }
 }
