@@ -1001,13 +1001,17 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// host mode): 0755 as systemd's RuntimeDirectory= makes it, since the
 /// socket itself is 0600 and checks its peers.
 fn create_socket_dir(socket: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::PermissionsExt;
     match socket.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("cannot create the socket's directory {}", dir.display())),
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
+            std::fs::create_dir_all(dir)
+                // Whatever the umask: clients of other users must reach the
+                // socket to be told, by its own mode, that they may not.
+                .and_then(|()| {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                })
+                .with_context(|| format!("cannot create the socket's directory {}", dir.display()))
+        }
         _ => Ok(()),
     }
 }

@@ -295,3 +295,26 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         );
     }
 }
+
+#[test]
+fn run_makes_the_folder_of_its_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("host-socket-dir");
+    dir.write_file(CONFIG, "[orchestrator]\nshutdown_timeout = \"5s\"\n", 0o644);
+    // As /run/orchestrator for a host daemon started without systemd.
+    let socket = dir.join("run/orchestrator/orchestrator.sock");
+    let socket_arg = socket.to_str().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &["-c", CONFIG, "--socket", socket_arg, "run"]);
+    assert!(
+        wait_until(DEADLINE, || socket.exists()),
+        "no socket; daemon log:\n{}",
+        daemon.stderr_text()
+    );
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(socket.parent().unwrap()), 0o755);
+    assert_eq!(mode(&socket), 0o600);
+    let (code, stdout, stderr) =
+        run_with_socket_env(dir.path(), None, &["shutdown", "--socket", socket_arg]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(daemon.wait_exit().success(), "{}", daemon.stderr_text());
+}
