@@ -145,10 +145,17 @@ fn every_verb_has_examples_and_documented_arguments() {
                     || trimmed.starts_with('[')
                     || trimmed.starts_with('<'));
             if is_argument {
-                let described = lines
+                // Beside it (short help), or on the next line (long help).
+                let beside = trimmed
+                    .split_once("  ")
+                    .is_some_and(|(_, text)| !text.trim().is_empty());
+                let below = lines
                     .get(i + 1)
                     .is_some_and(|next| next.starts_with("          ") && !next.trim().is_empty());
-                assert!(described, "{verb}: {line:?} has no description:\n{text}");
+                assert!(
+                    beside || below,
+                    "{verb}: {line:?} has no description:\n{text}"
+                );
             }
         }
     }
