@@ -849,6 +849,7 @@ impl Daemon {
         command
             .current_dir(cwd)
             .env_remove("ORCHESTRATOR_CONFIG")
+            .env_remove("ORCHESTRATOR_SOCKET")
             .env_remove("ORCHESTRATOR_LOG")
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout).expect("create the stdout file"))
@@ -1042,6 +1043,7 @@ pub fn run_cli(cwd: &Path, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .current_dir(cwd)
         .env_remove("ORCHESTRATOR_CONFIG")
+        .env_remove("ORCHESTRATOR_SOCKET")
         .env_remove("ORCHESTRATOR_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1090,6 +1092,7 @@ impl CliFollower {
             .args(args)
             .current_dir(cwd)
             .env_remove("ORCHESTRATOR_CONFIG")
+            .env_remove("ORCHESTRATOR_SOCKET")
             .env_remove("ORCHESTRATOR_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

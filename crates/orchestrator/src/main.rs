@@ -4,6 +4,7 @@ mod api;
 mod cli;
 mod console;
 mod logview;
+mod paths;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{FromArgMatches, Parser, Subcommand};
 use orchestrator_core::config::{self, Config, ConfigErrors, ConfigProblem, LogFormat};
 use orchestrator_core::daemon::{self, DaemonEvent};
 use orchestrator_core::discovery::{discover, scan};
@@ -37,18 +38,30 @@ use crate::api::server::{
 use crate::cli::EXIT_USAGE;
 
 #[derive(Parser)]
-#[command(version, about = "The process orchestrator of the Blackhole platform")]
+#[command(
+    version,
+    about = "The process orchestrator of the Blackhole platform",
+    after_help = "\
+Examples:
+  orchestrator run                      run the services of ./orchestrator.toml (or ./services)
+  orchestrator status                   ask that daemon, from the same folder
+  sudo orchestrator status              ask the host's daemon (/etc/orchestrator/orchestrator.toml)
+  ORCHESTRATOR_SOCKET=/srv/app/.orchestrator/orchestrator.sock orchestrator status
+                                        ask a daemon from any folder"
+)]
 struct Cli {
-    /// Configuration file [default: $ORCHESTRATOR_CONFIG, else ./orchestrator.toml, else built-in defaults]
-    #[arg(short, long, global = true, value_name = "FILE")]
+    /// Configuration file [default: $ORCHESTRATOR_CONFIG, else ./orchestrator.toml, else (root only) /etc/orchestrator/orchestrator.toml, else built-in defaults]
+    #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Control socket [default: data_dir/orchestrator.sock]
-    #[arg(long, global = true, value_name = "PATH")]
+    /// Control socket, for `run` (where to listen) and the client verbs (where the daemon is)
+    ///
+    /// Client verbs: $ORCHESTRATOR_SOCKET, else the config's socket (data_dir/orchestrator.sock; /run/orchestrator/orchestrator.sock for /etc/orchestrator/orchestrator.toml), else a zero-config daemon's in this folder, else /run/orchestrator/orchestrator.sock. `run` listens on the config's socket.
+    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// How long a client verb waits for the daemon to answer ("10s", "500ms", "2m"), then exits 3
     ///
     /// start/stop/restart may take longer (a stop lasts up to the service's stop_timeout) as long as the daemon keeps answering its health check; logs -f and events -f wait this long for their first answer only.
-    #[arg(long, global = true, value_name = "DURATION", default_value = api::client::DEFAULT_TIMEOUT_ARG, value_parser = cli::parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = api::client::DEFAULT_TIMEOUT_ARG, value_parser = cli::parse_timeout)]
     timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
@@ -57,10 +70,28 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground until SIGINT/SIGTERM
+    ///
+    /// Starts every enabled service (configured or discovered in services_dir), serves the control API on the socket and stops the services in dependency order at exit. SIGHUP reloads the configuration.
+    #[command(after_help = "\
+Examples:
+  orchestrator run                                     ./orchestrator.toml, or zero-config in this folder
+  orchestrator -c /etc/orchestrator/orchestrator.toml run
+                                                       host mode: /var/lib/orchestrator, /run/orchestrator
+  orchestrator --socket /tmp/orch.sock run             listen on another socket")]
     Run,
     /// Validate the configuration, print every problem, exit 0 or 2
+    #[command(after_help = "\
+Examples:
+  orchestrator check
+  orchestrator -c deploy/orchestrator.toml check && systemctl reload orchestrator")]
     Check,
     /// List service binaries found in services_dir
+    ///
+    /// A binary is services_dir/NAME/NAME, executable; the table says whether each one is configured and whether it runs without a [services.NAME] section (start_discovered).
+    #[command(after_help = "\
+Examples:
+  orchestrator discover
+  orchestrator -c /etc/orchestrator/orchestrator.toml discover")]
     Discover,
     /// Show services: NAME STATE PID UPTIME RESTARTS LAST-EXIT CPU MEM REASON
     ///
@@ -84,10 +115,29 @@ enum Command {
         interval: std::time::Duration,
     },
     /// Start services; returns once they run
+    ///
+    /// What a service depends on starts first; returns once each is up (its health check or READY=1 where it has one). Exits 1 if one could not start, saying why.
+    #[command(after_help = "\
+Examples:
+  orchestrator start api
+  orchestrator start api worker
+  orchestrator start --all")]
     Start(Targets),
     /// Stop services; returns once their processes are gone
+    ///
+    /// Each gets its stop_signal, then SIGKILL after its stop_timeout. Only the services named stop: a note names the running services that depend on them.
+    #[command(after_help = "\
+Examples:
+  orchestrator stop api
+  orchestrator stop --all
+  orchestrator --timeout 2m stop db       wait longer for the daemon to answer")]
     Stop(Targets),
     /// Restart services; returns once the new processes run
+    #[command(after_help = "\
+Examples:
+  orchestrator restart api
+  orchestrator restart --with-dependents db    stop what uses db first, start it again after
+  orchestrator restart --all")]
     Restart {
         #[command(flatten)]
         targets: Targets,
@@ -127,6 +177,12 @@ enum Command {
         grep: Option<regex::Regex>,
     },
     /// Re-read the configuration and apply the difference
+    ///
+    /// Removed services stop, added ones start, changed ones restart, the others are left alone. An invalid file is refused with its errors and nothing changes. Same as SIGHUP to the daemon.
+    #[command(after_help = "\
+Examples:
+  orchestrator reload
+  orchestrator check && orchestrator reload")]
     Reload,
     /// Lifecycle events (start, exit, restart, health, reload, ...)
     #[command(after_help = "Examples:
@@ -148,7 +204,25 @@ enum Command {
         json: bool,
     },
     /// Stop every service and the daemon; returns once it is gone
+    #[command(after_help = "\
+Examples:
+  orchestrator shutdown
+  sudo orchestrator shutdown              the host's daemon (under systemd, prefer systemctl stop orchestrator)")]
     Shutdown,
+    /// Print a shell completion script on stdout
+    #[command(after_help = "\
+Examples:
+  orchestrator completions bash > /etc/bash_completion.d/orchestrator
+  orchestrator completions zsh > \"${fpath[1]}/_orchestrator\"
+  orchestrator completions fish > ~/.config/fish/completions/orchestrator.fish")]
+    Completions {
+        /// The shell the script is for
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout; contrib/orchestrator.1 is its copy
+    #[command(hide = true)]
+    Manpage,
     /// Internal: started by `run`; stops the services if the daemon dies
     #[command(hide = true)]
     Guardian {
@@ -161,16 +235,26 @@ enum Command {
 #[derive(clap::Args)]
 #[group(required = true, multiple = false)]
 struct Targets {
-    /// Service names
+    /// Service names (as in status)
+    #[arg(value_name = "NAME")]
     names: Vec<String>,
-    /// Every service
+    /// Every service, instead of names
     #[arg(long)]
     all: bool,
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)));
+    let cli = match parsed {
+        Ok((mut cli, matches)) => {
+            if let Err(refused) = flags_after_the_verb(&mut cli, &matches) {
+                eprintln!("orchestrator: {refused}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            cli
+        }
         Err(error) => {
             let _ = error.print();
             return if error.use_stderr() {
@@ -180,12 +264,19 @@ fn main() -> ExitCode {
             };
         }
     };
-    // A client given --socket needs no configuration at all.
-    let needs_config = cli.socket.is_none()
-        || matches!(
-            cli.command,
-            Command::Run | Command::Check | Command::Discover | Command::Guardian { .. }
-        );
+    let daemon_side = matches!(
+        cli.command,
+        Command::Run | Command::Check | Command::Discover | Command::Guardian { .. }
+    );
+    match cli.command {
+        Command::Completions { shell } => return completions(shell),
+        Command::Manpage => return manpage(),
+        _ => {}
+    }
+    let socket_env = std::env::var_os(paths::SOCKET_ENV);
+    // A client given its socket needs no configuration at all.
+    let needs_config =
+        daemon_side || !paths::socket_given(cli.socket.as_deref(), socket_env.as_ref());
     // `check` and `run` go through one validation, so that what `check`
     // passes `run` can start; `run` stops only for problems of the daemon
     // itself and starts every service it can.
@@ -225,10 +316,22 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    let socket = cli.socket.clone().unwrap_or_else(|| {
-        let config = config.as_ref().expect("loaded when no --socket was given");
-        socket_path(config)
-    });
+    let host = config::HostPaths::standard();
+    let socket = paths::client_socket(
+        cli.socket.as_deref(),
+        socket_env,
+        config.as_ref(),
+        &host,
+        Path::exists,
+    );
+    // `run` listens where --socket or the config says: the variable only
+    // tells clients where to look, and a daemon started from a shell that
+    // has it set must not take over another one's socket.
+    let run_socket = match (&cli.socket, &config) {
+        (Some(flag), _) => flag.clone(),
+        (None, Some(config)) => host.socket_of(config),
+        (None, None) => socket.path.clone(),
+    };
     match cli.command {
         Command::Check => check(
             config.as_ref().expect("loaded for check"),
@@ -243,7 +346,7 @@ fn main() -> ExitCode {
         Command::Run => match run(
             config.expect("loaded for run"),
             reloader(cli.config.clone()),
-            socket,
+            run_socket,
             validation.expect("validated for run").findings,
             config_stamp,
         ) {
@@ -259,14 +362,112 @@ fn main() -> ExitCode {
         },
         command => client_command(
             command,
-            Client::new(&socket).with_timeout(cli.timeout),
+            Client::new(&socket.path)
+                .with_origin(socket.origin.to_string())
+                .with_timeout(cli.timeout),
             config.as_ref(),
         ),
     }
 }
 
-fn socket_path(config: &Config) -> PathBuf {
-    config.orchestrator.data_dir.join("orchestrator.sock")
+/// Verbs that never talk to a daemon (--timeout does nothing for them),
+/// those that find none either (--socket; `run` listens on it), and those
+/// that read no configuration (--config).
+const NO_DAEMON: [&str; 6] = [
+    "run",
+    "check",
+    "discover",
+    "completions",
+    "manpage",
+    "guardian",
+];
+const NO_SOCKET: [&str; 5] = ["check", "discover", "completions", "manpage", "guardian"];
+const NO_CONFIG: [&str; 2] = ["completions", "manpage"];
+
+/// The flags of `Cli` that a verb may also take after its name, with the
+/// verbs they do nothing for.
+const AFTER_THE_VERB: [(&str, &[&str]); 3] = [
+    ("config", &NO_CONFIG),
+    ("socket", &NO_SOCKET),
+    ("timeout", &NO_DAEMON),
+];
+
+/// The command line, with --config, --socket and --timeout also accepted
+/// after the verbs they do something for. Not clap's global flags: those
+/// are offered to every verb, including those they would do nothing for.
+fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    let verbs: Vec<String> = command
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .collect();
+    for (id, except) in AFTER_THE_VERB {
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == id)
+            .expect("a flag of Cli")
+            .clone();
+        for verb in verbs.iter().filter(|verb| !except.contains(&verb.as_str())) {
+            command = command.mut_subcommand(verb, |sub| sub.arg(arg.clone()));
+        }
+    }
+    command
+}
+
+/// Takes the flags given after the verb (they win over the same flag
+/// before it); refuses them before a verb they do nothing for.
+fn flags_after_the_verb(cli: &mut Cli, matches: &clap::ArgMatches) -> Result<(), String> {
+    use clap::parser::ValueSource::CommandLine;
+    let Some((verb, sub)) = matches.subcommand() else {
+        return Ok(());
+    };
+    for (id, except) in AFTER_THE_VERB {
+        let given = |matches: &clap::ArgMatches| {
+            matches.ids().any(|known| known == id) && matches.value_source(id) == Some(CommandLine)
+        };
+        if except.contains(&verb) {
+            if given(matches) {
+                let what = match id {
+                    "config" => "reads no configuration",
+                    "socket" => "talks to no daemon",
+                    _ => "does not wait for a daemon",
+                };
+                return Err(format!(
+                    "--{id} does nothing for `{verb}`, which {what}; drop --{id}"
+                ));
+            }
+            continue;
+        }
+        if !given(sub) {
+            continue;
+        }
+        match id {
+            "config" => cli.config = sub.get_one::<PathBuf>(id).cloned(),
+            "socket" => cli.socket = sub.get_one::<PathBuf>(id).cloned(),
+            _ => cli.timeout = *sub.get_one::<std::time::Duration>(id).expect("a default"),
+        }
+    }
+    Ok(())
+}
+
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut command = command();
+    clap_complete::generate(shell, &mut command, "orchestrator", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+fn manpage() -> ExitCode {
+    let mut out = Vec::new();
+    // Rendering into memory cannot fail.
+    let _ = clap_mangen::Man::new(command()).render(&mut out);
+    match std::io::Write::write_all(&mut std::io::stdout(), &out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("orchestrator: cannot write the man page: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn client_command(command: Command, client: Client, config: Option<&Config>) -> ExitCode {
@@ -340,7 +541,12 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
                 cli::events(&client, request).await
             }
             Command::Shutdown => cli::shutdown(&client, shutdown_wait).await,
-            Command::Run | Command::Check | Command::Discover | Command::Guardian { .. } => {
+            Command::Run
+            | Command::Check
+            | Command::Discover
+            | Command::Guardian { .. }
+            | Command::Completions { .. }
+            | Command::Manpage => {
                 unreachable!("handled before")
             }
         }
@@ -598,6 +804,7 @@ fn run(
             }
             None => None,
         };
+        create_socket_dir(&socket)?;
         let listener = bind_unix(&socket).await?;
         let socket_shown = socket.display().to_string();
         let (events_tx, events) = mpsc::channel(16);
@@ -869,6 +1076,25 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create data_dir {}", dir.display()))
+}
+
+/// The socket's own folder when it is not data_dir (/run/orchestrator in
+/// host mode): 0755 as systemd's RuntimeDirectory= makes it, since the
+/// socket itself is 0600 and checks its peers.
+fn create_socket_dir(socket: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match socket.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
+            std::fs::create_dir_all(dir)
+                // Whatever the umask: clients of other users must reach the
+                // socket to be told, by its own mode, that they may not.
+                .and_then(|()| {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                })
+                .with_context(|| format!("cannot create the socket's directory {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Each service costs the daemon three descriptors (two pipes and a pidfd),

@@ -26,9 +26,11 @@ const ALIVE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the daemon at {}: {source}; is it running? Start it with `orchestrator run` (or pass --socket)", socket.display())]
+    #[error("cannot reach the daemon at {}{}: {source}; {}", socket.display(), shown_origin(origin), unreachable_hint(source))]
     Unreachable {
         socket: PathBuf,
+        /// How the socket was chosen ("from --socket"), when known.
+        origin: String,
         #[source]
         source: std::io::Error,
     },
@@ -44,12 +46,33 @@ pub enum ClientError {
     Output(#[source] std::io::Error),
 }
 
+fn shown_origin(origin: &str) -> String {
+    match origin {
+        "" => String::new(),
+        origin => format!(" ({origin})"),
+    }
+}
+
+/// The socket is mode 0600: another user's daemon refuses us before any
+/// question of whether it runs.
+fn unreachable_hint(source: &std::io::Error) -> &'static str {
+    match source.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            "only the daemon's user (or root) may use its socket: run the command as that user, e.g. with sudo"
+        }
+        _ => {
+            "is it running? Start it with `orchestrator run`, or name its socket with --socket or $ORCHESTRATOR_SOCKET"
+        }
+    }
+}
+
 fn seconds(duration: Duration) -> String {
     format!("{}s", duration.as_secs_f64())
 }
 
 pub struct Client {
     socket: PathBuf,
+    origin: String,
     timeout: Duration,
 }
 
@@ -57,7 +80,16 @@ impl Client {
     pub fn new(socket: &Path) -> Self {
         Client {
             socket: socket.to_owned(),
+            origin: String::new(),
             timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// How the socket was chosen, for the message when nothing answers.
+    pub fn with_origin(self, origin: impl Into<String>) -> Self {
+        Client {
+            origin: origin.into(),
+            ..self
         }
     }
 
@@ -111,6 +143,7 @@ impl Client {
             .await
             .map_err(|source| ClientError::Unreachable {
                 socket: self.socket.clone(),
+                origin: self.origin.clone(),
                 source,
             })
     }
@@ -261,6 +294,7 @@ impl Client {
         Ok(Lines {
             client: Client {
                 socket: self.socket.clone(),
+                origin: self.origin.clone(),
                 timeout: self.timeout,
             },
             body: response.into_body(),

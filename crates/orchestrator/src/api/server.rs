@@ -154,13 +154,24 @@ async fn daemon_info<C: Control>(State(control): State<C>) -> Response {
     Json(control.daemon()).into_response()
 }
 
-async fn metrics_text<C: Control>(State(control): State<C>) -> Response {
+async fn metrics_text<C: Control>(State(control): State<C>, headers: HeaderMap) -> Response {
+    let format = metrics::negotiate(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|value| value.to_str().ok()),
+    );
     match control.list().await {
-        Ok(services) => (
-            [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-            metrics::render(&control.daemon(), &services),
-        )
-            .into_response(),
+        Ok(services) => {
+            // /proc reads: no disk behind them, but file I/O all the same.
+            let process = tokio::task::spawn_blocking(metrics::ProcessStats::read)
+                .await
+                .unwrap_or_default();
+            (
+                [(header::CONTENT_TYPE, format.content_type())],
+                metrics::render(&control.daemon(), &process, &services, format),
+            )
+                .into_response()
+        }
         Err(e) => control_error(e),
     }
 }

@@ -107,6 +107,18 @@ pub fn parse_in(
     base_dir: &Path,
     host_var: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, ConfigErrors> {
+    parse_all_in(text, file, base_dir, host_var, None)
+}
+
+/// `parse_in`, with `data_dir` defaulting to `host_data_dir` when given
+/// (host mode) instead of `.orchestrator` beside the file.
+fn parse_all_in(
+    text: &str,
+    file: Option<&Path>,
+    base_dir: &Path,
+    host_var: &dyn Fn(&str) -> Option<String>,
+    host_data_dir: Option<&Path>,
+) -> Result<Loaded, ConfigErrors> {
     let base_dir = absolute_dir(base_dir);
     let mut cx = Cx::new(text, file, host_var);
     let root = match DeTable::parse(text) {
@@ -116,7 +128,7 @@ pub fn parse_in(
             return Err(cx.into_errors());
         }
     };
-    let config = document(&mut cx, root.get_ref(), &base_dir);
+    let config = document(&mut cx, root.get_ref(), &base_dir, host_data_dir);
     let locations = std::mem::take(&mut cx.locations);
     Ok(Loaded {
         config,
@@ -126,10 +138,12 @@ pub fn parse_in(
 }
 
 /// Find and load the configuration: `explicit` (from `--config`), else
-/// `$ORCHESTRATOR_CONFIG`, else `./orchestrator.toml`. Only that last one may
-/// be missing, which means zero-config: defaults in the current directory and
+/// `$ORCHESTRATOR_CONFIG`, else `./orchestrator.toml`, else, for root only,
+/// `/etc/orchestrator/orchestrator.toml`. Only those last two may be
+/// missing, which means zero-config: defaults in the current directory and
 /// `source: None`. The file named in `Config::source` and in problems is
-/// absolute, canonicalised when possible.
+/// absolute, canonicalised when possible. Whatever chose the standard file,
+/// it means host mode (see `HostPaths`).
 pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigErrors> {
     let loaded = load_all(explicit)?;
     if loaded.problems.is_empty() {
@@ -154,12 +168,59 @@ pub fn load_all(explicit: Option<&Path>) -> Result<Loaded, ConfigErrors> {
             ),
         )
     })?;
+    let host = HostPaths::standard();
+    let euid = nix::unistd::geteuid().as_raw();
     load_from(
         explicit,
         std::env::var_os(CONFIG_ENV),
         &cwd,
+        &host,
+        euid,
         &HostEnv::process_var,
     )
+}
+
+/// Where a daemon run as a host service keeps its files ("host mode"): the
+/// configuration in use is the standard file, however it was chosen.
+/// Passed in rather than read from constants so that tests need neither
+/// root nor /etc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPaths {
+    /// Looked for when root names no file and the current directory has none.
+    pub config: PathBuf,
+    /// data_dir's default in host mode (the file's `data_dir` still wins).
+    pub data_dir: PathBuf,
+    /// The control socket in host mode, whatever data_dir is.
+    pub socket: PathBuf,
+}
+
+impl HostPaths {
+    /// The paths systemd's RuntimeDirectory=, StateDirectory= and
+    /// ConfigurationDirectory= give a unit named orchestrator.
+    pub fn standard() -> Self {
+        HostPaths {
+            config: PathBuf::from("/etc/orchestrator/orchestrator.toml"),
+            data_dir: PathBuf::from("/var/lib/orchestrator"),
+            socket: PathBuf::from("/run/orchestrator/orchestrator.sock"),
+        }
+    }
+
+    /// Whether `source` (a loaded `Config::source`, canonical) is the
+    /// standard file: also when it was reached through a symlink, or named
+    /// through one (`--config` is canonicalised, the standard path may not be).
+    pub fn is_host_config(&self, source: &Path) -> bool {
+        source == self.config
+            || fs::canonicalize(&self.config).is_ok_and(|canonical| canonical == source)
+    }
+
+    /// The control socket of the daemon run with `config`: the standard one
+    /// in host mode, else `data_dir/orchestrator.sock`.
+    pub fn socket_of(&self, config: &Config) -> PathBuf {
+        match &config.source {
+            Some(source) if self.is_host_config(source) => self.socket.clone(),
+            _ => config.orchestrator.data_dir.join("orchestrator.sock"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,25 +228,37 @@ enum Origin {
     Flag,
     Env,
     Default,
+    Host,
 }
 
 /// `load` with its process-global inputs passed in, so tests need neither
-/// `set_var` nor `set_current_dir` (both would race other tests).
+/// `set_var` nor `set_current_dir` (both would race other tests), nor root.
 fn load_from(
     explicit: Option<&Path>,
     env: Option<OsString>,
     cwd: &Path,
+    host: &HostPaths,
+    euid: u32,
     host_var: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, ConfigErrors> {
-    let (path, origin) = match (explicit, env.filter(|value| !value.is_empty())) {
+    let (mut path, mut origin) = match (explicit, env.filter(|value| !value.is_empty())) {
         (Some(path), _) => (cwd.join(path), Origin::Flag),
         (None, Some(value)) => (cwd.join(PathBuf::from(value)), Origin::Env),
         (None, None) => (cwd.join(DEFAULT_FILE), Origin::Default),
     };
+    // A root daemon started from anywhere (a unit, a shell in /) finds the
+    // host's file, as sshd or nginx would; a project folder's own file
+    // still comes first.
+    if origin == Origin::Default && euid == 0 && !normalize(&path).exists() {
+        (path, origin) = (host.config.clone(), Origin::Host);
+    }
     let path = normalize(&path);
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(err) if err.kind() == io::ErrorKind::NotFound && origin == Origin::Default => {
+        Err(err)
+            if err.kind() == io::ErrorKind::NotFound
+                && matches!(origin, Origin::Default | Origin::Host) =>
+        {
             tracing::debug!(
                 path = %path.display(),
                 "no configuration file; using zero-config defaults"
@@ -207,6 +280,10 @@ fn load_from(
                     "cannot read: {err} (named by ${CONFIG_ENV}); \
                      pass an existing file with --config or fix ${CONFIG_ENV}"
                 ),
+                Origin::Host => format!(
+                    "cannot read: {err} (the standard configuration of a daemon run as root); \
+                     make it readable, or pass another file with --config"
+                ),
                 Origin::Flag | Origin::Default => {
                     format!("cannot read: {err}; pass an existing file with --config")
                 }
@@ -215,6 +292,9 @@ fn load_from(
         }
     };
     let path = fs::canonicalize(&path).unwrap_or(path);
+    let host_data_dir = host
+        .is_host_config(&path)
+        .then_some(host.data_dir.as_path());
     let base_dir = path.parent().unwrap_or(cwd).to_path_buf();
     let text = match String::from_utf8(bytes) {
         Ok(text) => text,
@@ -228,7 +308,7 @@ fn load_from(
             ));
         }
     };
-    parse_in(&text, Some(&path), &base_dir, host_var)
+    parse_all_in(&text, Some(&path), &base_dir, host_var, host_data_dir)
 }
 
 fn single_problem(file: Option<PathBuf>, line: Option<usize>, message: String) -> ConfigErrors {
@@ -244,12 +324,21 @@ fn single_problem(file: Option<PathBuf>, line: Option<usize>, message: String) -
 }
 
 /// The whole file: its defaults, then whatever its sections say.
-fn document(cx: &mut Cx<'_>, root: &DeTable<'_>, base_dir: &Path) -> Config {
+fn document(
+    cx: &mut Cx<'_>,
+    root: &DeTable<'_>,
+    base_dir: &Path,
+    host_data_dir: Option<&Path>,
+) -> Config {
     let mut config = Config {
         source: cx.file.clone(),
         orchestrator: OrchestratorConfig::defaults_in(base_dir),
         services: BTreeMap::new(),
     };
+    // Before the sections are read, so that a data_dir in the file wins.
+    if let Some(dir) = host_data_dir {
+        config.orchestrator.data_dir = dir.to_path_buf();
+    }
     cx.section(
         root,
         "",
@@ -492,15 +581,6 @@ backoff = { initial = "10s", max = "1s" }
         }
     }
 
-    /// Without the daemon's environment: these tests are about the file.
-    fn load_from(
-        explicit: Option<&Path>,
-        env: Option<OsString>,
-        cwd: &Path,
-    ) -> Result<Loaded, ConfigErrors> {
-        super::load_from(explicit, env, cwd, &|_| None)
-    }
-
     #[test]
     fn zero_config_without_a_file() {
         let dir = TempDir::new("zero");
@@ -511,6 +591,139 @@ backoff = { initial = "10s", max = "1s" }
         assert!(config.services.is_empty());
         // An empty variable counts as unset.
         assert!(load_from(None, Some(OsString::new()), &dir.0).is_ok());
+    }
+
+    /// The search as a user (not root): the standard file is never looked
+    /// for; without the daemon's environment (these tests are about the file).
+    fn load_from(
+        explicit: Option<&Path>,
+        env: Option<OsString>,
+        cwd: &Path,
+    ) -> Result<Loaded, ConfigErrors> {
+        super::load_from(
+            explicit,
+            env,
+            cwd,
+            &host_in(Path::new("/nonexistent")),
+            1000,
+            &|_| None,
+        )
+    }
+
+    /// Stand-ins for /etc, /var/lib and /run below `root`.
+    fn host_in(root: &Path) -> HostPaths {
+        HostPaths {
+            config: root.join("etc/orchestrator/orchestrator.toml"),
+            data_dir: root.join("var/lib/orchestrator"),
+            socket: root.join("run/orchestrator/orchestrator.sock"),
+        }
+    }
+
+    /// A host layout under a temp dir, with its standard file written, and
+    /// an empty "current directory" beside it.
+    fn host_layout(tag: &str, text: &str) -> (TempDir, HostPaths, PathBuf) {
+        let dir = TempDir::new(tag);
+        let host = host_in(&dir.0);
+        fs::create_dir_all(host.config.parent().unwrap()).unwrap();
+        fs::write(&host.config, text).unwrap();
+        let cwd = dir.0.join("somewhere");
+        fs::create_dir(&cwd).unwrap();
+        (dir, host, cwd)
+    }
+
+    #[test]
+    fn root_without_a_file_here_loads_the_standard_one_in_host_mode() {
+        let (dir, host, cwd) = host_layout("host-root", "[services.api]\nbinary_path = \"api\"\n");
+        let config = super::load_from(None, None, &cwd, &host, 0, &|_| None)
+            .unwrap()
+            .config;
+        assert_eq!(config.source.as_deref(), Some(host.config.as_path()));
+        assert_eq!(config.orchestrator.data_dir, host.data_dir);
+        // Relative to the file, as everywhere else.
+        let etc = dir.0.join("etc/orchestrator");
+        assert_eq!(config.orchestrator.services_dir, etc.join("services"));
+        assert_eq!(config.services["api"].binary_path, Some(etc.join("api")));
+        assert_eq!(host.socket_of(&config), host.socket);
+    }
+
+    #[test]
+    fn a_user_or_a_project_file_never_falls_back_to_the_standard_file() {
+        let (_dir, host, cwd) = host_layout("host-user", "[services.api]\n");
+        // Not root: zero-config in the current directory.
+        let config = super::load_from(None, None, &cwd, &host, 1000, &|_| None)
+            .unwrap()
+            .config;
+        assert_eq!(config.source, None);
+        assert_eq!(config.orchestrator.data_dir, cwd.join(".orchestrator"));
+        assert_eq!(
+            host.socket_of(&config),
+            cwd.join(".orchestrator/orchestrator.sock")
+        );
+        // Root in a project folder: the folder's file.
+        fs::write(cwd.join(DEFAULT_FILE), "").unwrap();
+        let config = super::load_from(None, None, &cwd, &host, 0, &|_| None)
+            .unwrap()
+            .config;
+        assert_eq!(config.source, Some(cwd.join(DEFAULT_FILE)));
+        assert_eq!(config.orchestrator.data_dir, cwd.join(".orchestrator"));
+        assert_eq!(
+            host.socket_of(&config),
+            cwd.join(".orchestrator/orchestrator.sock")
+        );
+    }
+
+    #[test]
+    fn root_without_any_file_is_zero_config_here() {
+        let dir = TempDir::new("host-none");
+        let host = host_in(&dir.0);
+        let config = super::load_from(None, None, &dir.0, &host, 0, &|_| None)
+            .unwrap()
+            .config;
+        assert_eq!(config.source, None);
+        assert_eq!(config.orchestrator.data_dir, dir.0.join(".orchestrator"));
+    }
+
+    #[test]
+    fn the_standard_file_named_any_way_is_host_mode_and_its_keys_win() {
+        let (dir, host, cwd) = host_layout("host-named", "[orchestrator]\ndata_dir = \"state\"\n");
+        let link = dir.0.join("link.toml");
+        std::os::unix::fs::symlink(&host.config, &link).unwrap();
+        let etc = dir.0.join("etc/orchestrator");
+        for (explicit, env) in [
+            (Some(host.config.as_path()), None),
+            (Some(link.as_path()), None),
+            (None, Some(host.config.clone().into_os_string())),
+        ] {
+            // As a user too: host mode is about the file, not who reads it.
+            let config = super::load_from(explicit, env.clone(), &cwd, &host, 1000, &|_| None)
+                .unwrap()
+                .config;
+            assert_eq!(config.source.as_deref(), Some(host.config.as_path()));
+            assert_eq!(
+                config.orchestrator.data_dir,
+                etc.join("state"),
+                "{explicit:?} {env:?}"
+            );
+            assert_eq!(host.socket_of(&config), host.socket);
+        }
+        // Without the key, the host default.
+        fs::write(&host.config, "").unwrap();
+        let config = super::load_from(Some(&link), None, &cwd, &host, 1000, &|_| None)
+            .unwrap()
+            .config;
+        assert_eq!(config.orchestrator.data_dir, host.data_dir);
+    }
+
+    #[test]
+    fn an_unreadable_standard_file_is_an_error_not_zero_config() {
+        let dir = TempDir::new("host-dir");
+        let host = host_in(&dir.0);
+        // A directory where the file should be: reading fails, not NotFound.
+        fs::create_dir_all(&host.config).unwrap();
+        let errors = super::load_from(None, None, &dir.0, &host, 0, &|_| None).unwrap_err();
+        let message = &errors.problems[0].message;
+        assert!(message.contains("standard configuration"), "{message}");
+        assert!(message.contains("--config"), "{message}");
     }
 
     #[test]

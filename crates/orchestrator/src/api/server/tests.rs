@@ -624,7 +624,7 @@ async fn metrics_and_healthz() {
         response.headers()["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("application/openmetrics-text")
+            .starts_with("text/plain; version=0.0.4")
     );
     let lines = collect_lines(&served.client, "/metrics").await;
     assert!(lines.contains(&"orchestrator_service_up{service=\"api\"} 1".to_owned()));
