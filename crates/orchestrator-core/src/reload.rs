@@ -226,6 +226,9 @@ pub fn needs_restart(old: &OrchestratorConfig, new: &OrchestratorConfig) -> Vec<
     // The log writers are made with their service's actor.
     field(old.log_max_bytes != new.log_max_bytes, "log_max_bytes");
     field(old.log_max_files != new.log_max_files, "log_max_files");
+    field(old.log_timestamps != new.log_timestamps, "log_timestamps");
+    field(old.log_max_age != new.log_max_age, "log_max_age");
+    field(old.log_compress != new.log_compress, "log_compress");
     field(old.log_format != new.log_format, "log_format");
     // The resource controller (and the lock on its parent) is made once,
     // before the first spawn.

@@ -150,8 +150,18 @@ fn serve(output: &ServiceOutput) -> bool {
         }
         pending.blocks.drain(..n).collect()
     };
-    let segments: Vec<&[u8]> = batch.iter().map(|block| &block.bytes[..]).collect();
-    let bytes: u64 = segments.iter().map(|s| s.len() as u64).sum();
+    // Counted as queued, whatever the file gets.
+    let bytes: u64 = batch.iter().map(|block| block.bytes.len() as u64).sum();
+    // Prefixed here, on the writer's thread, so a pump never pays for it.
+    let mut stamped = Vec::new();
+    let segments: Vec<&[u8]> = if output.timestamps {
+        for block in &batch {
+            super::logfile::stamp(block, &mut stamped);
+        }
+        vec![&stamped[..]]
+    } else {
+        batch.iter().map(|block| &block.bytes[..]).collect()
+    };
     let (dropped, was_failing, failing) = {
         let mut file = lock(&queue.file);
         let was_failing = file.is_failing();
@@ -160,6 +170,7 @@ fn serve(output: &ServiceOutput) -> bool {
     };
     output.file_written(&batch, dropped, was_failing, failing);
     drop(segments);
+    drop(stamped);
     // The blocks' bytes may be the last references: freed before the pump
     // hears there is room, so memory stays within the bound.
     drop(batch);
