@@ -496,7 +496,8 @@ impl LineFormat {
                     // Only when the journal refused a line: the journal
                     // stamps it itself.
                     (_, true) => {
-                        let _ = write!(prefix, "{service:<width$} {mark} ");
+                        let priority = journal::stream_priority(stream);
+                        let _ = write!(prefix, "<{priority}>{service:<width$} {mark} ");
                     }
                     (true, false) => {
                         let colour = name_colour(service);
@@ -1049,7 +1050,9 @@ mod tests {
     fn under_the_journal_lines_have_no_timestamp_nor_colour() {
         let format = compact(false, true);
         let text = lines_of(format, "api", Stream::Stdout, b"hello\n");
-        assert_eq!(text, format!("api{} | hello\n", " ".repeat(19)));
+        assert_eq!(text, format!("<6>api{} | hello\n", " ".repeat(19)));
+        let text = lines_of(format, "api", Stream::Stderr, b"oops\n");
+        assert_eq!(text, format!("<4>api{} ! oops\n", " ".repeat(19)));
         let mut out = Vec::new();
         format.event(
             &mut out,
