@@ -169,6 +169,10 @@ fn live_changes(old: &ServiceDefinition, new: &ServiceDefinition) -> Vec<String>
     field(a.ready != b.ready, ready);
     // The probes and the dependencies are the daemon's, not the process's.
     field(old.health != new.health, "health");
+    field(
+        old.log_file != new.log_file,
+        "log file options (log_timestamps, log_max_age, log_compress)",
+    );
     field(old.depends_on != new.depends_on, "depends_on");
     field(old.configured != new.configured, "configured");
     if old.enabled != new.enabled {
@@ -226,9 +230,6 @@ pub fn needs_restart(old: &OrchestratorConfig, new: &OrchestratorConfig) -> Vec<
     // The log writers are made with their service's actor.
     field(old.log_max_bytes != new.log_max_bytes, "log_max_bytes");
     field(old.log_max_files != new.log_max_files, "log_max_files");
-    field(old.log_timestamps != new.log_timestamps, "log_timestamps");
-    field(old.log_max_age != new.log_max_age, "log_max_age");
-    field(old.log_compress != new.log_compress, "log_compress");
     field(old.log_format != new.log_format, "log_format");
     // The resource controller (and the lock on its parent) is made once,
     // before the first spawn.

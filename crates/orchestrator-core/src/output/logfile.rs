@@ -93,9 +93,13 @@ impl LogFile {
     }
 
     pub(crate) fn with_options(mut self, options: FileOptions) -> Self {
+        self.set_options(options);
+        self
+    }
+
+    pub(crate) fn set_options(&mut self, options: FileOptions) {
         self.max_age = options.max_age;
         self.compress = options.compress;
-        self
     }
 
     /// Appends whole lines (the concatenation of `segments`, which ends in

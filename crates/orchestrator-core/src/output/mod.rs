@@ -17,7 +17,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -107,7 +107,8 @@ pub struct ServiceOutput {
     /// never across an `.await`.
     recent: Mutex<Recent>,
     events: OnceLock<EventBus>,
-    timestamps: bool,
+    /// A reload may change it while the service runs.
+    timestamps: AtomicBool,
 }
 
 impl ServiceOutput {
@@ -151,7 +152,7 @@ impl ServiceOutput {
             file: FileQueue::new(file),
             recent: Mutex::new(Recent::default()),
             events: OnceLock::new(),
-            timestamps: options.timestamps,
+            timestamps: AtomicBool::new(options.timestamps),
         })
     }
 
@@ -160,7 +161,7 @@ impl ServiceOutput {
     /// before its first line. Without timestamps the file stays the
     /// service's bytes only.
     pub fn mark_started(self: &Arc<Self>, pid: u32, restarts: u64) {
-        if !self.timestamps {
+        if !self.timestamps.load(Ordering::Relaxed) {
             return;
         }
         let bytes = logfile::start_marker(SystemTime::now(), pid, restarts);
@@ -177,6 +178,13 @@ impl ServiceOutput {
             },
         );
         drop(recent);
+    }
+
+    /// A reload's new options, from the next lines written on (blocks
+    /// queued already included). Never waits for the disk.
+    pub fn set_file_options(&self, options: FileOptions) {
+        self.timestamps.store(options.timestamps, Ordering::Relaxed);
+        self.file.set_options(options);
     }
 
     pub fn log_path(&self) -> &Path {

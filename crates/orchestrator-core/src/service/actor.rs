@@ -700,6 +700,9 @@ impl Actor {
                 self.announce(kind);
             }
         }
+        if self.definition.log_file != definition.log_file {
+            self.output.set_file_options(definition.log_file);
+        }
         self.definition = definition;
         let enabled = self.definition.enabled;
         let name = &self.definition.name;
