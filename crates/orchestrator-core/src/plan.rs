@@ -233,6 +233,13 @@ fn define(
             .join(format!("{name}.log")),
         log_max_bytes: orchestrator.log_max_bytes,
         log_max_files: orchestrator.log_max_files,
+        log_file: crate::output::FileOptions {
+            timestamps: service
+                .log_timestamps
+                .unwrap_or(orchestrator.log_timestamps),
+            max_age: service.log_max_age.or(orchestrator.log_max_age),
+            compress: orchestrator.log_compress,
+        },
         notify: service.notify,
         watchdog: service.watchdog.filter(|_| service.notify),
         health: service.health.clone(),

@@ -169,6 +169,10 @@ fn live_changes(old: &ServiceDefinition, new: &ServiceDefinition) -> Vec<String>
     field(a.ready != b.ready, ready);
     // The probes and the dependencies are the daemon's, not the process's.
     field(old.health != new.health, "health");
+    field(
+        old.log_file != new.log_file,
+        "log file options (log_timestamps, log_max_age, log_compress)",
+    );
     field(old.depends_on != new.depends_on, "depends_on");
     field(old.configured != new.configured, "configured");
     if old.enabled != new.enabled {

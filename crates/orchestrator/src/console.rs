@@ -1,8 +1,10 @@
 //! The daemon's console: one thread owns stderr and writes, in order, the
 //! daemon's own log events and the services' lines. Service lines get the
-//! same look as the tracing log (text or JSON, fields `service` and
-//! `stream`), but are formatted a block at a time, off the threads that
-//! drain the pipes, and written with one syscall per batch.
+//! same look as the daemon's events ([`Style`]: `api | line` by default,
+//! tracing's key=value lines, or JSON), but are formatted a block at a
+//! time, off the threads that drain the pipes, and written with one
+//! syscall per batch. Under systemd, with stderr the journal's stream,
+//! service lines go to the journal instead, one entry each ([`journal`]).
 //!
 //! Everything goes through one queue, so a service's last lines still come
 //! before the daemon's note that it exited. Neither kind of entry can make
@@ -20,6 +22,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
+
+use crate::journal::{self, Journal};
 
 use memchr::memchr_iter;
 use orchestrator_core::events::rfc3339;
@@ -94,9 +98,32 @@ fn queue() -> (Queue, mpsc::UnboundedReceiver<Entry>, Arc<Counters>) {
 pub fn start(format: LineFormat) -> std::io::Result<()> {
     let _ = FORMAT.set(format);
     let (queue, receiver, counters) = self::queue();
+    // Probed once: a journal that is not there now is not looked for per line.
+    let journal = match format.journal {
+        true => {
+            let path = Journal::socket_path();
+            match Journal::connect(&path) {
+                Ok(journal) => Some(journal),
+                Err(error) => {
+                    let mut out = Vec::new();
+                    format.note(
+                        &mut out,
+                        tracing::Level::WARN,
+                        &format!(
+                            "cannot connect to the journal at {}: {error}; service lines go to stderr, without their own SYSLOG_IDENTIFIER",
+                            path.display()
+                        ),
+                    );
+                    write_stderr(&out);
+                    None
+                }
+            }
+        }
+        false => None,
+    };
     std::thread::Builder::new()
         .name(CONSOLE_THREAD.into())
-        .spawn(move || write_entries(receiver, &counters, format, write_stderr))?;
+        .spawn(move || write_entries(receiver, &counters, format, journal, write_stderr))?;
     let _ = QUEUE.set(queue);
     // A panic's message would otherwise come before the lines still queued
     // (or, on the main thread, end the process without them): write those
@@ -198,6 +225,7 @@ fn write_entries(
     mut receiver: mpsc::UnboundedReceiver<Entry>,
     counters: &Counters,
     format: LineFormat,
+    mut journal: Option<Journal>,
     mut write: impl FnMut(&[u8]),
 ) {
     // Grown on demand: a daemon whose services are quiet keeps it small.
@@ -212,7 +240,10 @@ fn write_entries(
                 }
                 Entry::Lines { service, blocks } => {
                     for block in &blocks {
-                        format.block(&mut out, &service, block);
+                        match journal.as_mut() {
+                            Some(journal) => to_journal(journal, &mut out, format, &service, block),
+                            None => format.block(&mut out, &service, block),
+                        }
                     }
                     counters.line_room.add_permits(1);
                 }
@@ -241,6 +272,42 @@ fn write_entries(
         if out.capacity() > 2 * WRITE_BATCH_BYTES {
             out = Vec::new();
         }
+    }
+}
+
+/// Sends a block's lines to the journal, one entry each; a line the
+/// journal does not take at once goes to stderr, and the first such line
+/// is explained there.
+fn to_journal(
+    journal: &mut Journal,
+    out: &mut Vec<u8>,
+    format: LineFormat,
+    service: &str,
+    block: &LogBlock,
+) {
+    let mut start = 0;
+    for end in memchr_iter(b'\n', &block.bytes) {
+        let line = &block.bytes[start..end];
+        if let Err(error) = journal.send(service, block.stream, line) {
+            if journal.fallbacks == 0 {
+                format.note(
+                    out,
+                    tracing::Level::WARN,
+                    &format!(
+                        "the journal did not take a line of {service} ({error}); such lines are written to stderr instead"
+                    ),
+                );
+            }
+            journal.fallbacks += 1;
+            format.format(
+                out,
+                block.time,
+                service,
+                block.stream,
+                &block.bytes[start..=end],
+            );
+        }
+        start = end + 1;
     }
 }
 
@@ -287,11 +354,59 @@ struct JsonLine<'a> {
     stream: &'static str,
 }
 
-/// How service lines look on the console.
+/// How the console's lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Style {
+    /// `api          | 2026-12-03T02:23:13.123Z line`: the service first, in a
+    /// column of stable width, `!` instead of `|` for stderr; the daemon's
+    /// own events as `orchestrator | TIME  INFO message key=value`.
+    #[default]
+    Compact,
+    /// tracing's full format: `TIME  INFO line service=api stream=stdout`.
+    KeyValue,
+    Json,
+}
+
+/// The daemon's own name in the service column.
+pub const DAEMON_LABEL: &str = "orchestrator";
+
+/// Names longer than this are not padded to: one long name must not push
+/// every line far to the right.
+pub const MAX_NAME_WIDTH: usize = 24;
+
+/// How service lines (and, but for JSON, the daemon's events) look.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LineFormat {
-    pub json: bool,
+    pub style: Style,
     pub ansi: bool,
+    /// The width of the name column ([`Style::Compact`]).
+    pub width: usize,
+    /// stderr is the journal's stream: no timestamp or colour of ours, a
+    /// `<N>` priority on the daemon's lines, service lines to the journal.
+    pub journal: bool,
+}
+
+/// The column width for these service names: the longest, the daemon's
+/// label included, at most [`MAX_NAME_WIDTH`].
+pub fn name_width<'a>(names: impl IntoIterator<Item = &'a str>) -> usize {
+    names
+        .into_iter()
+        .map(str::len)
+        .chain([DAEMON_LABEL.len()])
+        .max()
+        .unwrap_or(0)
+        .min(MAX_NAME_WIDTH)
+}
+
+/// Colours for service names, chosen by a hash of the name, so a service
+/// keeps its colour across restarts of the daemon. No red: that is stderr's.
+const NAME_COLOURS: [&str; 5] = ["36", "32", "35", "34", "33"];
+
+fn name_colour(name: &str) -> &'static str {
+    let hash = name
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+    NAME_COLOURS[hash % NAME_COLOURS.len()]
 }
 
 impl LineFormat {
@@ -301,20 +416,120 @@ impl LineFormat {
 
     /// Says that `count` of the daemon's own events were dropped.
     fn dropped_events(&self, out: &mut Vec<u8>, count: usize) {
-        let timestamp = rfc3339(SystemTime::now());
         let message =
             format!("{count} log events were not shown: the daemon's stderr was not keeping up");
-        if self.json {
+        self.note(out, tracing::Level::WARN, &message);
+    }
+
+    /// One line of the daemon's own, written by the console itself (not
+    /// through tracing) in the daemon's format.
+    pub fn note(&self, out: &mut Vec<u8>, level: tracing::Level, message: &str) {
+        if self.style == Style::Json {
             let record = serde_json::json!({
-                "timestamp": timestamp,
-                "level": "WARN",
+                "timestamp": rfc3339(SystemTime::now()),
+                "level": level.as_str(),
                 "message": message,
             });
             let _ = serde_json::to_writer(&mut *out, &record);
             out.push(b'\n');
+        } else if self.style == Style::KeyValue && !self.journal {
+            let timestamp = rfc3339(SystemTime::now());
+            let _ = writeln!(out, "{timestamp} {level:>5} {message}");
         } else {
-            let _ = writeln!(out, "{timestamp}  WARN {message}");
+            self.event(out, SystemTime::now(), level, message);
         }
+    }
+
+    /// One of the daemon's events (its message and fields formatted into
+    /// `text`), in the compact or journal shape.
+    pub fn event(&self, out: &mut Vec<u8>, time: SystemTime, level: tracing::Level, text: &str) {
+        if self.journal {
+            let priority = match level {
+                tracing::Level::ERROR => journal::PRIORITY_ERR,
+                tracing::Level::WARN => journal::PRIORITY_WARNING,
+                tracing::Level::INFO => journal::PRIORITY_INFO,
+                _ => journal::PRIORITY_DEBUG,
+            };
+            let _ = write!(out, "<{priority}>");
+            escape_controls(text, out);
+            out.push(b'\n');
+            return;
+        }
+        let timestamp = rfc3339(time);
+        let width = self.width;
+        if self.ansi {
+            let colour = match level {
+                tracing::Level::ERROR => "31",
+                tracing::Level::WARN => "33",
+                tracing::Level::INFO => "32",
+                tracing::Level::DEBUG => "34",
+                _ => "35",
+            };
+            let _ = write!(
+                out,
+                "\x1b[1m{DAEMON_LABEL:<width$}\x1b[0m \x1b[2m|\x1b[0m \x1b[2m{timestamp}\x1b[0m \x1b[{colour}m{:>5}\x1b[0m ",
+                level.as_str()
+            );
+        } else {
+            let _ = write!(
+                out,
+                "{DAEMON_LABEL:<width$} | {timestamp} {:>5} ",
+                level.as_str()
+            );
+        }
+        escape_controls(text, out);
+        out.push(b'\n');
+    }
+
+    /// What comes before each service line, and after it.
+    fn affixes(&self, timestamp: &str, service: &str, stream: Stream) -> (Vec<u8>, Vec<u8>) {
+        let mut prefix = Vec::with_capacity(64);
+        let mut suffix = Vec::with_capacity(64);
+        let width = self.width;
+        match self.style {
+            Style::Compact => {
+                let mark = match stream {
+                    Stream::Stdout => '|',
+                    Stream::Stderr => '!',
+                };
+                match (self.ansi, self.journal) {
+                    // Only when the journal refused a line: the journal
+                    // stamps it itself.
+                    (_, true) => {
+                        let priority = journal::stream_priority(stream);
+                        let _ = write!(prefix, "<{priority}>{service:<width$} {mark} ");
+                    }
+                    (true, false) => {
+                        let colour = name_colour(service);
+                        let mark_colour = match stream {
+                            Stream::Stdout => "2",
+                            Stream::Stderr => "1;31",
+                        };
+                        let _ = write!(
+                            prefix,
+                            "\x1b[{colour}m{service:<width$}\x1b[0m \x1b[{mark_colour}m{mark}\x1b[0m \x1b[2m{timestamp}\x1b[0m "
+                        );
+                    }
+                    (false, false) => {
+                        let _ = write!(prefix, "{service:<width$} {mark} {timestamp} ");
+                    }
+                }
+                suffix.push(b'\n');
+            }
+            _ if self.ansi => {
+                let _ = write!(prefix, "\x1b[2m{timestamp}\x1b[0m \x1b[32m INFO\x1b[0m ");
+                let _ = writeln!(
+                    suffix,
+                    " \x1b[3mservice\x1b[0m\x1b[2m=\x1b[0m{service} \x1b[3mstream\x1b[0m\x1b[2m=\x1b[0m{}",
+                    stream.as_str()
+                );
+            }
+            _ => {
+                let _ = write!(prefix, "{timestamp}  INFO ");
+                let _ = writeln!(suffix, " service={service} stream={}", stream.as_str());
+            }
+        }
+        (prefix, suffix)
     }
 
     /// `bytes` are whole lines, each ending in `\n`.
@@ -327,26 +542,14 @@ impl LineFormat {
         bytes: &[u8],
     ) {
         let timestamp = rfc3339(time);
-        if self.json {
+        if self.style == Style::Json {
             format_json(out, &timestamp, service, stream, bytes);
             return;
         }
         // Plain text is assembled from slices, found with memchr and
         // validated a block at a time: formatting machinery, a byte-wise
         // split or lossy conversion per line cost more than the pipe itself.
-        let mut prefix = Vec::with_capacity(64);
-        let mut suffix = Vec::with_capacity(64);
-        if self.ansi {
-            let _ = write!(prefix, "\x1b[2m{timestamp}\x1b[0m \x1b[32m INFO\x1b[0m ");
-            let _ = writeln!(
-                suffix,
-                " \x1b[3mservice\x1b[0m\x1b[2m=\x1b[0m{service} \x1b[3mstream\x1b[0m\x1b[2m=\x1b[0m{}",
-                stream.as_str()
-            );
-        } else {
-            let _ = write!(prefix, "{timestamp}  INFO ");
-            let _ = writeln!(suffix, " service={service} stream={}", stream.as_str());
-        }
+        let (prefix, suffix) = self.affixes(&timestamp, service, stream);
         // Most output is printable ASCII, which is checked for at about the
         // cost of `is_ascii` and copied as it is; anything else goes through
         // the escaping, line by line.
@@ -370,6 +573,40 @@ impl LineFormat {
             out.extend_from_slice(&between);
         }
         out.truncate(out.len() - prefix.len());
+    }
+}
+
+/// The daemon's own events in the compact or journal shape: tracing's
+/// `FormatEvent`, writing into the console as the key=value format does.
+pub struct DaemonEvents(pub LineFormat);
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for DaemonEvents
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        // Formatted without colour, then escaped: a field may hold what a
+        // service or a file said.
+        use tracing_subscriber::fmt::FormatFields;
+        let mut text = String::new();
+        ctx.format_fields(
+            tracing_subscriber::fmt::format::Writer::new(&mut text),
+            event,
+        )?;
+        let mut out = Vec::with_capacity(text.len() + 64);
+        self.0.event(
+            &mut out,
+            SystemTime::now(),
+            *event.metadata().level(),
+            &text,
+        );
+        writer.write_str(&String::from_utf8_lossy(&out))
     }
 }
 
@@ -480,8 +717,13 @@ fn escape_json_controls(json: &[u8], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
+    /// `json`: JSON, else the key=value style.
     fn formatted(json: bool, bytes: &[u8]) -> String {
-        let format = LineFormat { json, ansi: false };
+        let style = if json { Style::Json } else { Style::KeyValue };
+        let format = LineFormat {
+            style,
+            ..LineFormat::default()
+        };
         let mut out = Vec::new();
         format.format(&mut out, SystemTime::now(), "api", Stream::Stderr, bytes);
         String::from_utf8(out).unwrap()
@@ -531,7 +773,11 @@ mod tests {
 
     fn written(receiver: mpsc::UnboundedReceiver<Entry>, counters: &Counters) -> String {
         let mut written = Vec::new();
-        write_entries(receiver, counters, LineFormat::default(), |bytes| {
+        let format = LineFormat {
+            style: Style::KeyValue,
+            ..LineFormat::default()
+        };
+        write_entries(receiver, counters, format, None, |bytes| {
             written.extend_from_slice(bytes)
         });
         String::from_utf8(written).unwrap()
@@ -668,8 +914,9 @@ mod tests {
     #[test]
     fn the_terminals_own_colours_stay_and_the_services_are_escaped() {
         let format = LineFormat {
-            json: false,
+            style: Style::KeyValue,
             ansi: true,
+            ..LineFormat::default()
         };
         let styled = |bytes: &[u8]| {
             let mut out = Vec::new();
@@ -710,5 +957,228 @@ mod tests {
                 assert!(!is_plain(&dirty), "{bad:#x} at {at}");
             }
         }
+    }
+
+    fn compact(ansi: bool, journal: bool) -> LineFormat {
+        LineFormat {
+            style: Style::Compact,
+            ansi,
+            width: name_width(["api", "a-name-of-22-chars-xyz"]),
+            journal,
+        }
+    }
+
+    fn at_noon() -> SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_millis(1_795_665_906_789)
+    }
+
+    fn lines_of(format: LineFormat, service: &str, stream: Stream, bytes: &[u8]) -> String {
+        let mut out = Vec::new();
+        format.format(&mut out, at_noon(), service, stream, bytes);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn compact_lines_put_the_padded_name_first_and_mark_stderr() {
+        let format = compact(false, false);
+        assert_eq!(format.width, 22);
+        let pad = " ".repeat(22 - 3);
+        assert_eq!(
+            lines_of(format, "api", Stream::Stdout, b"one\n\n"),
+            format!(
+                "api{pad} | 2026-11-26T04:05:06.789Z one\napi{pad} | 2026-11-26T04:05:06.789Z \n"
+            )
+        );
+        assert_eq!(
+            lines_of(format, "api", Stream::Stderr, b"oops\n"),
+            format!("api{pad} ! 2026-11-26T04:05:06.789Z oops\n")
+        );
+        assert_eq!(lines_of(format, "api", Stream::Stderr, b""), "");
+        // A longer name than the column (a service added later) is whole.
+        let long = "x".repeat(40);
+        assert_eq!(
+            lines_of(format, &long, Stream::Stdout, b"hi\n"),
+            format!("{long} | 2026-11-26T04:05:06.789Z hi\n")
+        );
+    }
+
+    #[test]
+    fn the_name_column_is_as_wide_as_the_longest_name_within_a_cap() {
+        assert_eq!(name_width(["api"]), DAEMON_LABEL.len());
+        assert_eq!(name_width(Vec::<&str>::new()), DAEMON_LABEL.len());
+        assert_eq!(name_width(["a-fifteen-chars"]), 15);
+        assert_eq!(name_width(["y".repeat(100).as_str()]), MAX_NAME_WIDTH);
+    }
+
+    #[test]
+    fn compact_lines_escape_control_characters() {
+        let text = lines_of(
+            compact(false, false),
+            "api",
+            Stream::Stdout,
+            b"\x1b[2Jclear\nok\rapi | forged\n\xff\n",
+        );
+        let messages: Vec<&str> = text
+            .lines()
+            .map(|l| l.split_once(".789Z ").unwrap().1)
+            .collect();
+        assert_eq!(messages, ["\\x1b[2Jclear", "ok\\rapi | forged", "\u{fffd}"]);
+        assert!(!text.replace('\n', " ").chars().any(char::is_control));
+    }
+
+    #[test]
+    fn compact_colour_only_when_asked_and_never_from_the_service() {
+        let plain = lines_of(compact(false, false), "api", Stream::Stderr, b"red\n");
+        assert!(!plain.contains('\x1b'), "{plain:?}");
+        let coloured = lines_of(compact(true, false), "api", Stream::Stderr, b"red\n");
+        assert!(coloured.contains("\x1b[1;31m!\x1b[0m"), "{coloured:?}");
+        assert!(coloured.ends_with(" red\n"), "{coloured:?}");
+        let theirs = lines_of(
+            compact(true, false),
+            "api",
+            Stream::Stderr,
+            b"\x1b[31mred\n",
+        );
+        assert_eq!(
+            theirs.matches('\x1b').count(),
+            coloured.matches('\x1b').count(),
+            "{theirs:?}"
+        );
+    }
+
+    #[test]
+    fn under_the_journal_lines_have_no_timestamp_nor_colour() {
+        let format = compact(false, true);
+        let text = lines_of(format, "api", Stream::Stdout, b"hello\n");
+        assert_eq!(text, format!("<6>api{} | hello\n", " ".repeat(19)));
+        let text = lines_of(format, "api", Stream::Stderr, b"oops\n");
+        assert_eq!(text, format!("<4>api{} ! oops\n", " ".repeat(19)));
+        let mut out = Vec::new();
+        format.event(
+            &mut out,
+            at_noon(),
+            tracing::Level::WARN,
+            "api exited code=3",
+        );
+        assert_eq!(out, b"<4>api exited code=3\n");
+        let mut out = Vec::new();
+        format.event(&mut out, at_noon(), tracing::Level::INFO, "bell\x07");
+        assert_eq!(out, b"<6>bell\\x07\n");
+    }
+
+    /// The daemon's events through tracing, in `format`.
+    fn daemon_events(format: LineFormat, emit: impl FnOnce()) -> String {
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&written);
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || Sink(Arc::clone(&sink)))
+            .with_ansi(format.ansi)
+            .event_format(DaemonEvents(format))
+            .finish();
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = written.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_daemons_events_take_the_compact_shape() {
+        let text = daemon_events(compact(false, false), || {
+            tracing::warn!(service = "api", code = 3, "exited\x1b[2J");
+        });
+        let (label, rest) = text.split_once(" | ").unwrap();
+        assert_eq!(label, format!("orchestrator{}", " ".repeat(10)));
+        // One timestamp precision: the service lines' own.
+        assert_eq!(
+            rest.len(),
+            "2026-11-26T04:05:06.789Z".len()
+                + " WARN exited\\x1b[2J service=\"api\" code=3\n".len()
+                + 1,
+            "{rest:?}"
+        );
+        assert!(
+            rest.ends_with("  WARN exited\\x1b[2J service=\"api\" code=3\n"),
+            "{rest:?}"
+        );
+        assert_eq!(rest.as_bytes()[23], b'Z', "{rest:?}");
+        let coloured = daemon_events(compact(true, false), || tracing::info!("up"));
+        assert!(
+            coloured.contains("\x1b[32m INFO\x1b[0m up\n"),
+            "{coloured:?}"
+        );
+        let journal = daemon_events(compact(false, true), || tracing::error!(pid = 7, "gone"));
+        assert_eq!(journal, "<3>gone pid=7\n");
+    }
+
+    #[test]
+    fn journal_mode_sends_each_line_and_falls_back_to_stderr() {
+        let dir = std::env::temp_dir().join(format!("orch-console-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("journal");
+        let _ = std::fs::remove_file(&path);
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let journal = Journal::connect(&path).unwrap();
+        let (queue, receiver, counters) = super::queue();
+        queue_lines(&queue, b"one\ntwo\n");
+        drop(queue);
+        let mut written = Vec::new();
+        write_entries(
+            receiver,
+            &counters,
+            compact(false, true),
+            Some(journal),
+            |b| written.extend_from_slice(b),
+        );
+        assert!(
+            written.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&written)
+        );
+        let mut buf = [0u8; 512];
+        for expected in ["one", "two"] {
+            let n = server.recv(&mut buf).unwrap();
+            let entry = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(
+                entry.starts_with(&format!("MESSAGE={expected}\nPRIORITY=6\n")),
+                "{entry}"
+            );
+            assert!(entry.contains("SYSLOG_IDENTIFIER=api\n"), "{entry}");
+        }
+        // The journal gone: the lines go to stderr, said once.
+        drop(server);
+        let _ = std::fs::remove_file(&path);
+        let gone = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let journal = Some(Journal::connect(&path).unwrap());
+        drop(gone);
+        let (queue, receiver, counters) = super::queue();
+        queue_lines(&queue, b"three\nfour\n");
+        drop(queue);
+        let mut written = Vec::new();
+        write_entries(receiver, &counters, compact(false, true), journal, |b| {
+            written.extend_from_slice(b)
+        });
+        let text = String::from_utf8(written).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with("<4>the journal did not take a line of api"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with(" | three") && lines[2].ends_with(" | four"),
+            "{text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,6 +3,7 @@
 mod api;
 mod cli;
 mod console;
+mod journal;
 mod logview;
 mod paths;
 
@@ -676,12 +677,30 @@ fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
 /// tracing-subscriber would report that with `eprintln!`, which panics on
 /// that same broken stderr and takes down whatever task was logging.
 fn init_tracing(config: &Config) {
+    use console::Style;
     let level = config.orchestrator.log_level.as_str();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHESTRATOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let json = config.orchestrator.log_format == LogFormat::Json;
-    if let Err(error) = console::start(console::LineFormat { json, ansi }) {
+    let journal = journal::stderr_is_journal();
+    // NO_COLOR (https://no-color.org): set and not empty. The journal keeps
+    // text, not escape sequences.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color && !journal;
+    let style = match config.orchestrator.log_format {
+        LogFormat::Text => Style::Compact,
+        LogFormat::KeyValue => Style::KeyValue,
+        LogFormat::Json => Style::Json,
+    };
+    // Services discovered later or added by a reload with a longer name are
+    // shown unpadded rather than moving the column.
+    let width = console::name_width(config.services.keys().map(|name| name.as_ref()));
+    let format = console::LineFormat {
+        style,
+        ansi,
+        width,
+        journal,
+    };
+    if let Err(error) = console::start(format) {
         // Without its thread the console writes from the caller's thread.
         eprintln!("orchestrator: cannot start the console thread: {error}");
     }
@@ -690,9 +709,11 @@ fn init_tracing(config: &Config) {
         .with_writer(|| console::ConsoleWriter)
         .with_ansi(ansi)
         .with_target(false);
-    match json {
-        false => builder.init(),
-        true => builder.json().flatten_event(true).init(),
+    match style {
+        Style::Json => builder.json().flatten_event(true).init(),
+        // Under the journal both text formats are its plain lines.
+        Style::KeyValue if !journal => builder.init(),
+        _ => builder.event_format(console::DaemonEvents(format)).init(),
     }
     // Service lines are logged at info: below that level they are not
     // shown at all, and tracing's per-line path is the one left in place.
@@ -743,6 +764,12 @@ fn run(
     // while this is the only thread (the console's starts next).
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
     init_tracing(&config);
+    tracing::info!(
+        pid = std::process::id(),
+        data_dir = %config.orchestrator.data_dir.display(),
+        "orchestrator {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
     log_findings(&findings);
     raise_fd_limit();
     if let Err(error) = become_subreaper() {

@@ -166,12 +166,13 @@ args = ["--lines", "4", "--invalid-utf8", "--ready", "--sleep"]
     );
     let mut daemon = Daemon::start(dir.path(), &["-c", "orchestrator.toml", "run"]);
     ready(&dir, &daemon, "talker");
-    daemon.wait_for_log(&["line 0 on stdout", "service=talker", "stream=stdout"]);
-    daemon.wait_for_log(&["line 1 on stderr", "service=talker", "stream=stderr"]);
-    daemon.wait_for_log(&["READY pid=", "service=talker", "stream=stdout"]);
+    // The compact format: the name first, `|` for stdout, `!` for stderr.
+    daemon.wait_for_log(&["talker       | ", "Z line 0 on stdout"]);
+    daemon.wait_for_log(&["talker       ! ", "Z line 1 on stderr"]);
+    daemon.wait_for_log(&["talker       | ", "Z READY pid="]);
     // Invalid UTF-8 is shown with replacement characters (the file keeps
     // the bytes: see the integration tests).
-    daemon.wait_for_log(&["bad \u{fffd}\u{fffd} bytes", "service=talker"]);
+    daemon.wait_for_log(&["talker       | ", "bad \u{fffd}\u{fffd} bytes"]);
     daemon.wait_for_log(&["started", "service=talker", "pid="]);
     // The service file holds the raw lines, both streams.
     let lines = read_lines(&dir.log_path("talker"));

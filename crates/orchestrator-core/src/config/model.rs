@@ -39,6 +39,13 @@ pub struct OrchestratorConfig {
     pub log_max_bytes: u64,
     /// Rotated files kept beside the live one (`NAME.log.1` … `NAME.log.N`).
     pub log_max_files: u32,
+    /// Each line of a log file is prefixed with its time and stream, and
+    /// every start of the service leaves a marker line.
+    pub log_timestamps: bool,
+    /// Rotate a log file once it is this old (on its next write).
+    pub log_max_age: Option<Duration>,
+    /// Rotated log files are gzipped (`NAME.log.1.gz`), off the write path.
+    pub log_compress: bool,
     /// A `data_dir/state` larger than this is ignored as corrupt, not read
     /// (a huge or sparse file must not exhaust the daemon's memory).
     pub state_max_bytes: u64,
@@ -119,6 +126,9 @@ pub struct ServiceConfig {
     /// In the order written; names checked against the other services.
     pub depends_on: Vec<Dependency>,
     pub health: Option<HealthCheck>,
+    /// `None`: the orchestrator's log_timestamps / log_max_age.
+    pub log_timestamps: Option<bool>,
+    pub log_max_age: Option<Duration>,
 }
 
 /// One `env_file` entry: absolute path, and whether it may be missing
@@ -191,7 +201,10 @@ pub enum LogLevel {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// `api | line`: service name first, one line per line.
     Text,
+    /// The tracing key=value lines (`... INFO line service=api stream=stdout`).
+    KeyValue,
     Json,
 }
 
@@ -248,6 +261,8 @@ impl Default for ServiceConfig {
             watchdog: None,
             depends_on: Vec::new(),
             health: None,
+            log_timestamps: None,
+            log_max_age: None,
         }
     }
 }
@@ -266,6 +281,9 @@ impl OrchestratorConfig {
             restart_on_binary_change: true,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             log_max_files: DEFAULT_LOG_MAX_FILES,
+            log_timestamps: false,
+            log_max_age: None,
+            log_compress: false,
             state_max_bytes: DEFAULT_STATE_MAX_BYTES,
             http_listen: None,
             http_token_file: None,

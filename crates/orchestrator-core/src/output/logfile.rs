@@ -1,5 +1,5 @@
-//! The per-service log file: append whole lines, rotate by size, survive a
-//! failing disk.
+//! The per-service log file: append whole lines, rotate by size or age,
+//! gzip what was rotated, survive a failing disk.
 //!
 //! Everything here is synchronous and may block on the disk for as long as
 //! it likes, so it runs on a writer thread (`writer`), never on the async
@@ -11,7 +11,11 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{FileOptions, LogBlock};
+use crate::events::rfc3339;
 
 /// Least time between two attempts to open the file after a failure, so that
 /// a broken disk costs one failed syscall per second, not one per line.
@@ -33,6 +37,12 @@ pub(crate) struct LogFile {
     max_bytes: u64,
     /// Rotated files kept; 0: the live file is started over.
     max_files: u32,
+    /// A file older than this is rotated on its next write.
+    max_age: Option<Duration>,
+    compress: bool,
+    /// Gzipping `NAME.log.1`: the next rotation waits for it, so that the
+    /// renames never move a file being read or written.
+    compressor: Option<JoinHandle<()>>,
     file: Option<OpenFile>,
     /// Earliest time to try opening again after a failure.
     retry_at: Option<Instant>,
@@ -49,6 +59,8 @@ struct OpenFile {
     size: u64,
     dev: u64,
     ino: u64,
+    /// When the file was created, on the caller's clock, for `max_age`.
+    born: Instant,
 }
 
 impl LogFile {
@@ -65,6 +77,9 @@ impl LogFile {
             path,
             max_bytes,
             max_files,
+            max_age: None,
+            compress: false,
+            compressor: None,
             file: None,
             retry_at: None,
             check_at: now + IDENTITY_CHECK_INTERVAL,
@@ -75,6 +90,16 @@ impl LogFile {
         // descriptor (every spawn copies the daemon's descriptor table) and
         // no inode.
         log
+    }
+
+    pub(crate) fn with_options(mut self, options: FileOptions) -> Self {
+        self.set_options(options);
+        self
+    }
+
+    pub(crate) fn set_options(&mut self, options: FileOptions) {
+        self.max_age = options.max_age;
+        self.compress = options.compress;
     }
 
     /// Appends whole lines (the concatenation of `segments`, which ends in
@@ -91,6 +116,12 @@ impl LogFile {
         }
         if self.file.is_none() && !self.reopen(now) {
             return total as u64;
+        }
+        if let (Some(max_age), Some(open)) = (self.max_age, &self.file)
+            && open.size > 0
+            && now.saturating_duration_since(open.born) >= max_age
+        {
+            self.rotate(now);
         }
 
         let mut cursor = Cursor::new(segments);
@@ -137,6 +168,15 @@ impl LogFile {
         self.failing
     }
 
+    /// Waits for the rotated file being gzipped, if any. (Not on drop: the
+    /// last reference may go on a runtime worker, which must not wait.)
+    #[cfg(test)]
+    pub(crate) fn finish_compressing(&mut self) {
+        if let Some(compressor) = self.compressor.take() {
+            let _ = compressor.join();
+        }
+    }
+
     /// Bytes in the live file, as tracked.
     #[cfg(test)]
     pub(crate) fn size(&self) -> Option<u64> {
@@ -144,7 +184,7 @@ impl LogFile {
     }
 
     fn open(&mut self, now: Instant) -> bool {
-        match open_log(&self.path) {
+        match open_log(&self.path, now) {
             Ok(file) => {
                 self.file = Some(file);
                 self.retry_at = None;
@@ -234,9 +274,31 @@ impl LogFile {
     fn rotate(&mut self, now: Instant) {
         let mut problem = None;
         if self.max_files > 0 {
+            if let Some(compressor) = self.compressor.take() {
+                let _ = compressor.join();
+            }
+            // A file moved into the last place replaces the one there, but
+            // only if it has the same form: a `.N.gz` would stay beside a
+            // new `.N` and the files kept would grow past max_files.
+            let last = self.max_files;
+            let incoming = last == 1
+                || self.numbered(last - 1).exists()
+                || gz(&self.numbered(last - 1)).exists();
+            if incoming {
+                for oldest in [self.numbered(last), gz(&self.numbered(last))] {
+                    if let Err(err) = remove_if_exists(&oldest) {
+                        problem.get_or_insert(err);
+                    }
+                }
+            }
             for k in (1..self.max_files).rev() {
-                if let Err(err) = rename_if_exists(&self.numbered(k), &self.numbered(k + 1)) {
-                    problem.get_or_insert(err);
+                for (from, to) in [
+                    (self.numbered(k), self.numbered(k + 1)),
+                    (gz(&self.numbered(k)), gz(&self.numbered(k + 1))),
+                ] {
+                    if let Err(err) = rename_if_exists(&from, &to) {
+                        problem.get_or_insert(err);
+                    }
                 }
             }
             match rename_if_exists(&self.path, &self.numbered(1)) {
@@ -244,6 +306,9 @@ impl LogFile {
                     self.rotation_done(problem);
                     self.file = None;
                     self.open(now);
+                    if self.compress {
+                        self.start_compressing(self.numbered(1));
+                    }
                     return;
                 }
                 Err(err) => {
@@ -258,8 +323,35 @@ impl LogFile {
                 problem.get_or_insert(err);
             }
             open.size = 0;
+            open.born = now;
         }
         self.rotation_done(problem);
+    }
+
+    /// Gzips a rotated file on a thread of its own: compressing takes far
+    /// longer than writing, and the writer must go on with the live file.
+    fn start_compressing(&mut self, path: PathBuf) {
+        let service = self.service.clone();
+        let spawned = std::thread::Builder::new()
+            .name("log-gzip".into())
+            .spawn(move || {
+                if let Err(err) = compress(&path) {
+                    tracing::warn!(
+                        service = %service,
+                        path = %path.display(),
+                        error = %err,
+                        "cannot gzip the rotated log file; it is kept uncompressed"
+                    );
+                }
+            });
+        match spawned {
+            Ok(handle) => self.compressor = Some(handle),
+            Err(err) => tracing::warn!(
+                service = %self.service,
+                error = %err,
+                "cannot start a thread to gzip the rotated log file; it is kept uncompressed"
+            ),
+        }
     }
 
     fn rotation_done(&mut self, problem: Option<io::Error>) {
@@ -286,7 +378,82 @@ impl LogFile {
     }
 }
 
-fn open_log(path: &Path) -> io::Result<OpenFile> {
+/// `NAME.log.k` → `NAME.log.k.gz`.
+fn gz(path: &Path) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(".gz");
+    PathBuf::from(name)
+}
+
+/// `path` → `path.gz`, then `path` removed; on failure the `.gz` goes and
+/// `path` stays, so a line is never lost to a half-written archive.
+fn compress(path: &Path) -> io::Result<()> {
+    let target = gz(path);
+    let result = (|| {
+        let mut source = File::open(path)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&target)?;
+        let mut encoder = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+        io::copy(&mut source, &mut encoder)?;
+        encoder.finish()?;
+        fs::remove_file(path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&target);
+    }
+    result
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// The lines of `block` as a log file with timestamps has them:
+/// `2026-12-03T02:23:13.123Z stdout line`. A marker block is already whole.
+pub(crate) fn stamp(block: &LogBlock, out: &mut Vec<u8>) {
+    if block.first_seq == super::MARKER_SEQ {
+        out.extend_from_slice(&block.bytes);
+        return;
+    }
+    let mut prefix = rfc3339(block.time).into_bytes();
+    prefix.push(b' ');
+    prefix.extend_from_slice(block.stream.as_str().as_bytes());
+    prefix.push(b' ');
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', &block.bytes) {
+        out.extend_from_slice(&prefix);
+        out.extend_from_slice(&block.bytes[start..=end]);
+        start = end + 1;
+    }
+    // Bytes without a final newline (not what the framer passes) stay.
+    if start < block.bytes.len() {
+        out.extend_from_slice(&prefix);
+        out.extend_from_slice(&block.bytes[start..]);
+    }
+}
+
+/// The line a log file with timestamps gets at each start of the service.
+pub(crate) fn start_marker(time: SystemTime, pid: u32, restarts: u64) -> Vec<u8> {
+    let restart = match restarts {
+        0 => String::new(),
+        n => format!(" (restart {n})"),
+    };
+    format!(
+        "{time} --- orchestrator: started pid {pid}{restart} ---\n",
+        time = rfc3339(time)
+    )
+    .into_bytes()
+}
+
+fn open_log(path: &Path, now: Instant) -> io::Result<OpenFile> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
@@ -303,11 +470,22 @@ fn open_log(path: &Path) -> io::Result<OpenFile> {
     if !meta.is_file() {
         return Err(io::Error::other("not a regular file"));
     }
+    // A file kept from before (a restarted daemon) is as old as its birth
+    // time says, where the file system records one.
+    let age = match meta.len() {
+        0 => Duration::ZERO,
+        _ => meta
+            .created()
+            .ok()
+            .and_then(|created| SystemTime::now().duration_since(created).ok())
+            .unwrap_or_default(),
+    };
     Ok(OpenFile {
         file,
         size: meta.len(),
         dev: meta.dev(),
         ino: meta.ino(),
+        born: now.checked_sub(age).unwrap_or(now),
     })
 }
 
@@ -681,6 +859,120 @@ mod tests {
             b"one\ntwo\n"
         );
         assert_eq!(fs::read(&path).unwrap(), b"three\n");
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn gunzip(path: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(File::open(path).unwrap()),
+            &mut out,
+        )
+        .unwrap();
+        out
+    }
+
+    fn aged(max_age: Duration, compress: bool) -> FileOptions {
+        FileOptions {
+            timestamps: false,
+            max_age: Some(max_age),
+            compress,
+        }
+    }
+
+    #[test]
+    fn a_file_older_than_max_age_is_rotated_on_the_next_write() {
+        let tmp = TempDir::new("rotate-age");
+        let path = tmp.path().join("svc.log");
+        let start = Instant::now();
+        let day = Duration::from_secs(86_400);
+        let mut log = LogFile::new("svc", path.clone(), 0, 3, start).with_options(aged(day, false));
+        assert_eq!(log.write(&[b"monday\n"], start), 0);
+        assert_eq!(log.write(&[b"still monday\n"], start + day / 2), 0);
+        assert_eq!(names(tmp.path()), ["svc.log"], "not a day old yet");
+        assert_eq!(log.write(&[b"tuesday\n"], start + day), 0);
+        assert_eq!(names(tmp.path()), ["svc.log", "svc.log.1"]);
+        assert_eq!(
+            fs::read(tmp.path().join("svc.log.1")).unwrap(),
+            b"monday\nstill monday\n"
+        );
+        assert_eq!(fs::read(&path).unwrap(), b"tuesday\n");
+        // The new file's age counts from its rotation.
+        assert_eq!(log.write(&[b"tuesday night\n"], start + day * 3 / 2), 0);
+        assert_eq!(names(tmp.path()), ["svc.log", "svc.log.1"]);
+    }
+
+    #[test]
+    fn rotated_files_are_gzipped_and_counted_in_max_files() {
+        let tmp = TempDir::new("rotate-gz");
+        let path = tmp.path().join("svc.log");
+        let now = Instant::now();
+        let options = FileOptions {
+            compress: true,
+            ..FileOptions::default()
+        };
+        let mut log = LogFile::new("svc", path.clone(), 50, 2, now).with_options(options);
+        for i in 0..100 {
+            assert_eq!(log.write(&[&lines(i..i + 1)], now), 0);
+        }
+        log.finish_compressing();
+        assert_eq!(
+            names(tmp.path()),
+            ["svc.log", "svc.log.1.gz", "svc.log.2.gz"]
+        );
+        let mut tail = gunzip(&tmp.path().join("svc.log.2.gz"));
+        tail.extend(gunzip(&tmp.path().join("svc.log.1.gz")));
+        tail.extend(fs::read(&path).unwrap());
+        assert_eq!(tail, lines(100 - tail.len() / 11..100));
+    }
+
+    #[test]
+    fn a_plain_file_moved_into_the_last_place_replaces_a_gzipped_one() {
+        let tmp = TempDir::new("rotate-mixed");
+        let path = tmp.path().join("svc.log");
+        // Left by an earlier daemon that compressed, now without.
+        fs::write(tmp.path().join("svc.log.1"), b"older\n").unwrap();
+        fs::write(tmp.path().join("svc.log.2.gz"), b"oldest").unwrap();
+        let now = Instant::now();
+        let mut log = LogFile::new("svc", path.clone(), 20, 2, now);
+        assert_eq!(log.write(&[b"0123456789\n", b"abcdefghij\n"], now), 0);
+        assert_eq!(names(tmp.path()), ["svc.log", "svc.log.1", "svc.log.2"]);
+        assert_eq!(fs::read(tmp.path().join("svc.log.2")).unwrap(), b"older\n");
+    }
+
+    #[test]
+    fn stamped_lines_carry_time_and_stream() {
+        let block = LogBlock {
+            first_seq: 1,
+            time: std::time::UNIX_EPOCH + Duration::from_millis(1_795_665_906_789),
+            stream: crate::output::Stream::Stderr,
+            line_count: 2,
+            bytes: std::sync::Arc::new(b"one\n\n".to_vec()),
+        };
+        let mut out = Vec::new();
+        stamp(&block, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-11-26T04:05:06.789Z stderr one\n2026-11-26T04:05:06.789Z stderr \n"
+        );
+        let marker = start_marker(block.time, 1234, 3);
+        assert_eq!(
+            marker,
+            b"2026-11-26T04:05:06.789Z --- orchestrator: started pid 1234 (restart 3) ---\n"
+        );
+        assert!(
+            !start_marker(block.time, 7, 0)
+                .windows(7)
+                .any(|w| w == b"restart")
+        );
     }
 
     #[test]

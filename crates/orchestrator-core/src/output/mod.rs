@@ -17,9 +17,9 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::events::{EventBus, EventKind};
 
@@ -67,6 +67,22 @@ fn console() -> Option<&'static dyn Console> {
 
 pub use crate::wire::Stream;
 
+/// What a service's log file holds beyond the raw bytes, and when it is
+/// rotated besides by size. The default is the raw file of before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FileOptions {
+    /// Each line prefixed with its time and stream, and a marker line at
+    /// each start of the service.
+    pub timestamps: bool,
+    pub max_age: Option<Duration>,
+    /// Rotated files are gzipped, on a thread of their own.
+    pub compress: bool,
+}
+
+/// `first_seq` of a block queued for the file only (a start marker): it
+/// is written as it is, never numbered, kept for `logs` or shown.
+const MARKER_SEQ: u64 = u64::MAX;
+
 impl Stream {
     fn index(self) -> usize {
         match self {
@@ -91,6 +107,8 @@ pub struct ServiceOutput {
     /// never across an `.await`.
     recent: Mutex<Recent>,
     events: OnceLock<EventBus>,
+    /// A reload may change it while the service runs.
+    timestamps: AtomicBool,
 }
 
 impl ServiceOutput {
@@ -102,13 +120,30 @@ impl ServiceOutput {
     /// `max_bytes == 0` disables rotation; `max_files == 0` starts the live
     /// file over instead of keeping rotated ones.
     pub fn new(service: &str, log_path: PathBuf, max_bytes: u64, max_files: u32) -> Arc<Self> {
+        Self::with_options(
+            service,
+            log_path,
+            max_bytes,
+            max_files,
+            FileOptions::default(),
+        )
+    }
+
+    pub fn with_options(
+        service: &str,
+        log_path: PathBuf,
+        max_bytes: u64,
+        max_files: u32,
+        options: FileOptions,
+    ) -> Arc<Self> {
         let file = LogFile::new(
             service,
             log_path.clone(),
             max_bytes,
             max_files,
             Instant::now(),
-        );
+        )
+        .with_options(options);
         Arc::new(Self {
             name: service.into(),
             log_path,
@@ -117,7 +152,39 @@ impl ServiceOutput {
             file: FileQueue::new(file),
             recent: Mutex::new(Recent::default()),
             events: OnceLock::new(),
+            timestamps: AtomicBool::new(options.timestamps),
         })
+    }
+
+    /// Marks a (re)start of the service in its log file, with timestamps on:
+    /// call before the new process's pump starts, so the marker comes
+    /// before its first line. Without timestamps the file stays the
+    /// service's bytes only.
+    pub fn mark_started(self: &Arc<Self>, pid: u32, restarts: u64) {
+        if !self.timestamps.load(Ordering::Relaxed) {
+            return;
+        }
+        let bytes = logfile::start_marker(SystemTime::now(), pid, restarts);
+        // Under `recent`'s lock, as every block queued for the file.
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        writer::push(
+            self,
+            LogBlock {
+                first_seq: MARKER_SEQ,
+                time: SystemTime::now(),
+                stream: Stream::Stdout,
+                line_count: 0,
+                bytes: Arc::new(bytes),
+            },
+        );
+        drop(recent);
+    }
+
+    /// A reload's new options, from the next lines written on (blocks
+    /// queued already included). Never waits for the disk.
+    pub fn set_file_options(&self, options: FileOptions) {
+        self.timestamps.store(options.timestamps, Ordering::Relaxed);
+        self.file.set_options(options);
     }
 
     pub fn log_path(&self) -> &Path {

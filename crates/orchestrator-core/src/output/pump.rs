@@ -526,6 +526,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn timestamps_and_start_markers_follow_the_options_of_the_moment() {
+        let tmp = TempDir::new("stamped");
+        let path = tmp.path().join("svc.log");
+        let options = crate::output::FileOptions {
+            timestamps: true,
+            ..Default::default()
+        };
+        let output = ServiceOutput::with_options("svc", path.clone(), 0, 0, options);
+        output.mark_started(41, 0);
+        pump_bytes(&output, b"out\n".to_vec(), b"err\n".to_vec()).await;
+        // A reload turns them off: raw bytes again, and no marker.
+        output.set_file_options(Default::default());
+        output.mark_started(42, 1);
+        pump_bytes(&output, b"raw\n".to_vec(), Vec::new()).await;
+        let text = String::from_utf8(fs::read(&path).unwrap()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].ends_with("Z --- orchestrator: started pid 41 ---"),
+            "{text}"
+        );
+        let mut stamped: Vec<&str> = lines[1..3]
+            .iter()
+            .map(|l| l.split_once("Z ").unwrap().1)
+            .collect();
+        stamped.sort();
+        assert_eq!(stamped, ["stderr err", "stdout out"], "{text}");
+        assert_eq!(lines[3], "raw", "{text}");
+        assert_eq!(output.lines(Stream::Stdout), 2, "markers are no lines");
+    }
+
+    #[tokio::test]
     async fn streams_interleave_without_mixing_inside_a_line() {
         let tmp = TempDir::new("interleave");
         let path = tmp.path().join("svc.log");

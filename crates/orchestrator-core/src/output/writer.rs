@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::logfile::LogFile;
-use super::{LogBlock, ServiceOutput};
+use super::{FileOptions, LogBlock, ServiceOutput};
 
 /// Bytes a service may have waiting for its file before its pump stops
 /// reading. Two pump turns (a turn reads at most 1 MiB per stream): enough
@@ -64,6 +64,9 @@ pub(super) struct FileQueue {
 
 struct Pending {
     blocks: VecDeque<LogBlock>,
+    /// A reload's options, for the file's thread to take: the file's own
+    /// lock may be held over a hung write.
+    options: Option<FileOptions>,
     /// In the pool's ready list, or being written by a thread.
     scheduled: bool,
 }
@@ -73,6 +76,7 @@ impl FileQueue {
         Self {
             pending: Mutex::new(Pending {
                 blocks: VecDeque::new(),
+                options: None,
                 scheduled: false,
             }),
             file: Mutex::new(file),
@@ -80,6 +84,10 @@ impl FileQueue {
             done: AtomicU64::new(0),
             progress: Notify::new(),
         }
+    }
+
+    pub(super) fn set_options(&self, options: FileOptions) {
+        lock(&self.pending).options = Some(options);
     }
 
     /// Bytes queued in all so far: a pump waits for `done` to reach it.
@@ -141,25 +149,39 @@ pub(super) fn push(output: &Arc<ServiceOutput>, block: LogBlock) {
 /// (the service stays scheduled), or false once it is unscheduled.
 fn serve(output: &ServiceOutput) -> bool {
     let queue = &output.file;
-    let batch: Vec<LogBlock> = {
+    let (batch, options): (Vec<LogBlock>, _) = {
         let mut pending = lock(&queue.pending);
         let n = pending.blocks.len().min(MAX_BATCH_BLOCKS);
         if n == 0 {
             pending.scheduled = false;
             return false;
         }
-        pending.blocks.drain(..n).collect()
+        (pending.blocks.drain(..n).collect(), pending.options.take())
     };
-    let segments: Vec<&[u8]> = batch.iter().map(|block| &block.bytes[..]).collect();
-    let bytes: u64 = segments.iter().map(|s| s.len() as u64).sum();
+    // Counted as queued, whatever the file gets.
+    let bytes: u64 = batch.iter().map(|block| block.bytes.len() as u64).sum();
+    // Prefixed here, on the writer's thread, so a pump never pays for it.
+    let mut stamped = Vec::new();
+    let segments: Vec<&[u8]> = if output.timestamps.load(Ordering::Relaxed) {
+        for block in &batch {
+            super::logfile::stamp(block, &mut stamped);
+        }
+        vec![&stamped[..]]
+    } else {
+        batch.iter().map(|block| &block.bytes[..]).collect()
+    };
     let (dropped, was_failing, failing) = {
         let mut file = lock(&queue.file);
+        if let Some(options) = options {
+            file.set_options(options);
+        }
         let was_failing = file.is_failing();
         let dropped = file.write(&segments, Instant::now());
         (dropped, was_failing, file.is_failing())
     };
     output.file_written(&batch, dropped, was_failing, failing);
     drop(segments);
+    drop(stamped);
     // The blocks' bytes may be the last references: freed before the pump
     // hears there is room, so memory stays within the bound.
     drop(batch);

@@ -172,6 +172,12 @@ fn each_change_gets_its_action_and_a_reason_naming_it() {
             "health",
         ),
         (
+            "log file options",
+            |d| d.log_file.timestamps = true,
+            ChangeAction::Updated,
+            "log file options",
+        ),
+        (
             "health and its readiness",
             |d| {
                 d.health = Some(tcp_check());

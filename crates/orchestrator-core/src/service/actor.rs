@@ -39,6 +39,7 @@ pub struct ServiceDefinition {
     pub log_path: PathBuf,
     pub log_max_bytes: u64,
     pub log_max_files: u32,
+    pub log_file: crate::output::FileOptions,
     /// sd_notify: the process gets NOTIFY_SOCKET, and READY=1 makes it up
     /// (`policy.ready` says so too).
     pub notify: bool,
@@ -448,11 +449,12 @@ fn new_actor(
     machine: Machine,
 ) -> (ServiceHandle, Actor) {
     let (commands_tx, commands) = inbox();
-    let output = ServiceOutput::new(
+    let output = ServiceOutput::with_options(
         &definition.name,
         definition.log_path.clone(),
         definition.log_max_bytes,
         definition.log_max_files,
+        definition.log_file,
     );
     output.attach_events(events.clone());
     let (status_tx, status_rx) = watch::channel(snapshot(&machine, &Watchers::default()));
@@ -700,6 +702,9 @@ impl Actor {
             if let Effect::Publish(kind) = effect {
                 self.announce(kind);
             }
+        }
+        if self.definition.log_file != definition.log_file {
+            self.output.set_file_options(definition.log_file);
         }
         self.definition = definition;
         let enabled = self.definition.enabled;
@@ -990,6 +995,8 @@ impl Actor {
                 self.start_health_monitor(cgroup.clone());
                 // Whatever an ordered start said while it waited is moot now.
                 self.resources.clear_waiting_reason();
+                self.output
+                    .mark_started(child.pid(), self.machine.restarts());
                 if let Some(output) = child.take_output() {
                     self.pump = Some(spawn_pump(
                         Arc::clone(&self.output),

@@ -602,6 +602,7 @@ pub(crate) fn definition(restart: RestartPolicy, max_restarts: u32) -> ServiceDe
         log_path: dir.join("logs/svc.log"),
         log_max_bytes: 1 << 20,
         log_max_files: 1,
+        log_file: Default::default(),
         notify: false,
         watchdog: None,
         health: None,

@@ -18,7 +18,11 @@ const LOG_LEVELS: &[(&str, LogLevel)] = &[
     ("debug", LogLevel::Debug),
     ("trace", LogLevel::Trace),
 ];
-const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
+const LOG_FORMATS: &[(&str, LogFormat)] = &[
+    ("text", LogFormat::Text),
+    ("keyvalue", LogFormat::KeyValue),
+    ("json", LogFormat::Json),
+];
 
 pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
     Key::new(
@@ -48,7 +52,7 @@ pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
     ),
     Key::new(
         "log_format",
-        "the daemon's log format: text or json",
+        "the daemon's log format: text, keyvalue or json",
         |cx, f, out| {
             set(
                 &mut out.log_format,
@@ -89,6 +93,26 @@ pub(super) const KEYS: &[Key<OrchestratorConfig>] = &[
                 files.and_then(|files| u32::try_from(files).ok()),
             );
         },
+    ),
+    Key::new(
+        "log_timestamps",
+        "whether log file lines get a timestamp and stream prefix (and starts a marker line)",
+        |cx, f, out| set(&mut out.log_timestamps, cx.boolean(&f.path, f.value)),
+    ),
+    Key::new(
+        "log_max_age",
+        "the age at which a service's log file is rotated, e.g. \"1d\"",
+        |cx, f, out| {
+            let age = cx.positive_duration(&f.path, f.value, "would rotate on every write", "1d");
+            if age.is_some() {
+                out.log_max_age = age;
+            }
+        },
+    ),
+    Key::new(
+        "log_compress",
+        "whether rotated log files are gzipped (NAME.log.1.gz)",
+        |cx, f, out| set(&mut out.log_compress, cx.boolean(&f.path, f.value)),
     ),
     Key::new(
         "state_max_bytes",
@@ -368,6 +392,68 @@ watch = false
         assert_eq!(orchestrator.api_header_timeout, Duration::from_secs(2));
         assert_eq!(orchestrator.api_idle_timeout, Duration::from_secs(60));
         assert!(!orchestrator.watch);
+    }
+
+    #[test]
+    fn log_file_options_global_and_per_service() {
+        let config = ok("[orchestrator]\n[services.api]\n");
+        let (orchestrator, api) = (&config.orchestrator, &config.services["api"]);
+        assert!(!orchestrator.log_timestamps && !orchestrator.log_compress);
+        assert_eq!((orchestrator.log_max_age, api.log_max_age), (None, None));
+        assert_eq!(api.log_timestamps, None);
+        let config = ok(
+            "[orchestrator]\nlog_timestamps = true\nlog_max_age = \"1d\"\n\
+             log_compress = true\nlog_format = \"keyvalue\"\n\
+             [services.api]\nlog_timestamps = false\nlog_max_age = \"1h\"\n",
+        );
+        let (orchestrator, api) = (&config.orchestrator, &config.services["api"]);
+        assert!(orchestrator.log_timestamps && orchestrator.log_compress);
+        assert_eq!(orchestrator.log_format, LogFormat::KeyValue);
+        assert_eq!(orchestrator.log_max_age, Some(Duration::from_secs(86_400)));
+        assert_eq!(api.log_timestamps, Some(false));
+        assert_eq!(api.log_max_age, Some(Duration::from_secs(3600)));
+
+        let cases = [
+            (
+                "[orchestrator]\nlog_max_age = \"0s\"",
+                "orchestrator.log_max_age",
+                "0 would rotate",
+            ),
+            (
+                "[orchestrator]\nlog_max_age = -5",
+                "orchestrator.log_max_age",
+                "negative",
+            ),
+            (
+                "[orchestrator]\nlog_timestamps = \"yes\"",
+                "orchestrator.log_timestamps",
+                "a boolean",
+            ),
+            (
+                "[orchestrator]\nlog_compress = 1",
+                "orchestrator.log_compress",
+                "a boolean",
+            ),
+            (
+                "[services.api]\nlog_max_age = 0",
+                "services.api.log_max_age",
+                "0 would rotate",
+            ),
+            (
+                "[services.api]\nlog_timestamps = 1",
+                "services.api.log_timestamps",
+                "a boolean",
+            ),
+            (
+                "[orchestrator]\nlog_format = \"full\"",
+                "orchestrator.log_format",
+                "keyvalue",
+            ),
+        ];
+        for (text, key, says) in cases {
+            let message = one_problem(text, 2, key);
+            assert!(message.contains(says), "{text}: {message}");
+        }
     }
 
     #[test]

@@ -190,6 +190,19 @@ pub(super) const KEYS: &[Key<ServiceConfig>] = &[
         |cx, f, out| set(&mut out.start_grace, cx.duration(&f.path, f.value)),
     ),
     Key::new(
+        "log_timestamps",
+        "whether this service's log file lines get a timestamp and stream prefix",
+        |cx, f, out| out.log_timestamps = cx.boolean(&f.path, f.value).or(out.log_timestamps),
+    ),
+    Key::new(
+        "log_max_age",
+        "the age at which this service's log file is rotated, e.g. \"1d\"",
+        |cx, f, out| {
+            let age = cx.positive_duration(&f.path, f.value, "would rotate on every write", "1d");
+            out.log_max_age = age.or(out.log_max_age);
+        },
+    ),
+    Key::new(
         "notify",
         "whether the service says it is ready by sd_notify (READY=1 to NOTIFY_SOCKET)",
         |cx, f, out| set(&mut out.notify, cx.boolean(&f.path, f.value)),

@@ -681,7 +681,7 @@ mod tests {
             (
                 "[orchestrator]\nlog_format = \"xml\"",
                 "orchestrator.log_format",
-                "use one of text, json",
+                "use one of text, keyvalue, json",
             ),
             (
                 "[orchestrator]\nlog_max_bytes = 0",
