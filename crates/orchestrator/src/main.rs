@@ -302,6 +302,10 @@ fn main() -> ExitCode {
                 Some(loaded.config)
             }
             Ok(loaded) if loaded.problems.is_empty() => Some(loaded.config),
+            // A client only needs to find the daemon: a `${VAR}` that only
+            // the daemon's environment defines, or a service section the
+            // daemon refuses, is no reason to refuse `status`.
+            Ok(loaded) if !daemon_side => Some(loaded.config),
             Ok(loaded) => {
                 let errors = ConfigErrors {
                     problems: loaded.problems,

@@ -35,13 +35,12 @@ fn running(dir: &TestDir, daemon: &Daemon, name: &str) -> Value {
     })
 }
 
-/// `status --json NAME` by the control socket: a client reading the
-/// configuration would need `${CONFIG_E2E_FROM_DAEMON}` in its own
-/// environment too.
-fn status_by_socket(dir: &TestDir, name: &str) -> Option<Value> {
-    let socket = dir.data_dir().join("orchestrator.sock");
-    let socket = socket.to_str().expect("a UTF-8 path");
-    let (_, stdout, _) = run_cli(dir.path(), &["--socket", socket, "status", "--json", name]);
+/// `status --json NAME` through the configuration, from an environment
+/// without `${CONFIG_E2E_FROM_DAEMON}`: the client only needs the socket,
+/// so a variable only the daemon has does not stop it.
+fn status_by_config(dir: &TestDir, name: &str) -> Option<Value> {
+    let (code, stdout, stderr) = cli(dir, &["status", "--json", name]);
+    assert!(code <= 1, "status failed with {code}: {stderr}");
     serde_json::from_str::<Vec<Value>>(&stdout).ok()?.pop()
 }
 
@@ -69,7 +68,7 @@ args = ["--print-env", "--print-args", "--arg", "token=${CONFIG_E2E_FROM_DAEMON}
     let mut info = None;
     assert!(
         wait_until(DEADLINE, || {
-            info = status_by_socket(&dir, "api").filter(|s| s["state"] == "running");
+            info = status_by_config(&dir, "api").filter(|s| s["state"] == "running");
             info.is_some()
         }),
         "api not running; daemon log:\n{}",

@@ -121,14 +121,8 @@ fn help_texts_match_their_snapshots() {
 
 #[test]
 fn every_verb_has_examples_and_documented_arguments() {
-    // Their help is another change's to write; drop them from this list
-    // once it is merged.
-    const ELSEWHERE: [&str; 3] = ["status", "logs", "events"];
     let top = help(&["--help"]);
     for verb in verbs(&top) {
-        if ELSEWHERE.contains(&verb.as_str()) {
-            continue;
-        }
         let text = help(&[&verb, "--help"]);
         assert!(
             text.contains("\nExamples:\n"),

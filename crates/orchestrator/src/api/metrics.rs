@@ -256,6 +256,13 @@ pub fn render(
         Kind::Counter,
         "Times the daemon restarted the service after a failure",
     );
+    // Apart from `restarts`, so that a deploy's restarts never fire a
+    // crash-loop alert.
+    let mut requested_starts = Family::new(
+        "orchestrator_service_requested_starts",
+        Kind::Counter,
+        "Starts and restarts of the service that a user asked for (CLI, API)",
+    );
     let mut last_exit = Family::new(
         "orchestrator_service_last_exit_code",
         Kind::Gauge,
@@ -311,6 +318,7 @@ pub fn render(
             );
         }
         restarts.service(service, service.restarts as f64);
+        requested_starts.service(service, service.requested_starts as f64);
         if let Some(code) = service.last_exit_code {
             last_exit.service(service, f64::from(code));
         }
@@ -334,6 +342,7 @@ pub fn render(
         up,
         state,
         restarts,
+        requested_starts,
         last_exit,
         uptime,
         healthy,
@@ -474,6 +483,7 @@ mod tests {
             ServiceInfo {
                 memory_bytes: Some(1 << 20),
                 cpu_seconds: Some(1.5),
+                requested_starts: 2,
                 health: Some(Health::Healthy),
                 ..info("api", "running", 3, Some(1))
             },
@@ -485,8 +495,9 @@ mod tests {
         ]
     }
 
-    const SHARED: [&str; 15] = [
+    const SHARED: [&str; 16] = [
         "orchestrator_build_info{version=\"",
+        "orchestrator_service_requested_starts_total{service=\"api\"} 2",
         "orchestrator_service_up{service=\"api\"} 1",
         "orchestrator_service_up{service=\"db\"} 0",
         "orchestrator_service_state{service=\"db\",state=\"failed\"} 1",
