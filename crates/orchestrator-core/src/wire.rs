@@ -479,7 +479,7 @@ impl Event {
 
 /// Every delay in event text is in seconds, as `status` shows durations:
 /// `1.1s`, `0.05s`, `30s` (no trailing zeros), never a mix of ms and s.
-fn seconds(millis: u64) -> String {
+pub fn seconds(millis: u64) -> String {
     let whole = millis / 1000;
     match millis % 1000 {
         0 => format!("{whole}s"),

@@ -922,8 +922,9 @@ impl Actor {
                 }
             }
             EventKind::RestartScheduled { delay_ms, .. } => {
-                let delay = std::time::Duration::from_millis(*delay_ms);
-                info!(service = %name, "restarting in {delay:.1?}");
+                // One unit for delays, as in the events.
+                let delay = crate::wire::seconds(*delay_ms);
+                info!(service = %name, "restarting in {delay}");
             }
             EventKind::GaveUp { error } => error!(service = %name, "failed: {error}"),
             EventKind::OomKilled { .. } => {
