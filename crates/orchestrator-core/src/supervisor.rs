@@ -295,6 +295,7 @@ fn info_of(entry: &Entry) -> ServiceInfo {
         last_exit_code: status.last_exit.map(|reason| reason.code()),
         last_exit_signal: status.last_exit.and_then(|reason| reason.signal_name()),
         last_error: status.last_error.clone(),
+        completed: status.completed,
         // SPEC: healthy, unhealthy or unknown whenever a check is set (a
         // stopped service's is unknown), none only without one.
         health: status.health.or(entry

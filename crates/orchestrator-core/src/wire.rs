@@ -97,6 +97,10 @@ pub struct ServiceInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit_signal: Option<String>,
     pub last_error: Option<String>,
+    /// Stopped because its process ended by itself with code 0 and is not
+    /// restarted (a one-shot that is done), not because it was stopped.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub completed: bool,
     /// `None` when no check is set.
     pub health: Option<Health>,
     /// Output bytes the log file could not take (disk full...), in all.
@@ -129,6 +133,10 @@ pub struct ServiceInfo {
     /// Its `depends_on`: each service and the condition it waits for.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub depends_on: BTreeMap<String, crate::deps::Condition>,
+}
+
+fn is_false(flag: &bool) -> bool {
+    !flag
 }
 
 fn is_zero(count: &u64) -> bool {

@@ -94,7 +94,8 @@ fn segment(name: &str) -> String {
 
 pub async fn status(client: &Client, names: &[String], json: bool) -> ExitCode {
     let services = match fetch_status(client, names).await {
-        Ok(services) => services,
+        Ok(Ok(services)) => services,
+        Ok(Err(unknown)) => return unknown_services(&unknown),
         Err(error) => return fail(&error),
     };
     if json {
@@ -114,34 +115,47 @@ pub async fn status(client: &Client, names: &[String], json: bool) -> ExitCode {
     status_exit(&services)
 }
 
-/// The services asked for (all of them without names), in the daemon's order.
-async fn fetch_status(client: &Client, names: &[String]) -> Result<Vec<ServiceInfo>, ClientError> {
+/// The services asked for, in the order asked (all of them without names,
+/// in the daemon's), a name with instances standing for all of them; or
+/// the names that match nothing.
+async fn fetch_status(
+    client: &Client,
+    names: &[String],
+) -> Result<Result<Vec<ServiceInfo>, Vec<String>>, ClientError> {
+    let services: Vec<ServiceInfo> = client.json(Method::GET, "/v1/services").await?;
     if names.is_empty() {
-        return client.json(Method::GET, "/v1/services").await;
+        return Ok(Ok(services));
     }
-    let mut services = Vec::new();
-    for name in names {
-        services.push(
-            client
-                .json(Method::GET, &format!("/v1/services/{}", segment(name)))
-                .await?,
+    Ok(
+        targets(&services, "status", names.to_vec(), false).map(|wanted| {
+            wanted
+                .iter()
+                .filter_map(|name| services.iter().find(|s| &s.name == name).cloned())
+                .collect()
+        }),
+    )
+}
+
+/// Names that match no service (nor a group of instances): said on stderr,
+/// exit 1, as the daemon's "unknown service" would.
+fn unknown_services(unknown: &[String]) -> ExitCode {
+    for name in unknown {
+        eprintln!(
+            "orchestrator: unknown service {name:?}: `orchestrator status` lists the known ones"
         );
     }
-    Ok(services)
+    ExitCode::from(EXIT_FAILED)
 }
 
 /// SPEC: `status` exits 1 when an enabled service is not running, so that
 /// `orchestrator status && deploy` and monitoring checks can use it. A
-/// one-shot that ended by itself with code 0 counts as fine (it is done,
-/// not down).
+/// one-shot that completed (ended by itself with code 0, as the daemon
+/// says) counts as fine: it is done, not down.
 pub fn status_exit(services: &[ServiceInfo]) -> ExitCode {
     use orchestrator_core::wire::State;
-    let down = services.iter().any(|service| {
-        let completed = service.state == State::Stopped
-            && service.last_exit_code == Some(0)
-            && service.last_error.is_none();
-        service.enabled && service.state != State::Running && !completed
-    });
+    let down = services
+        .iter()
+        .any(|service| service.enabled && service.state != State::Running && !service.completed);
     if down {
         ExitCode::from(EXIT_FAILED)
     } else {
@@ -154,12 +168,26 @@ pub fn status_exit(services: &[ServiceInfo]) -> ExitCode {
 /// is cleared and the table drawn from its top; piped, each table follows
 /// the last after a blank line. Ends with exit 3 when the daemon goes.
 pub async fn status_watch(client: &Client, names: &[String], every: Duration) -> ExitCode {
+    // One handler for the whole watch: a Ctrl-C that comes while a table
+    // is being fetched is kept for the next look, not lost.
+    let mut interrupt =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+            Ok(interrupt) => interrupt,
+            Err(error) => {
+                eprintln!("orchestrator: cannot watch for Ctrl-C: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut first = true;
     loop {
-        let services = match fetch_status(client, names).await {
-            Ok(services) => services,
-            Err(error) => return fail(&error),
+        let services = tokio::select! {
+            fetched = fetch_status(client, names) => match fetched {
+                Ok(Ok(services)) => services,
+                Ok(Err(unknown)) => return unknown_services(&unknown),
+                Err(error) => return fail(&error),
+            },
+            _ = interrupt.recv() => return ExitCode::SUCCESS,
         };
         let mut screen = String::new();
         if terminal {
@@ -178,7 +206,7 @@ pub async fn status_watch(client: &Client, names: &[String], every: Duration) ->
         write_stdout(&screen);
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            _ = interrupt.recv() => return ExitCode::SUCCESS,
         }
     }
 }
@@ -485,12 +513,9 @@ pub fn targets(
         let instances: Vec<String> = services
             .iter()
             .filter(|s| {
-                s.name
-                    .strip_prefix(name.as_str())
-                    .and_then(|rest| rest.strip_prefix('@'))
-                    .is_some_and(|index| {
-                        !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())
-                    })
+                orchestrator_core::name::ServiceName::parse(&s.name).is_ok_and(|service| {
+                    service.instance_of().is_some_and(|(base, _)| base == name)
+                })
             })
             .map(|s| s.name.clone())
             .collect();
@@ -628,13 +653,18 @@ pub async fn logs(client: &Client, request: LogsRequest) -> ExitCode {
             Err(error) => return fail(&error),
         }
     } else {
-        let mut names: Vec<String> = Vec::new();
-        for name in request.names {
-            if !names.contains(&name) {
-                names.push(name);
-            }
+        // A name with instances (`web`) stands for all of them.
+        let services = match client
+            .json::<Vec<ServiceInfo>>(Method::GET, "/v1/services")
+            .await
+        {
+            Ok(services) => services,
+            Err(error) => return fail(&error),
+        };
+        match targets(&services, "logs", request.names, false) {
+            Ok(names) => names,
+            Err(unknown) => return unknown_services(&unknown),
         }
-        names
     };
     if names.is_empty() {
         eprintln!("orchestrator: the daemon has no services, so no logs to show");
@@ -1091,6 +1121,7 @@ mod tests {
             requested_starts: 0,
             last_exit_code: None,
             last_exit_signal: None,
+            completed: false,
             last_error: None,
             health: None,
             log_dropped_bytes: 0,
@@ -1165,9 +1196,21 @@ cron@0  failed      -    -       5         3          -      -    gave up after 
             state: State::Stopped,
             pid: None,
             last_exit_code: Some(0),
+            completed: true,
             ..running("migrate")
         };
         assert_eq!(status_exit(&[up.clone(), done]), ExitCode::SUCCESS);
+        // A server stopped by a user that exits 0 on SIGTERM is down.
+        let stopped_clean = ServiceInfo {
+            state: State::Stopped,
+            pid: None,
+            last_exit_code: Some(0),
+            ..running("api")
+        };
+        assert_eq!(
+            status_exit(&[up.clone(), stopped_clean]),
+            ExitCode::from(EXIT_FAILED)
+        );
         for state in [
             State::Stopped,
             State::Starting,

@@ -276,8 +276,8 @@ fn write_entries(
 }
 
 /// Sends a block's lines to the journal, one entry each; a line the
-/// journal does not take at once goes to stderr, and the first such line
-/// is explained there.
+/// journal does not take at once goes to stderr. Each spell of that is
+/// said on stderr where it begins and where it ends (with how many lines).
 fn to_journal(
     journal: &mut Journal,
     out: &mut Vec<u8>,
@@ -288,7 +288,19 @@ fn to_journal(
     let mut start = 0;
     for end in memchr_iter(b'\n', &block.bytes) {
         let line = &block.bytes[start..end];
-        if let Err(error) = journal.send(service, block.stream, line) {
+        let sent = journal.send(service, block.stream, line);
+        if sent.is_ok() && journal.fallbacks > 0 {
+            format.note(
+                out,
+                tracing::Level::INFO,
+                &format!(
+                    "the journal takes lines again; {} went to stderr meanwhile",
+                    journal.fallbacks
+                ),
+            );
+            journal.fallbacks = 0;
+        }
+        if let Err(error) = sent {
             if journal.fallbacks == 0 {
                 format.note(
                     out,
@@ -398,17 +410,6 @@ pub fn name_width<'a>(names: impl IntoIterator<Item = &'a str>) -> usize {
         .min(MAX_NAME_WIDTH)
 }
 
-/// Colours for service names, chosen by a hash of the name, so a service
-/// keeps its colour across restarts of the daemon. No red: that is stderr's.
-const NAME_COLOURS: [&str; 5] = ["36", "32", "35", "34", "33"];
-
-fn name_colour(name: &str) -> &'static str {
-    let hash = name
-        .bytes()
-        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-    NAME_COLOURS[hash % NAME_COLOURS.len()]
-}
-
 impl LineFormat {
     fn block(&self, out: &mut Vec<u8>, service: &str, block: &LogBlock) {
         self.format(out, block.time, service, block.stream, &block.bytes);
@@ -500,7 +501,7 @@ impl LineFormat {
                         let _ = write!(prefix, "<{priority}>{service:<width$} {mark} ");
                     }
                     (true, false) => {
-                        let colour = name_colour(service);
+                        let colour = crate::logview::colour_of(service);
                         let mark_colour = match stream {
                             Stream::Stdout => "2",
                             Stream::Stderr => "1;31",
@@ -1179,6 +1180,33 @@ mod tests {
             lines[1].ends_with(" | three") && lines[2].ends_with(" | four"),
             "{text}"
         );
+
+        // journald restarted (a new socket at the same path): the next line
+        // reaches it, and the spell on stderr is said to be over.
+        let _ = std::fs::remove_file(&path);
+        let gone = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let mut journal = Journal::connect(&path).unwrap();
+        drop(gone);
+        let mut out = Vec::new();
+        let format = compact(false, true);
+        to_journal(&mut journal, &mut out, format, "api", &block(b"seven\n"));
+        assert_eq!(journal.fallbacks, 1);
+        let _ = std::fs::remove_file(&path);
+        let restarted = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        out.clear();
+        to_journal(&mut journal, &mut out, format, "api", &block(b"eight\n"));
+        let n = restarted.recv(&mut buf).unwrap();
+        assert!(
+            buf[..n].starts_with(b"MESSAGE=eight\n"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("the journal takes lines again; 1 went to stderr meanwhile"),
+            "{text}"
+        );
+        assert_eq!(journal.fallbacks, 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

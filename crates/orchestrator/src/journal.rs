@@ -67,12 +67,15 @@ pub fn stderr_is_journal() -> bool {
     }
 }
 
-/// The socket, connected once at start.
+/// The journal's socket. Not connected: each entry is sent to the path,
+/// as sd_journal does, so a journald restarted (by a package upgrade, say)
+/// gets the next line; a connected socket would refuse every line after.
 pub struct Journal {
     socket: UnixDatagram,
+    path: PathBuf,
     /// Reused for every entry.
     buffer: Vec<u8>,
-    /// Lines that went to stderr instead, the journal refusing them.
+    /// Lines that went to stderr instead since the journal last took one.
     pub fallbacks: u64,
 }
 
@@ -83,12 +86,20 @@ impl Journal {
             .unwrap_or_else(|| PathBuf::from(JOURNAL_SOCKET))
     }
 
+    /// Checks once, at start, that the journal's socket is there.
     pub fn connect(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if !std::fs::metadata(path)?.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a socket", path.display()),
+            ));
+        }
         let socket = UnixDatagram::unbound()?;
-        socket.connect(path)?;
         socket.set_nonblocking(true)?;
         Ok(Self {
             socket,
+            path: path.to_owned(),
             buffer: Vec::with_capacity(512),
             fallbacks: 0,
         })
@@ -98,7 +109,7 @@ impl Journal {
     pub fn send(&mut self, service: &str, stream: Stream, line: &[u8]) -> io::Result<()> {
         self.buffer.clear();
         encode_entry(&mut self.buffer, service, stream, line);
-        self.socket.send(&self.buffer).map(|_| ())
+        self.socket.send_to(&self.buffer, &self.path).map(|_| ())
     }
 }
 

@@ -686,10 +686,11 @@ fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHESTRATOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let journal = journal::stderr_is_journal();
-    // NO_COLOR (https://no-color.org): set and not empty. The journal keeps
-    // text, not escape sequences.
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color && !journal;
+    // The journal keeps text, not escape sequences.
+    let ansi = logview::use_colour(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    ) && !journal;
     let style = match config.orchestrator.log_format {
         LogFormat::Text => Style::Compact,
         LogFormat::KeyValue => Style::KeyValue,

@@ -145,6 +145,22 @@ backoff = { initial = "100ms", max = "100ms" }
     for name in names {
         assert!(text.contains(name), "{text}");
     }
+    // The group's name stands for its instances in status and logs too.
+    let group: Vec<String> = status_json(&dir, &["web"])
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(group, names, "{group:?}");
+    let logs = cli_ok(&dir, &["logs", "web", "-n", "100"]);
+    for name in names {
+        assert!(
+            logs.lines()
+                .any(|line| line.starts_with(&format!("{name} | "))),
+            "{name} in\n{logs}"
+        );
+    }
+    let (code, _, stderr) = cli(&dir, &["status", "web@7"]);
+    assert_eq!(code, 1, "{stderr}");
 
     // One killed restarts alone; the others keep their process.
     assert!(send_signal(pids["web@1"], SIGKILL));

@@ -181,6 +181,14 @@ fn status_w_redraws_until_interrupted() {
     assert!(redrawn, "{}", String::from_utf8_lossy(&seen));
     assert!(watcher.try_wait().unwrap().is_none(), "still watching");
     assert!(send_signal(watcher.id(), SIGINT));
-    let status = watcher.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "Ctrl-C ends it cleanly");
+    let mut status = None;
+    let ended = wait_until(DEADLINE, || {
+        status = watcher.try_wait().unwrap();
+        status.is_some()
+    });
+    if !ended {
+        let _ = watcher.kill();
+    }
+    assert!(ended, "status -w did not end on SIGINT");
+    assert_eq!(status.unwrap().code(), Some(0), "Ctrl-C ends it cleanly");
 }

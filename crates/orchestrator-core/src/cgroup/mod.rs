@@ -422,23 +422,24 @@ mod owner_tests {
         assert!(removed.get(), "still its own after the failed try");
     }
 
+    /// A claim holds the lock while its directory is made (the guard it
+    /// returns), and a removal checks its ticket and removes under that
+    /// same lock: so a removal that saw its own ticket cannot interleave
+    /// with a newer run making the directory again.
     #[test]
-    fn removals_wait_while_a_run_makes_its_directory() {
+    fn a_removal_runs_under_the_lock_that_making_a_directory_holds() {
         let owners = Arc::new(Owners::default());
         let key = Path::new("/sys/fs/cgroup/orchestrator/api");
-        let (old, making) = owners.claim(key);
+        let (claim, making) = owners.claim(key);
+        assert!(owners.runs.try_lock().is_err(), "held while making");
         drop(making);
-        let (_new, making) = owners.claim(key);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let remover = std::thread::spawn(move || {
-            old.release(|| Ok(())).unwrap();
-            tx.send(()).unwrap();
-        });
-        assert!(
-            rx.recv_timeout(Duration::from_millis(50)).is_err(),
-            "the removal waits for the directory to be made"
-        );
-        drop(making);
-        remover.join().unwrap();
+        let mut locked_during_removal = false;
+        claim
+            .release(|| {
+                locked_during_removal = owners.runs.try_lock().is_err();
+                Ok(())
+            })
+            .unwrap();
+        assert!(locked_during_removal);
     }
 }

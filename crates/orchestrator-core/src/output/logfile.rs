@@ -385,10 +385,16 @@ fn gz(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// `path` → `path.gz`, then `path` removed; on failure the `.gz` goes and
-/// `path` stays, so a line is never lost to a half-written archive.
+/// `path` → `path.gz`, then `path` removed; on failure the archive goes
+/// and `path` stays, so a line is never lost to a half-written archive.
+/// Written as `path.gz.tmp` and renamed once whole: a daemon that ends
+/// mid-way (exit, upgrade, kill) leaves a `.tmp` that no reader takes for
+/// an archive, beside the whole plain file.
 fn compress(path: &Path) -> io::Result<()> {
     let target = gz(path);
+    let mut partial = OsString::from(target.as_os_str());
+    partial.push(".tmp");
+    let partial = PathBuf::from(partial);
     let result = (|| {
         let mut source = File::open(path)?;
         let file = OpenOptions::new()
@@ -397,14 +403,15 @@ fn compress(path: &Path) -> io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&target)?;
+            .open(&partial)?;
         let mut encoder = flate2::write::GzEncoder::new(file, flate2::Compression::default());
         io::copy(&mut source, &mut encoder)?;
-        encoder.finish()?;
+        encoder.finish()?.sync_all()?;
+        fs::rename(&partial, &target)?;
         fs::remove_file(path)
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&target);
+        let _ = fs::remove_file(&partial);
     }
     result
 }

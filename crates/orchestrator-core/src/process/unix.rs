@@ -581,9 +581,11 @@ impl UnixChild {
             // period or more. A next run that makes the directory first
             // keeps it (cgroup::Owners).
             Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
-                PendingRemovals::start();
+                // Made here and moved in: a task dropped before it first
+                // runs (the runtime going away) still counts itself out.
+                let pending = PendingRemovals::start();
                 tokio::spawn(async move {
-                    let _pending = PendingRemovals;
+                    let _pending = pending;
                     loop {
                         tokio::time::sleep(CGROUP_POLL).await;
                         match cgroup.remove() {
@@ -619,8 +621,9 @@ static REMOVALS_DONE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 struct PendingRemovals;
 
 impl PendingRemovals {
-    fn start() {
+    fn start() -> Self {
         PENDING_REMOVALS.fetch_add(1, Ordering::SeqCst);
+        PendingRemovals
     }
 }
 

@@ -64,6 +64,8 @@ pub struct ServiceStatus {
     pub last_error: Option<String>,
     /// When a restart waiting out its backoff is due (state `restarting`).
     pub retry_at: Option<Instant>,
+    /// Stopped because its process completed (see `Machine::completed`).
+    pub completed: bool,
     /// The health check's verdict on the current process; `None` without a
     /// check (or while nothing runs).
     pub health: Option<Health>,
@@ -497,6 +499,7 @@ fn snapshot(machine: &Machine, watchers: &Watchers) -> ServiceStatus {
         last_exit: machine.last_exit(),
         last_error: machine.last_error().map(str::to_owned),
         retry_at: machine.retry_at(),
+        completed: machine.completed(),
     }
 }
 

@@ -146,6 +146,9 @@ pub struct Machine {
     fault: Option<String>,
     /// The process's last line on stderr, for an exit during start-up.
     last_words: Option<String>,
+    /// The last process ended by itself with code 0 and the policy does
+    /// not restart it: done, not down (a one-shot). Until the next spawn.
+    completed: bool,
     /// A starting process asked for more time (EXTEND_TIMEOUT_USEC): its
     /// readiness deadline is at least this.
     start_extended_to: Option<Instant>,
@@ -167,6 +170,7 @@ impl Machine {
             last_error: None,
             fault: None,
             last_words: None,
+            completed: false,
             start_extended_to: None,
             jitter: BACKOFF_JITTER,
             rng: fastrand::Rng::new(),
@@ -283,6 +287,12 @@ impl Machine {
 
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
+    }
+
+    /// Stopped because its process completed (ended by itself with code 0,
+    /// not to be restarted), rather than stopped by a user or never run.
+    pub fn completed(&self) -> bool {
+        self.completed && self.phase == Phase::Stopped
     }
 
     /// When a restart waiting out its backoff is due.
@@ -481,6 +491,7 @@ impl Machine {
                     };
                     if !allowed && reason.is_success() {
                         self.last_error = None;
+                        self.completed = true;
                         self.phase = Phase::Stopped;
                     } else {
                         let quick = now.saturating_duration_since(since) < QUICK_FAILURE;
@@ -637,6 +648,7 @@ impl Machine {
     }
 
     fn spawn(&mut self, out: &mut Vec<Effect>) {
+        self.completed = false;
         self.phase = Phase::Spawning;
         out.push(Effect::Spawn);
     }

@@ -1284,3 +1284,24 @@ async fn an_exec_probe_of_a_notify_service_gets_no_notify_socket() {
         probe.env
     );
 }
+
+#[test]
+fn only_a_process_that_ended_by_itself_with_0_has_completed() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Never, 3);
+    assert!(!m.completed(), "never run is not completed");
+    running(&mut m, now);
+    io(&mut m, code(0), now + MS);
+    assert_eq!(m.state(), State::Stopped);
+    assert!(m.completed(), "a one-shot that is done");
+    running(&mut m, now + 2 * MS);
+    assert!(!m.completed(), "runs again");
+    io(&mut m, Input::Stop, now + 3 * MS);
+    io(&mut m, code(0), now + 4 * MS);
+    assert_eq!(m.state(), State::Stopped);
+    assert!(!m.completed(), "stopped by a user, even with code 0");
+    let mut m = exact(RestartPolicy::OnFailure, 3);
+    running(&mut m, now);
+    io(&mut m, code(1), now + MS);
+    assert!(!m.completed(), "a failure is not completion");
+}

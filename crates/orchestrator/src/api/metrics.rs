@@ -445,6 +445,7 @@ mod tests {
             requested_starts: 0,
             last_exit_code: code,
             last_exit_signal: None,
+            completed: false,
             last_error: None,
             health: None,
             log_dropped_bytes: 0,

@@ -724,16 +724,22 @@ const MAX_ENV_FILE_BYTES: u64 = 1 << 20;
 /// the load until something writes to it, a device could be endless.
 fn read_env_file(path: &Path) -> std::io::Result<String> {
     use std::io::{Error, ErrorKind, Read};
-    let metadata = std::fs::metadata(path)?;
-    if !metadata.is_file() {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened without waiting (a FIFO's open would block until a writer
+    // comes), then checked as the file actually opened: a path swapped
+    // between a check and the open cannot slip a FIFO in.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "not a regular file (a directory, FIFO or device)",
         ));
     }
     let mut text = String::new();
-    std::fs::File::open(path)?
-        .take(MAX_ENV_FILE_BYTES + 1)
+    file.take(MAX_ENV_FILE_BYTES + 1)
         .read_to_string(&mut text)?;
     if text.len() as u64 > MAX_ENV_FILE_BYTES {
         return Err(Error::new(

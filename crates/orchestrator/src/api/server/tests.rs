@@ -43,6 +43,7 @@ fn info(name: &str, state: &str) -> ServiceInfo {
         requested_starts: 0,
         last_exit_code: Some(0),
         last_exit_signal: None,
+        completed: false,
         last_error: None,
         health: None,
         log_dropped_bytes: 0,
