@@ -337,7 +337,174 @@ fn quote(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
+
+    /// Long enough for a loaded machine to start a shell many times over;
+    /// only the hanging cases wait it out.
+    const PATIENT: Duration = Duration::from_secs(30);
+
+    /// An executable `#!/bin/sh` script standing in for a new binary.
+    fn script(dir: &tempfile::TempDir, name: &str, body: &str) -> PathBuf {
+        let path = dir.path().join(name);
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// Answers `--version` as an orchestrator does, and `-c FILE check` by
+    /// the file's content: "ok" passes.
+    const GOOD: &str = r#"
+case "$1" in
+  --version) echo "orchestrator 9.8.7"; exit 0 ;;
+  -c) [ "$3" = check ] || exit 64
+      [ "$(cat "$2")" = ok ] && exit 0
+      echo "orchestrator: 1 configuration problem" >&2
+      printf '  %s: unknown key \033[31m"x"\n' "$2" >&2
+      exit 2 ;;
+esac
+exit 64"#;
+
+    fn config(dir: &tempfile::TempDir, content: &str) -> PathBuf {
+        let path = dir.path().join("orchestrator.toml");
+        fs::write(&path, content).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn a_good_binary_passes_and_says_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = script(&dir, "orchestrator", GOOD);
+        assert_eq!(dry_run(&binary, None, PATIENT).await.unwrap(), "9.8.7");
+        let config = config(&dir, "ok");
+        assert_eq!(
+            dry_run(&binary, Some(&config), PATIENT).await.unwrap(),
+            "9.8.7"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_config_is_named_with_the_first_lines_of_stderr_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = script(&dir, "orchestrator", GOOD);
+        let config = config(&dir, "bad");
+        let error = dry_run(&binary, Some(&config), PATIENT).await.unwrap_err();
+        let DryRunError::CheckFailed { status, stderr, .. } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(status, "exited with code 2");
+        assert!(stderr.contains("1 configuration problem"), "{stderr}");
+        assert!(stderr.contains("unknown key \\u{1b}[31m"), "{stderr}");
+        let message = error.to_string();
+        assert!(message.contains("orchestrator.toml"), "{message}");
+        assert!(message.contains("nothing was changed"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn what_is_not_an_orchestrator_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = script(&dir, "nginx", "echo \"nginx version: 1.25.3\"");
+        let error = dry_run(&other, None, PATIENT).await.unwrap_err();
+        assert!(
+            matches!(&error, DryRunError::NotOrchestrator { found, .. } if found.contains("nginx version")),
+            "{error:?}"
+        );
+        let failing = script(&dir, "failing", "echo \"unknown option\" >&2; exit 3");
+        let error = dry_run(&failing, None, PATIENT).await.unwrap_err();
+        assert!(
+            matches!(&error, DryRunError::NotOrchestrator { found, .. }
+                if found == "exited with code 3: unknown option"),
+            "{error:?}"
+        );
+        let silent = script(&dir, "silent", "exit 0");
+        let error = dry_run(&silent, None, PATIENT).await.unwrap_err();
+        assert!(error.to_string().contains("printed nothing"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_unrunnable_binary_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = dry_run(&dir.path().join("absent"), None, PATIENT)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, DryRunError::NotFound { .. }), "{error:?}");
+        assert!(error.to_string().contains("--binary PATH"), "{error}");
+
+        let error = dry_run(dir.path(), None, PATIENT).await.unwrap_err();
+        assert!(
+            matches!(&error, DryRunError::NotExecutable { reason, .. } if reason.contains("not a regular file")),
+            "{error:?}"
+        );
+
+        let plain = script(&dir, "plain", GOOD);
+        fs::set_permissions(&plain, fs::Permissions::from_mode(0o644)).unwrap();
+        let error = dry_run(&plain, None, PATIENT).await.unwrap_err();
+        assert!(
+            matches!(&error, DryRunError::NotExecutable { reason, .. } if reason.contains("execute permission")),
+            "{error:?}"
+        );
+
+        let orphan = dir.path().join("orphan");
+        fs::write(&orphan, "#!/nonexistent/interpreter\n").unwrap();
+        fs::set_permissions(&orphan, fs::Permissions::from_mode(0o755)).unwrap();
+        let error = dry_run(&orphan, None, PATIENT).await.unwrap_err();
+        assert!(
+            matches!(&error, DryRunError::NotExecutable { reason, .. } if reason.contains("interpreter")),
+            "{error:?}"
+        );
+    }
+
+    /// The hanging binary, and what it started, are killed: none outlives
+    /// the dry run.
+    #[tokio::test]
+    async fn a_hanging_binary_times_out_and_is_killed_with_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let binary = script(
+            &dir,
+            "hangs",
+            &format!(
+                "sleep 1000 & echo $! > {pids}.tmp; echo $$ >> {pids}.tmp; mv {pids}.tmp {pids}; wait",
+                pids = pids.display()
+            ),
+        );
+        let error = dry_run(&binary, None, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, DryRunError::TimedOut { command, .. } if command.ends_with("hangs --version")),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("was killed"), "{error}");
+        // On a loaded machine the script may not have got as far as writing
+        // its pids in 300 ms; then there is nothing left to check.
+        let Ok(written) = fs::read_to_string(&pids) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + PATIENT;
+        for pid in written.split_whitespace() {
+            let stat = format!("/proc/{pid}/stat");
+            loop {
+                let alive = fs::read_to_string(&stat).is_ok_and(|stat| {
+                    !stat
+                        .rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                });
+                if !alive {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "pid {pid} outlived the dry run"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 
     #[test]
     fn versions_are_read_from_the_first_line() {
