@@ -1503,3 +1503,39 @@ async fn actor_a_restored_backoff_restarts_at_its_remaining_time() {
         .unwrap();
     assert_eq!(status.restarts, 2, "counted on from the old daemon's");
 }
+
+#[test]
+fn quick_failures_before_a_freeze_count_toward_the_start_limit_after_it() {
+    let mut rules = policy(RestartPolicy::Always, 10);
+    rules.start_limit = crate::config::StartLimit {
+        burst: 2,
+        interval: 10_000 * MS,
+    };
+    let limited = |effects: Vec<Effect>| {
+        published(effects).into_iter().find_map(|kind| match kind {
+            EventKind::RestartScheduled { start_limited, .. } => Some(start_limited),
+            _ => None,
+        })
+    };
+    let t0 = Instant::now();
+    let mut m = Machine::new(rules.clone()).without_jitter();
+    running(&mut m, t0);
+    assert_eq!(limited(m.step(code(1), t0 + 10 * MS)), Some(false));
+
+    // Frozen when that quick failure was 9.90 s or 9.94 s old; thawed (on
+    // another clock) and failing quickly again 70 ms later: 9.97 s is
+    // inside the 10 s window, 10.01 s is not.
+    for (age, hits_the_limit) in [(9900 * MS, true), (9940 * MS, false)] {
+        let snapshot = m.snapshot(t0 + 10 * MS + age).unwrap();
+        assert_eq!(snapshot.quick_failure_ages, [age]);
+        let thawed_at = t0 + 60_000 * MS;
+        let mut m = Machine::restore(rules.clone(), snapshot, thawed_at).without_jitter();
+        assert_eq!(io(&mut m, Input::Timer, thawed_at), [Effect::Spawn]);
+        m.step(Input::Spawned { pid: 50 }, thawed_at);
+        assert_eq!(
+            limited(m.step(code(1), thawed_at + 70 * MS)),
+            Some(hits_the_limit),
+            "quick failure {age:?} old at the freeze"
+        );
+    }
+}
