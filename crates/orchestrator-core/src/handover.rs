@@ -66,6 +66,11 @@ pub struct Handover {
     pub fds: BTreeMap<String, RawFd>,
     #[serde(default)]
     pub services: Vec<ServiceHandover>,
+    /// The sequence number the next event takes, so the history goes on
+    /// without a gap or a repeat even when events.jsonl missed some (or
+    /// there is none); `None`: from events.jsonl, as at any start.
+    #[serde(default)]
+    pub next_event_seq: Option<u64>,
 }
 
 /// One service, frozen.
@@ -354,6 +359,7 @@ impl Handover {
             config,
             fds: BTreeMap::new(),
             services: Vec::new(),
+            next_event_seq: None,
         }
     }
 
@@ -404,6 +410,20 @@ impl Handover {
         let flags = FdFlag::from_bits_retain(flags) | FdFlag::FD_CLOEXEC;
         fcntl(owned.as_fd(), FcntlArg::F_SETFD(flags)).map_err(closed)?;
         Ok(owned)
+    }
+
+    /// Takes every descriptor still named, once the resume has taken what it
+    /// knows: names this build does not use (an older writer's extras) are
+    /// closed by dropping them, rather than held open for the daemon's life.
+    pub fn take_remaining_fds(&mut self) -> Vec<(String, Result<OwnedFd, HandoverError>)> {
+        let names: Vec<String> = self.fds.keys().cloned().collect();
+        names
+            .into_iter()
+            .map(|name| {
+                let fd = self.take_fd(&name);
+                (name, fd)
+            })
+            .collect()
     }
 
     /// The point in this process's clock the document was written at: now

@@ -13,6 +13,7 @@ use super::*;
 fn sample() -> Handover {
     let mut handover = Handover::new("0.1.0", Some(PathBuf::from("/etc/orchestrator.toml")));
     handover.fds.insert("api_unix".to_owned(), 7);
+    handover.next_event_seq = Some(1234);
     handover.services.push(ServiceHandover {
         name: "web".to_owned(),
         generation: 3,
@@ -131,6 +132,7 @@ fn unknown_fields_are_ignored_and_later_fields_default() {
     let handover = read_fd(memfd_with(json)).unwrap();
     assert_eq!(handover.config, None);
     assert!(handover.fds.is_empty());
+    assert_eq!(handover.next_event_seq, None);
     let service = &handover.services[0];
     assert_eq!(service.name, "db");
     assert_eq!(service.child, None);
@@ -170,7 +172,7 @@ fn sample_at(json: &[u8]) -> Handover {
 
 #[test]
 fn keep_across_exec_clears_cloexec_on_exactly_those() {
-    let (a, b) = nix::unistd::pipe().unwrap();
+    let (a, b) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     let c = memfd_with(b"c");
     for fd in [a.as_fd(), b.as_fd(), c.as_fd()] {
         fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).unwrap();
@@ -186,7 +188,7 @@ fn keep_across_exec_clears_cloexec_on_exactly_those() {
 
 #[test]
 fn a_named_fd_is_taken_back_once_and_closed_on_exec_again() {
-    let (read, write) = nix::unistd::pipe().unwrap();
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     keep_across_exec(&[write.as_fd()]).unwrap();
     let mut handover = Handover::new("0.1.0", None);
     handover.add_fd("web.stdout", write.as_fd()).unwrap();
@@ -205,12 +207,12 @@ fn a_named_fd_is_taken_back_once_and_closed_on_exec_again() {
         cloexec(taken.as_fd()),
         "its own children must not inherit it"
     );
-    let mut writer = File::from(taken);
-    writer.write_all(b"through\n").unwrap();
-    drop(writer);
-    let mut got = String::new();
-    File::from(read).read_to_string(&mut got).unwrap();
-    assert_eq!(got, "through\n");
+    File::from(taken).write_all(b"through\n").unwrap();
+    // Not read to its end: a process another test forks meanwhile may hold
+    // the writer, kept across exec on purpose above.
+    let mut got = [0u8; 8];
+    File::from(read).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"through\n");
 
     let error = handover.take_fd("web.stdout").unwrap_err();
     assert!(
@@ -271,4 +273,28 @@ fn taken_at_counts_the_time_since_the_writing() {
     // A wall clock set back: no time passed, rather than a negative one.
     handover.written_at_unix_ms = unix_ms(SystemTime::now()) + 60_000;
     assert_eq!(handover.taken_at(now), now);
+}
+
+#[test]
+fn descriptors_left_unclaimed_are_taken_to_be_closed() {
+    // Close-on-exec: a process another test starts meanwhile holds it for
+    // an instant at most.
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut handover = Handover::new("0.1.0", None);
+    handover
+        .add_fd("a_name_from_the_past", write.as_fd())
+        .unwrap();
+    handover.fds.insert("gone".to_owned(), i32::MAX - 1);
+    let _ = write.into_raw_fd();
+    let left = handover.take_remaining_fds();
+    assert!(handover.fds.is_empty());
+    let names: Vec<&str> = left.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["a_name_from_the_past", "gone"]);
+    assert!(left[0].1.is_ok());
+    assert!(matches!(left[1].1, Err(HandoverError::ClosedFd { .. })));
+    drop(left);
+    // The pipe's only writer was the one left over: closed now.
+    let mut got = Vec::new();
+    File::from(read).read_to_end(&mut got).unwrap();
+    assert!(got.is_empty());
 }
