@@ -9,6 +9,7 @@ pub mod deps;
 pub mod discovery;
 pub mod events;
 pub mod guardian;
+pub mod handover;
 pub mod health;
 pub mod memory;
 pub mod name;

@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use crate::config::{BackoffConfig, QUICK_FAILURE, RestartPolicy, START_LIMIT_DELAY, StartLimit};
+use crate::handover::{AfterStopSnapshot, MachineSnapshot, PhaseSnapshot, SnapshotError};
 use crate::process::ExitReason;
 use crate::wire::EventKind;
 
@@ -627,6 +628,118 @@ impl Machine {
             }
         }
         out
+    }
+
+    /// The machine frozen for an upgrade: each deadline becomes the time
+    /// left at `now`, each instant an age. Refused while a spawn is in
+    /// flight (`Spawning`): the freeze waits for the spawn's answer, since
+    /// only that answer names the process the new daemon must adopt.
+    pub fn snapshot(&self, now: Instant) -> Result<MachineSnapshot, SnapshotError> {
+        let phase = match self.phase {
+            Phase::Stopped => PhaseSnapshot::Stopped,
+            Phase::Failed => PhaseSnapshot::Failed,
+            Phase::Spawning => return Err(SnapshotError::Spawning),
+            Phase::Running { since, pid, ready } => PhaseSnapshot::Running {
+                pid,
+                ready,
+                ran_for: now.saturating_duration_since(since),
+                start_extended_to: self
+                    .start_extended_to
+                    .filter(|_| !ready)
+                    .map(|to| to.saturating_duration_since(since)),
+            },
+            Phase::Stopping {
+                pid,
+                then,
+                deadline,
+                killed,
+            } => PhaseSnapshot::Stopping {
+                pid,
+                then: match then {
+                    AfterStop::StayStopped => AfterStopSnapshot::StayStopped,
+                    AfterStop::Start => AfterStopSnapshot::Start,
+                    AfterStop::Fail => AfterStopSnapshot::Fail,
+                },
+                remaining: deadline.saturating_duration_since(now),
+                killed,
+            },
+            Phase::Backoff { until } => PhaseSnapshot::Backoff {
+                remaining: until.saturating_duration_since(now),
+            },
+        };
+        Ok(MachineSnapshot {
+            phase,
+            failures: self.failures,
+            restarts: self.restarts,
+            requested_starts: self.requested_starts,
+            closing: self.closing,
+            quick_failure_ages: self
+                .quick_failures
+                .iter()
+                .map(|&at| now.saturating_duration_since(at))
+                .collect(),
+            last_exit: self.last_exit.map(Into::into),
+            last_error: self.last_error.clone(),
+            fault: self.fault.clone(),
+            last_words: self.last_words.clone(),
+        })
+    }
+
+    /// A frozen machine thawed at `now` (the instant the snapshot stands
+    /// for in this process: `Handover::taken_at`), under `policy`: the same
+    /// state and counters, every timer due after the time it had left.
+    /// Jitter and its generator start afresh; they only shape later delays.
+    pub fn restore(policy: Policy, snapshot: MachineSnapshot, now: Instant) -> Machine {
+        // The monotonic clock is the system's, so an age never reaches
+        // back before it starts; were it to, `now` is the lenient side.
+        let ago = |age: Duration| now.checked_sub(age).unwrap_or(now);
+        let mut start_extended_to = None;
+        let phase = match snapshot.phase {
+            PhaseSnapshot::Stopped => Phase::Stopped,
+            PhaseSnapshot::Failed => Phase::Failed,
+            PhaseSnapshot::Running {
+                pid,
+                ready,
+                ran_for,
+                start_extended_to: extended,
+            } => {
+                let since = ago(ran_for);
+                start_extended_to = extended.map(|by| since + by);
+                Phase::Running { since, pid, ready }
+            }
+            PhaseSnapshot::Stopping {
+                pid,
+                then,
+                remaining,
+                killed,
+            } => Phase::Stopping {
+                pid,
+                then: match then {
+                    AfterStopSnapshot::StayStopped => AfterStop::StayStopped,
+                    AfterStopSnapshot::Start => AfterStop::Start,
+                    AfterStopSnapshot::Fail => AfterStop::Fail,
+                },
+                deadline: now + remaining,
+                killed,
+            },
+            PhaseSnapshot::Backoff { remaining } => Phase::Backoff {
+                until: now + remaining,
+            },
+        };
+        Machine {
+            phase,
+            failures: snapshot.failures,
+            restarts: snapshot.restarts,
+            requested_starts: snapshot.requested_starts,
+            closing: snapshot.closing,
+            quick_failures: snapshot.quick_failure_ages.into_iter().map(ago).collect(),
+            last_exit: snapshot.last_exit.map(Into::into),
+            last_error: snapshot.last_error,
+            fault: snapshot.fault,
+            last_words: snapshot.last_words,
+            start_extended_to,
+            ..Machine::new(policy)
+        }
     }
 
     fn become_ready(&mut self, since: Instant, pid: u32, out: &mut Vec<Effect>) {

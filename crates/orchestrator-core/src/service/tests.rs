@@ -1304,4 +1304,258 @@ fn only_a_process_that_ended_by_itself_with_0_has_completed() {
     running(&mut m, now);
     io(&mut m, code(1), now + MS);
     assert!(!m.completed(), "a failure is not completion");
+
+// ---- Freezing for an upgrade: Machine::snapshot and Machine::restore ----
+
+/// The machine in each phase a freeze can meet, built at `t0`.
+fn frozen_phases(t0: Instant) -> Vec<(&'static str, Machine)> {
+    use crate::service::ReadyWhen;
+    let mut phases = Vec::new();
+
+    phases.push(("stopped", exact(RestartPolicy::Always, 3)));
+
+    let mut m = exact(RestartPolicy::Always, 0);
+    running(&mut m, t0);
+    m.step(code(1), t0 + 5 * MS);
+    assert_eq!(m.state(), State::Failed);
+    phases.push(("failed", m));
+
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, t0);
+    phases.push(("running", m));
+
+    let mut m = with_ready(RestartPolicy::Always, ReadyWhen::Grace(5000 * MS));
+    spawned(&mut m, t0);
+    phases.push(("starting in its grace", m));
+
+    let mut m = with_ready(
+        RestartPolicy::Always,
+        ReadyWhen::Signalled { timeout: 2000 * MS },
+    );
+    spawned(&mut m, t0);
+    m.step(Input::ExtendStart(9000 * MS), t0 + 100 * MS);
+    phases.push(("starting, extended", m));
+
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, t0);
+    m.step(Input::Stop, t0 + 10 * MS);
+    phases.push(("stopping", m));
+
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, t0);
+    m.step(Input::Restart, t0 + 10 * MS);
+    phases.push(("stopping to restart", m));
+
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, t0);
+    m.step(
+        Input::Faulted {
+            reason: "unhealthy".to_owned(),
+        },
+        t0 + 10 * MS,
+    );
+    phases.push(("stopping a fault", m));
+
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, t0);
+    m.step(Input::Shutdown, t0 + 10 * MS);
+    m.step(Input::Timer, t0 + 1010 * MS);
+    phases.push(("stopping, killed, closing", m));
+
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, t0);
+    m.step(Input::LastWords("panic: boom".to_owned()), t0 + 20 * MS);
+    m.step(code(1), t0 + 20 * MS);
+    m.step(Input::Timer, t0 + 120 * MS);
+    m.step(Input::Spawned { pid: 43 }, t0 + 120 * MS);
+    m.step(code(2), t0 + 130 * MS);
+    assert_eq!(m.state(), State::Restarting);
+    phases.push(("backoff", m));
+
+    phases
+}
+
+/// Everything a caller can see of a machine, with each instant as an
+/// offset from `base`: equal for machines that differ only by that shift.
+fn observed(m: &Machine, base: Instant) -> String {
+    let offset = |at: Option<Instant>| at.map(|at| at - base);
+    format!(
+        "{:?} pid={:?} ready={} closing={} wants={} restarts={} requested={} failures={} \
+         exit={:?} error={:?} deadline={:?} retry_at={:?} since={:?}",
+        m.state(),
+        m.pid(),
+        m.is_ready(),
+        m.is_closing(),
+        m.wants_to_run(),
+        m.restarts(),
+        m.requested_starts(),
+        m.consecutive_failures(),
+        m.last_exit(),
+        m.last_error(),
+        offset(m.deadline()),
+        offset(m.retry_at()),
+        offset(m.running_since()),
+    )
+}
+
+/// Through JSON, as across the exec.
+fn thaw(m: &Machine, frozen_at: Instant, thawed_at: Instant) -> Machine {
+    let snapshot = m.snapshot(frozen_at).unwrap();
+    let json = serde_json::to_string(&snapshot).unwrap();
+    let snapshot = serde_json::from_str(&json).unwrap();
+    Machine::restore(m.policy().clone(), snapshot, thawed_at).without_jitter()
+}
+
+#[test]
+fn every_phase_survives_a_freeze_with_its_timers_shifted() {
+    let t0 = Instant::now();
+    let frozen_at = t0 + 200 * MS;
+    // The exec took this long: every deadline moves out by it.
+    let gap = 750 * MS;
+    for (name, m) in frozen_phases(t0) {
+        let restored = thaw(&m, frozen_at, frozen_at + gap);
+        assert_eq!(
+            observed(&restored, t0 + gap),
+            observed(&m, t0),
+            "{name}: the same machine, {gap:?} later"
+        );
+    }
+}
+
+#[test]
+fn a_restored_machine_goes_on_exactly_as_the_original() {
+    let t0 = Instant::now();
+    let frozen_at = t0 + 200 * MS;
+    let gap = 750 * MS;
+    // The same inputs, the restored machine `gap` later, give the same
+    // effects: the counters, last words and quick failures carried over.
+    let inputs = [
+        Input::Timer,
+        Input::Ready,
+        Input::Spawned { pid: 44 },
+        Input::LastWords("bye".to_owned()),
+        code(1),
+        Input::Timer,
+        Input::Spawned { pid: 45 },
+        code(0),
+    ];
+    for (name, mut m) in frozen_phases(t0) {
+        let mut restored = thaw(&m, frozen_at, frozen_at + gap);
+        for (i, input) in inputs.iter().enumerate() {
+            // Each input at the original's next deadline, if any, else soon.
+            let at = m.deadline().unwrap_or(frozen_at + (i as u32) * 10 * MS);
+            let at = at.max(frozen_at);
+            let want = m.step(input.clone(), at);
+            let got = restored.step(input.clone(), at + gap);
+            assert_eq!(got, want, "{name}: step {i} ({input:?})");
+            assert_eq!(
+                observed(&restored, t0 + gap),
+                observed(&m, t0),
+                "{name}: after step {i} ({input:?})"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_spawn_in_flight_cannot_be_frozen() {
+    let now = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    m.step(Input::Start, now);
+    assert_eq!(
+        m.snapshot(now).unwrap_err(),
+        crate::handover::SnapshotError::Spawning
+    );
+    m.step(Input::Spawned { pid: 9 }, now);
+    assert!(m.snapshot(now).is_ok());
+}
+
+#[test]
+fn a_restored_stop_escalates_to_sigkill_at_its_remaining_time() {
+    let t0 = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, t0);
+    m.step(Input::Stop, t0);
+    // Frozen with 400 ms of the 1000 ms grace left; thawed 2 s later.
+    let thawed_at = t0 + 2600 * MS;
+    let mut m = thaw(&m, t0 + 600 * MS, thawed_at);
+    assert_eq!(m.deadline(), Some(thawed_at + 400 * MS));
+    assert_eq!(io(&mut m, Input::Timer, thawed_at + 399 * MS), []);
+    assert_eq!(
+        m.step(Input::Timer, thawed_at + 400 * MS),
+        [
+            Effect::SignalGroup(Signal::SIGKILL),
+            Effect::Publish(EventKind::StopTimedOut)
+        ]
+    );
+    assert_eq!(io(&mut m, code(137), thawed_at + 401 * MS), []);
+    assert_eq!(m.state(), State::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn actor_a_restored_backoff_restarts_at_its_remaining_time() {
+    let t0 = Instant::now();
+    let mut m = exact(RestartPolicy::Always, 3);
+    running(&mut m, t0);
+    m.step(code(1), t0);
+    m.step(Input::Timer, t0 + 100 * MS);
+    m.step(Input::Spawned { pid: 43 }, t0 + 100 * MS);
+    m.step(code(1), t0 + 100 * MS);
+    // Second failure: 200 ms of backoff, 150 ms of it left when frozen.
+    assert_eq!(m.retry_at(), Some(t0 + 300 * MS));
+    let snapshot = m.snapshot(t0 + 150 * MS).unwrap();
+
+    let spawner = FakeSpawner::new();
+    let def = definition(RestartPolicy::Always, 3);
+    let restored = Machine::restore(def.policy.clone(), snapshot, t0).without_jitter();
+    let (handle, _task) = spawn_with_machine(
+        def,
+        Arc::new(spawner.clone()),
+        EventBus::in_memory(),
+        restored,
+    );
+    assert_eq!(handle.status().state, State::Restarting);
+    spawner.wait_for_spawns(1).await;
+    assert_eq!(spawner.spawn_times(), [t0 + 150 * MS]);
+    let status = handle
+        .wait_for(|s| s.state == State::Running)
+        .await
+        .unwrap();
+    assert_eq!(status.restarts, 2, "counted on from the old daemon's");
+}
+
+#[test]
+fn quick_failures_before_a_freeze_count_toward_the_start_limit_after_it() {
+    let mut rules = policy(RestartPolicy::Always, 10);
+    rules.start_limit = crate::config::StartLimit {
+        burst: 2,
+        interval: 10_000 * MS,
+    };
+    let limited = |effects: Vec<Effect>| {
+        published(effects).into_iter().find_map(|kind| match kind {
+            EventKind::RestartScheduled { start_limited, .. } => Some(start_limited),
+            _ => None,
+        })
+    };
+    let t0 = Instant::now();
+    let mut m = Machine::new(rules.clone()).without_jitter();
+    running(&mut m, t0);
+    assert_eq!(limited(m.step(code(1), t0 + 10 * MS)), Some(false));
+
+    // Frozen when that quick failure was 9.90 s or 9.94 s old; thawed (on
+    // another clock) and failing quickly again 70 ms later: 9.97 s is
+    // inside the 10 s window, 10.01 s is not.
+    for (age, hits_the_limit) in [(9900 * MS, true), (9940 * MS, false)] {
+        let snapshot = m.snapshot(t0 + 10 * MS + age).unwrap();
+        assert_eq!(snapshot.quick_failure_ages, [age]);
+        let thawed_at = t0 + 60_000 * MS;
+        let mut m = Machine::restore(rules.clone(), snapshot, thawed_at).without_jitter();
+        assert_eq!(io(&mut m, Input::Timer, thawed_at), [Effect::Spawn]);
+        m.step(Input::Spawned { pid: 50 }, thawed_at);
+        assert_eq!(
+            limited(m.step(code(1), thawed_at + 70 * MS)),
+            Some(hits_the_limit),
+            "quick failure {age:?} old at the freeze"
+        );
+    }
 }
