@@ -238,6 +238,15 @@ async fn adopting_what_is_not_the_released_child_is_refused() {
 
     // Without a pidfd, one is opened for the verified child.
     let mut adopted_first = spawner.adopt(released(first_pid, None), "first").unwrap();
+    // Not twice.
+    let error = spawner
+        .adopt(released(first_pid, None), "first")
+        .err()
+        .unwrap();
+    assert!(
+        error.to_string().contains("supervises it already"),
+        "{error}"
+    );
     let mut adopted_second = spawner.adopt(second, "second").unwrap();
     for adopted in [&mut adopted_first, &mut adopted_second] {
         adopted.signal_group(Signal::SIGKILL).unwrap();
@@ -384,6 +393,12 @@ async fn an_adopted_childs_cgroup_is_emptied_and_removed_after_its_exit() {
     let cgroup = adopted.cgroup().expect("its cgroup is adopted");
     assert_eq!(cgroup.path(), path);
     assert!(cgroup.pids().unwrap().contains(&escaped));
+    assert!(
+        controller
+            .adopt("contained", &path.with_file_name("elsewhere"))
+            .is_none(),
+        "only the service's own cgroup under our parent is adopted"
+    );
     assert!(
         cgroup.usage().memory_bytes.is_some(),
         "its memory cgroup is adopted too"

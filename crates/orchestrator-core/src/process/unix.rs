@@ -8,7 +8,7 @@ mod clone_spawn;
 mod posix_spawn;
 mod prepare;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -123,7 +123,7 @@ impl UnixSpawner {
                 })?,
         };
         let pid = u32::try_from(pid).expect("a spawn returns a positive pid");
-        own.insert(pid);
+        own.insert(pid, Held::Supervised);
         drop(own);
         // Only the child writes: its exit must close the pipes.
         drop((stdout_child, stderr_child, stdin));
@@ -201,6 +201,11 @@ impl Spawner for UnixSpawner {
         // reaper cannot reap it (should it have died) in between, which
         // would free its pid for reuse.
         let mut own = own_children();
+        if own.get(&pid) == Some(&Held::Supervised) {
+            return Err(not_ours(
+                "this process supervises it already (it was not released)".to_owned(),
+            ));
+        }
         check_adoptable(pid, service)?;
         let pidfd = match pidfd {
             Some(fd) => {
@@ -253,7 +258,7 @@ impl Spawner for UnixSpawner {
                 .ok()
                 .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok()),
         };
-        own.insert(pid);
+        own.insert(pid, Held::Supervised);
         drop(own);
         let cgroup = cgroup.and_then(|path| {
             let adopted = self.controller.adopt(service, &path);
@@ -483,9 +488,17 @@ pub fn resolve_program(
 
 /// Service leaders spawned here and not yet reaped by their actor: the
 /// only children the orphan reaper must leave alone.
-static OWN_CHILDREN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+/// A released one is still ours (unreaped, its exit status is for its
+/// adopter), but may be adopted; a supervised one may not be, twice.
+static OWN_CHILDREN: Mutex<BTreeMap<u32, Held>> = Mutex::new(BTreeMap::new());
 
-fn own_children() -> MutexGuard<'static, BTreeSet<u32>> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Supervised,
+    Released,
+}
+
+fn own_children() -> MutexGuard<'static, BTreeMap<u32, Held>> {
     OWN_CHILDREN.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -503,7 +516,7 @@ pub fn reap_orphans() -> usize {
     let own = own_children();
     let mut reaped = 0;
     for pid in child_pids() {
-        if own.contains(&pid) {
+        if own.contains_key(&pid) {
             continue;
         }
         let Ok(pid) = rustix_pid(pid) else {
@@ -911,6 +924,7 @@ impl ChildProcess for UnixChild {
         // adopts it (this image, or the next after exec, which starts with
         // an empty registry that adopt fills before its reaper runs).
         self.released = true;
+        own_children().insert(self.pid, Held::Released);
         Ok(Released {
             pid: self.pid,
             cgroup: self.cgroup.take().map(|cgroup| cgroup.path().to_owned()),
