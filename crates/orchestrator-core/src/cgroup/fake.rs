@@ -30,6 +30,7 @@ struct ControllerState {
     failing: HashSet<String>,
     leftovers: Vec<u32>,
     sweeps: usize,
+    adopted: Vec<(String, PathBuf)>,
 }
 
 impl Default for FakeController {
@@ -76,6 +77,11 @@ impl FakeController {
     pub fn sweeps(&self) -> usize {
         lock(&self.state).sweeps
     }
+
+    /// Every `adopt` so far: the service and the path it was given.
+    pub fn adopted(&self) -> Vec<(String, PathBuf)> {
+        lock(&self.state).adopted.clone()
+    }
 }
 
 impl ResourceController for FakeController {
@@ -108,6 +114,21 @@ impl ResourceController for FakeController {
         let mut state = lock(&self.state);
         state.sweeps += 1;
         std::mem::take(&mut state.leftovers)
+    }
+
+    /// Any path is taken: the cgroup is the service's last one when the
+    /// path matches (an adoption in the same test), else a new one.
+    fn adopt(&self, service: &str, path: &Path) -> Option<Arc<dyn ServiceCgroup>> {
+        let mut state = lock(&self.state);
+        state.adopted.push((service.to_owned(), path.to_owned()));
+        let cgroup = match state.cgroups.get(service) {
+            Some(cgroup) if cgroup.path == path => Arc::clone(cgroup),
+            _ => Arc::new(FakeCgroup::new(path.to_owned())),
+        };
+        state
+            .cgroups
+            .insert(service.to_owned(), Arc::clone(&cgroup));
+        Some(cgroup)
     }
 }
 
@@ -250,6 +271,16 @@ mod tests {
 
         fake.fail_create("db");
         assert!(fake.create("db", &Limits::default()).is_err());
+        let adopted = fake.adopt("api", Path::new("/fake-cgroup/api")).unwrap();
+        assert!(
+            Arc::ptr_eq(&fake.cgroup("api").unwrap(), &cgroup),
+            "the same cgroup as created"
+        );
+        assert_eq!(adopted.path(), Path::new("/fake-cgroup/api"));
+        assert_eq!(
+            fake.adopted(),
+            vec![("api".to_owned(), PathBuf::from("/fake-cgroup/api"))]
+        );
         fake.set_leftovers(vec![7]);
         assert_eq!(fake.sweep_leftovers(&Default::default()), vec![7]);
         assert_eq!(fake.sweeps(), 1);

@@ -150,6 +150,17 @@ pub trait ResourceController: Send + Sync + fmt::Debug {
     fn parent_lock(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+
+    /// Take back the cgroup of `service`'s running process, handed over by
+    /// an earlier daemon image (an in-place upgrade) at `path`: it is
+    /// claimed as `create` claims a new one (a removal still pending from
+    /// an earlier run cannot take it), and opened for probes to join.
+    /// Nothing is written to it. `None` without cgroups, or when `path` is
+    /// not this service's cgroup under our parent (then it is left alone,
+    /// and the next start's sweep finds it).
+    fn adopt(&self, _service: &str, _path: &Path) -> Option<Arc<dyn ServiceCgroup>> {
+        None
+    }
 }
 
 /// One service's cgroup (on v1, its directory in each hierarchy used).

@@ -298,6 +298,61 @@ impl ResourceController for V1Controller {
         Some(&self.relative)
     }
 
+    fn adopt(&self, service: &str, path: &Path) -> Option<Arc<dyn ServiceCgroup>> {
+        let pids_dir = self.pids.parent.join(service);
+        if path != pids_dir {
+            warn!(
+                service,
+                "not adopting cgroup {} for service {service}: its cgroup here is {} (was \
+                 cgroup_parent changed?); it is left for the next start's sweep",
+                path.display(),
+                pids_dir.display()
+            );
+            return None;
+        }
+        let (claim, making) = self.owners.claim(&pids_dir);
+        // Which extra directories the run had is not handed over: those
+        // that exist are its (a limit's; or an earlier run's, empty, which
+        // the removal after the exit takes as well).
+        let mut dirs = vec![pids_dir.clone()];
+        let mut extra = |level: &Result<Level, String>| {
+            let dir = level.as_ref().ok()?.parent.join(service);
+            if !dirs.contains(&dir) && dir.is_dir() {
+                dirs.push(dir.clone());
+            }
+            dir.is_dir().then_some(dir)
+        };
+        let memory = extra(&self.memory);
+        let cpu = extra(&self.cpu);
+        let cpuacct = match (&cpu, &self.cpu) {
+            (Some(dir), Ok(level)) if level.has("cpuacct") => Some(dir.clone()),
+            _ if self.pids.has("cpuacct") => Some(pids_dir.clone()),
+            _ => None,
+        };
+        let procs: io::Result<Vec<OwnedFd>> =
+            dirs.iter().map(|dir| files::open_procs(dir)).collect();
+        drop(making);
+        match procs {
+            Ok(procs) => Some(Arc::new(V1Cgroup {
+                dirs,
+                memory,
+                cpuacct,
+                procs,
+                claim: Some(claim),
+            })),
+            Err(error) => {
+                warn!(
+                    service,
+                    "cannot adopt cgroup {} of service {service}: opening its cgroup.procs \
+                     failed: {error}; the service runs on without it (its process group \
+                     still contains it), the next start's sweep removes it",
+                    pids_dir.display()
+                );
+                None
+            }
+        }
+    }
+
     fn parent_lock(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.lock.as_ref().map(ParentLock::as_fd)
     }

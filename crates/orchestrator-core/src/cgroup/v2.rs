@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tracing::{info, warn};
 
@@ -375,6 +376,40 @@ impl ResourceController for V2Controller {
 
     fn claimed_parent(&self) -> Option<&Path> {
         Some(&self.relative)
+    }
+
+    fn adopt(&self, service: &str, path: &Path) -> Option<Arc<dyn ServiceCgroup>> {
+        let dir = self.parent.join(service);
+        if path != dir {
+            warn!(
+                service,
+                "not adopting cgroup {} for service {service}: its cgroup here is {} (was \
+                 cgroup_parent changed?); it is left for the next start's sweep",
+                path.display(),
+                dir.display()
+            );
+            return None;
+        }
+        let (claim, making) = self.owners.claim(&dir);
+        let procs = files::open_procs(&dir);
+        drop(making);
+        match procs {
+            Ok(procs) => Some(Arc::new(V2Cgroup {
+                dir,
+                procs: vec![procs],
+                claim: Some(claim),
+            })),
+            Err(error) => {
+                warn!(
+                    service,
+                    "cannot adopt cgroup {} of service {service}: opening its cgroup.procs \
+                     failed: {error}; the service runs on without it (its process group \
+                     still contains it), the next start's sweep removes it",
+                    dir.display()
+                );
+                None
+            }
+        }
     }
 
     fn parent_lock(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

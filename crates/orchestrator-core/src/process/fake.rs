@@ -13,7 +13,10 @@ use tokio::time::Instant;
 
 use crate::cgroup::ServiceCgroup;
 
-use super::{ChildOutput, ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner, WaitFuture};
+use super::{
+    AdoptError, ChildOutput, ChildProcess, ExitReason, ReleaseError, Released, SpawnError,
+    SpawnSpec, Spawner, WaitFuture,
+};
 
 #[derive(Clone, Default)]
 pub struct FakeSpawner {
@@ -32,6 +35,8 @@ struct FakeSpawnerState {
     ignore_stop_signal: bool,
     next_pid: u32,
     probes: FakeProbes,
+    /// Every adoption: the service and the released pid.
+    adopted: Vec<(String, u32)>,
 }
 
 /// What `spawn_probe` was asked for and does, apart from the services'
@@ -99,6 +104,11 @@ impl FakeSpawner {
     /// Controls of the children that did start, oldest first.
     pub fn children(&self) -> Vec<FakeChildControl> {
         self.state().children.clone()
+    }
+
+    /// Every `adopt` call, refused ones included: the service and the pid.
+    pub fn adopted(&self) -> Vec<(String, u32)> {
+        self.state().adopted.clone()
     }
 
     pub fn last_child(&self) -> Option<FakeChildControl> {
@@ -175,7 +185,11 @@ impl Spawner for FakeSpawner {
                 None => {
                     let control = Self::new_child(&mut state);
                     state.children.push(control.clone());
-                    Ok(Box::new(FakeChild { control }) as Box<dyn ChildProcess>)
+                    Ok(Box::new(FakeChild {
+                        control,
+                        service: spec.service.clone(),
+                        probe: false,
+                    }) as Box<dyn ChildProcess>)
                 }
             }
         };
@@ -202,7 +216,47 @@ impl Spawner for FakeSpawner {
             control.exit(reason);
         }
         state.probes.children.push(control.clone());
-        Ok(Box::new(FakeChild { control }))
+        Ok(Box::new(FakeChild {
+            control,
+            service: spec.service.clone(),
+            probe: true,
+        }))
+    }
+
+    /// A pid of a service's child this spawner started and nobody reaped,
+    /// as the real spawner's check of /proc goes; the cgroup path, the
+    /// pidfd and the pipes are taken as given.
+    fn adopt(
+        &self,
+        released: Released,
+        service: &str,
+    ) -> Result<Box<dyn ChildProcess>, AdoptError> {
+        let mut state = self.state();
+        state.adopted.push((service.to_owned(), released.pid));
+        let control = state
+            .children
+            .iter()
+            .find(|control| control.pid == released.pid)
+            .cloned();
+        let refuse = |reason: &str| AdoptError::NotOurs {
+            service: service.to_owned(),
+            pid: released.pid,
+            reason: reason.to_owned(),
+        };
+        let control = control.ok_or_else(|| refuse("no child of this spawner has that pid"))?;
+        {
+            let mut child = control.state();
+            if child.reaped {
+                return Err(refuse("it has been reaped already"));
+            }
+            child.released = false;
+            child.adoptions += 1;
+        }
+        Ok(Box::new(FakeChild {
+            control,
+            service: service.to_owned(),
+            probe: false,
+        }))
     }
 }
 
@@ -220,6 +274,9 @@ struct FakeChildState {
     reaped: bool,
     ignore_stop_signal: bool,
     signals: Vec<(Instant, Signal)>,
+    /// Given up by `release` and not adopted since.
+    released: bool,
+    adoptions: usize,
 }
 
 impl FakeChildControl {
@@ -254,10 +311,22 @@ impl FakeChildControl {
     pub fn is_reaped(&self) -> bool {
         self.state().reaped
     }
+
+    /// Released and not adopted since.
+    pub fn is_released(&self) -> bool {
+        self.state().released
+    }
+
+    /// How many times a spawner adopted it.
+    pub fn adoptions(&self) -> usize {
+        self.state().adoptions
+    }
 }
 
 struct FakeChild {
     control: FakeChildControl,
+    service: String,
+    probe: bool,
 }
 
 impl ChildProcess for FakeChild {
@@ -301,5 +370,122 @@ impl ChildProcess for FakeChild {
             self.control.exited.notify_one();
         }
         Ok(())
+    }
+
+    fn release(self: Box<Self>) -> Result<Released, ReleaseError> {
+        let (service, pid) = (self.service.clone(), self.control.pid);
+        if self.probe {
+            return Err(ReleaseError::Probe { service, pid });
+        }
+        let mut state = self.control.state();
+        if state.reaped {
+            return Err(ReleaseError::Reaped { service, pid });
+        }
+        state.released = true;
+        Ok(Released {
+            pid,
+            cgroup: None,
+            killed_by_us: false,
+            oom_kills_at_start: 0,
+            memory_limit_mib: None,
+            pidfd: None,
+            output: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(service: &str) -> SpawnSpec {
+        SpawnSpec {
+            service: service.to_owned(),
+            program: "/bin/true".into(),
+            ..SpawnSpec::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_child_is_not_signalled_and_its_adoption_waits_for_it() {
+        let spawner = FakeSpawner::new();
+        let child = spawner.spawn(&spec("api")).unwrap();
+        let control = spawner.last_child().unwrap();
+        let released = child.release().unwrap();
+        assert_eq!(released.pid, control.pid());
+        assert!(control.is_released());
+        assert!(control.signals().is_empty(), "nothing is signalled");
+        assert!(!control.is_reaped());
+
+        let mut adopted = spawner.adopt(released, "api").unwrap();
+        assert_eq!(adopted.pid(), control.pid());
+        assert!(!control.is_released());
+        assert_eq!(control.adoptions(), 1);
+        assert_eq!(spawner.adopted(), vec![("api".to_owned(), control.pid())]);
+        adopted.signal_group(Signal::SIGTERM).unwrap();
+        let reason = adopted.wait().await.unwrap();
+        assert_eq!(
+            reason,
+            ExitReason::Signaled {
+                signal: libc::SIGTERM,
+                core_dumped: false
+            }
+        );
+        assert!(control.is_reaped());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exit_while_released_is_what_the_adopted_child_reports() {
+        let spawner = FakeSpawner::new();
+        let child = spawner.spawn(&spec("api")).unwrap();
+        let control = spawner.last_child().unwrap();
+        let released = child.release().unwrap();
+        control.exit(ExitReason::Exited(3));
+        let mut adopted = spawner.adopt(released, "api").unwrap();
+        assert_eq!(adopted.wait().await.unwrap(), ExitReason::Exited(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_reaped_children_and_unknown_pids_are_refused() {
+        let spawner = FakeSpawner::new();
+        let probe = spawner.spawn_probe(&spec("api"), None).unwrap();
+        assert!(matches!(
+            probe.release(),
+            Err(ReleaseError::Probe { ref service, .. }) if service == "api"
+        ));
+
+        let mut child = spawner.spawn(&spec("api")).unwrap();
+        let control = spawner.last_child().unwrap();
+        control.exit(ExitReason::Exited(0));
+        child.wait().await.unwrap();
+        let error = child.release().unwrap_err();
+        assert!(matches!(error, ReleaseError::Reaped { .. }), "{error}");
+        assert!(error.to_string().contains("service api"), "{error}");
+
+        let stranger = Released {
+            pid: 4242,
+            cgroup: None,
+            killed_by_us: false,
+            oom_kills_at_start: 0,
+            memory_limit_mib: None,
+            pidfd: None,
+            output: None,
+        };
+        let error = spawner.adopt(stranger, "api").err().unwrap();
+        assert!(
+            matches!(error, AdoptError::NotOurs { pid: 4242, .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("PID-reuse guard"), "{error}");
+        let reaped = Released {
+            pid: control.pid(),
+            cgroup: None,
+            killed_by_us: false,
+            oom_kills_at_start: 0,
+            memory_limit_mib: None,
+            pidfd: None,
+            output: None,
+        };
+        assert!(spawner.adopt(reaped, "api").is_err());
     }
 }

@@ -214,6 +214,97 @@ pub trait ChildProcess: Send {
     fn cgroup(&self) -> Option<Arc<dyn ServiceCgroup>> {
         None
     }
+
+    /// Give the process up without signalling anything, for an in-place
+    /// upgrade (docs/upgrade.md): it goes on running, still a child of this
+    /// process and still counted as ours by the orphan reaper (so nothing
+    /// reaps it behind the hand-over), and what identifies it comes back as
+    /// data and descriptors, for [`Spawner::adopt`] (by this process after
+    /// its exec, or again before it). Its cgroup is left in place.
+    ///
+    /// Only a service's leader, not yet reaped, can be released; on an error
+    /// the child is dropped as any child is (see the spawner's `Drop`).
+    fn release(self: Box<Self>) -> Result<Released, ReleaseError> {
+        Err(ReleaseError::Unsupported { pid: self.pid() })
+    }
+}
+
+/// A service's leader given up by [`ChildProcess::release`]: what
+/// [`Spawner::adopt`] needs to supervise it again. Plain data plus the
+/// descriptors; none of it kills anything when dropped, so a `Released`
+/// that is neither adopted nor handed over leaves its process running
+/// unsupervised (and, in the same process, never reaped as an orphan).
+#[derive(Debug)]
+pub struct Released {
+    /// Also its process group id: a service's leader leads its group.
+    pub pid: u32,
+    /// Its cgroup's path (on v1, in the pids hierarchy), when it has one.
+    pub cgroup: Option<PathBuf>,
+    /// We sent SIGKILL already (a stop was under way): a SIGKILL death is
+    /// then ours, not the OOM killer's.
+    pub killed_by_us: bool,
+    /// The cgroup's OOM kill count when the run started.
+    pub oom_kills_at_start: u64,
+    pub memory_limit_mib: Option<u64>,
+    /// Readable once the leader has exited; `None` on kernels without
+    /// pidfds (adopt then polls).
+    pub pidfd: Option<OwnedFd>,
+    /// The read ends of its pipes, unless they were taken before (then the
+    /// taker hands them over itself).
+    pub output: Option<ChildOutput>,
+}
+
+/// Why a child could not be released.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(
+        "process {pid} cannot be handed over: this kind of child does not support release; \
+         stop it before the upgrade"
+    )]
+    Unsupported { pid: u32 },
+    #[error(
+        "service {service}: its health check's command (pid {pid}) cannot be handed over; \
+         let it finish (or kill it) before the upgrade, the new daemon runs the next check"
+    )]
+    Probe { service: String, pid: u32 },
+    #[error(
+        "service {service}: its process {pid} has already been reaped, there is nothing to \
+         hand over; report its exit instead"
+    )]
+    Reaped { service: String, pid: u32 },
+}
+
+/// Why [`Spawner::adopt`] refused a released process. Nothing was signalled:
+/// a pid that is not the process handed over may be anyone's by now.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error(
+        "service {service}: refusing to adopt pid {pid}: {reason} (the PID-reuse guard: it \
+         is not certainly the process that was handed over); it was not touched, start the \
+         service afresh"
+    )]
+    NotOurs {
+        service: String,
+        pid: u32,
+        reason: String,
+    },
+    #[error(
+        "service {service}: cannot adopt pid {pid}: reading {path} failed: {source}; it was \
+         not touched, start the service afresh",
+        path = .path.display()
+    )]
+    Io {
+        service: String,
+        pid: u32,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "service {service}: cannot adopt pid {pid}: this spawner does not adopt processes; \
+         start the service afresh"
+    )]
+    Unsupported { service: String, pid: u32 },
 }
 
 /// Why a process could not be started. Every variant but the two that
@@ -491,6 +582,24 @@ pub trait Spawner: Send + Sync {
     /// block for a few seconds. Returns the pids it killed.
     fn sweep_leftovers(&self, _services: &std::collections::BTreeSet<String>) -> Vec<u32> {
         Vec::new()
+    }
+
+    /// Supervise again a process that [`ChildProcess::release`] gave up
+    /// (in this process, before or after an exec): the child returned
+    /// behaves as a spawned one (its `wait` reaps it, `signal_group`
+    /// reaches its group, its cgroup is emptied and removed after it ends),
+    /// and `take_output` gives the pipes in `released.output`. Refused
+    /// unless the pid is certainly the process handed over: still our
+    /// child, leading its group, and the one `released.pidfd` refers to.
+    fn adopt(
+        &self,
+        released: Released,
+        service: &str,
+    ) -> Result<Box<dyn ChildProcess>, AdoptError> {
+        Err(AdoptError::Unsupported {
+            service: service.to_owned(),
+            pid: released.pid,
+        })
     }
 }
 

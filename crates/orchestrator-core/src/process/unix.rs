@@ -8,7 +8,7 @@ mod clone_spawn;
 mod posix_spawn;
 mod prepare;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -27,7 +27,10 @@ use rustix::process::{PidfdFlags, WaitId, WaitIdOptions, WaitOptions};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::{ChildOutput, ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner, WaitFuture};
+use super::{
+    AdoptError, ChildOutput, ChildProcess, ExitReason, ReleaseError, Released, SpawnError,
+    SpawnSpec, Spawner, WaitFuture,
+};
 use crate::cgroup::{NoCgroups, ResourceController, ServiceCgroup};
 
 pub use prepare::Prepared;
@@ -120,7 +123,7 @@ impl UnixSpawner {
                 })?,
         };
         let pid = u32::try_from(pid).expect("a spawn returns a positive pid");
-        own.insert(pid);
+        own.insert(pid, Held::Supervised);
         drop(own);
         // Only the child writes: its exit must close the pipes.
         drop((stdout_child, stderr_child, stdin));
@@ -133,6 +136,11 @@ impl UnixSpawner {
             .and_then(watch_pidfd);
         Ok(Box::new(UnixChild {
             pid,
+            service: prepared.service.clone(),
+            // A probe's child shares one pipe for both streams; it is not
+            // the service's, and never handed over.
+            releasable: !prepared.merge_output,
+            released: false,
             output: Some(ChildOutput { stdout, stderr }),
             exited,
             reaped: false,
@@ -169,6 +177,184 @@ impl Spawner for UnixSpawner {
     fn sweep_leftovers(&self, services: &std::collections::BTreeSet<String>) -> Vec<u32> {
         self.controller.sweep_leftovers(services)
     }
+
+    fn adopt(
+        &self,
+        released: Released,
+        service: &str,
+    ) -> Result<Box<dyn ChildProcess>, AdoptError> {
+        let Released {
+            pid,
+            cgroup,
+            killed_by_us,
+            oom_kills_at_start,
+            memory_limit_mib,
+            pidfd,
+            output,
+        } = released;
+        let not_ours = |reason: String| AdoptError::NotOurs {
+            service: service.to_owned(),
+            pid,
+            reason,
+        };
+        // Checked and registered under the registry's lock: the orphan
+        // reaper cannot reap it (should it have died) in between, which
+        // would free its pid for reuse.
+        let mut own = own_children();
+        if own.get(&pid) == Some(&Held::Supervised) {
+            return Err(not_ours(
+                "this process supervises it already (it was not released)".to_owned(),
+            ));
+        }
+        check_adoptable(pid, service)?;
+        let pidfd = match pidfd {
+            Some(fd) => {
+                match pidfd_pid(&fd) {
+                    Ok(Some(of)) if of == i64::from(pid) => {
+                        // Kernels before 5.15 keep showing the number after
+                        // the reap; waitid on the pidfd itself knows.
+                        let options =
+                            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+                        if let Err(error) =
+                            rustix::process::waitid(WaitId::PidFd(fd.as_fd()), options)
+                        {
+                            return Err(not_ours(format!(
+                                "the process its pidfd refers to cannot be waited for ({error}): \
+                                 it has been reaped since"
+                            )));
+                        }
+                    }
+                    Ok(Some(of)) => {
+                        return Err(not_ours(format!(
+                            "the pidfd handed over with it refers to {}",
+                            match of {
+                                -1 => "a process that has been reaped since".to_owned(),
+                                0 => "a process in another pid namespace".to_owned(),
+                                other => format!("pid {other}"),
+                            }
+                        )));
+                    }
+                    Ok(None) => {
+                        return Err(not_ours(
+                            "the descriptor handed over as its pidfd shows no pid (not a pidfd, \
+                             or a kernel before 5.4)"
+                                .to_owned(),
+                        ));
+                    }
+                    Err(source) => {
+                        return Err(AdoptError::Io {
+                            service: service.to_owned(),
+                            pid,
+                            path: PathBuf::from(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())),
+                            source,
+                        });
+                    }
+                }
+                Some(fd)
+            }
+            // Our unreaped child (checked above): a pidfd opened now
+            // refers to the very process.
+            None => rustix_pid(pid)
+                .ok()
+                .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok()),
+        };
+        own.insert(pid, Held::Supervised);
+        drop(own);
+        let cgroup = cgroup.and_then(|path| {
+            let adopted = self.controller.adopt(service, &path);
+            if adopted.is_none() && self.controller.flavor() != crate::cgroup::Flavor::None {
+                tracing::warn!(
+                    service,
+                    "service {service}: its cgroup {} was not adopted: processes that left \
+                     its process group are not killed when it ends; the next start's sweep \
+                     removes them",
+                    path.display()
+                );
+            }
+            adopted
+        });
+        Ok(Box::new(UnixChild {
+            pid,
+            service: service.to_owned(),
+            releasable: true,
+            released: false,
+            output,
+            exited: pidfd.and_then(watch_pidfd),
+            reaped: false,
+            outcome: None,
+            cgroup,
+            memory_limit_mib,
+            oom_kills_at_start,
+            killed_by_us,
+        }))
+    }
+}
+
+/// Whether `pid` is a process we may adopt: our child (not yet reaped, a
+/// zombie included: its exit is what `wait` must report) that leads its
+/// own process group, as every service leader does.
+fn check_adoptable(pid: u32, service: &str) -> Result<(), AdoptError> {
+    let path = PathBuf::from(format!("/proc/{pid}/stat"));
+    let not_ours = |reason: String| AdoptError::NotOurs {
+        service: service.to_owned(),
+        pid,
+        reason,
+    };
+    let stat = match std::fs::read_to_string(&path) {
+        Ok(stat) => stat,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Err(not_ours("no such process".to_owned()));
+        }
+        Err(source) => {
+            return Err(AdoptError::Io {
+                service: service.to_owned(),
+                pid,
+                path,
+                source,
+            });
+        }
+    };
+    let (ppid, pgrp) = parse_stat(&stat).ok_or_else(|| AdoptError::Io {
+        service: service.to_owned(),
+        pid,
+        path: path.clone(),
+        source: io::Error::new(io::ErrorKind::InvalidData, "unexpected format"),
+    })?;
+    let us = std::process::id();
+    if ppid != us {
+        return Err(not_ours(format!(
+            "it is not a child of this process (pid {us}) but of pid {ppid}"
+        )));
+    }
+    if pgrp != pid {
+        return Err(not_ours(format!(
+            "it does not lead its own process group (its group is {pgrp})"
+        )));
+    }
+    Ok(())
+}
+
+/// The parent pid and the process group of a /proc/PID/stat line. The
+/// command name (in parentheses) may hold anything, spaces and `)` too:
+/// the fields are counted from the last `)`.
+fn parse_stat(stat: &str) -> Option<(u32, u32)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // state, ppid, pgrp, ...
+    let mut fields = rest.split_whitespace().skip(1);
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((ppid, pgrp))
+}
+
+/// The pid a pidfd refers to, from its fdinfo: `-1` once that process has
+/// been reaped, `0` when it is outside our pid namespace; `None` when `fd`
+/// is not a pidfd (or the kernel, before 5.4, shows no `Pid:` for one).
+fn pidfd_pid(fd: &OwnedFd) -> io::Result<Option<i64>> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix("Pid:"))
+        .and_then(|value| value.trim().parse().ok()))
 }
 
 /// A pipe for the child's stdout or stderr: (our read end, the child's end).
@@ -302,9 +488,17 @@ pub fn resolve_program(
 
 /// Service leaders spawned here and not yet reaped by their actor: the
 /// only children the orphan reaper must leave alone.
-static OWN_CHILDREN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+/// A released one is still ours (unreaped, its exit status is for its
+/// adopter), but may be adopted; a supervised one may not be, twice.
+static OWN_CHILDREN: Mutex<BTreeMap<u32, Held>> = Mutex::new(BTreeMap::new());
 
-fn own_children() -> MutexGuard<'static, BTreeSet<u32>> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Supervised,
+    Released,
+}
+
+fn own_children() -> MutexGuard<'static, BTreeMap<u32, Held>> {
     OWN_CHILDREN.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -322,7 +516,7 @@ pub fn reap_orphans() -> usize {
     let own = own_children();
     let mut reaped = 0;
     for pid in child_pids() {
-        if own.contains(&pid) {
+        if own.contains_key(&pid) {
             continue;
         }
         let Ok(pid) = rustix_pid(pid) else {
@@ -416,6 +610,11 @@ fn reap(pid: u32) -> io::Result<Option<ExitReason>> {
 
 struct UnixChild {
     pid: u32,
+    service: String,
+    /// A service's leader (not a probe's command): `release` may give it up.
+    releasable: bool,
+    /// Given up by `release`: dropping it must not touch the process.
+    released: bool,
     output: Option<ChildOutput>,
     /// Readable once the leader has exited (before it is reaped).
     exited: Option<AsyncFd<OwnedFd>>,
@@ -448,6 +647,9 @@ const CGROUP_POLL: Duration = Duration::from_millis(5);
 /// to the orphan reaper, which reaps it on the SIGCHLD that follows.
 impl Drop for UnixChild {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         if self.reaped {
             // Dropped during the cleanup of `wait`: one more pass over the
             // cgroup, nothing that waits.
@@ -706,6 +908,36 @@ impl ChildProcess for UnixChild {
     fn cgroup(&self) -> Option<Arc<dyn ServiceCgroup>> {
         self.cgroup.clone()
     }
+
+    fn release(mut self: Box<Self>) -> Result<Released, ReleaseError> {
+        if !self.releasable {
+            return Err(ReleaseError::Probe {
+                service: self.service.clone(),
+                pid: self.pid,
+            });
+        }
+        if self.reaped {
+            return Err(ReleaseError::Reaped {
+                service: self.service.clone(),
+                pid: self.pid,
+            });
+        }
+        // The pid stays in the registry: unreaped, it is still ours, and
+        // the orphan reaper must not take its exit status from whoever
+        // adopts it (this image, or the next after exec, which starts with
+        // an empty registry that adopt fills before its reaper runs).
+        self.released = true;
+        own_children().insert(self.pid, Held::Released);
+        Ok(Released {
+            pid: self.pid,
+            cgroup: self.cgroup.take().map(|cgroup| cgroup.path().to_owned()),
+            killed_by_us: self.killed_by_us,
+            oom_kills_at_start: self.oom_kills_at_start,
+            memory_limit_mib: self.memory_limit_mib,
+            pidfd: self.exited.take().map(AsyncFd::into_inner),
+            output: self.output.take(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -748,6 +980,13 @@ mod tests {
         // A name with a slash is not looked up.
         assert_eq!(resolve("./tool").unwrap(), Path::new("./tool"));
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_stat_fields_are_counted_from_the_last_parenthesis() {
+        let stat = "4242 (a) b (c)) S 17 4242 4242 0 -1 4194560 109 0 0 0";
+        assert_eq!(parse_stat(stat), Some((17, 4242)));
+        assert_eq!(parse_stat("4242 (x"), None);
     }
 
     #[test]
