@@ -7,14 +7,18 @@
 //! `writer`), and releases the buffer before awaiting again.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tokio::net::unix::pipe::Receiver;
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
+use tokio::task::{JoinError, JoinHandle};
 
 use super::framing::{Framer, Sink};
 use super::{Console, LogBlock, ServiceOutput, Stream, console};
@@ -62,18 +66,166 @@ thread_local! {
 
 /// Reads both pipes until EOF on both, that is until every writer
 /// (grandchildren included) has closed them; partial last lines are
-/// delivered at EOF. Aborting the task also delivers them (on drop).
+/// delivered at EOF. Aborting the task also delivers them (on drop);
+/// [`PumpHandle::freeze`] instead stops it between two reads and hands back
+/// the pipes and the partial lines, for [`spawn_pump_resumed`].
 ///
 /// Must be called within a tokio runtime. The fds may be blocking; they are
 /// switched to non-blocking mode here.
-pub fn spawn_pump(output: Arc<ServiceOutput>, stdout: OwnedFd, stderr: OwnedFd) -> JoinHandle<()> {
-    tokio::spawn(async move {
+pub fn spawn_pump(output: Arc<ServiceOutput>, stdout: OwnedFd, stderr: OwnedFd) -> PumpHandle {
+    spawn(
+        output,
+        [Some(stdout), Some(stderr)],
+        [Vec::new(), Vec::new()],
+        false,
+    )
+}
+
+/// Starts a pump where a frozen one stopped (in this daemon or, after an
+/// upgrade, in the one before): its framers begin with the partial lines,
+/// and whatever the child wrote meanwhile is still in the pipes. A stream
+/// that had ended stays ended. Must be called within a tokio runtime.
+pub fn spawn_pump_resumed(output: Arc<ServiceOutput>, frozen: FrozenPump) -> PumpHandle {
+    let FrozenPump {
+        stdout,
+        stderr,
+        stdout_partial,
+        stderr_partial,
+    } = frozen;
+    spawn(
+        output,
+        [stdout, stderr],
+        [stdout_partial, stderr_partial],
+        true,
+    )
+}
+
+fn spawn(
+    output: Arc<ServiceOutput>,
+    fds: [Option<OwnedFd>; 2],
+    partials: [Vec<u8>; 2],
+    resumed: bool,
+) -> PumpHandle {
+    let (freeze, frozen) = oneshot::channel();
+    let service = Arc::clone(&output.name);
+    let task = tokio::spawn(async move {
+        let [stdout, stderr] = fds;
+        let [stdout_partial, stderr_partial] = partials;
         let readers = [
-            Reader::new(&output, Stream::Stdout, stdout),
-            Reader::new(&output, Stream::Stderr, stderr),
+            Reader::new(&output, Stream::Stdout, stdout, stdout_partial, resumed),
+            Reader::new(&output, Stream::Stderr, stderr, stderr_partial, resumed),
         ];
-        Pump { output, readers }.run().await;
-    })
+        let mut pump = Pump { output, readers };
+        match pump.run(Some(frozen)).await {
+            Ended::Eof => FrozenPump::default(),
+            Ended::Frozen => pump.take_parts(),
+        }
+    });
+    PumpHandle {
+        service,
+        freeze: Some(freeze),
+        task,
+    }
+}
+
+/// A running pump. Awaiting it waits for the end of both streams (as the
+/// task's `JoinHandle` would); dropping it leaves the pump running.
+#[derive(Debug)]
+pub struct PumpHandle {
+    service: Arc<str>,
+    /// Dropped with the handle, which the pump takes as "never freeze".
+    freeze: Option<oneshot::Sender<()>>,
+    task: JoinHandle<FrozenPump>,
+}
+
+/// What a pump stopped by [`PumpHandle::freeze`] leaves: enough for
+/// [`spawn_pump_resumed`] (here, or in the next daemon) to go on without
+/// losing or repeating a byte.
+#[derive(Debug, Default)]
+pub struct FrozenPump {
+    /// Still open, the child's end too: what it writes meanwhile waits in
+    /// the pipe. `None` once the stream had ended (its last line, whole or
+    /// not, was delivered then).
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// The start of the line being read, without a `\n`: not delivered
+    /// anywhere yet (console, `logs`, file), so the resumed pump delivers it
+    /// once, whole.
+    pub stdout_partial: Vec<u8>,
+    pub stderr_partial: Vec<u8>,
+}
+
+impl FrozenPump {
+    /// Whether any stream is still open, that is whether there is anything
+    /// to resume.
+    pub fn has_pipes(&self) -> bool {
+        self.stdout.is_some() || self.stderr.is_some()
+    }
+}
+
+/// Why a pump could not be frozen. Its pipes are closed by then: the
+/// child's next write to them fails.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error(
+        "service {service}: its output pump was aborted before it could be frozen; its pipes are closed, restart the service to capture its output again"
+    )]
+    Aborted { service: String },
+    #[error(
+        "service {service}: its output pump failed ({reason}); its pipes are closed, restart the service to capture its output again (and report this bug)"
+    )]
+    Panicked { service: String, reason: String },
+}
+
+impl PumpHandle {
+    /// Stops the pump once its current read is framed and handed on (to the
+    /// console, `logs` and the log file's queue, as every read is), and
+    /// returns the pipes and partial lines. Waits for a console that is
+    /// behind, not for the disk: call [`ServiceOutput::flush_file`] for
+    /// that. A pump that had ended returns no pipes.
+    pub async fn freeze(mut self) -> Result<FrozenPump, FreezeError> {
+        if let Some(freeze) = self.freeze.take() {
+            // A pump that has ended no longer listens: nothing to stop.
+            let _ = freeze.send(());
+        }
+        (&mut self.task).await.map_err(|err| {
+            let service = self.service.to_string();
+            if err.is_cancelled() {
+                FreezeError::Aborted { service }
+            } else {
+                FreezeError::Panicked {
+                    service,
+                    reason: err.to_string(),
+                }
+            }
+        })
+    }
+
+    /// Stops the pump at once; the partial lines read so far are still
+    /// delivered, and the pipes closed.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Future for PumpHandle {
+    type Output = Result<(), JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A pump not asked to freeze returns no pipes: nothing is dropped.
+        Pin::new(&mut self.task)
+            .poll(cx)
+            .map(|ended| ended.map(drop))
+    }
+}
+
+enum Ended {
+    Eof,
+    Frozen,
 }
 
 struct Pump {
@@ -82,11 +234,15 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(&mut self) {
+    async fn run(&mut self, mut freeze: Option<oneshot::Receiver<()>>) -> Ended {
         let output = &self.output;
         let [out, err] = &mut self.readers;
         while out.is_open() || err.is_open() {
+            // Biased: a flooding child keeps its pipe ready, and the freeze
+            // must still win at the next turn.
             let more = tokio::select! {
+                biased;
+                () = freeze_requested(&mut freeze) => return Ended::Frozen,
                 ready = out.readable(), if out.is_open() => out.on_ready(ready, output),
                 ready = err.readable(), if err.is_open() => err.on_ready(ready, output),
             };
@@ -95,8 +251,14 @@ impl Pump {
             for reader in [&mut *out, &mut *err] {
                 reader.hand_to_console(output).await;
             }
-            // Likewise a file that is behind (a slow or hung disk).
-            output.file_room().await;
+            // Likewise a file that is behind (a slow or hung disk). A freeze
+            // does not wait for it: it reads no more anyway, and what was
+            // read is queued already.
+            tokio::select! {
+                biased;
+                () = freeze_requested(&mut freeze) => return Ended::Frozen,
+                () = output.file_room() => {}
+            }
             if more {
                 // A stream that never runs dry would otherwise keep this
                 // worker thread for the whole cooperative budget (128 turns,
@@ -107,7 +269,33 @@ impl Pump {
         // The actor reports the exit once the pump has ended (or after its
         // deadline): by then the last lines are in the file too.
         output.file_flushed().await;
+        Ended::Eof
     }
+
+    /// The pipes and partial lines of a frozen pump; what is left to drop
+    /// then delivers nothing.
+    fn take_parts(&mut self) -> FrozenPump {
+        let [out, err] = &mut self.readers;
+        let (stdout, stdout_partial) = out.take_parts(&self.output);
+        let (stderr, stderr_partial) = err.take_parts(&self.output);
+        FrozenPump {
+            stdout,
+            stderr,
+            stdout_partial,
+            stderr_partial,
+        }
+    }
+}
+
+/// Resolves once a freeze is asked for; never when the handle is gone.
+async fn freeze_requested(freeze: &mut Option<oneshot::Receiver<()>>) {
+    if let Some(receiver) = freeze {
+        if receiver.await.is_ok() {
+            return;
+        }
+        *freeze = None;
+    }
+    std::future::pending().await
 }
 
 impl Drop for Pump {
@@ -152,8 +340,16 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(output: &ServiceOutput, stream: Stream, fd: OwnedFd) -> Self {
-        let rx = match receiver(fd) {
+    /// `partial`: the start of a line a frozen pump had read, framed
+    /// first. `resumed`: the pipe may have been grown by that pump.
+    fn new(
+        output: &Arc<ServiceOutput>,
+        stream: Stream,
+        fd: Option<OwnedFd>,
+        partial: Vec<u8>,
+        resumed: bool,
+    ) -> Self {
+        let rx = fd.and_then(|fd| match receiver(fd) {
             Ok(rx) => Some(rx),
             Err(err) => {
                 tracing::warn!(
@@ -164,15 +360,64 @@ impl Reader {
                 );
                 None
             }
-        };
-        Self {
+        });
+        let mut reader = Self {
             stream,
             rx,
             framer: Framer::new(),
             grow_tried: false,
             growth: None,
             for_console: Vec::new(),
+        };
+        if resumed {
+            reader.adopt_growth();
         }
+        if !partial.is_empty() {
+            // Framed as a read: the framer holds it (or, longer than a
+            // line may be, cuts it) exactly as the frozen pump's did.
+            let mut sink = StreamSink::new(output, stream);
+            reader.framer.feed(&partial, &mut sink);
+            reader.for_console.extend(sink.commit());
+        }
+        if !reader.is_open() {
+            reader.finish(output);
+        }
+        reader
+    }
+
+    /// A pipe grown by the frozen pump counts in this daemon's budget too
+    /// (while there is room), and is not grown again.
+    fn adopt_growth(&mut self) {
+        let Some(rx) = &self.rx else {
+            return;
+        };
+        let grown = fcntl(rx, FcntlArg::F_GETPIPE_SZ)
+            .is_ok_and(|size| usize::try_from(size).is_ok_and(|size| size > DEFAULT_PIPE_BYTES));
+        if grown {
+            self.grow_tried = true;
+            self.growth = GROWN_PIPES.take();
+        }
+    }
+
+    /// Gives up the pipe (deregistered from the runtime, blocking again)
+    /// and the partial line, undelivered.
+    fn take_parts(&mut self, output: &Arc<ServiceOutput>) -> (Option<OwnedFd>, Vec<u8>) {
+        self.growth = None;
+        let fd = self.rx.take().and_then(|rx| match rx.into_blocking_fd() {
+            Ok(fd) => Some(fd),
+            Err(err) => {
+                // The descriptor is closed by now: the stream has ended for
+                // the pump that would resume it.
+                read_failed(output, self.stream, &err);
+                None
+            }
+        });
+        if fd.is_none() {
+            // No pump will read the rest of this line: it ends here, as at
+            // an end of stream.
+            self.finish(output);
+        }
+        (fd, self.framer.take_partial())
     }
 
     fn is_open(&self) -> bool {
