@@ -638,7 +638,7 @@ impl Sink for StreamSink<'_> {
 #[cfg(test)]
 mod tests {
     use std::fs;
-    use std::io::{PipeWriter, Write};
+    use std::io::{PipeWriter, Read, Write};
     use std::path::Path;
     use std::time::Duration;
 
@@ -1056,5 +1056,258 @@ mod tests {
             fs::read(&hung_path).unwrap() == hung_data,
             "lines lost or reordered"
         );
+    }
+
+    /// Polls `done` until it holds, failing after a generous deadline (a
+    /// hang becomes a failure; nothing is timed).
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn freeze(pump: PumpHandle) -> FrozenPump {
+        tokio::time::timeout(Duration::from_secs(60), pump.freeze())
+            .await
+            .expect("the freeze never returned")
+            .expect("the pump froze")
+    }
+
+    /// Writes `data` from a thread in pieces of seeded random size (cutting
+    /// lines anywhere), and returns the pipe, still open.
+    fn flood_in_thread(
+        mut writer: PipeWriter,
+        data: Vec<u8>,
+        seed: u64,
+    ) -> std::thread::JoinHandle<PipeWriter> {
+        std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let size = match rng.u8(..4) {
+                    0 => rng.usize(1..16),
+                    1 => rng.usize(16..4096),
+                    _ => rng.usize(4096..200_000),
+                };
+                let (now, later) = rest.split_at(size.min(rest.len()));
+                writer.write_all(now).unwrap();
+                rest = later;
+            }
+            writer
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn freezing_and_resuming_under_a_flood_loses_and_repeats_no_line() {
+        let tmp = TempDir::new("freeze-flood");
+        let path = tmp.path().join("svc.log");
+        let output = ServiceOutput::new("svc", path.clone(), 0, 0);
+        let n = 100_000;
+        let (stdout, stderr) = (numbered("out", 0..n), numbered("err", 0..n / 10));
+        let total_bytes = (stdout.len() + stderr.len()) as u64;
+        let (out_r, out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        let mut pump = spawn_pump(output.clone(), out_r, err_r);
+        let out_thread = flood_in_thread(out_w, stdout.clone(), 1);
+        let err_thread = flood_in_thread(err_w, stderr.clone(), 2);
+
+        let mut rng = fastrand::Rng::with_seed(15);
+        let freezes = 40;
+        let mut carried = 0;
+        for _ in 0..freezes {
+            // A random point of the flood, by what the pump has read; now
+            // and then at once, before the resumed pump's first read. The
+            // pipes stay open until the end: each freeze finds them.
+            let target = output.file.queued() + rng.u64(0..total_bytes / (freezes / 2));
+            if rng.u8(..4) > 0 {
+                wait_until("the pump reads on", || {
+                    output.file.queued() >= target.min(total_bytes)
+                })
+                .await;
+            }
+            let frozen = freeze(pump).await;
+            assert!(frozen.stdout.is_some() && frozen.stderr.is_some());
+            carried += usize::from(!frozen.stdout_partial.is_empty())
+                + usize::from(!frozen.stderr_partial.is_empty());
+            pump = spawn_pump_resumed(output.clone(), frozen);
+        }
+        let writers = tokio::task::spawn_blocking(move || {
+            (out_thread.join().unwrap(), err_thread.join().unwrap())
+        })
+        .await
+        .unwrap();
+        drop(writers);
+        pump.await.unwrap();
+        output.flush_file().await;
+
+        eprintln!("{freezes} freezes, {carried} partial lines carried over");
+        let file = fs::read(&path).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        for line in file.split_inclusive(|&b| b == b'\n') {
+            match &line[..4] {
+                b"out " => out.extend_from_slice(line),
+                b"err " => err.extend_from_slice(line),
+                _ => panic!("mixed line {:?}", String::from_utf8_lossy(line)),
+            }
+        }
+        assert!(out == stdout, "stdout lines lost, repeated or reordered");
+        assert!(err == stderr, "stderr lines lost, repeated or reordered");
+        assert_eq!(output.lines(Stream::Stdout), n as u64);
+        assert_eq!(output.lines(Stream::Stderr), (n / 10) as u64);
+
+        // The ring numbers every line once, across all the pumps.
+        let recent = output.recent_lines();
+        let seqs: Vec<u64> = recent.iter().map(|line| line.seq).collect();
+        let last = (n + n / 10) as u64;
+        let first = last + 1 - seqs.len() as u64;
+        assert!(
+            seqs.iter().copied().eq(first..=last),
+            "seq numbers {seqs:?}"
+        );
+        let kept_out: Vec<u8> = recent
+            .iter()
+            .filter(|line| line.stream == Stream::Stdout)
+            .flat_map(|line| [&line.text[..], b"\n"].concat())
+            .collect();
+        assert!(stdout.ends_with(&kept_out));
+    }
+
+    #[tokio::test]
+    async fn a_line_cut_by_a_freeze_is_delivered_once_whole() {
+        let tmp = TempDir::new("freeze-split");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        // One write below PIPE_BUF arrives in one read.
+        out_w.write_all(b"first\nsecond-ha").unwrap();
+        wait_until("the first line", || output.lines(Stream::Stdout) >= 1).await;
+        let frozen = freeze(pump).await;
+        assert_eq!(frozen.stdout_partial, b"second-ha");
+        assert!(frozen.stderr_partial.is_empty());
+        assert!(frozen.stdout.is_some() && frozen.stderr.is_some());
+        // Written while no pump reads: it waits in the pipe.
+        out_w.write_all(b"lf\nthird\n").unwrap();
+        let pump = spawn_pump_resumed(output.clone(), frozen);
+        drop((out_w, err_w));
+        pump.await.unwrap();
+        assert_eq!(
+            fs::read(output.log_path()).unwrap(),
+            b"first\nsecond-half\nthird\n"
+        );
+        let texts: Vec<Vec<u8>> = output.tail(10).into_iter().map(|l| l.text).collect();
+        assert_eq!(texts, [&b"first"[..], b"second-half", b"third"]);
+        assert_eq!(output.lines(Stream::Stdout), 3);
+    }
+
+    #[tokio::test]
+    async fn freezing_an_idle_pump_hands_back_its_open_pipes() {
+        let tmp = TempDir::new("freeze-idle");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, mut err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        let frozen = freeze(pump).await;
+        let (Some(stdout), Some(stderr)) = (frozen.stdout, frozen.stderr) else {
+            panic!("an idle pump's pipes are open");
+        };
+        // The very pipes, blocking again, nothing read from them.
+        out_w.write_all(b"out\n").unwrap();
+        err_w.write_all(b"err\n").unwrap();
+        let mut buf = [0u8; 16];
+        let n = fs::File::from(stdout).read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"out\n");
+        let n = fs::File::from(stderr).read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"err\n");
+        assert_eq!(output.lines(Stream::Stdout), 0);
+    }
+
+    #[tokio::test]
+    async fn an_ended_stream_is_not_resumed_and_its_last_line_is_delivered() {
+        let tmp = TempDir::new("freeze-ended");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, mut err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        out_w.write_all(b"out partial").unwrap();
+        err_w.write_all(b"err last words").unwrap();
+        drop(err_w);
+        // The end of stderr delivers its unfinished line.
+        wait_until("stderr's last line", || output.lines(Stream::Stderr) == 1).await;
+        let frozen = freeze(pump).await;
+        assert!(frozen.stdout.is_some(), "stdout is still open");
+        assert!(frozen.stderr.is_none(), "stderr had ended");
+        assert_eq!(frozen.stdout_partial, b"out partial");
+        assert!(frozen.stderr_partial.is_empty(), "delivered already");
+
+        // Once stdout ends too, the pump ends, and a freeze finds no pipes.
+        let pump = spawn_pump_resumed(output.clone(), frozen);
+        drop(out_w);
+        wait_until("the pump's end", || pump.is_finished()).await;
+        let frozen = freeze(pump).await;
+        assert!(!frozen.has_pipes());
+        assert!(frozen.stdout_partial.is_empty() && frozen.stderr_partial.is_empty());
+        output.flush_file().await;
+        let text = fs::read(output.log_path()).unwrap();
+        assert!(
+            text == b"err last words\nout partial\n",
+            "{:?}",
+            String::from_utf8_lossy(&text)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resumed_output_numbers_and_follows_on_from_the_old_ring() {
+        let tmp = TempDir::new("freeze-ring");
+        let old = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        pump_bytes(&old, numbered("out", 0..100), numbered("err", 0..10)).await;
+        let recent = old.recent_lines();
+        assert_eq!(recent.len(), 110);
+        let counters = old.counters();
+        assert_eq!(counters.stdout_lines, 100);
+
+        // The next daemon: a new output, seeded before its pump starts.
+        let new = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        new.resume(recent.clone(), counters);
+        assert_eq!(new.recent_lines(), recent);
+        assert_eq!(new.tail(3), old.tail(3));
+        assert_eq!(new.counters(), counters);
+        let (tail, mut live) = new.follow(2);
+        assert_eq!(tail, old.tail(2));
+        pump_bytes(&new, b"after\n".to_vec(), Vec::new()).await;
+        let block = live.try_recv().expect("a follower sees the next line");
+        assert_eq!(block.first_seq, 111);
+        let last = new.tail(1).pop().unwrap();
+        assert_eq!((last.seq, &last.text[..]), (111, &b"after"[..]));
+        assert_eq!(new.lines(Stream::Stdout), 101);
+    }
+
+    #[tokio::test]
+    async fn flush_file_waits_until_every_queued_line_is_in_the_file() {
+        let tmp = TempDir::new("freeze-flush");
+        let path = tmp.path().join("svc.log");
+        let output = ServiceOutput::new("svc", path.clone(), 0, 0);
+        let hang = Hang::new(&path);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, _err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        out_w.write_all(b"one\ntwo\n").unwrap();
+        wait_until("the lines queued", || output.file.queued() > 0).await;
+        let _frozen = freeze(pump).await;
+        let flushed = output.flush_file();
+        tokio::pin!(flushed);
+        tokio::select! {
+            biased;
+            () = &mut flushed => panic!("flushed while the disk hangs"),
+            () = std::future::ready(()) => {}
+        }
+        drop(hang);
+        tokio::time::timeout(Duration::from_secs(60), flushed)
+            .await
+            .expect("flushed once the disk answers");
+        assert_eq!(fs::read(&path).unwrap(), b"one\ntwo\n");
+        assert_eq!(output.lines(Stream::Stdout), 2);
     }
 }
