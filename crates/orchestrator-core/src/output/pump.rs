@@ -1202,6 +1202,20 @@ mod tests {
         assert_eq!(output.lines(Stream::Stdout), 3);
     }
 
+    /// The actor stops waiting for a pump a grandchild keeps open by
+    /// dropping its handle: that must not read as a freeze.
+    #[tokio::test]
+    async fn a_dropped_handle_leaves_the_pump_running() {
+        let tmp = TempDir::new("freeze-dropped");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        drop(spawn_pump(output.clone(), out_r, err_r));
+        out_w.write_all(b"still read\n").unwrap();
+        wait_until("the line", || output.lines(Stream::Stdout) == 1).await;
+        drop((out_w, err_w));
+    }
+
     #[tokio::test]
     async fn freezing_an_idle_pump_hands_back_its_open_pipes() {
         let tmp = TempDir::new("freeze-idle");
