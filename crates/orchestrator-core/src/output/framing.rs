@@ -151,6 +151,12 @@ impl Framer {
         self.partial = Vec::new();
     }
 
+    /// Takes the partial line, undelivered: a pump being frozen hands it
+    /// to the one that resumes the stream.
+    pub(crate) fn take_partial(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.partial)
+    }
+
     /// Capacity kept for the partial line; zero when there is none.
     #[cfg(test)]
     pub(crate) fn partial_capacity(&self) -> usize {

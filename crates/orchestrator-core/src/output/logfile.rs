@@ -170,7 +170,6 @@ impl LogFile {
 
     /// Waits for the rotated file being gzipped, if any. (Not on drop: the
     /// last reference may go on a runtime worker, which must not wait.)
-    #[cfg(test)]
     pub(crate) fn finish_compressing(&mut self) {
         if let Some(compressor) = self.compressor.take() {
             let _ = compressor.join();

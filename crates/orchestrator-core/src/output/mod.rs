@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::events::{EventBus, EventKind};
 
 use logfile::LogFile;
-pub use pump::spawn_pump;
+pub use pump::{FreezeError, FrozenPump, PumpHandle, spawn_pump, spawn_pump_resumed};
 use recent::Recent;
 pub use recent::{LogBlock, LogLine, RECENT_MAX_BYTES};
 use writer::FileQueue;
@@ -77,6 +77,16 @@ pub struct FileOptions {
     pub max_age: Option<Duration>,
     /// Rotated files are gzipped, on a thread of their own.
     pub compress: bool,
+}
+
+/// A service's output counts, carried over an upgrade by
+/// [`ServiceOutput::counters`] and [`ServiceOutput::resume`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct OutputCounters {
+    pub stdout_lines: u64,
+    pub stderr_lines: u64,
+    pub dropped_bytes: u64,
 }
 
 /// `first_seq` of a block queued for the file only (a start marker): it
@@ -228,6 +238,56 @@ impl ServiceOutput {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .follow(n)
+    }
+
+    /// Every line kept for `logs`, oldest first: with [`ServiceOutput::counters`],
+    /// what the next daemon needs to go on numbering and counting (see
+    /// [`ServiceOutput::resume`]).
+    pub fn recent_lines(&self) -> Vec<LogLine> {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .all()
+    }
+
+    /// The counts so far, for a hand-over: final once the pump is frozen
+    /// and [`ServiceOutput::flush_file`] has returned.
+    pub fn counters(&self) -> OutputCounters {
+        OutputCounters {
+            stdout_lines: self.lines(Stream::Stdout),
+            stderr_lines: self.lines(Stream::Stderr),
+            dropped_bytes: self.dropped_bytes(),
+        }
+    }
+
+    /// Goes on from an earlier daemon's output of this service: its recent
+    /// lines are kept for `logs` with their numbers (the next line is
+    /// numbered after the last of them), and its counts are added to these.
+    /// Call before the first line (before the resumed pump starts): lines
+    /// kept already would come after the seeded ones, numbered apart.
+    pub fn resume(&self, recent: Vec<LogLine>, counters: OutputCounters) {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .seed(recent);
+        self.lines[Stream::Stdout.index()].fetch_add(counters.stdout_lines, Ordering::Relaxed);
+        self.lines[Stream::Stderr.index()].fetch_add(counters.stderr_lines, Ordering::Relaxed);
+        self.dropped
+            .fetch_add(counters.dropped_bytes, Ordering::Relaxed);
+    }
+
+    /// Waits, as a task, until every line queued for the log file so far is
+    /// written there (or counted as dropped, on a write error), and a rotated
+    /// file being gzipped is done: once it returns, the file ends at a line
+    /// boundary and another process may append to it. Freeze the pump first,
+    /// or lines read meanwhile may come after. Waits as long as the disk
+    /// does (a hung one: for good); bound it with a timeout.
+    pub async fn flush_file(self: &Arc<Self>) {
+        self.file_flushed().await;
+        let output = Arc::clone(self);
+        // Joining the gzip thread blocks, and the file's lock may be held
+        // over a slow write: not on a runtime worker.
+        let _ = tokio::task::spawn_blocking(move || output.file.finish_compressing()).await;
     }
 
     /// Where to report that the log file stopped (or resumed) taking lines.

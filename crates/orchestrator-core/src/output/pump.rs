@@ -7,14 +7,18 @@
 //! `writer`), and releases the buffer before awaiting again.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tokio::net::unix::pipe::Receiver;
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
+use tokio::task::{JoinError, JoinHandle};
 
 use super::framing::{Framer, Sink};
 use super::{Console, LogBlock, ServiceOutput, Stream, console};
@@ -62,18 +66,166 @@ thread_local! {
 
 /// Reads both pipes until EOF on both, that is until every writer
 /// (grandchildren included) has closed them; partial last lines are
-/// delivered at EOF. Aborting the task also delivers them (on drop).
+/// delivered at EOF. Aborting the task also delivers them (on drop);
+/// [`PumpHandle::freeze`] instead stops it between two reads and hands back
+/// the pipes and the partial lines, for [`spawn_pump_resumed`].
 ///
 /// Must be called within a tokio runtime. The fds may be blocking; they are
 /// switched to non-blocking mode here.
-pub fn spawn_pump(output: Arc<ServiceOutput>, stdout: OwnedFd, stderr: OwnedFd) -> JoinHandle<()> {
-    tokio::spawn(async move {
+pub fn spawn_pump(output: Arc<ServiceOutput>, stdout: OwnedFd, stderr: OwnedFd) -> PumpHandle {
+    spawn(
+        output,
+        [Some(stdout), Some(stderr)],
+        [Vec::new(), Vec::new()],
+        false,
+    )
+}
+
+/// Starts a pump where a frozen one stopped (in this daemon or, after an
+/// upgrade, in the one before): its framers begin with the partial lines,
+/// and whatever the child wrote meanwhile is still in the pipes. A stream
+/// that had ended stays ended. Must be called within a tokio runtime.
+pub fn spawn_pump_resumed(output: Arc<ServiceOutput>, frozen: FrozenPump) -> PumpHandle {
+    let FrozenPump {
+        stdout,
+        stderr,
+        stdout_partial,
+        stderr_partial,
+    } = frozen;
+    spawn(
+        output,
+        [stdout, stderr],
+        [stdout_partial, stderr_partial],
+        true,
+    )
+}
+
+fn spawn(
+    output: Arc<ServiceOutput>,
+    fds: [Option<OwnedFd>; 2],
+    partials: [Vec<u8>; 2],
+    resumed: bool,
+) -> PumpHandle {
+    let (freeze, frozen) = oneshot::channel();
+    let service = Arc::clone(&output.name);
+    let task = tokio::spawn(async move {
+        let [stdout, stderr] = fds;
+        let [stdout_partial, stderr_partial] = partials;
         let readers = [
-            Reader::new(&output, Stream::Stdout, stdout),
-            Reader::new(&output, Stream::Stderr, stderr),
+            Reader::new(&output, Stream::Stdout, stdout, stdout_partial, resumed),
+            Reader::new(&output, Stream::Stderr, stderr, stderr_partial, resumed),
         ];
-        Pump { output, readers }.run().await;
-    })
+        let mut pump = Pump { output, readers };
+        match pump.run(Some(frozen)).await {
+            Ended::Eof => FrozenPump::default(),
+            Ended::Frozen => pump.take_parts(),
+        }
+    });
+    PumpHandle {
+        service,
+        freeze: Some(freeze),
+        task,
+    }
+}
+
+/// A running pump. Awaiting it waits for the end of both streams (as the
+/// task's `JoinHandle` would); dropping it leaves the pump running.
+#[derive(Debug)]
+pub struct PumpHandle {
+    service: Arc<str>,
+    /// Dropped with the handle, which the pump takes as "never freeze".
+    freeze: Option<oneshot::Sender<()>>,
+    task: JoinHandle<FrozenPump>,
+}
+
+/// What a pump stopped by [`PumpHandle::freeze`] leaves: enough for
+/// [`spawn_pump_resumed`] (here, or in the next daemon) to go on without
+/// losing or repeating a byte.
+#[derive(Debug, Default)]
+pub struct FrozenPump {
+    /// Still open, the child's end too: what it writes meanwhile waits in
+    /// the pipe. `None` once the stream had ended (its last line, whole or
+    /// not, was delivered then).
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// The start of the line being read, without a `\n`: not delivered
+    /// anywhere yet (console, `logs`, file), so the resumed pump delivers it
+    /// once, whole.
+    pub stdout_partial: Vec<u8>,
+    pub stderr_partial: Vec<u8>,
+}
+
+impl FrozenPump {
+    /// Whether any stream is still open, that is whether there is anything
+    /// to resume.
+    pub fn has_pipes(&self) -> bool {
+        self.stdout.is_some() || self.stderr.is_some()
+    }
+}
+
+/// Why a pump could not be frozen. Its pipes are closed by then: the
+/// child's next write to them fails.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error(
+        "service {service}: its output pump was aborted before it could be frozen; its pipes are closed, restart the service to capture its output again"
+    )]
+    Aborted { service: String },
+    #[error(
+        "service {service}: its output pump failed ({reason}); its pipes are closed, restart the service to capture its output again (and report this bug)"
+    )]
+    Panicked { service: String, reason: String },
+}
+
+impl PumpHandle {
+    /// Stops the pump once its current read is framed and handed on (to the
+    /// console, `logs` and the log file's queue, as every read is), and
+    /// returns the pipes and partial lines. Waits for a console that is
+    /// behind, not for the disk: call [`ServiceOutput::flush_file`] for
+    /// that. A pump that had ended returns no pipes.
+    pub async fn freeze(mut self) -> Result<FrozenPump, FreezeError> {
+        if let Some(freeze) = self.freeze.take() {
+            // A pump that has ended no longer listens: nothing to stop.
+            let _ = freeze.send(());
+        }
+        (&mut self.task).await.map_err(|err| {
+            let service = self.service.to_string();
+            if err.is_cancelled() {
+                FreezeError::Aborted { service }
+            } else {
+                FreezeError::Panicked {
+                    service,
+                    reason: err.to_string(),
+                }
+            }
+        })
+    }
+
+    /// Stops the pump at once; the partial lines read so far are still
+    /// delivered, and the pipes closed.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Future for PumpHandle {
+    type Output = Result<(), JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A pump not asked to freeze returns no pipes: nothing is dropped.
+        Pin::new(&mut self.task)
+            .poll(cx)
+            .map(|ended| ended.map(drop))
+    }
+}
+
+enum Ended {
+    Eof,
+    Frozen,
 }
 
 struct Pump {
@@ -82,11 +234,15 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(&mut self) {
+    async fn run(&mut self, mut freeze: Option<oneshot::Receiver<()>>) -> Ended {
         let output = &self.output;
         let [out, err] = &mut self.readers;
         while out.is_open() || err.is_open() {
+            // Biased: a flooding child keeps its pipe ready, and the freeze
+            // must still win at the next turn.
             let more = tokio::select! {
+                biased;
+                () = freeze_requested(&mut freeze) => return Ended::Frozen,
                 ready = out.readable(), if out.is_open() => out.on_ready(ready, output),
                 ready = err.readable(), if err.is_open() => err.on_ready(ready, output),
             };
@@ -95,8 +251,14 @@ impl Pump {
             for reader in [&mut *out, &mut *err] {
                 reader.hand_to_console(output).await;
             }
-            // Likewise a file that is behind (a slow or hung disk).
-            output.file_room().await;
+            // Likewise a file that is behind (a slow or hung disk). A freeze
+            // does not wait for it: it reads no more anyway, and what was
+            // read is queued already.
+            tokio::select! {
+                biased;
+                () = freeze_requested(&mut freeze) => return Ended::Frozen,
+                () = output.file_room() => {}
+            }
             if more {
                 // A stream that never runs dry would otherwise keep this
                 // worker thread for the whole cooperative budget (128 turns,
@@ -107,7 +269,33 @@ impl Pump {
         // The actor reports the exit once the pump has ended (or after its
         // deadline): by then the last lines are in the file too.
         output.file_flushed().await;
+        Ended::Eof
     }
+
+    /// The pipes and partial lines of a frozen pump; what is left to drop
+    /// then delivers nothing.
+    fn take_parts(&mut self) -> FrozenPump {
+        let [out, err] = &mut self.readers;
+        let (stdout, stdout_partial) = out.take_parts(&self.output);
+        let (stderr, stderr_partial) = err.take_parts(&self.output);
+        FrozenPump {
+            stdout,
+            stderr,
+            stdout_partial,
+            stderr_partial,
+        }
+    }
+}
+
+/// Resolves once a freeze is asked for; never when the handle is gone.
+async fn freeze_requested(freeze: &mut Option<oneshot::Receiver<()>>) {
+    if let Some(receiver) = freeze {
+        if receiver.await.is_ok() {
+            return;
+        }
+        *freeze = None;
+    }
+    std::future::pending().await
 }
 
 impl Drop for Pump {
@@ -152,8 +340,16 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(output: &ServiceOutput, stream: Stream, fd: OwnedFd) -> Self {
-        let rx = match receiver(fd) {
+    /// `partial`: the start of a line a frozen pump had read, framed
+    /// first. `resumed`: the pipe may have been grown by that pump.
+    fn new(
+        output: &Arc<ServiceOutput>,
+        stream: Stream,
+        fd: Option<OwnedFd>,
+        partial: Vec<u8>,
+        resumed: bool,
+    ) -> Self {
+        let rx = fd.and_then(|fd| match receiver(fd) {
             Ok(rx) => Some(rx),
             Err(err) => {
                 tracing::warn!(
@@ -164,15 +360,64 @@ impl Reader {
                 );
                 None
             }
-        };
-        Self {
+        });
+        let mut reader = Self {
             stream,
             rx,
             framer: Framer::new(),
             grow_tried: false,
             growth: None,
             for_console: Vec::new(),
+        };
+        if resumed {
+            reader.adopt_growth();
         }
+        if !partial.is_empty() {
+            // Framed as a read: the framer holds it (or, longer than a
+            // line may be, cuts it) exactly as the frozen pump's did.
+            let mut sink = StreamSink::new(output, stream);
+            reader.framer.feed(&partial, &mut sink);
+            reader.for_console.extend(sink.commit());
+        }
+        if !reader.is_open() {
+            reader.finish(output);
+        }
+        reader
+    }
+
+    /// A pipe grown by the frozen pump counts in this daemon's budget too
+    /// (while there is room), and is not grown again.
+    fn adopt_growth(&mut self) {
+        let Some(rx) = &self.rx else {
+            return;
+        };
+        let grown = fcntl(rx, FcntlArg::F_GETPIPE_SZ)
+            .is_ok_and(|size| usize::try_from(size).is_ok_and(|size| size > DEFAULT_PIPE_BYTES));
+        if grown {
+            self.grow_tried = true;
+            self.growth = GROWN_PIPES.take();
+        }
+    }
+
+    /// Gives up the pipe (deregistered from the runtime, blocking again)
+    /// and the partial line, undelivered.
+    fn take_parts(&mut self, output: &Arc<ServiceOutput>) -> (Option<OwnedFd>, Vec<u8>) {
+        self.growth = None;
+        let fd = self.rx.take().and_then(|rx| match rx.into_blocking_fd() {
+            Ok(fd) => Some(fd),
+            Err(err) => {
+                // The descriptor is closed by now: the stream has ended for
+                // the pump that would resume it.
+                read_failed(output, self.stream, &err);
+                None
+            }
+        });
+        if fd.is_none() {
+            // No pump will read the rest of this line: it ends here, as at
+            // an end of stream.
+            self.finish(output);
+        }
+        (fd, self.framer.take_partial())
     }
 
     fn is_open(&self) -> bool {
@@ -393,7 +638,7 @@ impl Sink for StreamSink<'_> {
 #[cfg(test)]
 mod tests {
     use std::fs;
-    use std::io::{PipeWriter, Write};
+    use std::io::{PipeWriter, Read, Write};
     use std::path::Path;
     use std::time::Duration;
 
@@ -811,5 +1056,272 @@ mod tests {
             fs::read(&hung_path).unwrap() == hung_data,
             "lines lost or reordered"
         );
+    }
+
+    /// Polls `done` until it holds, failing after a generous deadline (a
+    /// hang becomes a failure; nothing is timed).
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn freeze(pump: PumpHandle) -> FrozenPump {
+        tokio::time::timeout(Duration::from_secs(60), pump.freeze())
+            .await
+            .expect("the freeze never returned")
+            .expect("the pump froze")
+    }
+
+    /// Writes `data` from a thread in pieces of seeded random size (cutting
+    /// lines anywhere), and returns the pipe, still open.
+    fn flood_in_thread(
+        mut writer: PipeWriter,
+        data: Vec<u8>,
+        seed: u64,
+    ) -> std::thread::JoinHandle<PipeWriter> {
+        std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let size = match rng.u8(..4) {
+                    0 => rng.usize(1..16),
+                    1 => rng.usize(16..4096),
+                    _ => rng.usize(4096..200_000),
+                };
+                let (now, later) = rest.split_at(size.min(rest.len()));
+                writer.write_all(now).unwrap();
+                rest = later;
+            }
+            writer
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn freezing_and_resuming_under_a_flood_loses_and_repeats_no_line() {
+        let tmp = TempDir::new("freeze-flood");
+        let path = tmp.path().join("svc.log");
+        let output = ServiceOutput::new("svc", path.clone(), 0, 0);
+        let n = 100_000;
+        let (stdout, stderr) = (numbered("out", 0..n), numbered("err", 0..n / 10));
+        let total_bytes = (stdout.len() + stderr.len()) as u64;
+        let (out_r, out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        let mut pump = spawn_pump(output.clone(), out_r, err_r);
+        let out_thread = flood_in_thread(out_w, stdout.clone(), 1);
+        let err_thread = flood_in_thread(err_w, stderr.clone(), 2);
+
+        let mut rng = fastrand::Rng::with_seed(15);
+        let freezes = 40;
+        let mut carried = 0;
+        for _ in 0..freezes {
+            // A random point of the flood, by what the pump has read; now
+            // and then at once, before the resumed pump's first read. The
+            // pipes stay open until the end: each freeze finds them.
+            let target = output.file.queued() + rng.u64(0..total_bytes / (freezes / 2));
+            if rng.u8(..4) > 0 {
+                wait_until("the pump reads on", || {
+                    output.file.queued() >= target.min(total_bytes)
+                })
+                .await;
+            }
+            let frozen = freeze(pump).await;
+            assert!(frozen.stdout.is_some() && frozen.stderr.is_some());
+            carried += usize::from(!frozen.stdout_partial.is_empty())
+                + usize::from(!frozen.stderr_partial.is_empty());
+            pump = spawn_pump_resumed(output.clone(), frozen);
+        }
+        let writers = tokio::task::spawn_blocking(move || {
+            (out_thread.join().unwrap(), err_thread.join().unwrap())
+        })
+        .await
+        .unwrap();
+        drop(writers);
+        pump.await.unwrap();
+        output.flush_file().await;
+
+        eprintln!("{freezes} freezes, {carried} partial lines carried over");
+        let file = fs::read(&path).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        for line in file.split_inclusive(|&b| b == b'\n') {
+            match &line[..4] {
+                b"out " => out.extend_from_slice(line),
+                b"err " => err.extend_from_slice(line),
+                _ => panic!("mixed line {:?}", String::from_utf8_lossy(line)),
+            }
+        }
+        assert!(out == stdout, "stdout lines lost, repeated or reordered");
+        assert!(err == stderr, "stderr lines lost, repeated or reordered");
+        assert_eq!(output.lines(Stream::Stdout), n as u64);
+        assert_eq!(output.lines(Stream::Stderr), (n / 10) as u64);
+
+        // The ring numbers every line once, across all the pumps.
+        let recent = output.recent_lines();
+        let seqs: Vec<u64> = recent.iter().map(|line| line.seq).collect();
+        let last = (n + n / 10) as u64;
+        let first = last + 1 - seqs.len() as u64;
+        assert!(
+            seqs.iter().copied().eq(first..=last),
+            "seq numbers {seqs:?}"
+        );
+        let kept_out: Vec<u8> = recent
+            .iter()
+            .filter(|line| line.stream == Stream::Stdout)
+            .flat_map(|line| [&line.text[..], b"\n"].concat())
+            .collect();
+        assert!(stdout.ends_with(&kept_out));
+    }
+
+    #[tokio::test]
+    async fn a_line_cut_by_a_freeze_is_delivered_once_whole() {
+        let tmp = TempDir::new("freeze-split");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        // One write below PIPE_BUF arrives in one read.
+        out_w.write_all(b"first\nsecond-ha").unwrap();
+        wait_until("the first line", || output.lines(Stream::Stdout) >= 1).await;
+        let frozen = freeze(pump).await;
+        assert_eq!(frozen.stdout_partial, b"second-ha");
+        assert!(frozen.stderr_partial.is_empty());
+        assert!(frozen.stdout.is_some() && frozen.stderr.is_some());
+        // Written while no pump reads: it waits in the pipe.
+        out_w.write_all(b"lf\nthird\n").unwrap();
+        let pump = spawn_pump_resumed(output.clone(), frozen);
+        drop((out_w, err_w));
+        pump.await.unwrap();
+        assert_eq!(
+            fs::read(output.log_path()).unwrap(),
+            b"first\nsecond-half\nthird\n"
+        );
+        let texts: Vec<Vec<u8>> = output.tail(10).into_iter().map(|l| l.text).collect();
+        assert_eq!(texts, [&b"first"[..], b"second-half", b"third"]);
+        assert_eq!(output.lines(Stream::Stdout), 3);
+    }
+
+    /// The actor stops waiting for a pump a grandchild keeps open by
+    /// dropping its handle: that must not read as a freeze.
+    #[tokio::test]
+    async fn a_dropped_handle_leaves_the_pump_running() {
+        let tmp = TempDir::new("freeze-dropped");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        drop(spawn_pump(output.clone(), out_r, err_r));
+        out_w.write_all(b"still read\n").unwrap();
+        wait_until("the line", || output.lines(Stream::Stdout) == 1).await;
+        drop((out_w, err_w));
+    }
+
+    #[tokio::test]
+    async fn freezing_an_idle_pump_hands_back_its_open_pipes() {
+        let tmp = TempDir::new("freeze-idle");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, mut err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        let frozen = freeze(pump).await;
+        let (Some(stdout), Some(stderr)) = (frozen.stdout, frozen.stderr) else {
+            panic!("an idle pump's pipes are open");
+        };
+        // The very pipes, blocking again, nothing read from them.
+        out_w.write_all(b"out\n").unwrap();
+        err_w.write_all(b"err\n").unwrap();
+        let mut buf = [0u8; 16];
+        let n = fs::File::from(stdout).read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"out\n");
+        let n = fs::File::from(stderr).read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"err\n");
+        assert_eq!(output.lines(Stream::Stdout), 0);
+    }
+
+    #[tokio::test]
+    async fn an_ended_stream_is_not_resumed_and_its_last_line_is_delivered() {
+        let tmp = TempDir::new("freeze-ended");
+        let output = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, mut err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        out_w.write_all(b"out partial").unwrap();
+        err_w.write_all(b"err last words").unwrap();
+        drop(err_w);
+        // The end of stderr delivers its unfinished line.
+        wait_until("stderr's last line", || output.lines(Stream::Stderr) == 1).await;
+        let frozen = freeze(pump).await;
+        assert!(frozen.stdout.is_some(), "stdout is still open");
+        assert!(frozen.stderr.is_none(), "stderr had ended");
+        assert_eq!(frozen.stdout_partial, b"out partial");
+        assert!(frozen.stderr_partial.is_empty(), "delivered already");
+
+        // Once stdout ends too, the pump ends, and a freeze finds no pipes.
+        let pump = spawn_pump_resumed(output.clone(), frozen);
+        drop(out_w);
+        wait_until("the pump's end", || pump.is_finished()).await;
+        let frozen = freeze(pump).await;
+        assert!(!frozen.has_pipes());
+        assert!(frozen.stdout_partial.is_empty() && frozen.stderr_partial.is_empty());
+        output.flush_file().await;
+        let text = fs::read(output.log_path()).unwrap();
+        assert!(
+            text == b"err last words\nout partial\n",
+            "{:?}",
+            String::from_utf8_lossy(&text)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resumed_output_numbers_and_follows_on_from_the_old_ring() {
+        let tmp = TempDir::new("freeze-ring");
+        let old = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        pump_bytes(&old, numbered("out", 0..100), numbered("err", 0..10)).await;
+        let recent = old.recent_lines();
+        assert_eq!(recent.len(), 110);
+        let counters = old.counters();
+        assert_eq!(counters.stdout_lines, 100);
+
+        // The next daemon: a new output, seeded before its pump starts.
+        let new = ServiceOutput::new("svc", tmp.path().join("svc.log"), 0, 0);
+        new.resume(recent.clone(), counters);
+        assert_eq!(new.recent_lines(), recent);
+        assert_eq!(new.tail(3), old.tail(3));
+        assert_eq!(new.counters(), counters);
+        let (tail, mut live) = new.follow(2);
+        assert_eq!(tail, old.tail(2));
+        pump_bytes(&new, b"after\n".to_vec(), Vec::new()).await;
+        let block = live.try_recv().expect("a follower sees the next line");
+        assert_eq!(block.first_seq, 111);
+        let last = new.tail(1).pop().unwrap();
+        assert_eq!((last.seq, &last.text[..]), (111, &b"after"[..]));
+        assert_eq!(new.lines(Stream::Stdout), 101);
+    }
+
+    #[tokio::test]
+    async fn flush_file_waits_until_every_queued_line_is_in_the_file() {
+        let tmp = TempDir::new("freeze-flush");
+        let path = tmp.path().join("svc.log");
+        let output = ServiceOutput::new("svc", path.clone(), 0, 0);
+        let hang = Hang::new(&path);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, _err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        out_w.write_all(b"one\ntwo\n").unwrap();
+        wait_until("the lines queued", || output.file.queued() > 0).await;
+        let _frozen = freeze(pump).await;
+        let flushed = output.flush_file();
+        tokio::pin!(flushed);
+        tokio::select! {
+            biased;
+            () = &mut flushed => panic!("flushed while the disk hangs"),
+            () = std::future::ready(()) => {}
+        }
+        drop(hang);
+        tokio::time::timeout(Duration::from_secs(60), flushed)
+            .await
+            .expect("flushed once the disk answers");
+        assert_eq!(fs::read(&path).unwrap(), b"one\ntwo\n");
+        assert_eq!(output.lines(Stream::Stdout), 2);
     }
 }

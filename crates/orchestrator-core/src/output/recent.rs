@@ -127,6 +127,64 @@ impl Recent {
         lines
     }
 
+    /// Every line kept, oldest first.
+    pub(super) fn all(&self) -> Vec<LogLine> {
+        self.blocks.iter().flat_map(LogBlock::lines).collect()
+    }
+
+    /// Keeps `lines` (an earlier ring's, oldest first) before any kept
+    /// already, and numbers the next line after the last of them. Lines are
+    /// grouped back into blocks of one stream and time with consecutive
+    /// numbers, so `tail` and followers see them as they were.
+    pub(super) fn seed(&mut self, lines: Vec<LogLine>) {
+        let mut seeded: VecDeque<LogBlock> = VecDeque::new();
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut current: Option<LogBlock> = None;
+        let close =
+            |block: Option<LogBlock>, bytes: &mut Vec<u8>, seeded: &mut VecDeque<LogBlock>| {
+                if let Some(mut block) = block {
+                    block.bytes = Arc::new(std::mem::take(bytes));
+                    seeded.push_back(block);
+                }
+            };
+        for line in lines {
+            let continues = current.as_ref().is_some_and(|block| {
+                block.stream == line.stream
+                    && block.time == line.time
+                    && block.first_seq + block.line_count == line.seq
+            });
+            if !continues {
+                close(current.take(), &mut bytes, &mut seeded);
+                current = Some(LogBlock {
+                    first_seq: line.seq,
+                    time: line.time,
+                    stream: line.stream,
+                    line_count: 0,
+                    bytes: Arc::default(),
+                });
+            }
+            if let Some(block) = &mut current {
+                block.line_count += 1;
+            }
+            // A `\n` inside would count as one more line, and shift the
+            // numbers of the rest.
+            bytes.extend(line.text.iter().map(|&b| if b == b'\n' { b' ' } else { b }));
+            bytes.push(b'\n');
+        }
+        close(current.take(), &mut bytes, &mut seeded);
+        if let Some(last) = seeded.back() {
+            self.next_seq = self.next_seq.max(last.first_seq + last.line_count - 1);
+        }
+        self.bytes += seeded.iter().map(|block| block.bytes.len()).sum::<usize>();
+        seeded.extend(self.blocks.drain(..));
+        self.blocks = seeded;
+        while self.bytes > RECENT_MAX_BYTES && self.blocks.len() > 1 {
+            if let Some(old) = self.blocks.pop_front() {
+                self.bytes -= old.bytes.len();
+            }
+        }
+    }
+
     pub(super) fn follow(&mut self, n: usize) -> (Vec<LogLine>, broadcast::Receiver<LogBlock>) {
         let receiver = match &self.live {
             Some(live) => live.subscribe(),

@@ -86,6 +86,12 @@ impl FileQueue {
         }
     }
 
+    /// Blocks while a rotated file is being gzipped (or a write holds the
+    /// file): a blocking thread's work.
+    pub(super) fn finish_compressing(&self) {
+        lock(&self.file).finish_compressing();
+    }
+
     pub(super) fn set_options(&self, options: FileOptions) {
         lock(&self.pending).options = Some(options);
     }

@@ -510,7 +510,7 @@ struct Actor {
     machine: Machine,
     child: Option<Box<dyn ChildProcess>>,
     /// The task reading the current child's output.
-    pump: Option<JoinHandle<()>>,
+    pump: Option<crate::output::PumpHandle>,
     output: Arc<ServiceOutput>,
     commands: inbox::Receiver<Command>,
     status: watch::Sender<ServiceStatus>,
