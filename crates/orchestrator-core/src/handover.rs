@@ -91,6 +91,9 @@ pub struct ServiceHandover {
     pub recent: Vec<RecentLine>,
     #[serde(default)]
     pub health: Option<Health>,
+    /// Its output's line and dropped-byte counts, continued by the next.
+    #[serde(default)]
+    pub output: crate::output::OutputCounters,
 }
 
 /// The plain-data half of a released child (its descriptors are in
@@ -180,6 +183,9 @@ pub struct MachineSnapshot {
     pub fault: Option<String>,
     #[serde(default)]
     pub last_words: Option<String>,
+    /// Stopped because its process completed (a one-shot that is done).
+    #[serde(default)]
+    pub completed: bool,
 }
 
 /// The phase of a frozen machine. There is no `Spawning`: a freeze waits

@@ -35,6 +35,7 @@ fn sample() -> Handover {
             last_error: Some("exited with code 1".to_owned()),
             fault: None,
             last_words: Some("panic: \u{1b}[31mboom".to_owned()),
+            completed: false,
         },
         child: Some(ReleasedChildInfo {
             pid: 4242,
@@ -55,6 +56,11 @@ fn sample() -> Handover {
             bytes: b"not utf-8: \xff".to_vec(),
         }],
         health: Some(Health::Unhealthy),
+        output: crate::output::OutputCounters {
+            stdout_lines: 40,
+            stderr_lines: 2,
+            dropped_bytes: 0,
+        },
     });
     handover
 }

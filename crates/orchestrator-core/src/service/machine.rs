@@ -682,6 +682,7 @@ impl Machine {
             last_error: self.last_error.clone(),
             fault: self.fault.clone(),
             last_words: self.last_words.clone(),
+            completed: self.completed,
         })
     }
 
@@ -737,6 +738,7 @@ impl Machine {
             last_error: snapshot.last_error,
             fault: snapshot.fault,
             last_words: snapshot.last_words,
+            completed: snapshot.completed,
             start_extended_to,
             ..Machine::new(policy)
         }

@@ -1294,6 +1294,9 @@ fn only_a_process_that_ended_by_itself_with_0_has_completed() {
     io(&mut m, code(0), now + MS);
     assert_eq!(m.state(), State::Stopped);
     assert!(m.completed(), "a one-shot that is done");
+    let snapshot = m.snapshot(now + MS).unwrap();
+    let restored = Machine::restore(m.policy().clone(), snapshot, now + MS);
+    assert!(restored.completed(), "still done after an upgrade");
     running(&mut m, now + 2 * MS);
     assert!(!m.completed(), "runs again");
     io(&mut m, Input::Stop, now + 3 * MS);
@@ -1304,6 +1307,7 @@ fn only_a_process_that_ended_by_itself_with_0_has_completed() {
     running(&mut m, now);
     io(&mut m, code(1), now + MS);
     assert!(!m.completed(), "a failure is not completion");
+}
 
 // ---- Freezing for an upgrade: Machine::snapshot and Machine::restore ----
 
