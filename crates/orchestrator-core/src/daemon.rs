@@ -22,7 +22,7 @@ use crate::state::{
 use crate::supervisor::{SupervisorHandle, spawn_supervisor};
 use nix::sys::signal::Signal;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum DaemonEvent {
     /// Stop every service gracefully, then return (SIGTERM, SIGINT).
     Shutdown,
@@ -30,6 +30,19 @@ pub enum DaemonEvent {
     ForceShutdown,
     /// Re-read the configuration (SIGHUP).
     Reload,
+    /// Freeze every service for an upgrade (docs/upgrade.md) and hand them
+    /// over; `run` then returns without stopping anything. On an error
+    /// nothing is frozen and the daemon goes on.
+    Freeze {
+        reply: oneshot::Sender<Result<Vec<crate::handover::FrozenService>, FreezeError>>,
+    },
+}
+
+/// Why services could not be frozen for an upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error("cannot freeze the services for the upgrade: {reason}; nothing was changed")]
+    Refused { reason: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +83,10 @@ pub async fn run(
     host: HostEnv,
     mut events: mpsc::Receiver<DaemonEvent>,
     ready: Option<oneshot::Sender<DaemonHandles>>,
+    resumed: Vec<crate::handover::FrozenService>,
 ) -> Result<(), DaemonError> {
+    // BASE STUB (branch upgrade-base only): the resume path is being built.
+    assert!(resumed.is_empty(), "resume is not built yet");
     let orchestrator = config.orchestrator.clone();
     create_private_dir(&orchestrator.data_dir)?;
     let discovered = discover(&orchestrator.services_dir).unwrap_or_else(|error| {
@@ -170,6 +186,12 @@ pub async fn run(
                 // Not awaited: the funnel must stay free for a shutdown
                 // while a reload stops services.
                 Some(DaemonEvent::Reload) => reloader.trigger(),
+                Some(DaemonEvent::Freeze { reply }) => {
+                    // BASE STUB (branch upgrade-base only).
+                    let _ = reply.send(Err(FreezeError::Refused {
+                        reason: "not built yet".to_owned(),
+                    }));
+                }
                 Some(DaemonEvent::ForceShutdown) => {
                     reloader.close();
                     starting.abort();
@@ -456,6 +478,7 @@ enabled = false
             host,
             events,
             Some(ready),
+            Vec::new(),
         ));
         let handles = handles.await.expect("the daemon hands out its handles");
         spawner.wait_for_spawns(2).await;

@@ -96,6 +96,19 @@ pub struct ServiceHandover {
     pub output: crate::output::OutputCounters,
 }
 
+/// One service frozen for an upgrade, as the old daemon hands it over and
+/// the new one resumes it: its plain data and its descriptors (each `None`
+/// where there is none: no process, a stream that had ended, no notify).
+#[derive(Debug)]
+pub struct FrozenService {
+    pub service: ServiceHandover,
+    pub pidfd: Option<std::os::fd::OwnedFd>,
+    pub stdout: Option<std::os::fd::OwnedFd>,
+    pub stderr: Option<std::os::fd::OwnedFd>,
+    /// Its sd_notify socket (bound to the name in its NOTIFY_SOCKET).
+    pub notify: Option<std::os::fd::OwnedFd>,
+}
+
 /// The plain-data half of a released child (its descriptors are in
 /// [`Handover::fds`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
