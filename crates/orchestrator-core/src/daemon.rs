@@ -19,7 +19,7 @@ use crate::state::{
     StateError, StateStore, check_data_dir, find_leftovers, read_state_at_most, set_aside,
     stop_leftovers,
 };
-use crate::supervisor::{SupervisorHandle, spawn_supervisor};
+use crate::supervisor::{SupervisorHandle, spawn_supervisor_resumed, stop_handed_over};
 use nix::sys::signal::Signal;
 
 #[derive(Debug)]
@@ -76,6 +76,18 @@ pub struct DaemonHandles {
 /// have all started), so the API can answer during a long start. `loader`
 /// reads the configuration anew for a reload, the way this one was read;
 /// without it a reload reads nothing and rejects.
+///
+/// After an upgrade, `resumed` holds the services the previous daemon
+/// froze (docs/upgrade.md): nothing is cleaned up as after a crash, each
+/// defined one goes on as it was (same process, pipes, counters, timers;
+/// not started again), one no longer defined has its process stopped, the
+/// others start as at any start, and an `upgraded {from, to}` event follows
+/// `daemon_started` (`from`: their `from_version`).
+///
+/// A `Freeze` event freezes every service (after any reload in progress)
+/// and answers with them; `run` then returns without stopping anything, for
+/// the caller to exec the new binary. A freeze that fails changes nothing
+/// and `run` goes on.
 pub async fn run(
     config: Config,
     loader: Option<Loader>,
@@ -85,8 +97,6 @@ pub async fn run(
     ready: Option<oneshot::Sender<DaemonHandles>>,
     resumed: Vec<crate::handover::FrozenService>,
 ) -> Result<(), DaemonError> {
-    // BASE STUB (branch upgrade-base only): the resume path is being built.
-    assert!(resumed.is_empty(), "resume is not built yet");
     let orchestrator = config.orchestrator.clone();
     create_private_dir(&orchestrator.data_dir)?;
     let discovered = discover(&orchestrator.services_dir).unwrap_or_else(|error| {
@@ -118,16 +128,53 @@ pub async fn run(
             pid: std::process::id(),
         },
     );
+    let upgraded_from = upgraded_from(&resumed);
+    if let Some(from) = &upgraded_from {
+        let to = env!("CARGO_PKG_VERSION").to_owned();
+        info!(from = %from, to = %to, services = resumed.len(), "resuming the services after an upgrade");
+        bus.emit(
+            None,
+            EventKind::Upgraded {
+                from: from.clone(),
+                to,
+            },
+        );
+    }
     let state_path = orchestrator.data_dir.join("state");
-    stop_what_a_dead_daemon_left(&orchestrator, &definitions, &spawner, &bus).await;
+    // The services handed over are ours, running: not a dead daemon's
+    // leftovers. (A daemon that died during an upgrade left no hand-over.)
+    if resumed.is_empty() {
+        stop_what_a_dead_daemon_left(&orchestrator, &definitions, &spawner, &bus).await;
+    }
     // Twice the services: a reload that adds some on a full disk still fits.
     let store = StateStore::start(state_path, definitions.len() * 2, Some(bus.clone()));
+    // Those handed over are recorded again before anything else changes.
+    for frozen in &resumed {
+        if let Some(child) = &frozen.service.child {
+            store.record_running(&frozen.service.name, child.pid);
+        }
+    }
     // The file is reserved (or its failure said) before the first spawn, so
     // no spawn waits on free space to be recorded.
     store.flush().await;
     let observer = store.clone();
     bus.set_observer(move |event| observer.observe(event));
-    let supervisor = spawn_supervisor(definitions, spawner, bus.clone());
+    let handed_over: std::collections::BTreeSet<String> = resumed
+        .iter()
+        .map(|frozen| frozen.service.name.clone())
+        .collect();
+    let (supervisor, removed) =
+        spawn_supervisor_resumed(definitions, resumed, Arc::clone(&spawner), bus.clone());
+    for frozen in removed {
+        let spawner = Arc::clone(&spawner);
+        let store = store.clone();
+        let timeout = orchestrator.shutdown_timeout;
+        tokio::spawn(async move {
+            let name = frozen.service.name.clone();
+            stop_handed_over(&spawner, frozen, timeout).await;
+            store.forget(&name);
+        });
+    }
     let reloader = spawn_reloader(
         loader,
         host,
@@ -161,7 +208,7 @@ pub async fn run(
         _ => None,
     };
     let starter = supervisor.clone();
-    let mut starting = tokio::spawn(async move { starter.start_all().await });
+    let mut starting = tokio::spawn(async move { starter.start_all_except(&handed_over).await });
     let mut started = false;
     loop {
         tokio::select! {
@@ -187,10 +234,35 @@ pub async fn run(
                 // while a reload stops services.
                 Some(DaemonEvent::Reload) => reloader.trigger(),
                 Some(DaemonEvent::Freeze { reply }) => {
-                    // BASE STUB (branch upgrade-base only).
-                    let _ = reply.send(Err(FreezeError::Refused {
-                        reason: "not built yet".to_owned(),
-                    }));
+                    // No reload acts during or after the freeze.
+                    reloader.quiesce().await;
+                    info!("freezing every service for the upgrade");
+                    match supervisor.freeze_all().await {
+                        Ok(frozen) => {
+                            starting.abort();
+                            if reply.send(Ok(frozen)).is_err() {
+                                // Nobody takes them: dropping the hand-over
+                                // would leave every process unsupervised.
+                                warn!("the upgrade's freeze was answered, but nobody took the services; they are no longer supervised by this daemon");
+                            }
+                            if let Some(watchdog) = watchdog {
+                                watchdog.abort();
+                            }
+                            // Not the usual exit: nothing is stopped,
+                            // STOPPING=1 is not sent, no cgroup is removed.
+                            store.flush().await;
+                            bus.flush().await;
+                            info!("services frozen and handed over");
+                            return Ok(());
+                        }
+                        Err(error) => {
+                            reloader.reopen();
+                            warn!("the upgrade's freeze failed: {error}");
+                            let _ = reply.send(Err(FreezeError::Refused {
+                                reason: error.to_string(),
+                            }));
+                        }
+                    }
                 }
                 Some(DaemonEvent::ForceShutdown) => {
                     reloader.close();
@@ -401,6 +473,19 @@ async fn shutdown(
 
 /// Make data_dir if need be, then refuse it unless only our uid can write
 /// there: its files decide what the daemon signals.
+/// The version the services in `resumed` come from, when there are any.
+fn upgraded_from(resumed: &[crate::handover::FrozenService]) -> Option<String> {
+    if resumed.is_empty() {
+        return None;
+    }
+    Some(
+        resumed
+            .iter()
+            .find_map(|frozen| frozen.from_version.clone())
+            .unwrap_or_else(|| "an unknown version".to_owned()),
+    )
+}
+
 fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
