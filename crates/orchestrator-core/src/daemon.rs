@@ -19,10 +19,10 @@ use crate::state::{
     StateError, StateStore, check_data_dir, find_leftovers, read_state_at_most, set_aside,
     stop_leftovers,
 };
-use crate::supervisor::{SupervisorHandle, spawn_supervisor};
+use crate::supervisor::{SupervisorHandle, spawn_supervisor_resumed, stop_handed_over};
 use nix::sys::signal::Signal;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum DaemonEvent {
     /// Stop every service gracefully, then return (SIGTERM, SIGINT).
     Shutdown,
@@ -30,6 +30,19 @@ pub enum DaemonEvent {
     ForceShutdown,
     /// Re-read the configuration (SIGHUP).
     Reload,
+    /// Freeze every service for an upgrade (docs/upgrade.md) and hand them
+    /// over; `run` then returns without stopping anything. On an error
+    /// nothing is frozen and the daemon goes on.
+    Freeze {
+        reply: oneshot::Sender<Result<Vec<crate::handover::FrozenService>, FreezeError>>,
+    },
+}
+
+/// Why services could not be frozen for an upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error("cannot freeze the services for the upgrade: {reason}; nothing was changed")]
+    Refused { reason: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +76,18 @@ pub struct DaemonHandles {
 /// have all started), so the API can answer during a long start. `loader`
 /// reads the configuration anew for a reload, the way this one was read;
 /// without it a reload reads nothing and rejects.
+///
+/// After an upgrade, `resumed` holds the services the previous daemon
+/// froze (docs/upgrade.md): nothing is cleaned up as after a crash, each
+/// defined one goes on as it was (same process, pipes, counters, timers;
+/// not started again), one no longer defined has its process stopped, the
+/// others start as at any start, and an `upgraded {from, to}` event follows
+/// `daemon_started` (`from`: their `from_version`).
+///
+/// A `Freeze` event freezes every service (after any reload in progress)
+/// and answers with them; `run` then returns without stopping anything, for
+/// the caller to exec the new binary. A freeze that fails changes nothing
+/// and `run` goes on.
 pub async fn run(
     config: Config,
     loader: Option<Loader>,
@@ -70,6 +95,7 @@ pub async fn run(
     host: HostEnv,
     mut events: mpsc::Receiver<DaemonEvent>,
     ready: Option<oneshot::Sender<DaemonHandles>>,
+    resumed: Vec<crate::handover::FrozenService>,
 ) -> Result<(), DaemonError> {
     let orchestrator = config.orchestrator.clone();
     create_private_dir(&orchestrator.data_dir)?;
@@ -102,16 +128,53 @@ pub async fn run(
             pid: std::process::id(),
         },
     );
+    let upgraded_from = upgraded_from(&resumed);
+    if let Some(from) = &upgraded_from {
+        let to = env!("CARGO_PKG_VERSION").to_owned();
+        info!(from = %from, to = %to, services = resumed.len(), "resuming the services after an upgrade");
+        bus.emit(
+            None,
+            EventKind::Upgraded {
+                from: from.clone(),
+                to,
+            },
+        );
+    }
     let state_path = orchestrator.data_dir.join("state");
-    stop_what_a_dead_daemon_left(&orchestrator, &definitions, &spawner, &bus).await;
+    // The services handed over are ours, running: not a dead daemon's
+    // leftovers. (A daemon that died during an upgrade left no hand-over.)
+    if resumed.is_empty() {
+        stop_what_a_dead_daemon_left(&orchestrator, &definitions, &spawner, &bus).await;
+    }
     // Twice the services: a reload that adds some on a full disk still fits.
     let store = StateStore::start(state_path, definitions.len() * 2, Some(bus.clone()));
+    // Those handed over are recorded again before anything else changes.
+    for frozen in &resumed {
+        if let Some(child) = &frozen.service.child {
+            store.record_running(&frozen.service.name, child.pid);
+        }
+    }
     // The file is reserved (or its failure said) before the first spawn, so
     // no spawn waits on free space to be recorded.
     store.flush().await;
     let observer = store.clone();
     bus.set_observer(move |event| observer.observe(event));
-    let supervisor = spawn_supervisor(definitions, spawner, bus.clone());
+    let handed_over: std::collections::BTreeSet<String> = resumed
+        .iter()
+        .map(|frozen| frozen.service.name.clone())
+        .collect();
+    let (supervisor, removed) =
+        spawn_supervisor_resumed(definitions, resumed, Arc::clone(&spawner), bus.clone());
+    for frozen in removed {
+        let spawner = Arc::clone(&spawner);
+        let store = store.clone();
+        let timeout = orchestrator.shutdown_timeout;
+        tokio::spawn(async move {
+            let name = frozen.service.name.clone();
+            stop_handed_over(&spawner, frozen, timeout).await;
+            store.forget(&name);
+        });
+    }
     let reloader = spawn_reloader(
         loader,
         host,
@@ -145,7 +208,7 @@ pub async fn run(
         _ => None,
     };
     let starter = supervisor.clone();
-    let mut starting = tokio::spawn(async move { starter.start_all().await });
+    let mut starting = tokio::spawn(async move { starter.start_all_except(&handed_over).await });
     let mut started = false;
     loop {
         tokio::select! {
@@ -170,6 +233,37 @@ pub async fn run(
                 // Not awaited: the funnel must stay free for a shutdown
                 // while a reload stops services.
                 Some(DaemonEvent::Reload) => reloader.trigger(),
+                Some(DaemonEvent::Freeze { reply }) => {
+                    // No reload acts during or after the freeze.
+                    reloader.quiesce().await;
+                    info!("freezing every service for the upgrade");
+                    match supervisor.freeze_all().await {
+                        Ok(frozen) => {
+                            starting.abort();
+                            if reply.send(Ok(frozen)).is_err() {
+                                // Nobody takes them: dropping the hand-over
+                                // would leave every process unsupervised.
+                                warn!("the upgrade's freeze was answered, but nobody took the services; they are no longer supervised by this daemon");
+                            }
+                            if let Some(watchdog) = watchdog {
+                                watchdog.abort();
+                            }
+                            // Not the usual exit: nothing is stopped,
+                            // STOPPING=1 is not sent, no cgroup is removed.
+                            store.flush().await;
+                            bus.flush().await;
+                            info!("services frozen and handed over");
+                            return Ok(());
+                        }
+                        Err(error) => {
+                            reloader.reopen();
+                            warn!("the upgrade's freeze failed: {error}");
+                            let _ = reply.send(Err(FreezeError::Refused {
+                                reason: error.to_string(),
+                            }));
+                        }
+                    }
+                }
                 Some(DaemonEvent::ForceShutdown) => {
                     reloader.close();
                     starting.abort();
@@ -379,6 +473,19 @@ async fn shutdown(
 
 /// Make data_dir if need be, then refuse it unless only our uid can write
 /// there: its files decide what the daemon signals.
+/// The version the services in `resumed` come from, when there are any.
+fn upgraded_from(resumed: &[crate::handover::FrozenService]) -> Option<String> {
+    if resumed.is_empty() {
+        return None;
+    }
+    Some(
+        resumed
+            .iter()
+            .find_map(|frozen| frozen.from_version.clone())
+            .unwrap_or_else(|| "an unknown version".to_owned()),
+    )
+}
+
 fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -456,6 +563,7 @@ enabled = false
             host,
             events,
             Some(ready),
+            Vec::new(),
         ));
         let handles = handles.await.expect("the daemon hands out its handles");
         spawner.wait_for_spawns(2).await;

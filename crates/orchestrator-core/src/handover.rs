@@ -96,6 +96,40 @@ pub struct ServiceHandover {
     pub output: crate::output::OutputCounters,
 }
 
+/// One service frozen for an upgrade, as the old daemon hands it over and
+/// the new one resumes it: its plain data and its descriptors (each `None`
+/// where there is none: no process, a stream that had ended, no notify).
+#[derive(Debug)]
+pub struct FrozenService {
+    pub service: ServiceHandover,
+    pub pidfd: Option<std::os::fd::OwnedFd>,
+    pub stdout: Option<std::os::fd::OwnedFd>,
+    pub stderr: Option<std::os::fd::OwnedFd>,
+    /// Its sd_notify socket (bound to the name in its NOTIFY_SOCKET).
+    pub notify: Option<std::os::fd::OwnedFd>,
+    /// The version of the daemon that froze it (`Handover::from_version`
+    /// after an exec): the `from` of the `upgraded` event. `None`: unknown.
+    pub from_version: Option<String>,
+    /// The wall-clock time its snapshot stands for (`written_at_unix_ms`
+    /// after an exec): every timer of the machine counts the time since.
+    /// `None`: taken as just now.
+    pub frozen_at: Option<SystemTime>,
+}
+
+impl FrozenService {
+    /// The instant of this process's clock the snapshot stands for (as
+    /// [`Handover::taken_at`]): now minus the wall time since `frozen_at`.
+    pub fn taken_at(&self, now: Instant) -> Instant {
+        let Some(frozen_at) = self.frozen_at else {
+            return now;
+        };
+        let since = SystemTime::now()
+            .duration_since(frozen_at)
+            .unwrap_or_default();
+        now.checked_sub(since).unwrap_or(now)
+    }
+}
+
 /// The plain-data half of a released child (its descriptors are in
 /// [`Handover::fds`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -137,6 +137,30 @@ impl NotifySocket {
     pub fn address(&self) -> &str {
         &self.address
     }
+
+    /// A second descriptor of the same socket (close-on-exec): what an
+    /// upgrade hands over, since the listener owns the first one.
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
+    /// A socket bound by this daemon before an upgrade (or by the one
+    /// before it), taken back from its descriptor: still bound to the name
+    /// the service has in NOTIFY_SOCKET, with whatever it sent meanwhile
+    /// queued. Set non-blocking again (the flag is the open file's, but
+    /// nothing is assumed of the old owner).
+    pub fn from_fd(fd: OwnedFd) -> NotifySocket {
+        let _ = rustix::io::ioctl_fionbio(&fd, true);
+        let address = rustix::net::getsockname(&fd)
+            .ok()
+            .and_then(|any| SocketAddrUnix::try_from(any).ok())
+            .and_then(|unix| {
+                unix.abstract_name()
+                    .map(|name| format!("@{}", String::from_utf8_lossy(name)))
+            })
+            .unwrap_or_else(|| "(a handed-over socket)".to_owned());
+        NotifySocket { fd, address }
+    }
 }
 
 fn fill_random(buf: &mut [u8]) -> Result<(), rustix::io::Errno> {
@@ -501,6 +525,24 @@ pub fn spawn_listener(
     watchdog: Option<Duration>,
     reports: UnboundedSender<NotifyReport>,
 ) -> JoinHandle<()> {
+    spawn_listener_resumed(
+        socket, service, leader_pid, cgroup, watchdog, false, reports,
+    )
+}
+
+/// [`spawn_listener`] for a process resumed after an upgrade: `ready` when
+/// it had said READY=1 already (it will not say it again), and then its
+/// watchdog is armed anew from now, for a whole period (the old listener's
+/// last ping time is not handed over).
+pub fn spawn_listener_resumed(
+    socket: NotifySocket,
+    service: String,
+    leader_pid: u32,
+    cgroup: Option<Arc<dyn ServiceCgroup>>,
+    watchdog: Option<Duration>,
+    ready: bool,
+    reports: UnboundedSender<NotifyReport>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let address = socket.address;
         let fd = match watch(socket.fd) {
@@ -518,7 +560,12 @@ pub fn spawn_listener(
             fd,
             buf: Box::new([0; MAX_DATAGRAM]),
         };
-        let listener = Listener::new(service, leader_pid, cgroup, watchdog, Instant::now());
+        let now = Instant::now();
+        let mut listener = Listener::new(service, leader_pid, cgroup, watchdog, now);
+        if ready {
+            listener.ready = true;
+            listener.watchdog.arm(now);
+        }
         run(source, listener, reports).await;
     })
 }

@@ -367,6 +367,8 @@ pub type Loader = Arc<dyn Fn() -> Result<(Config, Vec<String>), Vec<String>> + S
 pub struct ReloadHandle {
     requests: mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>,
     closing: Arc<AtomicBool>,
+    /// True while a reload runs.
+    busy: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ReloadHandle {
@@ -396,6 +398,19 @@ impl ReloadHandle {
     pub fn close(&self) {
         self.closing.store(true, Ordering::Release);
     }
+
+    /// Refuse every later reload and wait for the one running, if any, to
+    /// be done (an upgrade freezes the services only then).
+    pub async fn quiesce(&self) {
+        self.close();
+        let mut busy = self.busy.clone();
+        let _ = busy.wait_for(|busy| !*busy).await;
+    }
+
+    /// Take reloads again (an upgrade given up).
+    pub fn reopen(&self) {
+        self.closing.store(false, Ordering::Release);
+    }
 }
 
 /// The task that runs reloads one at a time.
@@ -408,9 +423,11 @@ pub fn spawn_reloader(
 ) -> ReloadHandle {
     let (requests, mut pending) = mpsc::unbounded_channel::<oneshot::Sender<ReloadOutcome>>();
     let closing = Arc::new(AtomicBool::new(false));
+    let (busy_tx, busy) = tokio::sync::watch::channel(false);
     let handle = ReloadHandle {
         requests,
         closing: Arc::clone(&closing),
+        busy,
     };
     tokio::spawn(async move {
         while let Some(first) = pending.recv().await {
@@ -421,11 +438,13 @@ pub fn spawn_reloader(
             while let Ok(more) = pending.try_recv() {
                 waiters.push(more);
             }
+            busy_tx.send_replace(true);
             let outcome = if closing.load(Ordering::Acquire) {
                 Err(ReloadError::ShuttingDown)
             } else {
                 reload_once(&loader, &host, &current, &supervisor, &events).await
             };
+            busy_tx.send_replace(false);
             for waiter in waiters {
                 let _ = waiter.send(outcome.clone());
             }

@@ -877,6 +877,30 @@ impl StateStore {
         }
     }
 
+    /// Record `service`'s process `pid`, running already (handed over by an
+    /// upgrade): as its `started` event would.
+    pub fn record_running(&self, service: &str, pid: u32) {
+        if let Some(stat) = proc_stat(pid) {
+            self.lock().insert(
+                service.to_owned(),
+                ProcessRecord {
+                    pid,
+                    pgid: stat.pgid,
+                    sid: stat.sid,
+                    start_time: stat.start_time,
+                },
+            );
+            self.inner.dirty.notify_one();
+        }
+    }
+
+    /// Forget `service`'s process (stopped without an `exited` event).
+    pub fn forget(&self, service: &str) {
+        if self.lock().remove(service).is_some() {
+            self.inner.dirty.notify_one();
+        }
+    }
+
     pub fn records(&self) -> BTreeMap<String, ProcessRecord> {
         self.lock().clone()
     }

@@ -16,9 +16,12 @@ use tracing::{error, info, warn};
 
 use crate::cgroup::Usage;
 use crate::events::{EventBus, EventKind};
+use crate::handover::FrozenService;
 use crate::name::ServiceName;
-use crate::process::Spawner;
-use crate::service::{ServiceDefinition, ServiceError, ServiceHandle, State, service_actor};
+use crate::process::{Released, Spawner};
+use crate::service::{
+    ServiceDefinition, ServiceError, ServiceHandle, State, service_actor, service_actor_resumed,
+};
 use crate::wire::ServiceInfo;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +36,16 @@ pub enum SupervisorError {
     Gone,
     #[error("the daemon is shutting down; no service is added any more")]
     ShuttingDown,
+    #[error("{}; every service goes on as before", join_errors(.0))]
+    FreezeFailed(Vec<ServiceError>),
+}
+
+fn join_errors(errors: &[ServiceError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One service as the supervisor owns it.
@@ -71,6 +84,12 @@ enum Command {
     Close(oneshot::Sender<()>),
     /// Every service's handle and definition, for the dependency order.
     Members(oneshot::Sender<BTreeMap<ServiceName, order::Member>>),
+    /// An upgrade begins: no service is added any more; every service's
+    /// handle and generation, to freeze them.
+    BeginFreeze(oneshot::Sender<Vec<(ServiceHandle, u64)>>),
+    /// A freeze given up: these services go on here (new actors from what
+    /// their old ones handed over), and services may be added again.
+    Unfreeze(Vec<FrozenService>, oneshot::Sender<()>),
 }
 
 /// A cheap, cloneable way to act on the services.
@@ -85,6 +104,20 @@ pub fn spawn_supervisor(
     spawner: Arc<dyn Spawner>,
     events: EventBus,
 ) -> SupervisorHandle {
+    spawn_supervisor_resumed(definitions, Vec::new(), spawner, events).0
+}
+
+/// [`spawn_supervisor`] after an upgrade: each service with a hand-over in
+/// `resumed` goes on as it was (see `service_actor_resumed`; its generation
+/// too), the others are stopped. Returns the hand-overs of services no
+/// longer defined (removed from the configuration before the upgrade): the
+/// caller stops their processes with [`stop_handed_over`].
+pub fn spawn_supervisor_resumed(
+    definitions: Vec<ServiceDefinition>,
+    resumed: Vec<FrozenService>,
+    spawner: Arc<dyn Spawner>,
+    events: EventBus,
+) -> (SupervisorHandle, Vec<FrozenService>) {
     let mut supervisor = Supervisor {
         services: BTreeMap::new(),
         tasks: JoinSet::new(),
@@ -93,15 +126,72 @@ pub fn spawn_supervisor(
         events,
         closing: false,
     };
+    let mut resumed: BTreeMap<String, FrozenService> = resumed
+        .into_iter()
+        .map(|frozen| (frozen.service.name.clone(), frozen))
+        .collect();
     for definition in definitions {
         // Names are unique: the plan comes from a map keyed by name.
-        let _ = supervisor.add(definition);
+        match resumed.remove(definition.name.as_str()) {
+            Some(frozen) => supervisor.add_resumed(Arc::new(definition), frozen),
+            None => {
+                let _ = supervisor.add(definition);
+            }
+        }
     }
     let (commands_tx, commands) = mpsc::unbounded_channel();
     tokio::spawn(supervisor.run(commands));
-    SupervisorHandle {
+    let handle = SupervisorHandle {
         commands: commands_tx,
+    };
+    (handle, resumed.into_values().collect())
+}
+
+/// Stop the process of a service handed over by an upgrade but no longer
+/// defined: adopted (untouched if it is not certainly ours), SIGTERM to its
+/// group, SIGKILL after `timeout`, reaped (its cgroup removed). Returns the
+/// pid stopped, if any.
+pub async fn stop_handed_over(
+    spawner: &Arc<dyn Spawner>,
+    frozen: FrozenService,
+    timeout: Duration,
+) -> Option<u32> {
+    let FrozenService {
+        service,
+        pidfd,
+        stdout,
+        stderr,
+        notify,
+        ..
+    } = frozen;
+    // Its output and notify socket are not read any more.
+    drop((stdout, stderr, notify));
+    let info = service.child?;
+    let released = Released {
+        pid: info.pid,
+        cgroup: info.cgroup,
+        killed_by_us: info.killed_by_us,
+        oom_kills_at_start: info.oom_kills_at_start,
+        memory_limit_mib: info.memory_limit_mib,
+        pidfd,
+        output: None,
+    };
+    let mut child = match spawner.adopt(released, &service.name) {
+        Ok(child) => child,
+        Err(error) => {
+            warn!("{error}");
+            return None;
+        }
+    };
+    let pid = child.pid();
+    info!(service = %service.name, pid, "no longer in the configuration after the upgrade: stopping it");
+    let _ = child.signal_group(nix::sys::signal::Signal::SIGTERM);
+    if tokio::time::timeout(timeout, child.wait()).await.is_err() {
+        warn!(service = %service.name, pid, "did not stop within {timeout:?}: sent SIGKILL");
+        let _ = child.signal_group(nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait().await;
     }
+    Some(pid)
 }
 
 struct Supervisor {
@@ -191,6 +281,26 @@ impl Supervisor {
                 self.closing = true;
                 let _ = reply.send(());
             }
+            Command::BeginFreeze(reply) => {
+                self.closing = true;
+                let _ = reply.send(
+                    self.services
+                        .values()
+                        .map(|entry| (entry.handle.clone(), entry.generation))
+                        .collect(),
+                );
+            }
+            Command::Unfreeze(frozen, reply) => {
+                for frozen in frozen {
+                    let Some(entry) = self.services.get(frozen.service.name.as_str()) else {
+                        continue;
+                    };
+                    let definition = Arc::clone(&entry.definition);
+                    self.add_resumed(definition, frozen);
+                }
+                self.closing = false;
+                let _ = reply.send(());
+            }
             Command::Members(reply) => {
                 let _ = reply.send(
                     self.services
@@ -233,6 +343,29 @@ impl Supervisor {
             },
         );
         Ok(handle)
+    }
+
+    /// A service's actor from what an old one (here or in the daemon before
+    /// the upgrade) handed over; replaces an entry of that name.
+    fn add_resumed(&mut self, definition: Arc<ServiceDefinition>, frozen: FrozenService) {
+        let generation = frozen.service.generation.max(1);
+        let (handle, actor) = service_actor_resumed(
+            Arc::clone(&definition),
+            Arc::clone(&self.spawner),
+            self.events.clone(),
+            frozen,
+        );
+        let task = self.tasks.spawn(actor);
+        self.task_names.insert(task.id(), definition.name.clone());
+        self.services.insert(
+            definition.name.clone(),
+            Entry {
+                handle,
+                definition,
+                panic: None,
+                generation,
+            },
+        );
     }
 
     fn on_actor_end(&mut self, joined: Result<(tokio::task::Id, ()), JoinError>) {
@@ -465,6 +598,51 @@ impl SupervisorHandle {
         Ok(handle.reconfigure(definition, respawn).await?)
     }
 
+    /// Freeze every service at once for an upgrade (see
+    /// [`ServiceHandle::freeze`]), each with its generation. All or none:
+    /// when one cannot be frozen, those frozen already go on here as they
+    /// were (new actors, same processes and pipes) and the error names each
+    /// failure. From the start of the freeze no service is added (a reload
+    /// must be quiesced by the caller first). A service whose actor had
+    /// ended (an internal error) has nothing to hand over and is left out.
+    pub async fn freeze_all(&self) -> Result<Vec<FrozenService>, SupervisorError> {
+        let members = self.ask(Command::BeginFreeze).await?;
+        let mut tasks = JoinSet::new();
+        for (handle, generation) in members {
+            tasks.spawn(async move {
+                let name = handle.name().to_owned();
+                let result = handle.freeze().await;
+                (name, generation, result)
+            });
+        }
+        let mut frozen = Vec::new();
+        let mut failures = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((_, generation, Ok(mut service))) => {
+                    service.service.generation = generation;
+                    frozen.push(service);
+                }
+                Ok((name, _, Err(ServiceError::Gone { .. }))) => {
+                    warn!(service = %name, "its supervising task had ended: nothing to hand over, the new daemon starts it afresh if it is enabled");
+                }
+                Ok((_, _, Err(error))) => failures.push(error),
+                Err(error) => failures.push(ServiceError::FreezeRefused {
+                    service: "?".to_owned(),
+                    reason: format!("internal error: {error}"),
+                }),
+            }
+        }
+        if failures.is_empty() {
+            frozen.sort_by(|a, b| a.service.name.cmp(&b.service.name));
+            return Ok(frozen);
+        }
+        let (reply, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::Unfreeze(frozen, reply));
+        let _ = answer.await;
+        Err(SupervisorError::FreezeFailed(failures))
+    }
+
     /// From now on no service is added (the daemon is shutting down).
     pub async fn close(&self) -> Result<(), SupervisorError> {
         self.ask(Command::Close).await
@@ -528,11 +706,22 @@ impl SupervisorHandle {
     /// Start every enabled service, all at once; one that cannot start
     /// never holds up the others. Returns each failure.
     pub async fn start_all(&self) -> Result<Vec<ServiceError>, SupervisorError> {
+        self.start_all_except(&std::collections::BTreeSet::new())
+            .await
+    }
+
+    /// `start_all`, leaving out the services named in `skip` (after an
+    /// upgrade: those handed over, which go on as they were).
+    pub async fn start_all_except(
+        &self,
+        skip: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<ServiceError>, SupervisorError> {
         // The current definitions decide, not the handles' copies: a reload
         // may have changed `enabled` since.
         let handles = self.ask(Command::Enabled).await?;
         let names: Vec<ServiceName> = handles
             .iter()
+            .filter(|handle| !skip.contains(handle.name()))
             .filter_map(|handle| ServiceName::parse(handle.name()).ok())
             .collect();
         let outcomes = self.start_ordered(&names, StartedBy::Daemon).await?;

@@ -300,6 +300,12 @@ pub enum EventKind {
     DaemonStopping {
         reason: String,
     },
+    /// The daemon was replaced in place by another binary (an upgrade):
+    /// every service went on as it was.
+    Upgraded {
+        from: String,
+        to: String,
+    },
     Started {
         pid: u32,
     },
@@ -400,6 +406,9 @@ impl Event {
         let what = match &self.kind {
             EventKind::DaemonStarted { pid } => format!("daemon started (pid {pid})"),
             EventKind::DaemonStopping { reason } => format!("daemon stopping: {reason}"),
+            EventKind::Upgraded { from, to } => {
+                format!("daemon upgraded from {from} to {to}; every service went on as it was")
+            }
             EventKind::Started { pid } => format!("started (pid {pid})"),
             EventKind::SpawnFailed { error } => format!("could not start: {error}"),
             EventKind::Exited {

@@ -866,6 +866,7 @@ fn run(
             HostEnv::from_process(),
             events,
             Some(ready_tx),
+            Vec::new(),
         );
         // Cancelled once the daemon is done: the listeners stop accepting
         // and every follow stream ends cleanly, so a `logs -f` sees the end

@@ -4,8 +4,9 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -17,11 +18,12 @@ use super::inbox::{self, inbox};
 use super::machine::{Effect, Input, Machine, Policy, State};
 use crate::cgroup::{ServiceCgroup, Usage};
 use crate::events::{EventBus, EventKind};
+use crate::handover::{FrozenService, Partials, RecentLine, ReleasedChildInfo, ServiceHandover};
 use crate::health::{Health, HealthReport, OnUnhealthy, monitor};
 use crate::name::ServiceName;
 use crate::notify::{NotifyReport, NotifySocket};
-use crate::output::{ServiceOutput, spawn_pump};
-use crate::process::{ChildProcess, ExitReason, SpawnError, SpawnSpec, Spawner};
+use crate::output::{FrozenPump, LogLine, ServiceOutput, spawn_pump, spawn_pump_resumed};
+use crate::process::{ChildProcess, ExitReason, Released, SpawnError, SpawnSpec, Spawner};
 
 /// Everything the actor needs to know about its service.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +86,12 @@ pub enum ServiceError {
     #[error("service {service}: the daemon is shutting down; nothing starts any more")]
     ShuttingDown { service: String },
     #[error(
+        "service {service}: the daemon is upgrading; this request was not carried out (a start or stop already under way goes on in the new daemon): check `orchestrator status {service}` once the upgrade is done, and ask again if need be"
+    )]
+    Upgrading { service: String },
+    #[error("service {service}: cannot be frozen for the upgrade: {reason}; it goes on as before")]
+    FreezeRefused { service: String, reason: String },
+    #[error(
         "service {service}: not started: its dependency {dependency} ({condition}) cannot be met: {reason}; start {dependency} (see `orchestrator status {dependency}`), then {service}"
     )]
     DependencyFailed {
@@ -101,6 +109,9 @@ const LAST_WORDS_MAX_CHARS: usize = 300;
 
 /// How long an exit waits for the process's remaining output.
 const OUTPUT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a freeze waits for the log file to take the lines read so far.
+const FREEZE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type Reply = oneshot::Sender<Result<(), ServiceError>>;
 
@@ -122,6 +133,8 @@ enum Command {
         respawn: bool,
         reply: Reply,
     },
+    /// Hand everything over for an upgrade and end, stopping nothing.
+    Freeze(oneshot::Sender<Result<FrozenService, ServiceError>>),
 }
 
 /// A cheap, cloneable way to talk to one service's actor.
@@ -149,6 +162,9 @@ pub struct Resources {
     /// Set while an ordered start waits on this service's dependencies (or
     /// gave up on them): why it is not started yet.
     waiting: std::sync::Mutex<Waiting>,
+    /// Its actor handed the service over for an upgrade and ended: requests
+    /// are answered `Upgrading`, not `Gone`.
+    frozen: AtomicBool,
 }
 
 /// Why an ordered start waits, and how many stops came: a stop ends every
@@ -334,6 +350,27 @@ impl ServiceHandle {
         answer.await.map_err(|_| self.gone())?
     }
 
+    /// Freeze the service for an upgrade (docs/upgrade.md): its health
+    /// check and watchdog stop, its output pump stops between two reads and
+    /// the log file takes what was read, its process is released (not
+    /// signalled, not reaped), and everything comes back to be handed over;
+    /// the actor then ends, stopping nothing. Later requests are answered
+    /// `Upgrading`, and so are the starts and stops waiting for their
+    /// outcome (the machine's stop or start goes on in the new daemon).
+    /// The generation is left 0: the supervisor knows it.
+    pub async fn freeze(&self) -> Result<FrozenService, ServiceError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Freeze(reply))
+            .map_err(|_| self.gone())?;
+        answer.await.map_err(|_| self.gone())?
+    }
+
+    /// Handed over by a freeze: its actor has ended.
+    pub fn is_frozen(&self) -> bool {
+        self.resources.frozen.load(Ordering::Acquire)
+    }
+
     /// Wait until the status satisfies `predicate`.
     pub async fn wait_for(
         &self,
@@ -394,13 +431,31 @@ impl ServiceHandle {
         let (reply, answer) = oneshot::channel();
         let sent = self.commands.send(make(reply));
         let gone = self.gone();
+        let resources = Arc::clone(&self.resources);
+        let name = self.name.clone();
+        let gone = move || {
+            if resources.frozen.load(Ordering::Acquire) {
+                ServiceError::Upgrading {
+                    service: name.to_string(),
+                }
+            } else {
+                gone
+            }
+        };
         async move {
-            sent.map_err(|_| gone.clone())?;
-            answer.await.map_err(|_| gone)?
+            if sent.is_err() {
+                return Err(gone());
+            }
+            answer.await.map_err(|_| gone())?
         }
     }
 
     fn gone(&self) -> ServiceError {
+        if self.is_frozen() {
+            return ServiceError::Upgrading {
+                service: self.name.to_string(),
+            };
+        }
         ServiceError::Gone {
             service: self.name.to_string(),
         }
@@ -430,6 +485,34 @@ pub fn service_actor(
 ) {
     let machine = Machine::new(definition.policy.clone());
     let (handle, actor) = new_actor(definition, spawner, events, machine);
+    (handle, actor.run())
+}
+
+/// [`service_actor`] for a service frozen by an upgrade (or by a freeze
+/// rolled back): its machine restored with every timer shifted by the time
+/// since `frozen.frozen_at`, its process adopted (same pid), its output
+/// going on from its pipes, partial lines, recent lines and counters, its
+/// notify socket listened to again and its health check restarted from its
+/// last verdict. A process that cannot be adopted (not certainly ours any
+/// more) is not touched: the service takes it as an exit (`-1`) and its
+/// restart policy decides. Emits no event (nothing changed for the user).
+pub fn service_actor_resumed(
+    definition: Arc<ServiceDefinition>,
+    spawner: Arc<dyn Spawner>,
+    events: EventBus,
+    frozen: FrozenService,
+) -> (
+    ServiceHandle,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let taken_at = frozen.taken_at(Instant::now());
+    let machine = Machine::restore(
+        definition.policy.clone(),
+        frozen.service.machine.clone(),
+        taken_at,
+    );
+    let (handle, mut actor) = new_actor(definition, spawner, events, machine);
+    actor.resume(frozen);
     (handle, actor.run())
 }
 
@@ -531,6 +614,9 @@ struct Watchers {
     notify_reports: Option<mpsc::UnboundedReceiver<NotifyReport>>,
     health: Option<Health>,
     notify_status: Option<String>,
+    /// A second descriptor of the current process's notify socket, which
+    /// the listener owns: what a freeze hands over.
+    notify_fd: Option<OwnedFd>,
     /// The sequence number of the last line the previous process printed:
     /// later lines are this process's.
     lines_before: Option<u64>,
@@ -549,6 +635,7 @@ impl Watchers {
         self.notify_reports = None;
         self.health = None;
         self.notify_status = None;
+        self.notify_fd = None;
     }
 }
 
@@ -615,6 +702,37 @@ impl Actor {
                     }
                 };
                 match wakeup {
+                    Wakeup::Command(Command::Freeze(reply)) => {
+                        let frozen = match self.freeze().await {
+                            Ok(frozen) => frozen,
+                            Err(error) => {
+                                let _ = reply.send(Err(error));
+                                continue;
+                            }
+                        };
+                        match reply.send(Ok(frozen)) {
+                            Ok(()) => {
+                                self.resources.frozen.store(true, Ordering::Release);
+                                let name = self.definition.name.to_string();
+                                for waiter in self
+                                    .start_waiters
+                                    .drain(..)
+                                    .chain(self.stop_waiters.drain(..))
+                                {
+                                    let _ = waiter.send(Err(ServiceError::Upgrading {
+                                        service: name.clone(),
+                                    }));
+                                }
+                                // Ends without stopping anything: the process
+                                // is the next daemon's now.
+                                return;
+                            }
+                            // Nobody took it (the freeze was given up): the
+                            // service goes on here, as it was.
+                            Err(Ok(frozen)) => self.resume(frozen),
+                            Err(Err(_)) => {}
+                        }
+                    }
                     Wakeup::Command(command) => self.on_command(command),
                     Wakeup::Exited(result) => self.on_exit(result).await,
                     Wakeup::Timer => {
@@ -647,6 +765,14 @@ impl Actor {
             Command::Stop(reply) => (Input::Stop, reply, false),
             Command::Shutdown(reply) => (Input::Shutdown, reply, false),
             Command::Kill(reply) => (Input::Kill, reply, false),
+            // Taken in `run`, where it can be awaited.
+            Command::Freeze(reply) => {
+                let _ = reply.send(Err(ServiceError::FreezeRefused {
+                    service: name.to_string(),
+                    reason: "internal error: the freeze reached the wrong handler".to_owned(),
+                }));
+                return;
+            }
             Command::Reconfigure {
                 definition,
                 respawn,
@@ -985,6 +1111,13 @@ impl Actor {
             Ok(mut child) => {
                 let cgroup = child.cgroup();
                 if let Some(socket) = notify {
+                    self.watchers.notify_fd = match socket.try_clone_fd() {
+                        Ok(fd) => Some(fd),
+                        Err(error) => {
+                            warn!(service = %self.definition.name, "cannot keep a second descriptor of the notify socket ({error}): an upgrade will not hand it over, and the service's sd_notify messages after it are not read");
+                            None
+                        }
+                    };
                     let (reports, receiver) = mpsc::unbounded_channel();
                     self.watchers.notify_task = Some(crate::notify::spawn_listener(
                         socket,
@@ -1090,6 +1223,225 @@ impl Actor {
         if let Some(child) = &mut self.child {
             let _ = child.signal_group(nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait().await;
+        }
+    }
+}
+
+impl Actor {
+    /// See [`ServiceHandle::freeze`]. Refused (nothing changed) only when
+    /// the machine cannot be snapshotted, which a spawn in flight would
+    /// cause: spawns are answered within the step that makes them, so
+    /// between two commands there is none.
+    async fn freeze(&mut self) -> Result<FrozenService, ServiceError> {
+        let name = self.definition.name.to_string();
+        if let Err(error) = self.machine.snapshot(Instant::now()) {
+            return Err(ServiceError::FreezeRefused {
+                service: name,
+                reason: error.to_string(),
+            });
+        }
+        // Nothing acts on the process any more: the health check and the
+        // notify listener (with its watchdog) stop; what they reported
+        // already is applied first (a READY=1 read is not lost).
+        for task in [
+            self.watchers.health_task.take(),
+            self.watchers.notify_task.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            task.abort();
+        }
+        if let Some(mut reports) = self.watchers.notify_reports.take() {
+            while let Ok(report) = reports.try_recv() {
+                self.on_notify(report);
+            }
+        }
+        if let Some(mut reports) = self.watchers.health_reports.take() {
+            while let Ok(report) = reports.try_recv() {
+                self.on_health(report);
+            }
+        }
+        // The pump stops between two reads; the log file takes every line
+        // read so far, so the next daemon appends after the last of them.
+        let mut pipes = FrozenPump::default();
+        if let Some(pump) = self.pump.take() {
+            match pump.freeze().await {
+                Ok(frozen) => pipes = frozen,
+                Err(error) => warn!(service = %name, "{error}"),
+            }
+        }
+        if tokio::time::timeout(FREEZE_FLUSH_TIMEOUT, self.output.flush_file())
+            .await
+            .is_err()
+        {
+            warn!(service = %name, "its log file did not take the last lines within {FREEZE_FLUSH_TIMEOUT:?} (a slow or hung disk): lines still queued may be missing from the file after the upgrade (they are in `logs`)");
+        }
+        let released = match self.child.take() {
+            Some(child) => match child.release() {
+                Ok(released) => Some(released),
+                Err(error) => {
+                    error!(service = %name, "{error}");
+                    None
+                }
+            },
+            None => None,
+        };
+        self.resources.set_cgroup(None);
+        let machine =
+            self.machine
+                .snapshot(Instant::now())
+                .map_err(|error| ServiceError::FreezeRefused {
+                    service: name.clone(),
+                    reason: error.to_string(),
+                })?;
+        let mut pidfd = None;
+        let child = released.map(|released| {
+            let Released {
+                pid,
+                cgroup,
+                killed_by_us,
+                oom_kills_at_start,
+                memory_limit_mib,
+                pidfd: fd,
+                output,
+            } = released;
+            pidfd = fd;
+            // Pipes nobody read yet (no pump took them): handed over as they are.
+            if !pipes.has_pipes()
+                && let Some(output) = output
+            {
+                pipes.stdout = Some(output.stdout);
+                pipes.stderr = Some(output.stderr);
+            }
+            ReleasedChildInfo {
+                pid,
+                pgid: pid,
+                cgroup,
+                killed_by_us,
+                oom_kills_at_start,
+                memory_limit_mib,
+            }
+        });
+        let FrozenPump {
+            stdout,
+            stderr,
+            stdout_partial,
+            stderr_partial,
+        } = pipes;
+        let notify = if child.is_some() {
+            self.watchers.notify_fd.take()
+        } else {
+            None
+        };
+        Ok(FrozenService {
+            service: ServiceHandover {
+                name,
+                generation: 0,
+                machine,
+                child,
+                partial: Partials {
+                    stdout: stdout_partial,
+                    stderr: stderr_partial,
+                },
+                recent: self
+                    .output
+                    .recent_lines()
+                    .iter()
+                    .map(RecentLine::from)
+                    .collect(),
+                health: self.watchers.health,
+                output: self.output.counters(),
+            },
+            pidfd,
+            stdout,
+            stderr,
+            notify,
+            from_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            frozen_at: Some(std::time::SystemTime::now()),
+        })
+    }
+
+    /// Take back what a freeze handed over (see [`service_actor_resumed`]);
+    /// the machine was restored already.
+    fn resume(&mut self, frozen: FrozenService) {
+        let FrozenService {
+            service,
+            pidfd,
+            stdout,
+            stderr,
+            notify,
+            ..
+        } = frozen;
+        let name = self.definition.name.to_string();
+        let recent: Vec<LogLine> = service.recent.into_iter().map(LogLine::from).collect();
+        self.output.resume(recent, service.output);
+        let Some(info) = service.child else {
+            if let Some(pid) = self.machine.pid() {
+                self.lost_on_resume(format!(
+                    "its process {pid} was not handed over by the previous daemon"
+                ));
+            }
+            return self.publish();
+        };
+        let released = Released {
+            pid: info.pid,
+            cgroup: info.cgroup,
+            killed_by_us: info.killed_by_us,
+            oom_kills_at_start: info.oom_kills_at_start,
+            memory_limit_mib: info.memory_limit_mib,
+            pidfd,
+            output: None,
+        };
+        let child = match self.spawner.adopt(released, &name) {
+            Ok(child) => child,
+            Err(error) => {
+                self.lost_on_resume(error.to_string());
+                return self.publish();
+            }
+        };
+        let cgroup = child.cgroup();
+        let pipes = FrozenPump {
+            stdout,
+            stderr,
+            stdout_partial: service.partial.stdout,
+            stderr_partial: service.partial.stderr,
+        };
+        if pipes.has_pipes() {
+            self.pump = Some(spawn_pump_resumed(Arc::clone(&self.output), pipes));
+        }
+        if let Some(fd) = notify {
+            let socket = NotifySocket::from_fd(fd);
+            self.watchers.notify_fd = socket.try_clone_fd().ok();
+            let (reports, receiver) = mpsc::unbounded_channel();
+            self.watchers.notify_task = Some(crate::notify::spawn_listener_resumed(
+                socket,
+                name.clone(),
+                child.pid(),
+                cgroup.clone(),
+                self.definition.watchdog,
+                self.machine.is_ready(),
+                reports,
+            ));
+            self.watchers.notify_reports = Some(receiver);
+        }
+        self.start_health_monitor(cgroup.clone());
+        if self.watchers.health.is_some() {
+            // Its last verdict stands until the check says otherwise.
+            self.watchers.health = service.health.or(self.watchers.health);
+        }
+        self.resources.set_cgroup(cgroup);
+        debug!(service = %name, pid = child.pid(), "resumed after the upgrade");
+        self.child = Some(child);
+        self.publish();
+    }
+
+    /// The machine has a process the resume could not take back: it is not
+    /// touched (it may not be ours any more), and counts as an exit.
+    fn lost_on_resume(&mut self, why: String) {
+        error!(service = %self.definition.name, "after the upgrade: {why}; the service takes it as an exit");
+        if self.machine.pid().is_some() {
+            self.apply(Input::Exited(ExitReason::Exited(-1)));
         }
     }
 }

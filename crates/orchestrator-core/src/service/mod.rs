@@ -8,6 +8,6 @@ pub(crate) mod tests;
 
 pub use actor::{
     Resources, ServiceDefinition, ServiceError, ServiceHandle, ServiceStatus, service_actor,
-    spawn_service,
+    service_actor_resumed, spawn_service,
 };
 pub use machine::{BACKOFF_JITTER, Effect, Input, Machine, Policy, ReadyWhen, State};

@@ -487,3 +487,198 @@ async fn a_partial_ordered_stop_keeps_the_order_through_a_service_left_out() {
     assert!(first_signal("web").unwrap() < first_signal("db").unwrap());
     assert_eq!(first_signal("api"), None, "api was not asked to stop");
 }
+
+mod freeze {
+    //! An upgrade's freeze and resume, within one process: every phase
+    //! handed over and taken back by a new supervisor.
+
+    use super::*;
+    use crate::handover::PhaseSnapshot;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn slow(name: &str, enabled: bool) -> ServiceDefinition {
+        let mut definition = named(name, enabled);
+        definition.policy.backoff.initial = 10 * S;
+        definition.policy.backoff.max = 10 * S;
+        definition.policy.stop_timeout = 10 * S;
+        definition
+    }
+
+    fn definitions() -> Vec<ServiceDefinition> {
+        let mut failing = slow("fail", true);
+        failing.policy.max_restarts = 0;
+        vec![
+            slow("back", true),
+            failing,
+            slow("idle", false),
+            slow("run", true),
+            slow("stop", true),
+        ]
+    }
+
+    fn child_of(spawner: &FakeSpawner, pid: u32) -> crate::process::FakeChildControl {
+        spawner
+            .children()
+            .into_iter()
+            .find(|child| child.pid() == pid)
+            .expect("a child with that pid")
+    }
+
+    async fn state_is(supervisor: &SupervisorHandle, name: &str, state: State) {
+        let handle = supervisor.service(name).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            handle.wait_for(|s| s.state == state),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name} never became {state:?}"))
+        .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_phase_is_handed_over_and_goes_on_in_a_new_supervisor() {
+        let (old, spawner, _) = supervisor(definitions());
+        old.start_all().await.unwrap();
+        let pid = |name: &'static str| {
+            let old = old.clone();
+            async move { old.info(name).await.unwrap().pid.unwrap() }
+        };
+        // back: its process failed, a restart waits out 10 s of backoff.
+        let back_pid = pid("back").await;
+        child_of(&spawner, back_pid).exit(ExitReason::Exited(1));
+        state_is(&old, "back", State::Restarting).await;
+        let retry_at = old
+            .service("back")
+            .await
+            .unwrap()
+            .status()
+            .retry_at
+            .unwrap();
+        // fail: no restart allowed, so it gives up.
+        child_of(&spawner, pid("fail").await).exit(ExitReason::Exited(1));
+        state_is(&old, "fail", State::Failed).await;
+        // stop: SIGTERM sent, ignored; SIGKILL due 10 s later.
+        let stop_pid = pid("stop").await;
+        let stopping = child_of(&spawner, stop_pid);
+        stopping.ignore_stop_signal_from_now();
+        let stop_request = old.service("stop").await.unwrap().stop_request();
+        state_is(&old, "stop", State::Stopping).await;
+        let kill_due = Instant::now() + 10 * S;
+        let run_pid = pid("run").await;
+        let run_before = old.info("run").await.unwrap();
+        let spawns = spawner.spawn_count();
+
+        tokio::time::advance(3 * S).await;
+        let frozen = old.freeze_all().await.unwrap();
+        let names: Vec<&str> = frozen.iter().map(|f| f.service.name.as_str()).collect();
+        assert_eq!(names, ["back", "fail", "idle", "run", "stop"]);
+        assert!(frozen.iter().all(|f| f.service.generation == 1));
+        assert!(matches!(
+            frozen[3].service.machine.phase,
+            PhaseSnapshot::Running { pid, .. } if pid == run_pid
+        ));
+        // Nothing was signalled or reaped; the old handles say why they fail.
+        assert!(!child_of(&spawner, run_pid).is_reaped());
+        assert!(child_of(&spawner, run_pid).is_released());
+        assert_eq!(stopping.signals().len(), 1, "only the SIGTERM");
+        assert!(matches!(
+            stop_request.await,
+            Err(ServiceError::Upgrading { .. })
+        ));
+        assert!(matches!(
+            old.stop("run").await,
+            Err(SupervisorError::Service(ServiceError::Upgrading { .. }))
+        ));
+        assert!(matches!(
+            old.add(named("new", true)).await,
+            Err(SupervisorError::ShuttingDown)
+        ));
+
+        let events = EventBus::in_memory();
+        let (new, removed) = spawn_supervisor_resumed(
+            definitions(),
+            frozen,
+            Arc::new(spawner.clone()),
+            events.clone(),
+        );
+        assert!(removed.is_empty());
+        let run_after = new.info("run").await.unwrap();
+        assert_eq!(run_after.pid, Some(run_pid), "same process");
+        assert_eq!(run_after.state, State::Running);
+        assert_eq!(run_after.restarts, run_before.restarts);
+        assert_eq!(run_after.requested_starts, run_before.requested_starts);
+        assert_eq!(new.status("fail").await.unwrap(), State::Failed);
+        assert_eq!(new.status("idle").await.unwrap(), State::Stopped);
+        assert_eq!(new.status("back").await.unwrap(), State::Restarting);
+        assert_eq!(new.status("stop").await.unwrap(), State::Stopping);
+        assert_eq!(child_of(&spawner, run_pid).adoptions(), 1);
+        assert_eq!(spawner.spawn_count(), spawns, "nothing spawned anew");
+
+        // The backoff restarts at its time, the stop escalates at its own.
+        spawner.wait_for_spawns(spawns + 1).await;
+        let restarted_at = *spawner.spawn_times().last().unwrap();
+        let slack = Duration::from_millis(100);
+        assert!(
+            restarted_at + slack >= retry_at && restarted_at <= retry_at + slack,
+            "restarted {:?} from the original retry time",
+            restarted_at.max(retry_at) - restarted_at.min(retry_at)
+        );
+        state_is(&new, "stop", State::Stopped).await;
+        let (killed_at, signal) = *stopping.signals().get(1).expect("a SIGKILL");
+        assert_eq!(signal, Signal::SIGKILL);
+        assert!(killed_at + slack >= kill_due && killed_at <= kill_due + slack);
+        assert!(stopping.is_reaped());
+
+        // Users act on the new supervisor as usual.
+        new.stop("run").await.unwrap();
+        assert!(child_of(&spawner, run_pid).is_reaped());
+        new.start("idle").await.unwrap();
+        assert_eq!(new.status("idle").await.unwrap(), State::Running);
+        // Nothing said the services changed.
+        assert!(
+            !events
+                .history()
+                .iter()
+                .any(|event| event.service.as_deref() == Some("run")
+                    && matches!(event.kind, EventKind::Started { .. })),
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freeze_right_after_a_start_waits_for_its_spawn() {
+        let (old, spawner, _) = supervisor(vec![slow("run", false)]);
+        let handle = old.service("run").await.unwrap();
+        let start = handle.start_by(true);
+        let frozen = old.freeze_all().await.unwrap();
+        let child = spawner.last_child().expect("the start spawned");
+        assert!(matches!(
+            frozen[0].service.machine.phase,
+            PhaseSnapshot::Running { pid, .. } if pid == child.pid()
+        ));
+        assert!(frozen[0].service.child.is_some());
+        // The start was answered (up, or interrupted by the upgrade).
+        let _ = start.await;
+        assert!(!child.is_reaped());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_handed_over_but_no_longer_defined_is_stopped() {
+        let (old, spawner, _) = supervisor(vec![slow("gone", true), slow("kept", true)]);
+        old.start_all().await.unwrap();
+        let gone_pid = old.info("gone").await.unwrap().pid.unwrap();
+        let frozen = old.freeze_all().await.unwrap();
+        let spawner_dyn: Arc<dyn Spawner> = Arc::new(spawner.clone());
+        let (new, removed) = spawn_supervisor_resumed(
+            vec![slow("kept", true)],
+            frozen,
+            Arc::clone(&spawner_dyn),
+            EventBus::in_memory(),
+        );
+        assert_eq!(removed.len(), 1);
+        let stopped = stop_handed_over(&spawner_dyn, removed.into_iter().next().unwrap(), S).await;
+        assert_eq!(stopped, Some(gone_pid));
+        assert!(child_of(&spawner, gone_pid).is_reaped());
+        assert_eq!(new.status("kept").await.unwrap(), State::Running);
+    }
+}

@@ -48,7 +48,9 @@ impl From<SupervisorError> for ControlError {
     fn from(error: SupervisorError) -> Self {
         match error {
             SupervisorError::UnknownService(name) => ControlError::UnknownService(name),
-            SupervisorError::AlreadyExists(_) => ControlError::Failed(error.to_string()),
+            SupervisorError::AlreadyExists(_) | SupervisorError::FreezeFailed(_) => {
+                ControlError::Failed(error.to_string())
+            }
             SupervisorError::Gone
             | SupervisorError::ShuttingDown
             | SupervisorError::Service(
