@@ -187,7 +187,14 @@ pub async fn run(
                 // while a reload stops services.
                 Some(DaemonEvent::Reload) => reloader.trigger(),
                 Some(DaemonEvent::Freeze { reply }) => {
-                    // BASE STUB (branch upgrade-base only).
+                    // BASE STUB (branch upgrade-base only; u2 let a daemon
+                    // without services freeze, to test the exec without u1).
+                    if supervisor.list().await.is_ok_and(|services| services.is_empty()) {
+                        reloader.close();
+                        starting.abort();
+                        let _ = reply.send(Ok(Vec::new()));
+                        break;
+                    }
                     let _ = reply.send(Err(FreezeError::Refused {
                         reason: "not built yet".to_owned(),
                     }));

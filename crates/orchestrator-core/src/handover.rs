@@ -71,6 +71,20 @@ pub struct Handover {
     /// there is none); `None`: from events.jsonl, as at any start.
     #[serde(default)]
     pub next_event_seq: Option<u64>,
+    /// The guardian the old daemon started (its control pipe is the fd
+    /// "guardian"): the new daemon dismisses it at a clean shutdown and
+    /// warns if it ends.
+    #[serde(default)]
+    pub guardian_pid: Option<u32>,
+    /// The cgroup parent the old daemon claimed (maybe its fallback name),
+    /// whose lock is the fd "parent_lock": taken as it is, not claimed anew.
+    #[serde(default)]
+    pub cgroup_parent: Option<PathBuf>,
+    /// Upgrades this daemon process has gone through, this one included:
+    /// `GET /v1/daemon` shows it, so `upgrade` tells the new daemon from
+    /// the old one even when both are the same version.
+    #[serde(default)]
+    pub upgrades: u64,
 }
 
 /// One service, frozen.
@@ -379,7 +393,74 @@ impl Handover {
             fds: BTreeMap::new(),
             services: Vec::new(),
             next_event_seq: None,
+            guardian_pid: None,
+            cgroup_parent: None,
+            upgrades: 0,
         }
+    }
+
+    /// Adds a frozen service: its plain data to `services`, each of its
+    /// descriptors to `fds` as "svc.NAME.pidfd", "svc.NAME.stdout",
+    /// "svc.NAME.stderr", "svc.NAME.notify". The descriptors are returned:
+    /// the caller keeps them open (and clears their FD_CLOEXEC with
+    /// [`keep_across_exec`]) until the exec, and has them back to resume
+    /// the service itself if the exec fails.
+    pub fn add_service(
+        &mut self,
+        frozen: FrozenService,
+    ) -> Result<Vec<(String, OwnedFd)>, HandoverError> {
+        let FrozenService {
+            service,
+            pidfd,
+            stdout,
+            stderr,
+            notify,
+        } = frozen;
+        let mut kept = Vec::new();
+        for (part, fd) in [
+            ("pidfd", pidfd),
+            ("stdout", stdout),
+            ("stderr", stderr),
+            ("notify", notify),
+        ] {
+            if let Some(fd) = fd {
+                let name = service_fd_name(&service.name, part);
+                self.add_fd(name.clone(), fd.as_fd())?;
+                kept.push((name, fd));
+            }
+        }
+        self.services.push(service);
+        Ok(kept)
+    }
+
+    /// Takes every service of the document with its descriptors (those the
+    /// old daemon named for it; a part it did not name is `None`). Only in
+    /// the process that received the document across an exec, as
+    /// [`Handover::take_fd`].
+    pub fn take_services(&mut self) -> Result<Vec<FrozenService>, HandoverError> {
+        let services = std::mem::take(&mut self.services);
+        let mut frozen = Vec::with_capacity(services.len());
+        for service in services {
+            let mut part = |part: &str| -> Result<Option<OwnedFd>, HandoverError> {
+                let name = service_fd_name(&service.name, part);
+                if !self.fds.contains_key(&name) {
+                    return Ok(None);
+                }
+                self.take_fd(&name).map(Some)
+            };
+            let pidfd = part("pidfd")?;
+            let stdout = part("stdout")?;
+            let stderr = part("stderr")?;
+            let notify = part("notify")?;
+            frozen.push(FrozenService {
+                service,
+                pidfd,
+                stdout,
+                stderr,
+                notify,
+            });
+        }
+        Ok(frozen)
     }
 
     /// Names `fd` in the document. The caller keeps it open (and clears its
@@ -464,6 +545,32 @@ impl Handover {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// The name of a service's descriptor in [`Handover::fds`].
+pub fn service_fd_name(service: &str, part: &str) -> String {
+    format!("svc.{service}.{part}")
+}
+
+/// Reads the hand-over document from descriptor `fd`, the number the old
+/// daemon put on our command line (`run --handover FD`). Call it first
+/// thing, before any thread starts: the number is checked to be open, then
+/// owned (and closed once read).
+pub fn read_inherited(fd: RawFd) -> Result<Handover, HandoverError> {
+    // SAFETY: F_GETFD on any number is sound: a closed one is EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(HandoverError::ClosedFd {
+            name: "handover".to_owned(),
+            fd,
+            source: nix::Error::last(),
+        });
+    }
+    // SAFETY: the number is open (F_GETFD succeeded) and, in the process
+    // the old daemon exec'ed with `--handover FD`, owned by nothing else:
+    // it names the memfd that daemon kept across the exec for us, and it is
+    // taken once, here, before any other code of ours opens anything.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    read_fd(owned)
 }
 
 /// Writes `handover` as JSON into a new memfd, sealed against change and

@@ -1045,6 +1045,9 @@ mod tests {
             state_stale: false,
             state_failed_writes: 2,
             events_file_dropped: 0,
+            upgrades: 0,
+            upgrade_failures: 0,
+            last_upgrade_error: None,
         };
         assert_eq!(daemon_warning(&daemon), None, "an old failure that healed");
         daemon.state_stale = true;
