@@ -123,6 +123,26 @@ pub struct FrozenService {
     pub notify: Option<std::os::fd::OwnedFd>,
 }
 
+impl FrozenService {
+    /// Its descriptors, each with the part it is.
+    fn named_fds(&self) -> Vec<(&'static str, BorrowedFd<'_>)> {
+        [
+            ("pidfd", &self.pidfd),
+            ("stdout", &self.stdout),
+            ("stderr", &self.stderr),
+            ("notify", &self.notify),
+        ]
+        .into_iter()
+        .filter_map(|(part, fd)| fd.as_ref().map(|fd| (part, fd.as_fd())))
+        .collect()
+    }
+
+    /// Every descriptor it holds: those an upgrade keeps across its exec.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.named_fds().into_iter().map(|(_, fd)| fd).collect()
+    }
+}
+
 /// The plain-data half of a released child (its descriptors are in
 /// [`Handover::fds`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,38 +419,18 @@ impl Handover {
         }
     }
 
-    /// Adds a frozen service: its plain data to `services`, each of its
-    /// descriptors to `fds` as "svc.NAME.pidfd", "svc.NAME.stdout",
-    /// "svc.NAME.stderr", "svc.NAME.notify". The descriptors are returned:
-    /// the caller keeps them open (and clears their FD_CLOEXEC with
-    /// [`keep_across_exec`]) until the exec, and has them back to resume
-    /// the service itself if the exec fails.
-    pub fn add_service(
-        &mut self,
-        frozen: FrozenService,
-    ) -> Result<Vec<(String, OwnedFd)>, HandoverError> {
-        let FrozenService {
-            service,
-            pidfd,
-            stdout,
-            stderr,
-            notify,
-        } = frozen;
-        let mut kept = Vec::new();
-        for (part, fd) in [
-            ("pidfd", pidfd),
-            ("stdout", stdout),
-            ("stderr", stderr),
-            ("notify", notify),
-        ] {
-            if let Some(fd) = fd {
-                let name = service_fd_name(&service.name, part);
-                self.add_fd(name.clone(), fd.as_fd())?;
-                kept.push((name, fd));
-            }
+    /// Adds a frozen service: a copy of its plain data to `services`, and
+    /// each of its descriptors to `fds` as "svc.NAME.pidfd",
+    /// "svc.NAME.stdout", "svc.NAME.stderr", "svc.NAME.notify". The caller
+    /// keeps `frozen` (its descriptors open, FD_CLOEXEC cleared with
+    /// [`keep_across_exec`] on [`FrozenService::fds`]) until the exec, and
+    /// resumes it itself if the exec fails.
+    pub fn add_service(&mut self, frozen: &FrozenService) -> Result<(), HandoverError> {
+        for (part, fd) in frozen.named_fds() {
+            self.add_fd(service_fd_name(&frozen.service.name, part), fd)?;
         }
-        self.services.push(service);
-        Ok(kept)
+        self.services.push(frozen.service.clone());
+        Ok(())
     }
 
     /// Takes every service of the document with its descriptors (those the

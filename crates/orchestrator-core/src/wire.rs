@@ -288,6 +288,11 @@ pub enum ErrorCode {
     Unauthorized,
     /// Too many connections to the control API right now; try again.
     Busy,
+    /// `POST /v1/upgrade`: the new binary failed its dry run, or an upgrade
+    /// is under way already; nothing was changed.
+    UpgradeRefused,
+    /// A request body that does not parse.
+    BadBody,
     /// A code this client does not know (a newer daemon).
     #[serde(other)]
     Unknown,
@@ -298,7 +303,10 @@ impl ErrorCode {
     pub fn is_usage(self) -> bool {
         matches!(
             self,
-            ErrorCode::BadName | ErrorCode::BadQuery | ErrorCode::InvalidConfig
+            ErrorCode::BadName
+                | ErrorCode::BadQuery
+                | ErrorCode::InvalidConfig
+                | ErrorCode::BadBody
         )
     }
 }
