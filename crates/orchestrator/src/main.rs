@@ -1481,6 +1481,8 @@ fn reap_orphans_on_sigchld() -> std::io::Result<()> {
     let mut children = signal(SignalKind::child())?;
     tokio::spawn(async move {
         while children.recv().await.is_some() {
+            // Not while a dry run waits for its own children.
+            let _pass = upgrade::REAPING.read().await;
             let reaped = reap_orphans();
             if reaped > 0 {
                 tracing::debug!(reaped, "reaped orphaned processes");

@@ -23,6 +23,14 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The hidden flag of `run` that names the hand-over's memfd.
 pub const HANDOVER_FLAG: &str = "--handover";
 
+/// Held for reading by each pass of the daemon's orphan reaper, and for
+/// writing by a dry run: the reaper takes every exited child that is not a
+/// service's, and would take the dry run's own children (`--version`,
+/// `check`) before tokio's wait for them, which then fails with ECHILD.
+/// (Registering them as the services' leaders are would be finer; that
+/// registry is the engine's.)
+pub static REAPING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// The version this binary reports: its own, or
 /// `ORCHESTRATOR_REPORTED_VERSION` when set (for tests only: it stands in
 /// for a second build with another version, which the upgrade tests would
@@ -147,7 +155,10 @@ impl Upgrader {
                     .to_owned(),
             );
         }
-        let checked = handover::dry_run(&binary, inner.config.as_deref(), DRY_RUN_TIMEOUT).await;
+        let checked = {
+            let _no_reaping = REAPING.write().await;
+            handover::dry_run(&binary, inner.config.as_deref(), DRY_RUN_TIMEOUT).await
+        };
         let to = match checked {
             Ok(to) => to,
             Err(refused) => {
