@@ -215,7 +215,7 @@ Examples:
     /// The daemon first checks the new binary (the file it was started from, which may have been replaced since, or --binary): `BINARY --version` and `BINARY check` of the current config must pass, else nothing changes and this exits 1 saying why. Then it stops taking requests (clients wait, none is refused), hands every service, listener and lock over to the new binary with the same pid, and this returns once the new daemon answers. Same as SIGUSR2 to the daemon (without --binary).
     #[command(after_help = "\
 Examples:
-  cp target/release/orchestrator /usr/local/bin/orchestrator && orchestrator upgrade
+  install target/release/orchestrator /usr/local/bin/ && orchestrator upgrade
   orchestrator upgrade --binary /opt/orchestrator-0.2.0/orchestrator
   kill -USR2 $(pidof -s orchestrator)        the same, from a script without the CLI")]
     Upgrade {
