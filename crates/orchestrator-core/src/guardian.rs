@@ -189,6 +189,23 @@ impl Guardian {
         self.pid
     }
 
+    /// The daemon's end of the control pipe: kept open across an upgrade's
+    /// exec, the guardian sees no end and goes on watching the same pid,
+    /// now running the new binary.
+    pub fn control_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.control.as_fd()
+    }
+
+    /// The guardian an old daemon started, taken over after an upgrade's
+    /// exec from its control pipe and pid.
+    pub fn from_parts(control: OwnedFd, pid: u32) -> Guardian {
+        Guardian {
+            control: std::fs::File::from(control),
+            pid,
+        }
+    }
+
     /// The daemon is exiting normally with every service stopped: the
     /// guardian leaves without acting.
     pub fn dismiss(mut self) {

@@ -71,6 +71,20 @@ pub struct Handover {
     /// there is none); `None`: from events.jsonl, as at any start.
     #[serde(default)]
     pub next_event_seq: Option<u64>,
+    /// The guardian the old daemon started (its control pipe is the fd
+    /// "guardian"): the new daemon dismisses it at a clean shutdown and
+    /// warns if it ends.
+    #[serde(default)]
+    pub guardian_pid: Option<u32>,
+    /// The cgroup parent the old daemon claimed (maybe its fallback name),
+    /// whose lock is the fd "parent_lock": taken as it is, not claimed anew.
+    #[serde(default)]
+    pub cgroup_parent: Option<PathBuf>,
+    /// Upgrades this daemon process has gone through, this one included:
+    /// `GET /v1/daemon` shows it, so `upgrade` tells the new daemon from
+    /// the old one even when both are the same version.
+    #[serde(default)]
+    pub upgrades: u64,
 }
 
 /// One service, frozen.
@@ -127,6 +141,26 @@ impl FrozenService {
             .duration_since(frozen_at)
             .unwrap_or_default();
         now.checked_sub(since).unwrap_or(now)
+    }
+}
+
+impl FrozenService {
+    /// Its descriptors, each with the part it is.
+    fn named_fds(&self) -> Vec<(&'static str, BorrowedFd<'_>)> {
+        [
+            ("pidfd", &self.pidfd),
+            ("stdout", &self.stdout),
+            ("stderr", &self.stderr),
+            ("notify", &self.notify),
+        ]
+        .into_iter()
+        .filter_map(|(part, fd)| fd.as_ref().map(|fd| (part, fd.as_fd())))
+        .collect()
+    }
+
+    /// Every descriptor it holds: those an upgrade keeps across its exec.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.named_fds().into_iter().map(|(_, fd)| fd).collect()
     }
 }
 
@@ -400,7 +434,58 @@ impl Handover {
             fds: BTreeMap::new(),
             services: Vec::new(),
             next_event_seq: None,
+            guardian_pid: None,
+            cgroup_parent: None,
+            upgrades: 0,
         }
+    }
+
+    /// Adds a frozen service: a copy of its plain data to `services`, and
+    /// each of its descriptors to `fds` as "svc.NAME.pidfd",
+    /// "svc.NAME.stdout", "svc.NAME.stderr", "svc.NAME.notify". The caller
+    /// keeps `frozen` (its descriptors open, FD_CLOEXEC cleared with
+    /// [`keep_across_exec`] on [`FrozenService::fds`]) until the exec, and
+    /// resumes it itself if the exec fails.
+    pub fn add_service(&mut self, frozen: &FrozenService) -> Result<(), HandoverError> {
+        for (part, fd) in frozen.named_fds() {
+            self.add_fd(service_fd_name(&frozen.service.name, part), fd)?;
+        }
+        self.services.push(frozen.service.clone());
+        Ok(())
+    }
+
+    /// Takes every service of the document with its descriptors (those the
+    /// old daemon named for it; a part it did not name is `None`). Only in
+    /// the process that received the document across an exec, as
+    /// [`Handover::take_fd`].
+    pub fn take_services(&mut self) -> Result<Vec<FrozenService>, HandoverError> {
+        let services = std::mem::take(&mut self.services);
+        let mut frozen = Vec::with_capacity(services.len());
+        for service in services {
+            let mut part = |part: &str| -> Result<Option<OwnedFd>, HandoverError> {
+                let name = service_fd_name(&service.name, part);
+                if !self.fds.contains_key(&name) {
+                    return Ok(None);
+                }
+                self.take_fd(&name).map(Some)
+            };
+            let pidfd = part("pidfd")?;
+            let stdout = part("stdout")?;
+            let stderr = part("stderr")?;
+            let notify = part("notify")?;
+            frozen.push(FrozenService {
+                service,
+                pidfd,
+                stdout,
+                stderr,
+                notify,
+                // Timers are shifted by the time since the old daemon wrote
+                // the document; `upgraded` says which version it was.
+                from_version: Some(self.from_version.clone()),
+                frozen_at: Some(UNIX_EPOCH + Duration::from_millis(self.written_at_unix_ms)),
+            });
+        }
+        Ok(frozen)
     }
 
     /// Names `fd` in the document. The caller keeps it open (and clears its
@@ -485,6 +570,32 @@ impl Handover {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// The name of a service's descriptor in [`Handover::fds`].
+pub fn service_fd_name(service: &str, part: &str) -> String {
+    format!("svc.{service}.{part}")
+}
+
+/// Reads the hand-over document from descriptor `fd`, the number the old
+/// daemon put on our command line (`run --handover FD`). Call it first
+/// thing, before any thread starts: the number is checked to be open, then
+/// owned (and closed once read).
+pub fn read_inherited(fd: RawFd) -> Result<Handover, HandoverError> {
+    // SAFETY: F_GETFD on any number is sound: a closed one is EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(HandoverError::ClosedFd {
+            name: "handover".to_owned(),
+            fd,
+            source: nix::Error::last(),
+        });
+    }
+    // SAFETY: the number is open (F_GETFD succeeded) and, in the process
+    // the old daemon exec'ed with `--handover FD`, owned by nothing else:
+    // it names the memfd that daemon kept across the exec for us, and it is
+    // taken once, here, before any other code of ours opens anything.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    read_fd(owned)
 }
 
 /// Writes `handover` as JSON into a new memfd, sealed against change and

@@ -307,6 +307,50 @@ impl DaemonLock {
             _name: name,
         })
     }
+
+    /// Its two holds, the locked file and the bound lock name, to keep
+    /// across an upgrade's exec (the flock belongs to the open file, the
+    /// name to the socket: both go on while a descriptor of each is open).
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        use std::os::fd::AsFd;
+        [self._file.as_fd(), self._name.socket.as_fd()]
+    }
+
+    /// The lock of `data_dir` as the old daemon of an upgrade held it,
+    /// from the two descriptors of [`DaemonLock::fds`] it kept across the
+    /// exec: nothing is acquired anew, so no other daemon can slip in.
+    pub fn from_fds(
+        data_dir: &Path,
+        file: std::os::fd::OwnedFd,
+        name: std::os::fd::OwnedFd,
+    ) -> Result<DaemonLock, LockError> {
+        let path = data_dir.join("lock");
+        // Locking again through the same open file is a no-op that cannot
+        // block; it fails only if this is not that file.
+        let locked = Flock::lock(File::from(file), FlockArg::LockExclusiveNonblock).map_err(
+            |(_, errno)| LockError::Io {
+                path: path.clone(),
+                source: io::Error::from(errno),
+            },
+        )?;
+        let canonical = std::fs::canonicalize(data_dir).map_err(|source| LockError::Io {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let listener = std::os::unix::net::UnixListener::from(name);
+        // Blocking accepts, as the acceptor thread expects.
+        listener
+            .set_nonblocking(false)
+            .map_err(|source| LockError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let name = AbstractLock::serve(abstract_name(&canonical), listener)?;
+        Ok(DaemonLock {
+            _file: locked,
+            _name: name,
+        })
+    }
 }
 
 /// An abstract Unix socket bound (and listening, so a second daemon can ask
@@ -315,6 +359,9 @@ impl DaemonLock {
 #[derive(Debug)]
 struct AbstractLock {
     name: String,
+    /// A copy of the bound listener (the acceptor thread has the other), to
+    /// hand the lock over across an upgrade's exec.
+    socket: std::os::fd::OwnedFd,
     stop: Arc<std::sync::atomic::AtomicBool>,
     acceptor: Option<std::thread::JoinHandle<()>>,
 }
@@ -389,6 +436,20 @@ impl AbstractLock {
             }
             Err(error) => return Err(io_error(error)),
         };
+        AbstractLock::serve(name, listener)
+    }
+
+    /// Accepts and drops connections on the bound lock `listener` from a
+    /// thread of its own, for as long as the lock is held.
+    fn serve(
+        name: String,
+        listener: std::os::unix::net::UnixListener,
+    ) -> Result<AbstractLock, LockError> {
+        let io_error = |source| LockError::Io {
+            path: PathBuf::from(format!("@{name}")),
+            source,
+        };
+        let socket = std::os::fd::OwnedFd::from(listener.try_clone().map_err(io_error)?);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let acceptor = std::thread::Builder::new()
@@ -408,6 +469,7 @@ impl AbstractLock {
             .map_err(io_error)?;
         Ok(AbstractLock {
             name,
+            socket,
             stop,
             acceptor: Some(acceptor),
         })

@@ -184,6 +184,30 @@ pub struct DaemonInfo {
     /// Events that events.jsonl lost (its writer was stuck); they stayed in
     /// memory and reached followers.
     pub events_file_dropped: u64,
+    /// Upgrades this daemon process went through (`upgrade`, SIGUSR2):
+    /// it grows when a new binary has taken over.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// Upgrades that were accepted (their dry run passed) but failed
+    /// afterwards, leaving this binary running, with the last one's reason.
+    #[serde(default)]
+    pub upgrade_failures: u64,
+    #[serde(default)]
+    pub last_upgrade_error: Option<String>,
+}
+
+/// The answer to `POST /v1/upgrade` once the new binary passed its dry run
+/// (202): the upgrade goes on in the background; the new daemon is the one
+/// whose `GET /v1/daemon` shows `upgrades` past `upgrades` here, while
+/// `upgrade_failures` past the one here means it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeAccepted {
+    pub from: String,
+    /// The version the new binary reported in its dry run.
+    pub to: String,
+    pub binary: std::path::PathBuf,
+    pub upgrades: u64,
+    pub upgrade_failures: u64,
 }
 
 /// One record of a logs response (newline-delimited JSON): a line, or a
@@ -264,6 +288,11 @@ pub enum ErrorCode {
     Unauthorized,
     /// Too many connections to the control API right now; try again.
     Busy,
+    /// `POST /v1/upgrade`: the new binary failed its dry run, or an upgrade
+    /// is under way already; nothing was changed.
+    UpgradeRefused,
+    /// A request body that does not parse.
+    BadBody,
     /// A code this client does not know (a newer daemon).
     #[serde(other)]
     Unknown,
@@ -274,7 +303,10 @@ impl ErrorCode {
     pub fn is_usage(self) -> bool {
         matches!(
             self,
-            ErrorCode::BadName | ErrorCode::BadQuery | ErrorCode::InvalidConfig
+            ErrorCode::BadName
+                | ErrorCode::BadQuery
+                | ErrorCode::InvalidConfig
+                | ErrorCode::BadBody
         )
     }
 }

@@ -9,7 +9,7 @@ use hyper::Method;
 use orchestrator_core::events::Event;
 use orchestrator_core::process::ExitWatch;
 use orchestrator_core::wire::{
-    ChangeAction, DaemonInfo, ErrorCode, LogRecord, ReloadReport, ServiceInfo,
+    ChangeAction, DaemonInfo, ErrorCode, LogRecord, ReloadReport, ServiceInfo, UpgradeAccepted,
 };
 use tokio::task::JoinSet;
 
@@ -1033,6 +1033,82 @@ pub async fn shutdown(client: &Client, wait: Duration) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// How long `upgrade` waits for the new daemon to answer once the old one
+/// accepted the new binary (freezing a thousand services and the exec take
+/// far less; a stuck freeze is the old daemon's to report).
+const UPGRADE_WAIT: Duration = Duration::from_secs(120);
+const UPGRADE_POLL: Duration = Duration::from_millis(50);
+
+/// Asks for an upgrade and returns once the new daemon answers (exit 0), or
+/// says why it was refused or failed (exit 1; the daemon goes on as before).
+pub async fn upgrade(client: &Client, binary: Option<std::path::PathBuf>) -> ExitCode {
+    // The daemon runs elsewhere: a path relative to here means nothing there.
+    let binary = match binary.as_deref().map(std::path::absolute).transpose() {
+        Ok(binary) => binary,
+        Err(error) => {
+            eprintln!("orchestrator: cannot make --binary an absolute path: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let body = serde_json::json!({ "binary": binary });
+    // The answer comes after the dry run, which may take a while: unbounded
+    // as long as the daemon answers its health check.
+    let answer = tokio::select! {
+        answer = client.json_with_body::<UpgradeAccepted>(Method::POST, "/v1/upgrade", &body) => answer,
+        error = client.until_unresponsive() => Err(error),
+    };
+    let accepted = match answer {
+        Ok(accepted) => accepted,
+        Err(error) => return fail(&error),
+    };
+    let began = std::time::Instant::now();
+    loop {
+        // While the daemon switches, the request waits in the socket's
+        // backlog (or times out and is asked again): only a refused
+        // connection means there is no daemon any more.
+        match client.json::<DaemonInfo>(Method::GET, "/v1/daemon").await {
+            Ok(daemon) if daemon.upgrades > accepted.upgrades => {
+                outln!(
+                    "daemon upgraded from {} to {} (pid {})",
+                    accepted.from,
+                    daemon.version,
+                    daemon.pid
+                );
+                return ExitCode::SUCCESS;
+            }
+            Ok(daemon) if daemon.upgrade_failures > accepted.upgrade_failures => {
+                eprintln!(
+                    "orchestrator: the upgrade to {} failed: {}; the daemon goes on as {}",
+                    accepted.binary.display(),
+                    daemon
+                        .last_upgrade_error
+                        .as_deref()
+                        .unwrap_or("no reason given (see the daemon's log)"),
+                    daemon.version
+                );
+                return ExitCode::from(EXIT_FAILED);
+            }
+            Ok(_) => {}
+            Err(error @ ClientError::Unreachable { .. }) => {
+                eprintln!(
+                    "orchestrator: {error}: the daemon ended during the upgrade to {} (see its log): its guardian stops the services; start the daemon again",
+                    accepted.binary.display()
+                );
+                return ExitCode::from(EXIT_FAILED);
+            }
+            Err(_) => {}
+        }
+        if began.elapsed() >= UPGRADE_WAIT {
+            eprintln!(
+                "orchestrator: the daemon accepted the upgrade to {} but the new one has not answered after {UPGRADE_WAIT:?}; see the daemon's log",
+                accepted.binary.display()
+            );
+            return ExitCode::from(EXIT_FAILED);
+        }
+        tokio::time::sleep(UPGRADE_POLL).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1045,6 +1121,9 @@ mod tests {
             state_stale: false,
             state_failed_writes: 2,
             events_file_dropped: 0,
+            upgrades: 0,
+            upgrade_failures: 0,
+            last_upgrade_error: None,
         };
         assert_eq!(daemon_warning(&daemon), None, "an old failure that healed");
         daemon.state_stale = true;

@@ -6,7 +6,9 @@ mod console;
 mod journal;
 mod logview;
 mod paths;
+mod upgrade;
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -79,7 +81,11 @@ Examples:
   orchestrator -c /etc/orchestrator/orchestrator.toml run
                                                        host mode: /var/lib/orchestrator, /run/orchestrator
   orchestrator --socket /tmp/orch.sock run             listen on another socket")]
-    Run,
+    Run {
+        /// Internal: resume from an upgrade's hand-over (a memfd the old daemon left open)
+        #[arg(long, hide = true, value_name = "FD")]
+        handover: Option<std::os::fd::RawFd>,
+    },
     /// Validate the configuration, print every problem, exit 0 or 2
     #[command(after_help = "\
 Examples:
@@ -204,6 +210,19 @@ Examples:
         #[arg(long)]
         json: bool,
     },
+    /// Re-exec the daemon as a new binary under the running services
+    ///
+    /// The daemon first checks the new binary (the file it was started from, which may have been replaced since, or --binary): `BINARY --version` and `BINARY check` of the current config must pass, else nothing changes and this exits 1 saying why. Then it stops taking requests (clients wait, none is refused), hands every service, listener and lock over to the new binary with the same pid, and this returns once the new daemon answers. Same as SIGUSR2 to the daemon (without --binary).
+    #[command(after_help = "\
+Examples:
+  install target/release/orchestrator /usr/local/bin/ && orchestrator upgrade
+  orchestrator upgrade --binary /opt/orchestrator-0.2.0/orchestrator
+  kill -USR2 $(pidof -s orchestrator)        the same, from a script without the CLI")]
+    Upgrade {
+        /// The new binary [default: the path the daemon was started from]
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
     /// Stop every service and the daemon; returns once it is gone
     #[command(after_help = "\
 Examples:
@@ -245,6 +264,8 @@ struct Targets {
 }
 
 fn main() -> ExitCode {
+    // Before anything: what an upgrade execs again.
+    let origin = upgrade::Origin::record();
     let parsed = command()
         .try_get_matches()
         .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)));
@@ -267,7 +288,7 @@ fn main() -> ExitCode {
     };
     let daemon_side = matches!(
         cli.command,
-        Command::Run | Command::Check | Command::Discover | Command::Guardian { .. }
+        Command::Run { .. } | Command::Check | Command::Discover | Command::Guardian { .. }
     );
     match cli.command {
         Command::Completions { shell } => return completions(shell),
@@ -287,7 +308,7 @@ fn main() -> ExitCode {
     let mut config_stamp = None;
     let config = if needs_config {
         match config::load_all(cli.config.as_deref()) {
-            Ok(loaded) if matches!(cli.command, Command::Check | Command::Run) => {
+            Ok(loaded) if matches!(cli.command, Command::Check | Command::Run { .. }) => {
                 config_stamp = loaded.config.source.as_deref().and_then(file_stamp);
                 let found = validate(&loaded, &HostEnv::from_process(), Some(resolve_program));
                 let stop = match cli.command {
@@ -348,12 +369,14 @@ fn main() -> ExitCode {
             cli.config.clone(),
             cgroup_parent,
         ),
-        Command::Run => match run(
+        Command::Run { handover } => match run(
             config.expect("loaded for run"),
             reloader(cli.config.clone()),
             run_socket,
             validation.expect("validated for run").findings,
             config_stamp,
+            handover,
+            origin,
         ) {
             Ok(()) => {
                 console::flush();
@@ -402,7 +425,7 @@ const AFTER_THE_VERB: [(&str, &[&str]); 3] = [
 /// are offered to every verb, including those they would do nothing for.
 fn command() -> clap::Command {
     use clap::CommandFactory;
-    let mut command = Cli::command();
+    let mut command = Cli::command().version(upgrade::version());
     let verbs: Vec<String> = command
         .get_subcommands()
         .map(|sub| sub.get_name().to_owned())
@@ -546,7 +569,8 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
                 cli::events(&client, request).await
             }
             Command::Shutdown => cli::shutdown(&client, shutdown_wait).await,
-            Command::Run
+            Command::Upgrade { binary } => cli::upgrade(&client, binary).await,
+            Command::Run { .. }
             | Command::Check
             | Command::Discover
             | Command::Guardian { .. }
@@ -764,17 +788,39 @@ fn run(
     socket: PathBuf,
     findings: Vec<Finding>,
     config_stamp: Option<FileStamp>,
+    handover_fd: Option<std::os::fd::RawFd>,
+    origin: upgrade::Origin,
 ) -> anyhow::Result<()> {
+    // An upgrade's hand-over is read first, while this is the only thread:
+    // a document this build cannot read stops us here, before anything is
+    // touched (the guardian, still watching, then stops the services as
+    // after a crash).
+    let mut handover = match handover_fd {
+        Some(fd) => Some(
+            orchestrator_core::handover::read_inherited(fd)
+                .context("cannot resume from the old daemon's hand-over")?,
+        ),
+        None => None,
+    };
     // Whatever our parent leaked to us must not reach the services. First,
     // while this is the only thread (the console's starts next).
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
     init_tracing(&config);
-    tracing::info!(
-        pid = std::process::id(),
-        data_dir = %config.orchestrator.data_dir.display(),
-        "orchestrator {} starting",
-        env!("CARGO_PKG_VERSION")
-    );
+    match &handover {
+        Some(document) => tracing::info!(
+            pid = std::process::id(),
+            services = document.services.len(),
+            "orchestrator {} upgraded from {}",
+            upgrade::version(),
+            document.from_version
+        ),
+        None => tracing::info!(
+            pid = std::process::id(),
+            data_dir = %config.orchestrator.data_dir.display(),
+            "orchestrator {} starting",
+            upgrade::version()
+        ),
+    }
     log_findings(&findings);
     raise_fd_limit();
     if let Err(error) = become_subreaper() {
@@ -788,29 +834,59 @@ fn run(
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let guardian_slot = &mut guardian;
     let outcome = runtime.block_on(async move {
+        let mut config = config;
         create_private_dir(&config.orchestrator.data_dir)?;
+        let mut inherited = match handover.as_mut() {
+            Some(document) => Some(upgrade::Inherited::take(document)?),
+            None => None,
+        };
+        let data_dir = config.orchestrator.data_dir.clone();
         // Taken before anything else: a second daemon on the same data_dir
-        // stops here and disturbs nothing.
-        let _lock = DaemonLock::acquire(&config.orchestrator.data_dir)?;
-        // A previous daemon's guardian may still be stopping what it left:
-        // nothing of ours starts before it is done.
-        guardian::wait_for_previous(
-            &config.orchestrator.data_dir,
-            guardian::PREVIOUS_GUARDIAN_WAIT,
-        )
-        .await?;
+        // stops here and disturbs nothing. After an upgrade, the old
+        // daemon's holds are ours as they were: never released meanwhile.
+        let lock = match inherited.as_mut().and_then(|inherited| inherited.lock.take()) {
+            Some((file, name)) => DaemonLock::from_fds(&data_dir, file, name)?,
+            None => {
+                let lock = DaemonLock::acquire(&data_dir)?;
+                // A previous daemon's guardian may still be stopping what
+                // it left: nothing of ours starts before it is done. (Not
+                // after an upgrade: that guardian is ours.)
+                guardian::wait_for_previous(&data_dir, guardian::PREVIOUS_GUARDIAN_WAIT).await?;
+                lock
+            }
+        };
+        // The cgroup parent the old daemon claimed, held by the descriptor
+        // it handed over: taken as it is rather than claimed anew.
+        let parent_lock = inherited
+            .as_mut()
+            .and_then(|inherited| inherited.parent_lock.take());
+        let inherited_parent = handover
+            .as_ref()
+            .and_then(|document| document.cgroup_parent.clone())
+            .filter(|_| parent_lock.is_some());
+        if let Some(parent) = &inherited_parent {
+            config.orchestrator.cgroup_parent = parent.clone();
+        }
         // Before the guardian: on cgroup v2 the daemon may move itself into
         // a leaf cgroup, and the guardian must be born there with it.
-        let controller = resource_controller(&config.orchestrator, false);
+        let controller = resource_controller(&config.orchestrator, inherited_parent.is_some());
         let claimed = controller.claimed_parent().map(Path::to_owned);
-        *guardian_slot = start_guardian(
-            config.source.as_deref(),
-            claimed.as_deref(),
-            controller.parent_lock(),
-        )
-        .await;
-        let spawner = Arc::new(UnixSpawner::new(
-            controller,
+        *guardian_slot = match inherited
+            .as_mut()
+            .and_then(|inherited| inherited.guardian.take())
+        {
+            Some((control, pid)) => Some(guardian::Guardian::from_parts(control, pid)),
+            None => {
+                start_guardian(
+                    config.source.as_deref(),
+                    claimed.as_deref(),
+                    controller.parent_lock().or(parent_lock.as_ref().map(AsFd::as_fd)),
+                )
+                .await
+            }
+        };
+        let spawner: Arc<UnixSpawner> = Arc::new(UnixSpawner::new(
+            Arc::clone(&controller),
             config.orchestrator.require_limits,
         ));
         let dismissing = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -818,7 +894,7 @@ fn run(
             watch_guardian(guardian.pid(), Arc::clone(&dismissing));
         }
         // TCP first: if it fails, no control socket is left behind.
-        let tcp = match config.orchestrator.http_listen {
+        let mut tcp = match config.orchestrator.http_listen {
             Some(addr) => {
                 let token_file = config
                     .orchestrator
@@ -829,21 +905,59 @@ fn run(
                     .with_context(|| format!("cannot read {}", token_file.display()))?
                     .trim()
                     .to_owned();
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} (http_listen)"))?;
+                let inherited_tcp = inherited
+                    .as_mut()
+                    .and_then(|inherited| inherited.api_tcp.take());
+                let listener = match inherited_tcp {
+                    Some(fd) => upgrade::tcp_listener(fd)
+                        .context("cannot listen on the HTTP socket handed over")?,
+                    None => tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr} (http_listen)"))?,
+                };
                 Some((listener, addr, token))
             }
             None => None,
         };
-        create_socket_dir(&socket)?;
-        let listener = bind_unix(&socket).await?;
+        let inherited_unix = inherited
+            .as_mut()
+            .and_then(|inherited| inherited.api_unix.take());
+        let listener = match inherited_unix {
+            Some(fd) => upgrade::unix_listener(fd)
+                .context("cannot listen on the control socket handed over")?,
+            None => {
+                create_socket_dir(&socket)?;
+                bind_unix(&socket).await?
+            }
+        };
+        let mut unix = OwnerOnly::new(listener);
         let socket_shown = socket.display().to_string();
-        let (events_tx, events) = mpsc::channel(16);
-        forward_signals(events_tx.clone()).context("cannot install signal handlers")?;
+        // The services handed over, resumed by the first run below; every
+        // other descriptor the old daemon kept is closed.
+        let mut resumed = Vec::new();
+        let mut upgrades = 0;
+        if let Some(mut document) = handover.take() {
+            resumed = document.take_services()?;
+            for (name, fd) in document.take_remaining_fds() {
+                tracing::debug!(
+                    name,
+                    taken = fd.is_ok(),
+                    "closed a handed-over descriptor this build does not use"
+                );
+            }
+            upgrades = document.upgrades;
+        }
+        drop(inherited);
+        // Every source of daemon events sends into this funnel, which lives
+        // as long as the process; each run of the daemon is fed from it.
+        let (funnel_tx, mut funnel) = mpsc::channel(16);
+        forward_signals(funnel_tx.clone()).context("cannot install signal handlers")?;
+        let (upgrader, mut go) =
+            upgrade::Upgrader::new(origin.binary.clone(), config.source.clone(), upgrades);
+        forward_upgrade_signal(upgrader.clone()).context("cannot install the SIGUSR2 handler")?;
         // Held to the end: dropping it stops the watchers.
         let _watching = match config.orchestrator.watch {
-            true => start_watching(&config, config_stamp, events_tx.clone()).await,
+            true => start_watching(&config, config_stamp, funnel_tx.clone()).await,
             false => None,
         };
         reap_orphans_on_sigchld().context("cannot install the SIGCHLD handler")?;
@@ -855,86 +969,159 @@ fn run(
         // Discovered binaries run too (start_discovered): count them.
         let services = config.services.len()
             + discover(&config.orchestrator.services_dir).map_or(0, |found| found.len());
-        let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        // Run on this (the main) thread rather than spawned: the services
-        // are then set up in the allocator arena that parsing the
-        // configuration just freed, instead of a worker's fresh one.
-        let daemon = daemon::run(
-            config,
-            Some(loader),
-            spawner,
-            HostEnv::from_process(),
-            events,
-            Some(ready_tx),
-            Vec::new(),
-        );
-        // Cancelled once the daemon is done: the listeners stop accepting
-        // and every follow stream ends cleanly, so a `logs -f` sees the end
-        // of its stream rather than a cut connection.
-        let closing = CancellationToken::new();
-        let servers = TaskTracker::new();
-        let serving = {
-            let closing = closing.clone();
-            let servers = servers.clone();
-            async move {
-                let Ok(handles) = ready.await else { return };
-                let control = DaemonControl {
-                    supervisor: handles.supervisor,
-                    events: handles.events,
-                    daemon: events_tx,
-                    closing: closing.clone(),
-                    state: handles.state,
-                    reloader: handles.reloader,
-                };
-                let listeners = if tcp.is_some() { 2 } else { 1 };
-                let limits = ConnectionLimits {
-                    max_connections: connection_cap_here(
-                        api_limits.max_connections,
-                        listeners,
-                        services,
-                    ),
-                    ..api_limits
-                };
-                if limits.max_connections < api_limits.max_connections {
-                    tracing::info!(
-                        api_max_connections = limits.max_connections,
-                        "API connections per listener lowered to leave the services their descriptors (RLIMIT_NOFILE)"
-                    );
+        let listeners = if tcp.is_some() { 2 } else { 1 };
+        let limits = ConnectionLimits {
+            max_connections: connection_cap_here(api_limits.max_connections, listeners, services),
+            ..api_limits
+        };
+        if limits.max_connections < api_limits.max_connections {
+            tracing::info!(
+                api_max_connections = limits.max_connections,
+                "API connections per listener lowered to leave the services their descriptors (RLIMIT_NOFILE)"
+            );
+        }
+        let config_source = config.source.clone();
+        let mut config = Some(config);
+        let mut said_listening = false;
+        // One turn per run of the daemon: the first, and one more after each
+        // upgrade whose exec failed, resuming the services it had frozen.
+        let result: anyhow::Result<()> = 'runs: loop {
+            let config = match config.take() {
+                Some(config) => config,
+                None => match loader() {
+                    Ok((config, _)) => config,
+                    Err(problems) => {
+                        break 'runs Err(anyhow::anyhow!(
+                            "cannot read the configuration again to resume the services after a failed upgrade: {}; the guardian stops them: start the daemon again",
+                            problems.join("; ")
+                        ));
+                    }
+                },
+            };
+            let (events_tx, events) = mpsc::channel(16);
+            let relay = tokio::spawn(relay_events(funnel, events_tx));
+            let (ready_tx, ready) = tokio::sync::oneshot::channel();
+            // Run on this (the main) thread rather than spawned: the services
+            // are then set up in the allocator arena that parsing the
+            // configuration just freed, instead of a worker's fresh one.
+            let daemon = daemon::run(
+                config,
+                Some(loader.clone()),
+                spawner.clone(),
+                HostEnv::from_process(),
+                events,
+                Some(ready_tx),
+                std::mem::take(&mut resumed),
+            );
+            tokio::pin!(daemon);
+            let handles = tokio::select! {
+                result = &mut daemon => {
+                    relay.abort();
+                    break 'runs result.map_err(Into::into);
                 }
-                servers.spawn(serve(
-                    OwnerOnly::new(listener),
-                    router(control.clone()),
+                handles = ready => handles,
+            };
+            let Ok(handles) = handles else {
+                let result = (&mut daemon).await;
+                relay.abort();
+                break 'runs result.map_err(Into::into);
+            };
+            // One turn per serving of the API: the first, and one more after
+            // each upgrade refused at its freeze.
+            loop {
+                let session = Session::start(
+                    &handles,
+                    unix,
+                    tcp,
                     limits,
-                    closing.clone(),
-                    servers.clone(),
-                ));
-                tracing::info!(socket = %socket_shown, "control API listening");
-                if let Some((listener, addr, token)) = tcp {
-                    let app = tcp_router(control, addr, token);
-                    servers.spawn(serve(
-                        listener,
-                        app,
-                        limits,
-                        closing.clone(),
-                        servers.clone(),
-                    ));
-                    tracing::info!(%addr, "HTTP API listening");
+                    funnel_tx.clone(),
+                    upgrader.clone(),
+                );
+                if !said_listening {
+                    said_listening = true;
+                    tracing::info!(socket = %socket_shown, "control API listening");
+                    if let Some(addr) = session.tcp_addr() {
+                        tracing::info!(%addr, "HTTP API listening");
+                    }
                 }
+                let request = tokio::select! {
+                    result = &mut daemon => {
+                        session.stop(SERVER_DRAIN).await?;
+                        relay.abort();
+                        break 'runs result.map_err(Into::into);
+                    }
+                    Some(request) = go.recv() => request,
+                };
+                // The API stops taking requests: connections wait in the
+                // listeners' backlogs for whichever daemon serves next, and
+                // the answers in flight finish first.
+                tracing::info!(binary = %request.binary.display(), to = %request.to, "upgrading");
+                (unix, tcp) = session.stop(upgrade::DRAIN_TIMEOUT).await?;
+                let (reply, frozen) = tokio::sync::oneshot::channel();
+                if funnel_tx.send(DaemonEvent::Freeze { reply }).await.is_err() {
+                    upgrader.failed("the daemon stopped taking events".to_owned());
+                    continue;
+                }
+                tokio::pin!(frozen);
+                let frozen = tokio::select! {
+                    biased;
+                    answer = &mut frozen => answer,
+                    result = &mut daemon => match frozen.try_recv() {
+                        Ok(answer) => Ok(answer),
+                        // Shut down before it took the freeze.
+                        Err(_) => {
+                            upgrader.failed("the daemon shut down first".to_owned());
+                            relay.abort();
+                            break 'runs result.map_err(Into::into);
+                        }
+                    },
+                };
+                let frozen = match frozen {
+                    Ok(Ok(frozen)) => frozen,
+                    Ok(Err(refused)) => {
+                        upgrader.failed(refused.to_string());
+                        continue;
+                    }
+                    Err(_) => {
+                        upgrader.failed("the daemon ended without answering the freeze".to_owned());
+                        let result = (&mut daemon).await;
+                        relay.abort();
+                        break 'runs result.map_err(Into::into);
+                    }
+                };
+                // Frozen: the run returns without stopping anything.
+                if let Err(error) = (&mut daemon).await {
+                    tracing::warn!("the daemon's run ended with an error after the freeze: {error}");
+                }
+                funnel = relay.await.context("the event relay failed")?;
+                let own = upgrade::Own {
+                    lock: lock.fds(),
+                    parent_lock: controller.parent_lock().or(parent_lock.as_ref().map(AsFd::as_fd)),
+                    cgroup_parent: claimed.clone(),
+                    api_unix: upgrade::borrow(unix.listener()),
+                    api_tcp: tcp.as_ref().map(|(listener, _, _)| upgrade::borrow(listener)),
+                    guardian: guardian_slot
+                        .as_ref()
+                        .map(|guardian| (guardian.control_fd(), guardian.pid())),
+                };
+                // Returns only if the exec failed: this binary resumes the
+                // services it froze, in its next run.
+                let why = upgrade::exec(
+                    &request.binary,
+                    &origin,
+                    config_source.clone(),
+                    upgrades,
+                    &own,
+                    &frozen,
+                );
+                upgrader.failed(why);
+                resumed = frozen;
+                continue 'runs;
             }
         };
-        let (result, ()) = tokio::join!(daemon, serving);
-        closing.cancel();
-        servers.close();
-        // Answers in flight get a moment to finish; a client that stopped
-        // reading does not hold the exit up.
-        if tokio::time::timeout(SERVER_DRAIN, servers.wait())
-            .await
-            .is_err()
-        {
-            tracing::debug!("API connections still open at exit; closing them");
-        }
         let _ = std::fs::remove_file(&socket);
         result?;
+        drop(lock);
         // Every service is stopped: nothing for the guardian to do.
         if let Some(guardian) = guardian_slot.take() {
             dismissing.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -945,6 +1132,146 @@ fn run(
     drop(runtime);
     drop(guardian);
     outcome
+}
+
+/// Feeds one run of the daemon from the funnel every source sends into,
+/// and hands the funnel back once that run has ended (its receiver gone).
+async fn relay_events(
+    mut funnel: mpsc::Receiver<DaemonEvent>,
+    run: mpsc::Sender<DaemonEvent>,
+) -> mpsc::Receiver<DaemonEvent> {
+    loop {
+        tokio::select! {
+            biased;
+            () = run.closed() => return funnel,
+            event = funnel.recv() => match event {
+                Some(event) => {
+                    if let Err(mpsc::error::SendError(event)) = run.send(event).await {
+                        // Between two runs (a failed exec): the next one
+                        // takes nothing from before it.
+                        tracing::debug!(?event, "an event arrived as the daemon's run ended");
+                        return funnel;
+                    }
+                }
+                None => return funnel,
+            },
+        }
+    }
+}
+
+/// The control API served on the listeners, for one run of the daemon.
+struct Session {
+    closing: CancellationToken,
+    servers: TaskTracker,
+    unix: tokio::task::JoinHandle<OwnerOnly>,
+    tcp: Option<(
+        tokio::task::JoinHandle<tokio::net::TcpListener>,
+        std::net::SocketAddr,
+        String,
+    )>,
+}
+
+type TcpParts = (tokio::net::TcpListener, std::net::SocketAddr, String);
+
+impl Session {
+    fn start(
+        handles: &daemon::DaemonHandles,
+        unix: OwnerOnly,
+        tcp: Option<TcpParts>,
+        limits: ConnectionLimits,
+        daemon: mpsc::Sender<DaemonEvent>,
+        upgrader: upgrade::Upgrader,
+    ) -> Session {
+        // Cancelled once the daemon is done: the listeners stop accepting
+        // and every follow stream ends cleanly, so a `logs -f` sees the end
+        // of its stream rather than a cut connection.
+        let closing = CancellationToken::new();
+        let servers = TaskTracker::new();
+        let control = DaemonControl {
+            supervisor: handles.supervisor.clone(),
+            events: handles.events.clone(),
+            daemon,
+            closing: closing.clone(),
+            state: handles.state.clone(),
+            reloader: handles.reloader.clone(),
+            upgrader,
+        };
+        let unix = tokio::spawn(serve(
+            unix,
+            router(control.clone()),
+            limits,
+            closing.clone(),
+            servers.clone(),
+        ));
+        let tcp = tcp.map(|(listener, addr, token)| {
+            let app = tcp_router(control, addr, token.clone());
+            let served = tokio::spawn(serve(
+                listener,
+                app,
+                limits,
+                closing.clone(),
+                servers.clone(),
+            ));
+            (served, addr, token)
+        });
+        Session {
+            closing,
+            servers,
+            unix,
+            tcp,
+        }
+    }
+
+    fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.as_ref().map(|(_, addr, _)| *addr)
+    }
+
+    /// Stops accepting, lets the answers in flight finish (at most `drain`:
+    /// a client that stopped reading does not hold us up), and returns the
+    /// listeners, still bound.
+    async fn stop(
+        self,
+        drain: std::time::Duration,
+    ) -> anyhow::Result<(OwnerOnly, Option<TcpParts>)> {
+        self.closing.cancel();
+        let unix = self.unix.await.context("the control API server failed")?;
+        let tcp = match self.tcp {
+            Some((served, addr, token)) => Some((
+                served.await.context("the HTTP API server failed")?,
+                addr,
+                token,
+            )),
+            None => None,
+        };
+        self.servers.close();
+        if tokio::time::timeout(drain, self.servers.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!("API connections still open after {drain:?}; closing them");
+        }
+        Ok((unix, tcp))
+    }
+}
+
+/// SIGUSR2 asks for an upgrade to the binary the daemon was started from,
+/// as `orchestrator upgrade` does; the outcome is in the log.
+fn forward_upgrade_signal(upgrader: upgrade::Upgrader) -> std::io::Result<()> {
+    let mut user2 = signal(SignalKind::user_defined2())?;
+    tokio::spawn(async move {
+        while user2.recv().await.is_some() {
+            tracing::info!(
+                "received SIGUSR2: upgrading to the binary this daemon was started from"
+            );
+            let upgrader = upgrader.clone();
+            tokio::spawn(async move {
+                if let Err(why) = upgrader.request(None).await {
+                    tracing::error!("upgrade refused: {why}");
+                }
+            });
+        }
+    });
+    Ok(())
 }
 
 /// The services' cgroups, detected once (and logged once) for the
@@ -1154,6 +1481,8 @@ fn reap_orphans_on_sigchld() -> std::io::Result<()> {
     let mut children = signal(SignalKind::child())?;
     tokio::spawn(async move {
         while children.recv().await.is_some() {
+            // Not while a dry run waits for its own children.
+            let _pass = upgrade::REAPING.read().await;
             let reaped = reap_orphans();
             if reaped > 0 {
                 tracing::debug!(reaped, "reaped orphaned processes");

@@ -304,3 +304,48 @@ fn descriptors_left_unclaimed_are_taken_to_be_closed() {
     File::from(read).read_to_end(&mut got).unwrap();
     assert!(got.is_empty());
 }
+
+#[test]
+fn a_frozen_service_goes_through_the_document_with_its_descriptors() {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut service = sample().services.remove(0);
+    service.name = "api".to_owned();
+    let frozen = FrozenService {
+        service: service.clone(),
+        pidfd: None,
+        stdout: Some(read),
+        stderr: None,
+        notify: None,
+        from_version: None,
+        frozen_at: None,
+    };
+    let mut handover = Handover::new("0.1.0", None);
+    handover.add_service(&frozen).unwrap();
+    assert_eq!(frozen.fds().len(), 1);
+    assert_eq!(
+        handover.fds.keys().collect::<Vec<_>>(),
+        ["svc.api.stdout"],
+        "only the descriptors it has"
+    );
+    // Twice the same name is a bug of the writer, refused.
+    assert!(matches!(
+        handover.add_service(&frozen),
+        Err(HandoverError::DuplicateFd { .. })
+    ));
+    let number = frozen.stdout.unwrap().into_raw_fd();
+    let mut handover: Handover =
+        serde_json::from_slice(&serde_json::to_vec(&handover).unwrap()).unwrap();
+    // As across an exec: the numbers are all the new process has.
+    let mut taken = handover.take_services().unwrap();
+    assert_eq!(taken.len(), 1);
+    let api = taken.pop().unwrap();
+    assert_eq!(api.service, service);
+    let stdout = api.stdout.expect("its stdout");
+    assert_eq!(stdout.as_raw_fd(), number);
+    assert!(api.pidfd.is_none() && api.stderr.is_none() && api.notify.is_none());
+    assert!(handover.fds.is_empty(), "each taken once");
+    File::from(write).write_all(b"x").unwrap();
+    let mut got = [0u8; 1];
+    File::from(stdout).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"x");
+}

@@ -2,6 +2,7 @@
 //! against a fake, and runs against the real supervisor.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use orchestrator_core::daemon::DaemonEvent;
@@ -11,7 +12,7 @@ use orchestrator_core::reload::{ReloadHandle, ReloadOutcome};
 use orchestrator_core::service::ServiceError;
 use orchestrator_core::state::StateStore;
 use orchestrator_core::supervisor::{SupervisorError, SupervisorHandle};
-use orchestrator_core::wire::{DaemonInfo, ServiceInfo};
+use orchestrator_core::wire::{DaemonInfo, ServiceInfo, UpgradeAccepted};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -89,6 +90,15 @@ pub trait Control: Clone + Send + Sync + 'static {
     /// Cancelled once the daemon has stopped every service and is about to
     /// exit: follow streams end cleanly then, instead of being cut.
     fn closing(&self) -> CancellationToken;
+    /// Dry-run `binary` (the daemon's own start path when `None`) and, if it
+    /// passes, start the upgrade to it; `Err` says why nothing changed.
+    fn upgrade(
+        &self,
+        binary: Option<PathBuf>,
+    ) -> impl Future<Output = Result<UpgradeAccepted, String>> + Send {
+        let _ = binary;
+        async { Err("this server cannot upgrade its daemon".to_owned()) }
+    }
 }
 
 /// The real daemon behind the API.
@@ -100,6 +110,7 @@ pub struct DaemonControl {
     pub closing: CancellationToken,
     pub state: StateStore,
     pub reloader: ReloadHandle,
+    pub upgrader: crate::upgrade::Upgrader,
 }
 
 impl Control for DaemonControl {
@@ -136,10 +147,13 @@ impl Control for DaemonControl {
     fn daemon(&self) -> DaemonInfo {
         DaemonInfo {
             pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: crate::upgrade::version().to_owned(),
             state_stale: self.state.is_stale(),
             state_failed_writes: self.state.failed_writes(),
             events_file_dropped: self.events.file_dropped(),
+            upgrades: self.upgrader.upgrades(),
+            upgrade_failures: self.upgrader.failures(),
+            last_upgrade_error: self.upgrader.last_error(),
         }
     }
 
@@ -153,5 +167,9 @@ impl Control for DaemonControl {
 
     fn closing(&self) -> CancellationToken {
         self.closing.clone()
+    }
+
+    async fn upgrade(&self, binary: Option<PathBuf>) -> Result<UpgradeAccepted, String> {
+        self.upgrader.request(binary).await
     }
 }

@@ -466,6 +466,9 @@ mod tests {
             state_stale: true,
             state_failed_writes: 4,
             events_file_dropped: 0,
+            upgrades: 0,
+            upgrade_failures: 0,
+            last_upgrade_error: None,
         }
     }
 

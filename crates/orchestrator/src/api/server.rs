@@ -60,13 +60,14 @@ pub fn router<C: Control>(control: C) -> Router {
         .route("/v1/daemon", get(daemon_info::<C>))
         .route("/v1/reload", post(reload::<C>))
         .route("/v1/shutdown", post(shutdown::<C>))
+        .route("/v1/upgrade", post(upgrade::<C>))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
                 ErrorCode::NotFound,
                 "no such route; the routes are GET /v1/services, GET /v1/services/NAME, \
                  POST /v1/services/NAME/start|stop|restart, GET /v1/services/NAME/logs, \
-                 GET /v1/events, GET /v1/daemon, POST /v1/reload, POST /v1/shutdown, \
+                 GET /v1/events, GET /v1/daemon, POST /v1/reload, POST /v1/upgrade, POST /v1/shutdown, \
                  GET /metrics, GET /healthz (README: Control API)",
             )
         })
@@ -489,6 +490,38 @@ async fn reload<C: Control>(State(control): State<C>) -> Response {
     }
 }
 
+/// `POST /v1/upgrade`'s optional body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeBody {
+    binary: Option<PathBuf>,
+}
+
+/// 202 once the new binary passed its dry run (the switch follows), 409
+/// with why when it did not: nothing changed then.
+async fn upgrade<C: Control>(State(control): State<C>, body: Bytes) -> Response {
+    let binary = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<UpgradeBody>(&body) {
+            Ok(UpgradeBody { binary }) => binary,
+            Err(problem) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadBody,
+                    format!(
+                        "the body is not {{\"binary\": \"PATH\"}}: {problem}; send that, or no body for the daemon's own binary"
+                    ),
+                );
+            }
+        }
+    };
+    match control.upgrade(binary).await {
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+        Err(why) => error(StatusCode::CONFLICT, ErrorCode::UpgradeRefused, why),
+    }
+}
+
 async fn shutdown<C: Control>(State(control): State<C>) -> Response {
     control.shutdown().await;
     (
@@ -544,6 +577,10 @@ impl OwnerOnly {
             listener,
             uid: nix::unistd::getuid().as_raw(),
         }
+    }
+
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
     }
 }
 
@@ -688,14 +725,16 @@ const FULL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `closing`: each connection runs as a
 /// task of `tasks` and ends gracefully then (an answer in progress is
-/// finished; follow streams end on `closing` themselves).
+/// finished; follow streams end on `closing` themselves). Returns the
+/// listener, still bound: an upgrade hands it to the new binary, and the
+/// connections that arrive meanwhile wait in its backlog.
 pub async fn serve<L: Accept>(
     mut listener: L,
     app: Router,
     limits: ConnectionLimits,
     closing: CancellationToken,
     tasks: TaskTracker,
-) {
+) -> L {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -708,14 +747,14 @@ pub async fn serve<L: Accept>(
     loop {
         let io = tokio::select! {
             biased;
-            () = closing.cancelled() => return,
+            () = closing.cancelled() => return listener,
             accepted = listener.accept() => match accepted {
                 Ok(io) => io,
                 Err(error) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!("API accept failed: {error}");
                     tokio::select! {
-                        () = closing.cancelled() => return,
+                        () = closing.cancelled() => return listener,
                         () = tokio::time::sleep(Duration::from_millis(100)) => continue,
                     }
                 }

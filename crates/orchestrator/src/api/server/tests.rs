@@ -113,6 +113,9 @@ impl Control for FakeControl {
             state_stale: true,
             state_failed_writes: 3,
             events_file_dropped: 0,
+            upgrades: 0,
+            upgrade_failures: 0,
+            last_upgrade_error: None,
         }
     }
 

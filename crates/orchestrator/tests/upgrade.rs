@@ -1,0 +1,365 @@
+//! The in-place upgrade end to end (issue 15, SPEC sections 2, 4 and 5):
+//! `orchestrator upgrade`, SIGUSR2 and `run --handover` with the real
+//! binary. The daemons here have no services until the engine's freeze and
+//! resume are merged (branch u1); the tests with services are written and
+//! ignored until then.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use orchestrator_e2e::*;
+use serde_json::Value;
+
+/// A workspace with `extra` after its `[orchestrator]` table (services).
+fn workspace(label: &str, extra: &str) -> TestDir {
+    let dir = TestDir::new(label);
+    dir.write_file(
+        CONFIG,
+        &format!("[orchestrator]\nshutdown_timeout = \"5s\"\n{extra}"),
+        0o644,
+    );
+    dir
+}
+
+fn socket(dir: &TestDir) -> PathBuf {
+    dir.data_dir().join("orchestrator.sock")
+}
+
+/// One request on a fresh connection (`Connection: close`), the whole
+/// answer read; `Err` says what went wrong. The read is bounded by
+/// [`DEADLINE`]: during a switch the request waits in the backlog.
+fn http(socket: &Path, method: &str, path: &str) -> Result<(u16, String), String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no status line in {answer:?}"))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn daemon_info(dir: &TestDir) -> Value {
+    let (status, body) = http(&socket(dir), "GET", "/v1/daemon").expect("GET /v1/daemon");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/v1/daemon: {e}: {body}"))
+}
+
+fn start(dir: &TestDir) -> Daemon {
+    let daemon = run_daemon_in(dir);
+    assert!(
+        wait_until(DEADLINE, || http(&socket(dir), "GET", "/healthz").is_ok()),
+        "the daemon does not answer; its log:\n{}",
+        daemon.stderr_text()
+    );
+    daemon
+}
+
+fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).expect("read /proc/PID/exe")
+}
+
+/// The daemon's guardian: its child running `orchestrator ... guardian`.
+fn guardian_of(daemon: u32) -> Option<u32> {
+    all_pids().into_iter().find(|&pid| {
+        stat(pid).is_some_and(|stat| stat.ppid as u32 == daemon)
+            && cmdline(pid).is_some_and(|args| args.iter().any(|arg| arg == "guardian"))
+    })
+}
+
+/// The events' kinds, oldest first (`events --json`).
+fn event_kinds(dir: &TestDir) -> Vec<Value> {
+    let stdout = cli_ok(dir, &["events", "--json", "-n", "100"]);
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// Polls `/healthz` on fresh connections until stopped; returns the
+/// failures it saw and how many answers it had.
+struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<String>, usize)>,
+}
+
+impl Poller {
+    fn start(socket: PathBuf) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            let mut answers = 0;
+            while !stopping.load(Ordering::Acquire) {
+                match http(&socket, "GET", "/healthz") {
+                    Ok((200, _)) => answers += 1,
+                    Ok((status, body)) => failures.push(format!("{status}: {body}")),
+                    Err(error) => failures.push(error),
+                }
+            }
+            (failures, answers)
+        });
+        Poller { stop, thread }
+    }
+
+    fn stop(self) -> (Vec<String>, usize) {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("the poller")
+    }
+}
+
+#[test]
+fn an_upgrade_to_a_copy_keeps_the_pid_the_guardian_and_the_socket() {
+    let dir = workspace("upgrade-copy", "");
+    let copy = dir.join("orchestrator-new");
+    copy_executable(&orchestrator_bin(), &copy);
+    let daemon = start(&dir);
+    let pid = daemon.pid();
+    let guardian = guardian_of(pid).expect("the daemon has a guardian");
+    let before = daemon_info(&dir);
+    assert_eq!(before["upgrades"], 0, "{before}");
+
+    let poller = Poller::start(socket(&dir));
+    let stdout = cli_ok(&dir, &["upgrade", "--binary", copy.to_str().unwrap()]);
+    assert!(stdout.contains("daemon upgraded from"), "{stdout}");
+    // Some answers after the switch too.
+    let answered_after = wait_until(DEADLINE, || http(&socket(&dir), "GET", "/healthz").is_ok());
+    let (failures, answers) = poller.stop();
+    assert!(answered_after);
+    assert!(
+        failures.is_empty(),
+        "a client saw failures during the upgrade ({answers} answers): {failures:?}\ndaemon log:\n{}",
+        daemon.stderr_text()
+    );
+
+    let after = daemon_info(&dir);
+    assert_eq!(after["pid"], pid, "the same process: {after}");
+    assert_eq!(after["upgrades"], 1, "{after}");
+    assert_eq!(exe_of(pid), copy, "the process runs the new binary");
+    daemon.wait_for_log(&["upgraded from"]);
+    // The guardian did not take the exec for a death: the same one watches.
+    assert!(is_alive(guardian), "the guardian ended at the exec");
+    assert_eq!(guardian_of(pid), Some(guardian));
+    // The history goes on: the new daemon's start (or its `upgraded`).
+    let events = event_kinds(&dir);
+    let starts = events
+        .iter()
+        .filter(|event| event["event"] == "daemon_started" && event["pid"] == pid)
+        .count();
+    let upgraded = events.iter().any(|event| event["event"] == "upgraded");
+    assert!(upgraded || starts == 2, "{events:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+
+    // A clean shutdown after it dismisses the guardian as usual.
+    cli_ok(&dir, &["shutdown"]);
+    assert!(
+        wait_until(DEADLINE, || !is_alive(guardian)),
+        "the guardian outlived the clean shutdown"
+    );
+    assert!(!daemon.stderr_text().contains("guardian ended"));
+}
+
+#[test]
+fn the_guardian_still_watches_after_an_upgrade() {
+    let dir = workspace("upgrade-guardian", "");
+    let mut daemon = start(&dir);
+    let pid = daemon.pid();
+    let guardian = guardian_of(pid).expect("the daemon has a guardian");
+    cli_ok(&dir, &["upgrade"]);
+    assert!(is_alive(guardian), "the guardian ended at the exec");
+    // Killed now, the daemon leaves its guardian to act: it ends once done.
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_exit();
+    assert!(
+        wait_until(DEADLINE, || !is_alive(guardian)),
+        "the guardian did not notice the daemon's death after the upgrade"
+    );
+    // And the next daemon starts on the same data_dir.
+    let _next = start(&dir);
+}
+
+#[test]
+fn a_binary_that_fails_the_dry_run_changes_nothing() {
+    let dir = workspace("upgrade-refused", "");
+    let impostor = dir.write_file("impostor", "#!/bin/sh\necho 'orchestrator nine'\n", 0o755);
+    let daemon = start(&dir);
+    let pid = daemon.pid();
+    let exe = exe_of(pid);
+
+    let (code, _, stderr) = cli(&dir, &["upgrade", "--binary", "/bin/false"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("is not an orchestrator"), "{stderr}");
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+
+    let (code, _, stderr) = cli(&dir, &["upgrade", "--binary", impostor.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("orchestrator nine"), "{stderr}");
+
+    let (code, _, stderr) = cli(&dir, &["upgrade", "--binary", "/nonexistent/orchestrator"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    let info = daemon_info(&dir);
+    assert_eq!(info["pid"], pid);
+    assert_eq!(info["upgrades"], 0, "{info}");
+    assert_eq!(exe_of(pid), exe, "no exec happened");
+}
+
+#[test]
+fn a_new_build_with_another_version_takes_over() {
+    let dir = workspace("upgrade-version", "");
+    // A second build, as far as versions go (ORCHESTRATOR_REPORTED_VERSION
+    // is for tests only).
+    let wrapper = dir.write_file(
+        "orchestrator-9",
+        &format!(
+            "#!/bin/sh\nORCHESTRATOR_REPORTED_VERSION=9.9.9 exec {} \"$@\"\n",
+            orchestrator_bin().display()
+        ),
+        0o755,
+    );
+    let daemon = start(&dir);
+    let stdout = cli_ok(&dir, &["upgrade", "--binary", wrapper.to_str().unwrap()]);
+    assert!(
+        stdout.contains("from 0.") && stdout.contains("to 9.9.9"),
+        "{stdout}"
+    );
+    let info = daemon_info(&dir);
+    assert_eq!(info["version"], "9.9.9", "{info}");
+    assert_eq!(info["pid"], daemon.pid());
+    daemon.wait_for_log(&["orchestrator 9.9.9 upgraded from 0."]);
+}
+
+#[test]
+fn sigusr2_upgrades_to_the_binary_the_daemon_started_from() {
+    let dir = workspace("upgrade-usr2", "");
+    let daemon = start(&dir);
+    daemon.signal(libc::SIGUSR2);
+    assert!(
+        wait_until(DEADLINE, || {
+            http(&socket(&dir), "GET", "/v1/daemon")
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+                .is_some_and(|info| info["upgrades"] == 1)
+        }),
+        "no upgrade after SIGUSR2; the daemon's log:\n{}",
+        daemon.stderr_text()
+    );
+    assert_eq!(daemon_info(&dir)["pid"], daemon.pid());
+    assert_eq!(exe_of(daemon.pid()), orchestrator_bin());
+}
+
+#[test]
+fn a_handover_of_an_unknown_format_is_refused_before_anything() {
+    let dir = workspace("upgrade-format", "");
+    let document = dir.write_file(
+        "handover.json",
+        r#"{"format": 99, "from_version": "7.0.0", "written_at_unix_ms": 0}"#,
+        0o600,
+    );
+    let fd = open_inheritable_fd(&document);
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &["-c", CONFIG, "run", "--handover", &fd.to_string()],
+    );
+    let status = daemon.wait_exit();
+    assert!(!status.success(), "it ran with a handover it cannot read");
+    let stderr = daemon.stderr_text();
+    assert!(
+        stderr.contains("format 99") && stderr.contains("7.0.0"),
+        "{stderr}"
+    );
+    assert!(!socket(&dir).exists(), "it started serving: {stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// With services: need the engine's freeze and resume (branch u1).
+
+#[test]
+fn services_keep_their_pids_output_and_timers_across_an_upgrade() {
+    let dir = workspace(
+        "upgrade-services",
+        "\n[services.steady]\nargs = [\"--ready\", \"--sleep\"]\n\
+         \n[services.flooder]\nargs = [\"--flood\", \"200000\", \"--sleep\"]\n\
+         \n[services.crasher]\nargs = [\"--sleep-ms\", \"50\", \"--exit\", \"3\"]\n\
+         backoff = { initial = \"2s\", max = \"2s\" }\n\
+         \n[services.stubborn]\nargs = [\"--ignore-term\", \"--sleep\"]\nstop_timeout = \"3s\"\n",
+    );
+    for name in ["steady", "flooder", "crasher", "stubborn"] {
+        dir.add_fixture_service(name);
+    }
+    let copy = dir.join("orchestrator-new");
+    copy_executable(&orchestrator_bin(), &copy);
+    let daemon = start(&dir);
+    let steady = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    let stubborn = wait_for_status(&dir, &daemon, "stubborn", |s| s["state"] == "running");
+    wait_for_status(&dir, &daemon, "crasher", |s| {
+        s["restarts"].as_u64() >= Some(1)
+    });
+    // A stop in progress: SIGTERM is ignored, SIGKILL comes after 3 s.
+    let (code, _, _) = cli(&dir, &["--timeout", "1s", "stop", "stubborn"]);
+    let _ = code;
+
+    let poller = Poller::start(socket(&dir));
+    cli_ok(&dir, &["upgrade", "--binary", copy.to_str().unwrap()]);
+    let (failures, _) = poller.stop();
+    assert!(failures.is_empty(), "{failures:?}");
+
+    let after = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    assert_eq!(after["pid"], steady["pid"], "the same process");
+    // The stubborn one is stopped by its SIGKILL, on time, by the new daemon.
+    wait_for_status(&dir, &daemon, "stubborn", |s| s["state"] == "stopped");
+    let stubborn_pid = stubborn["pid"].as_u64().unwrap() as u32;
+    assert!(!is_alive(stubborn_pid));
+    // The crasher restarts again after its backoff, counting on.
+    let crasher = status_json(&dir, &["crasher"])[0]["restarts"]
+        .as_u64()
+        .unwrap();
+    wait_for_status(&dir, &daemon, "crasher", |s| {
+        s["restarts"].as_u64() > Some(crasher)
+    });
+    // Every flooded line once, in order.
+    assert!(wait_until(DEADLINE, || {
+        read_lines(&dir.log_path("flooder"))
+            .iter()
+            .filter(|line| line.contains("flood "))
+            .count()
+            >= 200_000
+    }));
+    let numbers: Vec<u64> = read_lines(&dir.log_path("flooder"))
+        .iter()
+        .filter_map(|line| {
+            let at = line.find("flood ")?;
+            line[at + 6..at + 18].parse().ok()
+        })
+        .collect();
+    assert_eq!(numbers, (0..200_000).collect::<Vec<u64>>());
+    assert!(
+        event_kinds(&dir)
+            .iter()
+            .any(|event| event["event"] == "upgraded"),
+        "no upgraded event"
+    );
+    cli_ok(&dir, &["shutdown"]);
+    assert!(!is_alive(steady["pid"].as_u64().unwrap() as u32));
+    drop(daemon);
+}
