@@ -67,7 +67,7 @@ def workspace(services):
     dir = tempfile.mkdtemp(prefix="orch-bench-upgrade-")
     lines = ['[orchestrator]\nshutdown_timeout = "30s"\nlog_level = "warn"\n']
     for i in range(services):
-        lines.append(f'[services.s{i}]\nbinary = "{FIXTURE}"\nargs = ["--ready", "--sleep"]\n')
+        lines.append(f'[services.s{i}]\nbinary_path = "{FIXTURE}"\nargs = ["--ready", "--sleep"]\n')
     with open(os.path.join(dir, "orchestrator.toml"), "w") as f:
         f.write("\n".join(lines))
     return dir

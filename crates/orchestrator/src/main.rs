@@ -243,6 +243,10 @@ Examples:
     /// Print the man page (roff) on stdout; contrib/orchestrator.1 is its copy
     #[command(hide = true)]
     Manpage,
+    /// Internal: the hand-over formats this binary reads (asked by an
+    /// upgrade's dry run before it execs us)
+    #[command(hide = true, name = "handover-formats")]
+    HandoverFormats,
     /// Internal: started by `run`; stops the services if the daemon dies
     #[command(hide = true)]
     Guardian {
@@ -293,6 +297,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Completions { shell } => return completions(shell),
         Command::Manpage => return manpage(),
+        Command::HandoverFormats => {
+            let formats: Vec<String> = orchestrator_core::handover::READABLE_FORMATS
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            cli::outln!("{}", formats.join(" "));
+            return ExitCode::SUCCESS;
+        }
         _ => {}
     }
     let socket_env = std::env::var_os(paths::SOCKET_ENV);
@@ -401,16 +413,24 @@ fn main() -> ExitCode {
 /// Verbs that never talk to a daemon (--timeout does nothing for them),
 /// those that find none either (--socket; `run` listens on it), and those
 /// that read no configuration (--config).
-const NO_DAEMON: [&str; 6] = [
+const NO_DAEMON: [&str; 7] = [
     "run",
     "check",
     "discover",
     "completions",
     "manpage",
     "guardian",
+    "handover-formats",
 ];
-const NO_SOCKET: [&str; 5] = ["check", "discover", "completions", "manpage", "guardian"];
-const NO_CONFIG: [&str; 2] = ["completions", "manpage"];
+const NO_SOCKET: [&str; 6] = [
+    "check",
+    "discover",
+    "completions",
+    "manpage",
+    "guardian",
+    "handover-formats",
+];
+const NO_CONFIG: [&str; 3] = ["completions", "manpage", "handover-formats"];
 
 /// The flags of `Cli` that a verb may also take after its name, with the
 /// verbs they do nothing for.
@@ -575,7 +595,8 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
             | Command::Discover
             | Command::Guardian { .. }
             | Command::Completions { .. }
-            | Command::Manpage => {
+            | Command::Manpage
+            | Command::HandoverFormats => {
                 unreachable!("handled before")
             }
         }

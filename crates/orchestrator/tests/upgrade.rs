@@ -218,6 +218,26 @@ fn a_binary_that_fails_the_dry_run_changes_nothing() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("does not exist"), "{stderr}");
 
+    // An older orchestrator: a real one for everything but the hand-over
+    // (it does not know the verb that says which formats it reads).
+    let older = dir.write_file(
+        "older",
+        &format!(
+            "#!/bin/sh
+[ \"$1\" = handover-formats ] && exit 2
+exec {} \"$@\"
+",
+            orchestrator_bin().display()
+        ),
+        0o755,
+    );
+    let (code, _, stderr) = cli(&dir, &["upgrade", "--binary", older.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot read this daemon's hand-over"),
+        "{stderr}"
+    );
+
     let info = daemon_info(&dir);
     assert_eq!(info["pid"], pid);
     assert_eq!(info["upgrades"], 0, "{info}");
@@ -362,4 +382,54 @@ fn services_keep_their_pids_output_and_timers_across_an_upgrade() {
     cli_ok(&dir, &["shutdown"]);
     assert!(!is_alive(steady["pid"].as_u64().unwrap() as u32));
     drop(daemon);
+}
+
+/// The new binary dies right after the exec, before it resumes anything:
+/// the guardian stops the services as after a crash, and the next daemon
+/// starts them once (no orphan of the old run, no second copy).
+#[test]
+fn a_new_daemon_that_dies_after_the_exec_is_recovered_as_a_crash() {
+    let dir = workspace(
+        "upgrade-crash",
+        "\n[services.steady]\nargs = [\"--ready\", \"--sleep\"]\n",
+    );
+    dir.add_fixture_service("steady");
+    // A real orchestrator for the dry run (version, formats, check); its
+    // `run` dies at once, as a new build that crashes at start would.
+    let crashing = dir.write_file(
+        "crashing",
+        &format!(
+            "#!/bin/sh\nfor arg in \"$@\"; do [ \"$arg\" = run ] && exit 70; done\nexec {} \"$@\"\n",
+            orchestrator_bin().display()
+        ),
+        0o755,
+    );
+    let mut daemon = start(&dir);
+    let before = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    let old_pid = before["pid"].as_u64().unwrap() as u32;
+
+    let (code, _, stderr) = cli(&dir, &["upgrade", "--binary", crashing.to_str().unwrap()]);
+    assert_ne!(code, 0, "the new daemon died: {stderr}");
+    let status = daemon.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(70),
+        "the daemon's process ran the crashing build"
+    );
+    assert!(
+        wait_until(DEADLINE, || !is_alive(old_pid)),
+        "the guardian did not stop the service its daemon left"
+    );
+
+    let next = start(&dir);
+    let after = wait_for_status(&dir, &next, "steady", |s| s["state"] == "running");
+    let new_pid = after["pid"].as_u64().unwrap() as u32;
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(
+        live_processes_with_home(&dir.service_data_dir("steady")),
+        vec![new_pid],
+        "one copy of the service"
+    );
+    cli_ok(&dir, &["shutdown"]);
+    drop(next);
 }

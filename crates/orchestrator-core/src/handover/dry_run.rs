@@ -64,6 +64,16 @@ pub enum DryRunError {
         stderr: String,
     },
     #[error(
+        "the new binary {} cannot read this daemon's hand-over (format {format}; {found}): it is older than this daemon, and would stop every service; upgrade to a binary at least as new (upgrade --binary PATH); nothing was changed",
+        .binary.display()
+    )]
+    CannotReadHandover {
+        binary: PathBuf,
+        format: u32,
+        /// What it said it reads, or how asking failed.
+        found: String,
+    },
+    #[error(
         "`{command}` did not finish within {timeout:?} and was killed: the new binary hangs here; run that command by hand to see why; nothing was changed"
     )]
     TimedOut { command: String, timeout: Duration },
@@ -127,6 +137,31 @@ pub async fn dry_run(
         });
     };
 
+    // Asked before anything changes: a binary that cannot read what we would
+    // hand it would exit at once after the exec, and the guardian would
+    // then stop every service.
+    let formats = run(binary, &[HANDOVER_FORMATS_VERB.as_ref()], timeout).await?;
+    let reads: Vec<u32> = String::from_utf8_lossy(&formats.stdout)
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    if !formats.status.success() || !reads.contains(&super::FORMAT) {
+        let found = if formats.status.success() {
+            format!("it reads {reads:?}")
+        } else {
+            format!(
+                "`{HANDOVER_FORMATS_VERB}` {}{}",
+                describe(formats.status),
+                first_lines(&formats.stderr)
+            )
+        };
+        return Err(DryRunError::CannotReadHandover {
+            binary: binary.to_owned(),
+            format: super::FORMAT,
+            found,
+        });
+    }
+
     if let Some(config) = config {
         let check = run(
             binary,
@@ -145,6 +180,10 @@ pub async fn dry_run(
     }
     Ok(found)
 }
+
+/// The hidden verb that prints the hand-over formats a binary reads, one
+/// number each, space-separated.
+pub const HANDOVER_FORMATS_VERB: &str = "handover-formats";
 
 struct Output {
     status: ExitStatus,
@@ -358,6 +397,7 @@ mod tests {
     const GOOD: &str = r#"
 case "$1" in
   --version) echo "orchestrator 9.8.7"; exit 0 ;;
+  handover-formats) echo "1"; exit 0 ;;
   -c) [ "$3" = check ] || exit 64
       [ "$(cat "$2")" = ok ] && exit 0
       echo "orchestrator: 1 configuration problem" >&2
@@ -399,6 +439,32 @@ exit 64"#;
         let message = error.to_string();
         assert!(message.contains("orchestrator.toml"), "{message}");
         assert!(message.contains("nothing was changed"), "{message}");
+    }
+
+    /// An older orchestrator: it knows neither the verb nor our format, and
+    /// after the exec it would exit at once, leaving the services to the
+    /// guardian. Refused while nothing has changed.
+    #[tokio::test]
+    async fn a_binary_that_cannot_read_our_hand_over_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let older = script(
+            &dir,
+            "older",
+            &GOOD.replace(r#"  handover-formats) echo "1"; exit 0 ;;"#, ""),
+        );
+        let error = dry_run(&older, None, PATIENT).await.unwrap_err();
+        assert!(
+            matches!(&error, DryRunError::CannotReadHandover { format: 1, .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("nothing was changed"), "{error}");
+        let newer_only = script(
+            &dir,
+            "newer",
+            &GOOD.replace(r#"echo "1"; exit 0"#, r#"echo "2 3"; exit 0"#),
+        );
+        let error = dry_run(&newer_only, None, PATIENT).await.unwrap_err();
+        assert!(error.to_string().contains("it reads [2, 3]"), "{error}");
     }
 
     #[tokio::test]
