@@ -388,6 +388,10 @@ pub enum HandoverError {
     )]
     TooLarge { fd: RawFd, max: u64 },
     #[error(
+        "the hand-over would be {size} bytes, more than the {max} a new daemon reads (services' recent lines take most of it); nothing was changed: the daemon goes on"
+    )]
+    WouldBeTooLarge { size: u64, max: u64 },
+    #[error(
         "the hand-over on fd {fd} is not a hand-over document: {source}; start the daemon without --handover (services are then cleaned up as after a crash)"
     )]
     Parse {
@@ -604,6 +608,15 @@ pub fn read_inherited(fd: RawFd) -> Result<Handover, HandoverError> {
 /// freeze's last step.
 pub fn write_memfd(handover: &Handover) -> Result<OwnedFd, HandoverError> {
     let json = serde_json::to_vec(handover).map_err(HandoverError::Encode)?;
+    // Refused here, before the exec, not by the new daemon after it (which
+    // could only exit and leave the services to the guardian).
+    let size = json.len() as u64;
+    if size > MAX_DOCUMENT_BYTES {
+        return Err(HandoverError::WouldBeTooLarge {
+            size,
+            max: MAX_DOCUMENT_BYTES,
+        });
+    }
     // Created close-on-exec and opened up only at the end: a process spawned
     // meanwhile (a health probe still ending) must not inherit it.
     let fd = memfd_create(

@@ -959,6 +959,13 @@ fn run(
         let mut upgrades = 0;
         if let Some(mut document) = handover.take() {
             resumed = document.take_services()?;
+            // Before any orphan reaper exists: a service that ended during
+            // the switch is a zombie its adopter must be the one to reap.
+            orchestrator_core::process::hold_handed_over(
+                resumed
+                    .iter()
+                    .filter_map(|frozen| frozen.service.child.as_ref().map(|child| child.pid)),
+            );
             for (name, fd) in document.take_remaining_fds() {
                 tracing::debug!(
                     name,
@@ -976,6 +983,9 @@ fn run(
         let (upgrader, mut go) =
             upgrade::Upgrader::new(origin.binary.clone(), config.source.clone(), upgrades);
         forward_upgrade_signal(upgrader.clone()).context("cannot install the SIGUSR2 handler")?;
+        // Every handler is in place: what an upgrade's exec held back (a
+        // SIGTERM sent during the switch) is taken now.
+        upgrade::unblock_daemon_signals();
         // Held to the end: dropping it stops the watchers.
         let _watching = match config.orchestrator.watch {
             true => start_watching(&config, config_stamp, funnel_tx.clone()).await,
@@ -1084,11 +1094,18 @@ fn run(
                     continue;
                 }
                 tokio::pin!(frozen);
+                // The run is polled here, on this thread: it may answer the
+                // freeze and return within one poll, and a finished run
+                // must not be awaited again (it would panic).
+                let mut run_ended = None;
                 let frozen = tokio::select! {
                     biased;
                     answer = &mut frozen => answer,
                     result = &mut daemon => match frozen.try_recv() {
-                        Ok(answer) => Ok(answer),
+                        Ok(answer) => {
+                            run_ended = Some(result);
+                            Ok(answer)
+                        }
                         // Shut down before it took the freeze.
                         Err(_) => {
                             upgrader.failed("the daemon shut down first".to_owned());
@@ -1101,6 +1118,12 @@ fn run(
                     Ok(Ok(frozen)) => frozen,
                     Ok(Err(refused)) => {
                         upgrader.failed(refused.to_string());
+                        if let Some(result) = run_ended {
+                            // It refused and still ended (a shutdown came
+                            // with it): nothing to serve any more.
+                            relay.abort();
+                            break 'runs result.map_err(Into::into);
+                        }
                         continue;
                     }
                     Err(_) => {
@@ -1111,7 +1134,11 @@ fn run(
                     }
                 };
                 // Frozen: the run returns without stopping anything.
-                if let Err(error) = (&mut daemon).await {
+                let ended = match run_ended {
+                    Some(result) => result,
+                    None => (&mut daemon).await,
+                };
+                if let Err(error) = ended {
                     tracing::warn!("the daemon's run ended with an error after the freeze: {error}");
                 }
                 funnel = relay.await.context("the event relay failed")?;

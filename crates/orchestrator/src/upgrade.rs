@@ -271,14 +271,61 @@ pub fn exec(
         "handing over to the new binary"
     );
     crate::console::flush();
+    // exec resets handled signals to their default action, which for these
+    // is to end the process: one arriving before the new daemon has its
+    // handlers would kill it and leave the services to the guardian.
+    // Blocked on this (the exec'ing) thread, they stay pending across the
+    // exec, and the new daemon takes them once its handlers are in place.
+    let mut previous = nix::sys::signal::SigSet::empty();
+    let blocked = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&daemon_signals()),
+        Some(&mut previous),
+    );
     // Returns only on failure: on success this process runs the new binary.
     let Err(errno) = nix::unistd::execv(&program, &argv);
+    if blocked.is_ok() {
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&previous),
+            None,
+        );
+    }
     set_cloexec(&kept);
     drop(memfd);
     format!(
         "cannot exec the new binary {}: {errno}; the services were not touched and this daemon goes on",
         binary.display()
     )
+}
+
+/// The signals the daemon handles, each of which would end it while it has
+/// no handler (in the window of an exec).
+pub fn daemon_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+    ] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Takes the signals an upgrade's exec left pending and blocked (see
+/// `exec`): called once the daemon's handlers are installed. Harmless at a
+/// cold start, where none is blocked.
+pub fn unblock_daemon_signals() {
+    if let Err(error) = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+        Some(&daemon_signals()),
+        None,
+    ) {
+        tracing::warn!("cannot unblock the daemon's signals after an upgrade: {error}");
+    }
 }
 
 /// Names `fd` in the document and adds it to those kept across the exec.

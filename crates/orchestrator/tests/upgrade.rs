@@ -433,3 +433,60 @@ fn a_new_daemon_that_dies_after_the_exec_is_recovered_as_a_crash() {
     cli_ok(&dir, &["shutdown"]);
     drop(next);
 }
+
+/// A SIGTERM sent while the new binary is still starting (here a wrapper
+/// that waits before it execs the real one) is neither lost nor fatal: it
+/// stays blocked and pending across the exec, and the new daemon, once its
+/// handlers are in place, shuts down cleanly, stopping its services itself.
+#[test]
+fn a_sigterm_during_the_switch_is_a_clean_shutdown_of_the_new_daemon() {
+    let dir = workspace(
+        "upgrade-sigterm",
+        "\n[services.steady]\nargs = [\"--ready\", \"--sleep\"]\n",
+    );
+    dir.add_fixture_service("steady");
+    let started = dir.join("new-binary-started");
+    // Perl, not sh: dash clears the signal mask when it starts, which would
+    // take away what this test is about; perl keeps it across its exec.
+    let slow = dir.write_file(
+        "slow",
+        &format!(
+            "#!/usr/bin/perl\nif (grep {{ $_ eq 'run' }} @ARGV) {{ open(my $f, '>', '{}'); close($f); select(undef, undef, undef, 1); }}\nexec('{}', @ARGV) or die;\n",
+            started.display(),
+            orchestrator_bin().display()
+        ),
+        0o755,
+    );
+    let mut daemon = start(&dir);
+    let steady = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    let service = steady["pid"].as_u64().unwrap() as u32;
+    let upgrade = std::process::Command::new(orchestrator_bin())
+        .args(["-c", CONFIG, "upgrade", "--binary", slow.to_str().unwrap()])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run upgrade");
+    assert!(
+        wait_until(DEADLINE, || started.exists()),
+        "the new binary never started; daemon log:\n{}",
+        daemon.stderr_text()
+    );
+    daemon.signal(SIGTERM);
+    let status = daemon.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a clean shutdown by the new daemon; its log:\n{}",
+        daemon.stderr_text()
+    );
+    assert!(
+        daemon.stderr_text().contains("all services stopped"),
+        "{}",
+        daemon.stderr_text()
+    );
+    assert!(!is_alive(service));
+    let mut upgrade = upgrade;
+    let _ = upgrade.kill();
+    let _ = upgrade.wait();
+}

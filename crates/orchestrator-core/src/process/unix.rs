@@ -502,6 +502,16 @@ fn own_children() -> MutexGuard<'static, BTreeMap<u32, Held>> {
     OWN_CHILDREN.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Marks `pids` (the services an upgrade handed over, before they are
+/// adopted) as ours: the orphan reaper of the new image, installed before
+/// the adoption, must not take an exit status their adopters will wait for.
+pub fn hold_handed_over(pids: impl IntoIterator<Item = u32>) {
+    let mut own = own_children();
+    for pid in pids {
+        own.entry(pid).or_insert(Held::Released);
+    }
+}
+
 /// Make this process the reaper of its descendants' orphans (a service's
 /// children whose parent died come to us, not to init), so their ends are
 /// seen and their zombies reaped by `reap_orphans`.
