@@ -234,6 +234,17 @@ pub async fn run(
                 // while a reload stops services.
                 Some(DaemonEvent::Reload) => reloader.trigger(),
                 Some(DaemonEvent::Freeze { reply }) => {
+                    // A start still under way (the daemon's own, or one
+                    // waiting for its dependencies) is an intent the freeze
+                    // cannot hand over: the service would stay stopped in
+                    // the new daemon. Refused until it is over.
+                    // `is_finished`: the start may have ended in this very
+                    // turn of the loop, its branch not taken yet.
+                    let started = started || starting.is_finished();
+                    if let Some(reason) = start_in_progress(started, &supervisor).await {
+                        let _ = reply.send(Err(FreezeError::Refused { reason }));
+                        continue;
+                    }
                     // No reload acts during or after the freeze.
                     reloader.quiesce().await;
                     info!("freezing every service for the upgrade");
@@ -298,6 +309,38 @@ pub async fn run(
     crate::process::cgroup_removals_settled(CGROUP_REMOVAL_WAIT).await;
     info!("all services stopped; exiting");
     Ok(())
+}
+
+/// Why services cannot be frozen now, if a start is under way: the
+/// daemon's start of every service (`started` false), or services waiting
+/// for their dependencies.
+async fn start_in_progress(started: bool, supervisor: &SupervisorHandle) -> Option<String> {
+    if !started {
+        return Some(
+            "the daemon is still starting its services; retry once `orchestrator status` shows them up"
+                .to_owned(),
+        );
+    }
+    let waiting: Vec<String> = supervisor
+        .list()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|service| {
+            service
+                .reason
+                .as_deref()
+                .is_some_and(|reason| reason.starts_with("waiting for"))
+        })
+        .map(|service| service.name)
+        .collect();
+    (!waiting.is_empty()).then(|| {
+        format!(
+            "{} still wait{} for dependencies to start; retry once they run (or stop them)",
+            waiting.join(", "),
+            if waiting.len() == 1 { "s" } else { "" }
+        )
+    })
 }
 
 /// How long the daemon waits at its exit for its services' cgroups to be

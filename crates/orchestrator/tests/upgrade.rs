@@ -490,3 +490,32 @@ fn a_sigterm_during_the_switch_is_a_clean_shutdown_of_the_new_daemon() {
     let _ = upgrade.kill();
     let _ = upgrade.wait();
 }
+
+/// A start still under way (here a service waiting for a dependency that
+/// never becomes healthy) cannot be handed over: the upgrade is refused
+/// and changes nothing, rather than leaving that service stopped.
+#[test]
+fn an_upgrade_while_a_start_waits_for_its_dependencies_is_refused() {
+    let dir = workspace(
+        "upgrade-waiting",
+        "\n[services.db]\nargs = [\"--sleep\"]\nstart_timeout = \"60s\"\n\
+         [services.db.health]\nexec = [\"false\"]\ninterval = \"200ms\"\n\
+         \n[services.web]\nargs = [\"--sleep\"]\ndepends_on = { db = \"healthy\" }\n",
+    );
+    dir.add_fixture_service("db");
+    dir.add_fixture_service("web");
+    let copy = dir.join("orchestrator-new");
+    copy_executable(&orchestrator_bin(), &copy);
+    let daemon = start(&dir);
+    wait_for_status(&dir, &daemon, "web", |s| {
+        s["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.starts_with("waiting for db"))
+    });
+    let (code, _, stderr) = cli(&dir, &["upgrade", "--binary", copy.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("still"), "{stderr}");
+    let info = daemon_info(&dir);
+    assert_eq!(info["upgrades"], 0, "{info}");
+    assert_eq!(info["pid"], daemon.pid());
+}
