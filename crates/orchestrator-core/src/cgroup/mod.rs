@@ -314,6 +314,23 @@ impl Claim {
     }
 }
 
+/// Whether the cgroup an upgrade handed over for `service` (`path`) is the
+/// one this controller gives it (`ours`); said when not, for both
+/// hierarchies alike.
+fn adoptable(service: &str, path: &Path, ours: &Path) -> bool {
+    if path == ours {
+        return true;
+    }
+    warn!(
+        service,
+        "not adopting cgroup {} for service {service}: its cgroup here is {} (was \
+         cgroup_parent changed?); it is left for the next start's sweep",
+        path.display(),
+        ours.display()
+    );
+    false
+}
+
 /// A cgroup that `create` found already there (a previous daemon's that the
 /// sweep could not remove) is reused, but not with its processes in it: one
 /// SIGKILL pass, without waiting for them to be gone (this runs on the

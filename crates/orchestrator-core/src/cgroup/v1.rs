@@ -300,14 +300,7 @@ impl ResourceController for V1Controller {
 
     fn adopt(&self, service: &str, path: &Path) -> Option<Arc<dyn ServiceCgroup>> {
         let pids_dir = self.pids.parent.join(service);
-        if path != pids_dir {
-            warn!(
-                service,
-                "not adopting cgroup {} for service {service}: its cgroup here is {} (was \
-                 cgroup_parent changed?); it is left for the next start's sweep",
-                path.display(),
-                pids_dir.display()
-            );
+        if !super::adoptable(service, path, &pids_dir) {
             return None;
         }
         let (claim, making) = self.owners.claim(&pids_dir);

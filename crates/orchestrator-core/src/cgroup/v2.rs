@@ -380,14 +380,7 @@ impl ResourceController for V2Controller {
 
     fn adopt(&self, service: &str, path: &Path) -> Option<Arc<dyn ServiceCgroup>> {
         let dir = self.parent.join(service);
-        if path != dir {
-            warn!(
-                service,
-                "not adopting cgroup {} for service {service}: its cgroup here is {} (was \
-                 cgroup_parent changed?); it is left for the next start's sweep",
-                path.display(),
-                dir.display()
-            );
+        if !super::adoptable(service, path, &dir) {
             return None;
         }
         let (claim, making) = self.owners.claim(&dir);
