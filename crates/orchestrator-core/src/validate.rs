@@ -6,7 +6,7 @@
 //! Done with blocking file I/O, so only at start-up (before the runtime
 //! serves) or from `check`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -289,6 +289,7 @@ pub fn validate_as(
         }
     }
     let mut covered = Vec::new();
+    let mut checked: HashMap<PathBuf, Result<(), String>> = HashMap::new();
     let definitions = plan(config, &scanned.found, host);
     for definition in &definitions {
         let name = &definition.name;
@@ -346,7 +347,11 @@ pub fn validate_as(
             }
         };
         let Some(found) = found else { continue };
-        if let Err(why) = runnable(&found, &spawn.cwd) {
+        // Instances (and fleets) share a binary: looked at once.
+        let verdict = checked
+            .entry(found.clone())
+            .or_insert_with(|| runnable(&found, &spawn.cwd));
+        if let Err(why) = verdict.clone() {
             let shown = if found == spawn.program {
                 shown
             } else {
@@ -385,9 +390,17 @@ pub fn validate_as(
         }
     }
 
+    let configured_bases: BTreeSet<&str> = config.services.keys().map(|name| name.base()).collect();
     for skipped in &scanned.skipped {
-        // A configured service's own finding already says why.
-        if covered.contains(&skipped.path) {
+        // A configured service's own finding already says why. And a
+        // configured service's NAME/ without a binary is its default
+        // data_dir's home (services_dir/NAME/data), not a mistake.
+        let configured = skipped
+            .path
+            .file_name()
+            .and_then(|entry| entry.to_str())
+            .is_some_and(|entry| configured_bases.contains(entry));
+        if configured || covered.contains(&skipped.path) {
             continue;
         }
         findings.push(Finding {
@@ -1111,6 +1124,26 @@ enabled = false
             "{warnings:#?}"
         );
         assert!(warnings[1].contains("plain: plain/plain is not executable; chmod +x "));
+    }
+
+    #[test]
+    fn a_configured_services_directory_without_its_binary_is_no_warning() {
+        // services_dir/NAME/data is a configured service's default data_dir:
+        // after its first start NAME/ exists without NAME/NAME, as it should.
+        let dir = TempDir::new("datadirs");
+        dir.file("services/web/data/0/state", b"", 0o644);
+        dir.file("services/api/data/cache", b"", 0o644);
+        dir.file("services/stray/notes", b"", 0o644);
+        let validation = dir.validate(
+            "[services.web]\ncommand = [\"/bin/sh\"]\ninstances = 2\n[services.api]\nbinary_path = \"/bin/sh\"\n",
+        );
+        assert_eq!(lines(&validation, Severity::Error), Vec::<String>::new());
+        let warnings = lines(&validation, Severity::Warning);
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        assert!(
+            warnings[0].contains("stray: no binary stray/stray"),
+            "{warnings:#?}"
+        );
     }
 
     #[test]
