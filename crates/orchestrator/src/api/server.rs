@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -775,7 +775,12 @@ pub async fn serve<L: Accept>(
             continue;
         }
         let io = TokioIo::new(StallLimit::new(io, limits.idle_timeout));
-        let connection = http.serve_connection(io, TowerToHyperService::new(app.clone()));
+        let first_request = Arc::new(Notify::new());
+        let service = MarksRequests {
+            inner: TowerToHyperService::new(app.clone()),
+            seen: Arc::clone(&first_request),
+        };
+        let connection = http.serve_connection(io, service);
         let closing = closing.clone();
         let open = OpenConnection::new(slot);
         tasks.spawn(async move {
@@ -784,6 +789,26 @@ pub async fn serve<L: Accept>(
             let result = tokio::select! {
                 result = connection.as_mut() => result,
                 () = closing.cancelled() => {
+                    // hyper closes a connection on which it has seen no
+                    // byte yet at once: one accepted a moment ago, whose
+                    // client has sent (or is sending) its request, would
+                    // see a reset instead of an answer (an upgrade's switch
+                    // hit it). Its first request is awaited, briefly, and
+                    // answered; then the connection closes.
+                    let idle = tokio::select! {
+                        biased;
+                        () = first_request.notified() => false,
+                        result = connection.as_mut() => {
+                            if let Err(error) = result {
+                                tracing::debug!("API connection ended: {error}");
+                            }
+                            return;
+                        }
+                        () = tokio::time::sleep(FIRST_REQUEST_GRACE) => true,
+                    };
+                    if idle {
+                        tracing::debug!("closing an API connection that sent no request within {FIRST_REQUEST_GRACE:?} of the server stopping");
+                    }
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
@@ -792,6 +817,34 @@ pub async fn serve<L: Accept>(
                 tracing::debug!("API connection ended: {error}");
             }
         });
+    }
+}
+
+/// How long a stopping server (a shutdown, an upgrade's switch) waits for
+/// the first request of a connection it accepted: far longer than a client
+/// takes between its connect and its write, short enough that a silent
+/// connection barely holds the switch up.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
+
+/// The API as a connection serves it, saying when a request has come (the
+/// first one is what a stopping server waits for, see `serve`). Its
+/// `Notify` keeps the signal for a waiter that comes later.
+struct MarksRequests<S> {
+    inner: S,
+    seen: Arc<Notify>,
+}
+
+impl<S, R> hyper::service::Service<R> for MarksRequests<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.seen.notify_one();
+        self.inner.call(request)
     }
 }
 

@@ -829,3 +829,81 @@ async fn a_write_stalled_past_the_limit_fails() {
     limited.write_all(&big[..64]).await.unwrap();
     assert!(limited.stalled.is_none());
 }
+
+#[tokio::test]
+async fn a_connection_accepted_just_before_the_server_stops_is_answered() {
+    // The race of an upgrade's switch: accepted, then the server stops
+    // before the client's request has arrived. The client must get its
+    // answer, not a reset.
+    let served = serve().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = tcp_router(served.fake.clone(), addr, "s3cret".to_owned());
+    let closing = tokio_util::sync::CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let server = tokio::spawn(super::serve(
+        listener,
+        app,
+        LIMITS,
+        closing.clone(),
+        tasks.clone(),
+    ));
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Accepted once its connection's task exists.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tasks.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never accepted");
+        tokio::task::yield_now().await;
+    }
+    closing.cancel();
+    let _listener = server.await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+                addr.port()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tasks.close();
+    tasks.wait().await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_does_not_hold_a_stopping_server() {
+    let served = serve().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = tcp_router(served.fake.clone(), addr, "s3cret".to_owned());
+    let closing = tokio_util::sync::CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let server = tokio::spawn(super::serve(
+        listener,
+        app,
+        LIMITS,
+        closing.clone(),
+        tasks.clone(),
+    ));
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tasks.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never accepted");
+        tokio::task::yield_now().await;
+    }
+    closing.cancel();
+    let _listener = server.await.unwrap();
+    tasks.close();
+    // Closed after the grace, not held open until the client speaks.
+    tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .expect("the silent connection was still served after 10s");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
