@@ -52,7 +52,7 @@ pub struct Scan {
 /// saying why. Sorted by name. A missing `services_dir` discovers nothing; any
 /// other failure to read it is an error.
 pub fn discover(services_dir: &Path) -> Result<Vec<Discovered>, DiscoveryError> {
-    let scan = scan(services_dir)?;
+    let scan = scan_explaining(services_dir, &|_| false)?;
     for skipped in &scan.skipped {
         tracing::debug!(path = %skipped.path.display(), "skipped: {}", skipped.reason);
     }
@@ -62,6 +62,17 @@ pub fn discover(services_dir: &Path) -> Result<Vec<Discovered>, DiscoveryError> 
 /// `discover`, keeping what was skipped and why, so that `check` and
 /// `discover` can say it rather than leave a binary silently ignored.
 pub fn scan(services_dir: &Path) -> Result<Scan, DiscoveryError> {
+    scan_explaining(services_dir, &|_| true)
+}
+
+/// [`scan`], saying in full why an entry without a binary was skipped (a
+/// dangling link, the files found instead) only where `explain(name)`:
+/// each explanation costs a few more system calls, and a configured
+/// service's NAME/ holding only its data needs none.
+pub fn scan_explaining(
+    services_dir: &Path,
+    explain: &dyn Fn(&str) -> bool,
+) -> Result<Scan, DiscoveryError> {
     let read_error = |source| DiscoveryError::ReadDir {
         dir: services_dir.to_path_buf(),
         source,
@@ -95,7 +106,9 @@ pub fn scan(services_dir: &Path) -> Result<Scan, DiscoveryError> {
                 continue;
             }
         };
-        match check_entry(&path, &name) {
+        // A plain directory, as getdents says: no stat needed to know it.
+        let plain_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
+        match check_entry(&path, &name, explain(&name), plain_dir) {
             Ok(binary) => scan.found.push(Discovered { name, binary }),
             Err(reason) => skip(reason),
         }
@@ -106,17 +119,19 @@ pub fn scan(services_dir: &Path) -> Result<Scan, DiscoveryError> {
 }
 
 /// The binary of the entry `path` (named `name`), or why it does not count.
-fn check_entry(path: &Path, name: &str) -> Result<PathBuf, String> {
+fn check_entry(path: &Path, name: &str, explain: bool, plain_dir: bool) -> Result<PathBuf, String> {
     // fs::metadata follows symlinks: a linked directory or binary counts as
     // what it points to, which is how deployments often swap versions.
-    match fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(format!(
-                "not a directory: a service is a directory {name}/ holding its binary {name}/{name}"
-            ));
+    if !plain_dir {
+        match fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "not a directory: a service is a directory {name}/ holding its binary {name}/{name}"
+                ));
+            }
+            Err(err) => return Err(format!("cannot inspect it: {err}")),
         }
-        Err(err) => return Err(format!("cannot inspect it: {err}")),
     }
     let binary = path.join(name);
     match fs::metadata(&binary) {
@@ -133,6 +148,9 @@ fn check_entry(path: &Path, name: &str) -> Result<PathBuf, String> {
             binary.display()
         )),
         Ok(_) => Ok(binary),
+        Err(err) if err.kind() == io::ErrorKind::NotFound && !explain => {
+            Err(format!("no binary {name}/{name}"))
+        }
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             Err(if let Ok(target) = fs::read_link(&binary) {
                 format!(

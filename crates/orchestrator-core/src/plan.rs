@@ -2,7 +2,7 @@
 //! definitions the service actors run: argv, environment, paths, policy.
 
 use crate::name::ServiceName;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, RestartPolicy, ServiceConfig};
@@ -80,8 +80,17 @@ pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<S
         .map(|d| (&d.name, d.binary.as_path()))
         .collect();
     let mut definitions = Vec::new();
+    let mut binaries = HashMap::new();
     for (name, service) in &config.services {
-        definitions.push(define(config, name, service, true, service.enabled, host));
+        definitions.push(define(
+            config,
+            name,
+            service,
+            true,
+            service.enabled,
+            host,
+            &mut binaries,
+        ));
     }
     let defaults = ServiceConfig::default();
     // A section with instances runs its binary as those, not also alone.
@@ -93,7 +102,15 @@ pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<S
     for name in found.keys() {
         if !config.services.contains_key(name.as_str()) && !sections.contains(&name.as_str()) {
             let enabled = config.orchestrator.start_discovered;
-            definitions.push(define(config, name, &defaults, false, enabled, host));
+            definitions.push(define(
+                config,
+                name,
+                &defaults,
+                false,
+                enabled,
+                host,
+                &mut binaries,
+            ));
         }
     }
     definitions.sort_by(|a, b| a.name.cmp(&b.name));
@@ -138,6 +155,7 @@ fn define(
     configured: bool,
     enabled: bool,
     host: &HostEnv,
+    binaries: &mut HashMap<PathBuf, Option<BinaryId>>,
 ) -> ServiceDefinition {
     let orchestrator = &config.orchestrator;
     let (program, args) = match &service.command {
@@ -177,8 +195,13 @@ fn define(
     });
     // A bare command name is looked up in PATH by the spawn; only a path
     // names one file that can be watched for replacement.
+    // Looked at once per file: instances (and fleets) share one.
     let binary = (orchestrator.restart_on_binary_change && program.is_absolute())
-        .then(|| BinaryId::of(&program))
+        .then(|| {
+            *binaries
+                .entry(program.clone())
+                .or_insert_with(|| BinaryId::of(&program))
+        })
         .flatten();
     ServiceDefinition {
         name: name.clone(),
