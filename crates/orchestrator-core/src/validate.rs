@@ -20,7 +20,7 @@ use crate::config::{
     ServiceConfig, depends_on_key, service_key,
 };
 use crate::deps::{Dependency, Graph, find_cycles};
-use crate::discovery::{Scan, scan};
+use crate::discovery::{Scan, scan_explaining};
 use crate::name::ServiceName;
 use crate::plan::{HostEnv, plan};
 use crate::service::ServiceDefinition;
@@ -214,10 +214,13 @@ pub fn validate_as(
 
     let dir = &orchestrator.services_dir;
     let dir_key = "orchestrator.services_dir";
+    let configured_bases: BTreeSet<&str> = config.services.keys().map(|name| name.base()).collect();
     let scanned = if has_problem(dir_key) {
         Scan::default()
     } else {
-        match scan(dir) {
+        // A configured service's NAME/ without a binary is not reported
+        // (see below): no need to look into it.
+        match scan_explaining(dir, &|name| !configured_bases.contains(name)) {
             Ok(scanned) => scanned,
             Err(error) => {
                 let source = std::error::Error::source(&error)
