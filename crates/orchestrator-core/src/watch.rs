@@ -68,15 +68,32 @@ enum Message {
     Stop,
 }
 
+/// The binaries in a services_dir as the watcher compares them, taken
+/// before the daemon discovers them ([`Binaries::now`]): a watcher armed
+/// later (off the start's critical path) compares what it finds with it,
+/// so that a binary dropped in between is not missed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binaries(BTreeMap<OsString, BinaryId>);
+
+impl Binaries {
+    /// Blocking: one directory read and a stat per entry.
+    pub fn now(services_dir: &Path) -> Binaries {
+        Binaries(binaries_in(services_dir))
+    }
+}
+
 /// Starts watching `config_path` (when there is a file) and `services_dir`;
 /// each settled change sends one `DaemonEvent::Reload` to `sink`. Returns
 /// once the watches are armed and the current state is recorded, so that a
-/// change made after it returns is seen.
+/// change made after it returns is seen. With `known` (what the daemon
+/// planned from, taken earlier), a services_dir that differs from it once
+/// the watches are armed asks for one reload at once.
 pub async fn spawn_watcher(
     config_path: Option<PathBuf>,
     services_dir: PathBuf,
     debounce: Duration,
     sink: mpsc::Sender<DaemonEvent>,
+    known: Option<Binaries>,
 ) -> Result<WatchHandle, WatchError> {
     let (events_tx, events) = std_mpsc::channel();
     let forward = events_tx.clone();
@@ -100,8 +117,16 @@ pub async fn spawn_watcher(
                 last: None,
             };
             watch.rearm();
-            watch.last = Some(watch.snapshot());
+            let first = watch.snapshot();
+            let moved = known.is_some_and(|known| known.0 != first.binaries);
+            watch.last = Some(first);
             let _ = ready_tx.send(());
+            if moved {
+                tracing::info!("services_dir changed while the daemon started; reloading");
+                if sink.blocking_send(DaemonEvent::Reload).is_err() {
+                    return;
+                }
+            }
             watch.run(&events, debounce, &sink);
         })?;
     ready.await.map_err(|_| WatchError::Setup)?;
@@ -155,7 +180,7 @@ struct Snapshot {
     binaries: BTreeMap<OsString, BinaryId>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct BinaryId {
     dev: u64,
     ino: u64,
@@ -373,31 +398,35 @@ impl Watch {
             .config
             .as_ref()
             .and_then(|path| std::fs::read(path).ok());
-        let mut binaries = BTreeMap::new();
-        let services = &self.targets.services_dir;
-        for entry in std::fs::read_dir(services).into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let Ok(metadata) = std::fs::metadata(services.join(&name).join(&name)) else {
-                continue;
-            };
-            if !metadata.is_file() {
-                continue;
-            }
-            let mtime_ns =
-                i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec());
-            binaries.insert(
-                name,
-                BinaryId {
-                    dev: metadata.dev(),
-                    ino: metadata.ino(),
-                    mode: metadata.mode(),
-                    len: metadata.len(),
-                    mtime_ns,
-                },
-            );
-        }
+        let binaries = binaries_in(&self.targets.services_dir);
         Snapshot { config, binaries }
     }
+}
+
+fn binaries_in(services: &Path) -> BTreeMap<OsString, BinaryId> {
+    let mut binaries = BTreeMap::new();
+    for entry in std::fs::read_dir(services).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Ok(metadata) = std::fs::metadata(services.join(&name).join(&name)) else {
+            continue;
+        };
+        if !metadata.is_file() {
+            continue;
+        }
+        let mtime_ns =
+            i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec());
+        binaries.insert(
+            name,
+            BinaryId {
+                dev: metadata.dev(),
+                ino: metadata.ino(),
+                mode: metadata.mode(),
+                len: metadata.len(),
+                mtime_ns,
+            },
+        );
+    }
+    binaries
 }
 
 fn at_a_limit(error: &notify::Error) -> bool {
@@ -505,6 +534,7 @@ mod tests {
             services.to_owned(),
             debounce,
             tx,
+            None,
         )
         .await
         .unwrap();
@@ -637,6 +667,45 @@ mod tests {
         expect_reload(&mut rx, "replaced binary").await;
         fs::remove_dir_all(s.services.join("api")).unwrap();
         expect_reload(&mut rx, "removed binary").await;
+    }
+
+    #[tokio::test]
+    async fn a_binary_dropped_before_the_watchers_are_armed_reloads_once() {
+        // The daemon planned from `known`; the watchers are armed later.
+        let s = setup();
+        binary(&s.services, "web", b"#!/bin/sh\nexit 0\n");
+        let known = Binaries::now(&s.services);
+        binary(&s.services, "api", b"#!/bin/sh\nexit 0\n");
+        let (tx, mut rx) = mpsc::channel(64);
+        let _handle = spawn_watcher(
+            Some(s.config.clone()),
+            s.services.clone(),
+            DEBOUNCE,
+            tx,
+            Some(known),
+        )
+        .await
+        .unwrap();
+        expect_reload(&mut rx, "a binary added before arming").await;
+        expect_quiet(&mut rx, "after that reload").await;
+    }
+
+    #[tokio::test]
+    async fn nothing_changed_before_the_watchers_are_armed_is_no_reload() {
+        let s = setup();
+        binary(&s.services, "web", b"#!/bin/sh\nexit 0\n");
+        let known = Binaries::now(&s.services);
+        let (tx, mut rx) = mpsc::channel(64);
+        let _handle = spawn_watcher(
+            Some(s.config.clone()),
+            s.services.clone(),
+            DEBOUNCE,
+            tx,
+            Some(known),
+        )
+        .await
+        .unwrap();
+        expect_quiet(&mut rx, "services_dir as planned").await;
     }
 
     #[tokio::test]

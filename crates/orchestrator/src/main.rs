@@ -19,7 +19,7 @@ use anyhow::Context;
 use clap::{FromArgMatches, Parser, Subcommand};
 use orchestrator_core::config::{self, Config, ConfigErrors, ConfigProblem, LogFormat};
 use orchestrator_core::daemon::{self, DaemonEvent};
-use orchestrator_core::discovery::{discover, scan};
+use orchestrator_core::discovery::scan;
 use orchestrator_core::guardian;
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
@@ -29,7 +29,7 @@ use orchestrator_core::process::{
 use orchestrator_core::reload::Loader;
 use orchestrator_core::state::DaemonLock;
 use orchestrator_core::validate::{Finding, Scope, Severity, Validation, validate};
-use orchestrator_core::watch::{DEFAULT_DEBOUNCE, WatchHandle, spawn_watcher};
+use orchestrator_core::watch::{Binaries, DEFAULT_DEBOUNCE, WatchHandle, spawn_watcher};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -986,31 +986,27 @@ fn run(
         // Every handler is in place: what an upgrade's exec held back (a
         // SIGTERM sent during the switch) is taken now.
         upgrade::unblock_daemon_signals();
-        // Held to the end: dropping it stops the watchers.
-        let _watching = match config.orchestrator.watch {
-            true => start_watching(&config, config_stamp, funnel_tx.clone()).await,
-            false => None,
-        };
+        // The watchers are armed once the services run (a thousand
+        // directories take a while to watch, and an upgrade's switch must
+        // not wait for them); what they would have seen meanwhile is
+        // caught by comparing with the services_dir as it is now, before
+        // the daemon discovers it.
+        let watch = config.orchestrator.watch.then(|| WatchFrom {
+            config: config.clone(),
+            stamp: config_stamp,
+            binaries: Binaries::now(&config.orchestrator.services_dir),
+        });
+        // Held to the end: its output, once armed, is the watchers' handle,
+        // and dropping that stops them.
+        let mut watching: Option<tokio::task::JoinHandle<Option<WatchHandle>>> = None;
         reap_orphans_on_sigchld().context("cannot install the SIGCHLD handler")?;
         let api_limits = ConnectionLimits {
             max_connections: config.orchestrator.api_max_connections,
             header_timeout: config.orchestrator.api_header_timeout,
             idle_timeout: config.orchestrator.api_idle_timeout,
         };
-        // Discovered binaries run too (start_discovered): count them.
-        let services = config.services.len()
-            + discover(&config.orchestrator.services_dir).map_or(0, |found| found.len());
         let listeners = if tcp.is_some() { 2 } else { 1 };
-        let limits = ConnectionLimits {
-            max_connections: connection_cap_here(api_limits.max_connections, listeners, services),
-            ..api_limits
-        };
-        if limits.max_connections < api_limits.max_connections {
-            tracing::info!(
-                api_max_connections = limits.max_connections,
-                "API connections per listener lowered to leave the services their descriptors (RLIMIT_NOFILE)"
-            );
-        }
+        let mut limits = None;
         let config_source = config.source.clone();
         let mut config = Some(config);
         let mut said_listening = false;
@@ -1057,6 +1053,29 @@ fn run(
                 relay.abort();
                 break 'runs result.map_err(Into::into);
             };
+            if watching.is_none()
+                && let Some(from) = &watch
+            {
+                watching = Some(tokio::spawn(start_watching(from.clone(), funnel_tx.clone())));
+            }
+            // Discovered binaries run too: the plan counts them.
+            let limits = *limits.get_or_insert_with(|| {
+                let capped = ConnectionLimits {
+                    max_connections: connection_cap_here(
+                        api_limits.max_connections,
+                        listeners,
+                        handles.services,
+                    ),
+                    ..api_limits
+                };
+                if capped.max_connections < api_limits.max_connections {
+                    tracing::info!(
+                        api_max_connections = capped.max_connections,
+                        "API connections per listener lowered to leave the services their descriptors (RLIMIT_NOFILE)"
+                    );
+                }
+                capped
+            });
             // One turn per serving of the API: the first, and one more after
             // each upgrade refused at its freeze.
             loop {
@@ -1552,16 +1571,27 @@ fn file_stamp(path: &Path) -> Option<FileStamp> {
     Some((metadata.ino(), metadata.len(), metadata.modified().ok()?))
 }
 
-async fn start_watching(
-    config: &Config,
-    loaded: Option<FileStamp>,
-    events: mpsc::Sender<DaemonEvent>,
-) -> Option<WatchHandle> {
+/// What the watchers compare with once armed: the config file as read, and
+/// services_dir as it was before the daemon discovered it.
+#[derive(Clone)]
+struct WatchFrom {
+    config: Config,
+    stamp: Option<FileStamp>,
+    binaries: Binaries,
+}
+
+async fn start_watching(from: WatchFrom, events: mpsc::Sender<DaemonEvent>) -> Option<WatchHandle> {
+    let WatchFrom {
+        config,
+        stamp: loaded,
+        binaries,
+    } = from;
     match spawn_watcher(
         config.source.clone(),
         config.orchestrator.services_dir.clone(),
         DEFAULT_DEBOUNCE,
         events.clone(),
+        Some(binaries),
     )
     .await
     {
