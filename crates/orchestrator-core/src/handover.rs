@@ -108,6 +108,20 @@ pub struct ServiceHandover {
     /// Its output's line and dropped-byte counts, continued by the next.
     #[serde(default)]
     pub output: crate::output::OutputCounters,
+    /// CLOCK_MONOTONIC (nanoseconds) when `machine` was taken: the clock is
+    /// the system's, the same on both sides of the exec and unmoved by a
+    /// wall-clock change, so each timer resumes with exactly the time that
+    /// passed since its own freeze. `None` (an older writer): the time
+    /// since `written_at_unix_ms` is taken instead.
+    #[serde(default)]
+    pub frozen_at_monotonic_ns: Option<u64>,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (see
+/// [`ServiceHandover::frozen_at_monotonic_ns`]).
+pub fn monotonic_ns() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
 /// One service frozen for an upgrade, as the old daemon hands it over and
@@ -131,9 +145,14 @@ pub struct FrozenService {
 }
 
 impl FrozenService {
-    /// The instant of this process's clock the snapshot stands for (as
-    /// [`Handover::taken_at`]): now minus the wall time since `frozen_at`.
+    /// The instant of this process's clock the snapshot stands for: now
+    /// minus the time since its freeze (CLOCK_MONOTONIC when the writer
+    /// recorded it, else the wall time since `frozen_at`).
     pub fn taken_at(&self, now: Instant) -> Instant {
+        if let Some(frozen_ns) = self.service.frozen_at_monotonic_ns {
+            let since = Duration::from_nanos(monotonic_ns().saturating_sub(frozen_ns));
+            return now.checked_sub(since).unwrap_or(now);
+        }
         let Some(frozen_at) = self.frozen_at else {
             return now;
         };

@@ -61,6 +61,7 @@ fn sample() -> Handover {
             stderr_lines: 2,
             dropped_bytes: 0,
         },
+        frozen_at_monotonic_ns: Some(123_456_789),
     });
     handover
 }
@@ -348,4 +349,34 @@ fn a_frozen_service_goes_through_the_document_with_its_descriptors() {
     let mut got = [0u8; 1];
     File::from(stdout).read_exact(&mut got).unwrap();
     assert_eq!(&got, b"x");
+}
+
+#[test]
+fn timers_count_the_monotonic_time_since_each_services_own_freeze() {
+    let mut frozen = FrozenService {
+        service: sample().services.remove(0),
+        pidfd: None,
+        stdout: None,
+        stderr: None,
+        notify: None,
+        from_version: None,
+        // A wall clock far off (stepped back a day during the switch) must
+        // not move the timers: the monotonic stamp wins.
+        frozen_at: Some(SystemTime::now() + Duration::from_secs(86_400)),
+    };
+    frozen.service.frozen_at_monotonic_ns = Some(monotonic_ns() - 2_000_000_000);
+    let now = Instant::now();
+    let since = now - frozen.taken_at(now);
+    assert!(
+        since >= Duration::from_secs(2) && since < Duration::from_secs(60),
+        "{since:?}"
+    );
+    // Without the stamp (an older writer), the wall time since frozen_at.
+    frozen.service.frozen_at_monotonic_ns = None;
+    frozen.frozen_at = Some(SystemTime::now() - Duration::from_secs(3));
+    let since = now - frozen.taken_at(now);
+    assert!(
+        since >= Duration::from_secs(3) && since < Duration::from_secs(60),
+        "{since:?}"
+    );
 }

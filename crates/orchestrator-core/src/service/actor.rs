@@ -512,8 +512,15 @@ pub fn service_actor_resumed(
         taken_at,
     );
     let (handle, mut actor) = new_actor(definition, spawner, events, machine);
-    actor.resume(frozen);
-    (handle, actor.run())
+    // Adopting the process (its /proc entry, pidfd and cgroup checked) is
+    // done by the task, not here: the supervisor spawns a thousand of them
+    // at once and the runtime's workers share the work, while a command
+    // sent meanwhile waits in the inbox for the resume to end.
+    let run = async move {
+        actor.resume(frozen);
+        actor.run().await;
+    };
+    (handle, run)
 }
 
 #[cfg(test)]
@@ -1288,6 +1295,7 @@ impl Actor {
             None => None,
         };
         self.resources.set_cgroup(None);
+        let frozen_at_monotonic_ns = crate::handover::monotonic_ns();
         let machine =
             self.machine
                 .snapshot(Instant::now())
@@ -1352,6 +1360,7 @@ impl Actor {
                     .collect(),
                 health: self.watchers.health,
                 output: self.output.counters(),
+                frozen_at_monotonic_ns: Some(frozen_at_monotonic_ns),
             },
             pidfd,
             stdout,
