@@ -69,6 +69,9 @@ pub struct DaemonHandles {
     pub state: StateStore,
     /// Every reload goes through it (the API's, SIGHUP's, the watchers').
     pub reloader: ReloadHandle,
+    /// How many services the daemon started with (configured and
+    /// discovered), to size what depends on it.
+    pub services: usize,
 }
 
 /// Run until a Shutdown (or ForceShutdown) event, or until `events` closes.
@@ -146,19 +149,29 @@ pub async fn run(
     if resumed.is_empty() {
         stop_what_a_dead_daemon_left(&orchestrator, &definitions, &spawner, &bus).await;
     }
+    // Those handed over are in the first record written, before anything
+    // else changes.
+    let handed_over_pids: Vec<(String, u32)> = resumed
+        .iter()
+        .filter_map(|frozen| {
+            let child = frozen.service.child.as_ref()?;
+            Some((frozen.service.name.clone(), child.pid))
+        })
+        .collect();
+    let running = crate::state::handed_over_records(&state_path, &handed_over_pids);
     // Twice the services: a reload that adds some on a full disk still fits.
-    let store = StateStore::start(state_path, definitions.len() * 2, Some(bus.clone()));
-    // Those handed over are recorded again before anything else changes.
-    for frozen in &resumed {
-        if let Some(child) = &frozen.service.child {
-            store.record_running(&frozen.service.name, child.pid);
-        }
-    }
+    let store = StateStore::start_with(
+        state_path,
+        definitions.len() * 2,
+        Some(bus.clone()),
+        running,
+    );
     // The file is reserved (or its failure said) before the first spawn, so
     // no spawn waits on free space to be recorded.
     store.flush().await;
     let observer = store.clone();
     bus.set_observer(move |event| observer.observe(event));
+    let planned = definitions.len();
     let handed_over: std::collections::BTreeSet<String> = resumed
         .iter()
         .map(|frozen| frozen.service.name.clone())
@@ -188,6 +201,7 @@ pub async fn run(
             events: bus.clone(),
             state: store.clone(),
             reloader: reloader.clone(),
+            services: planned,
         });
     }
 
@@ -321,19 +335,10 @@ async fn start_in_progress(started: bool, supervisor: &SupervisorHandle) -> Opti
                 .to_owned(),
         );
     }
-    let waiting: Vec<String> = supervisor
-        .list()
+    let waiting = supervisor
+        .waiting_for_dependencies()
         .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|service| {
-            service
-                .reason
-                .as_deref()
-                .is_some_and(|reason| reason.starts_with("waiting for"))
-        })
-        .map(|service| service.name)
-        .collect();
+        .unwrap_or_default();
     (!waiting.is_empty()).then(|| {
         format!(
             "{} still wait{} for dependencies to start; retry once they run (or stop them)",

@@ -680,6 +680,42 @@ fn decode_file(bytes: &[u8]) -> Result<(u64, PersistedState), String> {
         .map_err(|error| error.to_string())
 }
 
+/// The records of the processes an upgrade handed over, as (service, pid),
+/// for [`StateStore::start_with`]. The record at `path` is this very
+/// process's (an exec keeps the pid), written before the switch: a process
+/// it names with the same pid is taken from it without reading /proc again;
+/// any other (the record was stale) is looked up in /proc, as a `started`
+/// event is.
+pub fn handed_over_records(
+    path: &Path,
+    handed_over: &[(String, u32)],
+) -> BTreeMap<String, ProcessRecord> {
+    let on_disk = read_state(path)
+        .ok()
+        .flatten()
+        .filter(|state| state.daemon_pid == std::process::id() && state.boot_id == boot_id())
+        .map(|state| state.services)
+        .unwrap_or_default();
+    handed_over
+        .iter()
+        .filter_map(|(name, pid)| {
+            let record = match on_disk.get(name) {
+                Some(record) if record.pid == *pid => *record,
+                _ => {
+                    let stat = proc_stat(*pid)?;
+                    ProcessRecord {
+                        pid: *pid,
+                        pgid: stat.pgid,
+                        sid: stat.sid,
+                        start_time: stat.start_time,
+                    }
+                }
+            };
+            Some((name.clone(), record))
+        })
+        .collect()
+}
+
 /// What a previous daemon recorded; `None` when there is no record. Reads
 /// this format and, once, for an upgrade, the JSON file of earlier versions.
 pub fn read_state(path: &Path) -> Result<Option<PersistedState>, StateError> {
@@ -894,10 +930,21 @@ impl StateStore {
         capacity: usize,
         events: Option<crate::events::EventBus>,
     ) -> StateStore {
+        Self::start_with(path, capacity, events, BTreeMap::new())
+    }
+
+    /// [`Self::start`] with processes running already (an upgrade's, see
+    /// [`handed_over_records`]): its first write records them.
+    pub fn start_with(
+        path: PathBuf,
+        capacity: usize,
+        events: Option<crate::events::EventBus>,
+        running: BTreeMap<String, ProcessRecord>,
+    ) -> StateStore {
         let inner = Arc::new(StoreInner {
             path,
             capacity,
-            services: Mutex::new(BTreeMap::new()),
+            services: Mutex::new(running),
             dirty: Notify::new(),
             failed_writes: AtomicU64::new(0),
             failing: AtomicBool::new(false),
@@ -935,23 +982,6 @@ impl StateStore {
             _ => false,
         };
         if changed {
-            self.inner.dirty.notify_one();
-        }
-    }
-
-    /// Record `service`'s process `pid`, running already (handed over by an
-    /// upgrade): as its `started` event would.
-    pub fn record_running(&self, service: &str, pid: u32) {
-        if let Some(stat) = proc_stat(pid) {
-            self.lock().insert(
-                service.to_owned(),
-                ProcessRecord {
-                    pid,
-                    pgid: stat.pgid,
-                    sid: stat.sid,
-                    start_time: stat.start_time,
-                },
-            );
             self.inner.dirty.notify_one();
         }
     }

@@ -703,6 +703,25 @@ impl SupervisorHandle {
         Ok(infos)
     }
 
+    /// Those services whose start waits for a dependency (their `reason`
+    /// says what for): without the usage `list` reads from /proc.
+    pub async fn waiting_for_dependencies(&self) -> Result<Vec<String>, SupervisorError> {
+        let infos = self
+            .ask(|reply| Command::Info(None, reply))
+            .await?
+            .unwrap_or_default();
+        Ok(infos
+            .into_iter()
+            .filter(|service| {
+                service
+                    .reason
+                    .as_deref()
+                    .is_some_and(|reason| reason.starts_with("waiting for"))
+            })
+            .map(|service| service.name)
+            .collect())
+    }
+
     /// Start every enabled service, all at once; one that cannot start
     /// never holds up the others. Returns each failure.
     pub async fn start_all(&self) -> Result<Vec<ServiceError>, SupervisorError> {

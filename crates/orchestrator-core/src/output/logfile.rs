@@ -176,6 +176,18 @@ impl LogFile {
         }
     }
 
+    /// True when no gzip is running: one that has ended is joined (which
+    /// then does not wait).
+    pub(crate) fn compressing_finished(&mut self) -> bool {
+        match &self.compressor {
+            Some(compressor) if !compressor.is_finished() => false,
+            _ => {
+                self.finish_compressing();
+                true
+            }
+        }
+    }
+
     /// Bytes in the live file, as tracked.
     #[cfg(test)]
     pub(crate) fn size(&self) -> Option<u64> {

@@ -284,6 +284,11 @@ impl ServiceOutput {
     /// does (a hung one: for good); bound it with a timeout.
     pub async fn flush_file(self: &Arc<Self>) {
         self.file_flushed().await;
+        // Nearly always nothing to wait for: a thousand services freezing
+        // at once must not each take a blocking thread.
+        if self.file.compressing_finished() {
+            return;
+        }
         let output = Arc::clone(self);
         // Joining the gzip thread blocks, and the file's lock may be held
         // over a slow write: not on a runtime worker.

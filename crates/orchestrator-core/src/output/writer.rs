@@ -92,6 +92,19 @@ impl FileQueue {
         lock(&self.file).finish_compressing();
     }
 
+    /// Without blocking: true when no gzip is running (any that ran is
+    /// joined), false when one is or a write holds the file (then
+    /// [`Self::finish_compressing`] on a blocking thread waits for it).
+    pub(super) fn compressing_finished(&self) -> bool {
+        match self.file.try_lock() {
+            Ok(mut file) => file.compressing_finished(),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                poisoned.into_inner().compressing_finished()
+            }
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+
     pub(super) fn set_options(&self, options: FileOptions) {
         lock(&self.pending).options = Some(options);
     }
