@@ -75,6 +75,8 @@ pub struct DaemonHandles {
 }
 
 /// Run until a Shutdown (or ForceShutdown) event, or until `events` closes.
+/// `events` is borrowed: what a run leaves in it (events sent while a
+/// freeze was under way) is still there for the caller, who decides.
 /// `ready` receives the handles as soon as the services exist (before they
 /// have all started), so the API can answer during a long start. `loader`
 /// reads the configuration anew for a reload, the way this one was read;
@@ -96,7 +98,7 @@ pub async fn run(
     loader: Option<Loader>,
     spawner: Arc<dyn Spawner>,
     host: HostEnv,
-    mut events: mpsc::Receiver<DaemonEvent>,
+    events: &mut mpsc::Receiver<DaemonEvent>,
     ready: Option<oneshot::Sender<DaemonHandles>>,
     resumed: Vec<crate::handover::FrozenService>,
 ) -> Result<(), DaemonError> {
@@ -307,7 +309,7 @@ pub async fn run(
                         systemd.send("STOPPING=1\nSTATUS=stopping every service");
                     }
                     bus.emit(None, EventKind::DaemonStopping { reason: "shutdown requested".to_owned() });
-                    shutdown(&supervisor, orchestrator.shutdown_timeout, &mut events).await?;
+                    shutdown(&supervisor, orchestrator.shutdown_timeout, events).await?;
                     break;
                 }
             }
@@ -604,15 +606,20 @@ enabled = false
             path: "/usr/bin:/bin".to_owned(),
             tmpdir: "/tmp".to_owned(),
         };
-        let task = tokio::spawn(run(
-            config,
-            loader,
-            Arc::new(spawner.clone()),
-            host,
-            events,
-            Some(ready),
-            Vec::new(),
-        ));
+        let spawner_for_run = Arc::new(spawner.clone());
+        let task = tokio::spawn(async move {
+            let mut events = events;
+            run(
+                config,
+                loader,
+                spawner_for_run,
+                host,
+                &mut events,
+                Some(ready),
+                Vec::new(),
+            )
+            .await
+        });
         let handles = handles.await.expect("the daemon hands out its handles");
         spawner.wait_for_spawns(2).await;
         for name in ["api", "worker"] {

@@ -61,15 +61,20 @@ async fn start(dir: &Path, spawner: &Arc<dyn Spawner>, resumed: Vec<FrozenServic
         path: "/usr/bin:/bin".to_owned(),
         tmpdir: "/tmp".to_owned(),
     };
-    let task = tokio::spawn(run(
-        config,
-        None,
-        Arc::clone(spawner),
-        host,
-        events,
-        Some(ready),
-        resumed,
-    ));
+    let spawner = Arc::clone(spawner);
+    let task = tokio::spawn(async move {
+        let mut events = events;
+        run(
+            config,
+            None,
+            spawner,
+            host,
+            &mut events,
+            Some(ready),
+            resumed,
+        )
+        .await
+    });
     let handles = tokio::time::timeout(DEADLINE, handles)
         .await
         .expect("handles within the deadline")

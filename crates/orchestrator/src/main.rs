@@ -991,8 +991,9 @@ fn run(
         // not wait for them); what they would have seen meanwhile is
         // caught by comparing with the services_dir as it is now, before
         // the daemon discovers it.
-        let watch = config.orchestrator.watch.then(|| WatchFrom {
-            config: config.clone(),
+        let mut watch = config.orchestrator.watch.then(|| WatchFrom {
+            source: config.source.clone(),
+            services_dir: config.orchestrator.services_dir.clone(),
             stamp: config_stamp,
             binaries: Binaries::now(&config.orchestrator.services_dir),
         });
@@ -1025,38 +1026,30 @@ fn run(
                     }
                 },
             };
-            let (events_tx, events) = mpsc::channel(16);
-            let relay = tokio::spawn(relay_events(funnel, events_tx));
             let (ready_tx, ready) = tokio::sync::oneshot::channel();
             // Run on this (the main) thread rather than spawned: the services
             // are then set up in the allocator arena that parsing the
             // configuration just freed, instead of a worker's fresh one.
-            let daemon = daemon::run(
+            // Boxed, to be dropped once frozen: the funnel it borrows is
+            // then looked at for what came in during the freeze.
+            let mut daemon = Box::pin(daemon::run(
                 config,
                 Some(loader.clone()),
                 spawner.clone(),
                 HostEnv::from_process(),
-                events,
+                &mut funnel,
                 Some(ready_tx),
                 std::mem::take(&mut resumed),
-            );
-            tokio::pin!(daemon);
+            ));
             let handles = tokio::select! {
-                result = &mut daemon => {
-                    relay.abort();
-                    break 'runs result.map_err(Into::into);
-                }
+                result = &mut daemon => break 'runs result.map_err(Into::into),
                 handles = ready => handles,
             };
             let Ok(handles) = handles else {
-                let result = (&mut daemon).await;
-                relay.abort();
-                break 'runs result.map_err(Into::into);
+                break 'runs (&mut daemon).await.map_err(Into::into);
             };
-            if watching.is_none()
-                && let Some(from) = &watch
-            {
-                watching = Some(tokio::spawn(start_watching(from.clone(), funnel_tx.clone())));
+            if let Some(from) = watch.take() {
+                watching = Some(tokio::spawn(start_watching(from, funnel_tx.clone())));
             }
             // Discovered binaries run too: the plan counts them.
             let limits = *limits.get_or_insert_with(|| {
@@ -1097,7 +1090,6 @@ fn run(
                 let request = tokio::select! {
                     result = &mut daemon => {
                         session.stop(SERVER_DRAIN).await?;
-                        relay.abort();
                         break 'runs result.map_err(Into::into);
                     }
                     Some(request) = go.recv() => request,
@@ -1128,7 +1120,6 @@ fn run(
                         // Shut down before it took the freeze.
                         Err(_) => {
                             upgrader.failed("the daemon shut down first".to_owned());
-                            relay.abort();
                             break 'runs result.map_err(Into::into);
                         }
                     },
@@ -1140,16 +1131,13 @@ fn run(
                         if let Some(result) = run_ended {
                             // It refused and still ended (a shutdown came
                             // with it): nothing to serve any more.
-                            relay.abort();
                             break 'runs result.map_err(Into::into);
                         }
                         continue;
                     }
                     Err(_) => {
                         upgrader.failed("the daemon ended without answering the freeze".to_owned());
-                        let result = (&mut daemon).await;
-                        relay.abort();
-                        break 'runs result.map_err(Into::into);
+                        break 'runs (&mut daemon).await.map_err(Into::into);
                     }
                 };
                 // Frozen: the run returns without stopping anything.
@@ -1160,7 +1148,35 @@ fn run(
                 if let Err(error) = ended {
                     tracing::warn!("the daemon's run ended with an error after the freeze: {error}");
                 }
-                funnel = relay.await.context("the event relay failed")?;
+                drop(daemon);
+                if let Some(pause) = upgrade::test_switch_pause() {
+                    // Until the pause ends or something is asked meanwhile.
+                    tracing::info!("pausing the switch for {pause:?} (ORCHESTRATOR_TEST_SWITCH_PAUSE_MS)");
+                    let until = tokio::time::Instant::now() + pause;
+                    while funnel.is_empty() && tokio::time::Instant::now() < until {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                }
+                // What came in while the freeze was under way would die
+                // with the exec: a shutdown is carried out here instead of
+                // the upgrade (the services resumed, then stopped as asked).
+                // A reload needs nothing: the new daemon reads the
+                // configuration as it starts.
+                let asked = Asked::drain(&mut funnel);
+                if let Some(shutdown) = asked.shutdown {
+                    tracing::info!("a shutdown was asked during the upgrade's switch: the upgrade is abandoned, the services resumed and stopped");
+                    upgrader.failed(
+                        "a shutdown was asked during the switch: the daemon shuts down instead"
+                            .to_owned(),
+                    );
+                    // Just emptied: there is room.
+                    let _ = funnel_tx.try_send(shutdown);
+                    if asked.reload {
+                        let _ = funnel_tx.try_send(DaemonEvent::Reload);
+                    }
+                    resumed = frozen;
+                    continue 'runs;
+                }
                 let own = upgrade::Own {
                     lock: lock.fds(),
                     parent_lock: controller.parent_lock().or(parent_lock.as_ref().map(AsFd::as_fd)),
@@ -1186,6 +1202,8 @@ fn run(
                 continue 'runs;
             }
         };
+        // The watchers stop here, not before.
+        drop(watching);
         let _ = std::fs::remove_file(&socket);
         result?;
         drop(lock);
@@ -1201,28 +1219,33 @@ fn run(
     outcome
 }
 
-/// Feeds one run of the daemon from the funnel every source sends into,
-/// and hands the funnel back once that run has ended (its receiver gone).
-async fn relay_events(
-    mut funnel: mpsc::Receiver<DaemonEvent>,
-    run: mpsc::Sender<DaemonEvent>,
-) -> mpsc::Receiver<DaemonEvent> {
-    loop {
-        tokio::select! {
-            biased;
-            () = run.closed() => return funnel,
-            event = funnel.recv() => match event {
-                Some(event) => {
-                    if let Err(mpsc::error::SendError(event)) = run.send(event).await {
-                        // Between two runs (a failed exec): the next one
-                        // takes nothing from before it.
-                        tracing::debug!(?event, "an event arrived as the daemon's run ended");
-                        return funnel;
-                    }
+/// What was asked of the daemon while a freeze was under way (events left
+/// in the funnel once the run returned).
+#[derive(Default)]
+struct Asked {
+    /// The strongest: ForceShutdown over Shutdown.
+    shutdown: Option<DaemonEvent>,
+    reload: bool,
+}
+
+impl Asked {
+    fn drain(funnel: &mut mpsc::Receiver<DaemonEvent>) -> Asked {
+        let mut asked = Asked::default();
+        while let Ok(event) = funnel.try_recv() {
+            match event {
+                DaemonEvent::Shutdown => {
+                    asked.shutdown.get_or_insert(DaemonEvent::Shutdown);
                 }
-                None => return funnel,
-            },
+                DaemonEvent::ForceShutdown => asked.shutdown = Some(DaemonEvent::ForceShutdown),
+                DaemonEvent::Reload => asked.reload = true,
+                DaemonEvent::Freeze { reply } => {
+                    let _ = reply.send(Err(daemon::FreezeError::Refused {
+                        reason: "an upgrade is under way".to_owned(),
+                    }));
+                }
+            }
         }
+        asked
     }
 }
 
@@ -1573,22 +1596,23 @@ fn file_stamp(path: &Path) -> Option<FileStamp> {
 
 /// What the watchers compare with once armed: the config file as read, and
 /// services_dir as it was before the daemon discovered it.
-#[derive(Clone)]
 struct WatchFrom {
-    config: Config,
+    source: Option<PathBuf>,
+    services_dir: PathBuf,
     stamp: Option<FileStamp>,
     binaries: Binaries,
 }
 
 async fn start_watching(from: WatchFrom, events: mpsc::Sender<DaemonEvent>) -> Option<WatchHandle> {
     let WatchFrom {
-        config,
+        source,
+        services_dir,
         stamp: loaded,
         binaries,
     } = from;
     match spawn_watcher(
-        config.source.clone(),
-        config.orchestrator.services_dir.clone(),
+        source.clone(),
+        services_dir,
         DEFAULT_DEBOUNCE,
         events.clone(),
         Some(binaries),
@@ -1599,7 +1623,7 @@ async fn start_watching(from: WatchFrom, events: mpsc::Sender<DaemonEvent>) -> O
             // The watchers take the file as they first see it as the known
             // version: an edit between our read and that moment would never
             // be applied. Compare, and reload once if it moved.
-            let now = config.source.as_deref().and_then(file_stamp);
+            let now = source.as_deref().and_then(file_stamp);
             if now != loaded {
                 tracing::info!("the config file changed while the daemon started; reloading");
                 let _ = events.send(DaemonEvent::Reload).await;

@@ -299,6 +299,17 @@ pub fn exec(
     )
 }
 
+/// `ORCHESTRATOR_TEST_SWITCH_PAUSE_MS` (for tests only): how long a switch
+/// pauses once the services are frozen, before the exec, so that a test
+/// can act in that window.
+pub fn test_switch_pause() -> Option<Duration> {
+    std::env::var("ORCHESTRATOR_TEST_SWITCH_PAUSE_MS")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
+}
+
 /// The signals the daemon handles, each of which would end it while it has
 /// no handler (in the window of an exec).
 pub fn daemon_signals() -> nix::sys::signal::SigSet {

@@ -491,6 +491,42 @@ fn a_sigterm_during_the_switch_is_a_clean_shutdown_of_the_new_daemon() {
     let _ = upgrade.wait();
 }
 
+/// A SIGTERM that comes while the services are frozen (before the exec)
+/// would die with the exec: the upgrade is abandoned instead, and the
+/// daemon shuts down cleanly, stopping every service.
+#[test]
+fn a_sigterm_while_the_services_are_frozen_shuts_down_instead_of_upgrading() {
+    let dir = workspace(
+        "upgrade-sigterm-frozen",
+        "\n[services.steady]\nargs = [\"--ready\", \"--sleep\"]\n",
+    );
+    dir.add_fixture_service("steady");
+    let mut daemon = Daemon::start_with(dir.path(), &["-c", CONFIG, "run"], |command| {
+        command.env("ORCHESTRATOR_TEST_SWITCH_PAUSE_MS", "60000");
+    });
+    assert!(
+        wait_until(DEADLINE, || http(&socket(&dir), "GET", "/healthz").is_ok()),
+        "the daemon does not answer; its log:\n{}",
+        daemon.stderr_text()
+    );
+    let steady = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    let service = steady["pid"].as_u64().unwrap() as u32;
+    let (code, body) = http(&socket(&dir), "POST", "/v1/upgrade").expect("upgrade");
+    assert_eq!(code, 202, "{body}");
+    daemon.wait_for_log(&["pausing the switch"]);
+    daemon.signal(SIGTERM);
+    let status = daemon.wait_exit();
+    let log = daemon.stderr_text();
+    assert_eq!(status.code(), Some(0), "a clean shutdown; log:\n{log}");
+    assert!(
+        log.contains("a shutdown was asked during the upgrade's switch"),
+        "{log}"
+    );
+    assert!(log.contains("all services stopped"), "{log}");
+    assert!(!log.contains("handing over to the new binary"), "{log}");
+    assert!(!is_alive(service));
+}
+
 /// A start still under way (here a service waiting for a dependency that
 /// never becomes healthy) cannot be handed over: the upgrade is refused
 /// and changes nothing, rather than leaving that service stopped.
