@@ -362,10 +362,18 @@ pub type ReloadOutcome = Result<ReloadReport, ReloadError>;
 /// starting (warnings, as at start-up), or every error that rejects it.
 pub type Loader = Arc<dyn Fn() -> Result<(Config, Vec<String>), Vec<String>> + Send + Sync>;
 
+/// A service whose running process a reload would replace, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unapplied {
+    pub service: String,
+    pub reason: String,
+}
+
 /// Asks for reloads; cheap to clone.
 #[derive(Clone)]
 pub struct ReloadHandle {
     requests: mpsc::UnboundedSender<oneshot::Sender<ReloadOutcome>>,
+    checks: mpsc::UnboundedSender<oneshot::Sender<Result<Vec<Unapplied>, ReloadError>>>,
     closing: Arc<AtomicBool>,
     /// True while a reload runs.
     busy: tokio::sync::watch::Receiver<bool>,
@@ -384,6 +392,19 @@ impl ReloadHandle {
             }
             answer.await.unwrap_or(Err(ReloadError::ShuttingDown))
         }
+    }
+
+    /// The services a reload would restart now: their process runs a
+    /// definition the configuration on disk no longer has (edited and not
+    /// reloaded). Nothing is applied. An upgrade refuses while there is
+    /// one: the new daemon would read the edited file and take the old
+    /// process for the new definition.
+    pub async fn unapplied(&self) -> Result<Vec<Unapplied>, ReloadError> {
+        let (reply, answer) = oneshot::channel();
+        if self.checks.send(reply).is_err() {
+            return Err(ReloadError::ShuttingDown);
+        }
+        answer.await.unwrap_or(Err(ReloadError::ShuttingDown))
     }
 
     /// Ask for a reload and do not wait for it (a signal).
@@ -422,15 +443,28 @@ pub fn spawn_reloader(
     events: EventBus,
 ) -> ReloadHandle {
     let (requests, mut pending) = mpsc::unbounded_channel::<oneshot::Sender<ReloadOutcome>>();
+    let (checks, mut checking) = mpsc::unbounded_channel();
     let closing = Arc::new(AtomicBool::new(false));
     let (busy_tx, busy) = tokio::sync::watch::channel(false);
     let handle = ReloadHandle {
         requests,
+        checks,
         closing: Arc::clone(&closing),
         busy,
     };
     tokio::spawn(async move {
-        while let Some(first) = pending.recv().await {
+        loop {
+            let first = tokio::select! {
+                first = pending.recv() => match first {
+                    Some(first) => first,
+                    None => return,
+                },
+                Some(reply) = checking.recv() => {
+                    let found = unapplied_once(&loader, &host, &current, &supervisor).await;
+                    let _ = reply.send(found);
+                    continue;
+                }
+            };
             // Everyone who asked before this run began is answered by it:
             // a burst of requests costs one reload (plus one for those
             // that come in while it runs).
@@ -453,16 +487,13 @@ pub fn spawn_reloader(
     handle
 }
 
-async fn reload_once(
+/// What the configuration on disk plans now: the global options, every
+/// service's definition, and the warnings; or every error that rejects it.
+async fn plan_anew(
     loader: &Loader,
     host: &HostEnv,
-    // What the daemon started with, never updated: an option that needs a
-    // restart is reported on every reload until the daemon restarts.
     current: &OrchestratorConfig,
-    supervisor: &SupervisorHandle,
-    events: &EventBus,
-) -> ReloadOutcome {
-    info!("reloading the configuration");
+) -> Result<(OrchestratorConfig, Vec<ServiceDefinition>, Vec<String>), Vec<String>> {
     let loader = Arc::clone(loader);
     let host = host.clone();
     // Binaries are tracked (or not) as they were at start: the running
@@ -470,7 +501,7 @@ async fn reload_once(
     // tells a binary that appeared from one that was never looked at.
     let tracking = current.restart_on_binary_change;
     // Reading files and scanning services_dir block: off the runtime.
-    let planned = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let (mut config, warnings) = loader()?;
         let discovered = discover(&config.orchestrator.services_dir)
             .map_err(|error| vec![format!("services_dir: {error}")])?;
@@ -481,7 +512,46 @@ async fn reload_once(
         Ok::<_, Vec<String>>((config.orchestrator, definitions, warnings))
     })
     .await
-    .unwrap_or_else(|error| Err(vec![format!("internal error while loading: {error}")]));
+    .unwrap_or_else(|error| Err(vec![format!("internal error while loading: {error}")]))
+}
+
+/// See [`ReloadHandle::unapplied`].
+async fn unapplied_once(
+    loader: &Loader,
+    host: &HostEnv,
+    current: &OrchestratorConfig,
+    supervisor: &SupervisorHandle,
+) -> Result<Vec<Unapplied>, ReloadError> {
+    let (_, definitions, _) = plan_anew(loader, host, current)
+        .await
+        .map_err(ReloadError::Invalid)?;
+    let old = supervisor
+        .definitions()
+        .await
+        .map_err(|_| ReloadError::ShuttingDown)?;
+    Ok(diff(&old, definitions)
+        .into_iter()
+        .filter_map(|change| match change {
+            Change::Restarted(definition, reason) => Some(Unapplied {
+                service: definition.name.to_string(),
+                reason,
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+async fn reload_once(
+    loader: &Loader,
+    host: &HostEnv,
+    // What the daemon started with, never updated: an option that needs a
+    // restart is reported on every reload until the daemon restarts.
+    current: &OrchestratorConfig,
+    supervisor: &SupervisorHandle,
+    events: &EventBus,
+) -> ReloadOutcome {
+    info!("reloading the configuration");
+    let planned = plan_anew(loader, host, current).await;
     let (orchestrator, definitions, found) = match planned {
         Ok(planned) => planned,
         Err(errors) => {

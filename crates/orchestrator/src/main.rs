@@ -1048,6 +1048,7 @@ fn run(
             let Ok(handles) = handles else {
                 break 'runs (&mut daemon).await.map_err(Into::into);
             };
+            upgrader.set_reloader(handles.reloader.clone());
             if let Some(from) = watch.take() {
                 watching = Some(tokio::spawn(start_watching(from, funnel_tx.clone())));
             }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use orchestrator_core::handover::{self, FrozenService, Handover};
+use orchestrator_core::reload::{ReloadError, ReloadHandle};
 use orchestrator_core::wire::UpgradeAccepted;
 use tokio::sync::mpsc;
 
@@ -96,6 +97,9 @@ struct Inner {
     upgrades: u64,
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// The running daemon's reloader: asked, before anything else, whether
+    /// the configuration holds edits not applied yet.
+    reloader: Mutex<Option<ReloadHandle>>,
 }
 
 impl Upgrader {
@@ -116,6 +120,7 @@ impl Upgrader {
                 upgrades,
                 failures: AtomicU64::new(0),
                 last_error: Mutex::new(None),
+                reloader: Mutex::new(None),
             }),
         };
         (upgrader, requests)
@@ -123,6 +128,15 @@ impl Upgrader {
 
     pub fn upgrades(&self) -> u64 {
         self.inner.upgrades
+    }
+
+    /// The reloader of the daemon's current run (see [`Upgrader::request`]).
+    pub fn set_reloader(&self, reloader: ReloadHandle) {
+        *self
+            .inner
+            .reloader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reloader);
     }
 
     pub fn failures(&self) -> u64 {
@@ -135,6 +149,42 @@ impl Upgrader {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The new daemon reads the configuration file as it is and takes each
+    /// running process for what the file now defines: an edit not applied
+    /// yet (no reload since) would leave a service running its old
+    /// definition under the new one's name, silently. Refused instead.
+    async fn nothing_unapplied(&self) -> Result<(), String> {
+        let reloader = self
+            .inner
+            .reloader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(reloader) = reloader else {
+            return Ok(());
+        };
+        match reloader.unapplied().await {
+            Ok(found) if found.is_empty() => Ok(()),
+            Ok(found) => {
+                let list: Vec<String> = found
+                    .iter()
+                    .map(|unapplied| format!("{} ({})", unapplied.service, unapplied.reason))
+                    .collect();
+                Err(format!(
+                    "the configuration was edited and not applied: a reload would restart {}; the new daemon would take each old process for its new definition: run `orchestrator reload` first, then upgrade; nothing was changed",
+                    list.join(", ")
+                ))
+            }
+            Err(ReloadError::Invalid(errors)) => Err(format!(
+                "the configuration file is invalid now: {}; fix it (the new daemon would read it) and upgrade again; nothing was changed",
+                errors.join("; ")
+            )),
+            Err(ReloadError::ShuttingDown) => {
+                Err("the daemon is shutting down: nothing was changed".to_owned())
+            }
+        }
     }
 
     /// Dry-runs the new binary (`binary`, else the one the daemon was
@@ -154,6 +204,11 @@ impl Upgrader {
                 "an upgrade is under way already: wait for it to end (`orchestrator status` answers again once it has); nothing else was changed"
                     .to_owned(),
             );
+        }
+        if let Err(refused) = self.nothing_unapplied().await {
+            inner.busy.store(false, Ordering::Release);
+            tracing::warn!("upgrade refused: {refused}");
+            return Err(refused);
         }
         let checked = {
             let _no_reaping = REAPING.write().await;

@@ -244,6 +244,52 @@ exec {} \"$@\"
     assert_eq!(exe_of(pid), exe, "no exec happened");
 }
 
+/// A configuration edited and not applied (no watcher, no reload): the new
+/// daemon would read it and take the running process for the new
+/// definition. The upgrade is refused until a reload has applied it.
+#[test]
+fn an_upgrade_with_edits_not_applied_is_refused_until_a_reload() {
+    let config = |args: &str| {
+        format!(
+            "[orchestrator]\nshutdown_timeout = \"5s\"\nwatch = false\n[services.steady]\nargs = [{args}]\n"
+        )
+    };
+    let dir = workspace("upgrade-unapplied", "");
+    dir.write_file(CONFIG, &config("\"--ready\", \"--sleep\""), 0o644);
+    dir.add_fixture_service("steady");
+    let daemon = start(&dir);
+    let before = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    dir.write_file(
+        CONFIG,
+        &config("\"--ready\", \"--print-args\", \"--sleep\""),
+        0o644,
+    );
+    let (code, _, stderr) = cli(&dir, &["upgrade"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("edited and not applied") && stderr.contains("steady"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("orchestrator reload"), "{stderr}");
+    assert_eq!(daemon_info(&dir)["upgrades"], 0);
+    // Applied: the upgrade goes through.
+    let (code, _, stderr) = cli(&dir, &["reload"]);
+    assert_eq!(code, 0, "{stderr}");
+    let after = wait_for_status(&dir, &daemon, "steady", |s| {
+        s["state"] == "running" && s["pid"] != before["pid"]
+    });
+    let (code, _, stderr) = cli(&dir, &["upgrade"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        wait_until(DEADLINE, || http(&socket(&dir), "GET", "/v1/daemon")
+            .is_ok_and(|(_, body)| body.contains("\"upgrades\":1"))),
+        "{}",
+        daemon.stderr_text()
+    );
+    let resumed = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    assert_eq!(resumed["pid"], after["pid"]);
+}
+
 #[test]
 fn a_new_build_with_another_version_takes_over() {
     let dir = workspace("upgrade-version", "");
