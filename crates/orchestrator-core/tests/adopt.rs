@@ -452,3 +452,58 @@ async fn a_release_returns_the_pipes_not_yet_taken_only() {
         .unwrap()
         .unwrap();
 }
+
+/// Ours and unreaped (its pidfd says so), but it left its process group
+/// for another one of the session: signals to its group would miss it, so
+/// it is not adopted (and not touched).
+#[tokio::test]
+async fn a_child_that_left_its_process_group_is_not_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spawner = UnixSpawner::plain();
+    let ours = rustix::process::getpgrp().as_raw_nonzero().get();
+    let joined = dir.path().join("joined");
+    let child = spawner
+        .spawn(&sh(
+            "wanderer",
+            dir.path(),
+            &format!(
+                "exec perl -e 'setpgrp(0, {ours}) or die $!; open(my $f, \">\", \"{}\"); close($f); sleep 1000'",
+                joined.display()
+            ),
+        ))
+        .unwrap();
+    until("the child moved to our group", || joined.exists()).await;
+    let pid = child.pid();
+    let mut released = child.release().unwrap();
+    assert!(released.pidfd.is_some(), "released with its pidfd");
+    let pidfd = released.pidfd.take();
+    let error = spawner
+        .adopt(
+            Released {
+                pid,
+                cgroup: None,
+                killed_by_us: false,
+                oom_kills_at_start: 0,
+                memory_limit_mib: None,
+                pidfd,
+                output: None,
+            },
+            "wanderer",
+        )
+        .err()
+        .expect("refused");
+    let text = error.to_string();
+    assert!(
+        text.contains(&format!(
+            "does not lead its own process group (its group is {ours})"
+        )),
+        "{text}"
+    );
+    assert_eq!(state(pid).map(|s| s != 'Z'), Some(true), "not touched");
+    // Cleaned up by pid: it is in our group now.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+}

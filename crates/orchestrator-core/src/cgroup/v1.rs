@@ -303,30 +303,51 @@ impl ResourceController for V1Controller {
         if !super::adoptable(service, path, &pids_dir) {
             return None;
         }
+        // Claimed, but nothing is made: the guard that keeps removals out
+        // while directories are made is not needed (and a thousand services
+        // adopted at once would queue on it).
         let (claim, making) = self.owners.claim(&pids_dir);
+        drop(making);
         // Which extra directories the run had is not handed over: those
         // that exist are its (a limit's; or an earlier run's, empty, which
-        // the removal after the exit takes as well).
+        // the removal after the exit takes as well). Opening cgroup.procs is
+        // what tells: one call per hierarchy, where a stat and then the open
+        // took three (a thousand services resume at once).
         let mut dirs = vec![pids_dir.clone()];
-        let mut extra = |level: &Result<Level, String>| {
-            let dir = level.as_ref().ok()?.parent.join(service);
-            if !dirs.contains(&dir) && dir.is_dir() {
-                dirs.push(dir.clone());
-            }
-            dir.is_dir().then_some(dir)
-        };
-        let memory = extra(&self.memory);
-        let cpu = extra(&self.cpu);
-        let cpuacct = match (&cpu, &self.cpu) {
-            (Some(dir), Ok(level)) if level.has("cpuacct") => Some(dir.clone()),
-            _ if self.pids.has("cpuacct") => Some(pids_dir.clone()),
-            _ => None,
-        };
-        let procs: io::Result<Vec<OwnedFd>> =
-            dirs.iter().map(|dir| files::open_procs(dir)).collect();
-        drop(making);
+        let procs = (|| {
+            let mut procs = vec![files::open_procs(&pids_dir)?];
+            let mut extra = |level: &Result<Level, String>| -> io::Result<Option<PathBuf>> {
+                let Ok(level) = level else {
+                    return Ok(None);
+                };
+                let dir = level.parent.join(service);
+                if dirs.contains(&dir) {
+                    return Ok(Some(dir));
+                }
+                match files::open_procs(&dir) {
+                    Ok(fd) => {
+                        procs.push(fd);
+                        dirs.push(dir.clone());
+                        Ok(Some(dir))
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(error) => Err(error),
+                }
+            };
+            let memory = extra(&self.memory)?;
+            let cpu = extra(&self.cpu)?;
+            Ok::<_, io::Error>((procs, memory, cpu))
+        })();
+        let procs = procs.map(|(procs, memory, cpu)| {
+            let cpuacct = match (&cpu, &self.cpu) {
+                (Some(dir), Ok(level)) if level.has("cpuacct") => Some(dir.clone()),
+                _ if self.pids.has("cpuacct") => Some(pids_dir.clone()),
+                _ => None,
+            };
+            (procs, memory, cpuacct)
+        });
         match procs {
-            Ok(procs) => Some(Arc::new(V1Cgroup {
+            Ok((procs, memory, cpuacct)) => Some(Arc::new(V1Cgroup {
                 dirs,
                 memory,
                 cpuacct,

@@ -206,7 +206,6 @@ impl Spawner for UnixSpawner {
                 "this process supervises it already (it was not released)".to_owned(),
             ));
         }
-        check_adoptable(pid, service)?;
         let pidfd = match pidfd {
             Some(fd) => {
                 match pidfd_pid(&fd) {
@@ -223,6 +222,11 @@ impl Spawner for UnixSpawner {
                                  it has been reaped since"
                             )));
                         }
+                        // waitid answered for the pidfd: the process is our
+                        // child and not reaped (ECHILD otherwise), what its
+                        // /proc/PID/stat would say of its parent, without
+                        // reading it (a thousand services resume at once).
+                        leads_its_group(pid, service)?;
                     }
                     Ok(Some(of)) => {
                         return Err(not_ours(format!(
@@ -252,11 +256,14 @@ impl Spawner for UnixSpawner {
                 }
                 Some(fd)
             }
-            // Our unreaped child (checked above): a pidfd opened now
+            // Our unreaped child (checked here): a pidfd opened now
             // refers to the very process.
-            None => rustix_pid(pid)
-                .ok()
-                .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok()),
+            None => {
+                check_adoptable(pid, service)?;
+                rustix_pid(pid)
+                    .ok()
+                    .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok())
+            }
         };
         own.insert(pid, Held::Supervised);
         drop(own);
@@ -300,7 +307,7 @@ fn check_adoptable(pid: u32, service: &str) -> Result<(), AdoptError> {
         pid,
         reason,
     };
-    let stat = match std::fs::read_to_string(&path) {
+    let stat = match read_proc_line(&path) {
         Ok(stat) => stat,
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
             return Err(not_ours("no such process".to_owned()));
@@ -334,6 +341,48 @@ fn check_adoptable(pid: u32, service: &str) -> Result<(), AdoptError> {
     Ok(())
 }
 
+/// A short /proc file (a stat line, a descriptor's fdinfo), read into a
+/// buffer on the stack: `fs::read_to_string` would first stat it for a size
+/// that procfs does not give (a thousand services resume at once).
+fn read_proc_line(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buffer = [0u8; 2048];
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    String::from_utf8(buffer[..filled].to_vec())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
+}
+
+/// Whether our child `pid` (known to be ours and unreaped) still leads its
+/// own process group, which every service leader does: its group is what
+/// signals go to.
+fn leads_its_group(pid: u32, service: &str) -> Result<(), AdoptError> {
+    let not_ours = |reason: String| AdoptError::NotOurs {
+        service: service.to_owned(),
+        pid,
+        reason,
+    };
+    let process = rustix_pid(pid).map_err(|_| not_ours("no such process".to_owned()))?;
+    match rustix::process::getpgid(Some(process)) {
+        Ok(group) if group == process => Ok(()),
+        Ok(group) => Err(not_ours(format!(
+            "it does not lead its own process group (its group is {})",
+            group.as_raw_nonzero()
+        ))),
+        Err(error) => Err(not_ours(format!(
+            "its process group cannot be read: {error}"
+        ))),
+    }
+}
+
 /// The parent pid and the process group of a /proc/PID/stat line. The
 /// command name (in parentheses) may hold anything, spaces and `)` too:
 /// the fields are counted from the last `)`.
@@ -350,7 +399,7 @@ fn parse_stat(stat: &str) -> Option<(u32, u32)> {
 /// been reaped, `0` when it is outside our pid namespace; `None` when `fd`
 /// is not a pidfd (or the kernel, before 5.4, shows no `Pid:` for one).
 fn pidfd_pid(fd: &OwnedFd) -> io::Result<Option<i64>> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    let info = read_proc_line(Path::new(&format!("/proc/self/fdinfo/{}", fd.as_raw_fd())))?;
     Ok(info
         .lines()
         .find_map(|line| line.strip_prefix("Pid:"))
