@@ -403,15 +403,20 @@ impl Reader {
     /// and the partial line, undelivered.
     fn take_parts(&mut self, output: &Arc<ServiceOutput>) -> (Option<OwnedFd>, Vec<u8>) {
         self.growth = None;
-        let fd = self.rx.take().and_then(|rx| match rx.into_blocking_fd() {
-            Ok(fd) => Some(fd),
-            Err(err) => {
-                // The descriptor is closed by now: the stream has ended for
-                // the pump that would resume it.
-                read_failed(output, self.stream, &err);
-                None
-            }
-        });
+        // Left non-blocking: whoever resumes it reads it so (a thousand
+        // services freeze at once; each flag change is a system call).
+        let fd = self
+            .rx
+            .take()
+            .and_then(|rx| match rx.into_nonblocking_fd() {
+                Ok(fd) => Some(fd),
+                Err(err) => {
+                    // The descriptor is closed by now: the stream has ended for
+                    // the pump that would resume it.
+                    read_failed(output, self.stream, &err);
+                    None
+                }
+            });
         if fd.is_none() {
             // No pump will read the rest of this line: it ends here, as at
             // an end of stream.
