@@ -19,7 +19,7 @@ use crate::state::{
     StateError, StateStore, check_data_dir, find_leftovers, read_state_at_most, set_aside,
     stop_leftovers,
 };
-use crate::supervisor::{SupervisorHandle, spawn_supervisor_resumed, stop_handed_over};
+use crate::supervisor::{SupervisorHandle, spawn_supervisor_resumed_after, stop_handed_over};
 use nix::sys::signal::Signal;
 
 #[derive(Debug)]
@@ -178,8 +178,14 @@ pub async fn run(
         .iter()
         .map(|frozen| frozen.service.name.clone())
         .collect();
-    let (supervisor, removed) =
-        spawn_supervisor_resumed(definitions, resumed, Arc::clone(&spawner), bus.clone());
+    let (adopt, adopt_after) = tokio::sync::watch::channel(false);
+    let (supervisor, removed) = spawn_supervisor_resumed_after(
+        definitions,
+        resumed,
+        Arc::clone(&spawner),
+        bus.clone(),
+        adopt_after,
+    );
     for frozen in removed {
         let spawner = Arc::clone(&spawner);
         let store = store.clone();
@@ -205,7 +211,13 @@ pub async fn run(
             reloader: reloader.clone(),
             services: planned,
         });
+        // Whoever took the handles (the caller, polling this very future)
+        // starts serving the API before this goes on: the services handed
+        // over adopt their processes after its accept loop is queued, not
+        // before it.
+        tokio::task::yield_now().await;
     }
+    adopt.send_replace(true);
 
     let systemd = crate::systemd::SystemdNotifier::from_env().map(std::sync::Arc::new);
     // From the runtime, not a thread: a stuck runtime stops the pings, and

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -118,6 +118,26 @@ pub fn spawn_supervisor_resumed(
     spawner: Arc<dyn Spawner>,
     events: EventBus,
 ) -> (SupervisorHandle, Vec<FrozenService>) {
+    spawn_supervisor_resumed_after(
+        definitions,
+        resumed,
+        spawner,
+        events,
+        watch::channel(true).1,
+    )
+}
+
+/// [`spawn_supervisor_resumed`], the services handed over adopting their
+/// processes only once `adopt` says true (or its sender is gone): their
+/// status answers from the state they were handed over in meanwhile, and a
+/// command to one waits for it.
+pub fn spawn_supervisor_resumed_after(
+    definitions: Vec<ServiceDefinition>,
+    resumed: Vec<FrozenService>,
+    spawner: Arc<dyn Spawner>,
+    events: EventBus,
+    adopt: watch::Receiver<bool>,
+) -> (SupervisorHandle, Vec<FrozenService>) {
     let mut supervisor = Supervisor {
         services: BTreeMap::new(),
         tasks: JoinSet::new(),
@@ -125,6 +145,7 @@ pub fn spawn_supervisor_resumed(
         spawner,
         events,
         closing: false,
+        adopt,
     };
     let mut resumed: BTreeMap<String, FrozenService> = resumed
         .into_iter()
@@ -201,6 +222,8 @@ struct Supervisor {
     spawner: Arc<dyn Spawner>,
     events: EventBus,
     closing: bool,
+    /// When services handed over may adopt their processes.
+    adopt: watch::Receiver<bool>,
 }
 
 impl Supervisor {
@@ -354,6 +377,7 @@ impl Supervisor {
             Arc::clone(&self.spawner),
             self.events.clone(),
             frozen,
+            self.adopt.clone(),
         );
         let task = self.tasks.spawn(actor);
         self.task_names.insert(task.id(), definition.name.clone());

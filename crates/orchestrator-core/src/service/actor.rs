@@ -501,6 +501,7 @@ pub fn service_actor_resumed(
     spawner: Arc<dyn Spawner>,
     events: EventBus,
     frozen: FrozenService,
+    mut adopt: watch::Receiver<bool>,
 ) -> (
     ServiceHandle,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -512,11 +513,15 @@ pub fn service_actor_resumed(
         taken_at,
     );
     let (handle, mut actor) = new_actor(definition, spawner, events, machine);
-    // Adopting the process (its /proc entry, pidfd and cgroup checked) is
-    // done by the task, not here: the supervisor spawns a thousand of them
-    // at once and the runtime's workers share the work, while a command
-    // sent meanwhile waits in the inbox for the resume to end.
+    // Adopting the process (its pidfd, process group and cgroup checked)
+    // is done by the task, not here: the supervisor spawns a thousand of
+    // them at once and the runtime's workers share the work, while a
+    // command sent meanwhile waits in the inbox for the resume to end. It
+    // waits for `adopt` (the daemon opens it once the API is being served),
+    // so the API answers from each service's restored state at once
+    // instead of queuing behind a thousand adoptions.
     let run = async move {
+        let _ = adopt.wait_for(|open| *open).await;
         actor.resume(frozen);
         actor.run().await;
     };
