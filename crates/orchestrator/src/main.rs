@@ -320,6 +320,22 @@ fn main() -> ExitCode {
     let mut config_stamp = None;
     let config = if needs_config {
         match config::load_all(cli.config.as_deref()) {
+            // Resuming from an upgrade: this binary's `check` passed on this
+            // file moments ago (the dry run), and every service's findings
+            // were said when the daemon first started; the switch does not
+            // wait for them again. The schema's problems still count.
+            Ok(loaded) if matches!(cli.command, Command::Run { handover: Some(_) }) => {
+                config_stamp = loaded.config.source.as_deref().and_then(file_stamp);
+                if !loaded.problems.is_empty() {
+                    let errors = ConfigErrors {
+                        problems: loaded.problems,
+                    };
+                    eprintln!("orchestrator: {errors}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+                validation = Some(Validation::default());
+                Some(loaded.config)
+            }
             Ok(loaded) if matches!(cli.command, Command::Check | Command::Run { .. }) => {
                 config_stamp = loaded.config.source.as_deref().and_then(file_stamp);
                 let found = validate(&loaded, &HostEnv::from_process(), Some(resolve_program));
