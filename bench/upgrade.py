@@ -63,9 +63,9 @@ def daemon_info(sock):
     return json.loads(body)
 
 
-def workspace(services):
+def workspace(services, log_level):
     dir = tempfile.mkdtemp(prefix="orch-bench-upgrade-")
-    lines = ['[orchestrator]\nshutdown_timeout = "30s"\nlog_level = "warn"\n']
+    lines = [f'[orchestrator]\nshutdown_timeout = "30s"\nlog_level = "{log_level}"\n']
     for i in range(services):
         lines.append(f'[services.s{i}]\nbinary_path = "{FIXTURE}"\nargs = ["--ready", "--sleep"]\n')
     with open(os.path.join(dir, "orchestrator.toml"), "w") as f:
@@ -74,9 +74,10 @@ def workspace(services):
 
 
 class Poller(threading.Thread):
-    def __init__(self, sock):
+    def __init__(self, sock, interval):
         super().__init__(daemon=True)
         self.sock = sock
+        self.interval = interval
         self.stop = False
         self.longest = 0.0
         self.failures = []
@@ -94,14 +95,30 @@ class Poller(threading.Thread):
             except OSError as error:
                 self.failures.append(repr(error))
             self.longest = max(self.longest, time.monotonic() - began)
+            if self.interval:
+                time.sleep(self.interval)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--log-level",
+        default="warn",
+        help="the daemon's log_level; `info` times each step of the switch in daemon.log",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the workspace (and daemon.log) afterwards"
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.0,
+        help="seconds between the polling client's requests (0: none, a busy client taking a core)",
+    )
     args = parser.parse_args()
-    dir = workspace(args.services)
+    dir = workspace(args.services, args.log_level)
     sock = os.path.join(dir, ".orchestrator", "orchestrator.sock")
     daemon = subprocess.Popen(
         [ORCH, "-c", "orchestrator.toml", "run"],
@@ -127,7 +144,7 @@ def main():
         switches, waits = [], []
         for run in range(args.repeats):
             before = daemon_info(sock)["upgrades"]
-            poller = Poller(sock)
+            poller = Poller(sock, args.poll_interval)
             poller.start()
             status, body = http(sock, "POST", "/v1/upgrade")
             accepted = time.monotonic()
@@ -165,7 +182,10 @@ def main():
             daemon.wait(timeout=120)
         except subprocess.TimeoutExpired:
             daemon.kill()
-        shutil.rmtree(dir, ignore_errors=True)
+        if args.keep:
+            print(f"workspace kept: {dir}")
+        else:
+            shutil.rmtree(dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
