@@ -609,6 +609,23 @@ pub trait Spawner: Send + Sync {
 /// so). The daemon calls it while it is still its only thread: it marks
 /// whatever holds a listed number by the time it gets there.
 pub fn mark_inherited_fds_cloexec() -> io::Result<()> {
+    // One call for them all (Linux 5.11): after an upgrade there are
+    // thousands (each service's pipes and pidfd), and the switch waits.
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing and
+    // touches no memory of ours: it sets a flag on every open descriptor
+    // from 3 up.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if marked == 0 {
+        return Ok(());
+    }
+    // An older kernel: one descriptor at a time.
     let mut fds = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let name = entry?.file_name();
