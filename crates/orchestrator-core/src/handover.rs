@@ -555,8 +555,12 @@ impl Handover {
         // kept it across the exec for us, and the entry was just removed so
         // it is taken at most once.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let flags = FdFlag::from_bits_retain(flags) | FdFlag::FD_CLOEXEC;
-        fcntl(owned.as_fd(), FcntlArg::F_SETFD(flags)).map_err(closed)?;
+        let flags = FdFlag::from_bits_retain(flags);
+        // Usually marked already (the daemon marks every inherited one at
+        // once): thousands are taken during a switch.
+        if !flags.contains(FdFlag::FD_CLOEXEC) {
+            fcntl(owned.as_fd(), FcntlArg::F_SETFD(flags | FdFlag::FD_CLOEXEC)).map_err(closed)?;
+        }
         Ok(owned)
     }
 
@@ -720,8 +724,9 @@ fn parse(json: &[u8], fd: RawFd) -> Result<Handover, HandoverError> {
 /// the daemon stays close-on-exec.
 pub fn keep_across_exec(fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     for fd in fds {
-        let flags = FdFlag::from_bits_retain(fcntl(*fd, FcntlArg::F_GETFD)?);
-        fcntl(*fd, FcntlArg::F_SETFD(flags - FdFlag::FD_CLOEXEC))?;
+        // FD_CLOEXEC is the only descriptor flag there is: cleared without
+        // reading the others first (thousands are kept during a switch).
+        fcntl(*fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
     }
     Ok(())
 }
