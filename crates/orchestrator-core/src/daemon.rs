@@ -86,8 +86,11 @@ pub struct DaemonHandles {
 /// froze (docs/upgrade.md): nothing is cleaned up as after a crash, each
 /// defined one goes on as it was (same process, pipes, counters, timers;
 /// not started again), one no longer defined has its process stopped, the
-/// others start as at any start, and an `upgraded {from, to}` event follows
-/// `daemon_started` (`from`: their `from_version`).
+/// others start as at any start. `upgraded_from` (the old daemon's version,
+/// after an exec; `None` at a fresh start and when a failed exec's services
+/// are resumed by the same binary) is what makes this run an upgrade's: an
+/// `upgraded {from, to}` event follows `daemon_started`, with or without
+/// services, and nothing is cleaned up as after a crash.
 ///
 /// A `Freeze` event freezes every service (after any reload in progress)
 /// and answers with them; `run` then returns without stopping anything, for
@@ -101,6 +104,7 @@ pub async fn run(
     events: &mut mpsc::Receiver<DaemonEvent>,
     ready: Option<oneshot::Sender<DaemonHandles>>,
     resumed: Vec<crate::handover::FrozenService>,
+    upgraded_from: Option<String>,
 ) -> Result<(), DaemonError> {
     let orchestrator = config.orchestrator.clone();
     create_private_dir(&orchestrator.data_dir)?;
@@ -133,7 +137,6 @@ pub async fn run(
             pid: std::process::id(),
         },
     );
-    let upgraded_from = upgraded_from(&resumed);
     if let Some(from) = &upgraded_from {
         let to = env!("CARGO_PKG_VERSION").to_owned();
         info!(from = %from, to = %to, services = resumed.len(), "resuming the services after an upgrade");
@@ -148,7 +151,7 @@ pub async fn run(
     let state_path = orchestrator.data_dir.join("state");
     // The services handed over are ours, running: not a dead daemon's
     // leftovers. (A daemon that died during an upgrade left no hand-over.)
-    if resumed.is_empty() {
+    if resumed.is_empty() && upgraded_from.is_none() {
         stop_what_a_dead_daemon_left(&orchestrator, &definitions, &spawner, &bus).await;
     }
     // Those handed over are in the first record written, before anything
@@ -535,19 +538,6 @@ async fn shutdown(
 
 /// Make data_dir if need be, then refuse it unless only our uid can write
 /// there: its files decide what the daemon signals.
-/// The version the services in `resumed` come from, when there are any.
-fn upgraded_from(resumed: &[crate::handover::FrozenService]) -> Option<String> {
-    if resumed.is_empty() {
-        return None;
-    }
-    Some(
-        resumed
-            .iter()
-            .find_map(|frozen| frozen.from_version.clone())
-            .unwrap_or_else(|| "an unknown version".to_owned()),
-    )
-}
-
 fn create_private_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -629,6 +619,7 @@ enabled = false
                 &mut events,
                 Some(ready),
                 Vec::new(),
+                None,
             )
             .await
         });

@@ -54,6 +54,8 @@ struct Daemon {
 }
 
 async fn start(dir: &Path, spawner: &Arc<dyn Spawner>, resumed: Vec<FrozenService>) -> Daemon {
+    // As after an exec: the run resumes what an older daemon froze.
+    let upgraded_from = (!resumed.is_empty()).then(|| "0.0.9".to_owned());
     let config = orchestrator_core::config::parse(&config(), None, dir).unwrap();
     let (funnel, events) = mpsc::channel(4);
     let (ready, handles) = oneshot::channel();
@@ -72,6 +74,7 @@ async fn start(dir: &Path, spawner: &Arc<dyn Spawner>, resumed: Vec<FrozenServic
             &mut events,
             Some(ready),
             resumed,
+            upgraded_from,
         )
         .await
     });

@@ -973,6 +973,9 @@ fn run(
         // other descriptor the old daemon kept is closed.
         let mut resumed = Vec::new();
         let mut upgrades = 0;
+        // The old daemon's version, for the first run only: a run that
+        // resumes what a failed exec left is the same binary's.
+        let mut upgraded_from = None;
         if let Some(mut document) = handover.take() {
             resumed = document.take_services()?;
             // Before any orphan reaper exists: a service that ended during
@@ -990,6 +993,7 @@ fn run(
                 );
             }
             upgrades = document.upgrades;
+            upgraded_from = Some(document.from_version.clone());
         }
         drop(inherited);
         // Every source of daemon events sends into this funnel, which lives
@@ -1056,6 +1060,7 @@ fn run(
                 &mut funnel,
                 Some(ready_tx),
                 std::mem::take(&mut resumed),
+                upgraded_from.take(),
             ));
             let handles = tokio::select! {
                 result = &mut daemon => break 'runs result.map_err(Into::into),
