@@ -59,6 +59,17 @@ pub enum DaemonError {
     Supervisor(#[from] crate::supervisor::SupervisorError),
 }
 
+/// What a run takes over from an upgrade (see [`run`]); the default is a
+/// fresh start.
+#[derive(Debug, Default)]
+pub struct Resumed {
+    /// The services the previous daemon froze.
+    pub services: Vec<crate::handover::FrozenService>,
+    /// The previous daemon's version, after an exec; `None` when the same
+    /// binary resumes what a failed exec left (no upgrade happened).
+    pub upgraded_from: Option<String>,
+}
+
 /// What the control plane needs to act on a running daemon.
 #[derive(Clone)]
 pub struct DaemonHandles {
@@ -82,7 +93,7 @@ pub struct DaemonHandles {
 /// reads the configuration anew for a reload, the way this one was read;
 /// without it a reload reads nothing and rejects.
 ///
-/// After an upgrade, `resumed` holds the services the previous daemon
+/// After an upgrade, `resumed.services` holds the services the previous daemon
 /// froze (docs/upgrade.md): nothing is cleaned up as after a crash, each
 /// defined one goes on as it was (same process, pipes, counters, timers;
 /// not started again), one no longer defined has its process stopped, the
@@ -103,9 +114,12 @@ pub async fn run(
     host: HostEnv,
     events: &mut mpsc::Receiver<DaemonEvent>,
     ready: Option<oneshot::Sender<DaemonHandles>>,
-    resumed: Vec<crate::handover::FrozenService>,
-    upgraded_from: Option<String>,
+    resumed: Resumed,
 ) -> Result<(), DaemonError> {
+    let Resumed {
+        services: resumed,
+        upgraded_from,
+    } = resumed;
     let orchestrator = config.orchestrator.clone();
     create_private_dir(&orchestrator.data_dir)?;
     let discovered = discover(&orchestrator.services_dir).unwrap_or_else(|error| {
@@ -618,8 +632,7 @@ enabled = false
                 host,
                 &mut events,
                 Some(ready),
-                Vec::new(),
-                None,
+                Resumed::default(),
             )
             .await
         });

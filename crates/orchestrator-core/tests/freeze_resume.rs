@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestrator_core::daemon::{DaemonEvent, DaemonHandles, run};
+use orchestrator_core::daemon::{DaemonEvent, DaemonHandles, Resumed, run};
 use orchestrator_core::handover::FrozenService;
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{Spawner, UnixSpawner};
@@ -73,8 +73,10 @@ async fn start(dir: &Path, spawner: &Arc<dyn Spawner>, resumed: Vec<FrozenServic
             host,
             &mut events,
             Some(ready),
-            resumed,
-            upgraded_from,
+            Resumed {
+                services: resumed,
+                upgraded_from,
+            },
         )
         .await
     });

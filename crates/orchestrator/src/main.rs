@@ -1059,8 +1059,10 @@ fn run(
                 HostEnv::from_process(),
                 &mut funnel,
                 Some(ready_tx),
-                std::mem::take(&mut resumed),
-                upgraded_from.take(),
+                daemon::Resumed {
+                    services: std::mem::take(&mut resumed),
+                    upgraded_from: upgraded_from.take(),
+                },
             ));
             let handles = tokio::select! {
                 result = &mut daemon => break 'runs result.map_err(Into::into),
