@@ -85,6 +85,11 @@ pub struct Handover {
     /// the old one even when both are the same version.
     #[serde(default)]
     pub upgrades: u64,
+    /// The open-files soft limit the first daemon started with, before it
+    /// raised its own: services get it back, not the raised one the new
+    /// image starts with. `None`: not recorded (an older writer).
+    #[serde(default)]
+    pub original_nofile: Option<u64>,
 }
 
 /// One service, frozen.
@@ -460,6 +465,7 @@ impl Handover {
             guardian_pid: None,
             cgroup_parent: None,
             upgrades: 0,
+            original_nofile: None,
         }
     }
 

@@ -859,6 +859,14 @@ fn run(
         ),
     }
     log_findings(&findings);
+    // The limit the services get back is the first daemon's, not the one
+    // this image inherited from the raise before the upgrade.
+    if let Some(soft) = handover
+        .as_ref()
+        .and_then(|document| document.original_nofile)
+    {
+        orchestrator_core::process::record_original_nofile_as(soft);
+    }
     raise_fd_limit();
     if let Err(error) = become_subreaper() {
         tracing::warn!("cannot become the subreaper of the services' orphans: {error}");

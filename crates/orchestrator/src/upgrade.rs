@@ -274,6 +274,7 @@ pub fn exec(
 ) -> String {
     let mut document = Handover::new(version(), config);
     document.upgrades = upgrades + 1;
+    document.original_nofile = orchestrator_core::process::original_nofile();
     document.cgroup_parent = own.cgroup_parent.clone();
     document.guardian_pid = own.guardian.map(|(_, pid)| pid);
     let mut kept: Vec<BorrowedFd<'_>> = Vec::new();

@@ -648,6 +648,48 @@ fn loop_until_info(dir: &TestDir, done: impl Fn(&Value) -> bool) -> Value {
     last
 }
 
+/// The daemon raises its own open-files limit and gives each service the
+/// one it was started with. The new image starts with the raised one: the
+/// original comes with the hand-over, so a service started after the
+/// upgrade gets what one started before it got.
+#[test]
+fn services_started_after_an_upgrade_get_the_original_open_files_limit() {
+    let dir = workspace(
+        "upgrade-nofile",
+        "\n[services.limits]\ncommand = [\"/bin/sh\", \"-c\", \"echo nofile=$(ulimit -n); exec sleep 1000\"]\n",
+    );
+    let daemon = Daemon::start_after_shell(dir.path(), "ulimit -Sn 1000", &["-c", CONFIG, "run"]);
+    assert!(
+        wait_until(DEADLINE, || http(&socket(&dir), "GET", "/healthz").is_ok()),
+        "the daemon does not answer; its log:\n{}",
+        daemon.stderr_text()
+    );
+    wait_for_status(&dir, &daemon, "limits", |s| s["state"] == "running");
+    assert!(
+        wait_until(DEADLINE, || read_lines(&dir.log_path("limits"))
+            .contains(&"nofile=1000".to_owned())),
+        "before: {:?}",
+        read_lines(&dir.log_path("limits"))
+    );
+    cli_ok(&dir, &["upgrade"]);
+    cli_ok(&dir, &["restart", "limits"]);
+    assert!(
+        wait_until(DEADLINE, || read_lines(&dir.log_path("limits"))
+            .iter()
+            .filter(|line| line.starts_with("nofile="))
+            .count()
+            == 2),
+        "after: {:?}",
+        read_lines(&dir.log_path("limits"))
+    );
+    let lines: Vec<String> = read_lines(&dir.log_path("limits"))
+        .into_iter()
+        .filter(|line| line.starts_with("nofile="))
+        .collect();
+    assert_eq!(lines, ["nofile=1000", "nofile=1000"], "{lines:?}");
+    cli_ok(&dir, &["shutdown"]);
+}
+
 /// A start still under way (here a service waiting for a dependency that
 /// never becomes healthy) cannot be handed over: the upgrade is refused
 /// and changes nothing, rather than leaving that service stopped.

@@ -22,7 +22,8 @@ use crate::config::{Rlimit, RlimitValue, Sha256};
 pub use fake::{FakeChildControl, FakeSpawner};
 pub use unix::{
     ExitWatch, Prepared, UnixSpawner, become_subreaper, cgroup_removals_settled, hold_handed_over,
-    reap_orphans, record_original_nofile, resolve_program,
+    original_nofile, reap_orphans, record_original_nofile, record_original_nofile_as,
+    resolve_program,
 };
 
 /// Everything needed to start one process: plain data, so tests can assert on it.

@@ -447,6 +447,18 @@ pub fn record_original_nofile() {
     }
 }
 
+/// [`record_original_nofile`] with a value the daemon was given: after an
+/// upgrade, the limit the first daemon started with (the new image starts
+/// with the raised one). Only the first record counts.
+pub fn record_original_nofile_as(soft: u64) {
+    let _ = ORIGINAL_NOFILE.set(soft);
+}
+
+/// The open-files soft limit the daemon started with, once recorded.
+pub fn original_nofile() -> Option<u64> {
+    ORIGINAL_NOFILE.get().copied()
+}
+
 /// The recorded original soft limit, when it differs from the current one
 /// (which the child inherits); with the current hard limit.
 fn nofile_to_restore() -> Option<(u64, u64)> {
