@@ -120,6 +120,9 @@ pub struct ServiceHandover {
     /// since `written_at_unix_ms` is taken instead.
     #[serde(default)]
     pub frozen_at_monotonic_ns: Option<u64>,
+    /// The last STATUS= its process sent over sd_notify (status shows it).
+    #[serde(default)]
+    pub notify_status: Option<String>,
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds (see

@@ -690,6 +690,30 @@ fn services_started_after_an_upgrade_get_the_original_open_files_limit() {
     cli_ok(&dir, &["shutdown"]);
 }
 
+/// What a service said over sd_notify (STATUS=, its readiness) is not lost
+/// at the switch: `status` shows it as before.
+#[test]
+fn a_services_notify_status_survives_an_upgrade() {
+    let dir = workspace(
+        "upgrade-notify",
+        "\n[services.db]\nnotify = true\nargs = [\"--notify\", \"READY=1\", \"--notify\", \"STATUS=serving\", \"--sleep\"]\n",
+    );
+    dir.add_fixture_service("db");
+    let daemon = start(&dir);
+    let before = wait_for_status(&dir, &daemon, "db", |s| {
+        s["state"] == "running" && s["reason"] == "serving"
+    });
+    cli_ok(&dir, &["upgrade"]);
+    let after = status_json(&dir, &["db"]).remove(0);
+    assert_eq!(after["pid"], before["pid"], "{after:#}");
+    assert_eq!(
+        (after["state"].as_str(), after["reason"].as_str()),
+        (Some("running"), Some("serving")),
+        "{after:#}"
+    );
+    cli_ok(&dir, &["shutdown"]);
+}
+
 /// A start still under way (here a service waiting for a dependency that
 /// never becomes healthy) cannot be handed over: the upgrade is refused
 /// and changes nothing, rather than leaving that service stopped.

@@ -62,6 +62,7 @@ fn sample() -> Handover {
             dropped_bytes: 0,
         },
         frozen_at_monotonic_ns: Some(123_456_789),
+        notify_status: Some("warming up: 3 of 8 caches".to_owned()),
     });
     handover
 }

@@ -1366,6 +1366,7 @@ impl Actor {
                 health: self.watchers.health,
                 output: self.output.counters(),
                 frozen_at_monotonic_ns: Some(frozen_at_monotonic_ns),
+                notify_status: self.watchers.notify_status.clone(),
             },
             pidfd,
             stdout,
@@ -1439,6 +1440,8 @@ impl Actor {
             ));
             self.watchers.notify_reports = Some(receiver);
         }
+        // What it said last stands until it says something else.
+        self.watchers.notify_status = service.notify_status.clone();
         self.start_health_monitor(cgroup.clone());
         if self.watchers.health.is_some() {
             // Its last verdict stands until the check says otherwise.
