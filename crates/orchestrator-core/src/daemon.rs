@@ -290,8 +290,15 @@ pub async fn run(
                         let _ = reply.send(Err(FreezeError::Refused { reason }));
                         continue;
                     }
-                    // No reload acts during or after the freeze.
-                    reloader.quiesce().await;
+                    // No reload acts during or after the freeze; one asked
+                    // a moment ago (an edit just seen) must not be lost.
+                    if !reloader.quiesce().await {
+                        reloader.reopen();
+                        let _ = reply.send(Err(FreezeError::Refused {
+                            reason: "a reload was asked a moment ago (the configuration or services_dir changed): retry once it is applied".to_owned(),
+                        }));
+                        continue;
+                    }
                     info!("freezing every service for the upgrade");
                     match supervisor.freeze_all().await {
                         Ok(frozen) => {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use humantime::format_duration;
@@ -377,6 +377,8 @@ pub struct ReloadHandle {
     closing: Arc<AtomicBool>,
     /// True while a reload runs.
     busy: tokio::sync::watch::Receiver<bool>,
+    /// Requests sent and not yet taken by the reloader.
+    queued: Arc<AtomicUsize>,
 }
 
 impl ReloadHandle {
@@ -385,7 +387,7 @@ impl ReloadHandle {
     /// share the one run that follows it.
     pub fn reload(&self) -> impl std::future::Future<Output = ReloadOutcome> + use<> {
         let (reply, answer) = oneshot::channel();
-        let sent = !self.closing.load(Ordering::Acquire) && self.requests.send(reply).is_ok();
+        let sent = !self.closing.load(Ordering::Acquire) && self.send(reply);
         async move {
             if !sent {
                 return Err(ReloadError::ShuttingDown);
@@ -411,8 +413,17 @@ impl ReloadHandle {
     pub fn trigger(&self) {
         let (reply, _) = oneshot::channel();
         if !self.closing.load(Ordering::Acquire) {
-            let _ = self.requests.send(reply);
+            self.send(reply);
         }
+    }
+
+    fn send(&self, reply: oneshot::Sender<ReloadOutcome>) -> bool {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if self.requests.send(reply).is_ok() {
+            return true;
+        }
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        false
     }
 
     /// Refuse every later reload (the daemon is shutting down).
@@ -421,11 +432,15 @@ impl ReloadHandle {
     }
 
     /// Refuse every later reload and wait for the one running, if any, to
-    /// be done (an upgrade freezes the services only then).
-    pub async fn quiesce(&self) {
+    /// be done (an upgrade freezes the services only then). False when a
+    /// request was still queued (a watcher saw an edit a moment ago): it
+    /// would be refused, and the edit taken for what runs; the caller then
+    /// gives up and [`Self::reopen`]s.
+    pub async fn quiesce(&self) -> bool {
         self.close();
         let mut busy = self.busy.clone();
         let _ = busy.wait_for(|busy| !*busy).await;
+        self.queued.load(Ordering::Acquire) == 0
     }
 
     /// Take reloads again (an upgrade given up).
@@ -444,11 +459,13 @@ pub fn spawn_reloader(
 ) -> ReloadHandle {
     let (requests, mut pending) = mpsc::unbounded_channel::<oneshot::Sender<ReloadOutcome>>();
     let (checks, mut checking) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
     let closing = Arc::new(AtomicBool::new(false));
     let (busy_tx, busy) = tokio::sync::watch::channel(false);
     let handle = ReloadHandle {
         requests,
         checks,
+        queued: Arc::clone(&queued),
         closing: Arc::clone(&closing),
         busy,
     };
@@ -472,6 +489,7 @@ pub fn spawn_reloader(
             while let Ok(more) = pending.try_recv() {
                 waiters.push(more);
             }
+            queued.fetch_sub(waiters.len(), Ordering::AcqRel);
             busy_tx.send_replace(true);
             let outcome = if closing.load(Ordering::Acquire) {
                 Err(ReloadError::ShuttingDown)

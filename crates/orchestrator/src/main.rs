@@ -1079,7 +1079,7 @@ fn run(
             let Ok(handles) = handles else {
                 break 'runs (&mut daemon).await.map_err(Into::into);
             };
-            upgrader.set_reloader(handles.reloader.clone());
+            upgrader.set_reloader(Some(handles.reloader.clone()));
             if let Some(from) = watch.take() {
                 watching = Some(tokio::spawn(start_watching(from, funnel_tx.clone())));
             }
@@ -1181,6 +1181,7 @@ fn run(
                     tracing::warn!("the daemon's run ended with an error after the freeze: {error}");
                 }
                 drop(daemon);
+                upgrader.set_reloader(None);
                 if let Some(pause) = upgrade::test_switch_pause() {
                     // Until the pause ends or something is asked meanwhile.
                     tracing::info!("pausing the switch for {pause:?} (ORCHESTRATOR_TEST_SWITCH_PAUSE_MS)");
@@ -1189,23 +1190,15 @@ fn run(
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
                 }
-                // What came in while the freeze was under way would die
-                // with the exec: a shutdown is carried out here instead of
-                // the upgrade (the services resumed, then stopped as asked).
-                // A reload needs nothing: the new daemon reads the
-                // configuration as it starts.
-                let asked = Asked::drain(&mut funnel);
-                if let Some(shutdown) = asked.shutdown {
-                    tracing::info!("a shutdown was asked during the upgrade's switch: the upgrade is abandoned, the services resumed and stopped");
-                    upgrader.failed(
-                        "a shutdown was asked during the switch: the daemon shuts down instead"
-                            .to_owned(),
-                    );
-                    // Just emptied: there is room.
-                    let _ = funnel_tx.try_send(shutdown);
-                    if asked.reload {
-                        let _ = funnel_tx.try_send(DaemonEvent::Reload);
-                    }
+                // What came in while the freeze was under way (a SIGTERM, a
+                // reload) would die with the exec: the upgrade is abandoned
+                // instead, and the services resumed here; the events stay in
+                // the funnel for that run, which carries them out. Looked at
+                // again right before the exec.
+                let asked_meanwhile = || !funnel.is_empty();
+                if asked_meanwhile() {
+                    tracing::info!("{ASKED_DURING_THE_SWITCH}");
+                    upgrader.failed(ASKED_DURING_THE_SWITCH.to_owned());
                     resumed = frozen;
                     continue 'runs;
                 }
@@ -1228,6 +1221,7 @@ fn run(
                     upgrades,
                     &own,
                     &frozen,
+                    &|| asked_meanwhile().then(|| ASKED_DURING_THE_SWITCH.to_owned()),
                 );
                 upgrader.failed(why);
                 resumed = frozen;
@@ -1251,35 +1245,9 @@ fn run(
     outcome
 }
 
-/// What was asked of the daemon while a freeze was under way (events left
-/// in the funnel once the run returned).
-#[derive(Default)]
-struct Asked {
-    /// The strongest: ForceShutdown over Shutdown.
-    shutdown: Option<DaemonEvent>,
-    reload: bool,
-}
-
-impl Asked {
-    fn drain(funnel: &mut mpsc::Receiver<DaemonEvent>) -> Asked {
-        let mut asked = Asked::default();
-        while let Ok(event) = funnel.try_recv() {
-            match event {
-                DaemonEvent::Shutdown => {
-                    asked.shutdown.get_or_insert(DaemonEvent::Shutdown);
-                }
-                DaemonEvent::ForceShutdown => asked.shutdown = Some(DaemonEvent::ForceShutdown),
-                DaemonEvent::Reload => asked.reload = true,
-                DaemonEvent::Freeze { reply } => {
-                    let _ = reply.send(Err(daemon::FreezeError::Refused {
-                        reason: "an upgrade is under way".to_owned(),
-                    }));
-                }
-            }
-        }
-        asked
-    }
-}
+/// Why an upgrade is abandoned when a shutdown or a reload is asked while
+/// the services are frozen.
+const ASKED_DURING_THE_SWITCH: &str = "a shutdown or a reload was asked during the upgrade's switch: the upgrade is abandoned, the services resumed here and the request carried out; upgrade again if it still applies";
 
 /// The control API served on the listeners, for one run of the daemon.
 struct Session {

@@ -130,13 +130,15 @@ impl Upgrader {
         self.inner.upgrades
     }
 
-    /// The reloader of the daemon's current run (see [`Upgrader::request`]).
-    pub fn set_reloader(&self, reloader: ReloadHandle) {
+    /// The reloader of the daemon's current run (see [`Upgrader::request`]);
+    /// `None` once that run has ended (its supervisor and state store must
+    /// not be kept alive through it).
+    pub fn set_reloader(&self, reloader: Option<ReloadHandle>) {
         *self
             .inner
             .reloader
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(reloader);
+            .unwrap_or_else(PoisonError::into_inner) = reloader;
     }
 
     pub fn failures(&self) -> u64 {
@@ -271,6 +273,7 @@ pub fn exec(
     upgrades: u64,
     own: &Own<'_>,
     services: &[FrozenService],
+    last_look: &dyn Fn() -> Option<String>,
 ) -> String {
     let mut document = Handover::new(version(), config);
     document.upgrades = upgrades + 1;
@@ -321,6 +324,12 @@ pub fn exec(
         set_cloexec(&kept);
         return format!("the binary path {} holds a NUL byte", binary.display());
     };
+    // Something asked of the daemon while the document was written would
+    // die with the exec: the caller resumes in place instead.
+    if let Some(why) = last_look() {
+        set_cloexec(&kept);
+        return why;
+    }
     tracing::info!(
         binary = %binary.display(),
         services = services.len(),

@@ -1,8 +1,7 @@
 //! The in-place upgrade end to end (issue 15, SPEC sections 2, 4 and 5):
 //! `orchestrator upgrade`, SIGUSR2 and `run --handover` with the real
-//! binary. The daemons here have no services until the engine's freeze and
-//! resume are merged (branch u1); the tests with services are written and
-//! ignored until then.
+//! binary, with services, and with something asked or going wrong at each
+//! step of the switch.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -576,12 +575,52 @@ fn a_sigterm_while_the_services_are_frozen_shuts_down_instead_of_upgrading() {
     let log = daemon.stderr_text();
     assert_eq!(status.code(), Some(0), "a clean shutdown; log:\n{log}");
     assert!(
-        log.contains("a shutdown was asked during the upgrade's switch"),
+        log.contains("a shutdown or a reload was asked during the upgrade's switch"),
         "{log}"
     );
     assert!(log.contains("all services stopped"), "{log}");
     assert!(!log.contains("handing over to the new binary"), "{log}");
     assert!(!is_alive(service));
+}
+
+/// A reload asked while the services are frozen (SIGHUP here; a watcher's
+/// alike) would die with the exec, and the edit behind it be taken for what
+/// runs: the upgrade is abandoned, the services resumed in place, the
+/// reload carried out.
+#[test]
+fn a_reload_while_the_services_are_frozen_abandons_the_upgrade() {
+    let dir = workspace(
+        "upgrade-sighup-frozen",
+        "watch = false\n[services.steady]\nargs = [\"--ready\", \"--sleep\"]\n",
+    );
+    dir.add_fixture_service("steady");
+    let mut daemon = Daemon::start_with(dir.path(), &["-c", CONFIG, "run"], |command| {
+        command.env("ORCHESTRATOR_TEST_SWITCH_PAUSE_MS", "60000");
+    });
+    assert!(
+        wait_until(DEADLINE, || http(&socket(&dir), "GET", "/healthz").is_ok()),
+        "the daemon does not answer; its log:\n{}",
+        daemon.stderr_text()
+    );
+    let steady = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    let (code, body) = http(&socket(&dir), "POST", "/v1/upgrade").expect("upgrade");
+    assert_eq!(code, 202, "{body}");
+    daemon.wait_for_log(&["pausing the switch"]);
+    daemon.signal(SIGHUP);
+    let info = loop_until_info(&dir, |info| info["upgrade_failures"] == 1);
+    assert_eq!(info["upgrades"], 0, "{info}");
+    assert!(
+        info["last_upgrade_error"]
+            .as_str()
+            .is_some_and(|error| error.contains("a shutdown or a reload was asked")),
+        "{info}"
+    );
+    daemon.wait_for_log(&["reloading the configuration"]);
+    let after = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
+    assert_eq!(after["pid"], steady["pid"], "resumed, not restarted");
+    cli_ok(&dir, &["shutdown"]);
+    let status = daemon.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", daemon.stderr_text());
 }
 
 /// The exec fails after the freeze (the new binary vanished meanwhile):

@@ -513,6 +513,8 @@ pub fn service_actor_resumed(
         taken_at,
     );
     let (handle, mut actor) = new_actor(definition, spawner, events, machine);
+    let mut frozen = frozen;
+    actor.restore_seen(&mut frozen.service);
     // Adopting the process (its pidfd, process group and cgroup checked)
     // is done by the task, not here: the supervisor spawns a thousand of
     // them at once and the runtime's workers share the work, while a
@@ -1389,8 +1391,6 @@ impl Actor {
             ..
         } = frozen;
         let name = self.definition.name.to_string();
-        let recent: Vec<LogLine> = service.recent.into_iter().map(LogLine::from).collect();
-        self.output.resume(recent, service.output);
         let Some(info) = service.child else {
             if let Some(pid) = self.machine.pid() {
                 self.lost_on_resume(format!(
@@ -1440,8 +1440,6 @@ impl Actor {
             ));
             self.watchers.notify_reports = Some(receiver);
         }
-        // What it said last stands until it says something else.
-        self.watchers.notify_status = service.notify_status.clone();
         self.start_health_monitor(cgroup.clone());
         if self.watchers.health.is_some() {
             // Its last verdict stands until the check says otherwise.
@@ -1450,6 +1448,22 @@ impl Actor {
         self.resources.set_cgroup(cgroup);
         debug!(service = %name, pid = child.pid(), "resumed after the upgrade");
         self.child = Some(child);
+        self.publish();
+    }
+
+    /// What the service showed before the freeze (its recent lines and
+    /// output counters, its last STATUS= and health verdict), restored at
+    /// once, before its process is adopted: the API answers with it
+    /// meanwhile. No system call.
+    fn restore_seen(&mut self, service: &mut crate::handover::ServiceHandover) {
+        let recent: Vec<LogLine> = std::mem::take(&mut service.recent)
+            .into_iter()
+            .map(LogLine::from)
+            .collect();
+        self.output.resume(recent, service.output);
+        // What it said last stands until it says something else.
+        self.watchers.notify_status = service.notify_status.clone();
+        self.watchers.health = service.health;
         self.publish();
     }
 
