@@ -83,6 +83,21 @@ fn start(dir: &TestDir) -> Daemon {
     daemon
 }
 
+/// [`start`], the daemon's switches pausing `pause_ms` once the services
+/// are frozen (or until something is asked of it), so that a test can act
+/// in that window.
+fn start_pausing_switches(dir: &TestDir, pause_ms: u64) -> Daemon {
+    let daemon = Daemon::start_with(dir.path(), &["-c", CONFIG, "run"], |command| {
+        command.env("ORCHESTRATOR_TEST_SWITCH_PAUSE_MS", pause_ms.to_string());
+    });
+    assert!(
+        wait_until(DEADLINE, || http(&socket(dir), "GET", "/healthz").is_ok()),
+        "the daemon does not answer; its log:\n{}",
+        daemon.stderr_text()
+    );
+    daemon
+}
+
 fn exe_of(pid: u32) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/exe")).expect("read /proc/PID/exe")
 }
@@ -557,14 +572,7 @@ fn a_sigterm_while_the_services_are_frozen_shuts_down_instead_of_upgrading() {
         "\n[services.steady]\nargs = [\"--ready\", \"--sleep\"]\n",
     );
     dir.add_fixture_service("steady");
-    let mut daemon = Daemon::start_with(dir.path(), &["-c", CONFIG, "run"], |command| {
-        command.env("ORCHESTRATOR_TEST_SWITCH_PAUSE_MS", "60000");
-    });
-    assert!(
-        wait_until(DEADLINE, || http(&socket(&dir), "GET", "/healthz").is_ok()),
-        "the daemon does not answer; its log:\n{}",
-        daemon.stderr_text()
-    );
+    let mut daemon = start_pausing_switches(&dir, 60000);
     let steady = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
     let service = steady["pid"].as_u64().unwrap() as u32;
     let (code, body) = http(&socket(&dir), "POST", "/v1/upgrade").expect("upgrade");
@@ -594,14 +602,7 @@ fn a_reload_while_the_services_are_frozen_abandons_the_upgrade() {
         "watch = false\n[services.steady]\nargs = [\"--ready\", \"--sleep\"]\n",
     );
     dir.add_fixture_service("steady");
-    let mut daemon = Daemon::start_with(dir.path(), &["-c", CONFIG, "run"], |command| {
-        command.env("ORCHESTRATOR_TEST_SWITCH_PAUSE_MS", "60000");
-    });
-    assert!(
-        wait_until(DEADLINE, || http(&socket(&dir), "GET", "/healthz").is_ok()),
-        "the daemon does not answer; its log:\n{}",
-        daemon.stderr_text()
-    );
+    let mut daemon = start_pausing_switches(&dir, 60000);
     let steady = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
     let (code, body) = http(&socket(&dir), "POST", "/v1/upgrade").expect("upgrade");
     assert_eq!(code, 202, "{body}");
@@ -635,14 +636,7 @@ fn an_exec_that_fails_resumes_the_services_in_place() {
     dir.add_fixture_service("steady");
     let copy = dir.join("orchestrator-new");
     copy_executable(&orchestrator_bin(), &copy);
-    let mut daemon = Daemon::start_with(dir.path(), &["-c", CONFIG, "run"], |command| {
-        command.env("ORCHESTRATOR_TEST_SWITCH_PAUSE_MS", "2000");
-    });
-    assert!(
-        wait_until(DEADLINE, || http(&socket(&dir), "GET", "/healthz").is_ok()),
-        "the daemon does not answer; its log:\n{}",
-        daemon.stderr_text()
-    );
+    let mut daemon = start_pausing_switches(&dir, 2000);
     let steady = wait_for_status(&dir, &daemon, "steady", |s| s["state"] == "running");
     let body = format!("{{\"binary\": \"{}\"}}", copy.display());
     let (code, answer) =

@@ -830,11 +830,9 @@ async fn a_write_stalled_past_the_limit_fails() {
     assert!(limited.stalled.is_none());
 }
 
-#[tokio::test]
-async fn a_connection_accepted_just_before_the_server_stops_is_answered() {
-    // The race of an upgrade's switch: accepted, then the server stops
-    // before the client's request has arrived. The client must get its
-    // answer, not a reset.
+/// A TCP API server with one connection accepted (its task exists) and
+/// nothing sent on it yet, then told to stop (its listener returned).
+async fn connected_then_stopped() -> (tokio::net::TcpStream, std::net::SocketAddr, TaskTracker) {
     let served = serve().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -848,15 +846,23 @@ async fn a_connection_accepted_just_before_the_server_stops_is_answered() {
         closing.clone(),
         tasks.clone(),
     ));
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    // Accepted once its connection's task exists.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tasks.is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "never accepted");
         tokio::task::yield_now().await;
     }
     closing.cancel();
-    let _listener = server.await.unwrap();
+    drop(server.await.unwrap());
+    (stream, addr, tasks)
+}
+
+#[tokio::test]
+async fn a_connection_accepted_just_before_the_server_stops_is_answered() {
+    // The race of an upgrade's switch: accepted, then the server stops
+    // before the client's request has arrived. The client must get its
+    // answer, not a reset.
+    let (mut stream, addr, tasks) = connected_then_stopped().await;
     stream
         .write_all(
             format!(
@@ -877,27 +883,7 @@ async fn a_connection_accepted_just_before_the_server_stops_is_answered() {
 
 #[tokio::test]
 async fn a_silent_connection_does_not_hold_a_stopping_server() {
-    let served = serve().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = tcp_router(served.fake.clone(), addr, "s3cret".to_owned());
-    let closing = tokio_util::sync::CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let server = tokio::spawn(super::serve(
-        listener,
-        app,
-        LIMITS,
-        closing.clone(),
-        tasks.clone(),
-    ));
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tasks.is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "never accepted");
-        tokio::task::yield_now().await;
-    }
-    closing.cancel();
-    let _listener = server.await.unwrap();
+    let (mut stream, _, tasks) = connected_then_stopped().await;
     tasks.close();
     // Closed after the grace (500 ms), not held open until the client
     // speaks or the header timeout (10 s here) ends it.
