@@ -211,6 +211,22 @@ pub struct ReleasedChildInfo {
     pub memory_limit_mib: Option<u64>,
 }
 
+impl ReleasedChildInfo {
+    /// What a spawner adopts: this, with the pidfd handed over beside it
+    /// (its pipes are resumed apart, by the pump).
+    pub fn into_released(self, pidfd: Option<OwnedFd>) -> crate::process::Released {
+        crate::process::Released {
+            pid: self.pid,
+            cgroup: self.cgroup,
+            killed_by_us: self.killed_by_us,
+            oom_kills_at_start: self.oom_kills_at_start,
+            memory_limit_mib: self.memory_limit_mib,
+            pidfd,
+            output: None,
+        }
+    }
+}
+
 /// Unterminated output per stream. `Vec<u8>` is a JSON array of numbers:
 /// bulky, but a partial line is short and serde_json needs no extra crate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

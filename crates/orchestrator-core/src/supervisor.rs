@@ -18,7 +18,7 @@ use crate::cgroup::Usage;
 use crate::events::{EventBus, EventKind};
 use crate::handover::FrozenService;
 use crate::name::ServiceName;
-use crate::process::{Released, Spawner};
+use crate::process::Spawner;
 use crate::service::{
     ServiceDefinition, ServiceError, ServiceHandle, State, service_actor, service_actor_resumed,
 };
@@ -188,15 +188,7 @@ pub async fn stop_handed_over(
     // Its output and notify socket are not read any more.
     drop((stdout, stderr, notify));
     let info = service.child?;
-    let released = Released {
-        pid: info.pid,
-        cgroup: info.cgroup,
-        killed_by_us: info.killed_by_us,
-        oom_kills_at_start: info.oom_kills_at_start,
-        memory_limit_mib: info.memory_limit_mib,
-        pidfd,
-        output: None,
-    };
+    let released = info.into_released(pidfd);
     let mut child = match spawner.adopt(released, &service.name) {
         Ok(child) => child,
         Err(error) => {

@@ -528,13 +528,23 @@ mod tests {
         services: &Path,
         debounce: Duration,
     ) -> (WatchHandle, mpsc::Receiver<DaemonEvent>) {
+        watch_from(config, services, debounce, None).await
+    }
+
+    /// [`watch`], armed after the daemon planned from `known`.
+    async fn watch_from(
+        config: Option<&Path>,
+        services: &Path,
+        debounce: Duration,
+        known: Option<Binaries>,
+    ) -> (WatchHandle, mpsc::Receiver<DaemonEvent>) {
         let (tx, rx) = mpsc::channel(64);
         let handle = spawn_watcher(
             config.map(Path::to_owned),
             services.to_owned(),
             debounce,
             tx,
-            None,
+            known,
         )
         .await
         .unwrap();
@@ -676,16 +686,8 @@ mod tests {
         binary(&s.services, "web", b"#!/bin/sh\nexit 0\n");
         let known = Binaries::now(&s.services);
         binary(&s.services, "api", b"#!/bin/sh\nexit 0\n");
-        let (tx, mut rx) = mpsc::channel(64);
-        let _handle = spawn_watcher(
-            Some(s.config.clone()),
-            s.services.clone(),
-            DEBOUNCE,
-            tx,
-            Some(known),
-        )
-        .await
-        .unwrap();
+        let (_handle, mut rx) =
+            watch_from(Some(&s.config), &s.services, DEBOUNCE, Some(known)).await;
         expect_reload(&mut rx, "a binary added before arming").await;
         expect_quiet(&mut rx, "after that reload").await;
     }
@@ -695,16 +697,8 @@ mod tests {
         let s = setup();
         binary(&s.services, "web", b"#!/bin/sh\nexit 0\n");
         let known = Binaries::now(&s.services);
-        let (tx, mut rx) = mpsc::channel(64);
-        let _handle = spawn_watcher(
-            Some(s.config.clone()),
-            s.services.clone(),
-            DEBOUNCE,
-            tx,
-            Some(known),
-        )
-        .await
-        .unwrap();
+        let (_handle, mut rx) =
+            watch_from(Some(&s.config), &s.services, DEBOUNCE, Some(known)).await;
         expect_quiet(&mut rx, "services_dir as planned").await;
     }
 

@@ -1399,15 +1399,7 @@ impl Actor {
             }
             return self.publish();
         };
-        let released = Released {
-            pid: info.pid,
-            cgroup: info.cgroup,
-            killed_by_us: info.killed_by_us,
-            oom_kills_at_start: info.oom_kills_at_start,
-            memory_limit_mib: info.memory_limit_mib,
-            pidfd,
-            output: None,
-        };
+        let released = info.into_released(pidfd);
         let child = match self.spawner.adopt(released, &name) {
             Ok(child) => child,
             Err(error) => {
