@@ -444,7 +444,7 @@ async fn strict_refuses_what_others_may_write() {
 #[derive(Debug)]
 struct PipeCgroup {
     path: PathBuf,
-    join: Vec<OwnedFd>,
+    join: OwnedFd,
     joined: Mutex<Option<OwnedFd>>,
     oom_kills: AtomicU64,
     kill_passes: AtomicUsize,
@@ -455,8 +455,8 @@ impl ServiceCgroup for PipeCgroup {
     fn path(&self) -> &Path {
         &self.path
     }
-    fn join_fds(&self) -> &[OwnedFd] {
-        &self.join
+    fn open_join(&self) -> std::io::Result<Vec<OwnedFd>> {
+        Ok(vec![self.join.try_clone()?])
     }
     fn pids(&self) -> std::io::Result<Vec<u32>> {
         Ok(Vec::new())
@@ -502,9 +502,11 @@ impl ResourceController for PipeController {
     }
     fn create(&self, service: &str, _limits: &Limits) -> Result<Placement, CgroupError> {
         let (read, write) = std::io::pipe().expect("a pipe");
+        let write = OwnedFd::from(write);
+        let join = vec![write.try_clone().expect("a dup of the pipe")];
         let cgroup = Arc::new(PipeCgroup {
             path: PathBuf::from(format!("/pipe/{service}")),
-            join: vec![write.into()],
+            join: write,
             joined: Mutex::new(Some(read.into())),
             oom_kills: AtomicU64::new(0),
             kill_passes: AtomicUsize::new(0),
@@ -514,6 +516,7 @@ impl ResourceController for PipeController {
         Ok(Placement {
             cgroup: Some(cgroup),
             unenforced: Vec::new(),
+            join,
         })
     }
     fn sweep_leftovers(&self, _services: &std::collections::BTreeSet<String>) -> Vec<u32> {
@@ -712,7 +715,6 @@ struct PidsV1 {
 #[derive(Debug)]
 struct PidsCgroup {
     path: PathBuf,
-    join: Vec<OwnedFd>,
 }
 
 impl PidsCgroup {
@@ -728,8 +730,11 @@ impl ServiceCgroup for PidsCgroup {
     fn path(&self) -> &Path {
         &self.path
     }
-    fn join_fds(&self) -> &[OwnedFd] {
-        &self.join
+    fn open_join(&self) -> std::io::Result<Vec<OwnedFd>> {
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))?;
+        Ok(vec![procs.into()])
     }
     fn pids(&self) -> std::io::Result<Vec<u32>> {
         self.read_pids()
@@ -771,16 +776,14 @@ impl ResourceController for PidsV1 {
             source,
         };
         std::fs::create_dir_all(&path).map_err(|e| io("create", e))?;
-        let procs = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path.join("cgroup.procs"))
+        let cgroup = PidsCgroup { path: path.clone() };
+        let join = cgroup
+            .open_join()
             .map_err(|e| io("open cgroup.procs of", e))?;
         Ok(Placement {
-            cgroup: Some(Arc::new(PidsCgroup {
-                path,
-                join: vec![procs.into()],
-            })),
+            cgroup: Some(Arc::new(cgroup)),
             unenforced: Vec::new(),
+            join,
         })
     }
     fn sweep_leftovers(&self, _services: &std::collections::BTreeSet<String>) -> Vec<u32> {
@@ -820,6 +823,15 @@ async fn a_real_cgroup_holds_the_service_from_its_first_instruction_to_its_last_
         ],
     );
     let mut child = spawn(&spawner, &guard, &spec);
+    // The descriptor the child joined through was closed once it ran: a
+    // running service costs the daemon none (10,000 of them would).
+    let procs = cgroup_dir.join("cgroup.procs");
+    let held: Vec<PathBuf> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| *target == procs)
+        .collect();
+    assert_eq!(held, Vec::<PathBuf>::new(), "still open after the spawn");
     let output = child.take_output().unwrap();
     // The setsid child's output goes to /dev/null: EOF comes with the leader.
     let text = read_to_end(output.stdout);

@@ -112,7 +112,7 @@ impl Drop for Cleanup {
 /// `sh -c script`, joined to `cgroup` before exec the way the spawner does
 /// it: "0" written to each join fd in the child.
 fn spawn_joined(cgroup: &Arc<dyn ServiceCgroup>, script: &str) -> Child {
-    let joined = Arc::clone(cgroup);
+    let joined = cgroup.open_join().unwrap();
     let mut command = Command::new("/bin/sh");
     command.args(["-c", script]);
     // SAFETY: the hook runs in the child between fork and exec; it only
@@ -120,7 +120,7 @@ fn spawn_joined(cgroup: &Arc<dyn ServiceCgroup>, script: &str) -> Child {
     // them: no allocation, no lock.
     unsafe {
         command.pre_exec(move || {
-            for fd in joined.join_fds() {
+            for fd in &joined {
                 rustix::io::write(fd, b"0")?;
             }
             Ok(())
@@ -229,9 +229,10 @@ fn v1_limits_are_written_and_nothing_outlives_the_kill() {
     };
     let placement = controller.create("svc", &limits).unwrap();
     assert_eq!(placement.unenforced, Vec::new());
+    assert_eq!(placement.join.len(), 3, "pids, memory and cpu");
     let cgroup = placement.cgroup.unwrap();
     cleanup.cgroups.push(Arc::clone(&cgroup));
-    assert_eq!(cgroup.join_fds().len(), 3, "pids, memory and cpu");
+    assert_eq!(cgroup.open_join().unwrap().len(), 3);
     assert_eq!(read(cgroup.path().join("pids.max")), "50");
 
     cleanup.children.push(spawn_joined(&cgroup, ESCAPEES));

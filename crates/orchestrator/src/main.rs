@@ -867,7 +867,7 @@ fn run(
     {
         orchestrator_core::process::record_original_nofile_as(soft);
     }
-    raise_fd_limit();
+    raise_fd_limit(&config);
     if let Err(error) = become_subreaper() {
         tracing::warn!("cannot become the subreaper of the services' orphans: {error}");
     }
@@ -1547,21 +1547,40 @@ fn create_socket_dir(socket: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Each service costs the daemon three descriptors (two pipes and a pidfd),
-/// so the usual soft limit of 1024 would cap us near 300 services: take the
-/// hard limit, as systemd and most servers do. The services get the
-/// original back (recorded first), not the raised one.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+/// Each service costs the daemon a few descriptors (two pipes, a pidfd, a
+/// cgroup file), so the usual soft limit of 1024 would cap us near 250
+/// services: take the hard limit, as systemd and most servers do, and as
+/// root raise the hard one too when the configuration needs more. When it
+/// still falls short, say what to raise: otherwise the first sign is a
+/// service failing to start with EMFILE. The services get the original
+/// limit back (recorded first), not the raised one.
+fn raise_fd_limit(config: &Config) {
+    use orchestrator_core::process::{DESCRIPTORS_PER_SERVICE, raise_nofile};
     record_original_nofile();
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {error}");
-            }
+    let listeners = 1 + u64::from(config.orchestrator.http_listen.is_some());
+    let api = listeners.saturating_mul(config.orchestrator.api_max_connections as u64);
+    // Discovered binaries are not counted yet: the margin is for them, the
+    // daemon's own files and a reload adding services.
+    let needed = (config.services.len() as u64)
+        .saturating_mul(DESCRIPTORS_PER_SERVICE)
+        .saturating_add(api)
+        .saturating_add(1024);
+    match raise_nofile(needed) {
+        Ok(raise) if raise.enough() => {
+            tracing::debug!(before = ?raise.before, after = ?raise.after, "open-files limit")
         }
-        Ok(_) => {}
-        Err(error) => tracing::warn!("cannot read the open-files limit: {error}"),
+        Ok(raise) => tracing::warn!(
+            "{} services need about {} open files but the daemon's limit is {} (hard {}): \
+             some will fail to start with \"Too many open files\"; raise the limit \
+             (LimitNOFILE= in the systemd unit, `ulimit -Hn` and `ulimit -n` in the shell \
+             that starts the daemon; a daemon with CAP_SYS_RESOURCE, as root usually is, \
+             raises its own)",
+            config.services.len(),
+            raise.needed,
+            raise.after.0,
+            raise.after.1
+        ),
+        Err(error) => tracing::warn!("cannot raise the open-files limit: {error}"),
     }
 }
 

@@ -107,6 +107,7 @@ impl ResourceController for FakeController {
         Ok(Placement {
             cgroup: Some(cgroup),
             unenforced: state.unenforced.get(service).cloned().unwrap_or_default(),
+            join: Vec::new(),
         })
     }
 
@@ -196,8 +197,8 @@ impl ServiceCgroup for FakeCgroup {
         &self.path
     }
 
-    fn join_fds(&self) -> &[OwnedFd] {
-        &[]
+    fn open_join(&self) -> io::Result<Vec<OwnedFd>> {
+        Ok(Vec::new())
     }
 
     fn pids(&self) -> io::Result<Vec<u32>> {

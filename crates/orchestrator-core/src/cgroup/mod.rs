@@ -100,6 +100,12 @@ impl fmt::Display for Unenforced {
 pub struct Placement {
     pub cgroup: Option<Arc<dyn ServiceCgroup>>,
     pub unenforced: Vec<Unenforced>,
+    /// The new cgroup's `cgroup.procs` (one per v1 hierarchy), opened for
+    /// writing: the child writes "0" to each, joining before it execs.
+    /// Dropped once the child has been started, so a running service does
+    /// not hold a descriptor for it (10,000 services would need 10,000
+    /// more of the daemon's open-files limit).
+    pub join: Vec<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,9 +174,10 @@ pub trait ServiceCgroup: Send + Sync + fmt::Debug {
     /// For messages: the cgroup's path (on v1, in its first hierarchy).
     fn path(&self) -> &Path;
 
-    /// `cgroup.procs` of each directory, opened for writing before the
-    /// spawn: the child writes "0" to each, joining before it execs.
-    fn join_fds(&self) -> &[OwnedFd];
+    /// Opens `cgroup.procs` of each directory for writing, for a child
+    /// (a health probe) to join this cgroup: it writes "0" to each before
+    /// it execs.
+    fn open_join(&self) -> io::Result<Vec<OwnedFd>>;
 
     /// Every process in it now.
     fn pids(&self) -> io::Result<Vec<u32>>;
@@ -215,6 +222,7 @@ impl ResourceController for NoCgroups {
         Ok(Placement {
             cgroup: None,
             unenforced,
+            join: Vec::new(),
         })
     }
 

@@ -206,11 +206,10 @@ impl ResourceController for V1Controller {
             _ => None,
         };
         drop(making);
-        let mut cgroup = V1Cgroup {
+        let cgroup = V1Cgroup {
             dirs: dirs.iter().map(|(dir, _)| dir.clone()).collect(),
             memory: memory.clone(),
             cpuacct,
-            procs: Vec::new(),
             claim: Some(claim),
         };
         if dirs.iter().any(|(_, reused)| *reused) {
@@ -275,9 +274,10 @@ impl ResourceController for V1Controller {
             );
         }
 
+        let mut join = Vec::with_capacity(cgroup.dirs.len());
         for dir in &cgroup.dirs {
             match files::open_procs(dir) {
-                Ok(fd) => cgroup.procs.push(fd),
+                Ok(fd) => join.push(fd),
                 Err(source) => {
                     let _ = cgroup.remove();
                     return Err(CgroupError::Io {
@@ -291,6 +291,7 @@ impl ResourceController for V1Controller {
         Ok(Placement {
             cgroup: Some(Arc::new(cgroup)),
             unenforced,
+            join,
         })
     }
 
@@ -347,11 +348,11 @@ impl ResourceController for V1Controller {
             (procs, memory, cpuacct)
         });
         match procs {
-            Ok((procs, memory, cpuacct)) => Some(Arc::new(V1Cgroup {
+            // The descriptors only proved each directory there: dropped.
+            Ok((_procs, memory, cpuacct)) => Some(Arc::new(V1Cgroup {
                 dirs,
                 memory,
                 cpuacct,
-                procs,
                 claim: Some(claim),
             })),
             Err(error) => {
@@ -395,7 +396,6 @@ impl ResourceController for V1Controller {
                     dirs,
                     memory: None,
                     cpuacct: None,
-                    procs: Vec::new(),
                     claim: None,
                 }) as Box<dyn ServiceCgroup>
             })
@@ -420,7 +420,6 @@ pub(super) struct V1Cgroup {
     dirs: Vec<PathBuf>,
     memory: Option<PathBuf>,
     cpuacct: Option<PathBuf>,
-    procs: Vec<OwnedFd>,
     /// `None` for a previous daemon's, found by the sweep.
     claim: Option<super::Claim>,
 }
@@ -430,8 +429,8 @@ impl ServiceCgroup for V1Cgroup {
         self.dirs.first().map_or(Path::new(""), PathBuf::as_path)
     }
 
-    fn join_fds(&self) -> &[OwnedFd] {
-        &self.procs
+    fn open_join(&self) -> io::Result<Vec<OwnedFd>> {
+        self.dirs.iter().map(|dir| files::open_procs(dir)).collect()
     }
 
     /// Every directory's: a child that died between its joins is in some

@@ -293,11 +293,7 @@ impl ResourceController for V2Controller {
             source,
         })?;
         drop(making);
-        let cgroup = V2Cgroup {
-            dir,
-            procs: Vec::new(),
-            claim: None,
-        };
+        let cgroup = V2Cgroup { dir, claim: None };
         if reused {
             super::empty_reused(&cgroup, service);
             // Back to no limit where this spawn sets none (the defaults of
@@ -367,10 +363,10 @@ impl ResourceController for V2Controller {
         Ok(Placement {
             cgroup: Some(std::sync::Arc::new(V2Cgroup {
                 dir: cgroup.dir,
-                procs: vec![procs],
                 claim: Some(claim),
             })),
             unenforced,
+            join: vec![procs],
         })
     }
 
@@ -384,12 +380,12 @@ impl ResourceController for V2Controller {
             return None;
         }
         let (claim, making) = self.owners.claim(&dir);
+        // Opening cgroup.procs proves the cgroup is there and usable.
         let procs = files::open_procs(&dir);
         drop(making);
         match procs {
-            Ok(procs) => Some(Arc::new(V2Cgroup {
+            Ok(_) => Some(Arc::new(V2Cgroup {
                 dir,
-                procs: vec![procs],
                 claim: Some(claim),
             })),
             Err(error) => {
@@ -416,7 +412,6 @@ impl ResourceController for V2Controller {
             .map(|name| {
                 Box::new(V2Cgroup {
                     dir: self.parent.join(name),
-                    procs: Vec::new(),
                     claim: None,
                 }) as Box<dyn ServiceCgroup>
             })
@@ -436,7 +431,6 @@ impl Drop for V2Controller {
 #[derive(Debug)]
 pub(super) struct V2Cgroup {
     dir: PathBuf,
-    procs: Vec<OwnedFd>,
     /// `None` for a previous daemon's, found by the sweep.
     claim: Option<super::Claim>,
 }
@@ -446,8 +440,8 @@ impl ServiceCgroup for V2Cgroup {
         &self.dir
     }
 
-    fn join_fds(&self) -> &[OwnedFd] {
-        &self.procs
+    fn open_join(&self) -> io::Result<Vec<OwnedFd>> {
+        Ok(vec![files::open_procs(&self.dir)?])
     }
 
     fn pids(&self) -> io::Result<Vec<u32>> {
@@ -613,9 +607,9 @@ mod tests {
         };
         let placement = controller.create("api", &limits).unwrap();
         assert_eq!(placement.unenforced, Vec::new());
+        assert_eq!(placement.join.len(), 1);
         let cgroup = placement.cgroup.unwrap();
         assert_eq!(cgroup.path(), service);
-        assert_eq!(cgroup.join_fds().len(), 1);
         assert_eq!(read(service.join("memory.max")), (256u64 << 20).to_string());
         assert_eq!(read(service.join("memory.swap.max")), "0");
         assert_eq!(read(service.join("cpu.max")), "150000 100000");

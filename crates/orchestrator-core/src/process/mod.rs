@@ -21,10 +21,23 @@ use crate::config::{Rlimit, RlimitValue, Sha256};
 
 pub use fake::{FakeChildControl, FakeSpawner};
 pub use unix::{
-    ExitWatch, Prepared, UnixSpawner, become_subreaper, cgroup_removals_settled, hold_handed_over,
-    original_nofile, reap_orphans, record_original_nofile, record_original_nofile_as,
-    resolve_program,
+    DESCRIPTORS_PER_SERVICE, ExitWatch, NofileRaise, Prepared, UnixSpawner, become_subreaper,
+    cgroup_removals_settled, hold_handed_over, nofile_target, original_nofile, raise_nofile,
+    reap_orphans, record_original_nofile, record_original_nofile_as, resolve_program,
 };
+
+/// What to do when a start fails for want of descriptors: the bare
+/// "Too many open files" does not say whose limit it is.
+fn descriptor_hint(source: &io::Error) -> &'static str {
+    match source.raw_os_error() {
+        Some(libc::EMFILE) => {
+            "; the daemon has used up its open-files limit: raise it (LimitNOFILE= in its \
+             systemd unit, or `ulimit -n` before starting it) or run fewer services"
+        }
+        Some(libc::ENFILE) => "; the system has used up its open files: raise fs.file-max",
+        _ => "",
+    }
+}
 
 /// Everything needed to start one process: plain data, so tests can assert on it.
 /// `Default` is nothing but an empty argv: the posix_spawn fast path once
@@ -343,8 +356,9 @@ pub enum SpawnError {
     /// An OS call of the preparation (opening or hashing the binary, a
     /// strict check's stat, the pipes, the clone itself) failed.
     #[error(
-        "service {service}: cannot {action} {path} (stage \"{stage}\"): {source}",
-        path = .path.display()
+        "service {service}: cannot {action} {path} (stage \"{stage}\"): {source}{hint}",
+        path = .path.display(),
+        hint = descriptor_hint(.source)
     )]
     Io {
         service: String,

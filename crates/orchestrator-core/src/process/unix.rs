@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use nix::sys::resource::{Resource, getrlimit};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{AccessFlags, Pid, access, pipe2};
 use rustix::process::{PidfdFlags, WaitId, WaitIdOptions, WaitOptions};
@@ -452,6 +452,64 @@ pub fn record_original_nofile() {
 /// with the raised one). Only the first record counts.
 pub fn record_original_nofile_as(soft: u64) {
     let _ = ORIGINAL_NOFILE.set(soft);
+}
+
+/// Descriptors the daemon holds for each running service at most: its two
+/// output pipes, its pidfd, on cgroup v1 its cgroup's `cgroup.procs`, and
+/// its log file once it has written.
+pub const DESCRIPTORS_PER_SERVICE: u64 = 5;
+
+/// What [`raise_nofile`] left the daemon with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NofileRaise {
+    /// The limits before and after.
+    pub before: (u64, u64),
+    pub after: (u64, u64),
+    /// What the caller said it needs.
+    pub needed: u64,
+}
+
+impl NofileRaise {
+    /// Whether the limit now covers what was needed.
+    pub fn enough(&self) -> bool {
+        self.after.0 >= self.needed
+    }
+}
+
+/// The RLIMIT_NOFILE (soft, hard) to ask for: the soft limit up to the
+/// hard one, as systemd and most servers do, and the hard one up to
+/// `needed` (never past the kernel's `nr_open`) when it is short, which
+/// only a privileged daemon may do. Never lowers either.
+pub fn nofile_target(current: (u64, u64), needed: u64, nr_open: u64) -> (u64, u64) {
+    let (soft, hard) = current;
+    let hard = hard.max(needed.min(nr_open));
+    (soft.max(hard), hard)
+}
+
+/// Raises the daemon's open-files limit for `needed` descriptors (see
+/// [`nofile_target`]); without the privilege to raise the hard limit, the
+/// soft one still goes up to it. Call [`record_original_nofile`] first: the
+/// services get that one back.
+pub fn raise_nofile(needed: u64) -> io::Result<NofileRaise> {
+    let before = getrlimit(Resource::RLIMIT_NOFILE)?;
+    // The kernel refuses a hard limit above nr_open even to root.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(before.1);
+    let (soft, hard) = nofile_target(before, needed, nr_open);
+    if (soft, hard) != before
+        && setrlimit(Resource::RLIMIT_NOFILE, soft, hard).is_err()
+        && before.0 < before.1
+    {
+        // Unprivileged: the hard limit stays, the soft one may reach it.
+        setrlimit(Resource::RLIMIT_NOFILE, before.1, before.1)?;
+    }
+    Ok(NofileRaise {
+        before,
+        after: getrlimit(Resource::RLIMIT_NOFILE)?,
+        needed,
+    })
 }
 
 /// The open-files soft limit the daemon started with, once recorded.
@@ -1021,6 +1079,29 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn the_open_files_target_takes_the_hard_limit_and_raises_it_only_when_short() {
+        // Enough below the hard limit: the soft one goes up to it.
+        assert_eq!(
+            nofile_target((1024, 524_288), 4_000, 1_048_576),
+            (524_288, 524_288)
+        );
+        // Short: the hard one goes up to what is needed...
+        assert_eq!(
+            nofile_target((1024, 20_000), 41_000, 1_048_576),
+            (41_000, 41_000)
+        );
+        // ...but never past nr_open, and nothing is ever lowered.
+        assert_eq!(
+            nofile_target((1024, 20_000), 2_000_000, 1_048_576),
+            (1_048_576, 1_048_576)
+        );
+        assert_eq!(
+            nofile_target((65_536, 65_536), 10, 1_048_576),
+            (65_536, 65_536)
+        );
     }
 
     #[test]

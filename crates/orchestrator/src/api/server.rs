@@ -24,6 +24,7 @@ use hyper_util::service::TowerToHyperService;
 use orchestrator_core::events::{Event, rfc3339};
 use orchestrator_core::name::ServiceName;
 use orchestrator_core::output::{LogBlock, LogLine};
+use orchestrator_core::process::DESCRIPTORS_PER_SERVICE;
 use orchestrator_core::reload::ReloadError;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -664,9 +665,6 @@ fn refuse(mut stream: impl io::Read + io::Write) {
     let _ = stream.write(REFUSAL);
 }
 
-/// Descriptors each service holds in the daemon (its stdout and stderr
-/// pipes, its pidfd, its log file), counted generously.
-const FDS_PER_SERVICE: usize = 4;
 /// Descriptors kept free beyond the services' for the daemon's own work
 /// (state and event files, rotations, the spawn's temporary pipes, a
 /// reload adding services).
@@ -687,7 +685,7 @@ pub fn connection_cap(
 ) -> usize {
     let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
     let reserved = open_now
-        .saturating_add(services.saturating_mul(FDS_PER_SERVICE))
+        .saturating_add(services.saturating_mul(DESCRIPTORS_PER_SERVICE as usize))
         .saturating_add(FDS_MARGIN);
     let spare = nofile.saturating_sub(reserved) / listeners.max(1);
     configured.min(spare.max(MIN_CONNECTIONS))

@@ -113,12 +113,7 @@ pub(super) fn spawn(
     let launch = &prepared.launch;
     let argv = null_terminated(&launch.argv);
     let envp = null_terminated(&launch.envp);
-    let join_fds: Vec<RawFd> = prepared
-        .cgroup
-        .iter()
-        .chain(&prepared.joined)
-        .flat_map(|cgroup| cgroup.join_fds().iter().map(AsRawFd::as_raw_fd))
-        .collect();
+    let join_fds: Vec<RawFd> = prepared.join.iter().map(AsRawFd::as_raw_fd).collect();
     let [stdin, stdout, stderr] = stdio;
     let shared = Shared {
         plan: Plan {

@@ -35,6 +35,9 @@ pub struct Prepared {
     /// Another's cgroup the child joins without owning it (a health probe
     /// joins its service's): never removed here.
     pub(super) joined: Option<Arc<dyn ServiceCgroup>>,
+    /// `cgroup.procs` of the cgroup the child joins (its own or the one
+    /// it shares), one per hierarchy: closed with this, once launched.
+    pub(super) join: Vec<OwnedFd>,
     /// stdout and stderr on one pipe, as `2>&1` (a probe: see
     /// `Spawner::spawn_probe`).
     pub(super) merge_output: bool,
@@ -206,6 +209,18 @@ pub(super) fn prepare(
     // would need CAP_SETGID.
     let credentials = credentials.filter(|c| euid == 0 || c.uid != euid);
     let final_uid = credentials.as_ref().map_or(euid, |c| c.uid);
+    // A probe joins its service's cgroup through descriptors opened now:
+    // the service holds none while it runs.
+    let join = match &joined {
+        Some(cgroup) => cgroup.open_join().map_err(|source| SpawnError::Io {
+            service: service.to_owned(),
+            stage: "cgroup",
+            action: "join its service's cgroup to run",
+            path: spec.program.clone(),
+            source,
+        })?,
+        None => Vec::new(),
+    };
     let mut prepared = Prepared {
         service: service.to_owned(),
         program: spec.program.clone(),
@@ -213,6 +228,7 @@ pub(super) fn prepare(
         exec_fd,
         cgroup: None,
         joined,
+        join,
         merge_output: !own,
         memory_limit_mib: spec.limits.memory_mib.filter(|_| own),
         oom_kills_at_start: 0,
@@ -236,6 +252,7 @@ pub(super) fn prepare(
             Err(error) => Placement {
                 cgroup: None,
                 unenforced: without_a_cgroup(&spec.limits, &error),
+                join: Vec::new(),
             },
         };
         if let Some(cgroup) = &placement.cgroup {
@@ -243,6 +260,7 @@ pub(super) fn prepare(
         }
         // Held by `prepared` from here: an error below removes it again.
         prepared.cgroup = placement.cgroup;
+        prepared.join = placement.join;
         if !placement.unenforced.is_empty() {
             if spawner.require_limits {
                 return Err(SpawnError::LimitsUnenforced {

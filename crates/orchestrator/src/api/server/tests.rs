@@ -789,10 +789,10 @@ async fn a_live_socket_is_never_stolen_and_a_stale_one_is_replaced() {
 fn the_connection_cap_leaves_the_services_their_descriptors() {
     // Plenty of descriptors: the configured cap stands.
     assert_eq!(connection_cap(256, 2, 10, 1 << 20, 30), 256);
-    // 1024 descriptors, 200 services (800), 30 open, 64 margin: 130 left
-    // for two listeners.
-    assert_eq!(connection_cap(256, 2, 200, 1024, 30), 65);
-    assert_eq!(connection_cap(256, 1, 200, 1024, 30), 130);
+    // 1024 descriptors, 160 services (800 at five each), 30 open, 64
+    // margin: 130 left for two listeners.
+    assert_eq!(connection_cap(256, 2, 160, 1024, 30), 65);
+    assert_eq!(connection_cap(256, 1, 160, 1024, 30), 130);
     // Starved: a few connections all the same, never more than asked.
     assert_eq!(connection_cap(256, 2, 300, 1024, 30), 4);
     assert_eq!(connection_cap(2, 2, 300, 1024, 30), 2);
