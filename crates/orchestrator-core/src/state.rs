@@ -510,8 +510,27 @@ pub struct ProcStat {
 }
 
 pub fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let text = read_proc_line(Path::new(&format!("/proc/{pid}/stat"))).ok()?;
     parse_stat(pid, &text)
+}
+
+/// A short /proc file (a stat line, a descriptor's fdinfo), read into a
+/// buffer on the stack: `fs::read_to_string` would first stat it for a size
+/// that procfs does not give (a thousand services resume at once).
+pub(crate) fn read_proc_line(path: &Path) -> io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buffer = [0u8; 2048];
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    String::from_utf8(buffer[..filled].to_vec())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
 }
 
 fn parse_stat(pid: u32, text: &str) -> Option<ProcStat> {

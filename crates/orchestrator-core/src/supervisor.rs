@@ -96,6 +96,8 @@ enum Command {
 #[derive(Clone)]
 pub struct SupervisorHandle {
     commands: mpsc::UnboundedSender<Command>,
+    /// What services without a cgroup's counts use, from /proc.
+    usage: Arc<crate::usage::UsageCache>,
 }
 
 /// Start one actor per definition (all stopped) and the supervisor that owns them.
@@ -164,6 +166,7 @@ pub fn spawn_supervisor_resumed_after(
     tokio::spawn(supervisor.run(commands));
     let handle = SupervisorHandle {
         commands: commands_tx,
+        usage: Arc::default(),
     };
     (handle, resumed.into_values().collect())
 }
@@ -512,9 +515,10 @@ fn set_usage(info: &mut ServiceInfo, usage: Usage) {
 }
 
 /// Services without a cgroup (or whose cgroup does not count memory or
-/// CPU): their process groups' use, from one /proc scan for all of them, in
-/// the caller's task rather than the supervisor's.
-fn fill_usage_from_proc(infos: &mut [ServiceInfo]) {
+/// CPU): their process groups' use, from one /proc scan for all of them
+/// (shared by the callers of a second: see `UsageCache`), in the caller's
+/// task rather than the supervisor's.
+async fn fill_usage_from_proc(cache: &Arc<crate::usage::UsageCache>, infos: &mut [ServiceInfo]) {
     let lacking = |info: &ServiceInfo| {
         info.pid.is_some() && (info.memory_bytes.is_none() || info.cpu_seconds.is_none())
     };
@@ -526,7 +530,7 @@ fn fill_usage_from_proc(infos: &mut [ServiceInfo]) {
     if groups.is_empty() {
         return;
     }
-    let usage = crate::usage::process_group_usage(&groups);
+    let usage = cache.usage(groups).await;
     for info in infos.iter_mut().filter(|i| lacking(i)) {
         if let Some(found) = info.pid.and_then(|pid| usage.get(&pid)) {
             if info.memory_bytes.is_none() {
@@ -703,7 +707,7 @@ impl SupervisorHandle {
             .ask(|reply| Command::Info(Some(name.to_owned()), reply))
             .await?
             .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))?;
-        fill_usage_from_proc(&mut infos);
+        fill_usage_from_proc(&self.usage, &mut infos).await;
         infos
             .pop()
             .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))
@@ -715,7 +719,7 @@ impl SupervisorHandle {
             .ask(|reply| Command::Info(None, reply))
             .await?
             .unwrap_or_default();
-        fill_usage_from_proc(&mut infos);
+        fill_usage_from_proc(&self.usage, &mut infos).await;
         Ok(infos)
     }
 

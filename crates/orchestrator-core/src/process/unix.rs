@@ -307,7 +307,7 @@ fn check_adoptable(pid: u32, service: &str) -> Result<(), AdoptError> {
         pid,
         reason,
     };
-    let stat = match read_proc_line(&path) {
+    let stat = match crate::state::read_proc_line(&path) {
         Ok(stat) => stat,
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
             return Err(not_ours("no such process".to_owned()));
@@ -339,26 +339,6 @@ fn check_adoptable(pid: u32, service: &str) -> Result<(), AdoptError> {
         )));
     }
     Ok(())
-}
-
-/// A short /proc file (a stat line, a descriptor's fdinfo), read into a
-/// buffer on the stack: `fs::read_to_string` would first stat it for a size
-/// that procfs does not give (a thousand services resume at once).
-fn read_proc_line(path: &Path) -> io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut buffer = [0u8; 2048];
-    let mut filled = 0;
-    while filled < buffer.len() {
-        match file.read(&mut buffer[filled..]) {
-            Ok(0) => break,
-            Ok(read) => filled += read,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
-    }
-    String::from_utf8(buffer[..filled].to_vec())
-        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
 }
 
 /// Whether our child `pid` (known to be ours and unreaped) still leads its
@@ -399,7 +379,8 @@ fn parse_stat(stat: &str) -> Option<(u32, u32)> {
 /// been reaped, `0` when it is outside our pid namespace; `None` when `fd`
 /// is not a pidfd (or the kernel, before 5.4, shows no `Pid:` for one).
 fn pidfd_pid(fd: &OwnedFd) -> io::Result<Option<i64>> {
-    let info = read_proc_line(Path::new(&format!("/proc/self/fdinfo/{}", fd.as_raw_fd())))?;
+    let info =
+        crate::state::read_proc_line(Path::new(&format!("/proc/self/fdinfo/{}", fd.as_raw_fd())))?;
     Ok(info
         .lines()
         .find_map(|line| line.strip_prefix("Pid:"))
