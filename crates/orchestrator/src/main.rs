@@ -1557,26 +1557,27 @@ fn create_socket_dir(socket: &Path) -> anyhow::Result<()> {
 fn raise_fd_limit(config: &Config) {
     use orchestrator_core::process::{DESCRIPTORS_PER_SERVICE, raise_nofile};
     record_original_nofile();
+    let services = config.services.len() as u64;
+    // What the services cannot do without; the API's connections adapt to
+    // what is left (see `connection_cap_here`).
+    let needed = services
+        .saturating_mul(DESCRIPTORS_PER_SERVICE)
+        .saturating_add(64);
+    // Asked for, when the hard limit must go up: room for every API
+    // connection too, and for discovered binaries (not counted yet) and a
+    // reload adding services.
     let listeners = 1 + u64::from(config.orchestrator.http_listen.is_some());
     let api = listeners.saturating_mul(config.orchestrator.api_max_connections as u64);
-    // Discovered binaries are not counted yet: the margin is for them, the
-    // daemon's own files and a reload adding services.
-    let needed = (config.services.len() as u64)
-        .saturating_mul(DESCRIPTORS_PER_SERVICE)
-        .saturating_add(api)
-        .saturating_add(1024);
-    match raise_nofile(needed) {
-        Ok(raise) if raise.enough() => {
+    let wanted = needed.saturating_add(api).saturating_add(1024);
+    match raise_nofile(wanted) {
+        Ok(raise) if raise.after.0 >= needed => {
             tracing::debug!(before = ?raise.before, after = ?raise.after, "open-files limit")
         }
         Ok(raise) => tracing::warn!(
-            "{} services need about {} open files but the daemon's limit is {} (hard {}): \
-             some will fail to start with \"Too many open files\"; raise the limit \
-             (LimitNOFILE= in the systemd unit, `ulimit -Hn` and `ulimit -n` in the shell \
-             that starts the daemon; a daemon with CAP_SYS_RESOURCE, as root usually is, \
-             raises its own)",
-            config.services.len(),
-            raise.needed,
+            "{services} services need about {needed} open files but the daemon's limit is {} \
+             (hard {}): some will fail to start (EMFILE); raise the limit (LimitNOFILE= in \
+             the systemd unit, `ulimit -Hn` and `ulimit -n` in the shell that starts the \
+             daemon; a daemon with CAP_SYS_RESOURCE, as root usually is, raises its own)",
             raise.after.0,
             raise.after.1
         ),

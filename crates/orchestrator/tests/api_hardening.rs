@@ -229,6 +229,42 @@ fn connections_over_the_cap_are_refused_at_once_and_the_cap_frees_up() {
     );
 }
 
+/// A configuration that needs more descriptors than the daemon may have:
+/// with CAP_SYS_RESOURCE the daemon raises its hard limit to what it
+/// needs; without it, it says at once how many it needs and what to raise,
+/// instead of letting services fail one by one later.
+#[test]
+fn a_limit_too_low_for_the_services_is_raised_or_named_at_start() {
+    let sections: String = (0..60)
+        .map(|i| format!("\n[services.idle{i}]\ncommand = [\"/bin/true\"]\nenabled = false\n"))
+        .collect();
+    let (dir, _addr) = workspace("nofile-low", &sections, &[("steady", &["--sleep"])]);
+    let daemon = start(&dir, Some("ulimit -n 256"), &["steady"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3)?.parse().ok())
+        .expect("Max open files in /proc/PID/limits");
+    let log = daemon.stderr_text();
+    // 61 services at five descriptors each, and a margin of 64.
+    let needed = 61 * 5 + 64;
+    if soft >= needed {
+        assert!(
+            !log.contains("open files but"),
+            "raised to {soft}, yet warned:\n{log}"
+        );
+    } else {
+        assert_eq!(soft, 256, "{limits}");
+        assert!(
+            log.contains(&format!(
+                "61 services need about {needed} open files but the daemon's limit is 256 (hard 256)"
+            )) && log.contains("LimitNOFILE="),
+            "{log}"
+        );
+    }
+}
+
 /// 400 idle TCP connections (and some half-sent requests on the Unix
 /// socket) against a daemon limited to 256 descriptors: `status` still
 /// answers and a crashing service is still restarted, while the flood

@@ -446,15 +446,6 @@ pub struct NofileRaise {
     /// The limits before and after.
     pub before: (u64, u64),
     pub after: (u64, u64),
-    /// What the caller said it needs.
-    pub needed: u64,
-}
-
-impl NofileRaise {
-    /// Whether the limit now covers what was needed.
-    pub fn enough(&self) -> bool {
-        self.after.0 >= self.needed
-    }
 }
 
 /// The RLIMIT_NOFILE (soft, hard) to ask for: the soft limit up to the
@@ -489,7 +480,6 @@ pub fn raise_nofile(needed: u64) -> io::Result<NofileRaise> {
     Ok(NofileRaise {
         before,
         after: getrlimit(Resource::RLIMIT_NOFILE)?,
-        needed,
     })
 }
 
