@@ -319,7 +319,13 @@ fn main() -> ExitCode {
     // watchers are armed (they take the file as it is then as unchanged).
     let mut config_stamp = None;
     let config = if needs_config {
-        match config::load_all(cli.config.as_deref()) {
+        // A client needs only to find its daemon: the service sections,
+        // 10,000 of them on a big host, are the daemon's to read.
+        let loaded = match daemon_side {
+            true => config::load_all(cli.config.as_deref()),
+            false => config::load_daemon_settings(cli.config.as_deref()),
+        };
+        match loaded {
             // Resuming from an upgrade: this binary's `check` passed on this
             // file moments ago (the dry run), and every service's findings
             // were said when the daemon first started; the switch does not

@@ -23,6 +23,8 @@ pub(super) struct Cx<'t> {
     pub(super) locations: Locations,
     /// The daemon's environment, for `${VAR}` (after the env files).
     pub(super) host_var: &'t dyn Fn(&str) -> Option<String>,
+    /// Whether `[services.*]` is read, or skipped as a client does.
+    pub(super) scope: super::Scope,
 }
 
 impl<'t> Cx<'t> {
@@ -41,6 +43,7 @@ impl<'t> Cx<'t> {
             problems: Vec::new(),
             locations: Locations::new(file.map(Path::to_path_buf)),
             host_var,
+            scope: super::Scope::Everything,
         }
     }
 

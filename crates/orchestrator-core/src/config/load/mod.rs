@@ -49,6 +49,7 @@ const TOP_KEYS: &[Key<Config>] = &[
         "services",
         "one [services.NAME] section per service",
         |cx, f, out| match f.value.get_ref() {
+            DeValue::Table(_) if cx.scope == Scope::DaemonOnly => {}
             DeValue::Table(table) => {
                 service_section::read_all(cx, table, f.base_dir, &mut out.services)
             }
@@ -56,6 +57,16 @@ const TOP_KEYS: &[Key<Config>] = &[
         },
     ),
 ];
+
+/// How much of a file to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    Everything,
+    /// `[orchestrator]` only, and no service: what a client needs to find
+    /// its daemon. Reading 10,000 service sections took a client longer
+    /// than the daemon took to answer it.
+    DaemonOnly,
+}
 
 /// Parse `text`, the contents of `file`, whose relative paths resolve against
 /// `base_dir` (made absolute against the current directory if it is not).
@@ -107,7 +118,7 @@ pub fn parse_in(
     base_dir: &Path,
     host_var: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, ConfigErrors> {
-    parse_all_in(text, file, base_dir, host_var, None)
+    parse_all_in(text, file, base_dir, host_var, None, Scope::Everything)
 }
 
 /// `parse_in`, with `data_dir` defaulting to `host_data_dir` when given
@@ -118,9 +129,11 @@ fn parse_all_in(
     base_dir: &Path,
     host_var: &dyn Fn(&str) -> Option<String>,
     host_data_dir: Option<&Path>,
+    scope: Scope,
 ) -> Result<Loaded, ConfigErrors> {
     let base_dir = absolute_dir(base_dir);
     let mut cx = Cx::new(text, file, host_var);
+    cx.scope = scope;
     let root = match DeTable::parse(text) {
         Ok(root) => root,
         Err(err) => {
@@ -158,6 +171,16 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigErrors> {
 /// `load`, keeping the configuration beside its schema problems (see
 /// `parse_all`); where each key was found is empty for zero-config.
 pub fn load_all(explicit: Option<&Path>) -> Result<Loaded, ConfigErrors> {
+    load_scoped(explicit, Scope::Everything)
+}
+
+/// [`load_all`] for a client: the file found the same way, `[orchestrator]`
+/// read and checked, the service sections skipped (`services` is empty).
+pub fn load_daemon_settings(explicit: Option<&Path>) -> Result<Loaded, ConfigErrors> {
+    load_scoped(explicit, Scope::DaemonOnly)
+}
+
+fn load_scoped(explicit: Option<&Path>, scope: Scope) -> Result<Loaded, ConfigErrors> {
     let cwd = std::env::current_dir().map_err(|err| {
         single_problem(
             None,
@@ -177,6 +200,7 @@ pub fn load_all(explicit: Option<&Path>) -> Result<Loaded, ConfigErrors> {
         &host,
         euid,
         &HostEnv::process_var,
+        scope,
     )
 }
 
@@ -240,6 +264,7 @@ fn load_from(
     host: &HostPaths,
     euid: u32,
     host_var: &dyn Fn(&str) -> Option<String>,
+    scope: Scope,
 ) -> Result<Loaded, ConfigErrors> {
     let (mut path, mut origin) = match (explicit, env.filter(|value| !value.is_empty())) {
         (Some(path), _) => (cwd.join(path), Origin::Flag),
@@ -308,7 +333,14 @@ fn load_from(
             ));
         }
     };
-    parse_all_in(&text, Some(&path), &base_dir, host_var, host_data_dir)
+    parse_all_in(
+        &text,
+        Some(&path),
+        &base_dir,
+        host_var,
+        host_data_dir,
+        scope,
+    )
 }
 
 fn single_problem(file: Option<PathBuf>, line: Option<usize>, message: String) -> ConfigErrors {
@@ -411,6 +443,40 @@ mod test_support {
 mod tests {
     use super::test_support::*;
     use super::*;
+
+    #[test]
+    fn a_client_reads_the_daemon_settings_and_skips_every_service() {
+        let text = "[orchestrator]\ndata_dir = \"state\"\nshutdown_timeout = \"7s\"\n\
+                    [services.api]\nnot_a_key = 1\n[services.web]\ncommand = [\"/bin/true\"]\n";
+        let file = Path::new("/base/dir/orchestrator.toml");
+        let host = |_: &str| None;
+        let everything = parse_all_in(
+            text,
+            Some(file),
+            Path::new(BASE),
+            &host,
+            None,
+            Scope::Everything,
+        )
+        .unwrap();
+        assert_eq!(everything.problems.len(), 1, "{:?}", everything.problems);
+        let client = parse_all_in(
+            text,
+            Some(file),
+            Path::new(BASE),
+            &host,
+            None,
+            Scope::DaemonOnly,
+        )
+        .unwrap();
+        assert!(client.problems.is_empty(), "{:?}", client.problems);
+        assert!(client.config.services.is_empty());
+        assert_eq!(client.config.orchestrator, everything.config.orchestrator);
+        assert_eq!(
+            client.config.orchestrator.data_dir,
+            Path::new("/base/dir/state")
+        );
+    }
 
     #[test]
     fn empty_file_gives_defaults() {
@@ -607,6 +673,7 @@ backoff = { initial = "10s", max = "1s" }
             &host_in(Path::new("/nonexistent")),
             1000,
             &|_| None,
+            Scope::Everything,
         )
     }
 
@@ -634,7 +701,7 @@ backoff = { initial = "10s", max = "1s" }
     #[test]
     fn root_without_a_file_here_loads_the_standard_one_in_host_mode() {
         let (dir, host, cwd) = host_layout("host-root", "[services.api]\nbinary_path = \"api\"\n");
-        let config = super::load_from(None, None, &cwd, &host, 0, &|_| None)
+        let config = super::load_from(None, None, &cwd, &host, 0, &|_| None, Scope::Everything)
             .unwrap()
             .config;
         assert_eq!(config.source.as_deref(), Some(host.config.as_path()));
@@ -650,7 +717,7 @@ backoff = { initial = "10s", max = "1s" }
     fn a_user_or_a_project_file_never_falls_back_to_the_standard_file() {
         let (_dir, host, cwd) = host_layout("host-user", "[services.api]\n");
         // Not root: zero-config in the current directory.
-        let config = super::load_from(None, None, &cwd, &host, 1000, &|_| None)
+        let config = super::load_from(None, None, &cwd, &host, 1000, &|_| None, Scope::Everything)
             .unwrap()
             .config;
         assert_eq!(config.source, None);
@@ -661,7 +728,7 @@ backoff = { initial = "10s", max = "1s" }
         );
         // Root in a project folder: the folder's file.
         fs::write(cwd.join(DEFAULT_FILE), "").unwrap();
-        let config = super::load_from(None, None, &cwd, &host, 0, &|_| None)
+        let config = super::load_from(None, None, &cwd, &host, 0, &|_| None, Scope::Everything)
             .unwrap()
             .config;
         assert_eq!(config.source, Some(cwd.join(DEFAULT_FILE)));
@@ -676,7 +743,7 @@ backoff = { initial = "10s", max = "1s" }
     fn root_without_any_file_is_zero_config_here() {
         let dir = TempDir::new("host-none");
         let host = host_in(&dir.0);
-        let config = super::load_from(None, None, &dir.0, &host, 0, &|_| None)
+        let config = super::load_from(None, None, &dir.0, &host, 0, &|_| None, Scope::Everything)
             .unwrap()
             .config;
         assert_eq!(config.source, None);
@@ -695,9 +762,17 @@ backoff = { initial = "10s", max = "1s" }
             (None, Some(host.config.clone().into_os_string())),
         ] {
             // As a user too: host mode is about the file, not who reads it.
-            let config = super::load_from(explicit, env.clone(), &cwd, &host, 1000, &|_| None)
-                .unwrap()
-                .config;
+            let config = super::load_from(
+                explicit,
+                env.clone(),
+                &cwd,
+                &host,
+                1000,
+                &|_| None,
+                Scope::Everything,
+            )
+            .unwrap()
+            .config;
             assert_eq!(config.source.as_deref(), Some(host.config.as_path()));
             assert_eq!(
                 config.orchestrator.data_dir,
@@ -708,9 +783,17 @@ backoff = { initial = "10s", max = "1s" }
         }
         // Without the key, the host default.
         fs::write(&host.config, "").unwrap();
-        let config = super::load_from(Some(&link), None, &cwd, &host, 1000, &|_| None)
-            .unwrap()
-            .config;
+        let config = super::load_from(
+            Some(&link),
+            None,
+            &cwd,
+            &host,
+            1000,
+            &|_| None,
+            Scope::Everything,
+        )
+        .unwrap()
+        .config;
         assert_eq!(config.orchestrator.data_dir, host.data_dir);
     }
 
@@ -720,7 +803,8 @@ backoff = { initial = "10s", max = "1s" }
         let host = host_in(&dir.0);
         // A directory where the file should be: reading fails, not NotFound.
         fs::create_dir_all(&host.config).unwrap();
-        let errors = super::load_from(None, None, &dir.0, &host, 0, &|_| None).unwrap_err();
+        let errors = super::load_from(None, None, &dir.0, &host, 0, &|_| None, Scope::Everything)
+            .unwrap_err();
         let message = &errors.problems[0].message;
         assert!(message.contains("standard configuration"), "{message}");
         assert!(message.contains("--config"), "{message}");
