@@ -883,7 +883,15 @@ fn run(
     // the locks and cgroup parent they hold) is gone, so it never acts
     // beside a daemon that is still there.
     let mut guardian: Option<guardian::Guardian> = None;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // Blocking threads (start-up's preparations, state writes, /proc scans)
+    // retire after 2 s idle rather than tokio's 10 s: an idle daemon then
+    // has no thread left to end, and so no wake-up, a few seconds after a
+    // burst; starting a thread again costs tens of microseconds.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
+        .build()
+        .context("cannot start the async runtime")?;
     let guardian_slot = &mut guardian;
     let outcome = runtime.block_on(async move {
         let mut config = config;
@@ -1553,6 +1561,9 @@ fn create_socket_dir(socket: &Path) -> anyhow::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// How long an idle blocking thread of the runtime lives on.
+const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Each service costs the daemon a few descriptors (two pipes, a pidfd, a
 /// cgroup file), so the usual soft limit of 1024 would cap us near 250

@@ -12,6 +12,8 @@
 //!   --touch PATH          create the file PATH (a side effect to look for)
 //!   --lines N             print N numbered lines, alternating stdout/stderr
 //!   --flood N             print N numbered 100-byte lines on stdout, fast
+//!                         (in writes of 64 KiB, or of --flood-write-bytes B:
+//!                         4096 is what C stdio writes to a pipe)
 //!   --long-line N         print one line of N bytes `x`
 //!   --invalid-utf8        print a line holding bytes that are not UTF-8
 //!   --spew-bytes N        print N bytes holding every byte value but `\n`
@@ -121,6 +123,8 @@ fn main() {
             .find(|pair| pair[0] == flag)
             .map(|pair| PathBuf::from(&pair[1]))
     };
+    let flood_write_bytes: usize = setting("--flood-write-bytes")
+        .map_or(1 << 16, |bytes| bytes.to_str().unwrap().parse().unwrap());
     let watchdog_stop_file = setting("--watchdog-stop-file");
     let unhealthy_file = setting("--unhealthy-file");
     let value = |i: usize| -> String {
@@ -223,7 +227,8 @@ fn main() {
             "--flood" => {
                 let n: u64 = value(i).parse().unwrap();
                 i += 1;
-                let mut buf = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+                let mut buf =
+                    std::io::BufWriter::with_capacity(flood_write_bytes, std::io::stdout());
                 for k in 0..n {
                     // 100 bytes with the newline.
                     writeln!(buf, "flood {k:012} {}", "y".repeat(80)).unwrap();
@@ -381,7 +386,7 @@ fn main() {
                 child.stdout.take().unwrap().read_to_end(&mut sink).unwrap();
             }
             // Read before the loop.
-            "--watchdog-stop-file" | "--unhealthy-file" => i += 1,
+            "--watchdog-stop-file" | "--unhealthy-file" | "--flood-write-bytes" => i += 1,
             "--watchdog-ping-ms" => {
                 let ms: u64 = value(i).parse().unwrap();
                 i += 1;

@@ -39,8 +39,8 @@ pub(super) const MAX_QUEUED_BYTES: u64 = 2 * 1024 * 1024;
 const MAX_WRITERS: usize = 32;
 
 /// An idle writer thread ends after this long, so an idle daemon has no
-/// writer thread to wake.
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// writer thread to wake (nor one ending, seconds after a burst).
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 /// Blocks handed to one `LogFile::write` (a few `writev` calls).
 const MAX_BATCH_BLOCKS: usize = 64;
