@@ -122,10 +122,13 @@ def run_daemon(dir, stderr=DEVNULL):
 # ---- start, idle, memory, stop ----
 
 
-def bench_fleet(n, idle_seconds):
-    """Start n `sleep` services; measure start, idle CPU/wake-ups, PSS, stop."""
+def bench_fleet(n, idle_seconds, limits=False):
+    """Start n `sleep` services; measure start, idle CPU/wake-ups, PSS, stop.
+    With `limits`, each has a memory, CPU and pids limit: a cgroup in every
+    hierarchy (v1) and its limit files written at each start."""
+    extra = 'memory_limit = 64\ncpu_limit = 0.5\npids_limit = 100\n' if limits else ""
     services = "".join(
-        f'[services.s{i}]\ncommand = ["{SLEEP}", "100000"]\n' for i in range(n)
+        f'[services.s{i}]\ncommand = ["{SLEEP}", "100000"]\n{extra}' for i in range(n)
     )
     dir = workspace(services, 'log_level = "warn"\nshutdown_timeout = "10s"\n')
     daemon = run_daemon(dir)
@@ -419,6 +422,9 @@ def main():
     # was this script's until issue 16, and flattered the daemon (a sixteenth
     # of the wake-ups).
     parser.add_argument("--log-write-bytes", type=int, default=4096)
+    # The fleet with memory, CPU and pids limits on every service: what
+    # cgroups cost at start and stop.
+    parser.add_argument("--fleet-limits", action="store_true")
     parser.add_argument("--restarts", type=int, default=200)
     parser.add_argument("--crash-services", type=int, default=50)
     parser.add_argument("--crash-seconds", type=int, default=10)
@@ -429,10 +435,10 @@ def main():
     rows = []
 
     if "fleet" in only:
-        runs = [bench_fleet(args.n, args.idle_seconds) for _ in range(args.repeats)]
+        runs = [bench_fleet(args.n, args.idle_seconds, args.fleet_limits) for _ in range(args.repeats)]
         floors = [bench_fleet_floor(args.n) for _ in range(args.repeats)]
         rows += [
-            (f"start {args.n} services (launch → last fork)", summary([r["start"] for r in runs], "s"), summary([f["start"] for f in floors], "s")),
+            (f"start {args.n} services{' with limits' if args.fleet_limits else ''} (launch → last fork)", summary([r["start"] for r in runs], "s"), summary([f["start"] for f in floors], "s")),
             (f"idle {args.idle_seconds} s, {args.n} children: daemon CPU", summary([r["idle_cpu_ms"] for r in runs], "ms", 0), "0"),
             (f"idle {args.idle_seconds} s, {args.n} children: context switches", summary([r["idle_wakeups"] for r in runs], "", 0), "0"),
             (f"idle, {args.n} children: daemon PSS", summary([r["pss_mib"] for r in runs], "MiB", 1), "–"),
