@@ -324,9 +324,19 @@ impl ServiceOutput {
             },
             None => return None,
         };
-        writer::push(self, for_file);
+        writer::push_from_pump(self, for_file);
         drop(recent);
         block
+    }
+
+    /// Whether a burst's blocks wait for [`Self::flush_burst`].
+    fn burst_waiting(&self) -> bool {
+        self.file.has_deferred()
+    }
+
+    /// Sends the blocks a burst left waiting to the file.
+    fn flush_burst(self: &Arc<Self>) {
+        writer::flush(self);
     }
 
     /// Waits, as a task, while too much of this service's output waits for
@@ -338,7 +348,8 @@ impl ServiceOutput {
 
     /// Waits, as a task, until every line queued so far is in the file (or
     /// dropped from it on an error).
-    async fn file_flushed(&self) {
+    async fn file_flushed(self: &Arc<Self>) {
+        self.flush_burst();
         self.file.done_up_to(self.file.queued()).await;
     }
 

@@ -237,6 +237,9 @@ impl Pump {
     async fn run(&mut self, mut freeze: Option<oneshot::Receiver<()>>) -> Ended {
         let output = &self.output;
         let [out, err] = &mut self.readers;
+        // When the blocks a burst left waiting go to the file (see
+        // `writer::push_from_pump`).
+        let mut flush_at: Option<tokio::time::Instant> = None;
         while out.is_open() || err.is_open() {
             // Biased: a flooding child keeps its pipe ready, and the freeze
             // must still win at the next turn.
@@ -245,7 +248,15 @@ impl Pump {
                 () = freeze_requested(&mut freeze) => return Ended::Frozen,
                 ready = out.readable(), if out.is_open() => out.on_ready(ready, output),
                 ready = err.readable(), if err.is_open() => err.on_ready(ready, output),
+                () = sleep_until(flush_at), if flush_at.is_some() => {
+                    output.flush_burst();
+                    flush_at = None;
+                    false
+                }
             };
+            if flush_at.is_none() && output.burst_waiting() {
+                flush_at = Some(tokio::time::Instant::now() + super::writer::BURST_GAP);
+            }
             // Before reading more: a console that is behind holds this
             // service's output back (its pipe fills), not the runtime.
             for reader in [&mut *out, &mut *err] {
@@ -287,6 +298,14 @@ impl Pump {
     }
 }
 
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves once a freeze is asked for; never when the handle is gone.
 async fn freeze_requested(freeze: &mut Option<oneshot::Receiver<()>>) {
     if let Some(receiver) = freeze {
@@ -304,6 +323,8 @@ impl Drop for Pump {
     fn drop(&mut self) {
         for reader in &mut self.readers {
             reader.finish(&self.output);
+            // No timer of this pump will send what waits: now, then.
+            self.output.flush_burst();
             if let Some(console) = console()
                 && !reader.for_console.is_empty()
             {
@@ -724,6 +745,47 @@ mod tests {
         assert_eq!(output.lines(Stream::Stderr), 0);
         assert_eq!(output.dropped_bytes(), 0);
         assert!(fs::read(&path).unwrap() == data, "file differs from input");
+    }
+
+    /// A burst of small writes is sent to the file in batches, but its
+    /// last blocks do not wait for more output (nor for the pipe to close):
+    /// the pump's timer sends them. A lone line goes at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bursts_last_lines_reach_the_file_while_the_pipe_stays_open() {
+        let tmp = TempDir::new("burst");
+        let path = tmp.path().join("logs/burst.log");
+        let output = ServiceOutput::new("burst", path.clone(), 0, 0);
+        let (out_r, mut out_w) = pipe();
+        let (err_r, err_w) = pipe();
+        let pump = spawn_pump(output.clone(), out_r, err_r);
+        // Polled from a blocking thread: the pump runs on the workers.
+        let wait_for_file = |expected: Vec<u8>| {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while fs::read(&path).ok().as_deref() != Some(&expected[..]) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the file never got its {} bytes",
+                        expected.len()
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        out_w.write_all(b"alone\n").unwrap();
+        let mut expected = b"alone\n".to_vec();
+        wait_for_file(expected.clone()).await.unwrap();
+        // A hundred writes of a line each, far less than a batch in all.
+        let burst = numbered("burst", 0..100);
+        for line in burst.split_inclusive(|&byte| byte == b'\n') {
+            out_w.write_all(line).unwrap();
+        }
+        expected.extend_from_slice(&burst);
+        wait_for_file(expected).await.unwrap();
+        drop(out_w);
+        drop(err_w);
+        pump.await.unwrap();
     }
 
     fn pipe_size(fd: &impl std::os::fd::AsFd) -> i32 {

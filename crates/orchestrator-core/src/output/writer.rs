@@ -42,6 +42,18 @@ const MAX_WRITERS: usize = 32;
 /// writer thread to wake (nor one ending, seconds after a burst).
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
+/// A flood comes in blocks of a few KiB (C stdio writes 4 KiB at a time
+/// to a pipe), and waking a writer for each cost a thread switch and two
+/// futex calls per block. Blocks of a burst (each within [`BURST_GAP`] of
+/// the last) wait instead until this much is queued, or until the pump's
+/// timer ([`flush`], after [`BURST_GAP`]) sends them: a line reaches the
+/// file at most a few milliseconds later. A lone line is sent at once.
+const BURST_BYTES: u64 = 64 * 1024;
+
+/// Blocks closer than this belong to one burst; also how long a burst's
+/// last blocks may wait for the pump's flush.
+pub(super) const BURST_GAP: Duration = Duration::from_millis(2);
+
 /// Blocks handed to one `LogFile::write` (a few `writev` calls).
 const MAX_BATCH_BLOCKS: usize = 64;
 
@@ -64,6 +76,11 @@ pub(super) struct FileQueue {
 
 struct Pending {
     blocks: VecDeque<LogBlock>,
+    /// Bytes of a burst queued without waking a writer (see
+    /// [`BURST_BYTES`]); 0 once scheduled.
+    deferred: u64,
+    /// When the pump last queued a block.
+    last_push: Option<Instant>,
     /// A reload's options, for the file's thread to take: the file's own
     /// lock may be held over a hung write.
     options: Option<FileOptions>,
@@ -76,6 +93,8 @@ impl FileQueue {
         Self {
             pending: Mutex::new(Pending {
                 blocks: VecDeque::new(),
+                deferred: 0,
+                last_push: None,
                 options: None,
                 scheduled: false,
             }),
@@ -112,6 +131,11 @@ impl FileQueue {
     /// Bytes queued in all so far: a pump waits for `done` to reach it.
     pub(super) fn queued(&self) -> u64 {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// Whether blocks of a burst wait for [`flush`].
+    pub(super) fn has_deferred(&self) -> bool {
+        lock(&self.pending).deferred > 0
     }
 
     fn in_flight(&self) -> u64 {
@@ -157,7 +181,55 @@ pub(super) fn push(output: &Arc<ServiceOutput>, block: LogBlock) {
         let mut pending = lock(&queue.pending);
         pending.blocks.push_back(block);
         queue.queued.fetch_add(len, Ordering::AcqRel);
+        pending.deferred = 0;
         !std::mem::replace(&mut pending.scheduled, true)
+    };
+    if schedule {
+        POOL.schedule(Arc::clone(output));
+    }
+}
+
+/// [`push`] for a pump: a block of a burst waits (see [`BURST_BYTES`])
+/// while less than that is queued and no writer is on the service; the
+/// pump then calls [`flush`] within [`BURST_GAP`] (`has_deferred` tells).
+pub(super) fn push_from_pump(output: &Arc<ServiceOutput>, block: LogBlock) {
+    let queue = &output.file;
+    let len = block.bytes.len() as u64;
+    let now = Instant::now();
+    let schedule = {
+        let mut pending = lock(&queue.pending);
+        pending.blocks.push_back(block);
+        queue.queued.fetch_add(len, Ordering::AcqRel);
+        let burst = pending
+            .last_push
+            .replace(now)
+            .is_some_and(|last| now.saturating_duration_since(last) < BURST_GAP);
+        if pending.scheduled {
+            false
+        } else if burst && pending.deferred + len < BURST_BYTES {
+            pending.deferred += len;
+            false
+        } else {
+            pending.deferred = 0;
+            pending.scheduled = true;
+            true
+        }
+    };
+    if schedule {
+        POOL.schedule(Arc::clone(output));
+    }
+}
+
+/// Sends a burst's waiting blocks to a writer now.
+pub(super) fn flush(output: &Arc<ServiceOutput>) {
+    let schedule = {
+        let mut pending = lock(&output.file.pending);
+        let waiting = pending.deferred > 0 && !pending.scheduled;
+        pending.deferred = 0;
+        if waiting {
+            pending.scheduled = true;
+        }
+        waiting
     };
     if schedule {
         POOL.schedule(Arc::clone(output));
