@@ -666,15 +666,25 @@ backoff = { initial = "10s", max = "1s" }
         env: Option<OsString>,
         cwd: &Path,
     ) -> Result<Loaded, ConfigErrors> {
-        super::load_from(
+        load_as(
             explicit,
             env,
             cwd,
             &host_in(Path::new("/nonexistent")),
             1000,
-            &|_| None,
-            Scope::Everything,
         )
+    }
+
+    /// The search as `euid` with the stand-in `host` layout; without the
+    /// daemon's environment.
+    fn load_as(
+        explicit: Option<&Path>,
+        env: Option<OsString>,
+        cwd: &Path,
+        host: &HostPaths,
+        euid: u32,
+    ) -> Result<Loaded, ConfigErrors> {
+        super::load_from(explicit, env, cwd, host, euid, &|_| None, Scope::Everything)
     }
 
     /// Stand-ins for /etc, /var/lib and /run below `root`.
@@ -701,9 +711,7 @@ backoff = { initial = "10s", max = "1s" }
     #[test]
     fn root_without_a_file_here_loads_the_standard_one_in_host_mode() {
         let (dir, host, cwd) = host_layout("host-root", "[services.api]\nbinary_path = \"api\"\n");
-        let config = super::load_from(None, None, &cwd, &host, 0, &|_| None, Scope::Everything)
-            .unwrap()
-            .config;
+        let config = load_as(None, None, &cwd, &host, 0).unwrap().config;
         assert_eq!(config.source.as_deref(), Some(host.config.as_path()));
         assert_eq!(config.orchestrator.data_dir, host.data_dir);
         // Relative to the file, as everywhere else.
@@ -717,9 +725,7 @@ backoff = { initial = "10s", max = "1s" }
     fn a_user_or_a_project_file_never_falls_back_to_the_standard_file() {
         let (_dir, host, cwd) = host_layout("host-user", "[services.api]\n");
         // Not root: zero-config in the current directory.
-        let config = super::load_from(None, None, &cwd, &host, 1000, &|_| None, Scope::Everything)
-            .unwrap()
-            .config;
+        let config = load_as(None, None, &cwd, &host, 1000).unwrap().config;
         assert_eq!(config.source, None);
         assert_eq!(config.orchestrator.data_dir, cwd.join(".orchestrator"));
         assert_eq!(
@@ -728,9 +734,7 @@ backoff = { initial = "10s", max = "1s" }
         );
         // Root in a project folder: the folder's file.
         fs::write(cwd.join(DEFAULT_FILE), "").unwrap();
-        let config = super::load_from(None, None, &cwd, &host, 0, &|_| None, Scope::Everything)
-            .unwrap()
-            .config;
+        let config = load_as(None, None, &cwd, &host, 0).unwrap().config;
         assert_eq!(config.source, Some(cwd.join(DEFAULT_FILE)));
         assert_eq!(config.orchestrator.data_dir, cwd.join(".orchestrator"));
         assert_eq!(
@@ -743,9 +747,7 @@ backoff = { initial = "10s", max = "1s" }
     fn root_without_any_file_is_zero_config_here() {
         let dir = TempDir::new("host-none");
         let host = host_in(&dir.0);
-        let config = super::load_from(None, None, &dir.0, &host, 0, &|_| None, Scope::Everything)
-            .unwrap()
-            .config;
+        let config = load_as(None, None, &dir.0, &host, 0).unwrap().config;
         assert_eq!(config.source, None);
         assert_eq!(config.orchestrator.data_dir, dir.0.join(".orchestrator"));
     }
@@ -762,17 +764,9 @@ backoff = { initial = "10s", max = "1s" }
             (None, Some(host.config.clone().into_os_string())),
         ] {
             // As a user too: host mode is about the file, not who reads it.
-            let config = super::load_from(
-                explicit,
-                env.clone(),
-                &cwd,
-                &host,
-                1000,
-                &|_| None,
-                Scope::Everything,
-            )
-            .unwrap()
-            .config;
+            let config = load_as(explicit, env.clone(), &cwd, &host, 1000)
+                .unwrap()
+                .config;
             assert_eq!(config.source.as_deref(), Some(host.config.as_path()));
             assert_eq!(
                 config.orchestrator.data_dir,
@@ -783,17 +777,9 @@ backoff = { initial = "10s", max = "1s" }
         }
         // Without the key, the host default.
         fs::write(&host.config, "").unwrap();
-        let config = super::load_from(
-            Some(&link),
-            None,
-            &cwd,
-            &host,
-            1000,
-            &|_| None,
-            Scope::Everything,
-        )
-        .unwrap()
-        .config;
+        let config = load_as(Some(&link), None, &cwd, &host, 1000)
+            .unwrap()
+            .config;
         assert_eq!(config.orchestrator.data_dir, host.data_dir);
     }
 
@@ -803,8 +789,7 @@ backoff = { initial = "10s", max = "1s" }
         let host = host_in(&dir.0);
         // A directory where the file should be: reading fails, not NotFound.
         fs::create_dir_all(&host.config).unwrap();
-        let errors = super::load_from(None, None, &dir.0, &host, 0, &|_| None, Scope::Everything)
-            .unwrap_err();
+        let errors = load_as(None, None, &dir.0, &host, 0).unwrap_err();
         let message = &errors.problems[0].message;
         assert!(message.contains("standard configuration"), "{message}");
         assert!(message.contains("--config"), "{message}");
