@@ -1589,7 +1589,7 @@ fn raise_fd_limit(config: &Config) {
     // what is left (see `connection_cap_here`).
     let needed = services
         .saturating_mul(DESCRIPTORS_PER_SERVICE)
-        .saturating_add(64);
+        .saturating_add(crate::api::server::FDS_MARGIN as u64);
     // Asked for, when the hard limit must go up: room for every API
     // connection too, and for discovered binaries (not counted yet) and a
     // reload adding services.

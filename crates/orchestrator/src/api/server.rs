@@ -668,7 +668,7 @@ fn refuse(mut stream: impl io::Read + io::Write) {
 /// Descriptors kept free beyond the services' for the daemon's own work
 /// (state and event files, rotations, the spawn's temporary pipes, a
 /// reload adding services).
-const FDS_MARGIN: usize = 64;
+pub const FDS_MARGIN: usize = 64;
 /// Even a starved daemon keeps a few API connections per listener.
 const MIN_CONNECTIONS: usize = 4;
 
