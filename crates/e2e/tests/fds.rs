@@ -1,12 +1,12 @@
 //! No descriptor of the parent leaks into a service. This file holds one
-//! test on purpose: it opens an inheritable descriptor in the test process,
+//! test on purpose: it opens inheritable descriptors in the test process,
 //! which would leak into the children of any other test running beside it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use orchestrator_core::events::EventBus;
-use orchestrator_core::process::{UnixSpawner, mark_inherited_fds_cloexec};
+use orchestrator_core::process::{UnixSpawner, mark_inherited_fds_cloexec, reserve_spawn_slots};
 use orchestrator_core::service::spawn_service;
 use orchestrator_e2e::*;
 
@@ -30,6 +30,15 @@ async fn only_stdin_stdout_and_stderr_reach_the_child() {
     let leaked_file = dir.write_file("inherited.txt", "not for services\n", 0o644);
     let leaked = open_inheritable_fd(&leaked_file);
     assert!(!is_cloexec(leaked));
+    // As the daemon does: the spawn slots above what it inherited, below
+    // everything it opens later. A child keeps only the bottom of the table,
+    // up to the slots: what lies above never reaches it, inheritable or not.
+    reserve_spawn_slots();
+    let above_file = dir.write_file("above.txt", "opened after the slots\n", 0o644);
+    let above = open_inheritable_fd(&above_file);
+    assert!(above > leaked);
+    let own_stdio = open_fds(std::process::id());
+    let own_stdio: Vec<_> = (0..3).map(|fd| own_stdio.get(&fd).cloned()).collect();
 
     let config = config_in(
         &dir,
@@ -53,6 +62,7 @@ async fn only_stdin_stdout_and_stderr_reach_the_child() {
         Some(leaked_file.to_str().unwrap()),
         "the unprotected descriptor reached the child"
     );
+    assert_eq!(open_fds(pid).get(&above), None, "only the bottom is copied");
     within("stop", handle.stop()).await.unwrap();
 
     // What the daemon does at start.
@@ -90,4 +100,9 @@ async fn only_stdin_stdout_and_stderr_reach_the_child() {
         ]
     );
     within("stop", handle.stop()).await.unwrap();
+    // The child shared our table until it took its own copy: it moved its
+    // pipes onto 0, 1 and 2 of the copy, never of ours.
+    let after = open_fds(std::process::id());
+    let after: Vec<_> = (0..3).map(|fd| after.get(&fd).cloned()).collect();
+    assert_eq!(after, own_stdio, "the spawning process's stdio is its own");
 }

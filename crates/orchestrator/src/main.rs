@@ -24,7 +24,7 @@ use orchestrator_core::guardian;
 use orchestrator_core::plan::HostEnv;
 use orchestrator_core::process::{
     UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
-    record_original_nofile, resolve_program,
+    record_original_nofile, reserve_spawn_slots, resolve_program,
 };
 use orchestrator_core::reload::Loader;
 use orchestrator_core::state::DaemonLock;
@@ -855,6 +855,9 @@ fn run(
     // Whatever our parent leaked to us must not reach the services. First,
     // while this is the only thread (the console's starts next).
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
+    // While the descriptor table is short: the slots must lie below every
+    // service's descriptors for a spawn to skip copying those.
+    reserve_spawn_slots();
     init_tracing(&config);
     match &handover {
         Some(document) => tracing::info!(

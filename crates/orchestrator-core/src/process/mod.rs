@@ -23,7 +23,8 @@ pub use fake::{FakeChildControl, FakeSpawner};
 pub use unix::{
     DESCRIPTORS_PER_SERVICE, ExitWatch, NofileRaise, Prepared, UnixSpawner, become_subreaper,
     cgroup_removals_settled, hold_handed_over, nofile_target, original_nofile, raise_nofile,
-    reap_orphans, record_original_nofile, record_original_nofile_as, resolve_program,
+    reap_orphans, record_original_nofile, record_original_nofile_as, reserve_spawn_slots,
+    resolve_program,
 };
 
 /// What to do when a start fails for want of descriptors: the bare

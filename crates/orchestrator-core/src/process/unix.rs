@@ -7,6 +7,7 @@
 mod clone_spawn;
 mod posix_spawn;
 mod prepare;
+mod slots;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
@@ -34,6 +35,7 @@ use super::{
 use crate::cgroup::{NoCgroups, ResourceController, ServiceCgroup};
 
 pub use prepare::Prepared;
+pub use slots::reserve as reserve_spawn_slots;
 
 /// Starts services: a preparation stage in the daemon (resolve the program
 /// and the user, the strict check, open and hash the binary, create the
@@ -101,31 +103,54 @@ impl UnixSpawner {
             true => (output_pipe(&prepared)?.0, None),
         };
         let stderr_child_fd = stderr_child.as_ref().unwrap_or(&stdout_child).as_fd();
-        let stdin = match prepared.needs_clone() {
-            true => Some(dev_null(&prepared)?),
-            false => None,
+        let mut slots = slots::take();
+        if let Some(slots) = &mut slots {
+            let program = prepared.exec_fd.as_ref().map(|exec| exec.fd.as_fd());
+            slots
+                .load(stdout_child.as_fd(), stderr_child_fd, program)
+                .map_err(|source| {
+                    prepared.io_error("spawn", "move the output pipes into place for", source)
+                })?;
+        }
+        let stdin = match (&slots, prepared.needs_clone()) {
+            (None, true) => Some(dev_null(&prepared)?),
+            _ => None,
         };
         // Spawned and registered under one lock, so the orphan reaper can
         // never mistake a service that died at once for an orphan.
         let mut own = own_children();
-        let pid = match &stdin {
-            Some(stdin) => clone_spawn::spawn(
+        let spawned = match (&slots, &stdin) {
+            (Some(slots), _) => {
+                clone_spawn::spawn(&prepared, clone_spawn::Descriptors::Slots(slots))
+                    .map_err(|failure| failure.into_error(&prepared))
+            }
+            (None, Some(stdin)) => clone_spawn::spawn(
                 &prepared,
-                [stdin.as_fd(), stdout_child.as_fd(), stderr_child_fd],
+                clone_spawn::Descriptors::Copied([
+                    stdin.as_fd(),
+                    stdout_child.as_fd(),
+                    stderr_child_fd,
+                ]),
             )
-            .map_err(|failure| failure.into_error(&prepared))?,
+            .map_err(|failure| failure.into_error(&prepared)),
             // posix_spawn, not fork: see `clone_spawn` for why.
-            None => posix_spawn::spawn(&prepared.launch, stdout_child.as_fd(), stderr_child_fd)
-                .map_err(|source| SpawnError::Exec {
-                    service: prepared.service.clone(),
-                    program: prepared.program.clone(),
-                    source,
-                })?,
+            (None, None) => {
+                posix_spawn::spawn(&prepared.launch, stdout_child.as_fd(), stderr_child_fd).map_err(
+                    |source| SpawnError::Exec {
+                        service: prepared.service.clone(),
+                        program: prepared.program.clone(),
+                        source,
+                    },
+                )
+            }
         };
+        // Only the child writes: its exit must close the pipes, and the
+        // slots' copies of them go first.
+        drop(slots);
+        let pid = spawned?;
         let pid = u32::try_from(pid).expect("a spawn returns a positive pid");
         own.insert(pid, Held::Supervised);
         drop(own);
-        // Only the child writes: its exit must close the pipes.
         drop((stdout_child, stderr_child, stdin));
         // A pidfd tells us the leader exited while it is still a zombie, so
         // its group id is still certainly ours to signal. Kernels before 5.3

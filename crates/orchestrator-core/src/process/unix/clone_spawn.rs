@@ -19,6 +19,11 @@
 //!   signals it uses internally;
 //! - everything it reads is prepared by the parent beforehand (`Plan`), and
 //!   all it writes is its result, in two atomics of the parent's frame.
+//!
+//! It shares our descriptor table too, when the spawn has slots (see
+//! `slots`): its first change to the table is to leave it for a copy of the
+//! slots' end of it, so until then it must not open, close or move any
+//! descriptor (that would be the daemon's).
 
 use std::ffi::{CStr, c_char, c_int, c_long, c_void};
 use std::io;
@@ -29,6 +34,7 @@ use rustix::process::WaitOptions;
 
 use super::prepare::{ChildRlimit, Credentials, Prepared};
 use super::rustix_pid;
+use super::slots::Loaded;
 use crate::config::Rlimit;
 use crate::process::{ChildStage, SpawnError};
 
@@ -92,6 +98,9 @@ struct Plan<'a> {
     rlimits: &'a [ChildRlimit],
     /// Moved onto 0, 1 and 2. Never 0, 1 or 2 themselves (`above_stdio`).
     stdio: [RawFd; 3],
+    /// With a shared table: the descriptors the child keeps, those below
+    /// this (`stdio` and `exec_fd` among them).
+    keep_below: Option<RawFd>,
     credentials: Option<&'a Credentials>,
     no_new_privs: bool,
 }
@@ -104,31 +113,53 @@ struct Shared<'a> {
     errno: AtomicI32,
 }
 
-/// Start `prepared` with `stdio` as its descriptors 0, 1 and 2. Returns
-/// once the child has exec'd (its pid) or failed (then it is reaped).
+/// Where the child's descriptors come from.
+pub(super) enum Descriptors<'a> {
+    /// Slots loaded with its stdio and program: it shares our table, then
+    /// keeps a copy of the slots' end of it.
+    Slots(&'a Loaded),
+    /// Its stdio 0, 1 and 2 in a private copy of our whole table.
+    Copied([BorrowedFd<'a>; 3]),
+}
+
+/// Start `prepared` with the descriptors of `descriptors` as 0, 1 and 2.
+/// Returns once the child has exec'd (its pid) or failed (then it is
+/// reaped).
 pub(super) fn spawn(
     prepared: &Prepared,
-    stdio: [BorrowedFd<'_>; 3],
+    descriptors: Descriptors<'_>,
 ) -> Result<libc::pid_t, Failure> {
     let launch = &prepared.launch;
     let argv = null_terminated(&launch.argv);
     let envp = null_terminated(&launch.envp);
     let join_fds: Vec<RawFd> = prepared.join.iter().map(AsRawFd::as_raw_fd).collect();
-    let [stdin, stdout, stderr] = stdio;
+    let (stdio, exec_fd, keep_below) = match descriptors {
+        Descriptors::Slots(slots) => (
+            slots.stdio(),
+            prepared.exec_fd.as_ref().map_or(-1, |_| slots.program()),
+            Some(slots.keep_below()),
+        ),
+        Descriptors::Copied(stdio) => (
+            stdio.map(|fd| fd.as_raw_fd()),
+            prepared
+                .exec_fd
+                .as_ref()
+                .map_or(-1, |exec| exec.fd.as_raw_fd()),
+            None,
+        ),
+    };
     let shared = Shared {
         plan: Plan {
             path: &launch.path,
             argv: &argv,
             envp: &envp,
             cwd: &launch.cwd,
-            exec_fd: prepared
-                .exec_fd
-                .as_ref()
-                .map_or(-1, |exec| exec.fd.as_raw_fd()),
+            exec_fd,
             exec_fd_survives: prepared.exec_fd.as_ref().is_some_and(|exec| exec.script),
             join_fds: &join_fds,
             rlimits: &prepared.rlimits,
-            stdio: [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+            stdio,
+            keep_below,
             credentials: prepared.credentials.as_ref(),
             no_new_privs: prepared.no_new_privs,
         },
@@ -162,11 +193,17 @@ pub(super) fn spawn(
     // else, and `top` is the 16-byte-aligned end that clone expects (stacks
     // grow down on every architecture Linux and Rust share). SIGCHLD as the
     // exit signal makes it an ordinary child: waitpid and pidfds work.
+    // CLONE_FILES only with slots: the child then leaves the shared table
+    // before its first change to it (see `run_child`).
+    let share_files = match keep_below {
+        Some(_) => libc::CLONE_FILES,
+        None => 0,
+    };
     let pid = unsafe {
         libc::clone(
             child_main,
             stack.top(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | share_files | libc::SIGCHLD,
             (&raw const shared).cast_mut().cast::<c_void>(),
         )
     };
@@ -377,6 +414,34 @@ fn run_child(plan: &Plan<'_>) -> (ChildStage, c_int) {
             return (ChildStage::Rlimit(rlimit.rlimit), errno);
         }
     }
+    if let Some(keep_below) = plan.keep_below {
+        // A table of our own with the bottom of the shared one: the slots
+        // (and whatever lay below them at start-up), not the thousands of
+        // descriptors above, which a copy would reference one by one and
+        // the exec close one by one.
+        let args = [
+            keep_below as c_long,
+            c_long::from(u32::MAX),
+            libc::CLOSE_RANGE_UNSHARE as c_long,
+            0,
+            0,
+            0,
+        ];
+        // SAFETY: numbers only. It changes only this child's table, which
+        // it makes its own first.
+        if unsafe { sys(libc::SYS_close_range, args) }.is_err() {
+            // Before Linux 5.9: a copy of the whole table, as without slots.
+            // SAFETY: numbers only.
+            if let Err(errno) = unsafe {
+                sys(
+                    libc::SYS_unshare,
+                    [libc::CLONE_FILES as c_long, 0, 0, 0, 0, 0],
+                )
+            } {
+                return (ChildStage::Stdio, errno);
+            }
+        }
+    }
     // The copies on 0, 1 and 2 lose close-on-exec; the originals keep it.
     for (target, fd) in (0..).zip(plan.stdio) {
         // SAFETY: numbers only; `fd` is never `target` (see `Plan::stdio`).
@@ -447,7 +512,7 @@ fn run_child(plan: &Plan<'_>) -> (ChildStage, c_int) {
     if plan.exec_fd >= 0 && plan.exec_fd_survives {
         let args = [plan.exec_fd as c_long, libc::F_SETFD as c_long, 0, 0, 0, 0];
         // SAFETY: numbers only; clears close-on-exec in this child's own
-        // descriptor table (no CLONE_FILES), not the daemon's.
+        // descriptor table (a copy by now), not the daemon's.
         if let Err(errno) = unsafe { sys(libc::SYS_fcntl, args) } {
             return (ChildStage::Exec, errno);
         }
