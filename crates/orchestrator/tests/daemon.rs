@@ -174,16 +174,24 @@ args = ["--lines", "4", "--invalid-utf8", "--ready", "--sleep"]
     // the bytes: see the integration tests).
     daemon.wait_for_log(&["talker       | ", "bad \u{fffd}\u{fffd} bytes"]);
     daemon.wait_for_log(&["started", "service=talker", "pid="]);
-    // The service file holds the raw lines, both streams.
-    let lines = read_lines(&dir.log_path("talker"));
-    for expected in [
+    // The service file holds the raw lines, both streams. Its writer runs
+    // apart from the console's, so the file may trail the console a little.
+    let expected = [
         "line 0 on stdout",
         "line 1 on stderr",
         "line 2 on stdout",
         "line 3 on stderr",
-    ] {
-        assert!(lines.iter().any(|l| l == expected), "{expected}: {lines:?}");
-    }
+    ];
+    let log = dir.log_path("talker");
+    let complete = || {
+        let lines = read_lines(&log);
+        expected.iter().all(|e| lines.iter().any(|l| l == e))
+    };
+    assert!(
+        wait_until(DEADLINE, complete),
+        "{expected:?}: {:?}",
+        read_lines(&log)
+    );
     daemon.signal(SIGTERM);
     assert_eq!(daemon.wait_exit().code(), Some(0));
 }
