@@ -461,8 +461,9 @@ impl ServiceCgroup for PipeCgroup {
     fn pids(&self) -> std::io::Result<Vec<u32>> {
         Ok(Vec::new())
     }
+    /// Something is left in it until a kill pass.
     fn is_empty(&self) -> std::io::Result<bool> {
-        Ok(true)
+        Ok(self.kill_passes.load(Ordering::SeqCst) > 0)
     }
     fn kill_all(&self) -> std::io::Result<()> {
         self.kill_passes.fetch_add(1, Ordering::SeqCst);

@@ -801,6 +801,25 @@ impl Drop for UnixChild {
 }
 
 impl UnixChild {
+    /// `signal` to the process group alone; the cgroup is not looked at.
+    fn signal_process_group(&self, signal: Signal) -> io::Result<()> {
+        // Reaped (a `wait` cut short while it emptied the cgroup): the
+        // group id may belong to someone else by now; the cgroup is ours.
+        if self.reaped {
+            return Ok(());
+        }
+        let pgid = i32::try_from(self.pid)
+            .ok()
+            .filter(|&pid| pid > 1)
+            .ok_or_else(|| io::Error::other(format!("refusing to signal group {}", self.pid)))?;
+        match killpg(Pid::from_raw(pgid), signal) {
+            Ok(()) => Ok(()),
+            // Nobody left in the group: the goal of any signal we send is met.
+            Err(Errno::ESRCH) => Ok(()),
+            Err(errno) => Err(io::Error::from(errno)),
+        }
+    }
+
     /// Wait for the leader's exit, kill its group and reap it.
     async fn reap_leader(&mut self) -> io::Result<ExitReason> {
         loop {
@@ -817,10 +836,9 @@ impl UnixChild {
             // The leader is a zombie now: whatever it left in its group
             // dies with it while the group id is certainly ours, so two
             // generations never run side by side and the pipes close. Not
-            // counted as our kill: the leader's own death came first.
-            let killed_by_us = self.killed_by_us;
-            let _ = self.signal_group(Signal::SIGKILL);
-            self.killed_by_us = killed_by_us;
+            // counted as our kill: the leader's own death came first. Its
+            // cgroup, if any, is emptied next (`clean_up_cgroup`).
+            let _ = self.signal_process_group(Signal::SIGKILL);
             match reap(self.pid) {
                 Ok(Some(reason)) => {
                     self.reaped = true;
@@ -871,10 +889,13 @@ impl UnixChild {
         let deadline = tokio::time::Instant::now() + CGROUP_EMPTY_DEADLINE;
         let path = cgroup.path().display().to_string();
         loop {
-            let _ = cgroup.kill_all();
+            // Usually empty at the first look: the group went with its
+            // leader. Each look and each kill reads the cgroup's list, which
+            // a fleet stopping at once pays a thousand times over.
             match cgroup.is_empty() {
                 Ok(true) => break,
                 Ok(false) if tokio::time::Instant::now() < deadline => {
+                    let _ = cgroup.kill_all();
                     tokio::time::sleep(CGROUP_POLL).await;
                 }
                 Ok(false) => {
@@ -1013,21 +1034,7 @@ impl ChildProcess for UnixChild {
                 let _ = cgroup.kill_all();
             }
         }
-        // Reaped (a `wait` cut short while it emptied the cgroup): the
-        // group id may belong to someone else by now; the cgroup is ours.
-        if self.reaped {
-            return Ok(());
-        }
-        let pgid = i32::try_from(self.pid)
-            .ok()
-            .filter(|&pid| pid > 1)
-            .ok_or_else(|| io::Error::other(format!("refusing to signal group {}", self.pid)))?;
-        match killpg(Pid::from_raw(pgid), signal) {
-            Ok(()) => Ok(()),
-            // Nobody left in the group: the goal of any signal we send is met.
-            Err(Errno::ESRCH) => Ok(()),
-            Err(errno) => Err(io::Error::from(errno)),
-        }
+        self.signal_process_group(signal)
     }
 
     fn cgroup(&self) -> Option<Arc<dyn ServiceCgroup>> {
