@@ -748,7 +748,14 @@ enabled = false
                     .collect::<Vec<_>>()
             })?;
             if loaded.problems.is_empty() {
-                Ok((loaded.config, Vec::new()))
+                let discovered =
+                    crate::discovery::discover(&loaded.config.orchestrator.services_dir)
+                        .map_err(|error| vec![error.to_string()])?;
+                Ok(crate::reload::Reread {
+                    config: loaded.config,
+                    warnings: Vec::new(),
+                    discovered,
+                })
             } else {
                 Err(loaded.problems.iter().map(ToString::to_string).collect())
             }

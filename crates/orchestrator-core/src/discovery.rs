@@ -2,8 +2,11 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, SFlag, fstatat};
 
 use crate::name::ServiceName;
 
@@ -82,6 +85,15 @@ pub fn scan_explaining(
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Scan::default()),
         Err(err) => return Err(read_error(err)),
     };
+    // Each entry is looked at relative to the directory: a lookup of NAME
+    // and NAME/NAME, not of the whole path from / again, thousands of times
+    // per reload on a big host.
+    let dir = nix::fcntl::open(
+        services_dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|errno| read_error(errno.into()))?;
     let mut scan = Scan {
         exists: true,
         ..Scan::default()
@@ -108,42 +120,54 @@ pub fn scan_explaining(
         };
         // A plain directory, as getdents says: no stat needed to know it.
         let plain_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
-        match check_entry(&path, &name, explain(&name), plain_dir) {
+        match check_entry(&dir, &path, &name, explain(&name), plain_dir) {
             Ok(binary) => scan.found.push(Discovered { name, binary }),
             Err(reason) => skip(reason),
         }
     }
     scan.found.sort_by(|a, b| a.name.cmp(&b.name));
-    scan.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    // Byte order: the same as the paths' order here (one directory), and
+    // without comparing component by component.
+    scan.skipped
+        .sort_by(|a, b| a.path.as_os_str().cmp(b.path.as_os_str()));
     Ok(scan)
 }
 
-/// The binary of the entry `path` (named `name`), or why it does not count.
-fn check_entry(path: &Path, name: &str, explain: bool, plain_dir: bool) -> Result<PathBuf, String> {
-    // fs::metadata follows symlinks: a linked directory or binary counts as
+/// The binary of the entry `path` (named `name`, in `dir`), or why it does
+/// not count.
+fn check_entry(
+    dir: &OwnedFd,
+    path: &Path,
+    name: &str,
+    explain: bool,
+    plain_dir: bool,
+) -> Result<PathBuf, String> {
+    // A stat that follows symlinks: a linked directory or binary counts as
     // what it points to, which is how deployments often swap versions.
+    let kind = |meta: &FileStat| SFlag::from_bits_truncate(meta.st_mode) & SFlag::S_IFMT;
     if !plain_dir {
-        match fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => {}
+        match fstatat(dir, name, AtFlags::empty()) {
+            Ok(meta) if kind(&meta) == SFlag::S_IFDIR => {}
             Ok(_) => {
                 return Err(format!(
                     "not a directory: a service is a directory {name}/ holding its binary {name}/{name}"
                 ));
             }
-            Err(err) => return Err(format!("cannot inspect it: {err}")),
+            Err(err) => return Err(format!("cannot inspect it: {}", io::Error::from(err))),
         }
     }
     let binary = path.join(name);
-    match fs::metadata(&binary) {
-        Ok(meta) if meta.is_dir() => Err(format!(
+    match fstatat(dir, format!("{name}/{name}").as_str(), AtFlags::empty()).map_err(io::Error::from)
+    {
+        Ok(meta) if kind(&meta) == SFlag::S_IFDIR => Err(format!(
             "{name}/{name} is a directory, not a binary; put the executable at {name}/{name}"
         )),
-        Ok(meta) if !meta.is_file() => Err(format!(
+        Ok(meta) if kind(&meta) != SFlag::S_IFREG => Err(format!(
             "{name}/{name} is not a regular file; put the executable there"
         )),
         // Any execute bit: whether this user may run it is for the spawn to
         // report, loudly, rather than for discovery to hide.
-        Ok(meta) if meta.permissions().mode() & 0o111 == 0 => Err(format!(
+        Ok(meta) if meta.st_mode & 0o111 == 0 => Err(format!(
             "{name}/{name} is not executable; chmod +x {}",
             binary.display()
         )),
@@ -192,6 +216,7 @@ fn other_files(dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::fs::symlink;
 
     /// A fresh directory (tempfile's: unique, removed on drop), and its path.

@@ -26,7 +26,7 @@ use orchestrator_core::process::{
     UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
     record_original_nofile, reserve_spawn_slots, resolve_program,
 };
-use orchestrator_core::reload::Loader;
+use orchestrator_core::reload::{Loader, Reread};
 use orchestrator_core::state::DaemonLock;
 use orchestrator_core::validate::{Finding, Scope, Severity, Validation, validate};
 use orchestrator_core::watch::{Binaries, DEFAULT_DEBOUNCE, WatchHandle, spawn_watcher};
@@ -827,7 +827,11 @@ fn reloader(explicit: Option<PathBuf>) -> Loader {
                 _ => finding.problem.to_string(),
             })
             .collect();
-        Ok((loaded.config, warnings))
+        Ok(Reread {
+            config: loaded.config,
+            warnings,
+            discovered: found.scan.found,
+        })
     })
 }
 
@@ -1069,7 +1073,7 @@ fn run(
             let config = match config.take() {
                 Some(config) => config,
                 None => match loader() {
-                    Ok((config, _)) => config,
+                    Ok(reread) => reread.config,
                     Err(problems) => {
                         break 'runs Err(anyhow::anyhow!(
                             "cannot read the configuration again to resume the services after a failed upgrade: {}; the guardian stops them: start the daemon again",

@@ -541,7 +541,11 @@ async fn requests_made_during_a_reload_share_one_more_run() {
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
                 let _ = gate.lock().unwrap().recv();
             }
-            Ok((config.clone(), Vec::new()))
+            Ok(Reread {
+                config: config.clone(),
+                warnings: Vec::new(),
+                discovered: Vec::new(),
+            })
         })
     };
     let (supervisor, _spawner) = running(vec![]).await;
