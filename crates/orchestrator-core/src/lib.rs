@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod deps;
 pub mod discovery;
 pub mod events;
+pub mod export;
 pub mod guardian;
 pub mod handover;
 pub mod health;

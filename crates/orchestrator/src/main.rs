@@ -70,6 +70,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ExportTarget {
+    /// One unit per service, a template for instances, a target for them all
+    Systemd,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground until SIGINT/SIGTERM
@@ -100,6 +106,25 @@ Examples:
   orchestrator discover
   orchestrator -c /etc/orchestrator/orchestrator.toml discover")]
     Discover,
+    /// Write the services as another engine's files (systemd units)
+    ///
+    /// From the effective configuration: defaults, env files, ${VAR} and instances applied, as `run` would start them. Each setting the target has no equivalent for is named on stderr with what was done instead (dropped or approximated); --strict makes any of them an error (exit 2, nothing written). Without --out the files are printed, each after a `# FILE` line.
+    #[command(after_help = "\
+Examples:
+  orchestrator export systemd --out /etc/systemd/system
+                                        then: systemctl daemon-reload && systemctl start orchestrator-services.target
+  orchestrator export systemd           print the units
+  orchestrator export systemd --strict  exit 2 if anything would not carry over")]
+    Export {
+        /// What to write for
+        target: ExportTarget,
+        /// Write the files into this directory (created if missing) instead of printing them
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Fail (exit 2, nothing written) when a setting has no equivalent on the target
+        #[arg(long)]
+        strict: bool,
+    },
     /// Show services: NAME STATE PID UPTIME RESTARTS LAST-EXIT CPU MEM REASON
     ///
     /// HEALTH shows when some service has a check; LAST-EXIT names the signal that ended the last process (SIGKILL) or gives its exit code; REASON says why a service is where it is. Exits 1 when an enabled service is not running (a one-shot that ended with code 0 counts as fine), 3 when the daemon cannot be reached.
@@ -292,7 +317,11 @@ fn main() -> ExitCode {
     };
     let daemon_side = matches!(
         cli.command,
-        Command::Run { .. } | Command::Check | Command::Discover | Command::Guardian { .. }
+        Command::Run { .. }
+            | Command::Check
+            | Command::Discover
+            | Command::Export { .. }
+            | Command::Guardian { .. }
     );
     match cli.command {
         Command::Completions { shell } => return completions(shell),
@@ -325,7 +354,7 @@ fn main() -> ExitCode {
         // dies): parsing them cost it 3.6 MiB of heap it then kept.
         let every_service = matches!(
             cli.command,
-            Command::Run { .. } | Command::Check | Command::Discover
+            Command::Run { .. } | Command::Check | Command::Discover | Command::Export { .. }
         );
         let loaded = match every_service {
             true => config::load_all(cli.config.as_deref()),
@@ -348,11 +377,16 @@ fn main() -> ExitCode {
                 validation = Some(Validation::default());
                 Some(loaded.config)
             }
-            Ok(loaded) if matches!(cli.command, Command::Check | Command::Run { .. }) => {
+            Ok(loaded)
+                if matches!(
+                    cli.command,
+                    Command::Check | Command::Run { .. } | Command::Export { .. }
+                ) =>
+            {
                 config_stamp = loaded.config.source.as_deref().and_then(file_stamp);
                 let found = validate(&loaded, &HostEnv::from_process(), Some(resolve_program));
                 let stop = match cli.command {
-                    Command::Check => found.errors().next().is_some(),
+                    Command::Check | Command::Export { .. } => found.errors().next().is_some(),
                     _ => found.stops_the_daemon(),
                 };
                 if stop {
@@ -404,6 +438,17 @@ fn main() -> ExitCode {
             &validation.expect("validated for check"),
         ),
         Command::Discover => discover_command(config.as_ref().expect("loaded for discover")),
+        Command::Export {
+            target,
+            out,
+            strict,
+        } => export_command(
+            config.as_ref().expect("loaded for export"),
+            &validation.expect("validated for export"),
+            target,
+            out.as_deref(),
+            strict,
+        ),
         Command::Guardian { cgroup_parent } => guardian(
             config.expect("loaded for guardian"),
             cli.config.clone(),
@@ -621,6 +666,7 @@ fn client_command(command: Command, client: Client, config: Option<&Config>) -> 
             Command::Run { .. }
             | Command::Check
             | Command::Discover
+            | Command::Export { .. }
             | Command::Guardian { .. }
             | Command::Completions { .. }
             | Command::Manpage
@@ -668,6 +714,66 @@ fn check(config: &Config, validation: &Validation) -> ExitCode {
         if config.services.len() == 1 { "" } else { "s" },
         extra,
         config.orchestrator.services_dir.display()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `export`: what `run` would start, as the target's files.
+fn export_command(
+    config: &Config,
+    validation: &Validation,
+    target: ExportTarget,
+    out: Option<&Path>,
+    strict: bool,
+) -> ExitCode {
+    for finding in validation.warnings() {
+        eprintln!("orchestrator: warning: {}", finding.problem);
+    }
+    let definitions =
+        orchestrator_core::plan::plan(config, &validation.scan.found, &HostEnv::from_process());
+    let export = match target {
+        ExportTarget::Systemd => orchestrator_core::export::systemd::export(&definitions),
+    };
+    for untranslated in &export.untranslated {
+        eprintln!("orchestrator: export: {untranslated}");
+    }
+    if strict && !export.untranslated.is_empty() {
+        eprintln!(
+            "orchestrator: export: {} setting{} would not carry over (--strict): nothing written",
+            export.untranslated.len(),
+            if export.untranslated.len() == 1 {
+                ""
+            } else {
+                "s"
+            }
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let Some(dir) = out else {
+        for file in &export.files {
+            cli::outln!("# {}\n{}", file.path, file.contents);
+        }
+        return ExitCode::SUCCESS;
+    };
+    for file in &export.files {
+        let path = dir.join(&file.path);
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, &file.contents));
+        if let Err(error) = written {
+            eprintln!(
+                "orchestrator: cannot write {}: {error}; check that the directory is writable",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    eprintln!(
+        "orchestrator: wrote {} file{} to {}",
+        export.files.len(),
+        if export.files.len() == 1 { "" } else { "s" },
+        dir.display()
     );
     ExitCode::SUCCESS
 }

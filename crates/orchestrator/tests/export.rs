@@ -1,0 +1,330 @@
+//! `orchestrator export systemd`: the bundled example against golden files
+//! (tests/snapshots/export/systemd/, `UPDATE_SNAPSHOTS=1` writes them anew),
+//! a configuration using every key checked unit by unit and read back, and
+//! every unit through `systemd-analyze verify` (installed by .ci/run).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use orchestrator_e2e::{TestDir, orchestrator_bin};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// `orchestrator -c CONFIG export systemd ARGS`, with a fixed PATH and
+/// TMPDIR: the children's environment comes from the daemon's.
+fn export(config: &Path, args: &[&str]) -> Output {
+    Command::new(orchestrator_bin())
+        .arg("-c")
+        .arg(config)
+        .args(["export", "systemd"])
+        .args(args)
+        .env_clear()
+        .env("PATH", orchestrator_core::plan::DEFAULT_PATH)
+        .output()
+        .expect("run the orchestrator binary")
+}
+
+/// Every file under `dir`, by its path relative to it.
+fn files(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let relative = path.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(relative, std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// `systemd-analyze verify` of `units` in `dir`; skipped (not in CI) when
+/// it is not installed. Unknown keys and bad values are only warnings
+/// (exit 0): any line naming one of our files fails too.
+fn verify(dir: &Path, units: &[&str]) {
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-analyze is missing; .ci/run installs systemd"
+        );
+        eprintln!("note: systemd-analyze not found; the units are not verified");
+        return;
+    }
+    let output = Command::new(analyze)
+        .arg("verify")
+        .args(units)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let ours = stderr
+        .lines()
+        .filter(|line| {
+            line.contains(&dir.display().to_string()) || units.iter().any(|u| line.contains(u))
+        })
+        .collect::<Vec<_>>();
+    assert!(
+        output.status.success() && ours.is_empty(),
+        "systemd-analyze verify {units:?}: {}\n{stderr}",
+        output.status
+    );
+}
+
+/// The values of `key` in a unit's text, in order.
+fn values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
+    unit.lines()
+        .filter_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .collect()
+}
+
+#[test]
+fn the_example_exports_as_the_golden_units_and_they_verify() {
+    let dir = TestDir::new("export-example");
+    let out = dir.join("units");
+    let output = export(
+        &repo().join("examples/orchestrator.toml"),
+        &["--out", out.to_str().unwrap()],
+    );
+    assert!(output.status.success(), "{output:?}");
+    let root = repo().display().to_string();
+    let mut now: BTreeMap<String, String> = files(&out)
+        .into_iter()
+        .map(|(path, text)| (path, text.replace(&root, "@REPO@")))
+        .collect();
+    // What does not carry over is part of the contract too.
+    let stderr = String::from_utf8_lossy(&output.stderr).replace(&root, "@REPO@");
+    let notes: String = stderr
+        .lines()
+        .filter(|line| line.starts_with("orchestrator: export: "))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    now.insert("untranslated.txt".to_owned(), notes);
+
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/export/systemd");
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        let _ = std::fs::remove_dir_all(&golden);
+        for (path, text) in &now {
+            let path = golden.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+    }
+    let kept = files(&golden);
+    assert_eq!(
+        kept.keys().collect::<Vec<_>>(),
+        now.keys().collect::<Vec<_>>(),
+        "the exported files changed; if on purpose: UPDATE_SNAPSHOTS=1 cargo test -p orchestrator --test export"
+    );
+    for (path, text) in &kept {
+        assert_eq!(
+            text, &now[path],
+            "{path} changed; if on purpose: UPDATE_SNAPSHOTS=1 cargo test -p orchestrator --test export"
+        );
+    }
+    verify(
+        &out,
+        &[
+            "chatty.service",
+            "flaky.service",
+            "steady.service",
+            "orchestrator-services.target",
+        ],
+    );
+}
+
+const EVERY_KEY: &str = r#"
+[orchestrator]
+services_dir = "services"
+
+[services.db]
+command = ["/bin/sleep", "1000"]
+notify = true
+watchdog = "10s"
+start_timeout = "20s"
+user = "daemon"
+group = "daemon"
+memory_limit = 256
+cpu_limit = 1.25
+pids_limit = 64
+rlimits = { nofile = 4096, core = 0, stack = "unlimited" }
+stop_signal = "SIGINT"
+stop_timeout = "15s"
+env_file = ["db.env"]
+
+[services.web]
+instances = 2
+args = ["--port=80{instance}", "--name", "web server 50%", "$literal"]
+environment = { SLOT = "s{instance}", MODE = "${MODE_FROM_FILE}" }
+env_file = "web.env"
+restart = "on-failure"
+max_restarts = 3
+backoff = { initial = "2s", max = "2s", reset_after = "1m" }
+depends_on = { db = "healthy" }
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+strict = false
+
+[services.web.health]
+http = "http://127.0.0.1:80{instance}/healthz"
+
+[services.job]
+command = ["/bin/true"]
+restart = "never"
+enabled = false
+depends_on = { web = "completed" }
+"#;
+
+#[test]
+fn every_key_exports_faithfully_and_verifies_and_strict_refuses() {
+    let dir = TestDir::new("export-keys");
+    dir.add_fixture_service("web");
+    dir.write_file("db.env", "DB_URL=postgres://db/main\n", 0o644);
+    dir.write_file("web.env", "MODE_FROM_FILE=fast\n", 0o644);
+    let config = dir.write_file("orchestrator.toml", EVERY_KEY, 0o644);
+    let out = dir.join("units");
+    let output = export(&config, &["--out", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    let units = files(&out);
+    assert_eq!(
+        units.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "db.service",
+            "job.service",
+            "orchestrator-services.target",
+            "web@.service",
+            "web@0.service.d/instance.conf",
+            "web@1.service.d/instance.conf",
+        ]
+    );
+
+    // Read back: what systemd will run is what orchestrator would.
+    let db = &units["db.service"];
+    assert_eq!(values(db, "Type"), ["notify"]);
+    assert_eq!(values(db, "ExecStart"), ["/bin/sleep 1000"]);
+    assert_eq!(values(db, "WatchdogSec"), ["10s"]);
+    assert_eq!(values(db, "TimeoutStartSec"), ["20s"]);
+    assert_eq!(values(db, "User"), ["daemon"]);
+    assert_eq!(values(db, "Group"), ["daemon"]);
+    assert_eq!(values(db, "NoNewPrivileges"), ["yes"]);
+    assert_eq!(values(db, "MemoryMax"), ["256M"]);
+    assert_eq!(values(db, "MemorySwapMax"), ["0"]);
+    assert_eq!(values(db, "CPUQuota"), ["125%"]);
+    assert_eq!(values(db, "TasksMax"), ["64"]);
+    assert_eq!(values(db, "LimitNOFILE"), ["4096"]);
+    assert_eq!(values(db, "LimitCORE"), ["0"]);
+    assert_eq!(values(db, "LimitSTACK"), ["infinity"]);
+    assert_eq!(values(db, "KillSignal"), ["SIGINT"]);
+    assert_eq!(values(db, "TimeoutStopSec"), ["15s"]);
+    assert_eq!(values(db, "Restart"), ["always"]);
+    assert!(values(db, "Environment").contains(&"\"DB_URL=postgres://db/main\""));
+    assert!(values(db, "Environment").contains(&"\"GOMEMLIMIT=256MiB\""));
+
+    // The template holds what the instances share; each drop-in its own.
+    let template = &units["web@.service"];
+    assert_eq!(values(template, "Restart"), ["on-failure"]);
+    assert_eq!(values(template, "RestartSec"), ["2s"]);
+    assert_eq!(values(template, "StartLimitBurst"), ["4"]);
+    assert_eq!(values(template, "Wants"), ["db.service"]);
+    assert_eq!(values(template, "After"), ["db.service"]);
+    assert!(values(template, "Environment").contains(&"\"MODE=fast\""));
+    assert!(
+        values(template, "NoNewPrivileges").is_empty(),
+        "strict = false"
+    );
+    for index in 0..2 {
+        let own = &units[&format!("web@{index}.service.d/instance.conf")];
+        let binary = dir.join("services/web/web");
+        assert_eq!(
+            values(own, "ExecStart"),
+            [format!(
+                "{} --service web@{index} --log-level info --port=80{index} --name \"web server 50%%\" $$literal",
+                binary.display()
+            )]
+        );
+        assert_eq!(
+            values(own, "Environment"),
+            [
+                format!(
+                    "\"HOME={}\"",
+                    dir.join(format!("services/web/data/{index}")).display()
+                ),
+                format!("\"SLOT=s{index}\"")
+            ]
+        );
+    }
+    let job = &units["job.service"];
+    assert_eq!(values(job, "Restart"), ["no"]);
+    assert!(values(job, "WantedBy").is_empty(), "disabled: not wanted");
+    let target = &units["orchestrator-services.target"];
+    assert_eq!(
+        values(target, "Wants"),
+        ["db.service", "web@0.service", "web@1.service"]
+    );
+
+    // What does not carry over, said once for all the instances alike.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "export: web@*: sha256 dropped",
+        "export: web@*: health dropped",
+        "export: job: depends_on.web@0 approximated",
+        "export: db: backoff approximated",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    // db sends READY=1 and has no check: "healthy" is exactly After=.
+    assert!(!stderr.contains("depends_on.db"), "{stderr}");
+
+    verify(
+        &out,
+        &[
+            "db.service",
+            "web@0.service",
+            "web@1.service",
+            "job.service",
+            "orchestrator-services.target",
+        ],
+    );
+
+    // --strict: the same list, exit 2, nothing written.
+    let strict_out = dir.join("strict");
+    let strict = export(
+        &config,
+        &["--out", strict_out.to_str().unwrap(), "--strict"],
+    );
+    assert_eq!(strict.status.code(), Some(2), "{strict:?}");
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("nothing written"));
+    assert!(!strict_out.exists());
+}
+
+#[test]
+fn strict_passes_what_carries_over_whole_and_a_bad_config_writes_nothing() {
+    let dir = TestDir::new("export-strict");
+    let config = dir.write_file(
+        "orchestrator.toml",
+        "[services.once]\ncommand = [\"/bin/true\"]\nrestart = \"never\"\n",
+        0o644,
+    );
+    let output = export(&config, &["--strict"]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.starts_with("# once.service\n[Unit]\n"), "{stdout}");
+    assert!(
+        stdout.contains("# orchestrator-services.target\n"),
+        "{stdout}"
+    );
+
+    let bad = dir.write_file("bad.toml", "[services.x]\nrestart = \"sometimes\"\n", 0o644);
+    let output = export(&bad, &["--out", dir.join("never").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(!dir.join("never").exists());
+}
