@@ -74,6 +74,8 @@ struct Cli {
 enum ExportTarget {
     /// One unit per service, a template for instances, a target for them all
     Systemd,
+    /// A Deployment per service (replicas from instances), Services for probed ports (needs --image)
+    Kubernetes,
 }
 
 #[derive(Subcommand)]
@@ -106,7 +108,7 @@ Examples:
   orchestrator discover
   orchestrator -c /etc/orchestrator/orchestrator.toml discover")]
     Discover,
-    /// Write the services as another engine's files (systemd units)
+    /// Write the services as another engine's files (systemd units, Kubernetes manifests)
     ///
     /// From the effective configuration: defaults, env files, ${VAR} and instances applied, as `run` would start them. Each setting the target has no equivalent for is named on stderr with what was done instead (dropped or approximated); --strict makes any of them an error (exit 2, nothing written). Without --out the files are printed, each after a `# FILE` line.
     #[command(after_help = "\
@@ -114,10 +116,14 @@ Examples:
   orchestrator export systemd --out /etc/systemd/system
                                         then: systemctl daemon-reload && systemctl start orchestrator-services.target
   orchestrator export systemd           print the units
-  orchestrator export systemd --strict  exit 2 if anything would not carry over")]
+  orchestrator export systemd --strict  exit 2 if anything would not carry over
+  orchestrator export kubernetes --image registry.example/app:1.4 > services.yaml")]
     Export {
         /// What to write for
         target: ExportTarget,
+        /// The container image holding the services' programs at their paths here (kubernetes)
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
         /// Write the files into this directory (created if missing) instead of printing them
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -440,12 +446,14 @@ fn main() -> ExitCode {
         Command::Discover => discover_command(config.as_ref().expect("loaded for discover")),
         Command::Export {
             target,
+            image,
             out,
             strict,
         } => export_command(
             config.as_ref().expect("loaded for export"),
             &validation.expect("validated for export"),
             target,
+            image.as_deref(),
             out.as_deref(),
             strict,
         ),
@@ -723,9 +731,19 @@ fn export_command(
     config: &Config,
     validation: &Validation,
     target: ExportTarget,
+    image: Option<&str>,
     out: Option<&Path>,
     strict: bool,
 ) -> ExitCode {
+    let image = match (target, image) {
+        (ExportTarget::Kubernetes, None) => {
+            eprintln!(
+                "orchestrator: export kubernetes needs --image IMAGE: the container image that holds the services' programs"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        (_, image) => image.unwrap_or_default(),
+    };
     for finding in validation.warnings() {
         eprintln!("orchestrator: warning: {}", finding.problem);
     }
@@ -733,6 +751,9 @@ fn export_command(
         orchestrator_core::plan::plan(config, &validation.scan.found, &HostEnv::from_process());
     let export = match target {
         ExportTarget::Systemd => orchestrator_core::export::systemd::export(&definitions),
+        ExportTarget::Kubernetes => {
+            orchestrator_core::export::kubernetes::export(&definitions, image)
+        }
     };
     for untranslated in &export.untranslated {
         eprintln!("orchestrator: export: {untranslated}");

@@ -1,7 +1,9 @@
-//! `orchestrator export systemd`: the bundled example against golden files
-//! (tests/snapshots/export/systemd/, `UPDATE_SNAPSHOTS=1` writes them anew),
-//! a configuration using every key checked unit by unit and read back, and
-//! every unit through `systemd-analyze verify` (installed by .ci/run).
+//! `orchestrator export systemd|kubernetes`: the bundled example against
+//! golden files (tests/snapshots/export/TARGET/, `UPDATE_SNAPSHOTS=1` writes
+//! them anew), a configuration using every key checked and read back, and
+//! every file through the target's own validator (installed by .ci/run):
+//! `systemd-analyze verify` for units, `kubernetes-validate --strict`
+//! (pinned Kubernetes version) for manifests.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,10 +21,14 @@ fn repo() -> PathBuf {
 /// `orchestrator -c CONFIG export systemd ARGS`, with a fixed PATH and
 /// TMPDIR: the children's environment comes from the daemon's.
 fn export(config: &Path, args: &[&str]) -> Output {
+    export_to("systemd", config, args)
+}
+
+fn export_to(target: &str, config: &Path, args: &[&str]) -> Output {
     Command::new(orchestrator_bin())
         .arg("-c")
         .arg(config)
-        .args(["export", "systemd"])
+        .args(["export", target])
         .args(args)
         .env_clear()
         .env("PATH", orchestrator_core::plan::DEFAULT_PATH)
@@ -88,14 +94,13 @@ fn values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[test]
-fn the_example_exports_as_the_golden_units_and_they_verify() {
-    let dir = TestDir::new("export-example");
-    let out = dir.join("units");
-    let output = export(
-        &repo().join("examples/orchestrator.toml"),
-        &["--out", out.to_str().unwrap()],
-    );
+/// The example exported for `target` (with `args`), against its golden
+/// files; the directory it was written to.
+fn golden_example(dir: &TestDir, target: &str, args: &[&str]) -> PathBuf {
+    let out = dir.join(target);
+    let mut all = vec!["--out", out.to_str().unwrap()];
+    all.extend(args);
+    let output = export_to(target, &repo().join("examples/orchestrator.toml"), &all);
     assert!(output.status.success(), "{output:?}");
     let root = repo().display().to_string();
     let mut now: BTreeMap<String, String> = files(&out)
@@ -111,7 +116,8 @@ fn the_example_exports_as_the_golden_units_and_they_verify() {
         .collect();
     now.insert("untranslated.txt".to_owned(), notes);
 
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/export/systemd");
+    let golden =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/snapshots/export/{target}"));
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
         let _ = std::fs::remove_dir_all(&golden);
         for (path, text) in &now {
@@ -132,6 +138,13 @@ fn the_example_exports_as_the_golden_units_and_they_verify() {
             "{path} changed; if on purpose: UPDATE_SNAPSHOTS=1 cargo test -p orchestrator --test export"
         );
     }
+    out
+}
+
+#[test]
+fn the_example_exports_as_the_golden_units_and_they_verify() {
+    let dir = TestDir::new("export-example");
+    let out = golden_example(&dir, "systemd", &[]);
     verify(
         &out,
         &[
@@ -327,4 +340,153 @@ fn strict_passes_what_carries_over_whole_and_a_bad_config_writes_nothing() {
     let output = export(&bad, &["--out", dir.join("never").to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2), "{output:?}");
     assert!(!dir.join("never").exists());
+}
+
+/// `kubernetes-validate --strict` of `files`, against the Kubernetes
+/// version .ci/run pins the tool for; skipped (not in CI) without it.
+fn validate_manifests(files: &[&Path]) {
+    let Ok(tool) = which("kubernetes-validate") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kubernetes-validate is missing; .ci/run installs it"
+        );
+        eprintln!("note: kubernetes-validate not found; the manifests are not validated");
+        return;
+    };
+    let output = Command::new(tool)
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .args(files)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && !said.contains("ERROR") && said.contains("passed"),
+        "kubernetes-validate: {}\n{said}",
+        output.status
+    );
+}
+
+/// The Kubernetes version the manifests are checked against.
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+fn which(program: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .ok_or(())
+}
+
+#[test]
+fn the_example_exports_as_the_golden_manifests_and_they_validate() {
+    let dir = TestDir::new("export-k8s-example");
+    let out = golden_example(&dir, "kubernetes", &["--image", "registry.example/app:1.0"]);
+    validate_manifests(&[&out.join("orchestrator-services.yaml")]);
+}
+
+#[test]
+fn the_contrib_daemonset_validates() {
+    validate_manifests(&[&repo().join("contrib/kubernetes/orchestrator-daemonset.yaml")]);
+}
+
+#[test]
+fn every_key_exports_to_kubernetes_and_validates() {
+    let dir = TestDir::new("export-k8s-keys");
+    dir.add_fixture_service("web");
+    dir.write_file("db.env", "DB_URL=postgres://db/main\n", 0o644);
+    dir.write_file("web.env", "MODE_FROM_FILE=fast\n", 0o644);
+    let config = dir.write_file(
+        "orchestrator.toml",
+        &EVERY_KEY.replace(
+            "user = \"daemon\"\ngroup = \"daemon\"",
+            "user = \"1000\"\ngroup = \"1000\"",
+        ),
+        0o644,
+    );
+    let out = dir.join("k8s");
+    let output = export_to(
+        "kubernetes",
+        &config,
+        &[
+            "--image",
+            "registry.example/app:1.0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(output.status.success(), "{output:?}");
+    let manifests = out.join("orchestrator-services.yaml");
+    let text = std::fs::read_to_string(&manifests).unwrap();
+    validate_manifests(&[&manifests]);
+    // Read back, document by document.
+    let documents: Vec<&str> = text.split("---\n").filter(|d| !d.is_empty()).collect();
+    let find = |kind: &str, name: &str| {
+        documents
+            .iter()
+            .find(|d| {
+                d.contains(&format!("kind: \"{kind}\"\n"))
+                    && d.contains(&format!("  name: \"{name}\"\n"))
+            })
+            .unwrap_or_else(|| panic!("{kind} {name} in {text}"))
+            .to_string()
+    };
+    let db = find("Deployment", "db");
+    for expected in [
+        "replicas: 1\n",
+        "memory: \"256Mi\"\n",
+        "cpu: \"1250m\"\n",
+        "runAsUser: 1000\n",
+        "runAsGroup: 1000\n",
+        "allowPrivilegeEscalation: false\n",
+        "terminationGracePeriodSeconds: 15\n",
+        "- \"/bin/sleep\"\n",
+        "value: \"postgres://db/main\"\n",
+        "value: \"256MiB\"\n",
+    ] {
+        assert!(db.contains(expected), "{expected} in {db}");
+    }
+    let web = find("Deployment", "web");
+    for expected in [
+        "replicas: 2\n",
+        "httpGet:\n",
+        "path: \"/healthz\"\n",
+        "port: 800\n",
+        "livenessProbe:\n",
+        "readinessProbe:\n",
+        "- \"--port=800\"\n",
+        "- \"web server 50%\"\n",
+        "- \"$literal\"\n",
+        "value: \"fast\"\n",
+    ] {
+        assert!(web.contains(expected), "{expected} in {web}");
+    }
+    let service = find("Service", "web");
+    assert!(
+        service.contains("port: 800\n") && service.contains("targetPort: 800\n"),
+        "{service}"
+    );
+    // job waits for web's Service, the one port web's check names.
+    let job = find("Deployment", "job");
+    assert!(job.contains("replicas: 0\n"), "{job}");
+    assert!(
+        job.contains("until nc -z web 800; do sleep 1; done"),
+        "{job}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "export: db: rlimits dropped",
+        "export: db: pids_limit dropped",
+        "export: db: stop_signal dropped",
+        "export: db: watchdog dropped",
+        "export: web: instances approximated",
+        "export: web: sha256 dropped",
+        "export: web: depends_on.db dropped",
+        "export: job: depends_on.web@0 approximated",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    let missing = export_to("kubernetes", &config, &[]);
+    assert_eq!(missing.status.code(), Some(2), "--image is required");
 }

@@ -6,6 +6,7 @@
 //! reads the host or writes anywhere, so the output is the same on every
 //! machine for the same definitions (the golden tests rely on it).
 
+pub mod kubernetes;
 pub mod systemd;
 
 use std::fmt;
