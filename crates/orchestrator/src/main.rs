@@ -76,6 +76,8 @@ enum ExportTarget {
     Systemd,
     /// A Deployment per service (replicas from instances), Services for probed ports (needs --image)
     Kubernetes,
+    /// One job, a group per service with an exec task (HCL2; --json for the API's JSON)
+    Nomad,
 }
 
 #[derive(Subcommand)]
@@ -108,7 +110,7 @@ Examples:
   orchestrator discover
   orchestrator -c /etc/orchestrator/orchestrator.toml discover")]
     Discover,
-    /// Write the services as another engine's files (systemd units, Kubernetes manifests)
+    /// Write the services as another engine's files (systemd units, a Nomad job, Kubernetes manifests)
     ///
     /// From the effective configuration: defaults, env files, ${VAR} and instances applied, as `run` would start them. Each setting the target has no equivalent for is named on stderr with what was done instead (dropped or approximated); --strict makes any of them an error (exit 2, nothing written). Without --out the files are printed, each after a `# FILE` line.
     #[command(after_help = "\
@@ -117,13 +119,17 @@ Examples:
                                         then: systemctl daemon-reload && systemctl start orchestrator-services.target
   orchestrator export systemd           print the units
   orchestrator export systemd --strict  exit 2 if anything would not carry over
-  orchestrator export kubernetes --image registry.example/app:1.4 > services.yaml")]
+  orchestrator export kubernetes --image registry.example/app:1.4 > services.yaml
+  orchestrator export nomad --out deploy/   then: nomad job run deploy/orchestrator-services.nomad.hcl")]
     Export {
         /// What to write for
         target: ExportTarget,
         /// The container image holding the services' programs at their paths here (kubernetes)
         #[arg(long, value_name = "IMAGE")]
         image: Option<String>,
+        /// The job as the Nomad API's JSON instead of HCL2 (nomad)
+        #[arg(long)]
+        json: bool,
         /// Write the files into this directory (created if missing) instead of printing them
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -447,6 +453,7 @@ fn main() -> ExitCode {
         Command::Export {
             target,
             image,
+            json,
             out,
             strict,
         } => export_command(
@@ -454,6 +461,7 @@ fn main() -> ExitCode {
             &validation.expect("validated for export"),
             target,
             image.as_deref(),
+            json,
             out.as_deref(),
             strict,
         ),
@@ -732,6 +740,7 @@ fn export_command(
     validation: &Validation,
     target: ExportTarget,
     image: Option<&str>,
+    json: bool,
     out: Option<&Path>,
     strict: bool,
 ) -> ExitCode {
@@ -754,6 +763,7 @@ fn export_command(
         ExportTarget::Kubernetes => {
             orchestrator_core::export::kubernetes::export(&definitions, image)
         }
+        ExportTarget::Nomad => orchestrator_core::export::nomad::export(&definitions, json),
     };
     for untranslated in &export.untranslated {
         eprintln!("orchestrator: export: {untranslated}");

@@ -490,3 +490,201 @@ fn every_key_exports_to_kubernetes_and_validates() {
     let missing = export_to("kubernetes", &config, &[]);
     assert_eq!(missing.status.code(), Some(2), "--image is required");
 }
+
+/// The fields of the Nomad job API's JSON that `export nomad --json` may
+/// write, per object, as the API documents them
+/// (developer.hashicorp.com/nomad/api-docs/json-jobs).
+fn documented_nomad_fields(object: &str) -> &'static [&'static str] {
+    match object {
+        "Job" => &["ID", "Name", "Type", "Datacenters", "TaskGroups"],
+        "TaskGroup" => &["Name", "Count", "RestartPolicy", "Tasks", "Networks"],
+        "RestartPolicy" => &["Attempts", "Interval", "Delay", "Mode"],
+        "Network" => &["ReservedPorts", "DynamicPorts", "Mode"],
+        "Port" => &["Label", "Value", "To"],
+        "Task" => &[
+            "Name",
+            "Driver",
+            "Config",
+            "Env",
+            "KillSignal",
+            "KillTimeout",
+            "User",
+            "Lifecycle",
+            "Resources",
+            "Services",
+        ],
+        "Lifecycle" => &["Hook", "Sidecar"],
+        "Resources" => &["CPU", "Cores", "MemoryMB"],
+        "Service" => &["Name", "PortLabel", "Checks", "Provider"],
+        "Check" => &[
+            "Name",
+            "Type",
+            "Interval",
+            "Timeout",
+            "Path",
+            "Command",
+            "Args",
+            "PortLabel",
+            "CheckRestart",
+        ],
+        "CheckRestart" => &["Limit", "Grace", "IgnoreWarnings"],
+        other => panic!("no documented fields listed for {other}"),
+    }
+}
+
+/// Every key of `value` (a `kind` object) and below is a documented field.
+fn check_nomad_fields(kind: &str, value: &serde_json::Value) {
+    let object = value
+        .as_object()
+        .unwrap_or_else(|| panic!("{kind}: {value}"));
+    for (key, item) in object {
+        assert!(
+            documented_nomad_fields(kind).contains(&key.as_str()),
+            "{kind}.{key} is not a documented field"
+        );
+        let child = match (kind, key.as_str()) {
+            ("Job", "TaskGroups") => Some("TaskGroup"),
+            ("TaskGroup", "RestartPolicy") => Some("RestartPolicy"),
+            ("TaskGroup", "Networks") => Some("Network"),
+            ("Network", "ReservedPorts") => Some("Port"),
+            ("TaskGroup", "Tasks") => Some("Task"),
+            ("Task", "Lifecycle") => Some("Lifecycle"),
+            ("Task", "Resources") => Some("Resources"),
+            ("Task", "Services") => Some("Service"),
+            ("Service", "Checks") => Some("Check"),
+            ("Check", "CheckRestart") => Some("CheckRestart"),
+            _ => None,
+        };
+        match (child, item) {
+            (Some(child), serde_json::Value::Array(items)) => items
+                .iter()
+                .for_each(|item| check_nomad_fields(child, item)),
+            (Some(child), item) => check_nomad_fields(child, item),
+            (None, _) => {}
+        }
+    }
+}
+
+#[test]
+fn the_example_exports_as_the_golden_nomad_job_which_parses() {
+    let dir = TestDir::new("export-nomad-example");
+    let out = golden_example(&dir, "nomad", &[]);
+    let text = std::fs::read_to_string(out.join("orchestrator-services.nomad.hcl")).unwrap();
+    let body: hcl::Body = hcl::from_str(&text).unwrap_or_else(|e| panic!("HCL2: {e}\n{text}"));
+    let job = body.blocks().next().expect("a job block");
+    assert_eq!(job.identifier(), "job");
+    let groups: Vec<&str> = job
+        .body()
+        .blocks()
+        .filter(|block| block.identifier() == "group")
+        .map(|block| block.labels()[0].as_str())
+        .collect();
+    assert_eq!(groups, ["chatty", "flaky", "steady"]);
+}
+
+#[test]
+fn every_key_exports_to_nomad_in_hcl_and_json_alike() {
+    let dir = TestDir::new("export-nomad-keys");
+    dir.add_fixture_service("web");
+    dir.write_file("db.env", "DB_URL=postgres://db/main\n", 0o644);
+    dir.write_file("web.env", "MODE_FROM_FILE=fast\n", 0o644);
+    // A check on db, for web's prestart task to wait for.
+    let config = dir.write_file(
+        "orchestrator.toml",
+        &(EVERY_KEY.to_owned() + "\n[services.db.health]\ntcp = \"127.0.0.1:5432\"\nretries = 2\nstart_period = \"3s\"\n"),
+        0o644,
+    );
+    let hcl_out = export_to("nomad", &config, &[]);
+    assert!(hcl_out.status.success(), "{hcl_out:?}");
+    let text = String::from_utf8(hcl_out.stdout).unwrap();
+    let text = text
+        .strip_prefix("# orchestrator-services.nomad.hcl\n")
+        .unwrap();
+    let parsed: serde_json::Value =
+        hcl::from_str(text).unwrap_or_else(|e| panic!("HCL2: {e}\n{text}"));
+    let json_out = export_to("nomad", &config, &["--json"]);
+    assert!(json_out.status.success(), "{json_out:?}");
+    let json_text = String::from_utf8(json_out.stdout).unwrap();
+    let api: serde_json::Value = serde_json::from_str(
+        json_text
+            .strip_prefix("# orchestrator-services.json\n")
+            .unwrap(),
+    )
+    .unwrap();
+    check_nomad_fields("Job", &api["Job"]);
+
+    // Read back from the API's form; the HCL says the same (spot checks).
+    let groups = api["Job"]["TaskGroups"].as_array().unwrap();
+    let group = |name: &str| {
+        groups
+            .iter()
+            .find(|g| g["Name"] == name)
+            .unwrap_or_else(|| panic!("group {name}"))
+    };
+    let db = group("db");
+    assert_eq!(db["Count"], 1);
+    assert_eq!(db["RestartPolicy"]["Attempts"], 10);
+    assert_eq!(db["RestartPolicy"]["Mode"], "fail");
+    let db_task = &db["Tasks"][0];
+    assert_eq!(db_task["Driver"], "exec");
+    assert_eq!(db_task["Config"]["command"], "/bin/sleep");
+    assert_eq!(db_task["User"], "daemon");
+    assert_eq!(db_task["KillSignal"], "SIGINT");
+    assert_eq!(db_task["KillTimeout"], 15_000_000_000u64);
+    assert_eq!(db_task["Resources"]["MemoryMB"], 256);
+    assert_eq!(db_task["Resources"]["Cores"], 2);
+    assert_eq!(db_task["Env"]["DB_URL"], "postgres://db/main");
+    let check = &db_task["Services"][0]["Checks"][0];
+    assert_eq!(check["Type"], "tcp");
+    assert_eq!(check["CheckRestart"]["Limit"], 2);
+    assert_eq!(check["CheckRestart"]["Grace"], 3_000_000_000u64);
+    assert_eq!(db["Networks"][0]["ReservedPorts"][0]["Value"], 5432);
+
+    let web = group("web");
+    assert_eq!(web["Count"], 2);
+    assert_eq!(web["RestartPolicy"]["Attempts"], 3);
+    assert_eq!(web["RestartPolicy"]["Delay"], 2_000_000_000u64);
+    let tasks = web["Tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2, "a prestart task waiting for db, then web");
+    assert_eq!(tasks[0]["Lifecycle"]["Hook"], "prestart");
+    assert_eq!(
+        tasks[0]["Config"]["args"][1],
+        "until nc -z db.service.consul 5432; do sleep 1; done"
+    );
+    assert_eq!(tasks[1]["Config"]["args"][6], "web server 50%");
+    assert_eq!(tasks[1]["Env"]["MODE"], "fast");
+    assert_eq!(tasks[1]["Services"][0]["Checks"][0]["Path"], "/healthz");
+    assert_eq!(group("job")["Count"], 0);
+
+    // The HCL job carries the same groups and the same web arguments.
+    let hcl_job = &parsed["job"]["orchestrator-services"];
+    assert_eq!(
+        hcl_job["group"]["web"]["task"]["web"]["config"]["args"][6],
+        "web server 50%"
+    );
+    assert_eq!(
+        hcl_job["group"]["db"]["task"]["db"]["kill_signal"],
+        "SIGINT"
+    );
+    let stderr = String::from_utf8_lossy(&hcl_out.stderr);
+    for expected in [
+        "export: db: rlimits dropped",
+        "export: db: notify dropped",
+        "export: web: sha256 dropped",
+        "export: web: instances approximated",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+}
+
+#[test]
+fn the_contrib_nomad_job_parses() {
+    let text =
+        std::fs::read_to_string(repo().join("contrib/nomad/orchestrator.nomad.hcl")).unwrap();
+    let job: serde_json::Value = hcl::from_str(&text).unwrap_or_else(|e| panic!("HCL2: {e}"));
+    let job = &job["job"]["orchestrator"];
+    assert_eq!(job["type"], "system");
+    let task = &job["group"]["orchestrator"]["task"]["orchestrator"];
+    assert_eq!(task["config"]["command"], "/usr/local/bin/orchestrator");
+    assert_eq!(task["kill_signal"], "SIGTERM");
+}

@@ -7,6 +7,7 @@
 //! machine for the same definitions (the golden tests rely on it).
 
 pub mod kubernetes;
+pub mod nomad;
 pub mod systemd;
 
 use std::fmt;
