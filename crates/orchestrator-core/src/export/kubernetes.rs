@@ -22,6 +22,18 @@ pub const FILE: &str = "orchestrator-services.yaml";
 /// The manifests for `definitions`, running `image` (which must hold every
 /// service's program at the path it has here).
 pub fn export(definitions: &[ServiceDefinition], image: &str) -> Export {
+    let (documents, mut export) = manifests(definitions, image);
+    let text = documents
+        .iter()
+        .map(|document| format!("---\n{}", to_yaml(document, 0)))
+        .collect::<String>();
+    export.file(FILE.to_owned(), text);
+    export
+}
+
+/// The manifests as JSON values (what `export` writes as YAML), and the
+/// notes about what does not carry over.
+pub fn manifests(definitions: &[ServiceDefinition], image: &str) -> (Vec<Value>, Export) {
     let mut export = Export::default();
     let (alone, groups) = group_instances(definitions);
     let mut workloads: Vec<(String, Vec<&ServiceDefinition>)> = alone
@@ -35,12 +47,7 @@ pub fn export(definitions: &[ServiceDefinition], image: &str) -> Export {
         documents.extend(workload(name, members, definitions, image, &mut export));
         dedupe(&mut export, noted);
     }
-    let text = documents
-        .iter()
-        .map(|document| format!("---\n{}", to_yaml(document, 0)))
-        .collect::<String>();
-    export.file(FILE.to_owned(), text);
-    export
+    (documents, export)
 }
 
 fn dedupe(export: &mut Export, from: usize) {

@@ -104,3 +104,6 @@ fn group_instances(
         .collect();
     (alone, groups)
 }
+
+#[cfg(test)]
+mod tests;
