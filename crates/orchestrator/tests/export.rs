@@ -186,6 +186,7 @@ backoff = { initial = "2s", max = "2s", reset_after = "1m" }
 depends_on = { db = "healthy" }
 sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 strict = false
+binary_path = "services/web/web"
 
 [services.web.health]
 http = "http://127.0.0.1:80{instance}/healthz"
@@ -195,6 +196,11 @@ command = ["/bin/true"]
 restart = "never"
 enabled = false
 depends_on = { web = "completed" }
+data_dir = "state/job"
+start_grace = "2s"
+start_limit = { burst = 5, interval = "10s" }
+log_timestamps = true
+log_max_age = "1h"
 "#;
 
 #[test]
@@ -277,6 +283,10 @@ fn every_key_exports_faithfully_and_verifies_and_strict_refuses() {
     }
     let job = &units["job.service"];
     assert_eq!(values(job, "Restart"), ["no"]);
+    assert_eq!(
+        values(job, "WorkingDirectory"),
+        [dir.join("state/job").display().to_string()]
+    );
     assert!(values(job, "WantedBy").is_empty(), "disabled: not wanted");
     let target = &units["orchestrator-services.target"];
     assert_eq!(

@@ -86,7 +86,16 @@ pub fn export(definitions: &[ServiceDefinition], json: bool) -> Export {
             let text = serde_json::to_string_pretty(&job_json(&groups)).unwrap_or_default() + "\n";
             export.file(format!("{JOB}.json"), text);
         }
-        false => export.file(format!("{JOB}.nomad.hcl"), job_hcl(&groups)),
+        false => {
+            // What did not carry over, said in the job too: a reader of the
+            // file did not see the export's stderr.
+            let notes: String = export
+                .untranslated
+                .iter()
+                .map(|note| format!("# not carried over: {note}\n"))
+                .collect();
+            export.file(format!("{JOB}.nomad.hcl"), notes + &job_hcl(&groups));
+        }
     }
     export
 }

@@ -1,3 +1,11 @@
+# not carried over: chatty: backoff approximated: restart's delay is fixed at the initial one; Nomad has no growing delay within a group's restarts
+# not carried over: chatty: data_dir approximated: the exec driver runs the task in its allocation directory; HOME still names the data_dir
+# not carried over: chatty: depends_on.steady dropped: it has no health check naming a port, so no service to wait for: the groups start together
+# not carried over: flaky: restart approximated: Nomad restarts a service task whatever its exit code (a batch job's would not be restarted after exit 0)
+# not carried over: flaky: backoff approximated: restart's delay is fixed at the initial one; Nomad has no growing delay within a group's restarts
+# not carried over: flaky: data_dir approximated: the exec driver runs the task in its allocation directory; HOME still names the data_dir
+# not carried over: steady: backoff approximated: restart's delay is fixed at the initial one; Nomad has no growing delay within a group's restarts
+# not carried over: steady: data_dir approximated: the exec driver runs the task in its allocation directory; HOME still names the data_dir
 # Exported from orchestrator: one group per service.
 job "orchestrator-services" {
   datacenters = ["*"]
