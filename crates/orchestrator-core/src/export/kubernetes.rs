@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Action, Export, Untranslated, group_instances};
+use super::{Action, Export, probe_port, workloads};
 use crate::config::RestartPolicy;
 use crate::deps::Condition;
 use crate::health::{HealthCheck, OnUnhealthy, Probe};
@@ -35,28 +35,13 @@ pub fn export(definitions: &[ServiceDefinition], image: &str) -> Export {
 /// notes about what does not carry over.
 pub fn manifests(definitions: &[ServiceDefinition], image: &str) -> (Vec<Value>, Export) {
     let mut export = Export::default();
-    let (alone, groups) = group_instances(definitions);
-    let mut workloads: Vec<(String, Vec<&ServiceDefinition>)> = alone
-        .into_iter()
-        .map(|definition| (definition.name.to_string(), vec![definition]))
-        .collect();
-    workloads.extend(groups);
     let mut documents = Vec::new();
-    for (name, members) in &workloads {
+    for (name, members) in &workloads(definitions) {
         let noted = export.untranslated.len();
         documents.extend(workload(name, members, definitions, image, &mut export));
-        dedupe(&mut export, noted);
+        export.dedupe_notes(noted);
     }
     (documents, export)
-}
-
-fn dedupe(export: &mut Export, from: usize) {
-    let notes: Vec<Untranslated> = export.untranslated.drain(from..).collect();
-    for note in notes {
-        if !export.untranslated.contains(&note) {
-            export.untranslated.push(note);
-        }
-    }
 }
 
 /// A name Kubernetes accepts (RFC 1123 label: lowercase letters, digits
@@ -339,23 +324,6 @@ fn workload(
         }));
     }
     out
-}
-
-/// The port a check talks to, if it names one.
-fn probe_port(health: &HealthCheck) -> Option<u16> {
-    let address = match &health.probe {
-        Probe::Http { url, .. } => {
-            let rest = url.strip_prefix("http://")?;
-            let authority = rest.split('/').next()?;
-            return match authority.rsplit_once(':') {
-                Some((_, port)) => port.parse().ok(),
-                None => Some(80),
-            };
-        }
-        Probe::Tcp { address } | Probe::Grpc { address, .. } => address,
-        Probe::Exec { .. } => return None,
-    };
-    address.rsplit_once(':')?.1.parse().ok()
 }
 
 /// The probe for `health`, and the port it names.

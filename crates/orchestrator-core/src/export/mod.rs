@@ -12,6 +12,7 @@ pub mod systemd;
 
 use std::fmt;
 
+use crate::health::{HealthCheck, Probe};
 use crate::service::ServiceDefinition;
 
 /// One file of an export, its path relative to the output directory.
@@ -66,6 +67,17 @@ impl Export {
         self.files.push(ExportFile { path, contents });
     }
 
+    /// The notes from `from` on, each said once: the instances of a
+    /// section (one workload elsewhere) give the same notes.
+    fn dedupe_notes(&mut self, from: usize) {
+        let notes: Vec<Untranslated> = self.untranslated.drain(from..).collect();
+        for note in notes {
+            if !self.untranslated.contains(&note) {
+                self.untranslated.push(note);
+            }
+        }
+    }
+
     fn note(&mut self, service: &str, key: &str, action: Action, detail: impl Into<String>) {
         self.untranslated.push(Untranslated {
             service: service.to_owned(),
@@ -74,6 +86,34 @@ impl Export {
             detail: detail.into(),
         });
     }
+}
+
+/// One workload per service, and one per section with instances (its
+/// members in index order): a Deployment, a Nomad group.
+fn workloads(definitions: &[ServiceDefinition]) -> Vec<(String, Vec<&ServiceDefinition>)> {
+    let (alone, groups) = group_instances(definitions);
+    let mut workloads: Vec<(String, Vec<&ServiceDefinition>)> = alone
+        .into_iter()
+        .map(|definition| (definition.name.to_string(), vec![definition]))
+        .collect();
+    workloads.extend(groups);
+    workloads
+}
+
+/// The port a health check talks to, if it names one (http defaults to 80).
+fn probe_port(health: &HealthCheck) -> Option<u16> {
+    let address = match &health.probe {
+        Probe::Http { url, .. } => {
+            let authority = url.strip_prefix("http://")?.split('/').next()?;
+            return match authority.rsplit_once(':') {
+                Some((_, port)) => port.parse().ok(),
+                None => Some(80),
+            };
+        }
+        Probe::Tcp { address } | Probe::Grpc { address, .. } => address,
+        Probe::Exec { .. } => return None,
+    };
+    address.rsplit_once(':')?.1.parse().ok()
 }
 
 /// The services of `definitions` that run as instances of one section,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::kubernetes::object_name;
-use super::{Action, Export, Untranslated, group_instances};
+use super::{Action, Export, probe_port, workloads};
 use crate::config::RestartPolicy;
 use crate::health::{HealthCheck, OnUnhealthy, Probe};
 use crate::service::ServiceDefinition;
@@ -61,23 +61,12 @@ struct Check {
 /// The job for `definitions`, as HCL2 or (with `json`) the API's JSON.
 pub fn export(definitions: &[ServiceDefinition], json: bool) -> Export {
     let mut export = Export::default();
-    let (alone, groups) = group_instances(definitions);
-    let mut workloads: Vec<(String, Vec<&ServiceDefinition>)> = alone
-        .into_iter()
-        .map(|definition| (definition.name.to_string(), vec![definition]))
-        .collect();
-    workloads.extend(groups);
-    let groups: Vec<Group> = workloads
+    let groups: Vec<Group> = workloads(definitions)
         .iter()
         .map(|(name, members)| {
             let noted = export.untranslated.len();
             let group = group(name, members, definitions, !json, &mut export);
-            let notes: Vec<Untranslated> = export.untranslated.drain(noted..).collect();
-            for note in notes {
-                if !export.untranslated.contains(&note) {
-                    export.untranslated.push(note);
-                }
-            }
+            export.dedupe_notes(noted);
             group
         })
         .collect();
@@ -292,22 +281,6 @@ fn group(
         port,
         tasks,
     }
-}
-
-/// The port a check talks to, if it names one.
-fn probe_port(health: &HealthCheck) -> Option<u16> {
-    let address = match &health.probe {
-        Probe::Http { url, .. } => {
-            let authority = url.strip_prefix("http://")?.split('/').next()?;
-            return match authority.rsplit_once(':') {
-                Some((_, port)) => port.parse().ok(),
-                None => Some(80),
-            };
-        }
-        Probe::Tcp { address } | Probe::Grpc { address, .. } => address,
-        Probe::Exec { .. } => return None,
-    };
-    address.rsplit_once(':')?.1.parse().ok()
 }
 
 fn check(health: &HealthCheck, service: &str, export: &mut Export) -> (Option<Check>, Option<u16>) {
