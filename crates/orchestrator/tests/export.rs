@@ -178,7 +178,7 @@ env_file = ["db.env"]
 [services.web]
 instances = 2
 args = ["--port=80{instance}", "--name", "web server 50%", "$literal"]
-environment = { SLOT = "s{instance}", MODE = "${MODE_FROM_FILE}" }
+environment = { SLOT = "s{instance}", MODE = "${MODE_FROM_FILE}", "weird.key" = "v" }
 env_file = "web.env"
 restart = "on-failure"
 max_restarts = 3
@@ -299,6 +299,7 @@ fn every_key_exports_faithfully_and_verifies_and_strict_refuses() {
     for expected in [
         "export: web@*: sha256 dropped",
         "export: web@*: health dropped",
+        "export: web@*: environment.weird.key dropped",
         "export: job: depends_on.web@0 approximated",
         "export: db: backoff approximated",
     ] {
@@ -663,6 +664,10 @@ fn every_key_exports_to_nomad_in_hcl_and_json_alike() {
     );
     assert_eq!(tasks[1]["Config"]["args"][6], "web server 50%");
     assert_eq!(tasks[1]["Env"]["MODE"], "fast");
+    assert_eq!(
+        tasks[1]["Env"]["weird.key"], "v",
+        "the API's JSON keeps any name"
+    );
     assert_eq!(tasks[1]["Services"][0]["Checks"][0]["Path"], "/healthz");
     assert_eq!(group("job")["Count"], 0);
 
@@ -681,6 +686,7 @@ fn every_key_exports_to_nomad_in_hcl_and_json_alike() {
         "export: db: rlimits dropped",
         "export: db: notify dropped",
         "export: web: sha256 dropped",
+        "export: web: environment.weird.key dropped",
         "export: web: instances approximated",
     ] {
         assert!(stderr.contains(expected), "{expected}: {stderr}");

@@ -204,7 +204,9 @@ fn unit_lines(
         specifiers(&spec.cwd.to_string_lossy())
     ));
     for (key, value) in &spec.env {
-        service(format!("Environment={}", quoted(&format!("{key}={value}"))));
+        if env_name(key) {
+            service(format!("Environment={}", quoted(&format!("{key}={value}"))));
+        }
     }
     if let Some(user) = &spec.user {
         service(format!("User={}", specifiers(&user.user)));
@@ -311,6 +313,14 @@ fn unit_lines(
             "systemd does not check a binary's digest before running it",
         );
     }
+    for (key, _) in spec.env.iter().filter(|(key, _)| !env_name(key)) {
+        export.note(
+            name,
+            &format!("environment.{key}"),
+            Action::Dropped,
+            "systemd takes only names of letters, digits and '_', not starting with a digit",
+        );
+    }
     if let Some(health) = &definition.health {
         let what = match &health.probe {
             crate::health::Probe::Http { .. } => "an http check",
@@ -345,6 +355,15 @@ fn limit_key(rlimit: Rlimit) -> &'static str {
         Rlimit::Cpu => "LimitCPU",
         Rlimit::Fsize => "LimitFSIZE",
     }
+}
+
+/// Whether systemd takes `name` as an environment variable's name.
+fn env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// A duration as systemd reads it: whole seconds, or milliseconds.
@@ -384,6 +403,10 @@ fn quoted(text: &str) -> String {
 /// expands `$VAR`), `%` doubled. The program (`first`) is quoted too when
 /// it starts with one of the prefixes systemd reads there (`-`, `@`...).
 fn exec_word(word: &str, first: bool) -> String {
+    // A lone `;` separates commands, quoted or not; `\;` is the literal.
+    if word == ";" && !first {
+        return "\\;".to_owned();
+    }
     let needs_quotes = word.is_empty()
         || word
             .chars()
@@ -409,6 +432,8 @@ mod tests {
         assert_eq!(exec_word("$HOME", false), "$$HOME");
         assert_eq!(exec_word("say \"hi\"", false), "\"say \\\"hi\\\"\"");
         assert_eq!(exec_word("-x", true), "\"-x\"");
+        assert_eq!(exec_word(";", false), "\\;");
+        assert_eq!(exec_word("a;b", false), "\"a;b\"");
         assert_eq!(quoted("A=b\\c"), "\"A=b\\\\c\"");
     }
 

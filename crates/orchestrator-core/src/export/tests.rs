@@ -15,7 +15,7 @@ use crate::service::ServiceDefinition;
 
 const CONFIG: &str = r#"
 [services.api]
-command = ["/srv/api", "--listen", "0.0.0.0:8080", "two words", "100%", "$HOME"]
+command = ["/srv/api", "--listen", "0.0.0.0:8080", "two words", "100%", "$HOME", ";", "a;b"]
 environment = { MODE = "prod", QUOTE = "say \"hi\"", BACKSLASH = 'a\b' }
 memory_limit = 300
 cpu_limit = 2
