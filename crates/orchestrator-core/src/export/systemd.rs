@@ -403,7 +403,7 @@ fn quoted(text: &str) -> String {
 /// expands `$VAR`), `%` doubled. The program (`first`) is quoted too when
 /// it starts with one of the prefixes systemd reads there (`-`, `@`...).
 fn exec_word(word: &str, first: bool) -> String {
-    // A lone `;` separates commands, quoted or not; `\;` is the literal.
+    // A lone `;` separates commands; systemd documents `\;` as the literal.
     if word == ";" && !first {
         return "\\;".to_owned();
     }
