@@ -1762,16 +1762,27 @@ fn reap_orphans_on_sigchld() -> std::io::Result<()> {
     let mut children = signal(SignalKind::child())?;
     tokio::spawn(async move {
         while children.recv().await.is_some() {
-            // Not while a dry run waits for its own children.
-            let _pass = upgrade::REAPING.read().await;
-            let reaped = reap_orphans();
-            if reaped > 0 {
-                tracing::debug!(reaped, "reaped orphaned processes");
+            {
+                // Not while a dry run waits for its own children.
+                let _pass = upgrade::REAPING.read().await;
+                let reaped = reap_orphans();
+                if reaped > 0 {
+                    tracing::debug!(reaped, "reaped orphaned processes");
+                }
             }
+            // A scan reads every child's pid, and exits come by the thousand
+            // per second at scale (exec health checks, restarts): one scan
+            // per gap at most. A SIGCHLD in the gap is not lost (the next
+            // recv returns at once), so an orphan stays a zombie that long
+            // at most.
+            tokio::time::sleep(ORPHAN_SCAN_GAP).await;
         }
     });
     Ok(())
 }
+
+/// The least time between two scans for orphans (see above).
+const ORPHAN_SCAN_GAP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Editing the config file or dropping a binary into services_dir asks for
 /// a reload, as SIGHUP does. Without watchers the daemon still runs: only
