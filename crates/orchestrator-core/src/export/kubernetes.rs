@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Action, Export, probe_port, workloads};
+use super::{Action, Export, dependency_endpoint, probe_port, workloads};
 use crate::config::RestartPolicy;
 use crate::deps::Condition;
 use crate::health::{HealthCheck, OnUnhealthy, Probe};
@@ -253,13 +253,8 @@ fn workload(
     let mut init = Vec::new();
     for dependency in &first.depends_on {
         let other = dependency.name.as_str();
-        let target = all.iter().find(|d| d.name == dependency.name);
-        let port = target.and_then(|d| d.health.as_ref()).and_then(probe_port);
-        let base = target
-            .and_then(|d| d.name.instance_of().map(|(section, _)| section.to_owned()))
-            .unwrap_or_else(|| other.to_owned());
-        match port {
-            Some(port) => {
+        match dependency_endpoint(dependency, all) {
+            Some((base, port)) => {
                 let host = object_name(&base);
                 init.push(json!({
                     "name": format!("wait-for-{}", object_name(other)),

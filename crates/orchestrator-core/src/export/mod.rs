@@ -100,6 +100,31 @@ fn workloads(definitions: &[ServiceDefinition]) -> Vec<(String, Vec<&ServiceDefi
     workloads
 }
 
+/// A duration as systemd and Nomad read it: whole seconds, or milliseconds.
+fn duration_text(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// What waiting for `dependency` can wait on elsewhere: the workload it
+/// belongs to (its section, for an instance) and the port its health check
+/// names; `None` when the check names no port (nothing to connect to).
+fn dependency_endpoint(
+    dependency: &crate::deps::Dependency,
+    all: &[ServiceDefinition],
+) -> Option<(String, u16)> {
+    let target = all.iter().find(|d| d.name == dependency.name)?;
+    let port = target.health.as_ref().and_then(probe_port)?;
+    let workload = target
+        .name
+        .instance_of()
+        .map_or(target.name.as_str(), |(section, _)| section);
+    Some((workload.to_owned(), port))
+}
+
 /// The port a health check talks to, if it names one (http defaults to 80).
 fn probe_port(health: &HealthCheck) -> Option<u16> {
     let address = match &health.probe {

@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::kubernetes::object_name;
-use super::{Action, Export, probe_port, workloads};
+use super::{
+    Action, Export, dependency_endpoint, duration_text as duration, probe_port, workloads,
+};
 use crate::config::RestartPolicy;
 use crate::health::{HealthCheck, OnUnhealthy, Probe};
 use crate::service::ServiceDefinition;
@@ -208,12 +210,7 @@ fn group(
     let mut tasks = Vec::new();
     for dependency in &first.depends_on {
         let other = dependency.name.as_str();
-        let target = all.iter().find(|d| d.name == dependency.name);
-        let port = target.and_then(|d| d.health.as_ref()).and_then(probe_port);
-        let base = target
-            .and_then(|d| d.name.instance_of().map(|(section, _)| section.to_owned()))
-            .unwrap_or_else(|| other.to_owned());
-        let Some(port) = port else {
+        let Some((base, port)) = dependency_endpoint(dependency, all) else {
             export.note(
                 service,
                 &format!("depends_on.{other}"),
@@ -343,15 +340,6 @@ fn identifier(name: &str) -> bool {
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// A Nomad duration: whole seconds, or milliseconds.
-fn duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 /// An HCL string: JSON's escapes are HCL's, but `${` and `%{` start

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{Action, Export, Untranslated, group_instances};
+use super::{Action, Export, Untranslated, duration_text as duration, group_instances};
 use crate::config::{RestartPolicy, Rlimit, RlimitValue};
 use crate::deps::Condition;
 use crate::service::{ReadyWhen, ServiceDefinition};
@@ -364,15 +364,6 @@ fn env_name(name: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// A duration as systemd reads it: whole seconds, or milliseconds.
-fn duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 /// `%` is where systemd expands specifiers (`%i`, `%n`): a literal one is `%%`.

@@ -114,14 +114,6 @@ fn unit_settings(texts: &[&str]) -> BTreeMap<String, Vec<String>> {
     settings
 }
 
-fn seconds_text(d: std::time::Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
 #[test]
 fn systemd_units_read_back_as_the_definitions() {
     let definitions = definitions();
@@ -168,12 +160,12 @@ fn systemd_units_read_back_as_the_definitions() {
         assert_eq!(one("Restart"), Some(restart), "{name}");
         assert_eq!(
             one("RestartSec"),
-            Some(seconds_text(policy.backoff.initial).as_str())
+            Some(super::duration_text(policy.backoff.initial).as_str())
         );
         assert_eq!(one("KillSignal"), Some(policy.stop_signal.as_str()));
         assert_eq!(
             one("TimeoutStopSec"),
-            Some(seconds_text(policy.stop_timeout).as_str())
+            Some(super::duration_text(policy.stop_timeout).as_str())
         );
         let limits = &spec.limits;
         assert_eq!(
