@@ -122,7 +122,9 @@ pub async fn run(
     } = resumed;
     let orchestrator = config.orchestrator.clone();
     create_private_dir(&orchestrator.data_dir)?;
-    let discovered = discover(&orchestrator.services_dir).unwrap_or_else(|error| {
+    let sections = config.section_names();
+    let discovered = discover(&orchestrator.services_dir, &|name| sections.contains(name))
+        .unwrap_or_else(|error| {
         warn!("{error}");
         Vec::new()
     });
@@ -439,7 +441,9 @@ async fn stop_what_a_dead_daemon_left(
 /// services' stop policies.
 pub async fn recover_after_death(config: Config, spawner: Arc<dyn Spawner>, host: HostEnv) {
     let orchestrator = config.orchestrator.clone();
-    let discovered = discover(&orchestrator.services_dir).unwrap_or_default();
+    let sections = config.section_names();
+    let discovered =
+        discover(&orchestrator.services_dir, &|name| sections.contains(name)).unwrap_or_default();
     let definitions = plan(&config, &discovered, &host);
     drop(config);
     let bus = EventBus::persisted(orchestrator.data_dir.join("events.jsonl"));
@@ -748,13 +752,17 @@ enabled = false
                     .collect::<Vec<_>>()
             })?;
             if loaded.problems.is_empty() {
-                let discovered =
-                    crate::discovery::discover(&loaded.config.orchestrator.services_dir)
-                        .map_err(|error| vec![error.to_string()])?;
+                let sections = loaded.config.section_names();
+                let discovered = crate::discovery::discover(
+                    &loaded.config.orchestrator.services_dir,
+                    &|name| sections.contains(name),
+                )
+                .map_err(|error| vec![error.to_string()])?;
                 Ok(crate::reload::Reread {
                     config: loaded.config,
                     warnings: Vec::new(),
                     discovered,
+                    planned: None,
                 })
             } else {
                 Err(loaded.problems.iter().map(ToString::to_string).collect())

@@ -6,7 +6,7 @@
 //! Done with blocking file I/O, so only at start-up (before the runtime
 //! serves) or from `check`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -56,12 +56,16 @@ pub struct Finding {
     pub problem: ConfigProblem,
 }
 
-/// Every finding about a configuration, and the services_dir scan made on
-/// the way (for `check` to count what was discovered).
+/// Every finding about a configuration, and what was made on the way: the
+/// services_dir scan (for `check` to count what was discovered) and the
+/// plan (for a reload or an export not to make it again).
 #[derive(Debug, Clone, Default)]
 pub struct Validation {
     pub findings: Vec<Finding>,
     pub scan: Scan,
+    /// `plan()` of the configuration with the host environment validation
+    /// was given, services with problems included.
+    pub definitions: Vec<ServiceDefinition>,
 }
 
 impl Validation {
@@ -214,13 +218,14 @@ pub fn validate_as(
 
     let dir = &orchestrator.services_dir;
     let dir_key = "orchestrator.services_dir";
-    let configured_bases: BTreeSet<&str> = config.services.keys().map(|name| name.base()).collect();
+    let configured_bases = config.section_names();
     let scanned = if has_problem(dir_key) {
         Scan::default()
     } else {
-        // A configured service's NAME/ without a binary is not reported
-        // (see below): no need to look into it.
-        match scan_explaining(dir, &|name| !configured_bases.contains(name)) {
+        // A configured service's NAME/ is not looked into: the plan takes
+        // its binary from the section (checked below as its program), and
+        // a NAME/ without one is its data_dir's home, not a mistake.
+        match scan_explaining(dir, &|name| configured_bases.contains(name), true) {
             Ok(scanned) => scanned,
             Err(error) => {
                 let source = std::error::Error::source(&error)
@@ -291,7 +296,6 @@ pub fn validate_as(
             });
         }
     }
-    let mut covered = Vec::new();
     let mut checked: HashMap<PathBuf, Result<(), String>> = HashMap::new();
     let definitions = plan(config, &scanned.found, host);
     for definition in &definitions {
@@ -309,7 +313,6 @@ pub fn validate_as(
         } else if service.is_some_and(|service| service.binary_path.is_some()) {
             format!("{section}.binary_path")
         } else {
-            covered.push(dir.join(name.base()));
             section.clone()
         };
         let shown = if command {
@@ -393,19 +396,9 @@ pub fn validate_as(
         }
     }
 
-    let configured_bases: BTreeSet<&str> = config.services.keys().map(|name| name.base()).collect();
+    // The scan passed configured services' entries over, and a discovered
+    // one is found, not skipped: what is left is not a service.
     for skipped in &scanned.skipped {
-        // A configured service's own finding already says why. And a
-        // configured service's NAME/ without a binary is its default
-        // data_dir's home (services_dir/NAME/data), not a mistake.
-        let configured = skipped
-            .path
-            .file_name()
-            .and_then(|entry| entry.to_str())
-            .is_some_and(|entry| configured_bases.contains(entry));
-        if configured || covered.contains(&skipped.path) {
-            continue;
-        }
         findings.push(Finding {
             severity: Severity::Warning,
             scope: Scope::ServicesDir,
@@ -430,6 +423,7 @@ pub fn validate_as(
     Validation {
         findings,
         scan: scanned,
+        definitions,
     }
 }
 

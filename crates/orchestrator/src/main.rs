@@ -26,7 +26,7 @@ use orchestrator_core::process::{
     UnixSpawner, become_subreaper, mark_inherited_fds_cloexec, reap_orphans,
     record_original_nofile, reserve_spawn_slots, resolve_program,
 };
-use orchestrator_core::reload::{Loader, Reread};
+use orchestrator_core::reload::{Loader, Planned, Reread};
 use orchestrator_core::state::DaemonLock;
 use orchestrator_core::validate::{Finding, Scope, Severity, Validation, validate};
 use orchestrator_core::watch::{Binaries, DEFAULT_DEBOUNCE, WatchHandle, spawn_watcher};
@@ -457,7 +457,6 @@ fn main() -> ExitCode {
             out,
             strict,
         } => export_command(
-            config.as_ref().expect("loaded for export"),
             &validation.expect("validated for export"),
             target,
             image.as_deref(),
@@ -736,7 +735,6 @@ fn check(config: &Config, validation: &Validation) -> ExitCode {
 
 /// `export`: what `run` would start, as the target's files.
 fn export_command(
-    config: &Config,
     validation: &Validation,
     target: ExportTarget,
     image: Option<&str>,
@@ -756,8 +754,7 @@ fn export_command(
     for finding in validation.warnings() {
         eprintln!("orchestrator: warning: {}", finding.problem);
     }
-    let definitions =
-        orchestrator_core::plan::plan(config, &validation.scan.found, &HostEnv::from_process());
+    let definitions = &validation.definitions;
     let export = match target {
         ExportTarget::Systemd => orchestrator_core::export::systemd::export(&definitions),
         ExportTarget::Kubernetes => {
@@ -949,7 +946,8 @@ fn reloader(explicit: Option<PathBuf>) -> Loader {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
         })?;
-        let found = validate(&loaded, &HostEnv::from_process(), Some(resolve_program));
+        let host = HostEnv::from_process();
+        let found = validate(&loaded, &host, Some(resolve_program));
         if found.stops_the_daemon() {
             return Err(found
                 .errors()
@@ -968,6 +966,10 @@ fn reloader(explicit: Option<PathBuf>) -> Loader {
             config: loaded.config,
             warnings,
             discovered: found.scan.found,
+            planned: Some(Planned {
+                host,
+                definitions: found.definitions,
+            }),
         })
     })
 }

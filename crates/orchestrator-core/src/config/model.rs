@@ -1,7 +1,7 @@
 //! The validated configuration, as the rest of the engine sees it: every path
 //! absolute, every default applied, every value already checked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,6 +20,15 @@ pub struct Config {
     pub orchestrator: OrchestratorConfig,
     /// `[services.NAME]` sections, by name (look one up with a `&str`).
     pub services: BTreeMap<ServiceName, ServiceConfig>,
+}
+
+impl Config {
+    /// The names of its sections (an instance's is its base: `web` for
+    /// `web@0`): the entries of services_dir it configures rather than
+    /// discovers.
+    pub fn section_names(&self) -> BTreeSet<&str> {
+        self.services.keys().map(ServiceName::base).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -545,6 +545,7 @@ async fn requests_made_during_a_reload_share_one_more_run() {
                 config: config.clone(),
                 warnings: Vec::new(),
                 discovered: Vec::new(),
+                planned: None,
             })
         })
     };

@@ -84,18 +84,22 @@ impl Cx<'_> {
 pub(super) fn join_key(prefix: &str, segment: &str) -> String {
     let bare = !segment.is_empty()
         && segment
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    let segment = if bare {
-        segment.to_owned()
-    } else {
-        format!("{segment:?}")
-    };
-    if prefix.is_empty() {
-        segment
-    } else {
-        format!("{prefix}.{segment}")
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+    // Built by hand, not with format!: every key of every section is
+    // joined at each load, and formatting was a tenth of a reload.
+    let mut key = String::with_capacity(prefix.len() + segment.len() + 3);
+    if !prefix.is_empty() {
+        key.push_str(prefix);
+        key.push('.');
     }
+    if bare {
+        key.push_str(segment);
+    } else {
+        use std::fmt::Write;
+        let _ = write!(key, "{segment:?}");
+    }
+    key
 }
 
 /// How much of a key name a message repeats.
