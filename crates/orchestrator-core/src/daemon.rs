@@ -125,9 +125,9 @@ pub async fn run(
     let sections = config.section_names();
     let discovered = discover(&orchestrator.services_dir, &|name| sections.contains(name))
         .unwrap_or_else(|error| {
-        warn!("{error}");
-        Vec::new()
-    });
+            warn!("{error}");
+            Vec::new()
+        });
     let definitions = plan(&config, &discovered, &host);
     let loader = loader.unwrap_or_else(|| {
         Arc::new(|| {
@@ -753,11 +753,11 @@ enabled = false
             })?;
             if loaded.problems.is_empty() {
                 let sections = loaded.config.section_names();
-                let discovered = crate::discovery::discover(
-                    &loaded.config.orchestrator.services_dir,
-                    &|name| sections.contains(name),
-                )
-                .map_err(|error| vec![error.to_string()])?;
+                let discovered =
+                    crate::discovery::discover(&loaded.config.orchestrator.services_dir, &|name| {
+                        sections.contains(name)
+                    })
+                    .map_err(|error| vec![error.to_string()])?;
                 Ok(crate::reload::Reread {
                     config: loaded.config,
                     warnings: Vec::new(),

@@ -358,7 +358,11 @@ mod tests {
     #[test]
     fn missing_dir_is_empty() {
         let dir = TempDir::new("missing");
-        assert!(discover(&dir.0.join("absent"), &|_| false).unwrap().is_empty());
+        assert!(
+            discover(&dir.0.join("absent"), &|_| false)
+                .unwrap()
+                .is_empty()
+        );
         assert!(discover(&dir.0, &|_| false).unwrap().is_empty());
     }
 

@@ -756,11 +756,11 @@ fn export_command(
     }
     let definitions = &validation.definitions;
     let export = match target {
-        ExportTarget::Systemd => orchestrator_core::export::systemd::export(&definitions),
+        ExportTarget::Systemd => orchestrator_core::export::systemd::export(definitions),
         ExportTarget::Kubernetes => {
-            orchestrator_core::export::kubernetes::export(&definitions, image)
+            orchestrator_core::export::kubernetes::export(definitions, image)
         }
-        ExportTarget::Nomad => orchestrator_core::export::nomad::export(&definitions, json),
+        ExportTarget::Nomad => orchestrator_core::export::nomad::export(definitions, json),
     };
     for untranslated in &export.untranslated {
         eprintln!("orchestrator: export: {untranslated}");

@@ -14,6 +14,7 @@ mod health_section;
 mod keys;
 mod orchestrator_section;
 mod service_section;
+mod skim;
 mod values;
 
 use std::collections::BTreeMap;
@@ -134,7 +135,18 @@ fn parse_all_in(
     let base_dir = absolute_dir(base_dir);
     let mut cx = Cx::new(text, file, host_var);
     cx.scope = scope;
-    let root = match DeTable::parse(text) {
+    // A client parses the file without its service tables (same lines and
+    // offsets, so same positions); if that fails, it parses the whole file,
+    // so a syntax error reads as it would to the daemon.
+    let skimmed = match scope {
+        Scope::DaemonOnly => skim::blank_service_tables(text),
+        Scope::Everything => None,
+    };
+    let parsed = match skimmed.as_deref().map(DeTable::parse) {
+        Some(Ok(root)) => Ok(root),
+        _ => DeTable::parse(text),
+    };
+    let root = match parsed {
         Ok(root) => root,
         Err(err) => {
             cx.syntax_error(&err);
