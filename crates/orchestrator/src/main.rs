@@ -1747,8 +1747,10 @@ fn raise_fd_limit(config: &Config) {
             tracing::debug!(before = ?raise.before, after = ?raise.after, "open-files limit")
         }
         Ok(raise) => tracing::warn!(
-            "{services} services need about {needed} open files but the daemon's limit is {} \
-             (hard {}): some will fail to start (EMFILE); raise the limit (LimitNOFILE= in \
+            "{services} services need up to {needed} open files but the daemon's limit is {} \
+             (hard {}): once that many run (enabled or started later, at most \
+             {DESCRIPTORS_PER_SERVICE} descriptors each), starts fail with EMFILE; raise the \
+             limit (LimitNOFILE= in \
              the systemd unit, `ulimit -Hn` and `ulimit -n` in the shell that starts the \
              daemon; a daemon with CAP_SYS_RESOURCE, as root usually is, raises its own)",
             raise.after.0,

@@ -258,7 +258,7 @@ fn a_limit_too_low_for_the_services_is_raised_or_named_at_start() {
         assert_eq!(soft, 256, "{limits}");
         assert!(
             log.contains(&format!(
-                "61 services need about {needed} open files but the daemon's limit is 256 (hard 256)"
+                "61 services need up to {needed} open files but the daemon's limit is 256 (hard 256)"
             )) && log.contains("LimitNOFILE="),
             "{log}"
         );

@@ -10,6 +10,9 @@
 //!   --print-fds           print `FD <n> <target>` per open descriptor
 //!   --print-cgroup        print `CGROUP <line>` per line of /proc/self/cgroup
 //!   --touch PATH          create the file PATH (a side effect to look for)
+//!   --stamp PATH          write the wall-clock time (ns since the epoch) to
+//!                         PATH: when this service reached the flag, for a
+//!                         benchmark's clock (bench/bench.py's log capture)
 //!   --lines N             print N numbered lines, alternating stdout/stderr
 //!   --flood N             print N numbered 100-byte lines on stdout, fast
 //!                         (in writes of 64 KiB, or of --flood-write-bytes B:
@@ -210,6 +213,13 @@ fn main() {
             }
             "--touch" => {
                 std::fs::write(value(i), "").unwrap();
+                i += 1;
+            }
+            "--stamp" => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_nanos());
+                std::fs::write(value(i), nanos.to_string()).unwrap();
                 i += 1;
             }
             "--lines" => {
