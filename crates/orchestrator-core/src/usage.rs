@@ -44,21 +44,28 @@ pub fn process_group_usage(groups: &[u32]) -> HashMap<u32, Usage> {
 /// a small machine): `status` and metrics share one a second at most.
 pub const USAGE_FRESH_FOR: Duration = Duration::from_secs(1);
 
+/// How old a scan may be and still be shown while the next one runs. Past
+/// this a caller waits for a scan of its own: the first `status` after an
+/// hour of quiet must not show the memory of an hour ago.
+pub const USAGE_SHOWN_FOR: Duration = Duration::from_secs(5);
+
 /// The last [`process_group_usage`] scan, shared by every caller: `status`
 /// of 10,000 services answers from it at once while the next scan runs in
 /// the background (stale-while-revalidate), so the figures shown are at
-/// most a scan old. A caller asking for a group the last scan did not see
-/// (a service started since) waits for a scan of its own.
+/// most [`USAGE_SHOWN_FOR`] old. A caller asking for a group the last scan
+/// did not see (a service started since), or finding the last scan older
+/// than that, waits for a scan of its own.
 #[derive(Debug)]
 pub struct UsageCache {
     last: Mutex<Option<Scan>>,
     refreshing: AtomicBool,
     fresh_for: Duration,
+    shown_for: Duration,
 }
 
 impl Default for UsageCache {
     fn default() -> Self {
-        Self::fresh_for(USAGE_FRESH_FOR)
+        Self::new(USAGE_FRESH_FOR, USAGE_SHOWN_FOR)
     }
 }
 
@@ -69,11 +76,14 @@ struct Scan {
 }
 
 impl UsageCache {
-    pub fn fresh_for(fresh_for: Duration) -> Self {
+    /// A scan younger than `fresh_for` is answered as it is; one younger
+    /// than `shown_for` is answered while the next is taken.
+    pub fn new(fresh_for: Duration, shown_for: Duration) -> Self {
         Self {
             last: Mutex::new(None),
             refreshing: AtomicBool::new(false),
             fresh_for,
+            shown_for: shown_for.max(fresh_for),
         }
     }
 
@@ -88,6 +98,7 @@ impl UsageCache {
             .as_ref()
             .map(|scan| (scan.at, Arc::clone(&scan.usage)));
         if let Some((at, usage)) = cached
+            && at.elapsed() < self.shown_for
             && groups.iter().all(|group| usage.contains_key(group))
         {
             if at.elapsed() >= self.fresh_for && !self.refreshing.swap(true, Ordering::AcqRel) {
@@ -164,8 +175,9 @@ mod tests {
     #[tokio::test]
     async fn the_cache_answers_at_once_and_renews_a_stale_scan_for_the_next_caller() {
         let ours = nix::unistd::getpgrp().as_raw().unsigned_abs();
+        let hour = Duration::from_secs(3600);
         // Fresh for an hour: the second caller gets the very same scan.
-        let cache = Arc::new(UsageCache::fresh_for(Duration::from_secs(3600)));
+        let cache = Arc::new(UsageCache::new(hour, hour));
         let first = cache.usage(vec![ours]).await;
         assert!(first.contains_key(&ours), "{first:?}");
         assert!(Arc::ptr_eq(&first, &cache.usage(vec![ours]).await));
@@ -178,7 +190,7 @@ mod tests {
 
         // Stale at once: the caller still gets the last scan, and the next
         // one comes from a scan made meanwhile, with every group known.
-        let cache = Arc::new(UsageCache::fresh_for(Duration::ZERO));
+        let cache = Arc::new(UsageCache::new(Duration::ZERO, hour));
         let first = cache.usage(vec![ours]).await;
         assert!(Arc::ptr_eq(&first, &cache.usage(vec![ours]).await));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -194,5 +206,17 @@ mod tests {
             );
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_scan_too_old_to_show_is_not_shown() {
+        let ours = nix::unistd::getpgrp().as_raw().unsigned_abs();
+        // Shown for no time at all: every caller waits for a scan of its
+        // own, never the last one.
+        let cache = Arc::new(UsageCache::new(Duration::ZERO, Duration::ZERO));
+        let first = cache.usage(vec![ours]).await;
+        let second = cache.usage(vec![ours]).await;
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(second.contains_key(&ours), "{second:?}");
     }
 }
