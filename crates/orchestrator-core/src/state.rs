@@ -555,10 +555,60 @@ pub fn all_processes() -> Vec<ProcStat> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    entries
+    let pids: Vec<u32> = entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(proc_stat)
-        .collect()
+        .collect();
+    // Nearly all of a scan is the kernel making each stat line (and, the
+    // first time, each process's /proc entry): with thousands of processes
+    // a thread per core divides the wait of a `status` that needs a scan.
+    let threads = scan_threads().min(pids.len() / PIDS_PER_SCAN_THREAD);
+    proc_stats(&pids, threads)
+}
+
+/// [`proc_stat`] of each of `pids`, on `threads` threads (this one among
+/// them).
+fn proc_stats(pids: &[u32], threads: usize) -> Vec<ProcStat> {
+    let read =
+        |pids: &[u32]| -> Vec<ProcStat> { pids.iter().copied().filter_map(proc_stat).collect() };
+    if threads <= 1 || pids.len() < 2 {
+        return read(pids);
+    }
+    let part = pids.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let others: Vec<_> = pids
+            .chunks(part)
+            .skip(1)
+            .map(|others| {
+                std::thread::Builder::new()
+                    .name("proc-scan".into())
+                    .stack_size(SCAN_THREAD_STACK_BYTES)
+                    .spawn_scoped(scope, move || read(others))
+                    .map_err(|_| others)
+            })
+            .collect();
+        let mut all = read(&pids[..part]);
+        for other in others {
+            match other {
+                Ok(thread) => all.extend(thread.join().unwrap_or_default()),
+                // No thread to be had: this one reads that part too.
+                Err(pids) => all.extend(read(pids)),
+            }
+        }
+        all
+    })
+}
+
+/// Below this many processes per thread a second thread costs more than it
+/// saves (a scan of 500 takes a few milliseconds).
+const PIDS_PER_SCAN_THREAD: usize = 500;
+
+/// A scan thread reads into a small stack buffer only.
+const SCAN_THREAD_STACK_BYTES: usize = 64 * 1024;
+
+/// The cores this process may run on, read once (it reads cgroup files).
+fn scan_threads() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 // ---- the record ----
@@ -1348,6 +1398,20 @@ mod tests {
             ('S', 1234, 1200, 987654)
         );
         assert_eq!((stat.cpu_ticks, stat.rss_pages), (1 + 2, 100));
+    }
+
+    #[test]
+    fn a_scan_split_over_threads_reads_every_pid_once() {
+        let me = std::process::id();
+        // A pid that cannot exist (above pid_max's ceiling) is skipped.
+        let mut pids = vec![me; 10];
+        pids.push(u32::MAX);
+        for threads in [1, 3, 11, 40] {
+            let stats = proc_stats(&pids, threads);
+            assert_eq!(stats.len(), 10, "{threads} threads");
+            assert!(stats.iter().all(|stat| stat.pid == me));
+        }
+        assert!(all_processes().iter().any(|stat| stat.pid == me));
     }
 
     #[test]
