@@ -994,7 +994,7 @@ fn run(
         ),
         None => None,
     };
-    orchestrator_core::memory::limit_malloc_arenas();
+    orchestrator_core::memory::tune_malloc();
     // Whatever our parent leaked to us must not reach the services. First,
     // while this is the only thread (the console's starts next).
     mark_inherited_fds_cloexec().context("cannot mark inherited file descriptors close-on-exec")?;
