@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::discovery::discover;
+use crate::discovery::discover_unconfigured;
 use crate::events::{EventBus, EventKind};
 use crate::plan::{HostEnv, plan};
 use crate::process::Spawner;
@@ -122,12 +122,10 @@ pub async fn run(
     } = resumed;
     let orchestrator = config.orchestrator.clone();
     create_private_dir(&orchestrator.data_dir)?;
-    let sections = config.section_names();
-    let discovered = discover(&orchestrator.services_dir, &|name| sections.contains(name))
-        .unwrap_or_else(|error| {
-            warn!("{error}");
-            Vec::new()
-        });
+    let discovered = discover_unconfigured(&config).unwrap_or_else(|error| {
+        warn!("{error}");
+        Vec::new()
+    });
     let definitions = plan(&config, &discovered, &host);
     let loader = loader.unwrap_or_else(|| {
         Arc::new(|| {
@@ -441,9 +439,7 @@ async fn stop_what_a_dead_daemon_left(
 /// services' stop policies.
 pub async fn recover_after_death(config: Config, spawner: Arc<dyn Spawner>, host: HostEnv) {
     let orchestrator = config.orchestrator.clone();
-    let sections = config.section_names();
-    let discovered =
-        discover(&orchestrator.services_dir, &|name| sections.contains(name)).unwrap_or_default();
+    let discovered = discover_unconfigured(&config).unwrap_or_default();
     let definitions = plan(&config, &discovered, &host);
     drop(config);
     let bus = EventBus::persisted(orchestrator.data_dir.join("events.jsonl"));
@@ -752,11 +748,7 @@ enabled = false
                     .collect::<Vec<_>>()
             })?;
             if loaded.problems.is_empty() {
-                let sections = loaded.config.section_names();
-                let discovered =
-                    crate::discovery::discover(&loaded.config.orchestrator.services_dir, &|name| {
-                        sections.contains(name)
-                    })
+                let discovered = crate::discovery::discover_unconfigured(&loaded.config)
                     .map_err(|error| vec![error.to_string()])?;
                 Ok(crate::reload::Reread {
                     config: loaded.config,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, SFlag, fstatat};
 
+use crate::config::Config;
 use crate::name::ServiceName;
 
 /// A service binary found in the services directory.
@@ -69,6 +70,15 @@ pub fn discover(
         tracing::debug!(path = %skipped.path.display(), "skipped: {}", skipped.reason);
     }
     Ok(scan.found)
+}
+
+/// [`discover`] in `config`'s services_dir, passing over the entries its
+/// sections configure.
+pub fn discover_unconfigured(config: &Config) -> Result<Vec<Discovered>, DiscoveryError> {
+    let sections = config.section_names();
+    discover(&config.orchestrator.services_dir, &|name| {
+        sections.contains(name)
+    })
 }
 
 /// Every entry, each skipped one with why in full, so that `discover` can
