@@ -233,29 +233,63 @@ struct Pump {
     readers: [Reader; 2],
 }
 
+/// What woke an idle pump.
+enum Woken {
+    Freeze,
+    Stdout(io::Result<()>),
+    Stderr(io::Result<()>),
+    FlushBurst,
+}
+
 impl Pump {
     async fn run(&mut self, mut freeze: Option<oneshot::Receiver<()>>) -> Ended {
         let output = &self.output;
         let [out, err] = &mut self.readers;
         // When the blocks a burst left waiting go to the file (see
-        // `writer::push_from_pump`).
-        let mut flush_at: Option<tokio::time::Instant> = None;
+        // `writer::push_from_pump`). Boxed, and only while a burst waits:
+        // a timer inline would weigh on every idle service's pump.
+        let mut flush_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         while out.is_open() || err.is_open() {
-            // Biased: a flooding child keeps its pipe ready, and the freeze
-            // must still win at the next turn.
-            let more = tokio::select! {
-                biased;
-                () = freeze_requested(&mut freeze) => return Ended::Frozen,
-                ready = out.readable(), if out.is_open() => out.on_ready(ready, output),
-                ready = err.readable(), if err.is_open() => err.on_ready(ready, output),
-                () = sleep_until(flush_at), if flush_at.is_some() => {
+            // Polled by hand rather than through `select!` over the readers'
+            // `readable()` futures: those would be kept in this future while
+            // it waits (~170 bytes each), that is by every idle service.
+            // The order is a bias: a flooding child keeps its pipe ready,
+            // and the freeze must still win at the next turn.
+            let woken = std::future::poll_fn(|cx| {
+                if let Some(receiver) = &mut freeze {
+                    match Pin::new(receiver).poll(cx) {
+                        Poll::Ready(Ok(())) => return Poll::Ready(Woken::Freeze),
+                        // The handle is gone: "never freeze".
+                        Poll::Ready(Err(_)) => freeze = None,
+                        Poll::Pending => {}
+                    }
+                }
+                if let Poll::Ready(ready) = out.poll_readable(cx) {
+                    return Poll::Ready(Woken::Stdout(ready));
+                }
+                if let Poll::Ready(ready) = err.poll_readable(cx) {
+                    return Poll::Ready(Woken::Stderr(ready));
+                }
+                if let Some(timer) = &mut flush_timer
+                    && timer.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Woken::FlushBurst);
+                }
+                Poll::Pending
+            })
+            .await;
+            let more = match woken {
+                Woken::Freeze => return Ended::Frozen,
+                Woken::Stdout(ready) => out.on_ready(ready, output),
+                Woken::Stderr(ready) => err.on_ready(ready, output),
+                Woken::FlushBurst => {
                     output.flush_burst();
-                    flush_at = None;
+                    flush_timer = None;
                     false
                 }
             };
-            if flush_at.is_none() && output.burst_waiting() {
-                flush_at = Some(tokio::time::Instant::now() + super::writer::BURST_GAP);
+            if flush_timer.is_none() && output.burst_waiting() {
+                flush_timer = Some(Box::pin(tokio::time::sleep(super::writer::BURST_GAP)));
             }
             // Before reading more: a console that is behind holds this
             // service's output back (its pipe fills), not the runtime.
@@ -295,14 +329,6 @@ impl Pump {
             stdout_partial,
             stderr_partial,
         }
-    }
-}
-
-/// Resolves at `at`; never without one.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -450,10 +476,11 @@ impl Reader {
         self.rx.is_some()
     }
 
-    async fn readable(&self) -> io::Result<()> {
+    /// Never ready once closed.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &self.rx {
-            Some(rx) => rx.readable().await,
-            None => std::future::pending().await,
+            Some(rx) => rx.poll_read_ready(cx),
+            None => Poll::Pending,
         }
     }
 
@@ -732,6 +759,26 @@ mod tests {
         files.push(fs::read(path).unwrap());
         let count = fs::read_dir(path.parent().unwrap()).unwrap().count();
         (count, files)
+    }
+
+    /// Every running service keeps a pump waiting: its future must not hold
+    /// a readiness future per pipe nor a timer while it waits (with them it
+    /// was 616 bytes; 288 without).
+    #[tokio::test]
+    async fn an_idle_pumps_future_is_small() {
+        let tmp = TempDir::new("size");
+        let output = ServiceOutput::new("size", tmp.path().join("size.log"), 0, 0);
+        let (out_r, _out_w) = pipe();
+        let (err_r, _err_w) = pipe();
+        let readers = [
+            Reader::new(&output, Stream::Stdout, Some(out_r), Vec::new(), false),
+            Reader::new(&output, Stream::Stderr, Some(err_r), Vec::new(), false),
+        ];
+        let mut pump = Pump { output, readers };
+        let (_freeze, frozen) = oneshot::channel();
+        let future = pump.run(Some(frozen));
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 320, "an idle pump's future is {size} bytes");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
