@@ -25,26 +25,12 @@ import sys
 import tempfile
 import time
 
+from bench import children  # of every thread: the services are spawned from the runtime's workers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLEEP = shutil.which("sleep")
 SIZE = re.compile(r"^([0-9.]+)([KMG]?)B? leaked over (\d+) calls from$")
 UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
-
-
-def children(pid):
-    """Of every thread: the services are spawned from the runtime's workers."""
-    pids = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return pids
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                pids.extend(int(p) for p in f.read().split())
-        except OSError:
-            pass
-    return pids
 
 
 def daemon_pid(launcher, binary):
