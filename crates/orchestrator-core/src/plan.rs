@@ -265,7 +265,7 @@ fn define(
         },
         notify: service.notify,
         watchdog: service.watchdog.filter(|_| service.notify),
-        health: service.health.clone(),
+        health: service.health.clone().map(Box::new),
         depends_on: service.depends_on.clone(),
     }
 }
@@ -477,7 +477,7 @@ mod tests {
         assert!(def("notifying").notify);
         assert_eq!(def("notifying").watchdog, Some(Duration::from_secs(2)));
         assert_eq!(def("checked").policy.ready, signalled);
-        assert_eq!(def("checked").health, Some(check));
+        assert_eq!(def("checked").health, Some(Box::new(check)));
         assert_eq!(def("checked").depends_on, depends_on);
         assert!(!def("checked").notify);
     }

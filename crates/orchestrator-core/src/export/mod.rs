@@ -117,7 +117,7 @@ fn dependency_endpoint(
     all: &[ServiceDefinition],
 ) -> Option<(String, u16)> {
     let target = all.iter().find(|d| d.name == dependency.name)?;
-    let port = target.health.as_ref().and_then(probe_port)?;
+    let port = target.health.as_deref().and_then(probe_port)?;
     let workload = target
         .name
         .instance_of()

@@ -167,7 +167,7 @@ fn each_change_gets_its_action_and_a_reason_naming_it() {
         ),
         (
             "health",
-            |d| d.health = Some(tcp_check()),
+            |d| d.health = Some(Box::new(tcp_check())),
             ChangeAction::Updated,
             "health",
         ),
@@ -180,7 +180,7 @@ fn each_change_gets_its_action_and_a_reason_naming_it() {
         (
             "health and its readiness",
             |d| {
-                d.health = Some(tcp_check());
+                d.health = Some(Box::new(tcp_check()));
                 d.policy.ready = ReadyWhen::Signalled {
                     timeout: Duration::from_secs(30),
                 };
@@ -411,7 +411,7 @@ async fn readiness_changes_wait_for_the_next_start_and_notify_restarts_at_once()
     let (supervisor, spawner) = running(vec![named("svc")]).await;
     let before = supervisor.info("svc").await.unwrap();
     let mut checked = named("svc");
-    checked.health = Some(tcp_check());
+    checked.health = Some(Box::new(tcp_check()));
     checked.depends_on = vec![dependency("db", Condition::Started)];
     checked.policy.ready = ReadyWhen::Grace(Duration::from_secs(3));
     let report = reload(&supervisor, vec![checked.clone()]).await;

@@ -47,7 +47,9 @@ pub struct ServiceDefinition {
     pub notify: bool,
     /// WATCHDOG=1 pings expected at least this often (with `notify`).
     pub watchdog: Option<std::time::Duration>,
-    pub health: Option<crate::health::HealthCheck>,
+    /// Boxed: most services have none, and inline it would cost each of
+    /// them its ~100 bytes.
+    pub health: Option<Box<crate::health::HealthCheck>>,
     pub depends_on: Vec<crate::deps::Dependency>,
 }
 
@@ -961,7 +963,7 @@ impl Actor {
         let (reports, receiver) = mpsc::unbounded_channel();
         self.watchers.health_task = Some(monitor::spawn_monitor(
             self.definition.name.to_string(),
-            check.clone(),
+            (**check).clone(),
             crate::health::probe::ExecContext {
                 spawner: Arc::clone(&self.spawner),
                 spec: self.definition.spawn.clone(),

@@ -1244,7 +1244,7 @@ async fn an_exec_probe_of_a_notify_service_gets_no_notify_socket() {
     def.policy.ready = crate::service::ReadyWhen::Signalled {
         timeout: Duration::from_secs(30),
     };
-    def.health = Some(crate::health::HealthCheck {
+    def.health = Some(Box::new(crate::health::HealthCheck {
         probe: crate::health::Probe::Exec {
             argv: vec!["/bin/true".into()],
         },
@@ -1253,7 +1253,7 @@ async fn an_exec_probe_of_a_notify_service_gets_no_notify_socket() {
         retries: 1,
         start_period: Duration::ZERO,
         on_unhealthy: crate::health::OnUnhealthy::Restart,
-    });
+    }));
     let machine = Machine::new(def.policy.clone()).without_jitter();
     let (handle, _task) = spawn_with_machine(
         def,
