@@ -18,7 +18,7 @@
 //! All of it runs on one thread of its own: it sleeps in a blocking receive
 //! while nothing changes, and its file reads never hold a runtime worker.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -146,20 +146,25 @@ struct Targets {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Relevant {
     All,
-    Names(BTreeSet<OsString>),
+    /// One name or a few (NAME of NAME/NAME, the config file's, a link's
+    /// next hop): a vector, where a set's first node alone would take ~280
+    /// bytes for each of a thousand services' directories.
+    Names(Vec<OsString>),
 }
 
 impl Relevant {
     fn add(&mut self, name: &OsStr) {
-        if let Relevant::Names(names) = self {
-            names.insert(name.to_owned());
+        if let Relevant::Names(names) = self
+            && !names.iter().any(|known| known == name)
+        {
+            names.push(name.to_owned());
         }
     }
 
     fn contains(&self, name: &OsStr) -> bool {
         match self {
             Relevant::All => true,
-            Relevant::Names(names) => names.contains(name),
+            Relevant::Names(names) => names.iter().any(|known| known == name),
         }
     }
 }
@@ -346,7 +351,7 @@ impl Watch {
         let mut want = |dir: PathBuf, name: &OsStr| {
             wanted
                 .entry(dir)
-                .or_insert_with(|| Relevant::Names(BTreeSet::new()))
+                .or_insert_with(|| Relevant::Names(Vec::with_capacity(1)))
                 .add(name);
         };
         if let Some(config) = &self.targets.config {
