@@ -448,6 +448,10 @@ struct PipeCgroup {
     joined: Mutex<Option<OwnedFd>>,
     oom_kills: AtomicU64,
     kill_passes: AtomicUsize,
+    /// A process that left the leader's group is in it, until a kill pass.
+    leftover: AtomicBool,
+    /// Looks at what is left in it (each a read of its list, for real).
+    looks: AtomicUsize,
     removed: AtomicBool,
 }
 
@@ -461,12 +465,13 @@ impl ServiceCgroup for PipeCgroup {
     fn pids(&self) -> std::io::Result<Vec<u32>> {
         Ok(Vec::new())
     }
-    /// Something is left in it until a kill pass.
     fn is_empty(&self) -> std::io::Result<bool> {
-        Ok(self.kill_passes.load(Ordering::SeqCst) > 0)
+        self.looks.fetch_add(1, Ordering::SeqCst);
+        Ok(!self.leftover.load(Ordering::SeqCst))
     }
     fn kill_all(&self) -> std::io::Result<()> {
         self.kill_passes.fetch_add(1, Ordering::SeqCst);
+        self.leftover.store(false, Ordering::SeqCst);
         Ok(())
     }
     fn usage(&self) -> Usage {
@@ -475,7 +480,11 @@ impl ServiceCgroup for PipeCgroup {
     fn oom_kills(&self) -> u64 {
         self.oom_kills.load(Ordering::SeqCst)
     }
+    /// Refused while something is left, as the kernel refuses.
     fn remove(&self) -> std::io::Result<()> {
+        if self.leftover.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+        }
         self.removed.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -511,6 +520,8 @@ impl ResourceController for PipeController {
             joined: Mutex::new(Some(read.into())),
             oom_kills: AtomicU64::new(0),
             kill_passes: AtomicUsize::new(0),
+            leftover: AtomicBool::new(false),
+            looks: AtomicUsize::new(0),
             removed: AtomicBool::new(false),
         });
         self.made.lock().unwrap().push(Arc::clone(&cgroup));
@@ -548,8 +559,10 @@ async fn the_child_joins_its_cgroup_before_exec_and_it_is_removed_after() {
     assert!(!cgroup.removed.load(Ordering::SeqCst));
 
     // The OOM killer's kill (the kernel's SIGKILL, not ours) is told from
-    // any other SIGKILL.
+    // any other SIGKILL. Something the leader started outside its group
+    // is left in the cgroup.
     cgroup.oom_kills.store(1, Ordering::SeqCst);
+    cgroup.leftover.store(true, Ordering::SeqCst);
     assert!(send_signal(child.pid(), 9));
     assert_eq!(
         within("wait", child.wait()).await.unwrap(),
@@ -579,7 +592,8 @@ async fn the_child_joins_its_cgroup_before_exec_and_it_is_removed_after() {
             ..sleeper(&dir, "stopped")
         },
     );
-    controller.last().oom_kills.store(1, Ordering::SeqCst);
+    let cgroup = controller.last();
+    cgroup.oom_kills.store(1, Ordering::SeqCst);
     child.signal_group(Signal::SIGKILL).unwrap();
     assert_eq!(
         within("wait", child.wait()).await.unwrap(),
@@ -588,6 +602,9 @@ async fn the_child_joins_its_cgroup_before_exec_and_it_is_removed_after() {
             core_dumped: false
         }
     );
+    // Nothing was left: the removal itself was the look, no list was read.
+    assert!(cgroup.removed.load(Ordering::SeqCst));
+    assert_eq!(cgroup.looks.load(Ordering::SeqCst), 0);
 
     // A start that fails after the cgroup was made removes it again.
     let controller = Arc::new(PipeController::default());

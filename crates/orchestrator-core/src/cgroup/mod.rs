@@ -195,7 +195,9 @@ pub trait ServiceCgroup: Send + Sync + fmt::Debug {
     /// How many of its processes the OOM killer has killed since creation.
     fn oom_kills(&self) -> u64;
 
-    /// Remove the (empty) cgroup; `Ok` when it is already gone.
+    /// Remove the (empty) cgroup; `Ok` when it is already gone. Refused
+    /// (EBUSY) while a process is left in it, as the kernel refuses: a
+    /// service's end tries the removal before it looks for leftovers.
     fn remove(&self) -> io::Result<()>;
 }
 
