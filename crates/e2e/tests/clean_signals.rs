@@ -57,7 +57,7 @@ async fn a_child_starts_with_default_dispositions_and_an_empty_mask() {
         service: "probe".to_owned(),
         program: PathBuf::from("/bin/sleep"),
         args: vec!["1000".to_owned()],
-        env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         cwd: dir.path().to_owned(),
         ..SpawnSpec::default()
     };

@@ -26,7 +26,7 @@ fn spec(dir: &TestDir, service: &str, program: &Path, args: &[&str]) -> SpawnSpe
         service: service.to_owned(),
         program: program.to_owned(),
         args: args.iter().map(|a| (*a).to_owned()).collect(),
-        env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         cwd: dir.path().to_owned(),
         ..SpawnSpec::default()
     }

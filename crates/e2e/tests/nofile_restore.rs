@@ -37,7 +37,7 @@ async fn a_service_gets_the_daemons_original_open_files_limit() {
         service: "nofile".to_owned(),
         program: PathBuf::from("/bin/sleep"),
         args: vec!["1000".to_owned()],
-        env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         cwd: dir.path().to_owned(),
         ..SpawnSpec::default()
     };

@@ -17,10 +17,14 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 /// The fixture (no injected flags: they are optional), leading its own
 /// process group, which `guard` kills at the end.
-fn spawn_fixture(guard: &ProcessGuard, args: &[&str], env: &[(String, String)]) -> Child {
+fn spawn_fixture(
+    guard: &ProcessGuard,
+    args: &[&str],
+    env: &[orchestrator_core::process::EnvVar],
+) -> Child {
     let child = Command::new(fixture_bin())
         .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().map(|(k, v)| (&**k, &**v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -144,7 +148,7 @@ fn watchdog_pings_are_sent_until_the_stop_file_exists() {
     let name = format!("orchestrator-e2e-pings-{}", std::process::id());
     let socket = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
     socket.set_read_timeout(Some(DEADLINE)).unwrap();
-    let env = [("NOTIFY_SOCKET".to_owned(), format!("@{name}"))];
+    let env = [("NOTIFY_SOCKET".into(), format!("@{name}").into())];
     let child = spawn_fixture(
         &guard,
         &[

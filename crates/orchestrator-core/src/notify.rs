@@ -188,12 +188,15 @@ fn socket_name(service: &str, random: &[u8]) -> String {
 /// The environment a notify service gets: NOTIFY_SOCKET, and WATCHDOG_USEC
 /// with a watchdog. No WATCHDOG_PID: the pid is not known before the spawn,
 /// and sd_watchdog_enabled takes its absence as "this process".
-pub fn environment(socket: &NotifySocket, watchdog: Option<Duration>) -> Vec<(String, String)> {
-    let mut env = vec![("NOTIFY_SOCKET".to_owned(), socket.address().to_owned())];
+pub fn environment(
+    socket: &NotifySocket,
+    watchdog: Option<Duration>,
+) -> Vec<crate::process::EnvVar> {
+    let mut env = vec![("NOTIFY_SOCKET".into(), socket.address().into())];
     if let Some(timeout) = watchdog.filter(|t| !t.is_zero()) {
         env.push((
-            "WATCHDOG_USEC".to_owned(),
-            timeout.as_micros().max(1).to_string(),
+            "WATCHDOG_USEC".into(),
+            timeout.as_micros().max(1).to_string().into(),
         ));
     }
     env
@@ -879,10 +882,10 @@ mod tests {
         let socket = NotifySocket::bind("env").unwrap();
         assert_eq!(
             environment(&socket, None),
-            vec![("NOTIFY_SOCKET".to_owned(), socket.address().to_owned())]
+            vec![("NOTIFY_SOCKET".into(), socket.address().into())]
         );
         let env = environment(&socket, Some(Duration::from_millis(1500)));
-        assert_eq!(env[1], ("WATCHDOG_USEC".to_owned(), "1500000".to_owned()));
+        assert_eq!(env[1], ("WATCHDOG_USEC".into(), "1500000".into()));
         assert_eq!(environment(&socket, Some(Duration::ZERO)).len(), 1);
     }
 

@@ -4,10 +4,11 @@
 use crate::name::ServiceName;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::{Config, RestartPolicy, ServiceConfig};
 use crate::discovery::Discovered;
-use crate::process::{Limits, SpawnSpec, StrictCheck, UserSpec};
+use crate::process::{EnvVar, Limits, SpawnSpec, StrictCheck, UserSpec};
 use crate::service::{Policy, ReadyWhen, ServiceDefinition};
 
 /// PATH for children when the daemon itself has none.
@@ -81,6 +82,7 @@ pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<S
         .collect();
     let mut definitions = Vec::new();
     let mut binaries = HashMap::new();
+    let common = CommonEnv::of(host);
     for (name, service) in &config.services {
         definitions.push(define(
             config,
@@ -88,7 +90,7 @@ pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<S
             service,
             true,
             service.enabled,
-            host,
+            &common,
             &mut binaries,
         ));
     }
@@ -108,7 +110,7 @@ pub fn plan(config: &Config, discovered: &[Discovered], host: &HostEnv) -> Vec<S
                 &defaults,
                 false,
                 enabled,
-                host,
+                &common,
                 &mut binaries,
             ));
         }
@@ -148,13 +150,38 @@ pub fn default_data_dir(config: &Config, name: &str, service: &ServiceConfig) ->
     }
 }
 
+/// The variables every service of a plan has alike, made once: each
+/// service's environment shares them instead of holding copies (with the
+/// names: ~0.45 KB and 16 allocations a service, `bench/heap.py`).
+struct CommonEnv {
+    /// PATH, TMPDIR, TEMP and TMP with the host's values.
+    vars: [EnvVar; 4],
+    /// The name only: each service's HOME is its own directory.
+    home: Arc<str>,
+}
+
+impl CommonEnv {
+    fn of(host: &HostEnv) -> Self {
+        let tmpdir: Arc<str> = host.tmpdir.as_str().into();
+        CommonEnv {
+            vars: [
+                ("PATH".into(), host.path.as_str().into()),
+                ("TMPDIR".into(), Arc::clone(&tmpdir)),
+                ("TEMP".into(), Arc::clone(&tmpdir)),
+                ("TMP".into(), tmpdir),
+            ],
+            home: "HOME".into(),
+        }
+    }
+}
+
 fn define(
     config: &Config,
     name: &ServiceName,
     service: &ServiceConfig,
     configured: bool,
     enabled: bool,
-    host: &HostEnv,
+    common: &CommonEnv,
     binaries: &mut HashMap<PathBuf, Option<BinaryId>>,
 ) -> ServiceDefinition {
     let orchestrator = &config.orchestrator;
@@ -178,15 +205,17 @@ fn define(
     let cwd_text = cwd.to_string_lossy().into_owned();
     // Later entries win: the service's own environment may override PATH
     // or TMPDIR, and GOMEMLIMIT follows memory_limit whatever it says.
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
-    env.insert("PATH".into(), host.path.clone());
-    env.insert("HOME".into(), cwd_text);
-    for key in ["TMPDIR", "TEMP", "TMP"] {
-        env.insert(key.into(), host.tmpdir.clone());
-    }
-    env.extend(service.environment.clone());
+    let mut env: BTreeMap<Arc<str>, Arc<str>> = BTreeMap::new();
+    env.extend(common.vars.iter().cloned());
+    env.insert(Arc::clone(&common.home), cwd_text.into());
+    env.extend(
+        service
+            .environment
+            .iter()
+            .map(|(key, value)| (Arc::from(key.as_str()), Arc::from(value.as_str()))),
+    );
     if let Some(mib) = service.memory_limit {
-        env.insert("GOMEMLIMIT".into(), format!("{mib}MiB"));
+        env.insert("GOMEMLIMIT".into(), format!("{mib}MiB").into());
     }
     let restart = service.restart.unwrap_or(if orchestrator.auto_restart {
         RestartPolicy::Always
@@ -316,11 +345,11 @@ mod tests {
         );
         assert_eq!(spawn.cwd, PathBuf::from("/srv/services/api/data"));
         let env: BTreeMap<_, _> = spawn.env.iter().cloned().collect();
-        assert_eq!(env["HOME"], "/srv/services/api/data");
-        assert_eq!(env["GOMEMLIMIT"], "256MiB");
-        assert_eq!(env["MODE"], "prod");
-        assert_eq!(env["PATH"], "/bin");
-        assert_eq!(env["TMPDIR"], "/tmp");
+        assert_eq!(&*env["HOME"], "/srv/services/api/data");
+        assert_eq!(&*env["GOMEMLIMIT"], "256MiB");
+        assert_eq!(&*env["MODE"], "prod");
+        assert_eq!(&*env["PATH"], "/bin");
+        assert_eq!(&*env["TMPDIR"], "/tmp");
         assert_eq!(env.len(), 7, "nothing else: {env:?}");
         assert_eq!(
             defs[0].log_path,

@@ -27,7 +27,7 @@ use crate::service::ServiceDefinition;
 
 /// Where a program without a slash is found: `(program, env, cwd)` as the
 /// spawner resolves it (the service's own PATH, not the daemon's).
-pub type Lookup = fn(&Path, &[(String, String)], &Path) -> io::Result<PathBuf>;
+pub type Lookup = fn(&Path, &[crate::process::EnvVar], &Path) -> io::Result<PathBuf>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -330,8 +330,8 @@ pub fn validate_as(
                         .env
                         .iter()
                         .rev()
-                        .find(|(key, _)| key == "PATH")
-                        .map_or("", |(_, value)| value.as_str());
+                        .find(|(key, _)| &**key == "PATH")
+                        .map_or("", |(_, value)| &**value);
                     let what = match error.raw_os_error() {
                         Some(libc::EACCES) => "is found in the service's PATH but not executable",
                         _ => "is not found in the service's PATH",
@@ -875,11 +875,15 @@ mod tests {
 
     /// `sh` is /bin/sh; anything else is not found, unless the service's
     /// PATH names a directory holding it (to see that PATH is passed).
-    fn fake_lookup(program: &Path, env: &[(String, String)], _: &Path) -> io::Result<PathBuf> {
+    fn fake_lookup(
+        program: &Path,
+        env: &[crate::process::EnvVar],
+        _: &Path,
+    ) -> io::Result<PathBuf> {
         if program == Path::new("sh") {
             return Ok(PathBuf::from("/bin/sh"));
         }
-        let path = env.iter().find(|(key, _)| key == "PATH").unwrap();
+        let path = env.iter().find(|(key, _)| &**key == "PATH").unwrap();
         for dir in path.1.split(':') {
             let candidate = Path::new(dir).join(program);
             if candidate.is_file() {

@@ -31,7 +31,7 @@ fn sh(service: &str, dir: &Path, script: &str) -> SpawnSpec {
         service: service.to_owned(),
         program: "/bin/sh".into(),
         args: vec!["-c".to_owned(), script.to_owned()],
-        env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         cwd: dir.to_owned(),
         ..SpawnSpec::default()
     }

@@ -389,8 +389,8 @@ fn service_spec(dir: &Path) -> SpawnSpec {
         service: "svc".to_owned(),
         program: "/bin/false".into(),
         env: vec![
-            ("PATH".to_owned(), "/usr/bin:/bin".to_owned()),
-            ("PROBE_VAR".to_owned(), "from the service".to_owned()),
+            ("PATH".into(), "/usr/bin:/bin".into()),
+            ("PROBE_VAR".into(), "from the service".into()),
         ],
         cwd: dir.to_owned(),
         ..SpawnSpec::default()

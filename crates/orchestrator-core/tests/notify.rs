@@ -226,7 +226,7 @@ async fn the_leaders_status_reaches_the_receiver() {
     // meanwhile waits in the socket.
     let socket = NotifySocket::bind("itest").unwrap();
     let (key, address) = environment(&socket, None).remove(0);
-    assert_eq!(key, "NOTIFY_SOCKET");
+    assert_eq!(&*key, "NOTIFY_SOCKET");
     let leader = sender(&address, "STATUS=warming up\nREADY=1")
         .process_group(0)
         .spawn()

@@ -41,7 +41,7 @@ fn main() {
     let plain = SpawnSpec {
         service: "bench".to_owned(),
         program: "/bin/true".into(),
-        env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         cwd: std::env::temp_dir(),
         ..SpawnSpec::default()
     };

@@ -91,7 +91,7 @@ fn workload(
                 .env
                 .iter()
                 .zip(&spec.env)
-                .any(|(a, b)| a != b && a.0 != "HOME")
+                .any(|(a, b)| a != b && &*a.0 != "HOME")
     }) {
         export.note(
             service,
@@ -107,7 +107,7 @@ fn workload(
         "command": [spec.program.to_string_lossy()],
         "args": spec.args,
         "workingDir": spec.cwd.to_string_lossy(),
-        "env": spec.env.iter().map(|(key, value)| json!({"name": key, "value": value})).collect::<Vec<_>>(),
+        "env": spec.env.iter().map(|(key, value)| json!({"name": &**key, "value": &**value})).collect::<Vec<_>>(),
     });
     let mut limits = serde_json::Map::new();
     if let Some(mib) = spec.limits.memory_mib {

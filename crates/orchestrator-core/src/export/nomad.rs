@@ -245,7 +245,11 @@ fn group(
         name: name.clone(),
         command: spec.program.to_string_lossy().into_owned(),
         args: spec.args.clone(),
-        env: spec.env.clone(),
+        env: spec
+            .env
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect(),
         user: spec.user.as_ref().map(|user| user.user.clone()),
         memory_mb: spec.limits.memory_mib,
         cores,

@@ -215,7 +215,12 @@ fn nomad_job_reads_back_as_the_definitions() {
         assert_eq!(task["Config"]["command"], spec.program.to_str().unwrap());
         assert_eq!(task["Config"]["args"], serde_json::json!(spec.args));
         let env: BTreeMap<String, String> = serde_json::from_value(task["Env"].clone()).unwrap();
-        assert_eq!(env, spec.env.iter().cloned().collect::<BTreeMap<_, _>>());
+        let expected: BTreeMap<String, String> = spec
+            .env
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        assert_eq!(env, expected);
         let policy = &definition.policy;
         let attempts = match policy.restart {
             RestartPolicy::Never => 0,
@@ -267,14 +272,14 @@ fn kubernetes_manifests_read_back_as_the_definitions() {
         let spec = &definition.spawn;
         assert_eq!(container["command"][0], spec.program.to_str().unwrap());
         assert_eq!(container["args"], serde_json::json!(spec.args));
-        let env: Vec<(String, String)> = container["env"]
+        let env: Vec<crate::process::EnvVar> = container["env"]
             .as_array()
             .unwrap()
             .iter()
             .map(|e| {
                 (
-                    e["name"].as_str().unwrap().to_owned(),
-                    e["value"].as_str().unwrap().to_owned(),
+                    e["name"].as_str().unwrap().into(),
+                    e["value"].as_str().unwrap().into(),
                 )
             })
             .collect();

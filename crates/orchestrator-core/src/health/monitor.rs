@@ -571,7 +571,7 @@ mod tests {
             service: "svc".to_owned(),
             program: "/srv/svc/svc".into(),
             args: vec!["--port".to_owned(), "1".to_owned()],
-            env: vec![("A".to_owned(), "1".to_owned())],
+            env: vec![("A".into(), "1".into())],
             cwd: "/srv/svc/data".into(),
             sha256: Some(crate::config::Sha256([7; 32])),
             ..SpawnSpec::default()

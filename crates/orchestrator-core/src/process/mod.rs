@@ -40,6 +40,9 @@ fn descriptor_hint(source: &io::Error) -> &'static str {
     }
 }
 
+/// A variable of a service's environment: name and value.
+pub type EnvVar = (Arc<str>, Arc<str>);
+
 /// Everything needed to start one process: plain data, so tests can assert on it.
 /// `Default` is nothing but an empty argv: the posix_spawn fast path once
 /// program, args, env and cwd are filled in.
@@ -49,8 +52,10 @@ pub struct SpawnSpec {
     pub program: PathBuf,
     /// argv[1..]; argv[0] is `program` as given.
     pub args: Vec<String>,
-    /// The complete environment: nothing else is inherited.
-    pub env: Vec<(String, String)>,
+    /// The complete environment: nothing else is inherited. Shared
+    /// strings: what every service has alike (the names, PATH, TMPDIR) is
+    /// one allocation for all of them (see `plan`).
+    pub env: Vec<EnvVar>,
     pub cwd: PathBuf,
     /// Enforced through the service's cgroup; empty: no limit.
     pub limits: Limits,

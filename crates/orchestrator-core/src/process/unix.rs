@@ -567,20 +567,16 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
 /// Where execvp in the child would find `program`: a name without a slash
 /// is looked up in the service's own PATH (not the daemon's, which glibc's
 /// posix_spawnp would use), relative entries from the service's directory.
-pub fn resolve_program(
-    program: &Path,
-    env: &[(String, String)],
-    cwd: &Path,
-) -> io::Result<PathBuf> {
+pub fn resolve_program(program: &Path, env: &[super::EnvVar], cwd: &Path) -> io::Result<PathBuf> {
     if program.as_os_str().as_bytes().contains(&b'/') {
         return Ok(program.to_owned());
     }
     let search = env
         .iter()
         .rev()
-        .find(|(name, _)| name == "PATH")
+        .find(|(name, _)| &**name == "PATH")
         // glibc's execvp default when there is no PATH.
-        .map_or("/bin:/usr/bin", |(_, value)| value.as_str());
+        .map_or("/bin:/usr/bin", |(_, value)| &**value);
     let mut denied = false;
     for dir in search.split(':') {
         // An empty entry is the current directory.
@@ -1129,7 +1125,7 @@ mod tests {
         file(&cwd.join("rel"), "local", 0o755);
         std::fs::create_dir(second.join("dir")).unwrap();
         let path = format!("{}:rel:{}", first.display(), second.display());
-        let env = [("PATH".to_owned(), path)];
+        let env = [("PATH".into(), path.into())];
         let resolve = |program: &str| resolve_program(Path::new(program), &env, &cwd);
 
         // Past a file that cannot be executed, as execvp goes on.

@@ -1273,13 +1273,13 @@ async fn an_exec_probe_of_a_notify_service_gets_no_notify_socket() {
         "notify: only READY=1 makes it up"
     );
     let service_env = &spawner.specs()[0].env;
-    assert!(service_env.iter().any(|(k, _)| k == "NOTIFY_SOCKET"));
+    assert!(service_env.iter().any(|(k, _)| &**k == "NOTIFY_SOCKET"));
     let probe = &spawner.probe_specs()[0];
     assert!(
         !probe
             .env
             .iter()
-            .any(|(k, _)| k == "NOTIFY_SOCKET" || k == "WATCHDOG_USEC"),
+            .any(|(k, _)| &**k == "NOTIFY_SOCKET" || &**k == "WATCHDOG_USEC"),
         "{:?}",
         probe.env
     );
