@@ -35,6 +35,10 @@ use crate::daemon::DaemonEvent;
 /// chunks of a copy; short enough that a deploy feels immediate.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(300);
 
+/// How long the watcher lets events of a burst gather before it looks at
+/// them (see `Watch::gather`): a small part of any useful debounce window.
+const GATHER: Duration = Duration::from_millis(10);
+
 /// More symlinks than this on the way to a file is a loop (Linux's own
 /// limit, ELOOP).
 const MAX_SYMLINKS: usize = 40;
@@ -215,19 +219,22 @@ impl Watch {
         loop {
             // Idle: blocked here until inotify reports something.
             match events.recv() {
-                Ok(Message::Event(event)) if self.relevant(&event) => {}
-                Ok(Message::Event(_)) => continue,
+                Ok(Message::Event(event)) => match self.gather(&event, events, GATHER) {
+                    Some(true) => {}
+                    Some(false) => continue,
+                    None => return,
+                },
                 Ok(Message::Stop) | Err(_) => return,
             }
             let mut quiet_from = Instant::now();
             loop {
                 let wait = debounce.saturating_sub(quiet_from.elapsed());
                 match events.recv_timeout(wait) {
-                    Ok(Message::Event(event)) => {
-                        if self.relevant(&event) {
-                            quiet_from = Instant::now();
-                        }
-                    }
+                    Ok(Message::Event(event)) => match self.gather(&event, events, wait) {
+                        Some(true) => quiet_from = Instant::now(),
+                        Some(false) => {}
+                        None => return,
+                    },
                     Ok(Message::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
                     Err(std_mpsc::RecvTimeoutError::Timeout) => {
                         // A directory that just appeared (a new NAME/, a
@@ -253,6 +260,28 @@ impl Watch {
             // and it ends once the daemon stops listening.
             if sink.blocking_send(DaemonEvent::Reload).is_err() {
                 return;
+            }
+        }
+    }
+
+    /// Lets the rest of a burst arrive (at most `GATHER`, less when the
+    /// quiet window ends sooner), then takes every event queued meanwhile:
+    /// a fleet's start makes two directories per service under watched
+    /// ones, and this thread was woken once per event. Whether `first` or
+    /// any gathered event is relevant; `None` once the watcher must stop.
+    fn gather(
+        &self,
+        first: &notify::Result<notify::Event>,
+        events: &std_mpsc::Receiver<Message>,
+        within: Duration,
+    ) -> Option<bool> {
+        let mut relevant = self.relevant(first);
+        std::thread::sleep(GATHER.min(within));
+        loop {
+            match events.try_recv() {
+                Ok(Message::Event(event)) => relevant |= self.relevant(&event),
+                Ok(Message::Stop) | Err(std_mpsc::TryRecvError::Disconnected) => return None,
+                Err(std_mpsc::TryRecvError::Empty) => return Some(relevant),
             }
         }
     }
