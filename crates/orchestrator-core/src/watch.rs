@@ -610,6 +610,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_change_at_the_end_of_a_burst_of_irrelevant_events_reloads() {
+        let s = setup();
+        binary(&s.services, "api", b"one");
+        let (_handle, mut rx) = watch(None, &s.services, DEBOUNCE).await;
+        // Files a service writes beside its binary matter to nobody; the
+        // rewrite that follows them lands in the same gather.
+        for i in 0..200 {
+            fs::write(s.services.join("api").join(format!("scratch{i}")), b"x").unwrap();
+        }
+        fs::write(s.services.join("api").join("api"), b"two, longer").unwrap();
+        expect_reload(&mut rx, "binary rewritten after a burst of other files").await;
+        expect_quiet(&mut rx, "after the burst").await;
+    }
+
+    #[tokio::test]
     async fn an_edit_in_place_reloads_once() {
         let s = setup();
         let (_handle, mut rx) = watch(Some(&s.config), &s.services, DEBOUNCE).await;
