@@ -326,12 +326,7 @@ pub fn validate_as(
             match lookup.map(|lookup| lookup(&spawn.program, &spawn.env, &spawn.cwd)) {
                 Some(Ok(path)) => Some(path),
                 Some(Err(error)) => {
-                    let path = spawn
-                        .env
-                        .iter()
-                        .rev()
-                        .find(|(key, _)| &**key == "PATH")
-                        .map_or("", |(_, value)| &**value);
+                    let path = crate::process::env_value(&spawn.env, "PATH").unwrap_or("");
                     let what = match error.raw_os_error() {
                         Some(libc::EACCES) => "is found in the service's PATH but not executable",
                         _ => "is not found in the service's PATH",
@@ -883,8 +878,8 @@ mod tests {
         if program == Path::new("sh") {
             return Ok(PathBuf::from("/bin/sh"));
         }
-        let path = env.iter().find(|(key, _)| &**key == "PATH").unwrap();
-        for dir in path.1.split(':') {
+        let path = crate::process::env_value(env, "PATH").unwrap();
+        for dir in path.split(':') {
             let candidate = Path::new(dir).join(program);
             if candidate.is_file() {
                 return Ok(candidate);

@@ -43,6 +43,15 @@ fn descriptor_hint(source: &io::Error) -> &'static str {
 /// A variable of a service's environment: name and value.
 pub type EnvVar = (Arc<str>, Arc<str>);
 
+/// What the child sees for `name` in `env`: the last entry of that name,
+/// as execve's environment lookup (getenv) takes it when names repeat.
+pub fn env_value<'a>(env: &'a [EnvVar], name: &str) -> Option<&'a str> {
+    env.iter()
+        .rev()
+        .find(|(key, _)| &**key == name)
+        .map(|(_, value)| &**value)
+}
+
 /// Everything needed to start one process: plain data, so tests can assert on it.
 /// `Default` is nothing but an empty argv: the posix_spawn fast path once
 /// program, args, env and cwd are filled in.

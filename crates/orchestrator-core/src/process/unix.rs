@@ -571,12 +571,8 @@ pub fn resolve_program(program: &Path, env: &[super::EnvVar], cwd: &Path) -> io:
     if program.as_os_str().as_bytes().contains(&b'/') {
         return Ok(program.to_owned());
     }
-    let search = env
-        .iter()
-        .rev()
-        .find(|(name, _)| &**name == "PATH")
-        // glibc's execvp default when there is no PATH.
-        .map_or("/bin:/usr/bin", |(_, value)| &**value);
+    // glibc's execvp default when there is no PATH.
+    let search = super::env_value(env, "PATH").unwrap_or("/bin:/usr/bin");
     let mut denied = false;
     for dir in search.split(':') {
         // An empty entry is the current directory.
