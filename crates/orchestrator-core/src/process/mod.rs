@@ -43,8 +43,8 @@ fn descriptor_hint(source: &io::Error) -> &'static str {
 /// A variable of a service's environment: name and value.
 pub type EnvVar = (Arc<str>, Arc<str>);
 
-/// What the child sees for `name` in `env`: the last entry of that name,
-/// as execve's environment lookup (getenv) takes it when names repeat.
+/// The value of `name` in a service's environment. The last entry of that
+/// name wins, as later entries win in `plan` (which leaves none repeated).
 pub fn env_value<'a>(env: &'a [EnvVar], name: &str) -> Option<&'a str> {
     env.iter()
         .rev()
